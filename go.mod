@@ -1,0 +1,5 @@
+module github.com/csi-dmthin/csi-dmthin
+
+go 1.26.0
+
+require golang.org/x/sys v0.50.0
