@@ -1,0 +1,60 @@
+# csi-dmthin. `make demo` and `make test` are the README's quick start: each
+# installs what it needs (hack/install-deps.sh) on a fresh Debian machine.
+
+GO       ?= go
+BIN      := bin
+TIMEOUT  ?= 60m
+GOFILES   = $(shell find . -name '*.go' -not -path './.cache/*' -not -path './bin/*')
+
+.PHONY: all build test test-unit test-vm bench lint fmt demo deps fuzz clean
+
+all: build
+
+deps:
+	@./hack/install-deps.sh
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./cmd/...
+
+lint:
+	@out="$$(gofmt -l $(GOFILES))"; if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) vet -tags vmtest ./...
+
+fmt:
+	gofmt -w $(GOFILES)
+
+# Everything: vet, the host tests under the race detector, and the kernel
+# tests, which each package's TestVM runs in a qemu VM on Debian's kernel.
+test: deps lint
+	$(GO) test -race -count=1 -timeout $(TIMEOUT) ./...
+
+# Host tests only (no VM).
+test-unit:
+	$(GO) test -race -skip '^TestVM$$' ./...
+
+# Kernel tests only, in the VM, with their output.
+test-vm: deps
+	$(GO) test -v -run '^TestVM$$' -timeout $(TIMEOUT) ./...
+
+# A short run of every fuzz target (go test -fuzz takes one target at a time).
+FUZZTIME ?= 10s
+fuzz:
+	@for pkg in ./pkg/devmapper; do \
+		for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+			$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+		done; \
+	done
+
+# Host micro-benchmarks, then the kernel benchmark table from one VM run.
+bench: deps
+	$(GO) test -run '^$$' -bench . -benchmem ./pkg/...
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/dmthin-bench ./cmd/dmthin-bench
+	$(BIN)/dmthin-bench
+
+demo: deps
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/dmthin-demo ./cmd/dmthin-demo
+	$(BIN)/dmthin-demo
+
+clean:
+	rm -rf $(BIN)

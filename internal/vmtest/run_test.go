@@ -1,0 +1,238 @@
+package vmtest
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// These tests boot real VMs (about 5 s each when the cache is warm).
+
+var (
+	payloadOnce sync.Once
+	payloadPath string
+	payloadErr  error
+	payloadDir  string
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if payloadDir != "" {
+		_ = os.RemoveAll(payloadDir)
+	}
+	os.Exit(code)
+}
+
+// requireVM skips (or, with CI=true, fails) t when no VM can be booted, with
+// the same rule and message as RunPackageTests, and returns the payload
+// built from testdata/payload.
+func requireVM(t *testing.T) string {
+	t.Helper()
+	if InGuest() {
+		t.Skip("no nested VMs")
+	}
+	if err := checkPrerequisites(t.Context()); err != nil {
+		unavailable(t, err)
+	}
+	payloadOnce.Do(func() {
+		payloadDir, payloadErr = os.MkdirTemp("", "vmtest-payload-")
+		if payloadErr != nil {
+			return
+		}
+		payloadPath = filepath.Join(payloadDir, "payload")
+		cmd := exec.Command("go", "build", "-o", payloadPath, "./testdata/payload")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			payloadErr = errors.New(err.Error() + "\n" + string(out))
+		}
+	})
+	if payloadErr != nil {
+		t.Fatalf("build testdata/payload: %v", payloadErr)
+	}
+	return payloadPath
+}
+
+// lineRecorder collects Output lines, checking that each Write is one line.
+type lineRecorder struct {
+	t      *testing.T
+	mu     sync.Mutex
+	lines  []string
+	onLine func(string)
+}
+
+func (r *lineRecorder) Write(p []byte) (int, error) {
+	s := string(p)
+	if !strings.HasSuffix(s, "\n") || strings.Count(s, "\n") != 1 {
+		r.t.Errorf("Output.Write(%q) is not exactly one line", s)
+	}
+	s = strings.TrimSuffix(s, "\n")
+	r.mu.Lock()
+	r.lines = append(r.lines, s)
+	r.mu.Unlock()
+	if r.onLine != nil {
+		r.onLine(s)
+	}
+	return len(p), nil
+}
+
+func (r *lineRecorder) get() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.lines...)
+}
+
+func TestRunExitCode(t *testing.T) {
+	payload := requireVM(t)
+	rec := &lineRecorder{t: t}
+	res, err := Run(t.Context(), Spec{Payload: payload, Args: []string{"exit", "3"}, Output: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ExitCode != 3 {
+		t.Errorf("ExitCode = %d, want 3", res.ExitCode)
+	}
+	want := []string{"line one", "line two on stderr", "--- FAIL: NotReallyATest (0.00s)", "last line without newline"}
+	if got := rec.get(); strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("streamed lines = %q, want %q", got, want)
+	}
+	if res.Boot <= 0 || res.Total < res.Boot {
+		t.Errorf("timings: boot %v, total %v", res.Boot, res.Total)
+	}
+	t.Logf("prepare %v, boot %v, total %v", res.Prepare, res.Boot, res.Total)
+}
+
+// TestRunDeviceMapper proves the default modules, dm-thin-pool with its
+// dependencies, load: /dev/mapper/control and /proc/misc's device-mapper.
+//
+// When the host has them, it also runs dmsetup (dynamically linked: tests
+// Tools' libraries) and lvm through its lvcreate link (tests that links
+// survive), against the guest's device-mapper.
+func TestRunDeviceMapper(t *testing.T) {
+	payload := requireVM(t)
+	args := []string{"dmcheck"}
+	var tools []string
+	if _, err := exec.LookPath("dmsetup"); err == nil {
+		tools = append(tools, "dmsetup")
+		args = append(args, "dmsetup version", "dmsetup targets")
+	}
+	if _, err := exec.LookPath("lvcreate"); err == nil {
+		tools = append(tools, "lvcreate")
+		args = append(args, "lvcreate --version")
+	}
+	rec := &lineRecorder{t: t}
+	res, err := Run(t.Context(), Spec{Payload: payload, Args: args, Tools: tools, Output: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ExitCode != 0 {
+		t.Errorf("dmcheck exit %d; output:\n%s\nconsole:\n%s", res.ExitCode, strings.Join(rec.get(), "\n"), res.Console)
+	}
+	out := strings.Join(rec.get(), "\n")
+	if strings.Contains(out, "insmod") {
+		t.Errorf("module load failure reported:\n%s", out)
+	}
+	if len(tools) > 0 && !strings.Contains(out, "thin-pool") {
+		t.Errorf("dmsetup targets lists no thin-pool:\n%s", out)
+	}
+	t.Logf("tools %v; output:\n%s", tools, out)
+}
+
+// TestRunSpec checks arguments, environment, working directory, extra
+// files and the guest's own variables.
+func TestRunSpec(t *testing.T) {
+	payload := requireVM(t)
+	extra := filepath.Join(t.TempDir(), "extra")
+	if err := os.WriteFile(extra, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rec := &lineRecorder{t: t}
+	res, err := Run(t.Context(), Spec{
+		Payload: payload,
+		Args:    []string{"env", "a b", "it's", "$HOME"},
+		Env:     []string{"FOO=bar baz"},
+		Dir:     "/etc",
+		Modules: []string{}, // none: the payload does not need them
+		Files:   map[string]string{"/srv/extra": extra},
+		Output:  rec,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ExitCode != 0 {
+		t.Fatalf("exit %d: %q", res.ExitCode, rec.get())
+	}
+	out := strings.Join(rec.get(), "\n")
+	for _, want := range []string{`wd=/etc`, `arg="a b"`, `arg="it's"`, `arg="$HOME"`, "env=FOO=bar baz", "env=CSI_DMTHIN_VM=1", "env=HOME=/tmp"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+// TestRunOrphanChild leaves a process holding the payload port open: the
+// exit marker must still arrive and the guest power off.
+func TestRunOrphanChild(t *testing.T) {
+	payload := requireVM(t)
+	rec := &lineRecorder{t: t}
+	res, err := Run(t.Context(), Spec{Payload: payload, Args: []string{"orphan"}, Modules: []string{}, Output: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ExitCode != 0 || len(rec.get()) != 1 || !strings.HasPrefix(rec.get()[0], "orphaned ") {
+		t.Errorf("exit %d, output %q", res.ExitCode, rec.get())
+	}
+}
+
+// TestRunCancelKillsQEMU cancels a run whose payload hangs: Run must return
+// an error that carries the console, and qemu must be gone.
+func TestRunCancelKillsQEMU(t *testing.T) {
+	payload := requireVM(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	var pid int
+	rec := &lineRecorder{t: t, onLine: func(l string) {
+		if l == "hanging" {
+			cancel()
+		}
+	}}
+	start := time.Now()
+	_, err := run(ctx, Spec{Payload: payload, Args: []string{"hang"}, Output: rec}, &runHooks{started: func(p int) { pid = p }})
+	if err == nil {
+		t.Fatal("Run of a hanging payload returned no error")
+	}
+	t.Logf("error, as expected: %v", err)
+	if !strings.Contains(err.Error(), "stopped before the payload finished") || !strings.Contains(err.Error(), "last console lines") {
+		t.Errorf("error = %v", err)
+	}
+	if pid == 0 {
+		t.Fatal("qemu never started")
+	}
+	if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+		t.Errorf("qemu (pid %d) still exists after Run returned: kill 0 = %v", pid, err)
+	}
+	if d := time.Since(start); d > 2*time.Minute {
+		t.Errorf("cancel took effect after %v", d)
+	}
+}
+
+// TestRunKernelPanic crashes the guest kernel: no exit marker, so an error
+// with the panic in its console lines.
+func TestRunKernelPanic(t *testing.T) {
+	payload := requireVM(t)
+	rec := &lineRecorder{t: t}
+	_, err := Run(t.Context(), Spec{Payload: payload, Args: []string{"panic"}, Modules: []string{}, Output: rec})
+	if err == nil {
+		t.Fatal("no error from a run whose kernel panicked")
+	}
+	t.Logf("error, as expected: %v", err)
+	if !strings.Contains(err.Error(), "without the payload's exit marker") || !strings.Contains(err.Error(), "Kernel panic") {
+		t.Errorf("error = %v", err)
+	}
+}
