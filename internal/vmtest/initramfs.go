@@ -99,7 +99,7 @@ export CSI_DMTHIN_VM=1 HOME=/tmp
 if [ -f /vmtest/run.sh ]; then
 	. /vmtest/run.sh
 	echo "` + startMarker + `$VMTEST_NONCE" >$out
-	cd "$VMTEST_DIR" || say "cd $VMTEST_DIR failed"
+	mkdir -p "$VMTEST_DIR" && cd "$VMTEST_DIR" || say "cd $VMTEST_DIR failed"
 	vmtest_run >$out 2>&1 </dev/null
 	rc=$?
 	cd /
