@@ -209,3 +209,17 @@ func Find(file string) ([]Device, error) {
 	}
 	return out, nil
 }
+
+// SetCapacity makes the loop device at path take up its backing file's
+// current size (after the file grew).
+func SetCapacity(path string) error {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("loop set capacity: %w", err)
+	}
+	defer f.Close()
+	if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_SET_CAPACITY, 0); err != nil {
+		return fmt.Errorf("loop set capacity %s: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,29 @@
+// Package thinpool manages one node's dm-thin pool: its lifecycle (create,
+// reopen after a restart or a reboot, verify it is the same pool), the thin
+// volumes and snapshots in it (create, snapshot, clone, delete, activate,
+// deactivate, grow), a crash-safe record of what exists, and capacity
+// accounting with admission control.
+//
+// It owns the pool's bookkeeping and nothing above it: it knows no CSI, no
+// gRPC and no mounts. It reaches the kernel only through the Kernel
+// interface, which pkg/devmapper (plus loop devices) implements for real and
+// FakeKernel implements on hosts without device-mapper, with the kernel's
+// semantics.
+//
+// # Crash safety
+//
+// The pool's transaction id, which only set_transaction_id changes and which
+// the kernel commits with the metadata, is the commit point of every change
+// to the pool's thin devices. An operation writes an intent to the record
+// database (bbolt, outside the pool), sends its message to the pool, advances
+// the transaction id from T to T+1, and then records the result and clears
+// the intent in one database transaction. On open, an intent with the pool
+// still at T is rolled back (a created device is deleted) or, for a delete,
+// rolled forward; with the pool at T+1 it is finished. Any other difference
+// between the recorded and the kernel's transaction id means something else
+// changed the pool, and Open refuses to guess.
+//
+// Activation state is not transactional: Open reconciles it with the kernel
+// (resumes devices left suspended, removes our devices without a table or
+// without a record, reactivates volumes that should be active).
+package thinpool

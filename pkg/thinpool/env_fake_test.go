@@ -1,0 +1,109 @@
+package thinpool
+
+import (
+	"errors"
+	"testing"
+)
+
+// The scenarios on FakeKernel, on the host, under -race.
+
+type fakeEnv struct{ k *FakeKernel }
+
+// newFakeEnv gives each test its own fake kernel, as each VM test run has
+// its own.
+func newFakeEnv(t *testing.T) env { return &fakeEnv{k: NewFakeKernel()} }
+
+func (e *fakeEnv) kernel() Kernel { return e.k }
+
+func (e *fakeEnv) activate(t *testing.T, p *Pool, vol string) *Volume {
+	t.Helper()
+	if _, err := p.Activate(ctx, vol); err != nil {
+		t.Fatal(err)
+	}
+	v, err := p.Get(vol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func (e *fakeEnv) write(t *testing.T, p *Pool, vol string, off int64, b []byte) error {
+	t.Helper()
+	e.activate(t, p, vol)
+	info, err := e.k.InfoByName(p.volDMName(vol))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e.k.WriteData(info.Dev, off, b)
+}
+
+func (e *fakeEnv) read(t *testing.T, p *Pool, vol string, off int64, n int) []byte {
+	t.Helper()
+	e.activate(t, p, vol)
+	info, err := e.k.InfoByName(p.volDMName(vol))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make([]byte, n)
+	if err := e.k.ReadData(info.Dev, off, out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func (e *fakeEnv) hold(t *testing.T, p *Pool, vol string) func() {
+	t.Helper()
+	e.activate(t, p, vol)
+	info, err := e.k.InfoByName(p.volDMName(vol))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.k.SetOpen(info.Dev, 1); err != nil {
+		t.Fatal(err)
+	}
+	return func() { _ = e.k.SetOpen(info.Dev, 0) }
+}
+
+func (e *fakeEnv) reboot(t *testing.T, p *Pool) { e.k.Reboot() }
+
+func TestScenariosFake(t *testing.T) { runScenarios(t, newFakeEnv) }
+
+func TestCrashRecoveryFake(t *testing.T) {
+	n := runCrashTests(t, newFakeEnv)
+	t.Logf("crash points covered on the fake kernel: %d", n)
+}
+
+// A pool the kernel marked needs_check refuses changes with
+// ErrPoolUnhealthy and reports no capacity; reads of records still work.
+// (The real kernel only gets there through metadata errors, which the VM
+// tests cannot cause safely.)
+func TestUnhealthyPoolFake(t *testing.T) {
+	e := newFakeEnv(t).(*fakeEnv)
+	p := openPool(t, e, testConfig(t, "sick", 64<<20))
+	if _, err := p.CreateVolume(ctx, "ok", 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.k.SetNeedsCheck(p.dev); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.CreateVolume(ctx, "refused", 4<<20); !errors.Is(err, ErrPoolUnhealthy) {
+		t.Fatalf("create on a needs_check pool: %v", err)
+	}
+	if err := p.Delete(ctx, "ok"); !errors.Is(err, ErrPoolUnhealthy) {
+		t.Fatalf("delete on a needs_check pool: %v", err)
+	}
+	u, err := p.Usage()
+	if err != nil || u.Healthy() || !u.NeedsCheck || u.AvailableBytes != 0 {
+		t.Fatalf("usage of a needs_check pool: %+v, %v", u, err)
+	}
+	if _, err := p.Get("ok"); err != nil {
+		t.Fatalf("records unreadable: %v", err)
+	}
+	if err := e.k.FailPool(p.dev); err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	if _, err := Open(ctx, p.cfg, e.k); !errors.Is(err, ErrPoolUnhealthy) {
+		t.Fatalf("open of a failed pool: %v", err)
+	}
+}

@@ -1,0 +1,107 @@
+//go:build vmtest
+
+package thinpool
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// The scenarios on the real kernel, in the VM (see vm_test.go).
+
+var (
+	hostOnce sync.Once
+	hostK    *HostKernel
+	hostErr  error
+)
+
+type kernelEnv struct{ k *HostKernel }
+
+func newKernelEnv(t *testing.T) env {
+	hostOnce.Do(func() { hostK, hostErr = NewHostKernel() })
+	if hostErr != nil {
+		t.Fatal(hostErr)
+	}
+	return &kernelEnv{k: hostK}
+}
+
+func (e *kernelEnv) kernel() Kernel { return e.k }
+
+func (e *kernelEnv) write(t *testing.T, p *Pool, vol string, off int64, b []byte) error {
+	t.Helper()
+	node, err := p.Activate(ctx, vol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(node, os.O_WRONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf, free, err := alignedBuf(len(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer free()
+	copy(buf, b)
+	if _, err := f.WriteAt(buf[:len(b)], off); err != nil {
+		return err
+	}
+	return nil
+}
+
+func (e *kernelEnv) read(t *testing.T, p *Pool, vol string, off int64, n int) []byte {
+	t.Helper()
+	node, err := p.Activate(ctx, vol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make([]byte, n)
+	if err := e.k.ReadBlockAt(node, off, out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func (e *kernelEnv) hold(t *testing.T, p *Pool, vol string) func() {
+	t.Helper()
+	node, err := p.Activate(ctx, vol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func() { f.Close() }
+}
+
+func (e *kernelEnv) reboot(t *testing.T, p *Pool) {
+	t.Helper()
+	list, err := e.k.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range list { // volumes first: they hold the pool
+		if strings.HasPrefix(d.UUID, p.uuidPrefix()) && d.UUID != p.uuidPrefix()+"pool" {
+			if err := e.k.Remove(d.Dev, false); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := e.k.Remove(p.dev, false); err != nil && !errors.Is(err, unix.ENXIO) {
+		t.Fatal(err)
+	}
+}
+
+func TestScenariosKernel(t *testing.T) { runScenarios(t, newKernelEnv) }
+
+func TestCrashRecoveryKernel(t *testing.T) {
+	n := runCrashTests(t, newKernelEnv)
+	t.Logf("crash points covered on the real kernel: %d", n)
+}

@@ -1,0 +1,612 @@
+package thinpool
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
+)
+
+// Pool is one open thin pool. Its methods are safe for concurrent use: pool
+// messages and commits are serialised by one lock, operations on one volume
+// by a per-volume lock, and work on different volumes is otherwise
+// concurrent.
+type Pool struct {
+	cfg Config
+	k   Kernel
+	st  *store
+	rec poolRecord
+	dev devmapper.Dev // the pool's dm device
+
+	mu       sync.Mutex // pool messages, commits, and the fields below
+	tid      uint64
+	nextID   uint32
+	suspects []uint32
+	vols     map[string]*Volume
+	closed   bool
+
+	volLocks keyedMutex
+
+	// hook, when set by a test, is called at every step boundary of every
+	// operation with the step's name: the crash-injection point.
+	hook func(point string)
+}
+
+// Option configures Open.
+type Option func(*Pool)
+
+// dm names and UUIDs. Every dm UUID of the pool starts with
+// devmapper.UUIDPrefix + identity + "-".
+func (p *Pool) poolDMName() string        { return "dmthin-" + p.cfg.Name }
+func (p *Pool) volDMName(n string) string { return "dmthin-" + p.cfg.Name + "-" + n }
+func (p *Pool) uuidPrefix() string        { return devmapper.UUIDPrefix + p.rec.Identity + "-" }
+func (p *Pool) volUUID(id uint32) string {
+	return p.uuidPrefix() + strconv.FormatUint(uint64(id), 10)
+}
+
+func (p *Pool) step(point string) {
+	if p.hook != nil {
+		p.hook(point)
+	}
+}
+
+// Open opens the pool that cfg describes, creating it if its records do not
+// exist yet, and recovers whatever a crash or a reboot left: see the package
+// documentation. It refuses (ErrMismatch) a configuration or a metadata
+// device that disagrees with the records, and (ErrForeignChange) a pool that
+// another program changed.
+func Open(ctx context.Context, cfg Config, k Kernel, opts ...Option) (*Pool, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("pool %s: state directory: %w", cfg.Name, err)
+	}
+	st, err := openStore(filepath.Join(cfg.StateDir, cfg.Name+".db"))
+	if err != nil {
+		return nil, fmt.Errorf("pool %s: %w", cfg.Name, err)
+	}
+	p := &Pool{cfg: cfg, k: k, st: st}
+	for _, o := range opts {
+		o(p)
+	}
+	if err := p.open(ctx); err != nil {
+		st.close()
+		return nil, fmt.Errorf("pool %s: %w", cfg.Name, err)
+	}
+	return p, nil
+}
+
+func (p *Pool) open(ctx context.Context) error {
+	s, err := p.st.load()
+	if err != nil {
+		return err
+	}
+	p.vols, p.tid, p.nextID, p.suspects = s.volumes, s.tid, s.nextID, s.suspects
+	if s.pool == nil || s.tid == 0 {
+		// No pool yet, or a creation that did not finish (no volume can
+		// exist before the first transaction id is committed).
+		return p.create(s.pool)
+	}
+	p.rec = *s.pool
+	if err := p.checkConfig(); err != nil {
+		return err
+	}
+	if err := p.activatePool(s.intent); err != nil {
+		return err
+	}
+	if err := p.recover(s.intent); err != nil {
+		return err
+	}
+	return p.reconcile(ctx)
+}
+
+// checkConfig compares the configuration with the stored shape.
+func (p *Pool) checkConfig() error {
+	c, r := &p.cfg, &p.rec
+	diff := func(field string, want, got any) error {
+		return fmt.Errorf("%w: %s is %v in the pool's records but %v in the configuration; a pool's shape cannot change", ErrMismatch, field, want, got)
+	}
+	switch {
+	case c.DataDevice != r.DataDevice:
+		return diff("dataDevice", r.DataDevice, c.DataDevice)
+	case c.MetadataDevice != r.MetadataDevice:
+		return diff("metadataDevice", r.MetadataDevice, c.MetadataDevice)
+	case c.DataFile != r.DataFile:
+		return diff("dataFile", r.DataFile, c.DataFile)
+	case c.MetadataFile != r.MetadataFile:
+		return diff("metadataFile", r.MetadataFile, c.MetadataFile)
+	case c.BlockSectors != r.BlockSectors:
+		return diff("blockSectors", r.BlockSectors, c.BlockSectors)
+	case c.SkipBlockZeroing != r.SkipBlockZeroing:
+		return diff("skipBlockZeroing", r.SkipBlockZeroing, c.SkipBlockZeroing)
+	}
+	return nil
+}
+
+// backing attaches or finds the data and metadata devices.
+func (p *Pool) backing(create bool) (data, meta devmapper.Dev, dataBytes, metaBytes int64, release func(), err error) {
+	release = func() {}
+	if p.cfg.DataDevice != "" {
+		if data, dataBytes, err = p.k.BlockDevice(p.cfg.DataDevice); err != nil {
+			return 0, 0, 0, 0, release, fmt.Errorf("data device: %w", err)
+		}
+		if meta, metaBytes, err = p.k.BlockDevice(p.cfg.MetadataDevice); err != nil {
+			return 0, 0, 0, 0, release, fmt.Errorf("metadata device: %w", err)
+		}
+		return data, meta, dataBytes, metaBytes, release, nil
+	}
+	if create {
+		if p.cfg.DataFileBytes <= 0 {
+			return 0, 0, 0, 0, release, fmt.Errorf("%w: dataFileBytes must be set to create a loop-file pool", ErrInvalid)
+		}
+		metaSize := p.cfg.MetadataFileBytes
+		if metaSize == 0 {
+			metaSize = MetadataBytesFor(p.cfg.DataFileBytes, p.cfg.BlockSectors)
+		}
+		for path, size := range map[string]int64{p.cfg.DataFile: p.cfg.DataFileBytes, p.cfg.MetadataFile: metaSize} {
+			if err := sparseFile(path, size); err != nil {
+				return 0, 0, 0, 0, release, err
+			}
+		}
+	}
+	var relData, relMeta func()
+	if data, relData, err = p.k.AttachFile(p.cfg.DataFile); err != nil {
+		return 0, 0, 0, 0, release, fmt.Errorf("data file: %w", err)
+	}
+	if meta, relMeta, err = p.k.AttachFile(p.cfg.MetadataFile); err != nil {
+		relData()
+		return 0, 0, 0, 0, release, fmt.Errorf("metadata file: %w", err)
+	}
+	release = func() { relData(); relMeta() }
+	if _, dataBytes, err = p.k.BlockDevice(loopPath(p.k, data)); err != nil {
+		dataBytes = fileSize(p.cfg.DataFile)
+	}
+	if _, metaBytes, err = p.k.BlockDevice(loopPath(p.k, meta)); err != nil {
+		metaBytes = fileSize(p.cfg.MetadataFile)
+	}
+	return data, meta, dataBytes, metaBytes, release, nil
+}
+
+func loopPath(k Kernel, d devmapper.Dev) string {
+	if n, err := k.DeviceNode(d); err == nil {
+		return n
+	}
+	return ""
+}
+
+func fileSize(path string) int64 {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
+}
+
+// sparseFile makes a sparse file of size bytes unless one exists.
+func sparseFile(path string, size int64) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if fi.Size() < size {
+		if err := f.Truncate(size); err != nil {
+			return err
+		}
+	}
+	return f.Sync()
+}
+
+func (p *Pool) poolParams(data, meta devmapper.Dev, dataBytes int64) (devmapper.ThinPoolParams, uint64) {
+	blocks := uint64(dataBytes) / (uint64(p.rec.BlockSectors) * devmapper.SectorSize)
+	low := p.cfg.LowWaterBlocks
+	if low == 0 {
+		low = max(blocks/100, 1)
+	}
+	return devmapper.ThinPoolParams{
+		MetadataDev: meta, DataDev: data, BlockSectors: p.rec.BlockSectors, LowWaterBlocks: low,
+		Features: devmapper.ThinPoolFeatures{SkipBlockZeroing: p.rec.SkipBlockZeroing, ErrorIfNoSpace: !p.cfg.QueueIfNoSpace},
+	}, blocks * uint64(p.rec.BlockSectors)
+}
+
+// create makes a new pool. The record is written first with transaction id
+// 0 ("creating"), so a crash before the first commit is redone from scratch.
+func (p *Pool) create(existing *poolRecord) error {
+	if existing != nil {
+		p.rec = *existing
+		if err := p.checkConfig(); err != nil {
+			return err
+		}
+	} else {
+		id := make([]byte, 8)
+		if _, err := rand.Read(id); err != nil {
+			return err
+		}
+		p.rec = poolRecord{
+			Version: 1, Name: p.cfg.Name, Identity: hex.EncodeToString(id),
+			DataDevice: p.cfg.DataDevice, MetadataDevice: p.cfg.MetadataDevice,
+			DataFile: p.cfg.DataFile, MetadataFile: p.cfg.MetadataFile,
+			BlockSectors: p.cfg.BlockSectors, SkipBlockZeroing: p.cfg.SkipBlockZeroing,
+			CreatedAt: time.Now().UTC(),
+		}
+	}
+	// A leftover dm device of an unfinished creation goes first, before the
+	// backing devices are looked up: auto-clearing loop devices that only
+	// it held go with it.
+	if info, err := p.k.InfoByName(p.poolDMName()); err == nil {
+		if info.UUID != p.uuidPrefix()+"pool" {
+			return fmt.Errorf("%w: a dm device %s exists and is not this pool's (uuid %q)", ErrMismatch, p.poolDMName(), info.UUID)
+		}
+		if err := p.k.Remove(info.Dev, false); err != nil {
+			return err
+		}
+	}
+	data, meta, dataBytes, metaBytes, release, err := p.backing(true)
+	if err != nil {
+		return err
+	}
+	defer release()
+	p.rec.DataBytes, p.rec.MetadataBytes = dataBytes, metaBytes
+	if dataBytes < int64(p.rec.BlockSectors)*devmapper.SectorSize*16 {
+		return fmt.Errorf("%w: data device of %d bytes is too small for a pool", ErrInvalid, dataBytes)
+	}
+	zero := uint64(0)
+	if err := p.st.apply(change{pool: &p.rec, tid: &zero, nextID: ptr(uint32(1))}); err != nil {
+		return err
+	}
+	p.step("create-pool:recorded")
+	// Never format over a pool: an existing superblock with no records of
+	// ours means the wrong device, or records that were lost.
+	buf := make([]byte, superblockReadBytes)
+	if err := p.k.ReadBlock(meta, 0, buf); err != nil {
+		return fmt.Errorf("read metadata device: %w", err)
+	}
+	if sb, ok, _ := parseSuperblock(buf); ok && existing == nil {
+		return fmt.Errorf("%w: the metadata device already holds a thin pool (transaction id %d, %d-sector blocks) that these records do not know; wipe its first 4 KiB to reuse it", ErrMismatch, sb.TransactionID, sb.DataBlockSectors)
+	}
+	if err := p.k.ZeroBlock(meta, superblockReadBytes); err != nil {
+		return fmt.Errorf("zero metadata device: %w", err)
+	}
+	p.step("create-pool:zeroed")
+	params, sectors := p.poolParams(data, meta, dataBytes)
+	info, err := p.k.Create(p.poolDMName(), p.uuidPrefix()+"pool")
+	if err != nil {
+		return err
+	}
+	p.dev = info.Dev
+	if err := p.k.Load(p.dev, []devmapper.Target{devmapper.NewTarget(0, sectors, params)}); err != nil {
+		return err
+	}
+	if err := p.k.Resume(p.dev); err != nil {
+		return err
+	}
+	p.step("create-pool:activated")
+	// The first transaction id is random: a pool's id doubles as a check
+	// that the metadata found later is this pool's.
+	var b [8]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return err
+	}
+	base := binary.BigEndian.Uint64(b[:])>>24 | 1
+	if err := p.k.Message(p.dev, devmapper.SetTransactionID{Current: 0, New: base}); err != nil {
+		return err
+	}
+	p.step("create-pool:committed")
+	if err := p.st.apply(change{tid: &base}); err != nil {
+		return err
+	}
+	p.tid, p.nextID = base, 1
+	p.vols = map[string]*Volume{}
+	return nil
+}
+
+// activatePool finds the pool's dm device or loads it, after checking the
+// metadata is this pool's.
+func (p *Pool) activatePool(in *intent) error {
+	data, meta, dataBytes, _, release, err := p.backing(false)
+	if err != nil {
+		return err
+	}
+	defer release()
+	params, sectors := p.poolParams(data, meta, max(dataBytes, p.rec.DataBytes))
+	info, err := p.k.InfoByName(p.poolDMName())
+	switch {
+	case err == nil:
+		if info.UUID != p.uuidPrefix()+"pool" {
+			return fmt.Errorf("%w: dm device %s has uuid %q, not this pool's", ErrMismatch, p.poolDMName(), info.UUID)
+		}
+		p.dev = info.Dev
+		if info.LiveTable {
+			tbl, err := p.k.Table(p.dev)
+			if err != nil {
+				return err
+			}
+			got, err := devmapper.ParseThinPoolParams(tbl[0].Params)
+			if err != nil {
+				return err
+			}
+			if got.DataDev != data || got.MetadataDev != meta || got.BlockSectors != p.rec.BlockSectors {
+				return fmt.Errorf("%w: the live pool table %q is not on the configured devices (%s data, %s metadata, %d-sector blocks)", ErrMismatch, tbl[0].Params, data, meta, p.rec.BlockSectors)
+			}
+			if info.Suspended {
+				return p.k.Resume(p.dev)
+			}
+			return nil
+		}
+	case errors.Is(err, unix.ENXIO):
+		if err := p.checkSuperblock(meta, in); err != nil {
+			return err
+		}
+		if info, err = p.k.Create(p.poolDMName(), p.uuidPrefix()+"pool"); err != nil {
+			return err
+		}
+		p.dev = info.Dev
+	default:
+		return err
+	}
+	if err := p.k.Load(p.dev, []devmapper.Target{devmapper.NewTarget(0, sectors, params)}); err != nil {
+		return err
+	}
+	return p.k.Resume(p.dev)
+}
+
+// checkSuperblock verifies, before loading the pool, that the metadata
+// device holds this pool: same block size, and a transaction id the records
+// explain.
+func (p *Pool) checkSuperblock(meta devmapper.Dev, in *intent) error {
+	buf := make([]byte, superblockReadBytes)
+	if err := p.k.ReadBlock(meta, 0, buf); err != nil {
+		return fmt.Errorf("read metadata device: %w", err)
+	}
+	sb, ok, err := parseSuperblock(buf)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("%w: the metadata device holds no thin pool, but the records say pool %s (transaction id %d) lives there", ErrMismatch, p.rec.Identity, p.tid)
+	}
+	if sb.DataBlockSectors != p.rec.BlockSectors {
+		return fmt.Errorf("%w: the metadata device's pool has %d-sector blocks, the records say %d", ErrMismatch, sb.DataBlockSectors, p.rec.BlockSectors)
+	}
+	if sb.TransactionID != p.tid && (in == nil || sb.TransactionID != in.TID) {
+		return fmt.Errorf("%w: the metadata device's transaction id is %d, the records say %d: not this pool, or it was changed outside csi-dmthin", ErrMismatch, sb.TransactionID, p.tid)
+	}
+	return nil
+}
+
+// poolStatus reads the pool's status without forcing a metadata commit.
+func (p *Pool) poolStatus() (devmapper.ThinPoolStatus, error) {
+	st, err := p.k.Status(p.dev, true)
+	if err != nil {
+		return devmapper.ThinPoolStatus{}, err
+	}
+	if len(st) != 1 {
+		return devmapper.ThinPoolStatus{}, fmt.Errorf("pool status has %d targets", len(st))
+	}
+	return devmapper.ParseThinPoolStatus(st[0].Params)
+}
+
+// recover settles an intent left by a crash.
+func (p *Pool) recover(in *intent) error {
+	ps, err := p.poolStatus()
+	if err != nil {
+		return err
+	}
+	if ps.Fail || ps.Error {
+		return fmt.Errorf("%w: the pool has failed; repair it with thin_check/thin_repair", ErrPoolUnhealthy)
+	}
+	if in == nil {
+		if ps.TransactionID != p.tid {
+			return fmt.Errorf("%w: the pool's transaction id is %d, the records say %d", ErrForeignChange, ps.TransactionID, p.tid)
+		}
+		return nil
+	}
+	switch {
+	case ps.TransactionID == in.TID:
+		// Committed: finish the bookkeeping.
+		return p.finish(in)
+	case ps.TransactionID == p.tid && in.TID == p.tid+1:
+		// Not committed.
+		switch in.Op {
+		case opCreate, opSnapshot:
+			if err := p.k.Message(p.dev, devmapper.Delete{DeviceID: in.Vol.DeviceID}); err != nil && !errors.Is(err, unix.ENODATA) {
+				if !errors.Is(err, unix.EBUSY) {
+					return fmt.Errorf("roll back %s of %s: %w", in.Op, in.Vol.Name, err)
+				}
+				// Activated before the crash: deactivate, then delete.
+				if err := p.removeDM(in.Vol.Name, false); err != nil {
+					return err
+				}
+				if err := p.k.Message(p.dev, devmapper.Delete{DeviceID: in.Vol.DeviceID}); err != nil && !errors.Is(err, unix.ENODATA) {
+					return fmt.Errorf("roll back %s of %s: %w", in.Op, in.Vol.Name, err)
+				}
+			}
+			return p.st.apply(change{clearIntent: true})
+		case opDelete:
+			// A delete goes forward: the caller was told nothing yet, and
+			// the volume may already be gone from the pool.
+			if err := p.k.Message(p.dev, devmapper.Delete{DeviceID: in.Vol.DeviceID}); err != nil && !errors.Is(err, unix.ENODATA) {
+				return fmt.Errorf("roll forward delete of %s: %w", in.Vol.Name, err)
+			}
+			if err := p.k.Message(p.dev, devmapper.SetTransactionID{Current: p.tid, New: in.TID}); err != nil {
+				return err
+			}
+			return p.finish(in)
+		}
+	}
+	return fmt.Errorf("%w: the pool's transaction id is %d; the records say %d with a %s of %s pending at %d", ErrForeignChange, ps.TransactionID, p.tid, in.Op, in.Vol.Name, in.TID)
+}
+
+// finish records a committed intent's result and clears the intent.
+func (p *Pool) finish(in *intent) error {
+	c := change{tid: &in.TID, clearIntent: true}
+	switch in.Op {
+	case opCreate, opSnapshot:
+		v := in.Vol
+		c.put = []*Volume{&v}
+		p.vols[v.Name] = &v
+	case opDelete:
+		c.del = []string{in.Vol.Name}
+		delete(p.vols, in.Vol.Name)
+	}
+	if err := p.st.apply(c); err != nil {
+		return err
+	}
+	p.tid = in.TID
+	return nil
+}
+
+// reconcile brings dm devices in line with the records: it resumes devices
+// left suspended, removes ours that have no table or no record, reactivates
+// volumes that should be active, finishes pending deletes and collects
+// suspect thin ids.
+func (p *Pool) reconcile(ctx context.Context) error {
+	list, err := p.k.List()
+	if err != nil {
+		return err
+	}
+	byID := map[uint32]*Volume{}
+	for _, v := range p.vols {
+		byID[v.DeviceID] = v
+	}
+	present := map[string]bool{}
+	for _, e := range list {
+		if !strings.HasPrefix(e.UUID, p.uuidPrefix()) || e.UUID == p.uuidPrefix()+"pool" {
+			continue
+		}
+		id, err := strconv.ParseUint(strings.TrimPrefix(e.UUID, p.uuidPrefix()), 10, 32)
+		v := byID[uint32(id)]
+		info, ierr := p.k.Info(e.Dev)
+		if ierr != nil {
+			continue // gone meanwhile
+		}
+		if err != nil || v == nil || e.Name != p.volDMName(v.Name) || !info.LiveTable {
+			// No record owns it, or its activation never finished.
+			if info.Suspended {
+				_ = p.k.Resume(e.Dev)
+			}
+			if err := p.k.Remove(e.Dev, true); err != nil && !errors.Is(err, unix.ENXIO) {
+				return fmt.Errorf("remove stray device %s: %w", e.Name, err)
+			}
+			continue
+		}
+		if info.Suspended {
+			if err := p.k.Resume(e.Dev); err != nil {
+				return fmt.Errorf("resume %s: %w", e.Name, err)
+			}
+		}
+		present[v.Name] = true
+	}
+	for _, v := range p.vols {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		switch {
+		case v.Deleting:
+			// Finished by reapLocked below.
+		case v.Active && !present[v.Name]:
+			if _, err := p.activateDM(v); err != nil {
+				return fmt.Errorf("reactivate %s: %w", v.Name, err)
+			}
+		case !v.Active && present[v.Name]:
+			v.Active = true
+			if err := p.st.apply(change{put: []*Volume{v}}); err != nil {
+				return err
+			}
+		}
+	}
+	if err := p.reapLocked(); err != nil {
+		return err
+	}
+	return p.collectSuspects()
+}
+
+// Reap finishes deletes that waited for their device's last opener. Every
+// mutating operation and Open do it too; a caller may also run it
+// periodically.
+func (p *Pool) Reap(ctx context.Context) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return ErrClosed
+	}
+	return p.reapLocked()
+}
+
+// reapLocked deletes the thin devices of pending deletes whose dm device is
+// gone. One still open, or still being torn down by the kernel after its last
+// close, stays pending. The caller holds p.mu.
+func (p *Pool) reapLocked() error {
+	for _, v := range p.vols {
+		if !v.Deleting {
+			continue
+		}
+		if _, err := p.k.InfoByName(p.volDMName(v.Name)); err == nil {
+			continue // its deferred removal has not happened yet
+		}
+		if err := p.deleteLocked(v); err != nil && !errors.Is(err, unix.EBUSY) {
+			return err
+		}
+	}
+	return nil
+}
+
+// collectSuspects deletes thin ids that were found taken although no record
+// owned them (an EEXIST on create); an id a record owns is left alone.
+func (p *Pool) collectSuspects() error {
+	if len(p.suspects) == 0 {
+		return nil
+	}
+	owned := map[uint32]bool{}
+	for _, v := range p.vols {
+		owned[v.DeviceID] = true
+	}
+	var keep []uint32
+	for _, id := range p.suspects {
+		if owned[id] {
+			continue
+		}
+		if err := p.k.Message(p.dev, devmapper.Delete{DeviceID: id}); err != nil && !errors.Is(err, unix.ENODATA) {
+			keep = append(keep, id) // busy: someone else's open device
+		}
+	}
+	p.suspects = keep
+	return p.st.apply(change{suspects: &keep})
+}
+
+// Close closes the records. Active volumes stay active and mounted ones keep
+// working; the next Open takes them over.
+func (p *Pool) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil
+	}
+	p.closed = true
+	return p.st.close()
+}
+
+// Name is the pool's name.
+func (p *Pool) Name() string { return p.cfg.Name }
+
+func ptr[T any](v T) *T { return &v }

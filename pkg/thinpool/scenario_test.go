@@ -1,0 +1,684 @@
+package thinpool
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
+)
+
+// env is a kernel to run the scenarios on: FakeKernel on the host
+// (env_fake_test.go), the real one in the VM (env_kernel_test.go). The same
+// scenarios on both keep the fake honest.
+type env interface {
+	kernel() Kernel
+	// write and read go through the volume's active block device.
+	write(t *testing.T, p *Pool, vol string, off int64, b []byte) error
+	read(t *testing.T, p *Pool, vol string, off int64, n int) []byte
+	// hold opens the volume's device (as a mount would) until release.
+	hold(t *testing.T, p *Pool, vol string) (release func())
+	// reboot removes every dm device (and, for real, lets the loop devices
+	// go), as a reboot does; pool metadata and records stay.
+	reboot(t *testing.T, p *Pool)
+}
+
+var ctx = context.Background()
+
+func testConfig(t *testing.T, name string, dataBytes int64) Config {
+	dir := t.TempDir()
+	return Config{
+		Name: name, StateDir: filepath.Join(dir, "state"),
+		DataFile: filepath.Join(dir, "data"), MetadataFile: filepath.Join(dir, "meta"),
+		DataFileBytes: dataBytes, MetadataFileBytes: 16 << 20,
+	}
+}
+
+func openPool(t *testing.T, e env, cfg Config, opts ...Option) *Pool {
+	t.Helper()
+	p, err := Open(ctx, cfg, e.kernel(), opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// teardown deletes everything in the pool and removes its dm device, so the
+// next test starts clean on the same kernel.
+func teardown(t *testing.T, e env, p *Pool) {
+	t.Helper()
+	for _, v := range p.List() {
+		if err := p.Delete(ctx, v.Name); err != nil {
+			t.Errorf("teardown: delete %s: %v", v.Name, err)
+		}
+	}
+	p.Close()
+	if err := e.kernel().Remove(p.dev, false); err != nil && !errors.Is(err, unix.ENXIO) {
+		t.Errorf("teardown: remove pool: %v", err)
+	}
+}
+
+func pattern(seed byte, n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = seed + byte(i%251)
+	}
+	return b
+}
+
+// checkInvariants verifies, after a crash and reopen, that the records and
+// the kernel agree: no thin id in the pool that no record owns (below the
+// allocator's high-water mark), no dm device of ours without a record, and
+// every record's device present in the pool.
+func checkInvariants(t *testing.T, e env, p *Pool) {
+	t.Helper()
+	k := e.kernel()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	owned := map[uint32]string{}
+	for _, v := range p.vols {
+		owned[v.DeviceID] = v.Name
+	}
+	// A delete of an unowned id must find nothing (ENODATA): anything else
+	// is a leaked thin device. Owned ids must exist: create_thin on them
+	// must say EEXIST. Both probes leave the pool as it was.
+	for id := uint32(1); id < p.nextID+2; id++ {
+		if name, ok := owned[id]; ok {
+			if err := k.Message(p.dev, devmapper.CreateThin{DeviceID: id}); !errors.Is(err, unix.EEXIST) {
+				t.Errorf("volume %s (thin id %d) missing from the pool: create_thin said %v", name, id, err)
+			}
+			continue
+		}
+		if err := k.Message(p.dev, devmapper.Delete{DeviceID: id}); !errors.Is(err, unix.ENODATA) {
+			t.Errorf("thin id %d leaked (no record owns it): delete said %v", id, err)
+		}
+	}
+	list, err := k.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range list {
+		if !strings.HasPrefix(d.UUID, p.uuidPrefix()) || d.UUID == p.uuidPrefix()+"pool" {
+			continue
+		}
+		found := false
+		for _, v := range p.vols {
+			if d.Name == p.volDMName(v.Name) && d.UUID == p.volUUID(v.DeviceID) {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("dm device %s (%s) leaked", d.Name, d.UUID)
+		}
+		if info, err := k.Info(d.Dev); err == nil && info.Suspended {
+			t.Errorf("dm device %s left suspended", d.Name)
+		}
+	}
+	ps, err := p.poolStatus()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ps.TransactionID != p.tid {
+		t.Errorf("pool transaction id %d, records %d", ps.TransactionID, p.tid)
+	}
+}
+
+func runScenarios(t *testing.T, newEnv func(t *testing.T) env) {
+	t.Run("CreateActivateWriteDelete", func(t *testing.T) {
+		e := newEnv(t)
+		p := openPool(t, e, testConfig(t, "basic", 256<<20))
+		defer teardown(t, e, p)
+		v, err := p.CreateVolume(ctx, "vol-a", 32<<20+1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v.SizeBytes != 32<<20+4096 || v.Kind != KindVolume || v.DeviceID == 0 {
+			t.Fatalf("volume %+v", v)
+		}
+		again, err := p.CreateVolume(ctx, "vol-a", 32<<20+1)
+		if err != nil || again.DeviceID != v.DeviceID {
+			t.Fatalf("idempotent create: %+v, %v", again, err)
+		}
+		if _, err := p.CreateVolume(ctx, "vol-a", 64<<20); !errors.Is(err, ErrAlreadyExists) {
+			t.Fatalf("create with another size: %v", err)
+		}
+		data := pattern(1, 192<<10)
+		if err := e.write(t, p, "vol-a", 4096, data); err != nil {
+			t.Fatal(err)
+		}
+		if got := e.read(t, p, "vol-a", 4096, len(data)); !bytes.Equal(got, data) {
+			t.Fatal("read back differs")
+		}
+		u, err := p.Usage()
+		if err != nil || u.Volumes != 1 || u.ProvisionedBytes != v.SizeBytes || u.DataUsedBytes < int64(len(data)) || u.AvailableBytes <= 0 {
+			t.Fatalf("usage %+v, %v", u, err)
+		}
+		// Busy: an open device is neither deactivated nor deleted at once.
+		release := e.hold(t, p, "vol-a")
+		if err := p.Deactivate(ctx, "vol-a"); !errors.Is(err, ErrBusy) {
+			t.Fatalf("deactivate while open: %v", err)
+		}
+		if err := p.Delete(ctx, "vol-a"); err != nil {
+			t.Fatalf("delete while open: %v", err)
+		}
+		if _, err := p.Get("vol-a"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("get of a pending delete: %v", err)
+		}
+		release()
+		// Open (or any later operation, or Reap) finishes the delete once
+		// the kernel has removed the device after its last close.
+		p.Close()
+		p = openPool(t, e, p.cfg)
+		deadline := time.Now().Add(10 * time.Second)
+		for len(p.vols) != 0 && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond)
+			if err := p.Reap(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if n := len(p.vols); n != 0 {
+			t.Fatalf("%d records after the deferred delete", n)
+		}
+		checkInvariants(t, e, p)
+		if err := p.Delete(ctx, "vol-a"); err != nil {
+			t.Fatalf("deleting what is gone: %v", err)
+		}
+	})
+
+	t.Run("SnapshotAndClone", func(t *testing.T) {
+		e := newEnv(t)
+		p := openPool(t, e, testConfig(t, "snap", 256<<20))
+		defer teardown(t, e, p)
+		if _, err := p.CreateVolume(ctx, "origin", 16<<20); err != nil {
+			t.Fatal(err)
+		}
+		a := pattern(7, 128<<10)
+		if err := e.write(t, p, "origin", 0, a); err != nil {
+			t.Fatal(err)
+		}
+		s, err := p.Snapshot(ctx, "snap-1", "origin")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.Kind != KindSnapshot || s.Source != "origin" || s.SizeBytes != 16<<20 {
+			t.Fatalf("snapshot %+v", s)
+		}
+		if err := e.write(t, p, "origin", 0, pattern(9, len(a))); err != nil {
+			t.Fatal(err)
+		}
+		if got := e.read(t, p, "snap-1", 0, len(a)); !bytes.Equal(got, a) {
+			t.Fatal("snapshot does not hold the origin's data at snapshot time")
+		}
+		c, err := p.Clone(ctx, "clone-1", "snap-1", 32<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.Kind != KindVolume || c.SizeBytes != 32<<20 {
+			t.Fatalf("clone %+v", c)
+		}
+		if got := e.read(t, p, "clone-1", 0, len(a)); !bytes.Equal(got, a) {
+			t.Fatal("clone does not hold the snapshot's data")
+		}
+		if _, err := p.Clone(ctx, "small", "origin", 4<<20); !errors.Is(err, ErrInvalid) {
+			t.Fatalf("clone smaller than its source: %v", err)
+		}
+		if _, err := p.Snapshot(ctx, "snap-2", "missing"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("snapshot of a missing volume: %v", err)
+		}
+		// The origin can go; its snapshot and clone stay whole.
+		if err := p.Deactivate(ctx, "origin"); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Delete(ctx, "origin"); err != nil {
+			t.Fatal(err)
+		}
+		if got := e.read(t, p, "clone-1", 0, len(a)); !bytes.Equal(got, a) {
+			t.Fatal("clone lost data when the origin was deleted")
+		}
+		checkInvariants(t, e, p)
+	})
+
+	t.Run("Grow", func(t *testing.T) {
+		e := newEnv(t)
+		p := openPool(t, e, testConfig(t, "grow", 256<<20))
+		defer teardown(t, e, p)
+		if _, err := p.CreateVolume(ctx, "g", 8<<20); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.Activate(ctx, "g"); err != nil {
+			t.Fatal(err)
+		}
+		v, err := p.Grow(ctx, "g", 24<<20)
+		if err != nil || v.SizeBytes != 24<<20 {
+			t.Fatalf("grow: %+v, %v", v, err)
+		}
+		tail := pattern(3, 4096)
+		if err := e.write(t, p, "g", 24<<20-4096, tail); err != nil {
+			t.Fatalf("write past the old end: %v", err)
+		}
+		if v, err := p.Grow(ctx, "g", 8<<20); err != nil || v.SizeBytes != 24<<20 {
+			t.Fatalf("grow to less: %+v, %v", v, err)
+		}
+		if _, err := p.Grow(ctx, "nope", 8<<20); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("grow of a missing volume: %v", err)
+		}
+	})
+
+	t.Run("BadInput", func(t *testing.T) {
+		e := newEnv(t)
+		p := openPool(t, e, testConfig(t, "bad", 64<<20))
+		defer teardown(t, e, p)
+		for _, name := range []string{"", "-x", "a/b", "a b", strings.Repeat("x", 81), "../etc"} {
+			if _, err := p.CreateVolume(ctx, name, 1<<20); !errors.Is(err, ErrInvalid) {
+				t.Errorf("create %q: %v", name, err)
+			}
+		}
+		for _, size := range []int64{0, -1, 1 << 61} {
+			if _, err := p.CreateVolume(ctx, "v", size); !errors.Is(err, ErrInvalid) {
+				t.Errorf("create of %d bytes: %v", size, err)
+			}
+		}
+		if _, err := p.Clone(ctx, "v", "v", 0); !errors.Is(err, ErrInvalid) {
+			t.Errorf("self clone: %v", err)
+		}
+		if n := len(p.List()); n != 0 {
+			t.Fatalf("bad input created %d volumes", n)
+		}
+		checkInvariants(t, e, p)
+	})
+
+	t.Run("Admission", func(t *testing.T) {
+		e := newEnv(t)
+		cfg := testConfig(t, "admit", 64<<20)
+		cfg.OverprovisionRatio = 2
+		p := openPool(t, e, cfg)
+		defer teardown(t, e, p)
+		u, err := p.Usage()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if u.AvailableBytes <= 0 || u.AvailableBytes > u.DataBytes {
+			t.Fatalf("capacity %+v", u)
+		}
+		if _, err := p.CreateVolume(ctx, "big", 100<<20); err != nil {
+			t.Fatalf("overprovisioned within the ratio: %v", err)
+		}
+		if _, err := p.CreateVolume(ctx, "too-big", 100<<20); !errors.Is(err, ErrNoSpace) {
+			t.Fatalf("past the ratio: %v", err)
+		}
+		if _, err := p.Get("too-big"); !errors.Is(err, ErrNotFound) {
+			t.Fatal("a refused volume was recorded")
+		}
+		u2, _ := p.Usage()
+		if u2.AvailableBytes >= u.AvailableBytes {
+			t.Errorf("capacity did not drop: %d then %d", u.AvailableBytes, u2.AvailableBytes)
+		}
+		checkInvariants(t, e, p)
+	})
+
+	t.Run("PoolFull", func(t *testing.T) {
+		e := newEnv(t)
+		cfg := testConfig(t, "full", 4<<20) // 64 blocks
+		cfg.OverprovisionRatio = -1
+		p := openPool(t, e, cfg)
+		defer teardown(t, e, p)
+		if _, err := p.CreateVolume(ctx, "hog", 64<<20); err != nil {
+			t.Fatal(err)
+		}
+		keep := pattern(11, 64<<10)
+		if err := e.write(t, p, "hog", 0, keep); err != nil {
+			t.Fatal(err)
+		}
+		var werr error
+		for off := int64(64 << 10); off < 64<<20 && werr == nil; off += 64 << 10 {
+			werr = e.write(t, p, "hog", off, pattern(1, 64<<10))
+		}
+		if !errors.Is(werr, unix.ENOSPC) && !errors.Is(werr, unix.EIO) {
+			t.Fatalf("writing past a full pool: %v", werr)
+		}
+		if _, err := p.CreateVolume(ctx, "more", 1<<20); !errors.Is(err, ErrNoSpace) {
+			t.Fatalf("new volume on a full pool: %v", err)
+		}
+		if u, _ := p.Usage(); u.AvailableBytes != 0 {
+			t.Errorf("a full pool reports %d bytes available", u.AvailableBytes)
+		}
+		if got := e.read(t, p, "hog", 0, len(keep)); !bytes.Equal(got, keep) {
+			t.Fatal("data written before the pool filled is damaged")
+		}
+		// Growing the data device brings the pool back.
+		u, err := p.GrowData(ctx, 64<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if u.DataBytes != 64<<20 || u.AvailableBytes <= 0 || u.Mode != devmapper.PoolReadWrite {
+			t.Fatalf("after growing the data device: %+v", u)
+		}
+		if err := e.write(t, p, "hog", 32<<20, pattern(2, 64<<10)); err != nil {
+			t.Fatalf("write after growing: %v", err)
+		}
+		if _, err := p.CreateVolume(ctx, "more", 1<<20); err != nil {
+			t.Fatalf("new volume after growing: %v", err)
+		}
+		if got := e.read(t, p, "hog", 0, len(keep)); !bytes.Equal(got, keep) {
+			t.Fatal("data damaged by growing")
+		}
+		if err := p.Deactivate(ctx, "hog"); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Delete(ctx, "hog"); err != nil {
+			t.Fatal(err)
+		}
+		checkInvariants(t, e, p)
+	})
+
+	t.Run("RestartAndReboot", func(t *testing.T) {
+		e := newEnv(t)
+		cfg := testConfig(t, "reboot", 128<<20)
+		p := openPool(t, e, cfg)
+		if _, err := p.CreateVolume(ctx, "keep", 8<<20); err != nil {
+			t.Fatal(err)
+		}
+		data := pattern(5, 64<<10)
+		if err := e.write(t, p, "keep", 0, data); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.Snapshot(ctx, "keep-snap", "keep"); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Deactivate(ctx, "keep-snap"); err != nil {
+			t.Fatal(err)
+		}
+		// A driver restart: close and reopen with everything still there.
+		p.Close()
+		p = openPool(t, e, cfg)
+		checkInvariants(t, e, p)
+		// A reboot: every dm device gone.
+		e.reboot(t, p)
+		p.Close()
+		p = openPool(t, e, cfg)
+		defer func() { teardown(t, e, p) }()
+		if _, err := p.DevicePath("keep"); err != nil {
+			t.Fatalf("an active volume did not come back after the reboot: %v", err)
+		}
+		if _, err := p.DevicePath("keep-snap"); err == nil {
+			t.Fatal("an inactive snapshot was activated")
+		}
+		if got := e.read(t, p, "keep", 0, len(data)); !bytes.Equal(got, data) {
+			t.Fatal("data lost over the reboot")
+		}
+		if got := e.read(t, p, "keep-snap", 0, len(data)); !bytes.Equal(got, data) {
+			t.Fatal("snapshot data lost over the reboot")
+		}
+		checkInvariants(t, e, p)
+		// The configuration cannot change the pool's shape.
+		p.Close()
+		bad := cfg
+		bad.BlockSectors = 256
+		if _, err := Open(ctx, bad, e.kernel()); !errors.Is(err, ErrMismatch) || !strings.Contains(err.Error(), "blockSectors") {
+			t.Fatalf("open with another block size: %v", err)
+		}
+		p = openPool(t, e, cfg)
+	})
+
+	t.Run("ForeignChange", func(t *testing.T) {
+		e := newEnv(t)
+		cfg := testConfig(t, "foreign", 64<<20)
+		p := openPool(t, e, cfg)
+		tid := p.tid
+		p.Close()
+		if err := e.kernel().Message(p.dev, devmapper.SetTransactionID{Current: tid, New: tid + 5}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Open(ctx, cfg, e.kernel()); !errors.Is(err, ErrForeignChange) {
+			t.Fatalf("open after an outside change: %v", err)
+		}
+		if err := e.kernel().Message(p.dev, devmapper.SetTransactionID{Current: tid + 5, New: tid}); err != nil {
+			t.Fatal(err)
+		}
+		p = openPool(t, e, cfg)
+		teardown(t, e, p)
+	})
+
+	t.Run("Thousand", func(t *testing.T) {
+		e := newEnv(t)
+		cfg := testConfig(t, "thousand", 256<<20)
+		cfg.OverprovisionRatio = -1
+		p := openPool(t, e, cfg)
+		for i := 0; i < 500; i++ {
+			name := fmt.Sprintf("v%04d", i)
+			if _, err := p.CreateVolume(ctx, name, 1<<30); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := p.Snapshot(ctx, name+"-s", name); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if n := len(p.List()); n != 1000 {
+			t.Fatalf("%d volumes, want 1000", n)
+		}
+		p.Close()
+		start := time.Now()
+		p = openPool(t, e, cfg)
+		t.Logf("reopened a pool of 1000 devices in %v", time.Since(start))
+		defer func() { teardown(t, e, p) }()
+		if u, err := p.Usage(); err != nil || u.Volumes != 500 || u.Snapshots != 500 {
+			t.Fatalf("usage %+v, %v", u, err)
+		}
+		checkInvariants(t, e, p)
+	})
+
+	t.Run("Concurrent", func(t *testing.T) {
+		e := newEnv(t)
+		cfg := testConfig(t, "conc", 256<<20)
+		cfg.OverprovisionRatio = -1
+		p := openPool(t, e, cfg)
+		defer teardown(t, e, p)
+		const workers, each = 4, 12
+		var wg sync.WaitGroup
+		errs := make(chan error, workers*each*4)
+		for w := 0; w < workers; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; i < each; i++ {
+					name := fmt.Sprintf("w%d-v%d", w, i)
+					if _, err := p.CreateVolume(ctx, name, 4<<20); err != nil {
+						errs <- err
+						continue
+					}
+					if _, err := p.Activate(ctx, name); err != nil {
+						errs <- err
+					}
+					if _, err := p.Snapshot(ctx, name+"-s", name); err != nil {
+						errs <- err
+					}
+					if i%2 == 0 {
+						if err := p.Deactivate(ctx, name); err != nil {
+							errs <- err
+						}
+						if err := p.Delete(ctx, name); err != nil {
+							errs <- err
+						}
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+		if got, want := len(p.List()), workers*each*3/2; got != want {
+			t.Errorf("%d volumes, want %d", got, want)
+		}
+		checkInvariants(t, e, p)
+	})
+}
+
+// crashPoints lists the step boundaries an operation passes.
+func crashPoints(t *testing.T, e env, setup func(p *Pool), run func(p *Pool) error) []string {
+	var points []string
+	p := openPool(t, e, testConfig(t, "points", 64<<20), func(p *Pool) {
+		p.hook = func(s string) { points = append(points, s) }
+	})
+	setup(p)
+	points = nil
+	if err := run(p); err != nil {
+		t.Fatal(err)
+	}
+	got := points
+	p.hook = nil
+	teardown(t, e, p)
+	return got
+}
+
+type crash struct{ point string }
+
+// runCrashTests kills every operation at each of its step boundaries,
+// reopens the pool, checks the invariants and that the committed data is
+// intact, and retries the operation. It returns the number of crash points.
+func runCrashTests(t *testing.T, newEnv func(t *testing.T) env) int {
+	data := pattern(21, 64<<10)
+	setup := func(t *testing.T, e env) func(p *Pool) {
+		return func(p *Pool) {
+			if _, err := p.CreateVolume(ctx, "base", 8<<20); err != nil {
+				t.Fatal(err)
+			}
+			if err := e.write(t, p, "base", 0, data); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := p.CreateVolume(ctx, "victim", 8<<20); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	ops := []struct {
+		name  string
+		run   func(p *Pool) error
+		check func(t *testing.T, e env, p *Pool)
+	}{
+		{"create", func(p *Pool) error { _, err := p.CreateVolume(ctx, "new", 4<<20); return err },
+			func(t *testing.T, e env, p *Pool) {
+				if v, err := p.Get("new"); err != nil || v.SizeBytes != 4<<20 {
+					t.Errorf("after retry: %+v, %v", v, err)
+				}
+			}},
+		{"snapshot", func(p *Pool) error { _, err := p.Snapshot(ctx, "snap", "base"); return err },
+			func(t *testing.T, e env, p *Pool) {
+				if got := e.read(t, p, "snap", 0, len(data)); !bytes.Equal(got, data) {
+					t.Error("snapshot data differs")
+				}
+			}},
+		{"clone", func(p *Pool) error { _, err := p.Clone(ctx, "clone", "base", 16<<20); return err },
+			func(t *testing.T, e env, p *Pool) {
+				if got := e.read(t, p, "clone", 0, len(data)); !bytes.Equal(got, data) {
+					t.Error("clone data differs")
+				}
+			}},
+		{"delete", func(p *Pool) error { return p.Delete(ctx, "victim") },
+			func(t *testing.T, e env, p *Pool) {
+				if _, err := p.Get("victim"); !errors.Is(err, ErrNotFound) {
+					t.Errorf("after retry: %v", err)
+				}
+			}},
+		{"grow", func(p *Pool) error { _, err := p.Grow(ctx, "base", 12<<20); return err },
+			func(t *testing.T, e env, p *Pool) {
+				if v, err := p.Get("base"); err != nil || v.SizeBytes != 12<<20 {
+					t.Errorf("after retry: %+v, %v", v, err)
+				}
+				if err := e.write(t, p, "base", 12<<20-4096, data[:4096]); err != nil {
+					t.Errorf("write past the old end: %v", err)
+				}
+			}},
+	}
+	total := 0
+	// A crash while the pool itself is being made.
+	for _, point := range []string{"create-pool:recorded", "create-pool:zeroed", "create-pool:activated", "create-pool:committed"} {
+		total++
+		t.Run("create-pool/"+point, func(t *testing.T) {
+			e := newEnv(t)
+			cfg := testConfig(t, "crashpool", 64<<20)
+			func() {
+				defer func() {
+					if _, ok := recover().(crash); !ok {
+						t.Fatalf("did not crash at %s", point)
+					}
+				}()
+				_, _ = Open(ctx, cfg, e.kernel(), func(p *Pool) {
+					p.hook = func(s string) {
+						if s == point {
+							p.st.close()
+							panic(crash{s})
+						}
+					}
+				})
+			}()
+			p := openPool(t, e, cfg)
+			defer teardown(t, e, p)
+			if _, err := p.CreateVolume(ctx, "after", 4<<20); err != nil {
+				t.Fatalf("pool unusable after a crash at %s: %v", point, err)
+			}
+			checkInvariants(t, e, p)
+		})
+	}
+	for _, op := range ops {
+		e0 := newEnv(t)
+		points := crashPoints(t, e0, setup(t, e0), op.run)
+		if len(points) == 0 {
+			t.Fatalf("%s passes no crash point", op.name)
+		}
+		for _, point := range points {
+			total++
+			t.Run(op.name+"/"+point, func(t *testing.T) {
+				e := newEnv(t)
+				cfg := testConfig(t, "crash", 64<<20)
+				var armed bool
+				p := openPool(t, e, cfg, func(p *Pool) {
+					p.hook = func(s string) {
+						if armed && s == point {
+							panic(crash{s})
+						}
+					}
+				})
+				setup(t, e)(p)
+				armed = true
+				func() {
+					defer func() {
+						r := recover()
+						if r == nil {
+							return // t.Fatalf below: not a crash
+						}
+						if _, ok := r.(crash); !ok {
+							panic(r)
+						}
+					}()
+					_ = op.run(p)
+					t.Fatalf("did not crash at %s", point)
+				}()
+				// The process is dead: its records file is closed as the OS
+				// would close it, and nothing else runs.
+				p.st.close()
+				p = openPool(t, e, cfg)
+				defer teardown(t, e, p)
+				checkInvariants(t, e, p)
+				if got := e.read(t, p, "base", 0, len(data)); !bytes.Equal(got, data) {
+					t.Fatal("committed data lost")
+				}
+				if err := op.run(p); err != nil {
+					t.Fatalf("retry after the crash: %v", err)
+				}
+				op.check(t, e, p)
+				checkInvariants(t, e, p)
+			})
+		}
+	}
+	return total
+}
