@@ -1,0 +1,101 @@
+// Command dmthin-bench measures csi-dmthin's kernel-facing operations on a
+// real dm-thin pool and prints a table of medians, beside the same operations
+// done with the dmsetup CLI and with lvm2's lvcreate on a pool of the same
+// size, with the ratios.
+//
+// On the host it boots the qemu VM of internal/vmtest with itself as the
+// payload (plus dmsetup and lvm, for the comparison only) and prints what
+// the guest prints. All figures come from one VM run under TCG: compare the
+// ratios, not the absolute times, which are about 10x a native machine's.
+//
+// Build it static (CGO_ENABLED=0): the VM has no C library. `make bench`
+// does.
+package main
+
+import (
+	"context"
+	"debug/elf"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/csi-dmthin/csi-dmthin/internal/vmtest"
+)
+
+func main() {
+	guest := flag.Bool("guest", false, "run the measurements here (inside the VM); set by the host side")
+	iterations := flag.Int("n", 20, "iterations of each operation")
+	openMax := flag.Int("open", 10000, "largest pool to time opening (1000 and this many volumes)")
+	flag.Parse()
+	if *iterations < 3 {
+		fmt.Fprintln(os.Stderr, "dmthin-bench: -n must be at least 3")
+		os.Exit(2)
+	}
+	if *guest {
+		sizes := []int{1000}
+		if *openMax > 1000 {
+			sizes = append(sizes, *openMax)
+		}
+		if err := runGuest(*iterations, sizes); err != nil {
+			fmt.Fprintln(os.Stderr, "dmthin-bench:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if err := runHost(*iterations, *openMax); err != nil {
+		fmt.Fprintln(os.Stderr, "dmthin-bench:", err)
+		os.Exit(1)
+	}
+}
+
+func runHost(n, openMax int) error {
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	if err := checkStatic(exe); err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
+	defer cancel()
+	fmt.Fprintln(os.Stderr, "dmthin-bench: booting the VM (Debian's kernel under TCG); the table follows")
+	res, err := vmtest.Run(ctx, vmtest.Spec{
+		Payload: exe,
+		Args:    []string{"-guest", "-n", strconv.Itoa(n)},
+		Tools:   []string{"dmsetup", "lvm"},
+		// lvm2 checks for the snapshot target even for thin snapshots.
+		Modules:   append(append([]string(nil), vmtest.DefaultModules...), "dm-snapshot"),
+		MemoryMiB: 4096,
+		Output:    os.Stdout,
+	})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "dmthin-bench: VM prepared in %v, booted in %v, whole run %v\n",
+		res.Prepare.Round(time.Millisecond), res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond))
+	if res.ExitCode != 0 {
+		return fmt.Errorf("the guest exited with status %d", res.ExitCode)
+	}
+	return nil
+}
+
+// checkStatic refuses a dynamically linked build, which cannot run in the VM.
+func checkStatic(path string) error {
+	f, err := elf.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return fmt.Errorf("%s is dynamically linked; build it with CGO_ENABLED=0 (make bench does)", path)
+		}
+	}
+	return nil
+}
