@@ -158,8 +158,9 @@ func run(ctx context.Context, s Spec, hooks *runHooks) (*Result, error) {
 
 	// Two cores, and a TCG guest keeps both busy: one VM at a time.
 	vmLock := filepath.Join(cache, "vm.lock")
+	// The notice goes to stderr, not Output: Output is the payload's alone.
 	unlock, err := lockFile(ctx, vmLock, func() {
-		_, _ = fmt.Fprintf(s.Output, "vmtest: waiting for another process's VM to finish (lock %s)\n", vmLock)
+		_, _ = fmt.Fprintf(os.Stderr, "vmtest: waiting for another process's VM to finish (lock %s)\n", vmLock)
 	})
 	if err != nil {
 		return nil, err
