@@ -35,7 +35,12 @@ have_cmd thin_check || need+=(thin-provisioning-tools)
 have_cmd dpkg-deb || need+=(dpkg)
 have_cmd apt-get || { echo "install-deps: this needs a Debian-like system with apt-get" >&2; exit 1; }
 
-if [ ${#need[@]} -eq 0 ]; then
+# The VM's kernel is found with apt-cache and fetched with apt-get download,
+# which need package lists even when nothing is missing.
+lists_missing=""
+compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null || lists_missing=1
+
+if [ ${#need[@]} -eq 0 ] && [ -z "$lists_missing" ]; then
 	exit 0
 fi
 sudo=""
@@ -43,7 +48,9 @@ if [ "$(id -u)" -ne 0 ]; then
 	have_cmd sudo || { echo "install-deps: need root (or sudo) to install: ${need[*]}" >&2; exit 1; }
 	sudo=sudo
 fi
-echo "install-deps: installing ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+if [ ${#need[@]} -gt 0 ]; then
+	echo "install-deps: installing ${need[*]}"
+	$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi

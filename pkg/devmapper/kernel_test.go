@@ -608,3 +608,56 @@ func TestKernelOutOfDataSpace(t *testing.T) {
 		t.Errorf("create_thin on a full pool: %v", err)
 	}
 }
+
+func TestKernelClearTableAndSuspendFlags(t *testing.T) {
+	c := client(t)
+	p := newPool(t, c, 64<<20, 0, ThinPoolFeatures{})
+	if err := c.Message(p.info.Dev, CreateThin{3}); err != nil {
+		t.Fatal(err)
+	}
+	info, path := p.activate(t, 3, 2048)
+	data := pattern(8, 4096)
+	writeAt(t, path, 0, data)
+
+	// A loaded but not resumed table is inactive; ClearTable drops it and
+	// the live one stays.
+	if err := c.Load(info.Dev, []Target{NewTarget(0, 4096, ThinParams{PoolDev: p.info.Dev, DeviceID: 3})}); err != nil {
+		t.Fatal(err)
+	}
+	if i, _ := c.Info(info.Dev); !i.InactiveTable || !i.LiveTable {
+		t.Fatalf("after load: %+v", i)
+	}
+	if err := c.ClearTable(info.Dev); err != nil {
+		t.Fatal(err)
+	}
+	if i, _ := c.Info(info.Dev); i.InactiveTable || !i.LiveTable {
+		t.Fatalf("after clear: %+v", i)
+	}
+	if tbl, _ := c.Table(info.Dev); tbl[0].LengthSectors != 2048 {
+		t.Fatalf("live table changed: %+v", tbl)
+	}
+
+	// Suspend without flushing or freezing, then resume: data intact.
+	if err := c.Suspend(info.Dev, NoFlush|NoLockFS); err != nil {
+		t.Fatal(err)
+	}
+	if i, _ := c.Info(info.Dev); !i.Suspended {
+		t.Fatal("not suspended")
+	}
+	if err := c.Resume(info.Dev); err != nil {
+		t.Fatal(err)
+	}
+	if got := readAt(t, path, 0, len(data)); !bytes.Equal(got, data) {
+		t.Fatal("data changed across a no-flush suspend")
+	}
+	// A new table takes effect at resume: the device grows.
+	if err := c.Load(info.Dev, []Target{NewTarget(0, 4096, ThinParams{PoolDev: p.info.Dev, DeviceID: 3})}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Resume(info.Dev); err != nil {
+		t.Fatal(err)
+	}
+	if tbl, _ := c.Table(info.Dev); tbl[0].LengthSectors != 4096 {
+		t.Fatalf("table after reload: %+v", tbl)
+	}
+}
