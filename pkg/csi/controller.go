@@ -1,0 +1,539 @@
+package csi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+
+	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+)
+
+// StorageClass parameters.
+const (
+	ParamPool   = "pool"   // the pool on the node; default: the node's default pool
+	ParamFSType = "fsType" // ext4 (default) or xfs, when the capability names none
+	// Keys the external-provisioner adds (--extra-create-metadata) start
+	// with this prefix; they are accepted and ignored.
+	csiParamPrefix = "csi.storage.k8s.io/"
+)
+
+const (
+	defaultVolumeBytes = 1 << 30
+	minVolumeBytes     = 1 << 20 // room for a filesystem's own structures
+)
+
+func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
+	var caps []*csi.ControllerServiceCapability
+	for _, t := range []csi.ControllerServiceCapability_RPC_Type{
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
+		csi.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+		csi.ControllerServiceCapability_RPC_GET_SNAPSHOT,
+		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
+		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
+		csi.ControllerServiceCapability_RPC_CLONE_VOLUME,
+		csi.ControllerServiceCapability_RPC_GET_VOLUME,
+		csi.ControllerServiceCapability_RPC_GET_VOLUME_HEALTH,
+		csi.ControllerServiceCapability_RPC_LIST_VOLUME_HEALTH,
+		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+	} {
+		caps = append(caps, &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}})
+	}
+	return &csi.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+type createParams struct {
+	pool   string
+	fsType string
+}
+
+func parseParams(params map[string]string) (createParams, error) {
+	var p createParams
+	for k, v := range params {
+		switch {
+		case k == ParamPool:
+			p.pool = v
+		case k == ParamFSType:
+			if !supportedFS[v] {
+				return p, invalid("parameters.%s %q: want ext4 or xfs", k, v)
+			}
+			p.fsType = v
+		case strings.HasPrefix(k, csiParamPrefix):
+		default:
+			return p, invalid("parameters.%s is not a csi-dmthin parameter (known: %s, %s)", k, ParamPool, ParamFSType)
+		}
+	}
+	return p, nil
+}
+
+// volumeSize picks the size for a capacity range: the required bytes (or
+// the default), rounded up to 4 KiB, and within the limit.
+func volumeSize(r *csi.CapacityRange, minBytes int64) (int64, error) {
+	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
+	if req < 0 || lim < 0 {
+		return 0, invalid("capacity_range: negative bytes")
+	}
+	if lim != 0 && req > lim {
+		return 0, status.Errorf(codes.OutOfRange, "capacity_range: required %d bytes is over the %d-byte limit", req, lim)
+	}
+	size := req
+	if size == 0 {
+		size = defaultVolumeBytes
+		if lim != 0 {
+			size = min(size, lim)
+		}
+	}
+	size = max(size, minBytes, minVolumeBytes)
+	size = (size + 4095) &^ 4095
+	if lim != 0 && size > lim {
+		return 0, status.Errorf(codes.OutOfRange, "capacity_range: the smallest volume that fits is %s, over the %d-byte limit", fmtBytes(size), lim)
+	}
+	return size, nil
+}
+
+// fits reports whether an existing size satisfies a capacity range.
+func fits(size int64, r *csi.CapacityRange) bool {
+	return size >= r.GetRequiredBytes() && (r.GetLimitBytes() == 0 || size <= r.GetLimitBytes())
+}
+
+// checkTopology refuses a request whose requisite topology excludes this
+// node. ResourceExhausted makes the external-provisioner try another node.
+func (d *Driver) checkTopology(req *csi.TopologyRequirement) error {
+	if len(req.GetRequisite()) == 0 {
+		return nil
+	}
+	for _, t := range req.GetRequisite() {
+		if t.GetSegments()[TopologyKey] == d.nodeID {
+			return nil
+		}
+	}
+	return status.Errorf(codes.ResourceExhausted, "accessibility_requirements.requisite does not include node %s, where this controller's pools are", d.nodeID)
+}
+
+func (d *Driver) volumeFor(pool Pool, v *thinpool.Volume, fsType string, src *csi.VolumeContentSource) *csi.Volume {
+	ctx := map[string]string{ParamPool: pool.Name()}
+	if fsType != "" {
+		ctx[ParamFSType] = fsType
+	}
+	return &csi.Volume{
+		VolumeId:           objectID{pool.Name(), v.Name}.String(),
+		CapacityBytes:      v.SizeBytes,
+		VolumeContext:      ctx,
+		ContentSource:      src,
+		AccessibleTopology: []*csi.Topology{d.topology()},
+	}
+}
+
+func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
+	if err := checkName("name", req.GetName()); err != nil {
+		return nil, err
+	}
+	if err := checkCapabilities("volume_capabilities", req.GetVolumeCapabilities()); err != nil {
+		return nil, err
+	}
+	params, err := parseParams(req.GetParameters())
+	if err != nil {
+		return nil, err
+	}
+	if err := d.checkTopology(req.GetAccessibilityRequirements()); err != nil {
+		return nil, err
+	}
+	pool, err := d.pool(params.pool)
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "parameters.%s: %v", ParamPool, status.Convert(err).Message())
+	}
+	name := deviceName(req.GetName())
+
+	// The source, if any: a snapshot or a volume in the same pool.
+	var source *thinpool.Volume
+	var sourceID string
+	src := req.GetVolumeContentSource()
+	switch {
+	case src == nil:
+	case src.GetSnapshot() != nil:
+		sourceID = src.GetSnapshot().GetSnapshotId()
+	case src.GetVolume() != nil:
+		sourceID = src.GetVolume().GetVolumeId()
+	default:
+		return nil, invalid("volume_content_source: want a snapshot or a volume")
+	}
+	lockIDs := []string{objectID{pool.Name(), name}.String()}
+	if src != nil {
+		field := "volume_content_source.snapshot.snapshot_id"
+		if src.GetVolume() != nil {
+			field = "volume_content_source.volume.volume_id"
+		}
+		id, err := mustParseID(field, sourceID)
+		if err != nil {
+			return nil, err
+		}
+		if id.pool != pool.Name() {
+			return nil, notFound("%s %s is in pool %s, not %s: a clone or restore stays in its source's pool", field, sourceID, id.pool, pool.Name())
+		}
+		source, err = pool.Get(id.name)
+		if err != nil {
+			return nil, toStatus(err, "%s %s", field, sourceID)
+		}
+		wantKind := thinpool.KindSnapshot
+		if src.GetVolume() != nil {
+			wantKind = thinpool.KindVolume
+		}
+		if source.Kind != wantKind {
+			return nil, notFound("%s %s is a %s, not a %s", field, sourceID, source.Kind, wantKind)
+		}
+		lockIDs = append(lockIDs, sourceID)
+	}
+	minBytes := int64(0)
+	if source != nil {
+		minBytes = source.SizeBytes
+	}
+	size, err := volumeSize(req.GetCapacityRange(), minBytes)
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := d.locks.lock(lockIDs...)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+
+	// Repeated request: return what exists if it matches.
+	if v, err := pool.Get(name); err == nil {
+		if v.Kind != thinpool.KindVolume || !fits(v.SizeBytes, req.GetCapacityRange()) || (source != nil && v.Source != source.Name) || (source == nil && v.Source != "") {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %q exists with a different size or source (%s from %q)", req.GetName(), fmtBytes(v.SizeBytes), v.Source)
+		}
+		return &csi.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, src)}, nil
+	}
+	var v *thinpool.Volume
+	if source != nil {
+		v, err = pool.Clone(ctx, name, source.Name, size)
+	} else {
+		v, err = pool.CreateVolume(ctx, name, size)
+	}
+	if err != nil {
+		return nil, toStatus(err, "create volume %q", req.GetName())
+	}
+	klog.FromContext(ctx).Info("Created volume", "volume", objectID{pool.Name(), name}, "bytes", v.SizeBytes, "source", sourceID)
+	return &csi.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, src)}, nil
+}
+
+func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
+	if req.GetVolumeId() == "" {
+		return nil, invalid("volume_id is required")
+	}
+	id, ok := parseID(req.GetVolumeId())
+	if !ok {
+		// Not an ID of ours: no such volume, and deleting what does not
+		// exist succeeds.
+		return &csi.DeleteVolumeResponse{}, nil
+	}
+	pool, err := d.pool(id.pool)
+	if err != nil {
+		return &csi.DeleteVolumeResponse{}, nil
+	}
+	unlock, err := d.locks.lock(id.String())
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	v, err := pool.Get(id.name)
+	if errors.Is(err, thinpool.ErrNotFound) {
+		return &csi.DeleteVolumeResponse{}, nil
+	}
+	if err != nil {
+		return nil, toStatus(err, "delete volume %s", id)
+	}
+	if v.Kind != thinpool.KindVolume {
+		return nil, notFound("volume_id %s is a snapshot", id)
+	}
+	if err := pool.Delete(ctx, id.name); err != nil {
+		return nil, toStatus(err, "delete volume %s", id)
+	}
+	return &csi.DeleteVolumeResponse{}, nil
+}
+
+func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
+	id, err := mustParseID("volume_id", req.GetVolumeId())
+	if err != nil {
+		return nil, err
+	}
+	if len(req.GetVolumeCapabilities()) == 0 {
+		return nil, invalid("volume_capabilities is required")
+	}
+	if _, err := d.getVolume(id); err != nil {
+		return nil, err
+	}
+	if _, err := parseParams(req.GetParameters()); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+	}
+	if err := checkCapabilities("volume_capabilities", req.GetVolumeCapabilities()); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+	}
+	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{
+		VolumeContext: req.GetVolumeContext(), VolumeCapabilities: req.GetVolumeCapabilities(), Parameters: req.GetParameters(),
+	}}, nil
+}
+
+// getVolume finds a volume (not a snapshot) by ID.
+func (d *Driver) getVolume(id objectID) (*thinpool.Volume, error) {
+	pool, err := d.pool(id.pool)
+	if err != nil {
+		return nil, err
+	}
+	v, err := pool.Get(id.name)
+	if err != nil {
+		return nil, toStatus(err, "volume %s", id)
+	}
+	if v.Kind != thinpool.KindVolume {
+		return nil, notFound("%s is a snapshot, not a volume", id)
+	}
+	return v, nil
+}
+
+func (d *Driver) ControllerGetVolume(ctx context.Context, req *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error) {
+	id, err := mustParseID("volume_id", req.GetVolumeId())
+	if err != nil {
+		return nil, err
+	}
+	v, err := d.getVolume(id)
+	if err != nil {
+		return nil, err
+	}
+	pool, _ := d.pool(id.pool)
+	return &csi.ControllerGetVolumeResponse{
+		Volume: d.volumeFor(pool, v, "", nil),
+		Status: &csi.ControllerGetVolumeResponse_VolumeStatus{},
+	}, nil
+}
+
+// page cuts a sorted list at an opaque token (the index to start at) and
+// max entries; a token that is not one of ours is Aborted, as the spec says.
+func page[T any](items []T, token string, maxEntries int32) ([]T, string, error) {
+	if maxEntries < 0 {
+		return nil, "", invalid("max_entries must not be negative")
+	}
+	start := 0
+	if token != "" {
+		n, err := strconv.Atoi(token)
+		if err != nil || n < 0 || n > len(items) {
+			return nil, "", status.Errorf(codes.Aborted, "starting_token %q is not valid (any longer)", token)
+		}
+		start = n
+	}
+	end := len(items)
+	if maxEntries > 0 && start+int(maxEntries) < end {
+		end = start + int(maxEntries)
+	}
+	next := ""
+	if end < len(items) {
+		next = strconv.Itoa(end)
+	}
+	return items[start:end], next, nil
+}
+
+// allVolumes returns every pool's volumes of a kind, sorted by ID.
+func (d *Driver) all(kind thinpool.Kind) []struct {
+	pool Pool
+	v    thinpool.Volume
+} {
+	var out []struct {
+		pool Pool
+		v    thinpool.Volume
+	}
+	for _, p := range d.pools {
+		for _, v := range p.List() {
+			if v.Kind == kind {
+				out = append(out, struct {
+					pool Pool
+					v    thinpool.Volume
+				}{p, v})
+			}
+		}
+	}
+	sort.Slice(out, func(i, j int) bool {
+		return objectID{out[i].pool.Name(), out[i].v.Name}.String() < objectID{out[j].pool.Name(), out[j].v.Name}.String()
+	})
+	return out
+}
+
+func (d *Driver) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+	items, next, err := page(d.all(thinpool.KindVolume), req.GetStartingToken(), req.GetMaxEntries())
+	if err != nil {
+		return nil, err
+	}
+	resp := &csi.ListVolumesResponse{NextToken: next}
+	for _, it := range items {
+		v := it.v
+		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{
+			Volume: d.volumeFor(it.pool, &v, "", nil),
+			Status: &csi.ListVolumesResponse_VolumeStatus{},
+		})
+	}
+	return resp, nil
+}
+
+func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {
+	for i, c := range req.GetVolumeCapabilities() {
+		if err := checkCapability(fmt.Sprintf("volume_capabilities[%d]", i), c); err != nil {
+			return &csi.GetCapacityResponse{}, nil // nothing of that kind can be made here
+		}
+	}
+	if t := req.GetAccessibleTopology(); t != nil && t.GetSegments()[TopologyKey] != d.nodeID {
+		return &csi.GetCapacityResponse{}, nil
+	}
+	params, err := parseParams(req.GetParameters())
+	if err != nil {
+		return nil, err
+	}
+	pool, err := d.pool(params.pool)
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "parameters.%s: %v", ParamPool, status.Convert(err).Message())
+	}
+	u, err := pool.Usage()
+	if err != nil {
+		return nil, toStatus(err, "pool %s usage", pool.Name())
+	}
+	return &csi.GetCapacityResponse{
+		AvailableCapacity: u.AvailableBytes,
+		// A thin volume may be larger than the free space; what limits one
+		// volume is the same as what limits their sum.
+		MaximumVolumeSize: wrapInt64(u.AvailableBytes),
+		MinimumVolumeSize: wrapInt64(minVolumeBytes),
+	}, nil
+}
+
+func (d *Driver) snapshotFor(pool Pool, v *thinpool.Volume) *csi.Snapshot {
+	return &csi.Snapshot{
+		SnapshotId:         objectID{pool.Name(), v.Name}.String(),
+		SourceVolumeId:     objectID{pool.Name(), v.Source}.String(),
+		SizeBytes:          v.SizeBytes,
+		CreationTime:       timestamppb.New(v.CreatedAt),
+		ReadyToUse:         true,
+		AccessibleTopology: []*csi.Topology{d.topology()},
+	}
+}
+
+func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
+	if err := checkName("name", req.GetName()); err != nil {
+		return nil, err
+	}
+	src, err := mustParseID("source_volume_id", req.GetSourceVolumeId())
+	if err != nil {
+		return nil, err
+	}
+	for k := range req.GetParameters() {
+		if !strings.HasPrefix(k, "csi.storage.k8s.io/") {
+			return nil, invalid("parameters.%s: snapshots take no parameters", k)
+		}
+	}
+	source, err := d.getVolume(src)
+	if err != nil {
+		return nil, err
+	}
+	pool, _ := d.pool(src.pool)
+	name := deviceName(req.GetName())
+	snapID := objectID{pool.Name(), name}.String()
+	unlock, err := d.locks.lock(snapID, src.String())
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if v, err := pool.Get(name); err == nil {
+		if v.Kind != thinpool.KindSnapshot || v.Source != source.Name {
+			return nil, status.Errorf(codes.AlreadyExists, "snapshot %q exists for another source (%s from %q)", req.GetName(), v.Kind, v.Source)
+		}
+		return &csi.CreateSnapshotResponse{Snapshot: d.snapshotFor(pool, v)}, nil
+	}
+	v, err := pool.Snapshot(ctx, name, source.Name)
+	if err != nil {
+		return nil, toStatus(err, "snapshot %q of %s", req.GetName(), src)
+	}
+	klog.FromContext(ctx).Info("Created snapshot", "snapshot", snapID, "source", src)
+	return &csi.CreateSnapshotResponse{Snapshot: d.snapshotFor(pool, v)}, nil
+}
+
+func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequest) (*csi.DeleteSnapshotResponse, error) {
+	if req.GetSnapshotId() == "" {
+		return nil, invalid("snapshot_id is required")
+	}
+	id, ok := parseID(req.GetSnapshotId())
+	if !ok {
+		return &csi.DeleteSnapshotResponse{}, nil
+	}
+	pool, err := d.pool(id.pool)
+	if err != nil {
+		return &csi.DeleteSnapshotResponse{}, nil
+	}
+	unlock, err := d.locks.lock(id.String())
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	v, err := pool.Get(id.name)
+	if errors.Is(err, thinpool.ErrNotFound) {
+		return &csi.DeleteSnapshotResponse{}, nil
+	}
+	if err != nil {
+		return nil, toStatus(err, "delete snapshot %s", id)
+	}
+	if v.Kind != thinpool.KindSnapshot {
+		return nil, notFound("snapshot_id %s is a volume", id)
+	}
+	if err := pool.Delete(ctx, id.name); err != nil {
+		return nil, toStatus(err, "delete snapshot %s", id)
+	}
+	return &csi.DeleteSnapshotResponse{}, nil
+}
+
+func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsRequest) (*csi.ListSnapshotsResponse, error) {
+	all := d.all(thinpool.KindSnapshot)
+	filtered := all[:0:0]
+	for _, it := range all {
+		id := objectID{it.pool.Name(), it.v.Name}.String()
+		if req.GetSnapshotId() != "" && req.GetSnapshotId() != id {
+			continue
+		}
+		if req.GetSourceVolumeId() != "" && req.GetSourceVolumeId() != (objectID{it.pool.Name(), it.v.Source}).String() {
+			continue
+		}
+		filtered = append(filtered, it)
+	}
+	items, next, err := page(filtered, req.GetStartingToken(), req.GetMaxEntries())
+	if err != nil {
+		return nil, err
+	}
+	resp := &csi.ListSnapshotsResponse{NextToken: next}
+	for _, it := range items {
+		v := it.v
+		resp.Entries = append(resp.Entries, &csi.ListSnapshotsResponse_Entry{Snapshot: d.snapshotFor(it.pool, &v)})
+	}
+	return resp, nil
+}
+
+func (d *Driver) GetSnapshot(ctx context.Context, req *csi.GetSnapshotRequest) (*csi.GetSnapshotResponse, error) {
+	id, err := mustParseID("snapshot_id", req.GetSnapshotId())
+	if err != nil {
+		return nil, err
+	}
+	pool, err := d.pool(id.pool)
+	if err != nil {
+		return nil, err
+	}
+	v, err := pool.Get(id.name)
+	if err != nil {
+		return nil, toStatus(err, "snapshot %s", id)
+	}
+	if v.Kind != thinpool.KindSnapshot {
+		return nil, notFound("%s is a volume, not a snapshot", id)
+	}
+	return &csi.GetSnapshotResponse{Snapshot: d.snapshotFor(pool, v)}, nil
+}

@@ -1,0 +1,15 @@
+// Package csi implements the CSI Identity, Controller and Node services of
+// csi-dmthin on one node: it turns CSI calls into pkg/thinpool operations on
+// this node's pools and into mounts (k8s.io/mount-utils).
+//
+// Every RPC validates its request (InvalidArgument naming the field, nothing
+// changed), takes a per-ID lock (Aborted while another call holds it), looks
+// the object up, returns the existing object for a repeated request or
+// AlreadyExists for a conflicting one, acts, and maps errors to gRPC codes in
+// one place (errors.go). No path outside the kubelet directory is mounted
+// over or removed.
+//
+// The controller service runs on every node next to its pools (the
+// sidecars' per-node mode): a volume lives on the node that created it, and
+// its accessible topology says so.
+package csi

@@ -1,0 +1,192 @@
+package csi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+
+	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+)
+
+// DefaultDriverName is the CSI driver name csi-dmthin registers under.
+const DefaultDriverName = "dmthin.csi.dmthin.io"
+
+// TopologyKey is the topology segment key carrying the node's name.
+const TopologyKey = "topology.dmthin.csi.dmthin.io/node"
+
+// Pool is what the driver needs of a node's pool; *thinpool.Pool is one.
+type Pool interface {
+	Name() string
+	CreateVolume(ctx context.Context, name string, sizeBytes int64) (*thinpool.Volume, error)
+	Snapshot(ctx context.Context, name, source string) (*thinpool.Volume, error)
+	Clone(ctx context.Context, name, source string, sizeBytes int64) (*thinpool.Volume, error)
+	Delete(ctx context.Context, name string) error
+	Grow(ctx context.Context, name string, sizeBytes int64) (*thinpool.Volume, error)
+	Activate(ctx context.Context, name string) (string, error)
+	Deactivate(ctx context.Context, name string) error
+	Get(name string) (*thinpool.Volume, error)
+	List() []thinpool.Volume
+	Usage() (thinpool.Usage, error)
+}
+
+var _ Pool = (*thinpool.Pool)(nil)
+
+// Options configure a Driver.
+type Options struct {
+	Name    string // CSI driver name; DefaultDriverName when empty
+	Version string
+	NodeID  string // this node's name; also its topology segment
+	// Pools are this node's pools by name; DefaultPool serves requests that
+	// name none (default: the only pool, or the first by name).
+	Pools       map[string]Pool
+	DefaultPool string
+	// KubeletDir bounds every path the node service mounts or removes
+	// (default /var/lib/kubelet).
+	KubeletDir string
+	// FS does the node's filesystem work; NewHostFS for real.
+	FS FS
+	// Interceptors run around every call, after the logging one.
+	Interceptors []grpc.UnaryServerInterceptor
+}
+
+// Driver serves the three CSI services.
+type Driver struct {
+	csi.UnimplementedIdentityServer
+	csi.UnimplementedControllerServer
+	csi.UnimplementedNodeServer
+
+	name, version, nodeID string
+	pools                 map[string]Pool
+	defaultPool           string
+	kubeletDir            string
+	fs                    FS
+	locks                 idLocks
+	interceptors          []grpc.UnaryServerInterceptor
+
+	mu  sync.Mutex
+	srv *grpc.Server
+}
+
+// New checks the options and makes a Driver.
+func New(o Options) (*Driver, error) {
+	if o.Name == "" {
+		o.Name = DefaultDriverName
+	}
+	if o.NodeID == "" {
+		return nil, errors.New("csi: node ID is required")
+	}
+	if len(o.Pools) == 0 {
+		return nil, errors.New("csi: no pools")
+	}
+	if o.FS == nil {
+		return nil, errors.New("csi: no FS")
+	}
+	if o.KubeletDir == "" {
+		o.KubeletDir = "/var/lib/kubelet"
+	}
+	kd, err := filepath.Abs(o.KubeletDir)
+	if err != nil {
+		return nil, err
+	}
+	if o.DefaultPool == "" {
+		names := make([]string, 0, len(o.Pools))
+		for n := range o.Pools {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		o.DefaultPool = names[0]
+	}
+	if _, ok := o.Pools[o.DefaultPool]; !ok {
+		return nil, fmt.Errorf("csi: default pool %q is not configured", o.DefaultPool)
+	}
+	return &Driver{
+		name: o.Name, version: o.Version, nodeID: o.NodeID,
+		pools: o.Pools, defaultPool: o.DefaultPool, kubeletDir: filepath.Clean(kd),
+		fs: o.FS, interceptors: o.Interceptors,
+	}, nil
+}
+
+// Serve serves the CSI services on endpoint ("unix:///path/csi.sock" or a
+// path) until Stop. A stale socket file is removed first.
+func (d *Driver) Serve(endpoint string) error {
+	path, err := socketPath(endpoint)
+	if err != nil {
+		return err
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove stale socket: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return err
+	}
+	return d.ServeListener(l)
+}
+
+// ServeListener serves on l until Stop.
+func (d *Driver) ServeListener(l net.Listener) error {
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(append([]grpc.UnaryServerInterceptor{logCalls}, d.interceptors...)...))
+	csi.RegisterIdentityServer(srv, d)
+	csi.RegisterControllerServer(srv, d)
+	csi.RegisterNodeServer(srv, d)
+	d.mu.Lock()
+	d.srv = srv
+	d.mu.Unlock()
+	klog.InfoS("Serving CSI", "driver", d.name, "node", d.nodeID, "address", l.Addr().String())
+	return srv.Serve(l)
+}
+
+// Stop stops serving, letting calls in progress finish. Pools are closed by
+// whoever opened them; mounted volumes stay mounted and working.
+func (d *Driver) Stop() {
+	d.mu.Lock()
+	srv := d.srv
+	d.mu.Unlock()
+	if srv != nil {
+		srv.GracefulStop()
+	}
+}
+
+func socketPath(endpoint string) (string, error) {
+	if !strings.Contains(endpoint, "://") {
+		return endpoint, nil
+	}
+	u, err := url.Parse(endpoint)
+	if err != nil {
+		return "", fmt.Errorf("endpoint %q: %w", endpoint, err)
+	}
+	if u.Scheme != "unix" {
+		return "", fmt.Errorf("endpoint %q: only unix sockets are served", endpoint)
+	}
+	return filepath.Join(u.Host, u.Path), nil
+}
+
+// pool returns the named pool (the default when name is empty).
+func (d *Driver) pool(name string) (Pool, error) {
+	if name == "" {
+		name = d.defaultPool
+	}
+	p, ok := d.pools[name]
+	if !ok {
+		return nil, notFound("pool %q is not configured on node %s", name, d.nodeID)
+	}
+	return p, nil
+}
+
+func (d *Driver) topology() *csi.Topology {
+	return &csi.Topology{Segments: map[string]string{TopologyKey: d.nodeID}}
+}

@@ -1,0 +1,35 @@
+package csi
+
+import "context"
+
+// FS is the node's filesystem work: the part of the node service that
+// touches mounts and runs mkfs and resize tools. NewHostFS does it for real
+// with k8s.io/mount-utils; tests use a fake that records the resulting state.
+type FS interface {
+	// IsMountPoint reports whether path is a mount point; false, nil for a
+	// path that does not exist.
+	IsMountPoint(path string) (bool, error)
+	// MountedDevice returns the source of the mount at path, "" if none.
+	MountedDevice(path string) (string, error)
+	// Format makes a filesystem of fstype on device unless it already holds
+	// one; formatted reports whether it did. A device holding another
+	// filesystem type is an error, never reformatted.
+	Format(ctx context.Context, device, fstype string) (formatted bool, err error)
+	// Mount mounts source at target (a directory, or a file for a block
+	// bind mount, made if missing).
+	Mount(ctx context.Context, source, target, fstype string, options []string) error
+	// Unmount unmounts path if it is mounted and removes it.
+	Unmount(ctx context.Context, path string) error
+	// FSType returns the filesystem type on device, "" if none.
+	FSType(device string) (string, error)
+	// Resize grows the filesystem on device, mounted at path, to fill it.
+	Resize(ctx context.Context, device, path, fstype string) error
+	// Stats returns the usage of the filesystem mounted at path.
+	Stats(path string) (Stats, error)
+}
+
+// Stats is a filesystem's usage.
+type Stats struct {
+	TotalBytes, AvailableBytes, UsedBytes int64
+	TotalInodes, FreeInodes, UsedInodes   int64
+}
