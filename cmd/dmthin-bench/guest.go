@@ -257,6 +257,9 @@ func runGuest(n int, openSizes []int) error {
 		ms(parts[0].quantile(.5)), ms(parts[1].quantile(.5)), ms(parts[2].quantile(.5)), ms(parts[3].quantile(.5)))
 	fmt.Println("lvm2 column: lvcreate --thin -V1G; lvcreate -s (thin snapshot, not activated); lvs data and metadata percent; lvremove -f.")
 	fmt.Println("dmsetup column: one process per step (message, create --table; suspend, message, resume; status; remove, message).")
+	if err := csiBench(n); err != nil {
+		return err
+	}
 	return poolBench(n, openSizes)
 }
 

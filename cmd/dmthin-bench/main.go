@@ -68,7 +68,7 @@ func runHost(n, openMax int) error {
 	res, err := vmtest.Run(ctx, vmtest.Spec{
 		Payload: exe,
 		Args:    []string{"-guest", "-n", strconv.Itoa(n)},
-		Tools:   []string{"dmsetup", "lvm"},
+		Tools:   []string{"dmsetup", "lvm", "mount", "umount", "blkid", "mkfs.ext4", "resize2fs", "e2fsck", "fsck", "fsck.ext4"},
 		// lvm2 checks for the snapshot target even for thin snapshots.
 		Modules:   append(append([]string(nil), vmtest.DefaultModules...), "dm-snapshot"),
 		MemoryMiB: 4096,

@@ -248,10 +248,21 @@ func walk() error {
 			if _, err := d.ctl.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: snap}); err != nil {
 				return "", err
 			}
-			if n := len(pool.List()); n != 0 {
-				return "", fmt.Errorf("%d thin devices left", n)
+			vols, err := d.ctl.ListVolumes(ctx, &csipb.ListVolumesRequest{})
+			if err != nil {
+				return "", err
 			}
-			return "no thin device left in the pool", nil
+			snaps, err := d.ctl.ListSnapshots(ctx, &csipb.ListSnapshotsRequest{})
+			if err != nil {
+				return "", err
+			}
+			if n := len(vols.GetEntries()) + len(snaps.GetEntries()); n != 0 {
+				return "", fmt.Errorf("%d volumes and snapshots left", n)
+			}
+			if n := len(pool.List()); n != 0 {
+				return "", fmt.Errorf("%d thin devices left in the pool", n)
+			}
+			return "no volume, snapshot or thin device left", nil
 		}},
 	}
 	for _, s := range steps {
