@@ -28,8 +28,20 @@ const (
 
 const (
 	defaultVolumeBytes = 1 << 30
-	minVolumeBytes     = 1 << 20 // room for a filesystem's own structures
+	minVolumeBytes     = 1 << 20   // room for a filesystem's own structures
+	minXFSBytes        = 300 << 20 // mkfs.xfs's smallest filesystem
 )
+
+// usesFS reports whether a volume with these capabilities (and fsType
+// parameter) gets a filesystem of type fs.
+func usesFS(caps []*csi.VolumeCapability, fsParam, fs string) bool {
+	for _, c := range caps {
+		if m := c.GetMount(); m != nil && (m.GetFsType() == fs || (m.GetFsType() == "" && fsParam == fs)) {
+			return true
+		}
+	}
+	return false
+}
 
 func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
 	var caps []*csi.ControllerServiceCapability
@@ -193,10 +205,19 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		lockIDs = append(lockIDs, sourceID)
 	}
 	minBytes := int64(0)
-	if source != nil {
-		minBytes = source.SizeBytes
+	if usesFS(req.GetVolumeCapabilities(), params.fsType, "xfs") {
+		minBytes = minXFSBytes // mkfs.xfs refuses anything smaller
 	}
-	size, err := volumeSize(req.GetCapacityRange(), minBytes)
+	var size int64
+	if source != nil && req.GetCapacityRange().GetRequiredBytes() == 0 {
+		// A clone or restore without a size takes its source's.
+		size, err = volumeSize(&csi.CapacityRange{RequiredBytes: max(source.SizeBytes, minBytes), LimitBytes: req.GetCapacityRange().GetLimitBytes()}, 0)
+	} else {
+		if source != nil {
+			minBytes = max(minBytes, source.SizeBytes)
+		}
+		size, err = volumeSize(req.GetCapacityRange(), minBytes)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -262,12 +283,15 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 }
 
 func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
-	id, err := mustParseID("volume_id", req.GetVolumeId())
-	if err != nil {
+	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
 	if len(req.GetVolumeCapabilities()) == 0 {
 		return nil, invalid("volume_capabilities is required")
+	}
+	id, err := mustParseID("volume_id", req.GetVolumeId())
+	if err != nil {
+		return nil, err
 	}
 	if _, err := d.getVolume(id); err != nil {
 		return nil, err

@@ -35,6 +35,9 @@ type Pool interface {
 	Grow(ctx context.Context, name string, sizeBytes int64) (*thinpool.Volume, error)
 	Activate(ctx context.Context, name string) (string, error)
 	Deactivate(ctx context.Context, name string) error
+	// DevicePath returns an active volume's device node; ErrNotFound when
+	// it is not active.
+	DevicePath(name string) (string, error)
 	Get(name string) (*thinpool.Volume, error)
 	List() []thinpool.Volume
 	Usage() (thinpool.Usage, error)
@@ -74,8 +77,9 @@ type Driver struct {
 	locks                 idLocks
 	interceptors          []grpc.UnaryServerInterceptor
 
-	mu  sync.Mutex
-	srv *grpc.Server
+	mu      sync.Mutex
+	srv     *grpc.Server
+	stopped bool // Stop was called; a later ServeListener returns at once
 }
 
 // New checks the options and makes a Driver.
@@ -144,16 +148,25 @@ func (d *Driver) ServeListener(l net.Listener) error {
 	csi.RegisterControllerServer(srv, d)
 	csi.RegisterNodeServer(srv, d)
 	d.mu.Lock()
+	if d.stopped {
+		// Stop came first (a signal during start-up): serving now would
+		// never end.
+		d.mu.Unlock()
+		_ = l.Close()
+		return nil
+	}
 	d.srv = srv
 	d.mu.Unlock()
 	klog.InfoS("Serving CSI", "driver", d.name, "node", d.nodeID, "address", l.Addr().String())
 	return srv.Serve(l)
 }
 
-// Stop stops serving, letting calls in progress finish. Pools are closed by
+// Stop stops serving, letting calls in progress finish; a ServeListener
+// that has not started serving yet returns at once. Pools are closed by
 // whoever opened them; mounted volumes stay mounted and working.
 func (d *Driver) Stop() {
 	d.mu.Lock()
+	d.stopped = true
 	srv := d.srv
 	d.mu.Unlock()
 	if srv != nil {

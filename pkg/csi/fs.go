@@ -15,11 +15,16 @@ type FS interface {
 	// one; formatted reports whether it did. A device holding another
 	// filesystem type is an error, never reformatted.
 	Format(ctx context.Context, device, fstype string) (formatted bool, err error)
-	// Mount mounts source at target (a directory, or a file for a block
-	// bind mount, made if missing).
+	// Mount mounts source at target, which must exist: a directory, or a
+	// file for a bind mount of a device node. The caller makes it.
 	Mount(ctx context.Context, source, target, fstype string, options []string) error
 	// Unmount unmounts path if it is mounted and removes it.
 	Unmount(ctx context.Context, path string) error
+	// MountRefs returns the other mount points that show what path shows:
+	// for a mount point, the bind mounts of its filesystem; for a file or
+	// a directory (a device node, say), the bind mounts of it. path itself
+	// is not among them; none for a path that does not exist.
+	MountRefs(path string) ([]string, error)
 	// FSType returns the filesystem type on device, "" if none.
 	FSType(device string) (string, error)
 	// Resize grows the filesystem on device, mounted at path, to fill it.

@@ -99,6 +99,8 @@ func (h *hostFS) Unmount(ctx context.Context, path string) error {
 	return mount.CleanupMountPoint(path, h.mounter, true)
 }
 
+func (h *hostFS) MountRefs(path string) ([]string, error) { return h.mounter.GetMountRefs(path) }
+
 func (h *hostFS) Resize(ctx context.Context, device, path, fstype string) error {
 	switch fstype {
 	case "ext4", "ext3", "ext2":

@@ -49,6 +49,31 @@ func (d *Driver) kubeletPath(field, p string) (string, error) {
 	return c, nil
 }
 
+// required checks that fields (name, value pairs) are set. A handler calls
+// it before it parses or looks anything up: a request missing a field is
+// InvalidArgument whatever else is wrong with it.
+func required(fieldValues ...string) error {
+	for i := 0; i+1 < len(fieldValues); i += 2 {
+		if fieldValues[i+1] == "" {
+			return invalid("%s is required", fieldValues[i])
+		}
+	}
+	return nil
+}
+
+// volumePath checks the volume_path of NodeGetVolumeStats and
+// NodeExpandVolume. Nothing is mounted or removed there, so a path that
+// cannot hold one of our volumes (relative, or outside the kubelet
+// directory) is NotFound, the spec's code for "no such volume at that
+// path"; it is never looked at.
+func (d *Driver) volumePath(p string) (string, error) {
+	c, err := d.kubeletPath("volume_path", p)
+	if err != nil {
+		return "", notFound("%s", status.Convert(err).Message())
+	}
+	return c, nil
+}
+
 // mountOptions are the filesystem's mount options for a capability.
 func mountOptions(c *csi.VolumeCapability, fsType string) []string {
 	opts := slices.Clone(c.GetMount().GetMountFlags())
@@ -74,8 +99,7 @@ func fsTypeOf(c *csi.VolumeCapability, volCtx map[string]string) string {
 }
 
 func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
-	id, err := mustParseID("volume_id", req.GetVolumeId())
-	if err != nil {
+	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
 	staging, err := d.kubeletPath("staging_target_path", req.GetStagingTargetPath())
@@ -83,6 +107,10 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, err
 	}
 	if err := checkCapability("volume_capability", req.GetVolumeCapability()); err != nil {
+		return nil, err
+	}
+	id, err := mustParseID("volume_id", req.GetVolumeId())
+	if err != nil {
 		return nil, err
 	}
 	unlock, err := d.locks.lock(id.String())
@@ -94,12 +122,11 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, err
 	}
 	pool, _ := d.pool(id.pool)
-	device, err := pool.Activate(ctx, id.name)
-	if err != nil {
-		return nil, toStatus(err, "activate %s", id)
-	}
 	if req.GetVolumeCapability().GetBlock() != nil {
 		// A raw block volume is published straight from its device node.
+		if _, err := pool.Activate(ctx, id.name); err != nil {
+			return nil, toStatus(err, "activate %s", id)
+		}
 		return &csi.NodeStageVolumeResponse{}, nil
 	}
 	fsType := fsTypeOf(req.GetVolumeCapability(), req.GetVolumeContext())
@@ -109,14 +136,21 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, toStatus(err, "check staging_target_path %s", staging)
 	}
 	if mounted {
+		// Staged already, or something else is mounted there. Decided
+		// before activating, so a refused request changes nothing.
 		src, err := d.fs.MountedDevice(staging)
 		if err != nil {
 			return nil, toStatus(err, "check staging_target_path %s", staging)
 		}
-		if src != device && !sameDevice(src, device) {
-			return nil, status.Errorf(codes.AlreadyExists, "staging_target_path %s has %s mounted, not volume %s (%s)", staging, src, id, device)
+		device, err := pool.DevicePath(id.name)
+		if err != nil || (src != device && !sameDevice(src, device)) {
+			return nil, status.Errorf(codes.AlreadyExists, "staging_target_path %s has %s mounted, not volume %s", staging, src, id)
 		}
 		return &csi.NodeStageVolumeResponse{}, nil
+	}
+	device, err := pool.Activate(ctx, id.name)
+	if err != nil {
+		return nil, toStatus(err, "activate %s", id)
 	}
 	formatted, err := d.fs.Format(ctx, device, fsType)
 	if err != nil {
@@ -147,11 +181,14 @@ func sameDevice(a, b string) bool {
 }
 
 func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
-	id, err := mustParseID("volume_id", req.GetVolumeId())
-	if err != nil {
+	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
 	staging, err := d.kubeletPath("staging_target_path", req.GetStagingTargetPath())
+	if err != nil {
+		return nil, err
+	}
+	id, err := mustParseID("volume_id", req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -160,11 +197,50 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 		return nil, err
 	}
 	defer unlock()
+	pool, poolErr := d.pool(id.pool)
+	device := "" // the volume's active device node, if any
+	if poolErr == nil {
+		if node, err := pool.DevicePath(id.name); err == nil {
+			device = node
+		}
+	}
+	mounted, err := d.fs.IsMountPoint(staging)
+	if err != nil {
+		return nil, toStatus(err, "check staging_target_path %s", staging)
+	}
+	// Nothing is changed while the volume is in use: whatever is mounted at
+	// staging_target_path must be this volume, and it must not be published
+	// anywhere. The kernel refuses to remove a device whose filesystem a
+	// bind mount still holds, but a raw block volume's bind mount (of its
+	// device node) holds nothing open, and the device would go from under
+	// the pod using it.
+	var shows []string
+	if mounted {
+		src, err := d.fs.MountedDevice(staging)
+		if err != nil {
+			return nil, toStatus(err, "check staging_target_path %s", staging)
+		}
+		if device == "" || (src != device && !sameDevice(src, device)) {
+			return nil, status.Errorf(codes.FailedPrecondition, "staging_target_path %s has %s mounted, not volume %s", staging, src, id)
+		}
+		shows = append(shows, staging)
+	}
+	if device != "" {
+		shows = append(shows, device)
+	}
+	for _, p := range shows {
+		refs, err := d.fs.MountRefs(p)
+		if err != nil {
+			return nil, toStatus(err, "find where %s is published", id)
+		}
+		if len(refs) > 0 {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is still published at %s", id, strings.Join(refs, ", "))
+		}
+	}
 	if err := d.fs.Unmount(ctx, staging); err != nil {
 		return nil, toStatus(err, "unmount %s", staging)
 	}
-	pool, err := d.pool(id.pool)
-	if err != nil {
+	if poolErr != nil {
 		return &csi.NodeUnstageVolumeResponse{}, nil
 	}
 	if err := pool.Deactivate(ctx, id.name); err != nil {
@@ -174,8 +250,7 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 }
 
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
-	id, err := mustParseID("volume_id", req.GetVolumeId())
-	if err != nil {
+	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
 	target, err := d.kubeletPath("target_path", req.GetTargetPath())
@@ -187,6 +262,10 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		return nil, err
 	}
 	if err := checkCapability("volume_capability", req.GetVolumeCapability()); err != nil {
+		return nil, err
+	}
+	id, err := mustParseID("volume_id", req.GetVolumeId())
+	if err != nil {
 		return nil, err
 	}
 	unlock, err := d.locks.lock(id.String())
@@ -206,12 +285,29 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if req.GetReadonly() {
 		opts = append(opts, "ro")
 	}
-	if req.GetVolumeCapability().GetBlock() != nil {
+	block := req.GetVolumeCapability().GetBlock() != nil
+	// What target will show: the device node, or the staged filesystem.
+	source := staging
+	if block {
 		pool, _ := d.pool(id.pool)
-		device, err := pool.Activate(ctx, id.name)
-		if err != nil {
+		if source, err = pool.Activate(ctx, id.name); err != nil {
 			return nil, toStatus(err, "activate %s", id)
 		}
+	} else if mounted, err := d.fs.IsMountPoint(staging); err != nil || !mounted {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged at %s", id, staging)
+	}
+	if req.GetVolumeCapability().GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER {
+		// The spec: a SINGLE_NODE_SINGLE_WRITER volume published at another
+		// target is FailedPrecondition. The mount table says where it is.
+		refs, err := d.fs.MountRefs(source)
+		if err != nil {
+			return nil, toStatus(err, "find where %s is published", id)
+		}
+		if len(refs) > 0 {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is SINGLE_NODE_SINGLE_WRITER and already published at %s", id, strings.Join(refs, ", "))
+		}
+	}
+	if block {
 		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
 			return nil, toStatus(err, "make the target's directory")
 		}
@@ -220,29 +316,24 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			return nil, toStatus(err, "make target_path %s", target)
 		}
 		f.Close()
-		if err := d.fs.Mount(ctx, device, target, "", opts); err != nil {
-			return nil, toStatus(err, "bind %s at %s", device, target)
-		}
-		return &csi.NodePublishVolumeResponse{}, nil
-	}
-	if mounted, err := d.fs.IsMountPoint(staging); err != nil || !mounted {
-		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged at %s", id, staging)
-	}
-	if err := os.MkdirAll(target, 0o750); err != nil {
+	} else if err := os.MkdirAll(target, 0o750); err != nil {
 		return nil, toStatus(err, "make target_path %s", target)
 	}
-	if err := d.fs.Mount(ctx, staging, target, "", opts); err != nil {
-		return nil, toStatus(err, "bind %s at %s", staging, target)
+	if err := d.fs.Mount(ctx, source, target, "", opts); err != nil {
+		return nil, toStatus(err, "bind %s at %s", source, target)
 	}
 	return &csi.NodePublishVolumeResponse{}, nil
 }
 
 func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
-	id, err := mustParseID("volume_id", req.GetVolumeId())
-	if err != nil {
+	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
 	target, err := d.kubeletPath("target_path", req.GetTargetPath())
+	if err != nil {
+		return nil, err
+	}
+	id, err := mustParseID("volume_id", req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -258,15 +349,18 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 }
 
 func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
+	if err := required("volume_id", req.GetVolumeId(), "volume_path", req.GetVolumePath()); err != nil {
+		return nil, err
+	}
 	id, err := mustParseID("volume_id", req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
-	path, err := d.kubeletPath("volume_path", req.GetVolumePath())
+	v, err := d.getVolume(id)
 	if err != nil {
 		return nil, err
 	}
-	v, err := d.getVolume(id)
+	path, err := d.volumePath(req.GetVolumePath())
 	if err != nil {
 		return nil, err
 	}
@@ -276,6 +370,13 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	}
 	if err != nil {
 		return nil, toStatus(err, "stat volume_path")
+	}
+	// Only a mount point is a volume: statfs of a plain directory would
+	// report the filesystem under it.
+	if mounted, err := d.fs.IsMountPoint(path); err != nil {
+		return nil, toStatus(err, "check volume_path %s", path)
+	} else if !mounted {
+		return nil, notFound("volume_path %s is not a mounted volume", path)
 	}
 	if !fi.IsDir() {
 		return &csi.NodeGetVolumeStatsResponse{Usage: []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: v.SizeBytes}}}, nil
@@ -291,18 +392,17 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 }
 
 func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
-	id, err := mustParseID("volume_id", req.GetVolumeId())
-	if err != nil {
-		return nil, err
-	}
-	path, err := d.kubeletPath("volume_path", req.GetVolumePath())
-	if err != nil {
+	if err := required("volume_id", req.GetVolumeId(), "volume_path", req.GetVolumePath()); err != nil {
 		return nil, err
 	}
 	if req.GetVolumeCapability() != nil {
 		if err := checkCapability("volume_capability", req.GetVolumeCapability()); err != nil {
 			return nil, err
 		}
+	}
+	id, err := mustParseID("volume_id", req.GetVolumeId())
+	if err != nil {
+		return nil, err
 	}
 	unlock, err := d.locks.lock(id.String())
 	if err != nil {
@@ -312,6 +412,17 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	v, err := d.getVolume(id)
 	if err != nil {
 		return nil, err
+	}
+	path, err := d.volumePath(req.GetVolumePath())
+	if err != nil {
+		return nil, err
+	}
+	fi, err := os.Stat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, notFound("volume_path %s does not exist", path)
+	}
+	if err != nil {
+		return nil, toStatus(err, "stat volume_path")
 	}
 	size := v.SizeBytes
 	if req.GetCapacityRange() != nil {
@@ -324,13 +435,6 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 		if v, err = pool.Grow(ctx, id.name, size); err != nil {
 			return nil, toStatus(err, "grow %s", id)
 		}
-	}
-	fi, err := os.Stat(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, notFound("volume_path %s does not exist", path)
-	}
-	if err != nil {
-		return nil, toStatus(err, "stat volume_path")
 	}
 	if req.GetVolumeCapability().GetBlock() != nil || !fi.IsDir() {
 		return &csi.NodeExpandVolumeResponse{CapacityBytes: v.SizeBytes}, nil

@@ -1,0 +1,637 @@
+package csi
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"sync"
+	"testing"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+)
+
+// fakeFS is an in-memory FS over a thinpool.FakeKernel, for tests on hosts
+// without mounts or mkfs. It records the resulting state, not calls: the
+// mount table, and each filesystem in a superblock it writes into the
+// device's own data, where the real one lives too. So a filesystem follows
+// its thin device, not the device node's name (which a deactivated and
+// reactivated volume may not get back), a snapshot or clone carries its
+// source's filesystem, and FSType, Format and Resize read the device as
+// blkid, mkfs and resize2fs would.
+//
+// It refuses what the real FS (hostfs_linux.go, mount(8), the kernel)
+// refuses, so a driver bug fails here as it would on a node:
+//   - Mount needs an existing target: a directory, or a regular file for a
+//     bind mount of a device node (the driver makes both itself); a
+//     filesystem mount needs a device holding that filesystem; a bind needs
+//     an existing source. Mounting over a mount point is refused (the real
+//     one would stack mounts, which the driver must never do).
+//   - A mounted filesystem holds its device open (FakeKernel.SetOpen), as a
+//     superblock does, until its last mount (bind mounts included) is gone:
+//     deactivating the device fails with EBUSY meanwhile. A bind mount of a
+//     device node holds nothing open, as in the kernel.
+//   - Unmount of a path that is not mounted is fine; either way the path is
+//     removed if it exists (an empty directory or a file, as os.Remove does).
+//   - Format refuses a device holding another filesystem type.
+//   - Resize needs the filesystem there; XFS grows only when mounted.
+//   - Stats of a path that is not a mount point is an error.
+//   - MountRefs finds what the kernel's mountinfo would: the other mounts
+//     of a mounted filesystem, or the bind mounts of a file or device node.
+//
+// It is safe for concurrent use.
+type fakeFS struct {
+	k *thinpool.FakeKernel
+
+	mu     sync.Mutex
+	mounts map[string]fakeMount // by clean target path
+	held   map[devmapper.Dev]int
+	// mountHook, when set, runs at the start of Mount (outside the lock);
+	// its error fails the mount. Tests use it to hold a call in progress.
+	mountHook func(target string) error
+}
+
+// fakeMount is one entry of the mount table.
+type fakeMount struct {
+	Source  string
+	FSType  string // "" for a bind mount
+	Options []string
+	// device is the block device whose filesystem the mount shows ("" for a
+	// bind of a plain directory or of a device node).
+	device string
+	dev    devmapper.Dev
+}
+
+var _ FS = (*fakeFS)(nil)
+
+func newFakeFS(k *thinpool.FakeKernel) *fakeFS {
+	return &fakeFS{k: k, mounts: map[string]fakeMount{}, held: map[devmapper.Dev]int{}}
+}
+
+// The fake superblock, in the device's first 512 bytes: a magic, the type
+// (NUL-padded) and the filesystem's size in bytes.
+const (
+	fakeSBMagic = "CSIDMTHIN-FAKEFS"
+	fakeSBBytes = 512
+)
+
+func (f *fakeFS) device(path string) (devmapper.Dev, int64, error) {
+	dev, size, err := f.k.BlockDevice(path)
+	if err != nil {
+		return 0, 0, fmt.Errorf("%s: no such block device: %w", path, err)
+	}
+	return dev, size, nil
+}
+
+// superblock reads the fake filesystem on a device: its type ("" for none)
+// and size.
+func (f *fakeFS) superblock(device string) (fstype string, sizeBytes int64, err error) {
+	dev, _, err := f.device(device)
+	if err != nil {
+		return "", 0, err
+	}
+	b := make([]byte, fakeSBBytes)
+	if err := f.k.ReadData(dev, 0, b); err != nil {
+		return "", 0, err
+	}
+	if !bytes.HasPrefix(b, []byte(fakeSBMagic)) {
+		return "", 0, nil
+	}
+	typ := b[len(fakeSBMagic) : len(fakeSBMagic)+16]
+	return string(bytes.TrimRight(typ, "\x00")), int64(binary.LittleEndian.Uint64(b[len(fakeSBMagic)+16:])), nil
+}
+
+func (f *fakeFS) writeSuperblock(device, fstype string, sizeBytes int64) error {
+	dev, _, err := f.device(device)
+	if err != nil {
+		return err
+	}
+	b := make([]byte, fakeSBBytes)
+	copy(b, fakeSBMagic)
+	copy(b[len(fakeSBMagic):], fstype)
+	binary.LittleEndian.PutUint64(b[len(fakeSBMagic)+16:], uint64(sizeBytes))
+	return f.k.WriteData(dev, 0, b)
+}
+
+func (f *fakeFS) IsMountPoint(path string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, ok := f.mounts[filepath.Clean(path)]
+	return ok, nil
+}
+
+func (f *fakeFS) MountedDevice(path string) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.mounts[filepath.Clean(path)].Source, nil
+}
+
+func (f *fakeFS) Format(ctx context.Context, device, fstype string) (bool, error) {
+	if err := ctx.Err(); err != nil {
+		return false, err
+	}
+	if !supportedFS[fstype] {
+		return false, fmt.Errorf("no mkfs for %q", fstype)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	existing, _, err := f.superblock(device)
+	if err != nil {
+		return false, fmt.Errorf("probe %s: %w", device, err)
+	}
+	if existing != "" {
+		if existing != fstype {
+			return false, fmt.Errorf("%s holds a %s filesystem, not %s; refusing to reformat", device, existing, fstype)
+		}
+		return false, nil
+	}
+	_, size, err := f.device(device)
+	if err != nil {
+		return false, err
+	}
+	return true, f.writeSuperblock(device, fstype, size)
+}
+
+func (f *fakeFS) FSType(device string) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	t, _, err := f.superblock(device)
+	return t, err
+}
+
+func (f *fakeFS) Mount(ctx context.Context, source, target, fstype string, options []string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	hook := f.mountHook
+	f.mu.Unlock()
+	if hook != nil {
+		if err := hook(target); err != nil {
+			return err
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	target = filepath.Clean(target)
+	if _, ok := f.mounts[target]; ok {
+		return fmt.Errorf("mount %s: %s is already a mount point (the fake does not stack mounts)", source, target)
+	}
+	ti, err := os.Stat(target)
+	if err != nil {
+		return fmt.Errorf("mount %s on %s: mount point does not exist: %w", source, target, err)
+	}
+	m := fakeMount{Source: source, FSType: fstype, Options: slices.Clone(options)}
+	if slices.Contains(options, "bind") {
+		if si, err := os.Stat(source); err == nil {
+			// A directory (a staging mount, say): bound onto a directory.
+			if si.IsDir() != ti.IsDir() {
+				return fmt.Errorf("mount --bind %s %s: not a directory / is a directory", source, target)
+			}
+			if sm, ok := f.mounts[filepath.Clean(source)]; ok {
+				m.device, m.dev = sm.device, sm.dev
+			}
+		} else {
+			// A device node (the fake's live only in the kernel): bound onto
+			// a file. The bind opens nothing.
+			if _, _, err := f.device(source); err != nil {
+				return fmt.Errorf("mount --bind %s %s: %w", source, target, err)
+			}
+			if !ti.Mode().IsRegular() {
+				return fmt.Errorf("mount --bind %s %s: a device node binds onto a file, not a directory", source, target)
+			}
+		}
+	} else {
+		if !ti.IsDir() {
+			return fmt.Errorf("mount %s on %s: not a directory", source, target)
+		}
+		dev, _, err := f.device(source)
+		if err != nil {
+			return fmt.Errorf("mount %s: %w", source, err)
+		}
+		have, _, err := f.superblock(source)
+		if err != nil {
+			return fmt.Errorf("mount %s: %w", source, err)
+		}
+		if have == "" || (fstype != "" && have != fstype) {
+			return fmt.Errorf("mount -t %s %s %s: wrong fs type, bad option, bad superblock (device holds %q)", fstype, source, target, have)
+		}
+		m.FSType, m.device, m.dev = have, source, dev
+	}
+	if m.device != "" {
+		if err := f.k.SetOpen(m.dev, f.held[m.dev]+1); err != nil {
+			return fmt.Errorf("mount %s: %w", source, err)
+		}
+		f.held[m.dev]++
+	}
+	f.mounts[target] = m
+	return nil
+}
+
+func (f *fakeFS) Unmount(ctx context.Context, path string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	path = filepath.Clean(path)
+	if m, ok := f.mounts[path]; ok {
+		if m.device != "" {
+			f.held[m.dev]--
+			// The last close completes a deferred removal; the error is
+			// ENXIO only if the device went some other way (a test's
+			// Reboot), and an unmount does not care.
+			_ = f.k.SetOpen(m.dev, f.held[m.dev])
+			if f.held[m.dev] == 0 {
+				delete(f.held, m.dev)
+			}
+		}
+		delete(f.mounts, path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove %s: %w", path, err)
+	}
+	return nil
+}
+
+func (f *fakeFS) MountRefs(path string) ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	path = filepath.Clean(path)
+	var refs []string
+	if m, ok := f.mounts[path]; ok && m.device != "" {
+		// A mounted filesystem: every other mount of it.
+		for p, o := range f.mounts {
+			if p != path && o.device == m.device {
+				refs = append(refs, p)
+			}
+		}
+	} else {
+		// A file, directory or device node: its bind mounts.
+		for p, o := range f.mounts {
+			if p != path && o.Source == path && slices.Contains(o.Options, "bind") {
+				refs = append(refs, p)
+			}
+		}
+	}
+	sort.Strings(refs)
+	return refs, nil
+}
+
+func (f *fakeFS) Resize(ctx context.Context, device, path, fstype string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	have, size, err := f.superblock(device)
+	if err != nil {
+		return err
+	}
+	if have == "" || have != fstype {
+		return fmt.Errorf("resize %s: holds %q, not a %q filesystem", device, have, fstype)
+	}
+	if fstype == "xfs" {
+		if m, ok := f.mounts[filepath.Clean(path)]; !ok || m.device != device {
+			return fmt.Errorf("xfs_growfs %s: is not a mounted XFS filesystem", path)
+		}
+	}
+	_, devSize, err := f.device(device)
+	if err != nil {
+		return err
+	}
+	if devSize < size {
+		return fmt.Errorf("resize %s: the device (%d bytes) is smaller than its filesystem (%d bytes)", device, devSize, size)
+	}
+	return f.writeSuperblock(device, fstype, devSize)
+}
+
+func (f *fakeFS) Stats(path string) (Stats, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	m, ok := f.mounts[filepath.Clean(path)]
+	if !ok || m.device == "" {
+		return Stats{}, fmt.Errorf("statfs %s: not a mounted filesystem", path)
+	}
+	_, size, err := f.superblock(m.device)
+	if err != nil {
+		return Stats{}, err
+	}
+	// A fresh filesystem: 1/64 of it in its own structures, one inode per
+	// 16 KiB, 11 of them reserved (ext4's numbers, roughly).
+	inodes := size / (16 << 10)
+	return Stats{
+		TotalBytes: size, UsedBytes: size / 64, AvailableBytes: size - size/64,
+		TotalInodes: inodes, UsedInodes: 11, FreeInodes: inodes - 11,
+	}, nil
+}
+
+// setMountHook sets (or, with nil, clears) the mount hook.
+func (f *fakeFS) setMountHook(h func(target string) error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.mountHook = h
+}
+
+// mountTable returns the mount table, by target.
+func (f *fakeFS) mountTable() map[string]fakeMount {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make(map[string]fakeMount, len(f.mounts))
+	for p, m := range f.mounts {
+		out[p] = m
+	}
+	return out
+}
+
+// mountPoints returns the mounted paths, sorted.
+func (f *fakeFS) mountPoints() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make([]string, 0, len(f.mounts))
+	for p := range f.mounts {
+		out = append(out, p)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// filesystem returns the type and size of the filesystem on device.
+func (f *fakeFS) filesystem(device string) (string, int64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.superblock(device)
+}
+
+// The FS contract: what the driver relies on, run against fakeFS on
+// FakeKernel here and against the real FS on the real kernel in the VM
+// (sanity_kernel_test.go), so the fake cannot drift from what mount(8),
+// mkfs and the kernel do.
+func runFSContract(t *testing.T, k thinpool.Kernel, fs FS) {
+	ctx := t.Context()
+	dir := t.TempDir()
+	p, err := thinpool.Open(ctx, loopPoolConfig(filepath.Join(dir, "pool"), "fscontract", 256<<20), k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = p.Close() })
+	mounted := map[string]bool{}
+	t.Cleanup(func() {
+		for m := range mounted {
+			_ = fs.Unmount(context.Background(), m)
+		}
+		for _, v := range p.List() {
+			_ = p.Delete(context.Background(), v.Name)
+		}
+	})
+	mkdir := func(elem ...string) string {
+		t.Helper()
+		d := filepath.Join(append([]string{dir}, elem...)...)
+		if err := os.MkdirAll(d, 0o750); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	mount := func(source, target, fstype string, opts ...string) error {
+		err := fs.Mount(ctx, source, target, fstype, opts)
+		if err == nil {
+			mounted[target] = true
+		}
+		return err
+	}
+	unmount := func(path string) {
+		t.Helper()
+		if err := fs.Unmount(ctx, path); err != nil {
+			t.Fatalf("unmount %s: %v", path, err)
+		}
+		delete(mounted, path)
+	}
+	isMount := func(path string) bool {
+		t.Helper()
+		m, err := fs.IsMountPoint(path)
+		if err != nil {
+			t.Fatalf("IsMountPoint(%s): %v", path, err)
+		}
+		return m
+	}
+	refs := func(path string) []string {
+		t.Helper()
+		r, err := fs.MountRefs(path)
+		if err != nil {
+			t.Fatalf("MountRefs(%s): %v", path, err)
+		}
+		slices.Sort(r)
+		return r
+	}
+	if _, err := p.CreateVolume(ctx, "vol", 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	device, err := p.Activate(ctx, "vol")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A new thin volume reads as zeros: no filesystem.
+	if typ, err := fs.FSType(device); typ != "" || err != nil {
+		t.Fatalf("FSType of a new volume: %q, %v", typ, err)
+	}
+	// Mounting what holds no filesystem, or onto a missing target, fails.
+	staging := mkdir("staging")
+	if err := mount(device, staging, "ext4"); err == nil {
+		t.Fatal("mounted a volume without a filesystem")
+	}
+	if formatted, err := fs.Format(ctx, device, "ext4"); !formatted || err != nil {
+		t.Fatalf("Format: %v, %v", formatted, err)
+	}
+	if formatted, err := fs.Format(ctx, device, "ext4"); formatted || err != nil {
+		t.Fatalf("Format again: %v, %v; want nothing done", formatted, err)
+	}
+	if _, err := fs.Format(ctx, device, "xfs"); err == nil {
+		t.Fatal("reformatted an ext4 volume as xfs")
+	}
+	if typ, err := fs.FSType(device); typ != "ext4" || err != nil {
+		t.Fatalf("FSType: %q, %v", typ, err)
+	}
+	if err := mount(device, filepath.Join(dir, "missing"), "ext4"); err == nil {
+		t.Fatal("mounted onto a missing target")
+	}
+	if err := mount(device, staging, "xfs"); err == nil {
+		t.Fatal("mounted ext4 as xfs")
+	}
+	if isMount(staging) {
+		t.Fatal("a failed mount left a mount point")
+	}
+	if err := mount(device, staging, "ext4"); err != nil {
+		t.Fatal(err)
+	}
+	if !isMount(staging) {
+		t.Fatal("not a mount point after Mount")
+	}
+	if src, err := fs.MountedDevice(staging); err != nil || (src != device && !sameDevice(src, device)) {
+		t.Errorf("MountedDevice = %q, %v; want %s", src, err, device)
+	}
+	st, err := fs.Stats(staging)
+	if err != nil || st.TotalBytes <= 0 || st.TotalBytes > 64<<20 || st.AvailableBytes > st.TotalBytes || st.TotalInodes <= 0 {
+		t.Errorf("Stats: %+v, %v", st, err)
+	}
+	// A mounted filesystem holds its device open.
+	if err := p.Deactivate(ctx, "vol"); !errors.Is(err, thinpool.ErrBusy) {
+		t.Errorf("Deactivate of a mounted volume: %v, want ErrBusy", err)
+	}
+
+	// Bind mounts: each is a reference of the other.
+	target := mkdir("pods", "a")
+	if err := mount(staging, target, "", "bind"); err != nil {
+		t.Fatal(err)
+	}
+	if r := refs(staging); !slices.Equal(r, []string{target}) {
+		t.Errorf("MountRefs(staging) = %v, want [%s]", r, target)
+	}
+	if r := refs(target); !slices.Equal(r, []string{staging}) {
+		t.Errorf("MountRefs(target) = %v, want [%s]", r, staging)
+	}
+	// Online growth.
+	if _, err := p.Grow(ctx, "vol", 128<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := fs.Resize(ctx, device, target, "ext4"); err != nil {
+		t.Fatal(err)
+	}
+	if grown, err := fs.Stats(target); err != nil || grown.TotalBytes <= st.TotalBytes {
+		t.Errorf("Stats after Resize: %+v, %v; before %+v", grown, err, st)
+	}
+	// The bind mount keeps the filesystem, and its device, open after the
+	// staging mount is gone.
+	unmount(staging)
+	if isMount(staging) {
+		t.Error("still a mount point after Unmount")
+	}
+	if _, err := os.Lstat(staging); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Unmount left the path: %v", err)
+	}
+	if err := p.Deactivate(ctx, "vol"); !errors.Is(err, thinpool.ErrBusy) {
+		t.Errorf("Deactivate under a bind mount: %v, want ErrBusy", err)
+	}
+	unmount(target)
+	// Unmounting what is not mounted removes the path; a missing one is fine.
+	plain := mkdir("plain")
+	unmount(plain)
+	if _, err := os.Lstat(plain); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Unmount of a plain directory left it: %v", err)
+	}
+	unmount(plain)
+	if err := p.Deactivate(ctx, "vol"); err != nil {
+		t.Fatalf("Deactivate after the last unmount: %v", err)
+	}
+
+	// The filesystem lives on the thin device: back after reactivation
+	// (under whatever node), and in a snapshot.
+	if device, err = p.Activate(ctx, "vol"); err != nil {
+		t.Fatal(err)
+	}
+	if typ, err := fs.FSType(device); typ != "ext4" || err != nil {
+		t.Errorf("FSType after reactivation: %q, %v", typ, err)
+	}
+	if _, err := p.Snapshot(ctx, "snap", "vol"); err != nil {
+		t.Fatal(err)
+	}
+	snapDev, err := p.Activate(ctx, "snap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if typ, err := fs.FSType(snapDev); typ != "ext4" || err != nil {
+		t.Errorf("FSType of a snapshot: %q, %v", typ, err)
+	}
+	if err := p.Deactivate(ctx, "snap"); err != nil {
+		t.Fatal(err)
+	}
+
+	// A raw block volume: its device node bound onto a file. The bind holds
+	// nothing open.
+	file := filepath.Join(mkdir("pods", "blk"), "dev")
+	if err := os.WriteFile(file, nil, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if err := mount(device, mkdir("pods", "blkdir"), "", "bind"); err == nil {
+		t.Error("bound a device node onto a directory")
+	}
+	if err := mount(device, file, "", "bind"); err != nil {
+		t.Fatal(err)
+	}
+	if !isMount(file) {
+		t.Error("a bound file is not a mount point")
+	}
+	if r := refs(device); !slices.Equal(r, []string{file}) {
+		t.Errorf("MountRefs(device) = %v, want [%s]", r, file)
+	}
+	if err := p.Deactivate(ctx, "vol"); err != nil {
+		t.Errorf("Deactivate under a bind of the device node: %v", err)
+	}
+	unmount(file)
+	if _, err := os.Lstat(file); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Unmount left the file: %v", err)
+	}
+}
+
+func TestFSContractFake(t *testing.T) {
+	k := thinpool.NewFakeKernel()
+	runFSContract(t, k, newFakeFS(k))
+}
+
+// The fake is stricter than the real FS where the driver must not go.
+func TestFakeFSStrict(t *testing.T) {
+	k := thinpool.NewFakeKernel()
+	fs := newFakeFS(k)
+	ctx := t.Context()
+	dir := t.TempDir()
+	p, err := thinpool.Open(ctx, loopPoolConfig(filepath.Join(dir, "pool"), "strict", 64<<20), k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if _, err := p.CreateVolume(ctx, "v", 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	device, err := p.Activate(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fs.Format(ctx, device, "ext4"); err != nil {
+		t.Fatal(err)
+	}
+	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	for _, d := range []string{a, b} {
+		if err := os.Mkdir(d, 0o750); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// statfs of a plain directory would report the filesystem under it.
+	if _, err := fs.Stats(a); err == nil {
+		t.Error("Stats of a directory that is not a mount point")
+	}
+	if err := fs.Mount(ctx, device, a, "ext4", nil); err != nil {
+		t.Fatal(err)
+	}
+	// mount(8) would stack a second mount; the driver must check first.
+	if err := fs.Mount(ctx, device, a, "ext4", nil); err == nil {
+		t.Error("stacked a mount")
+	}
+	if _, err := fs.Format(ctx, "/dev/fake/nothing", "ext4"); err == nil {
+		t.Error("formatted a missing device")
+	}
+	if err := fs.Resize(ctx, device, b, "xfs"); err == nil {
+		t.Error("resized ext4 as xfs")
+	}
+	if got := fs.mountTable()[a]; got.FSType != "ext4" || got.Source != device {
+		t.Errorf("mount table entry %+v", got)
+	}
+	if err := fs.Unmount(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+}
