@@ -3,13 +3,14 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
-
-	"time"
+	"k8s.io/klog/v2"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
@@ -20,6 +21,9 @@ import (
 // to mount (CreateVolume + NodeStageVolume: activation, mkfs, mount)
 // against lvcreate + mkfs.ext4 (+ mount), with the same mkfs options.
 func csiBench(n int) error {
+	// The driver's log lines would interleave with the tables.
+	klog.SetOutput(io.Discard)
+	klog.LogToStderr(false)
 	ctx := context.Background()
 	k, err := thinpool.NewHostKernel()
 	if err != nil {
