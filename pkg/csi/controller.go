@@ -248,38 +248,46 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 }
 
 func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
-	if req.GetVolumeId() == "" {
-		return nil, invalid("volume_id is required")
+	if err := d.deleteObject(ctx, "volume_id", req.GetVolumeId(), thinpool.KindVolume); err != nil {
+		return nil, err
 	}
-	id, ok := parseID(req.GetVolumeId())
+	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// deleteObject deletes a volume or a snapshot by ID. An ID that is not ours,
+// or names a pool or an object that does not exist, is success: deleting
+// what does not exist succeeds. An ID of the other kind is NotFound.
+func (d *Driver) deleteObject(ctx context.Context, field, s string, kind thinpool.Kind) error {
+	if s == "" {
+		return invalid("%s is required", field)
+	}
+	id, ok := parseID(s)
 	if !ok {
-		// Not an ID of ours: no such volume, and deleting what does not
-		// exist succeeds.
-		return &csi.DeleteVolumeResponse{}, nil
+		return nil
 	}
 	pool, err := d.pool(id.pool)
 	if err != nil {
-		return &csi.DeleteVolumeResponse{}, nil
+		return nil
 	}
 	unlock, err := d.locks.lock(id.String())
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer unlock()
 	v, err := pool.Get(id.name)
 	if errors.Is(err, thinpool.ErrNotFound) {
-		return &csi.DeleteVolumeResponse{}, nil
+		return nil
 	}
 	if err != nil {
-		return nil, toStatus(err, "delete volume %s", id)
+		return toStatus(err, "delete %s %s", kind, id)
 	}
-	if v.Kind != thinpool.KindVolume {
-		return nil, notFound("volume_id %s is a snapshot", id)
+	if v.Kind != kind {
+		return notFound("%s %s is a %s, not a %s", field, id, v.Kind, kind)
 	}
 	if err := pool.Delete(ctx, id.name); err != nil {
-		return nil, toStatus(err, "delete volume %s", id)
+		return toStatus(err, "delete %s %s", kind, id)
 	}
-	return &csi.DeleteVolumeResponse{}, nil
+	return nil
 }
 
 func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
@@ -486,34 +494,8 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 }
 
 func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequest) (*csi.DeleteSnapshotResponse, error) {
-	if req.GetSnapshotId() == "" {
-		return nil, invalid("snapshot_id is required")
-	}
-	id, ok := parseID(req.GetSnapshotId())
-	if !ok {
-		return &csi.DeleteSnapshotResponse{}, nil
-	}
-	pool, err := d.pool(id.pool)
-	if err != nil {
-		return &csi.DeleteSnapshotResponse{}, nil
-	}
-	unlock, err := d.locks.lock(id.String())
-	if err != nil {
+	if err := d.deleteObject(ctx, "snapshot_id", req.GetSnapshotId(), thinpool.KindSnapshot); err != nil {
 		return nil, err
-	}
-	defer unlock()
-	v, err := pool.Get(id.name)
-	if errors.Is(err, thinpool.ErrNotFound) {
-		return &csi.DeleteSnapshotResponse{}, nil
-	}
-	if err != nil {
-		return nil, toStatus(err, "delete snapshot %s", id)
-	}
-	if v.Kind != thinpool.KindSnapshot {
-		return nil, notFound("snapshot_id %s is a volume", id)
-	}
-	if err := pool.Delete(ctx, id.name); err != nil {
-		return nil, toStatus(err, "delete snapshot %s", id)
 	}
 	return &csi.DeleteSnapshotResponse{}, nil
 }
