@@ -10,7 +10,8 @@
 #                     the ABI test checks our ioctl structs against dm-ioctl.h
 #   dmsetup, lvm2     only copied into the VM for the benchmark's comparison
 #   e2fsprogs, xfsprogs, thin-provisioning-tools
-#                     mkfs/resize and thin_check, used in the VM by later layers
+#                     mkfs/resize and thin_check, copied into the VM
+#   cpio              cross-checks the harness's own initramfs writer
 set -euo pipefail
 
 need=()
@@ -33,6 +34,7 @@ have_cmd mkfs.ext4 || need+=(e2fsprogs)
 have_cmd mkfs.xfs || need+=(xfsprogs)
 have_cmd thin_check || need+=(thin-provisioning-tools)
 have_cmd dpkg-deb || need+=(dpkg)
+have_cmd cpio || need+=(cpio)
 have_cmd apt-get || { echo "install-deps: this needs a Debian-like system with apt-get" >&2; exit 1; }
 
 # The VM's kernel is found with apt-cache and fetched with apt-get download,
