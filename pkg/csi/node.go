@@ -12,6 +12,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
 func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
@@ -74,6 +76,26 @@ func (d *Driver) volumePath(p string) (string, error) {
 	return c, nil
 }
 
+// lockVolume parses a volume_id, takes its lock and looks the volume up:
+// the common tail of the node calls that act on a volume, after their
+// own field checks. The caller defers unlock.
+func (d *Driver) lockVolume(volumeID string) (objectID, *thinpool.Volume, func(), error) {
+	id, err := mustParseID("volume_id", volumeID)
+	if err != nil {
+		return objectID{}, nil, nil, err
+	}
+	unlock, err := d.locks.lock(id.String())
+	if err != nil {
+		return objectID{}, nil, nil, err
+	}
+	v, err := d.getVolume(id)
+	if err != nil {
+		unlock()
+		return objectID{}, nil, nil, err
+	}
+	return id, v, unlock, nil
+}
+
 // mountOptions are the filesystem's mount options for a capability.
 func mountOptions(c *csi.VolumeCapability, fsType string) []string {
 	opts := slices.Clone(c.GetMount().GetMountFlags())
@@ -109,18 +131,11 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := checkCapability("volume_capability", req.GetVolumeCapability()); err != nil {
 		return nil, err
 	}
-	id, err := mustParseID("volume_id", req.GetVolumeId())
-	if err != nil {
-		return nil, err
-	}
-	unlock, err := d.locks.lock(id.String())
+	id, _, unlock, err := d.lockVolume(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	if _, err := d.getVolume(id); err != nil {
-		return nil, err
-	}
 	pool, _ := d.pool(id.pool)
 	if req.GetVolumeCapability().GetBlock() != nil {
 		// A raw block volume is published straight from its device node.
@@ -264,18 +279,11 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err := checkCapability("volume_capability", req.GetVolumeCapability()); err != nil {
 		return nil, err
 	}
-	id, err := mustParseID("volume_id", req.GetVolumeId())
-	if err != nil {
-		return nil, err
-	}
-	unlock, err := d.locks.lock(id.String())
+	id, _, unlock, err := d.lockVolume(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	if _, err := d.getVolume(id); err != nil {
-		return nil, err
-	}
 	if mounted, err := d.fs.IsMountPoint(target); err != nil {
 		return nil, toStatus(err, "check target_path %s", target)
 	} else if mounted {
@@ -400,19 +408,11 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 			return nil, err
 		}
 	}
-	id, err := mustParseID("volume_id", req.GetVolumeId())
-	if err != nil {
-		return nil, err
-	}
-	unlock, err := d.locks.lock(id.String())
+	id, v, unlock, err := d.lockVolume(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	v, err := d.getVolume(id)
-	if err != nil {
-		return nil, err
-	}
 	path, err := d.volumePath(req.GetVolumePath())
 	if err != nil {
 		return nil, err
