@@ -13,7 +13,8 @@ type Usage struct {
 	DataUsedBytes     int64
 	MetadataBytes     int64
 	MetadataUsedBytes int64
-	// ProvisionedBytes is the sum of every volume's and snapshot's size.
+	// ProvisionedBytes is the sum of every volume's and snapshot's size
+	// (templates are not counted).
 	ProvisionedBytes int64
 	// OverprovisionRatio is the configured limit (negative: none).
 	OverprovisionRatio float64
@@ -23,6 +24,7 @@ type Usage struct {
 	AvailableBytes int64
 	Volumes        int
 	Snapshots      int
+	Templates      int
 
 	TransactionID uint64
 	Mode          devmapper.PoolMode
@@ -53,12 +55,16 @@ func (p *Pool) usage() (Usage, error) {
 	}
 	u := Usage{OverprovisionRatio: p.cfg.OverprovisionRatio, Failed: ps.Fail || ps.Error, TransactionID: ps.TransactionID, Mode: ps.Mode, NeedsCheck: ps.NeedsCheck}
 	for _, v := range p.vols {
-		u.ProvisionedBytes += v.SizeBytes
-		if v.Kind == KindSnapshot {
+		switch v.Kind {
+		case KindTemplate:
+			u.Templates++
+			continue
+		case KindSnapshot:
 			u.Snapshots++
-		} else {
+		default:
 			u.Volumes++
 		}
+		u.ProvisionedBytes += v.SizeBytes
 	}
 	if u.Failed {
 		return u, nil

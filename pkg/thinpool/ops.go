@@ -53,6 +53,50 @@ func (p *Pool) Clone(ctx context.Context, name, source string, sizeBytes int64) 
 	return p.newDevice(ctx, name, source, sizeBytes, KindVolume)
 }
 
+// CreateTemplate makes a new, empty template device of sizeBytes: the
+// caller activates it, writes its content, deactivates it and seals it with
+// SealTemplate; until then it cannot be cloned, and Open deletes it. The
+// overprovisioning limit does not count a template (nothing is promised to
+// anyone by it), but the free-space floors refuse one.
+func (p *Pool) CreateTemplate(ctx context.Context, name string, sizeBytes int64) (*Volume, error) {
+	return p.newDevice(ctx, name, "", sizeBytes, KindTemplate)
+}
+
+// SealTemplate marks a template's content complete, so that Clone takes it
+// as a source. The template must be inactive, so that everything written to
+// it has reached the pool. Sealing a sealed template is not an error.
+func (p *Pool) SealTemplate(ctx context.Context, name string) error {
+	if err := checkName(name); err != nil {
+		return err
+	}
+	defer p.volLocks.Lock(name)()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return ErrClosed
+	}
+	v := p.vols[name]
+	if v == nil || v.Deleting || v.Kind != KindTemplate {
+		return fmt.Errorf("%w: template %s", ErrNotFound, name)
+	}
+	if v.Sealed {
+		return nil
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if info, err := p.k.InfoByName(p.volDMName(name)); err == nil && info.LiveTable {
+		return fmt.Errorf("%w: template %s is still active", ErrBusy, name)
+	}
+	c := *v
+	c.Sealed, c.Active = true, false
+	if err := p.st.apply(change{put: []*Volume{&c}}); err != nil {
+		return err
+	}
+	*v = c
+	return nil
+}
+
 func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int64, kind Kind) (*Volume, error) {
 	if err := checkName(name); err != nil {
 		return nil, err
@@ -93,6 +137,11 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 		if src == nil || src.Deleting {
 			return nil, fmt.Errorf("%w: source %s", ErrNotFound, source)
 		}
+		if src.Kind == KindTemplate && (!src.Sealed || kind != KindVolume) {
+			// An unsealed template is still being written; a snapshot of a
+			// template would be a template nobody seals.
+			return nil, fmt.Errorf("%w: source %s is a template that is not sealed, or the copy is not a volume", ErrInvalid, source)
+		}
 		if sizeBytes == 0 {
 			sizeBytes = src.SizeBytes
 		}
@@ -110,7 +159,11 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if err := p.admit(sizeBytes); err != nil {
+	commitBytes := sizeBytes
+	if kind == KindTemplate {
+		commitBytes = 0
+	}
+	if err := p.admit(commitBytes); err != nil {
 		return nil, fmt.Errorf("volume %s: %w", name, err)
 	}
 	v := &Volume{Name: name, SizeBytes: sizeBytes, Kind: kind, Source: source, CreatedAt: time.Now().UTC()}

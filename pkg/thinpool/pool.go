@@ -524,6 +524,17 @@ func (p *Pool) reconcile(ctx context.Context) error {
 		switch {
 		case v.Deleting:
 			// Finished by reapLocked below.
+		case v.Kind == KindTemplate && !v.Sealed:
+			// A crash while its content was being written: it is not
+			// trustworthy, and whoever wanted it can make it again.
+			if err := p.removeDM(v.Name, false); errors.Is(err, ErrBusy) {
+				continue // someone holds it open; the next Open retries
+			} else if err != nil {
+				return fmt.Errorf("remove unsealed template %s: %w", v.Name, err)
+			}
+			if err := p.deleteLocked(v); err != nil {
+				return fmt.Errorf("delete unsealed template %s: %w", v.Name, err)
+			}
 		case v.Active && !present[v.Name]:
 			if _, err := p.activateDM(v); err != nil {
 				return fmt.Errorf("reactivate %s: %w", v.Name, err)
@@ -608,5 +619,10 @@ func (p *Pool) Close() error {
 
 // Name is the pool's name.
 func (p *Pool) Name() string { return p.cfg.Name }
+
+// ZeroesNewBlocks reports whether the pool zeroes a data block when a device
+// first writes to it, so that a new device reads zeros wherever it has not
+// written, even inside a block it has partly written.
+func (p *Pool) ZeroesNewBlocks() bool { return !p.rec.SkipBlockZeroing }
 
 func ptr[T any](v T) *T { return &v }

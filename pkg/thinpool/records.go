@@ -9,12 +9,17 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// Kind tells a volume from a snapshot.
+// Kind tells a volume from a snapshot and from a template.
 type Kind string
 
 const (
 	KindVolume   Kind = "volume"
 	KindSnapshot Kind = "snapshot"
+	// KindTemplate is a base device that volumes are cloned from, such as
+	// a freshly formatted filesystem of one size. It is not counted as a
+	// volume, nor its size as provisioned: only the blocks it maps use
+	// the pool.
+	KindTemplate Kind = "template"
 )
 
 // Volume is the record of one thin device.
@@ -29,6 +34,10 @@ type Volume struct {
 	Active bool `json:"active,omitempty"`
 	// Deleting: a delete is pending until the device's last opener closes it.
 	Deleting bool `json:"deleting,omitempty"`
+	// Sealed: a template's content is complete (SealTemplate). Only a
+	// sealed template can be cloned; Open deletes one left unsealed by a
+	// crash.
+	Sealed bool `json:"sealed,omitempty"`
 }
 
 // poolRecord is the stored shape of the pool, fixed at creation.

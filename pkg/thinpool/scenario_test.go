@@ -246,6 +246,99 @@ func runScenarios(t *testing.T, newEnv func(t *testing.T) env) {
 		checkInvariants(t, e, p)
 	})
 
+	t.Run("Templates", func(t *testing.T) {
+		e := newEnv(t)
+		cfg := testConfig(t, "tmpl", 64<<20)
+		cfg.OverprovisionRatio = 1
+		p := openPool(t, e, cfg)
+		defer func() { teardown(t, e, p) }()
+		tm, err := p.CreateTemplate(ctx, "t-base", 48<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tm.Kind != KindTemplate || tm.Sealed {
+			t.Fatalf("new template %+v", tm)
+		}
+		data := pattern(7, 128<<10)
+		if err := e.write(t, p, "t-base", 8192, data); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.Clone(ctx, "early", "t-base", 0); !errors.Is(err, ErrInvalid) {
+			t.Fatalf("clone of an unsealed template: %v", err)
+		}
+		if err := p.SealTemplate(ctx, "t-base"); !errors.Is(err, ErrBusy) {
+			t.Fatalf("seal while active: %v", err)
+		}
+		if err := p.Deactivate(ctx, "t-base"); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.SealTemplate(ctx, "t-base"); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.SealTemplate(ctx, "t-base"); err != nil {
+			t.Fatalf("sealing again: %v", err)
+		}
+		if _, err := p.Snapshot(ctx, "t-snap", "t-base"); !errors.Is(err, ErrInvalid) {
+			t.Fatalf("snapshot of a template: %v", err)
+		}
+		v, err := p.Clone(ctx, "from-t", "t-base", 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The template promises nothing to anyone, so the overprovisioning
+		// limit (1x of 64 MiB) counts only the clone's 48 MiB.
+		if _, err := p.CreateVolume(ctx, "fits", 16<<20); err != nil {
+			t.Fatalf("a volume within the limit when templates are not counted: %v", err)
+		}
+		if err := p.Delete(ctx, "fits"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.CreateVolume(ctx, "too-big", 17<<20); !errors.Is(err, ErrNoSpace) {
+			t.Fatalf("a volume past the overprovisioning limit: %v", err)
+		}
+		if v.Kind != KindVolume || v.SizeBytes != 48<<20 || v.Source != "t-base" {
+			t.Fatalf("clone of a template: %+v", v)
+		}
+		if got := e.read(t, p, "from-t", 8192, len(data)); !bytes.Equal(got, data) {
+			t.Fatal("clone of a template does not hold its content")
+		}
+		u, err := p.Usage()
+		if err != nil || u.Templates != 1 || u.Volumes != 1 || u.ProvisionedBytes != 48<<20 {
+			t.Fatalf("usage %+v, %v", u, err)
+		}
+		if err := p.SealTemplate(ctx, "from-t"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("sealing a volume: %v", err)
+		}
+		// A template left unsealed (a crash while it was written) is
+		// deleted at Open; a sealed one and its clones stay.
+		if _, err := p.CreateTemplate(ctx, "t-half", 8<<20); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.write(t, p, "t-half", 0, data); err != nil {
+			t.Fatal(err)
+		}
+		p.Close()
+		e.reboot(t, p)
+		p = openPool(t, e, cfg)
+		if _, err := p.Get("t-half"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("unsealed template after Open: %v", err)
+		}
+		if tm, err := p.Get("t-base"); err != nil || !tm.Sealed {
+			t.Fatalf("sealed template after Open: %+v, %v", tm, err)
+		}
+		if got := e.read(t, p, "from-t", 8192, len(data)); !bytes.Equal(got, data) {
+			t.Fatal("clone lost its content over a reboot")
+		}
+		// A template deleted under its clones leaves them whole.
+		if err := p.Delete(ctx, "t-base"); err != nil {
+			t.Fatal(err)
+		}
+		if got := e.read(t, p, "from-t", 8192, len(data)); !bytes.Equal(got, data) {
+			t.Fatal("clone lost its content with its template")
+		}
+		checkInvariants(t, e, p)
+	})
+
 	t.Run("Grow", func(t *testing.T) {
 		e := newEnv(t)
 		p := openPool(t, e, testConfig(t, "grow", 256<<20))
