@@ -229,21 +229,33 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 
 	// Repeated request: return what exists if it matches.
 	if v, err := pool.Get(name); err == nil {
-		if v.Kind != thinpool.KindVolume || !fits(v.SizeBytes, req.GetCapacityRange()) || (source != nil && v.Source != source.Name) || (source == nil && v.Source != "") {
+		if v.Kind != thinpool.KindVolume || !fits(v.SizeBytes, req.GetCapacityRange()) || (source != nil && v.Source != source.Name) || (source == nil && v.Source != "" && !isTemplateName(v.Source)) {
 			return nil, status.Errorf(codes.AlreadyExists, "volume %q exists with a different size or source (%s from %q)", req.GetName(), fmtBytes(v.SizeBytes), v.Source)
 		}
 		return &csi.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, src)}, nil
 	}
 	var v *thinpool.Volume
-	if source != nil {
+	switch tmplFS := templateFS(req.GetVolumeCapabilities(), params.fsType); {
+	case source != nil:
 		v, err = pool.Clone(ctx, name, source.Name, size)
-	} else {
+	case tmplFS != "":
+		// A filesystem volume: a clone of a formatted template when there
+		// is one, which leaves nothing for mkfs to do at stage.
+		if t := d.templates.lookup(pool, tmplFS, size, true); t != "" {
+			v, err = pool.Clone(ctx, name, t, size)
+			if errors.Is(err, thinpool.ErrNotFound) {
+				v, err = pool.CreateVolume(ctx, name, size) // evicted meanwhile
+			}
+		} else {
+			v, err = pool.CreateVolume(ctx, name, size)
+		}
+	default:
 		v, err = pool.CreateVolume(ctx, name, size)
 	}
 	if err != nil {
 		return nil, toStatus(err, "create volume %q", req.GetName())
 	}
-	klog.FromContext(ctx).Info("Created volume", "volume", objectID{pool.Name(), name}, "bytes", v.SizeBytes, "source", sourceID)
+	klog.FromContext(ctx).Info("Created volume", "volume", objectID{pool.Name(), name}, "bytes", v.SizeBytes, "source", sourceID, "template", isTemplateName(v.Source))
 	return &csi.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, src)}, nil
 }
 
@@ -326,7 +338,7 @@ func (d *Driver) getVolume(id objectID) (*thinpool.Volume, error) {
 		return nil, toStatus(err, "volume %s", id)
 	}
 	if v.Kind != thinpool.KindVolume {
-		return nil, notFound("%s is a snapshot, not a volume", id)
+		return nil, notFound("%s is a %s, not a volume", id, v.Kind)
 	}
 	return v, nil
 }

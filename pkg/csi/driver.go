@@ -29,6 +29,9 @@ const TopologyKey = "topology.dmthin.csi.dmthin.io/node"
 type Pool interface {
 	Name() string
 	CreateVolume(ctx context.Context, name string, sizeBytes int64) (*thinpool.Volume, error)
+	CreateTemplate(ctx context.Context, name string, sizeBytes int64) (*thinpool.Volume, error)
+	SealTemplate(ctx context.Context, name string) error
+	ZeroesNewBlocks() bool
 	Snapshot(ctx context.Context, name, source string) (*thinpool.Volume, error)
 	Clone(ctx context.Context, name, source string, sizeBytes int64) (*thinpool.Volume, error)
 	Delete(ctx context.Context, name string) error
@@ -61,6 +64,9 @@ type Options struct {
 	FS FS
 	// Interceptors run around every call, after the logging one.
 	Interceptors []grpc.UnaryServerInterceptor
+	// Templates is how many formatted templates each pool keeps
+	// (templates.go); 0 means DefaultTemplates, a negative number none.
+	Templates int
 }
 
 // Driver serves the three CSI services.
@@ -74,6 +80,7 @@ type Driver struct {
 	defaultPool           string
 	kubeletDir            string
 	fs                    FS
+	templates             *templates
 	locks                 idLocks
 	interceptors          []grpc.UnaryServerInterceptor
 
@@ -114,10 +121,16 @@ func New(o Options) (*Driver, error) {
 	if _, ok := o.Pools[o.DefaultPool]; !ok {
 		return nil, fmt.Errorf("csi: default pool %q is not configured", o.DefaultPool)
 	}
+	switch {
+	case o.Templates == 0:
+		o.Templates = DefaultTemplates
+	case o.Templates < 0:
+		o.Templates = 0
+	}
 	return &Driver{
 		name: o.Name, version: o.Version, nodeID: o.NodeID,
 		pools: o.Pools, defaultPool: o.DefaultPool, kubeletDir: filepath.Clean(kd),
-		fs: o.FS, interceptors: o.Interceptors,
+		fs: o.FS, templates: newTemplates(o.Templates, o.FS), interceptors: o.Interceptors,
 	}, nil
 }
 
@@ -172,6 +185,7 @@ func (d *Driver) Stop() {
 	if srv != nil {
 		srv.GracefulStop()
 	}
+	d.templates.stop()
 }
 
 func socketPath(endpoint string) (string, error) {

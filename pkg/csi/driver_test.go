@@ -49,8 +49,15 @@ type driverEnv struct {
 type poolOpt func(*thinpool.Config)
 
 // newDriverEnv opens the pools testPool and otherPool on a fresh fake kernel
-// (opts apply to testPool) and makes a Driver over them.
+// (opts apply to testPool) and makes a Driver over them. It keeps no
+// formatted templates, whose background builds would change the pools
+// under tests that compare their state; templates_test.go turns them on.
 func newDriverEnv(t *testing.T, opts ...poolOpt) *driverEnv {
+	t.Helper()
+	return newDriverEnvTemplates(t, -1, opts...)
+}
+
+func newDriverEnvTemplates(t *testing.T, templates int, opts ...poolOpt) *driverEnv {
 	t.Helper()
 	k := thinpool.NewFakeKernel()
 	e := &driverEnv{t: t, k: k, fs: newFakeFS(k), pools: map[string]*thinpool.Pool{}, kubeletDir: t.TempDir()}
@@ -70,12 +77,26 @@ func newDriverEnv(t *testing.T, opts ...poolOpt) *driverEnv {
 		e.pools[name] = p
 		pools[name] = p
 	}
-	d, err := New(Options{NodeID: testNode, Version: "test", Pools: pools, DefaultPool: testPool, KubeletDir: e.kubeletDir, FS: e.fs})
+	d, err := New(Options{NodeID: testNode, Version: "test", Pools: pools, DefaultPool: testPool, KubeletDir: e.kubeletDir, FS: e.fs, Templates: templates})
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(d.templates.stop)
 	e.d = d
 	return e
+}
+
+// leftovers waits for d's template builds and returns what p holds besides
+// sealed templates, which stay by design (templates.go).
+func leftovers(d *Driver, p Pool) []thinpool.Volume {
+	d.templates.stop()
+	var left []thinpool.Volume
+	for _, v := range p.List() {
+		if v.Kind != thinpool.KindTemplate || !v.Sealed {
+			left = append(left, v)
+		}
+	}
+	return left
 }
 
 // loopPoolConfig is a pool on sparse loop files in dir.

@@ -55,6 +55,8 @@ type fakeFS struct {
 	// mountHook, when set, runs at the start of Mount (outside the lock);
 	// its error fails the mount. Tests use it to hold a call in progress.
 	mountHook func(target string) error
+	// mkfs counts the filesystems Format made, by type.
+	mkfs map[string]int
 }
 
 // fakeMount is one entry of the mount table.
@@ -71,7 +73,7 @@ type fakeMount struct {
 var _ FS = (*fakeFS)(nil)
 
 func newFakeFS(k *thinpool.FakeKernel) *fakeFS {
-	return &fakeFS{k: k, mounts: map[string]fakeMount{}, held: map[devmapper.Dev]int{}}
+	return &fakeFS{k: k, mounts: map[string]fakeMount{}, held: map[devmapper.Dev]int{}, mkfs: map[string]int{}}
 }
 
 // The fake superblock, in the device's first 512 bytes: a magic, the type
@@ -132,7 +134,7 @@ func (f *fakeFS) MountedDevice(path string) (string, error) {
 	return f.mounts[filepath.Clean(path)].Source, nil
 }
 
-func (f *fakeFS) Format(ctx context.Context, device, fstype string) (bool, error) {
+func (f *fakeFS) Format(ctx context.Context, device, fstype string, opts FormatOptions) (bool, error) {
 	if err := ctx.Err(); err != nil {
 		return false, err
 	}
@@ -145,6 +147,9 @@ func (f *fakeFS) Format(ctx context.Context, device, fstype string) (bool, error
 	if err != nil {
 		return false, fmt.Errorf("probe %s: %w", device, err)
 	}
+	if opts.Fresh && existing != "" {
+		return false, fmt.Errorf("%s was said to be fresh but holds %s", device, existing)
+	}
 	if existing != "" {
 		if existing != fstype {
 			return false, fmt.Errorf("%s holds a %s filesystem, not %s; refusing to reformat", device, existing, fstype)
@@ -155,6 +160,7 @@ func (f *fakeFS) Format(ctx context.Context, device, fstype string) (bool, error
 	if err != nil {
 		return false, err
 	}
+	f.mkfs[fstype]++
 	return true, f.writeSuperblock(device, fstype, size)
 }
 
@@ -446,13 +452,13 @@ func runFSContract(t *testing.T, k thinpool.Kernel, fs FS) {
 	if err := mount(device, staging, "ext4"); err == nil {
 		t.Fatal("mounted a volume without a filesystem")
 	}
-	if formatted, err := fs.Format(ctx, device, "ext4"); !formatted || err != nil {
+	if formatted, err := fs.Format(ctx, device, "ext4", FormatOptions{}); !formatted || err != nil {
 		t.Fatalf("Format: %v, %v", formatted, err)
 	}
-	if formatted, err := fs.Format(ctx, device, "ext4"); formatted || err != nil {
+	if formatted, err := fs.Format(ctx, device, "ext4", FormatOptions{}); formatted || err != nil {
 		t.Fatalf("Format again: %v, %v; want nothing done", formatted, err)
 	}
-	if _, err := fs.Format(ctx, device, "xfs"); err == nil {
+	if _, err := fs.Format(ctx, device, "xfs", FormatOptions{}); err == nil {
 		t.Fatal("reformatted an ext4 volume as xfs")
 	}
 	if typ, err := fs.FSType(device); typ != "ext4" || err != nil {
@@ -602,7 +608,7 @@ func TestFakeFSStrict(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := fs.Format(ctx, device, "ext4"); err != nil {
+	if _, err := fs.Format(ctx, device, "ext4", FormatOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
@@ -622,7 +628,7 @@ func TestFakeFSStrict(t *testing.T) {
 	if err := fs.Mount(ctx, device, a, "ext4", nil); err == nil {
 		t.Error("stacked a mount")
 	}
-	if _, err := fs.Format(ctx, "/dev/fake/nothing", "ext4"); err == nil {
+	if _, err := fs.Format(ctx, "/dev/fake/nothing", "ext4", FormatOptions{}); err == nil {
 		t.Error("formatted a missing device")
 	}
 	if err := fs.Resize(ctx, device, b, "xfs"); err == nil {

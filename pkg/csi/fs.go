@@ -13,8 +13,10 @@ type FS interface {
 	MountedDevice(path string) (string, error)
 	// Format makes a filesystem of fstype on device unless it already holds
 	// one; formatted reports whether it did. A device holding another
-	// filesystem type is an error, never reformatted.
-	Format(ctx context.Context, device, fstype string) (formatted bool, err error)
+	// filesystem type is an error, never reformatted. A filesystem that was
+	// never mounted (a clone of a formatted template) gets a UUID of its
+	// own, where that is possible without rewriting its metadata.
+	Format(ctx context.Context, device, fstype string, opts FormatOptions) (formatted bool, err error)
 	// Mount mounts source at target, which must exist: a directory, or a
 	// file for a bind mount of a device node. The caller makes it.
 	Mount(ctx context.Context, source, target, fstype string, options []string) error
@@ -31,6 +33,16 @@ type FS interface {
 	Resize(ctx context.Context, device, path, fstype string) error
 	// Stats returns the usage of the filesystem mounted at path.
 	Stats(path string) (Stats, error)
+}
+
+// FormatOptions tell Format what is known of the device.
+type FormatOptions struct {
+	// Fresh: the device was just created and nothing has written to it,
+	// so it reads zeros everywhere and holds nothing to look for.
+	Fresh bool
+	// Zeroed: a block written in part reads zeros in the rest (the pool
+	// zeroes new blocks), so with Fresh mkfs may skip zeroing its tables.
+	Zeroed bool
 }
 
 // Stats is a filesystem's usage.

@@ -38,9 +38,10 @@ const hashedPrefix = "h_"
 // deviceName maps a CSI object name (any string up to 128 bytes) to a thin
 // device name, deterministically, so a repeated CreateVolume finds what the
 // first one made. Kubernetes' names (pvc-<uid>, snapshot-<uid>) map to
-// themselves, which keeps `dmsetup ls` readable.
+// themselves, which keeps `dmsetup ls` readable. Names that start like a
+// hashed name or a template's are hashed too.
 func deviceName(csiName string) string {
-	if devNameRE.MatchString(csiName) && !strings.HasPrefix(csiName, hashedPrefix) {
+	if devNameRE.MatchString(csiName) && !strings.HasPrefix(csiName, hashedPrefix) && !isTemplateName(csiName) {
 		return csiName
 	}
 	sum := sha256.Sum256([]byte(csiName))

@@ -167,7 +167,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return nil, toStatus(err, "activate %s", id)
 	}
-	formatted, err := d.fs.Format(ctx, device, fsType)
+	formatted, err := d.fs.Format(ctx, device, fsType, FormatOptions{})
 	if err != nil {
 		return nil, toStatus(err, "format volume %s", id)
 	}

@@ -123,7 +123,7 @@ func TestSanityKernel(t *testing.T) {
 		"mount": sanityConfig(t, addr, kubeletDir, "mount"),
 		"block": sanityConfig(t, addr, kubeletDir, "block"),
 	})
-	if left := p.List(); len(left) != 0 {
+	if left := leftovers(d, p); len(left) != 0 {
 		t.Errorf("csi-sanity left %d volumes and snapshots: %v", len(left), left)
 	}
 	if m := mountsUnder(t, kubeletDir); len(m) != 0 {
@@ -208,7 +208,7 @@ func TestRestartKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	p2 := openKernelPool(t, k, cfg)
-	_, c2 := start(p2)
+	d2, c2 := start(p2)
 
 	if got, err := os.ReadFile(dataFile); err != nil || !bytes.Equal(got, fileData) {
 		t.Errorf("file after the restart: %d bytes, %v", len(got), err)
@@ -249,7 +249,7 @@ func TestRestartKernel(t *testing.T) {
 	if m := mountsUnder(t, kubeletDir); len(m) != 0 {
 		t.Errorf("mounts left: %v", m)
 	}
-	if left := p2.List(); len(left) != 0 {
+	if left := leftovers(d2, p2); len(left) != 0 {
 		t.Errorf("volumes left: %v", left)
 	}
 	list, err := k.List()

@@ -239,7 +239,7 @@ func TestSanity(t *testing.T) {
 		"mount": sanityConfig(t, addr, kubeletDir, "mount"),
 		"block": sanityConfig(t, addr, kubeletDir, "block"),
 	})
-	if left := p.List(); len(left) != 0 {
+	if left := leftovers(d, p); len(left) != 0 {
 		t.Errorf("csi-sanity left %d volumes and snapshots: %v", len(left), left)
 	}
 	if mp := fs.mountPoints(); len(mp) != 0 {

@@ -1,0 +1,118 @@
+//go:build vmtest
+
+package csi
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	csi "github.com/container-storage-interface/spec/lib/go/csi"
+
+	"github.com/csi-dmthin/csi-dmthin/internal/fsprobe"
+)
+
+// Formatted templates on the real kernel with real mkfs: clones of one
+// template mounted side by side, each with its own UUID, each filesystem
+// clean by e2fsck after use, and no mkfs at their stage.
+func TestTemplatesKernel(t *testing.T) {
+	k := hostKernel(t)
+	dir := t.TempDir()
+	p := openKernelPool(t, k, loopPoolConfig(dir, "tmpl", 512<<20))
+	kubeletDir := filepath.Join(dir, "kubelet")
+	d, err := New(Options{NodeID: testNode, Pools: map[string]Pool{"tmpl": p}, KubeletDir: kubeletDir, FS: NewHostFS()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := dialDriver(t, serveDriver(t, d))
+	const size = 64 << 20
+	create := func(name string) string {
+		t.Helper()
+		resp, err := c.CreateVolume(t.Context(), &csi.CreateVolumeRequest{
+			Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
+			VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.GetVolume().GetVolumeId()
+	}
+	create("first")
+	tmpl := templateName("ext4", size)
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if v, err := p.Get(tmpl); err == nil && v.Sealed {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the template was not built")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var uuids [][16]byte
+	for i, name := range []string{"clone-a", "clone-b"} {
+		id := create(name)
+		if v, err := p.Get(name); err != nil || v.Source != tmpl {
+			t.Fatalf("%s: %+v, %v", name, v, err)
+		}
+		staging := filepath.Join(kubeletDir, "staging", name)
+		if _, err := c.NodeStageVolume(t.Context(), &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: fsCap}); err != nil {
+			t.Fatal(err)
+		}
+		data := bytes.Repeat([]byte{byte(i + 1)}, 1<<20)
+		if err := os.WriteFile(filepath.Join(staging, "data"), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		dev, err := p.DevicePath(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.Open(dev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := fsprobe.Probe(f)
+		f.Close()
+		if err != nil || info.Type != "ext4" || info.SizeBytes != size || info.NeverMounted {
+			t.Fatalf("%s after stage: %+v, %v", name, info, err)
+		}
+		uuids = append(uuids, info.UUID)
+	}
+	if uuids[0] == uuids[1] {
+		t.Fatalf("two clones of one template share UUID %x", uuids[0])
+	}
+	for _, name := range []string{"clone-a", "clone-b"} {
+		id := "tmpl/" + name
+		staging := filepath.Join(kubeletDir, "staging", name)
+		if got, err := os.ReadFile(filepath.Join(staging, "data")); err != nil || len(got) != 1<<20 {
+			t.Fatalf("%s: read back %d bytes, %v", name, len(got), err)
+		}
+		if _, err := c.NodeUnstageVolume(t.Context(), &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+			t.Fatal(err)
+		}
+		dev, err := p.Activate(t.Context(), name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command("e2fsck", "-f", "-n", dev).CombinedOutput(); err != nil {
+			t.Errorf("e2fsck %s: %v\n%s", name, err, out)
+		}
+		if err := p.Deactivate(t.Context(), name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, name := range []string{"first", "clone-a", "clone-b"} {
+		if _, err := c.DeleteVolume(t.Context(), &csi.DeleteVolumeRequest{VolumeId: "tmpl/" + name}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if left := leftovers(d, p); len(left) != 0 {
+		t.Errorf("left: %v", left)
+	}
+	if u, err := p.Usage(); err != nil || u.Templates != 1 {
+		t.Errorf("usage %+v, %v", u, err)
+	}
+}
