@@ -1,0 +1,422 @@
+package csi
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+
+	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+)
+
+// The driver over real thinpool.Pools on a FakeKernel and the fake FS, on
+// the host under -race. Handlers are called directly; sanity_test.go goes
+// through gRPC.
+
+func TestCreateVolumeIdempotent(t *testing.T) {
+	e := newDriverEnv(t)
+	ctx := t.Context()
+	req := &csi.CreateVolumeRequest{
+		Name: "pvc-1", CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes},
+		VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+		Parameters:         map[string]string{ParamFSType: "ext4"},
+	}
+	first, err := e.d.CreateVolume(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := first.GetVolume()
+	if v.GetVolumeId() != testPool+"/pvc-1" || v.GetCapacityBytes() != testVolBytes {
+		t.Errorf("volume %v", v)
+	}
+	if topo := v.GetAccessibleTopology(); len(topo) != 1 || topo[0].GetSegments()[TopologyKey] != testNode {
+		t.Errorf("accessible topology %v", topo)
+	}
+	for range 3 {
+		again, err := e.d.CreateVolume(ctx, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !proto.Equal(again.GetVolume(), v) {
+			t.Errorf("repeat gave %v, first %v", again.GetVolume(), v)
+		}
+	}
+	// A range the existing volume fits is the same request.
+	fits, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-1", VolumeCapabilities: req.VolumeCapabilities,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20, LimitBytes: 32 << 20}})
+	if err != nil || fits.GetVolume().GetVolumeId() != v.GetVolumeId() {
+		t.Errorf("a fitting range: %v, %v", fits, err)
+	}
+	if n := len(e.pools[testPool].List()); n != 1 {
+		t.Errorf("%d devices after repeats, want 1", n)
+	}
+	src := e.createVolume("other").GetVolumeId()
+	runBadCases(t, e, []badCase{
+		{"larger", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-1", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * testVolBytes}}))
+		}, codes.AlreadyExists, []string{"pvc-1"}},
+		{"under the limit", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-1", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: &csi.CapacityRange{LimitBytes: testVolBytes / 2}}))
+		}, codes.AlreadyExists, []string{"pvc-1"}},
+		{"with a source", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-1", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: req.CapacityRange,
+				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: src}}}}))
+		}, codes.AlreadyExists, []string{"pvc-1"}},
+		{"limit under required", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: &csi.CapacityRange{RequiredBytes: 2 << 20, LimitBytes: 1 << 20}}))
+		}, codes.OutOfRange, []string{"limit"}},
+		{"negative", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: &csi.CapacityRange{RequiredBytes: -1}}))
+		}, codes.InvalidArgument, []string{"capacity_range"}},
+	})
+
+	// Names that are not device names map to one device each, the same
+	// one every time.
+	long := strings.Repeat("ü", 60) // 120 bytes
+	a, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: long, VolumeCapabilities: req.VolumeCapabilities})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: long, VolumeCapabilities: req.VolumeCapabilities})
+	if err != nil || a.GetVolume().GetVolumeId() != b.GetVolume().GetVolumeId() {
+		t.Errorf("hashed name not idempotent: %v, %v, %v", a, b, err)
+	}
+	if a.GetVolume().GetCapacityBytes() != defaultVolumeBytes {
+		t.Errorf("no capacity range gave %d bytes, want %d", a.GetVolume().GetCapacityBytes(), defaultVolumeBytes)
+	}
+}
+
+func TestCreateVolumeNoSpace(t *testing.T) {
+	// 64 MiB of data, at most 1x provisioned, 10% free floor.
+	e := newDriverEnv(t, func(c *thinpool.Config) { c.DataFileBytes = 64 << 20; c.OverprovisionRatio = 1 })
+	ctx := t.Context()
+	mk := func(name string, size int64) (*csi.CreateVolumeResponse, error) {
+		return e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, VolumeCapabilities: []*csi.VolumeCapability{fsCap}, CapacityRange: &csi.CapacityRange{RequiredBytes: size}})
+	}
+	if _, err := mk("fits", 48<<20); err != nil {
+		t.Fatal(err)
+	}
+	runBadCases(t, e, []badCase{
+		{"over the ratio", func(ctx context.Context, d *Driver) error { return ignore(mk("too-much", 32<<20)) }, codes.ResourceExhausted, nil},
+		{"other node's topology", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "elsewhere", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+				AccessibilityRequirements: &csi.TopologyRequirement{Requisite: []*csi.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}}}}))
+		}, codes.ResourceExhausted, []string{"requisite", testNode}},
+	})
+	// Requisite topology that includes this node is fine.
+	if _, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "here", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 20},
+		AccessibilityRequirements: &csi.TopologyRequirement{
+			Requisite: []*csi.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}, {Segments: map[string]string{TopologyKey: testNode}}},
+			Preferred: []*csi.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}},
+		}}); err != nil {
+		t.Errorf("requisite including this node: %v", err)
+	}
+}
+
+func TestCloneAndRestore(t *testing.T) {
+	e := newDriverEnv(t)
+	ctx := t.Context()
+	src := e.createVolume("src").GetVolumeId()
+	data := bytes.Repeat([]byte("dm-thin!"), 1024)
+	e.write(src, 1<<20, data)
+	snap := e.createSnapshot("snap", src)
+	if snap.GetSourceVolumeId() != src || !snap.GetReadyToUse() || snap.GetSizeBytes() != testVolBytes {
+		t.Errorf("snapshot %v", snap)
+	}
+	// The source changes after the snapshot; the snapshot keeps the old data.
+	e.write(src, 1<<20, bytes.Repeat([]byte("changed!"), 1024))
+
+	fromSnap := &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.GetSnapshotId()}}}
+	restored, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restored", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * testVolBytes}, VolumeContentSource: fromSnap})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !proto.Equal(restored.GetVolume().GetContentSource(), fromSnap) || restored.GetVolume().GetCapacityBytes() != 2*testVolBytes {
+		t.Errorf("restored volume %v", restored.GetVolume())
+	}
+	if got := e.read(restored.GetVolume().GetVolumeId(), 1<<20, len(data)); !bytes.Equal(got, data) {
+		t.Errorf("restored data differs from the snapshot's")
+	}
+
+	fromVol := &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: src}}}
+	cloneReq := &csi.CreateVolumeRequest{Name: "clone", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes}, VolumeContentSource: fromVol}
+	clone, err := e.d.CreateVolume(ctx, cloneReq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !proto.Equal(clone.GetVolume().GetContentSource(), fromVol) || clone.GetVolume().GetCapacityBytes() != testVolBytes {
+		t.Errorf("clone %v", clone.GetVolume())
+	}
+	if got := e.read(clone.GetVolume().GetVolumeId(), 1<<20, 8); string(got) != "changed!" {
+		t.Errorf("clone reads %q, want the source's current data", got)
+	}
+	// Repeats are idempotent.
+	again, err := e.d.CreateVolume(ctx, cloneReq)
+	if err != nil || !proto.Equal(again.GetVolume(), clone.GetVolume()) {
+		t.Errorf("repeated clone: %v, %v", again, err)
+	}
+
+	betaVol := e.createVolumeIn(otherPool, "b")
+	runBadCases(t, e, []badCase{
+		{"smaller than the source", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "small", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+				CapacityRange: &csi.CapacityRange{LimitBytes: testVolBytes / 2}, VolumeContentSource: fromSnap}))
+		}, codes.OutOfRange, nil},
+		{"source in another pool", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "x", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: betaVol}}}}))
+		}, codes.NotFound, []string{otherPool}},
+		{"restore under another name's source", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restored", VolumeCapabilities: []*csi.VolumeCapability{fsCap}, VolumeContentSource: fromVol}))
+		}, codes.AlreadyExists, nil},
+	})
+}
+
+func (e *driverEnv) createVolumeIn(pool, name string) string {
+	e.t.Helper()
+	resp, err := e.d.CreateVolume(e.t.Context(), &csi.CreateVolumeRequest{Name: name, VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes}, Parameters: map[string]string{ParamPool: pool}})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return resp.GetVolume().GetVolumeId()
+}
+
+func TestCreateSnapshotIdempotent(t *testing.T) {
+	e := newDriverEnv(t)
+	ctx := t.Context()
+	a := e.createVolume("a").GetVolumeId()
+	b := e.createVolume("b").GetVolumeId()
+	s := e.createSnapshot("snap-1", a)
+	if s.GetSnapshotId() != testPool+"/snap-1" || s.GetCreationTime() == nil {
+		t.Errorf("snapshot %v", s)
+	}
+	if topo := s.GetAccessibleTopology(); len(topo) != 1 || topo[0].GetSegments()[TopologyKey] != testNode {
+		t.Errorf("snapshot topology %v", topo)
+	}
+	again := e.createSnapshot("snap-1", a)
+	if !proto.Equal(again, s) {
+		t.Errorf("repeat gave %v, first %v", again, s)
+	}
+	got, err := e.d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: s.GetSnapshotId()})
+	if err != nil || !proto.Equal(got.GetSnapshot(), s) {
+		t.Errorf("GetSnapshot: %v, %v", got, err)
+	}
+	runBadCases(t, e, []badCase{
+		{"other source", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-1", SourceVolumeId: b}))
+		}, codes.AlreadyExists, []string{"snap-1"}},
+		{"a volume's name", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "b", SourceVolumeId: a}))
+		}, codes.AlreadyExists, nil},
+		{"volume with a snapshot's name", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "snap-1", VolumeCapabilities: []*csi.VolumeCapability{fsCap}}))
+		}, codes.AlreadyExists, nil},
+	})
+	// Deleting the source leaves the snapshot; deletes are idempotent.
+	for range 2 {
+		if _, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: a}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := e.d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: s.GetSnapshotId()}); err != nil {
+		t.Errorf("snapshot gone with its source: %v", err)
+	}
+	for range 2 {
+		if _, err := e.d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: s.GetSnapshotId()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := e.d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: s.GetSnapshotId()}); status.Code(err) != codes.NotFound {
+		t.Errorf("deleted snapshot: %v", err)
+	}
+}
+
+func TestListPagination(t *testing.T) {
+	e := newDriverEnv(t)
+	ctx := t.Context()
+	var vols []string
+	for i := range 5 {
+		vols = append(vols, e.createVolume(fmt.Sprintf("v%d", i)).GetVolumeId())
+	}
+	vols = append(vols, e.createVolumeIn(otherPool, "w"))
+	snaps := map[string]string{} // snapshot ID -> source ID
+	for i, src := range []string{vols[0], vols[0], vols[1]} {
+		snaps[e.createSnapshot(fmt.Sprintf("s%d", i), src).GetSnapshotId()] = src
+	}
+
+	var got []string
+	token := ""
+	for pages := 0; ; pages++ {
+		resp, err := e.d.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: 2, StartingToken: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.GetEntries()) > 2 {
+			t.Fatalf("page of %d entries, max 2", len(resp.GetEntries()))
+		}
+		for _, en := range resp.GetEntries() {
+			got = append(got, en.GetVolume().GetVolumeId())
+			if en.GetVolume().GetCapacityBytes() != testVolBytes {
+				t.Errorf("entry %v", en)
+			}
+		}
+		token = resp.GetNextToken()
+		if token == "" {
+			break
+		}
+		if pages > 10 {
+			t.Fatal("pagination does not end")
+		}
+	}
+	want := slices.Sorted(slices.Values(vols))
+	if !slices.Equal(got, want) {
+		t.Errorf("paged ListVolumes = %v, want %v (snapshots excluded)", got, want)
+	}
+	all, err := e.d.ListVolumes(ctx, &csi.ListVolumesRequest{})
+	if err != nil || len(all.GetEntries()) != len(vols) || all.GetNextToken() != "" {
+		t.Errorf("unpaged ListVolumes: %d entries, token %q, %v", len(all.GetEntries()), all.GetNextToken(), err)
+	}
+
+	runBadCases(t, e, []badCase{
+		{"ListVolumes/bad token", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ListVolumes(ctx, &csi.ListVolumesRequest{StartingToken: "invalid-token"}))
+		}, codes.Aborted, []string{"starting_token"}},
+		{"ListVolumes/token past the end", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ListVolumes(ctx, &csi.ListVolumesRequest{StartingToken: "99"}))
+		}, codes.Aborted, nil},
+		{"ListVolumes/negative max_entries", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: -1}))
+		}, codes.InvalidArgument, []string{"max_entries"}},
+		{"ListSnapshots/bad token", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ListSnapshots(ctx, &csi.ListSnapshotsRequest{StartingToken: "-1"}))
+		}, codes.Aborted, nil},
+		{"ControllerListVolumeHealth/bad token", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ControllerListVolumeHealth(ctx, &csi.ControllerListVolumeHealthRequest{StartingToken: "x"}))
+		}, codes.Aborted, nil},
+	})
+
+	listSnaps := func(req *csi.ListSnapshotsRequest) []string {
+		t.Helper()
+		var ids []string
+		for {
+			resp, err := e.d.ListSnapshots(ctx, req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, en := range resp.GetEntries() {
+				ids = append(ids, en.GetSnapshot().GetSnapshotId())
+				if snaps[en.GetSnapshot().GetSnapshotId()] != en.GetSnapshot().GetSourceVolumeId() {
+					t.Errorf("entry %v: wrong source", en)
+				}
+			}
+			if resp.GetNextToken() == "" {
+				return ids
+			}
+			req = proto.Clone(req).(*csi.ListSnapshotsRequest)
+			req.StartingToken = resp.GetNextToken()
+		}
+	}
+	for name, tc := range map[string]struct {
+		req  *csi.ListSnapshotsRequest
+		want []string
+	}{
+		"all, paged":         {&csi.ListSnapshotsRequest{MaxEntries: 1}, []string{testPool + "/s0", testPool + "/s1", testPool + "/s2"}},
+		"by id":              {&csi.ListSnapshotsRequest{SnapshotId: testPool + "/s1"}, []string{testPool + "/s1"}},
+		"by unknown id":      {&csi.ListSnapshotsRequest{SnapshotId: testPool + "/nope"}, nil},
+		"by malformed id":    {&csi.ListSnapshotsRequest{SnapshotId: "nope"}, nil},
+		"by a volume's id":   {&csi.ListSnapshotsRequest{SnapshotId: vols[0]}, nil},
+		"by source":          {&csi.ListSnapshotsRequest{SourceVolumeId: vols[0], MaxEntries: 1}, []string{testPool + "/s0", testPool + "/s1"}},
+		"by source and id":   {&csi.ListSnapshotsRequest{SourceVolumeId: vols[1], SnapshotId: testPool + "/s0"}, nil},
+		"by unknown source":  {&csi.ListSnapshotsRequest{SourceVolumeId: "gamma/v0"}, nil},
+		"by snapless source": {&csi.ListSnapshotsRequest{SourceVolumeId: vols[2]}, nil},
+	} {
+		if got := listSnaps(tc.req); !slices.Equal(got, tc.want) {
+			t.Errorf("ListSnapshots %s = %v, want %v", name, got, tc.want)
+		}
+	}
+}
+
+func TestGetCapacity(t *testing.T) {
+	e := newDriverEnv(t, func(c *thinpool.Config) { c.OverprovisionRatio = 1 })
+	ctx := t.Context()
+	capacity := func(req *csi.GetCapacityRequest) int64 {
+		t.Helper()
+		resp, err := e.d.GetCapacity(ctx, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.GetAvailableCapacity()
+	}
+	here := &csi.Topology{Segments: map[string]string{TopologyKey: testNode}}
+	before := capacity(&csi.GetCapacityRequest{AccessibleTopology: here, VolumeCapabilities: []*csi.VolumeCapability{fsCap}})
+	if before <= 0 {
+		t.Fatalf("capacity of an empty pool: %d", before)
+	}
+	resp, err := e.d.GetCapacity(ctx, &csi.GetCapacityRequest{})
+	if err != nil || resp.GetMinimumVolumeSize().GetValue() != minVolumeBytes || resp.GetMaximumVolumeSize().GetValue() != before {
+		t.Errorf("GetCapacity %v, %v", resp, err)
+	}
+	// At most 1x of 256 MiB may be provisioned: with 64 MiB of volumes,
+	// 192 MiB are left, under the free data above the 10% floor.
+	for i := range 4 {
+		e.createVolume(fmt.Sprintf("v%d", i))
+	}
+	if after := capacity(&csi.GetCapacityRequest{}); after != testPoolBytes-4*testVolBytes || after >= before {
+		t.Errorf("capacity %d after 4 volumes, %d before; want %d", after, before, testPoolBytes-4*testVolBytes)
+	}
+	if other := capacity(&csi.GetCapacityRequest{Parameters: map[string]string{ParamPool: otherPool}}); other != before {
+		t.Errorf("capacity of the untouched pool %s = %d, want %d", otherPool, other, before)
+	}
+	for name, topo := range map[string]*csi.Topology{
+		"other node":  {Segments: map[string]string{TopologyKey: "node-b"}},
+		"no node key": {Segments: map[string]string{"zone": "z1"}},
+	} {
+		if c := capacity(&csi.GetCapacityRequest{AccessibleTopology: topo}); c != 0 {
+			t.Errorf("capacity for %s = %d, want 0", name, c)
+		}
+	}
+}
+
+// An xfs volume is made at least as large as mkfs.xfs accepts, and a clone
+// without a size takes its source's.
+func TestCreateVolumeSizesXFSAndClones(t *testing.T) {
+	d := newDriverEnv(t).d
+	ctx := context.Background()
+	xfsCap := &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "xfs"}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+	r, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "small-xfs", CapacityRange: &csi.CapacityRange{RequiredBytes: 16 << 20}, VolumeCapabilities: []*csi.VolumeCapability{xfsCap}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := r.GetVolume().GetCapacityBytes(); got != minXFSBytes {
+		t.Errorf("xfs volume of %d bytes, want %d", got, minXFSBytes)
+	}
+	if _, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "capped-xfs", CapacityRange: &csi.CapacityRange{RequiredBytes: 16 << 20, LimitBytes: 32 << 20}, VolumeCapabilities: []*csi.VolumeCapability{xfsCap}}); status.Code(err) != codes.OutOfRange {
+		t.Errorf("xfs volume under a 32 MiB limit: %v, want OutOfRange", err)
+	}
+	src, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "src", CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20}, VolumeCapabilities: []*csi.VolumeCapability{mountCap("ext4", csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "clone", VolumeCapabilities: []*csi.VolumeCapability{mountCap("ext4", csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)},
+		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: src.GetVolume().GetVolumeId()}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.GetVolume().GetCapacityBytes(); got != 64<<20 {
+		t.Errorf("clone without a size has %d bytes, want its source's %d", got, 64<<20)
+	}
+}
