@@ -118,7 +118,7 @@ func poolStatus(args []string) error {
 		return err
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "POOL\tHEALTH\tMODE\tDATA USED\tDATA SIZE\tMETADATA USED\tPROVISIONED\tAVAILABLE\tVOLUMES\tSNAPSHOTS")
+	fmt.Fprintln(tw, "POOL\tHEALTH\tMODE\tDATA USED\tDATA SIZE\tMETADATA USED\tPROVISIONED\tAVAILABLE\tVOLUMES\tSNAPSHOTS\tTEMPLATES")
 	for _, p := range pools {
 		u := p.Usage
 		health := "ok"
@@ -132,9 +132,9 @@ func poolStatus(args []string) error {
 		case !u.Healthy():
 			health = "degraded"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", p.Name, health, u.Mode,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\n", p.Name, health, u.Mode,
 			pct(u.DataUsedBytes, u.DataBytes), gib(u.DataBytes), pct(u.MetadataUsedBytes, u.MetadataBytes),
-			gib(u.ProvisionedBytes), gib(u.AvailableBytes), u.Volumes, u.Snapshots)
+			gib(u.ProvisionedBytes), gib(u.AvailableBytes), u.Volumes, u.Snapshots, u.Templates)
 	}
 	return tw.Flush()
 }

@@ -37,6 +37,7 @@ func serve(args []string) error {
 	stateDir := fs.String("state-dir", defaultStateDir, "where pool records live (not on a pool) and admin.sock")
 	kubeletDir := fs.String("kubelet-dir", "/var/lib/kubelet", "kubelet's root directory; nothing outside it is mounted over or removed")
 	metricsAddr := fs.String("metrics-address", ":9808", "address for /metrics and /healthz; empty turns it off")
+	templates := fs.Int("templates-per-pool", csi.DefaultTemplates, "formatted templates each pool keeps, so new filesystem volumes need no mkfs; 0 turns them off")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -96,6 +97,7 @@ func serve(args []string) error {
 		Name: *driverName, Version: version, NodeID: *nodeID,
 		Pools: drvPools, DefaultPool: defPool, KubeletDir: *kubeletDir,
 		FS: csi.NewHostFS(), Interceptors: []grpc.UnaryServerInterceptor{m.UnaryServerInterceptor()},
+		Templates: templatesOption(*templates),
 	})
 	if err != nil {
 		return err
@@ -169,4 +171,13 @@ func serve(args []string) error {
 	}
 	wg.Wait()
 	return err
+}
+
+// templatesOption maps the flag, where 0 means none, onto csi.Options,
+// where 0 means the default.
+func templatesOption(n int) int {
+	if n <= 0 {
+		return -1
+	}
+	return n
 }

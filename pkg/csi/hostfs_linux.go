@@ -166,7 +166,7 @@ func (h *hostFS) Mount(ctx context.Context, source, target, fstype string, optio
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return h.mounter.Mount(source, target, fstype, options)
+	return sysMount(source, target, fstype, options)
 }
 
 func (h *hostFS) Unmount(ctx context.Context, path string) error {

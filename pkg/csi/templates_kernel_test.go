@@ -4,6 +4,8 @@ package csi
 
 import (
 	"bytes"
+	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +13,7 @@ import (
 	"time"
 
 	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 
 	"github.com/csi-dmthin/csi-dmthin/internal/fsprobe"
 )
@@ -80,6 +83,30 @@ func TestTemplatesKernel(t *testing.T) {
 			t.Fatalf("%s after stage: %+v, %v", name, info, err)
 		}
 		uuids = append(uuids, info.UUID)
+	}
+	// Published with mount(2): a read-only bind is read-only, a
+	// read-write one writes through to the staged filesystem.
+	for _, ro := range []bool{true, false} {
+		target := filepath.Join(kubeletDir, "pods", fmt.Sprint(ro), "mount")
+		if _, err := c.NodePublishVolume(t.Context(), &csi.NodePublishVolumeRequest{
+			VolumeId: "tmpl/clone-a", StagingTargetPath: filepath.Join(kubeletDir, "staging", "clone-a"),
+			TargetPath: target, VolumeCapability: fsCap, Readonly: ro,
+		}); err != nil {
+			t.Fatal(err)
+		}
+		err := os.WriteFile(filepath.Join(target, "via-"+fmt.Sprint(ro)), []byte("x"), 0o644)
+		if ro && !errors.Is(err, unix.EROFS) {
+			t.Errorf("write through a read-only publish: %v, want EROFS", err)
+		}
+		if !ro && err != nil {
+			t.Errorf("write through a read-write publish: %v", err)
+		}
+		if _, err := c.NodeUnpublishVolume(t.Context(), &csi.NodeUnpublishVolumeRequest{VolumeId: "tmpl/clone-a", TargetPath: target}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(kubeletDir, "staging", "clone-a", "via-false")); err != nil {
+		t.Errorf("the read-write publish did not reach the staged filesystem: %v", err)
 	}
 	if uuids[0] == uuids[1] {
 		t.Fatalf("two clones of one template share UUID %x", uuids[0])
