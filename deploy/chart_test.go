@@ -28,9 +28,9 @@ const fullValues = `
 driverName: thin.example.org
 kubeletDir: /var/lib/k0s/kubelet/
 global:
-  imageRegistry: registry.invalid:5000/mirror
+  imageRegistry: images.example.invalid:5000/mirror
 image:
-  registry: ignored.invalid
+  registry: unused.example.invalid
   repository: storage/csi-dmthin
   tag: v9.9.9
   pullPolicy: Always
@@ -40,18 +40,18 @@ customLabels:
   team: storage
 sidecars:
   provisioner:
-    image: {registry: ignored.invalid, repository: csi/provisioner, tag: p1, pullPolicy: Never}
+    image: {registry: unused.example.invalid, repository: csi/provisioner, tag: p1, pullPolicy: Never}
     logLevel: 5
     nodeDeploymentBaseDelay: 2s
     additionalArgs: [--worker-threads=3]
     resources: {requests: {cpu: 10m, memory: 20Mi}}
   snapshotter:
-    image: {registry: ignored.invalid, repository: csi/snapshotter, tag: s1, pullPolicy: Never}
+    image: {registry: unused.example.invalid, repository: csi/snapshotter, tag: s1, pullPolicy: Never}
     logLevel: 4
     additionalArgs: [--worker-threads=2]
     resources: {limits: {memory: 64Mi}}
   resizer:
-    image: {registry: ignored.invalid, repository: csi/resizer, tag: r1, pullPolicy: Never}
+    image: {registry: unused.example.invalid, repository: csi/resizer, tag: r1, pullPolicy: Never}
     logLevel: 3
     additionalArgs: [--workers=2]
     resources: {requests: {cpu: 5m}}
@@ -472,10 +472,10 @@ func TestFullValues(t *testing.T) {
 			policy      corev1.PullPolicy
 			resource    string
 		}{
-			{"csi-dmthin", "registry.invalid:5000/mirror/storage/csi-dmthin:v9.9.9", corev1.PullAlways, "256Mi"},
-			{"csi-provisioner", "registry.invalid:5000/mirror/csi/provisioner:p1", corev1.PullNever, "20Mi"},
-			{"csi-snapshotter", "registry.invalid:5000/mirror/csi/snapshotter:s1", corev1.PullNever, "64Mi"},
-			{"csi-resizer", "registry.invalid:5000/mirror/csi/resizer:r1", corev1.PullNever, "5m"},
+			{"csi-dmthin", "images.example.invalid:5000/mirror/storage/csi-dmthin:v9.9.9", corev1.PullAlways, "256Mi"},
+			{"csi-provisioner", "images.example.invalid:5000/mirror/csi/provisioner:p1", corev1.PullNever, "20Mi"},
+			{"csi-snapshotter", "images.example.invalid:5000/mirror/csi/snapshotter:s1", corev1.PullNever, "64Mi"},
+			{"csi-resizer", "images.example.invalid:5000/mirror/csi/resizer:r1", corev1.PullNever, "5m"},
 		} {
 			ctr := container(t, pod, c.name)
 			if ctr.Image != c.image || ctr.ImagePullPolicy != c.policy {
