@@ -227,7 +227,7 @@ func TestDefaultRender(t *testing.T) {
 		names = append(names, c.Name)
 	}
 	// No node-driver-registrar and no livenessprobe: the driver registers
-	// with kubelet and serves /healthz itself.
+	// with kubelet and serves /livez itself.
 	if want := []string{"csi-dmthin", "csi-provisioner", "csi-snapshotter", "csi-resizer"}; !slices.Equal(names, want) {
 		t.Errorf("containers %q, want %q", names, want)
 	}
@@ -272,7 +272,7 @@ func TestDefaultRender(t *testing.T) {
 		t.Error("driver has no NODE_NAME from spec.nodeName")
 	}
 	lp := drv.LivenessProbe
-	if lp == nil || lp.HTTPGet == nil || lp.HTTPGet.Path != "/healthz" || lp.HTTPGet.Port.String() != "metrics" {
+	if lp == nil || lp.HTTPGet == nil || lp.HTTPGet.Path != "/livez" || lp.HTTPGet.Port.String() != "metrics" {
 		t.Errorf("driver liveness probe %+v", lp)
 	}
 	if len(drv.Ports) != 1 || drv.Ports[0].Name != "metrics" || drv.Ports[0].ContainerPort != 9808 {

@@ -36,7 +36,7 @@ func serve(args []string) error {
 	config := fs.String("config", "/etc/csi-dmthin/pools.yaml", "pools configuration file")
 	stateDir := fs.String("state-dir", defaultStateDir, "where pool records live (not on a pool) and admin.sock")
 	kubeletDir := fs.String("kubelet-dir", "/var/lib/kubelet", "kubelet's root directory; nothing outside it is mounted over or removed")
-	metricsAddr := fs.String("metrics-address", ":9808", "address for /metrics and /healthz; empty turns it off")
+	metricsAddr := fs.String("metrics-address", ":9808", "address for /metrics, /livez and /healthz; empty turns it off")
 	templates := fs.Int("templates-per-pool", csi.DefaultTemplates, "formatted templates each pool keeps, so new filesystem volumes need no mkfs; 0 turns them off")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -114,6 +114,13 @@ func serve(args []string) error {
 	if *metricsAddr != "" {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", csi.Handler(reg))
+		// /livez is for the kubelet's liveness probe: the process serves.
+		// A restart would not mend an unhealthy pool (it needs thin_check
+		// or more space), so /healthz, which reports one, is for readiness
+		// and for people, not for restarting the driver.
+		mux.HandleFunc("/livez", func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintln(w, "ok")
+		})
 		mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 			if _, err := d.Probe(r.Context(), nil); err != nil {
 				http.Error(w, err.Error(), http.StatusServiceUnavailable)
