@@ -112,7 +112,7 @@ func walk() error {
 	var pool *thinpool.Pool
 	var drv *csi.Driver
 	d := &demo{ctx: ctx, kubeletDir: filepath.Join(dir, "kubelet")}
-	var vol, snap, restored, clone string
+	var vol, fast, snap, restored, clone string
 	var target string
 
 	steps := []struct {
@@ -158,6 +158,25 @@ func walk() error {
 		{"NodeStage + NodePublish (mkfs.ext4, mount)", func() (string, error) {
 			target, err = d.stagePublish(vol)
 			return target, err
+		}},
+		{"wait for the 1 GiB ext4 template (built in the background)", func() (string, error) {
+			for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+				for _, v := range pool.List() {
+					if v.Kind == thinpool.KindTemplate && v.Sealed {
+						return v.Name, nil
+					}
+				}
+			}
+			return "", fmt.Errorf("no template after 2 minutes")
+		}},
+		{"CreateVolume + NodeStage + NodePublish: another 1 GiB (template clone, no mkfs)", func() (string, error) {
+			r, err := d.ctl.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "pvc-fast", CapacityRange: &csipb.CapacityRange{RequiredBytes: 1 << 30},
+				VolumeCapabilities: []*csipb.VolumeCapability{mountCap}})
+			if err != nil {
+				return "", err
+			}
+			fast = r.GetVolume().GetVolumeId()
+			return d.stagePublish(fast)
 		}},
 		{"write a file", func() (string, error) { return `hello.txt = "first"`, writeFile(target, "first") }},
 		{"CreateSnapshot while mounted", func() (string, error) {
@@ -237,7 +256,7 @@ func walk() error {
 			return fmt.Sprintf("%d volumes, %d snapshot; data %d MiB used of %d MiB; %d MiB provisioned", u.Volumes, u.Snapshots, u.DataUsedBytes>>20, u.DataBytes>>20, u.ProvisionedBytes>>20), nil
 		}},
 		{"unpublish, unstage and delete everything", func() (string, error) {
-			for _, id := range []string{vol, restored, clone} {
+			for _, id := range []string{vol, fast, restored, clone} {
 				if err := d.unpublishUnstage(id); err != nil {
 					return "", err
 				}
@@ -259,10 +278,23 @@ func walk() error {
 			if n := len(vols.GetEntries()) + len(snaps.GetEntries()); n != 0 {
 				return "", fmt.Errorf("%d volumes and snapshots left", n)
 			}
-			if n := len(pool.List()); n != 0 {
-				return "", fmt.Errorf("%d thin devices left in the pool", n)
+			return "no volume or snapshot left", nil
+		}},
+		{"stop the driver; delete the templates it kept", func() (string, error) {
+			drv.Stop() // waits for template builds
+			n := 0
+			for _, v := range pool.List() {
+				if v.Kind == thinpool.KindTemplate {
+					if err := pool.Delete(ctx, v.Name); err != nil {
+						return "", err
+					}
+					n++
+				}
 			}
-			return "no volume, snapshot or thin device left", nil
+			if left := len(pool.List()); left != 0 {
+				return "", fmt.Errorf("%d thin devices left in the pool", left)
+			}
+			return fmt.Sprintf("%d template deleted; no thin device left", n), nil
 		}},
 	}
 	for _, s := range steps {
@@ -270,7 +302,6 @@ func walk() error {
 			return err
 		}
 	}
-	drv.Stop()
 	pool.Close()
 	fmt.Println("\nDone: every CSI call worked on a real dm-thin pool; everything the demo made is gone again.")
 	return nil
