@@ -36,6 +36,16 @@ func (e *driverEnv) unstage(vol, staging string) error {
 	return err
 }
 
+// mounted creates a filesystem volume, stages it and publishes it.
+func (e *driverEnv) mounted(name string) (vol, staging, target string) {
+	e.t.Helper()
+	vol = e.createVolume(name).GetVolumeId()
+	staging, target = e.path("staging", name), e.path("pods", "p", name)
+	mustOK(e.t, "stage", e.stage(vol, staging, fsCap, nil))
+	mustOK(e.t, "publish", e.publish(vol, staging, target, fsCap, false))
+	return vol, staging, target
+}
+
 func mustOK(t *testing.T, what string, err error) {
 	t.Helper()
 	if err != nil {
@@ -242,10 +252,7 @@ func TestSingleWriterPublish(t *testing.T) {
 func TestNodeExpandVolume(t *testing.T) {
 	e := newDriverEnv(t)
 	ctx := t.Context()
-	vol := e.createVolume("vol").GetVolumeId()
-	staging, target := e.path("staging", "vol"), e.path("pods", "p", "vol")
-	mustOK(t, "stage", e.stage(vol, staging, fsCap, nil))
-	mustOK(t, "publish", e.publish(vol, staging, target, fsCap, false))
+	vol, staging, target := e.mounted("vol")
 	device := e.fs.mountTable()[staging].Source
 
 	resp, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, StagingTargetPath: staging,
@@ -307,10 +314,7 @@ func TestNodeExpandVolume(t *testing.T) {
 
 func TestNodeGetVolumeStats(t *testing.T) {
 	e := newDriverEnv(t)
-	vol := e.createVolume("vol").GetVolumeId()
-	staging, target := e.path("staging", "vol"), e.path("pods", "p", "vol")
-	mustOK(t, "stage", e.stage(vol, staging, fsCap, nil))
-	mustOK(t, "publish", e.publish(vol, staging, target, fsCap, false))
+	vol, _, target := e.mounted("vol")
 	resp, err := e.d.NodeGetVolumeStats(t.Context(), &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: target})
 	if err != nil {
 		t.Fatal(err)
@@ -348,10 +352,7 @@ func TestNodeGetVolumeStats(t *testing.T) {
 func TestVolumeHealth(t *testing.T) {
 	e := newDriverEnv(t)
 	ctx := t.Context()
-	vol := e.createVolume("vol").GetVolumeId()
-	staging, target := e.path("staging", "vol"), e.path("pods", "p", "vol")
-	mustOK(t, "stage", e.stage(vol, staging, fsCap, nil))
-	mustOK(t, "publish", e.publish(vol, staging, target, fsCap, false))
+	vol, staging, target := e.mounted("vol")
 	betaVol := e.createVolumeIn(otherPool, "b")
 
 	type health struct{ ctrl, list, node, storage []string }

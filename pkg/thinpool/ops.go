@@ -62,19 +62,31 @@ func (p *Pool) CreateTemplate(ctx context.Context, name string, sizeBytes int64)
 	return p.newDevice(ctx, name, "", sizeBytes, KindTemplate)
 }
 
+// lockName checks a name and takes its lock and then p.mu, for an
+// operation on one device; ErrClosed once the pool is closed.
+func (p *Pool) lockName(name string) (unlock func(), err error) {
+	if err := checkName(name); err != nil {
+		return nil, err
+	}
+	unlockVol := p.volLocks.Lock(name)
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		unlockVol()
+		return nil, ErrClosed
+	}
+	return func() { p.mu.Unlock(); unlockVol() }, nil
+}
+
 // SealTemplate marks a template's content complete, so that Clone takes it
 // as a source. The template must be inactive, so that everything written to
 // it has reached the pool. Sealing a sealed template is not an error.
 func (p *Pool) SealTemplate(ctx context.Context, name string) error {
-	if err := checkName(name); err != nil {
+	unlock, err := p.lockName(name)
+	if err != nil {
 		return err
 	}
-	defer p.volLocks.Lock(name)()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed {
-		return ErrClosed
-	}
+	defer unlock()
 	v := p.vols[name]
 	if v == nil || v.Deleting || v.Kind != KindTemplate {
 		return fmt.Errorf("%w: template %s", ErrNotFound, name)
@@ -290,15 +302,11 @@ func (p *Pool) poolError(what string, err error) error {
 // last opener closes it, and the thin device deleted after that (by the next
 // operation or Open); Get reports it as Deleting until then.
 func (p *Pool) Delete(ctx context.Context, name string) error {
-	if err := checkName(name); err != nil {
+	unlock, err := p.lockName(name)
+	if err != nil {
 		return err
 	}
-	defer p.volLocks.Lock(name)()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed {
-		return ErrClosed
-	}
+	defer unlock()
 	v := p.vols[name]
 	if v == nil {
 		return nil
