@@ -38,7 +38,7 @@ const AnnSelectedNode = "volume.kubernetes.io/selected-node"
 
 // Reasons of the Events placement puts on a PVC.
 const (
-	ReasonSourceNode          = "RestoreSourceNode"   // Normal: selected this node, which holds the source
+	ReasonSourceNode          = "RestoreSourceNode"    // Normal: selected this node, which holds the source
 	ReasonSourceMissing       = "RestoreSourceMissing" // Warning: the source is not where its records say
 	ReasonSourceNodeFull      = "SourceNodeFull"       // Warning: the source's pool has no room for the new volume
 	ReasonSourcePoolUnhealthy = "SourcePoolUnhealthy"  // Warning: the source's pool is failed or read-only

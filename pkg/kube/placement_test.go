@@ -343,4 +343,3 @@ func TestNoSpaceEventOnThePVC(t *testing.T) {
 		t.Errorf("events = %q", ev)
 	}
 }
-
