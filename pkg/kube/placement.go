@@ -99,6 +99,10 @@ type Placement struct {
 
 	mu     sync.Mutex
 	spoken map[types.UID]string // the reason last put on each PVC, so it is said once
+	// wroteOver is the resourceVersion of each PVC this node last updated
+	// successfully: until the cache moves past it, the cached copy is older
+	// than our own write, and acting on it would only earn a conflict.
+	wroteOver map[types.UID]string
 }
 
 // Index names.
@@ -119,7 +123,7 @@ func NewPlacement(o PlacementOptions) (*Placement, error) {
 	p := &Placement{
 		driver: o.DriverName, node: o.NodeName, owner: o.Owner, client: o.Client, recorder: o.Recorder,
 		queue:  workqueue.NewTypedRateLimitingQueueWithConfig(rl, workqueue.TypedRateLimitingQueueConfig[string]{Name: "csi-dmthin-placement"}),
-		spoken: map[types.UID]string{},
+		spoken: map[types.UID]string{}, wroteOver: map[types.UID]string{},
 	}
 	pvcInf := o.Informers.Core().V1().PersistentVolumeClaims()
 	pvInf := o.Informers.Core().V1().PersistentVolumes()
@@ -247,6 +251,10 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 	}
 	if err != nil {
 		return false, err
+	}
+	if p.staleCache(pvc) {
+		logger.V(4).Info("Cache behind this node's own write; waiting for the update")
+		return false, nil // the informer's update event brings it back
 	}
 	if !p.candidate(pvc) {
 		return false, nil
@@ -439,6 +447,7 @@ func (p *Placement) selectNode(ctx context.Context, pvc *corev1.PersistentVolume
 	if err != nil {
 		return false, err
 	}
+	p.wrote(pvc)
 	logger.Info("Selected this node for a restore or clone: it holds the source", "pvc", klog.KObj(pvc), "source", src.what, "id", src.id)
 	p.recorder.Eventf(pvc, corev1.EventTypeNormal, ReasonSourceNode, "node %s holds %s (%s); selected it for the new volume", p.node, src.what, src.id)
 	p.forget(pvc.UID)
@@ -466,6 +475,25 @@ func (p *Placement) forget(uid types.UID) {
 	p.mu.Unlock()
 }
 
+// wrote notes that this node updated pvc, read at its resourceVersion.
+func (p *Placement) wrote(pvc *corev1.PersistentVolumeClaim) {
+	p.mu.Lock()
+	p.wroteOver[pvc.UID] = pvc.ResourceVersion
+	p.mu.Unlock()
+}
+
+// staleCache reports whether pvc is the copy this node last wrote over.
+func (p *Placement) staleCache(pvc *corev1.PersistentVolumeClaim) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	rv, ok := p.wroteOver[pvc.UID]
+	if ok && rv != pvc.ResourceVersion {
+		delete(p.wroteOver, pvc.UID) // caught up
+		return false
+	}
+	return ok
+}
+
 // Event handlers: queue the PVC, or the PVCs restored or cloned from the
 // changed object.
 
@@ -486,6 +514,9 @@ func (p *Placement) pvcDeleted(obj any) {
 	}
 	if pvc, ok := obj.(*corev1.PersistentVolumeClaim); ok {
 		p.forget(pvc.UID)
+		p.mu.Lock()
+		delete(p.wroteOver, pvc.UID)
+		p.mu.Unlock()
 	}
 }
 

@@ -71,6 +71,7 @@ func (p *Placement) speakAboutGone(ctx context.Context, pvc *corev1.PersistentVo
 	case err != nil:
 		return false, err
 	}
+	p.wrote(pvc)
 	p.warnOnce(ctx, pvc, ReasonSourceMissing, msg)
 	return false, nil
 }
