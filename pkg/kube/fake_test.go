@@ -311,6 +311,8 @@ var (
 	foreign   = class("other", "ebs.csi.aws.com", storagev1.VolumeBindingWaitForFirstConsumer)
 )
 
+// claim is a pending PVC. Its CreationTimestamp is zero, so it counts as
+// long past goneGrace: a source missing now is gone.
 func claim(name, className string, src *corev1.TypedLocalObjectReference) *corev1.PersistentVolumeClaim {
 	pvc := &corev1.PersistentVolumeClaim{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},

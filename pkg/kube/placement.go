@@ -46,6 +46,12 @@ const (
 
 const snapshotGroup = "snapshot.storage.k8s.io"
 
+// goneGrace is how long after a PVC's creation a source that cannot be
+// found is taken to be on its way rather than gone: `kubectl apply` of a
+// VolumeSnapshot and its restore together can reach this node's informers
+// in either order.
+const goneGrace = 2 * time.Minute
+
 // Owner is what placement asks of this node's driver (*csi.Driver is one).
 // Each answer comes from this node's pools alone.
 type Owner interface {
@@ -266,6 +272,9 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 	switch {
 	case src.notReady != "":
 		logger.V(4).Info("Restore source not ready yet", "source", src.what, "why", src.notReady)
+		return true, nil
+	case src.gone != "" && time.Since(pvc.CreationTimestamp.Time) < goneGrace:
+		logger.V(4).Info("Restore source not found yet", "source", src.what, "why", src.gone)
 		return true, nil
 	case src.gone != "":
 		// Nobody holds it; one node says so (speaker.go).

@@ -187,6 +187,33 @@ func TestMissingSourceIsReportedByOneNode(t *testing.T) {
 	})
 }
 
+func TestMissingSourceOfANewPVCIsAwaited(t *testing.T) {
+	// Created together with its snapshot, the PVC may be seen first.
+	c := newCluster(t)
+	pvc := claim("restore", wffc.Name, fromSnapshot("snap-1"))
+	pvc.CreationTimestamp = metav1.Now()
+	c.create(t, wffc, pvc)
+	a := startNode(t, c, nodeA, owning("alpha/snap-1"), false)
+	if !a.sync(t, c, "restore") {
+		t.Error("a new PVC's missing source was not awaited")
+	}
+	wantNoEvents(t, a)
+	if n := c.pvcUpdates(); n != 0 {
+		t.Errorf("%d PVC updates, want none", n)
+	}
+	// The snapshot arrives and the restore is placed.
+	c.create(t, snapshot("snap-1", "content-1", true), content("content-1", "snap-1", "alpha/snap-1", nodeA))
+	eventually(t, "the snapshot in node-a's cache", func() bool {
+		_, err := a.p.contents.Get("content-1")
+		_, err2 := a.p.snapshots.VolumeSnapshots(ns).Get("snap-1")
+		return err == nil && err2 == nil
+	})
+	a.sync(t, c, "restore")
+	if got := c.pvc(t, "restore").Annotations[AnnSelectedNode]; got != nodeA {
+		t.Errorf("selected-node = %q, want %q", got, nodeA)
+	}
+}
+
 func TestCloneOfAClaim(t *testing.T) {
 	c := newCluster(t)
 	c.create(t, wffc, volume("pv-src", "alpha/pvc-src", nodeA, "src"), boundClaim("src", "pv-src"),
