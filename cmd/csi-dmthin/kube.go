@@ -186,10 +186,7 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 	}
 	opts := kube.PlacementOptions{
 		DriverName: k.driverName, NodeName: k.node, Owner: d, Client: k.client, Recorder: k.recorder,
-		Informers: k.core,
-	}
-	if k.snapInf != nil {
-		opts.SnapshotInformers = k.snapInf
+		Informers: k.core, SnapshotInformers: k.snapInf, // nil without the snapshot API
 	}
 	p, err := kube.NewPlacement(opts)
 	if err != nil {

@@ -145,33 +145,22 @@ func NewPlacement(o PlacementOptions) (*Placement, error) {
 	p.classes = scInf.Lister()
 	p.synced = []cache.InformerSynced{pvcInf.Informer().HasSynced, pvInf.Informer().HasSynced, scInf.Informer().HasSynced}
 
-	handlers := []struct {
-		inf cache.SharedIndexInformer
-		fn  func(obj any)
-	}{
-		{pvcInf.Informer(), p.pvcChanged},
-		{pvInf.Informer(), p.pvChanged},
+	watch := func(inf cache.SharedIndexInformer, fn func(obj any)) error {
+		_, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc:    fn,
+			UpdateFunc: func(_, obj any) { fn(obj) },
+		})
+		return err
+	}
+	if err := errors.Join(watch(pvcInf.Informer(), p.pvcChanged), watch(pvInf.Informer(), p.pvChanged)); err != nil {
+		return nil, err
 	}
 	if o.SnapshotInformers != nil {
 		vsInf := o.SnapshotInformers.Snapshot().V1().VolumeSnapshots()
 		vscInf := o.SnapshotInformers.Snapshot().V1().VolumeSnapshotContents()
 		p.snapshots, p.contents = vsInf.Lister(), vscInf.Lister()
 		p.synced = append(p.synced, vsInf.Informer().HasSynced, vscInf.Informer().HasSynced)
-		handlers = append(handlers,
-			struct {
-				inf cache.SharedIndexInformer
-				fn  func(obj any)
-			}{vsInf.Informer(), p.snapshotChanged},
-			struct {
-				inf cache.SharedIndexInformer
-				fn  func(obj any)
-			}{vscInf.Informer(), p.contentChanged})
-	}
-	for _, h := range handlers {
-		if _, err := h.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc:    h.fn,
-			UpdateFunc: func(_, obj any) { h.fn(obj) },
-		}); err != nil {
+		if err := errors.Join(watch(vsInf.Informer(), p.snapshotChanged), watch(vscInf.Informer(), p.contentChanged)); err != nil {
 			return nil, err
 		}
 	}
