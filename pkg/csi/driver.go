@@ -67,6 +67,9 @@ type Options struct {
 	// Templates is how many formatted templates each pool keeps
 	// (templates.go); 0 means DefaultTemplates, a negative number none.
 	Templates int
+	// Events, when set, hears of refusals an operator should see as
+	// Kubernetes Events (events.go).
+	Events EventSink
 }
 
 // Driver serves the three CSI services.
@@ -83,6 +86,7 @@ type Driver struct {
 	templates             *templates
 	locks                 idLocks
 	interceptors          []grpc.UnaryServerInterceptor
+	events                EventSink
 
 	mu      sync.Mutex
 	srv     *grpc.Server
@@ -130,7 +134,7 @@ func New(o Options) (*Driver, error) {
 	return &Driver{
 		name: o.Name, version: o.Version, nodeID: o.NodeID,
 		pools: o.Pools, defaultPool: o.DefaultPool, kubeletDir: filepath.Clean(kd),
-		fs: o.FS, templates: newTemplates(o.Templates, o.FS), interceptors: o.Interceptors,
+		fs: o.FS, templates: newTemplates(o.Templates, o.FS), interceptors: o.Interceptors, events: o.Events,
 	}, nil
 }
 
