@@ -28,21 +28,37 @@ const (
 	reapInterval    = time.Minute
 )
 
-func serve(args []string) error {
+// serveFlags are serve's flags.
+type serveFlags struct {
+	endpoint, nodeID, driverName, config, stateDir, kubeletDir, metricsAddr *string
+	templates                                                               *int
+	kube                                                                    *kubeFlags
+}
+
+// newServeFlags defines serve's flags (klog's included) on a new set.
+func newServeFlags() (*flag.FlagSet, *serveFlags) {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	klog.InitFlags(fs)
-	endpoint := fs.String("endpoint", "unix:///csi/csi.sock", "CSI endpoint (unix socket)")
-	nodeID := fs.String("node-id", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME)")
-	driverName := fs.String("driver-name", csi.DefaultDriverName, "CSI driver name")
-	config := fs.String("config", "/etc/csi-dmthin/pools.yaml", "pools configuration file")
-	stateDir := fs.String("state-dir", defaultStateDir, "where pool records live (not on a pool) and admin.sock")
-	kubeletDir := fs.String("kubelet-dir", "/var/lib/kubelet", "kubelet's root directory; nothing outside it is mounted over or removed")
-	metricsAddr := fs.String("metrics-address", ":9808", "address for /metrics, /livez and /healthz; empty turns it off")
-	templates := fs.Int("templates-per-pool", csi.DefaultTemplates, "formatted templates each pool keeps, so new filesystem volumes need no mkfs; 0 turns them off")
-	kf := addKubeFlags(fs)
+	return fs, &serveFlags{
+		endpoint:    fs.String("endpoint", "unix:///csi/csi.sock", "CSI endpoint (unix socket)"),
+		nodeID:      fs.String("node-id", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME)"),
+		driverName:  fs.String("driver-name", csi.DefaultDriverName, "CSI driver name"),
+		config:      fs.String("config", "/etc/csi-dmthin/pools.yaml", "pools configuration file"),
+		stateDir:    fs.String("state-dir", defaultStateDir, "where pool records live (not on a pool) and admin.sock"),
+		kubeletDir:  fs.String("kubelet-dir", "/var/lib/kubelet", "kubelet's root directory; nothing outside it is mounted over or removed"),
+		metricsAddr: fs.String("metrics-address", ":9808", "address for /metrics, /livez and /healthz; empty turns it off"),
+		templates:   fs.Int("templates-per-pool", csi.DefaultTemplates, "formatted templates each pool keeps, so new filesystem volumes need no mkfs; 0 turns them off"),
+		kube:        addKubeFlags(fs),
+	}
+}
+
+func serve(args []string) error {
+	fs, f := newServeFlags()
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	endpoint, nodeID, driverName, config, stateDir := f.endpoint, f.nodeID, f.driverName, f.config, f.stateDir
+	kubeletDir, metricsAddr, templates, kf := f.kubeletDir, f.metricsAddr, f.templates, f.kube
 	if *nodeID == "" {
 		return errors.New("--node-id (or $NODE_NAME) is required")
 	}

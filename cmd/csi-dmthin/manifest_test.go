@@ -1,0 +1,55 @@
+package main
+
+import (
+	"os"
+	"strings"
+	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	"sigs.k8s.io/yaml"
+)
+
+// The shipped manifests (the chart's default render) start the driver with
+// flags this binary knows: a flag renamed on one side only would crash-loop
+// every node pod.
+func TestManifestArgsParse(t *testing.T) {
+	b, err := os.ReadFile("../../deploy/kubernetes/csi-dmthin.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := 0
+	for _, doc := range strings.Split(string(b), "\n---\n") {
+		if !strings.Contains(doc, "kind: DaemonSet") {
+			continue
+		}
+		var ds appsv1.DaemonSet
+		if err := yaml.Unmarshal([]byte(doc), &ds); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range ds.Spec.Template.Spec.Containers {
+			if c.Name != "csi-dmthin" {
+				continue
+			}
+			found++
+			if len(c.Args) == 0 || c.Args[0] != "serve" {
+				t.Fatalf("driver args %q do not start with serve", c.Args)
+			}
+			fs, f := newServeFlags()
+			if err := fs.Parse(c.Args[1:]); err != nil {
+				t.Fatalf("serve rejects the manifest's args %q: %v", c.Args[1:], err)
+			}
+			if fs.NArg() != 0 {
+				t.Errorf("stray arguments %q", fs.Args())
+			}
+			if !f.kube.kubeAPI || f.kube.registrationDir == "" || !strings.HasSuffix(f.kube.kubeletEndpoint, "/csi.sock") {
+				t.Errorf("the manifest does not turn on the Kubernetes side: %+v", *f.kube)
+			}
+			if *f.nodeID != "$(NODE_NAME)" {
+				t.Errorf("node id %q, want the downward API's NODE_NAME", *f.nodeID)
+			}
+		}
+	}
+	if found == 0 {
+		t.Fatal("no csi-dmthin container in the manifests")
+	}
+}
