@@ -182,11 +182,15 @@ func Detach(path string) error {
 	return nil
 }
 
-// Find returns the loop devices whose backing file is file.
+// Find returns the loop devices whose backing file is file. They are found
+// by the file's device and inode (LOOP_GET_STATUS64), not by the path in
+// sysfs: that path is the one the attaching process saw, and a process in
+// another mount namespace (a restarted driver's new container) may see the
+// same file under another path, or the old path may be gone.
 func Find(file string) ([]Device, error) {
-	abs, err := filepath.Abs(file)
-	if err != nil {
-		return nil, err
+	var fst unix.Stat_t
+	if err := unix.Stat(file, &fst); err != nil {
+		return nil, fmt.Errorf("loop find: %w", err)
 	}
 	dirs, err := filepath.Glob("/sys/block/loop*")
 	if err != nil {
@@ -194,20 +198,55 @@ func Find(file string) ([]Device, error) {
 	}
 	var out []Device
 	for _, d := range dirs {
-		b, err := os.ReadFile(filepath.Join(d, "loop", "backing_file"))
-		if err != nil {
+		if _, err := os.Stat(filepath.Join(d, "loop", "backing_file")); err != nil {
 			continue // not attached
-		}
-		if strings.TrimSpace(string(b)) != abs {
-			continue
 		}
 		n, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), "loop"))
 		if err != nil {
 			continue
 		}
-		out = append(out, Device{Path: "/dev/loop" + strconv.Itoa(n), Number: n, Rdev: unix.Mkdev(7, uint32(n))})
+		dev, ok, err := backedBy(n, fst)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			out = append(out, dev)
+		}
 	}
 	return out, nil
+}
+
+// backedBy reports whether loop device n's backing file is the file fst
+// describes. Opening the device to ask cannot detach it: an autoclear
+// device is detached at its last close only once something has held it,
+// and if nothing else holds it, that is what autoclear is for.
+func backedBy(n int, fst unix.Stat_t) (Device, bool, error) {
+	path := "/dev/loop" + strconv.Itoa(n)
+	if err := ensureNode(path, unix.Mkdev(7, uint32(n))); err != nil {
+		return Device{}, false, err
+	}
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return Device{}, false, fmt.Errorf("loop find: %w", err)
+	}
+	defer f.Close()
+	info, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
+	if errors.Is(err, unix.ENXIO) {
+		return Device{}, false, nil // detached meanwhile
+	}
+	if err != nil {
+		return Device{}, false, fmt.Errorf("loop find: %s: %w", path, err)
+	}
+	// lo_device is the kernel's encoding of the backing file's st_dev,
+	// the same one stat(2) returns.
+	if info.Device != fst.Dev || info.Inode != fst.Ino {
+		return Device{}, false, nil
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return Device{}, false, err
+	}
+	return Device{Path: path, Number: n, Rdev: st.Rdev}, true, nil
 }
 
 // SetCapacity makes the loop device at path take up its backing file's
