@@ -6,7 +6,7 @@ BIN      := bin
 TIMEOUT  ?= 60m
 GOFILES   = $(shell find . -name '*.go' -not -path './.cache/*' -not -path './bin/*')
 
-.PHONY: all build test test-unit test-vm bench lint fmt demo deps fuzz clean
+.PHONY: all build test test-unit test-vm bench lint fmt demo deps fuzz clean image manifests
 
 all: build
 
@@ -55,6 +55,26 @@ bench: deps
 demo: deps
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/dmthin-demo ./cmd/dmthin-demo
 	$(BIN)/dmthin-demo
+
+# The image the chart deploys by default: $(IMAGE_REGISTRY)/$(IMAGE_REPOSITORY)
+# at the chart's appVersion, which is the one place the version is written.
+CHART          := charts/csi-dmthin
+VERSION        ?= $(shell sed -n 's/^appVersion: *"*\([^"]*\)"*$$/\1/p' $(CHART)/Chart.yaml)
+IMAGE_REGISTRY   ?= localhost
+IMAGE_REPOSITORY ?= csi-dmthin
+IMAGE          ?= $(IMAGE_REGISTRY)/$(IMAGE_REPOSITORY):$(VERSION)
+CONTAINER_ENGINE ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+
+image:
+	@if [ -z "$(CONTAINER_ENGINE)" ]; then \
+		echo "make image: needs docker or podman (neither is on PATH); set CONTAINER_ENGINE=/path/to/one" >&2; exit 1; \
+	fi
+	$(CONTAINER_ENGINE) build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+
+# deploy/kubernetes/ is the chart rendered with its default values; the deploy
+# package's test fails when the two differ, and -update rewrites the files.
+manifests:
+	$(GO) test ./deploy -run '^TestManifestsMatchDefaultRender$$' -update
 
 clean:
 	rm -rf $(BIN)

@@ -1,0 +1,852 @@
+package deploy
+
+import (
+	"bytes"
+	"flag"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	snapshotv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumesnapshot/v1"
+	"helm.sh/helm/v3/pkg/chartutil"
+	"helm.sh/helm/v3/pkg/lint"
+	"helm.sh/helm/v3/pkg/lint/support"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	storagev1 "k8s.io/api/storage/v1"
+	"sigs.k8s.io/yaml"
+)
+
+var update = flag.Bool("update", false, "rewrite deploy/kubernetes from the chart's default render")
+
+// fullValues sets every value the chart has, to something other than its
+// default, with two nodePools and two storage classes.
+const fullValues = `
+driverName: thin.example.org
+kubeletDir: /var/lib/k0s/kubelet/
+global:
+  imageRegistry: images.example.invalid:5000/mirror
+image:
+  registry: unused.example.invalid
+  repository: storage/csi-dmthin
+  tag: v9.9.9
+  pullPolicy: Always
+imagePullSecrets:
+  - name: regcred
+customLabels:
+  team: storage
+sidecars:
+  provisioner:
+    image: {registry: unused.example.invalid, repository: csi/provisioner, tag: p1, pullPolicy: Never}
+    logLevel: 5
+    nodeDeploymentBaseDelay: 2s
+    additionalArgs: [--worker-threads=3]
+    resources: {requests: {cpu: 10m, memory: 20Mi}}
+  snapshotter:
+    image: {registry: unused.example.invalid, repository: csi/snapshotter, tag: s1, pullPolicy: Never}
+    logLevel: 4
+    additionalArgs: [--worker-threads=2]
+    resources: {limits: {memory: 64Mi}}
+  resizer:
+    image: {registry: unused.example.invalid, repository: csi/resizer, tag: r1, pullPolicy: Never}
+    logLevel: 3
+    additionalArgs: [--workers=2]
+    resources: {requests: {cpu: 5m}}
+node:
+  logLevel: 6
+  poolFullPercent: 75.5
+  nodeSelector: {kubernetes.io/os: linux, storage: "yes"}
+  tolerations:
+    - {key: storage, operator: Exists, effect: NoSchedule}
+  affinity:
+    nodeAffinity:
+      requiredDuringSchedulingIgnoredDuringExecution:
+        nodeSelectorTerms:
+          - matchExpressions: [{key: kubernetes.io/arch, operator: In, values: [amd64]}]
+  resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 256Mi}}
+  priorityClassName: storage-critical
+  podAnnotations: {example.org/scrape: "true"}
+metrics:
+  enabled: true
+  port: 9900
+  serviceMonitor:
+    enabled: true
+    interval: 15s
+    labels: {release: prometheus}
+nodePools:
+  - name: nvme
+    nodeSelector: {storage: nvme}
+    defaultPool: fast
+    pools:
+      - name: fast
+        dataDevice: /dev/nvme1n1
+        metadataDevice: /dev/nvme2n1
+        blockSize: 128Ki
+        lowWaterMark: 1Gi
+        skipBlockZeroing: false
+        queueIfNoSpace: false
+        minFreeDataPercent: 5
+        minFreeMetadataPercent: 15
+        overprovisionRatio: 4
+      - name: scratch
+        dataFile: /var/lib/csi-dmthin/scratch.data
+        metadataFile: /var/lib/csi-dmthin/scratch.meta
+        dataFileSize: 50Gi
+        metadataFileSize: 1Gi
+  - name: hdd
+    nodeSelector: {storage: hdd}
+    pools:
+      - name: bulk
+        dataDevice: /dev/sdb
+        metadataDevice: /dev/sdc
+classes: []
+`
+
+// fullValuesMap is fullValues without the placeholder key (kept so the
+// schema test can show an unknown key fails).
+func fullValuesMap(t *testing.T) map[string]any {
+	t.Helper()
+	m := mustYAML(t, fullValues)
+	delete(m, "classes")
+	m["storageClasses"] = mustYAML(t, `l:
+  - name: fast-xfs
+    isDefaultClass: true
+    fsType: xfs
+    pool: fast
+    reclaimPolicy: Retain
+    mountOptions: [noatime]
+    parameters: {example.org/tier: gold}
+    annotations: {example.org/owner: storage}
+  - name: scratch
+    fsType: ext4
+    pool: scratch
+`)["l"]
+	m["volumeSnapshotClasses"] = mustYAML(t, `l:
+  - name: thin-snap
+    isDefaultClass: true
+    deletionPolicy: Retain
+    parameters: {example.org/k: v}
+    annotations: {example.org/owner: storage}
+  - name: thin-snap-delete
+`)["l"]
+	return m
+}
+
+func container(t *testing.T, pod corev1.PodSpec, name string) corev1.Container {
+	t.Helper()
+	for _, c := range pod.Containers {
+		if c.Name == name {
+			return c
+		}
+	}
+	t.Fatalf("no container %q", name)
+	return corev1.Container{}
+}
+
+func hasEnvFromField(c corev1.Container, name, field string) bool {
+	for _, e := range c.Env {
+		if e.Name == name && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == field {
+			return true
+		}
+	}
+	return false
+}
+
+func wantArgs(t *testing.T, c corev1.Container, want ...string) {
+	t.Helper()
+	for _, a := range want {
+		if !slices.Contains(c.Args, a) {
+			t.Errorf("container %s: no argument %q in %q", c.Name, a, c.Args)
+		}
+	}
+}
+
+func mount(c corev1.Container, name string) *corev1.VolumeMount {
+	for i := range c.VolumeMounts {
+		if c.VolumeMounts[i].Name == name {
+			return &c.VolumeMounts[i]
+		}
+	}
+	return nil
+}
+
+func hostPath(pod corev1.PodSpec, name string) string {
+	for _, v := range pod.Volumes {
+		if v.Name == name && v.HostPath != nil {
+			return v.HostPath.Path
+		}
+	}
+	return ""
+}
+
+// TestDefaultRender checks the objects `helm install` creates with the
+// default values on a cluster without the snapshot CRDs.
+func TestDefaultRender(t *testing.T) {
+	docs := objects(t, render(t, nil, capabilities(t)))
+
+	var got []string
+	for _, d := range docs {
+		got = append(got, d.kind+"/"+d.name)
+	}
+	want := []string{
+		"ConfigMap/csi-dmthin-pools-default",
+		"CSIDriver/dmthin.csi.dmthin.io",
+		"DaemonSet/csi-dmthin-node-default",
+		"ClusterRole/csi-dmthin-driver", "ClusterRoleBinding/csi-dmthin-driver",
+		"ClusterRole/csi-dmthin-provisioner", "ClusterRoleBinding/csi-dmthin-provisioner",
+		"Role/csi-dmthin-provisioner", "RoleBinding/csi-dmthin-provisioner",
+		"ClusterRole/csi-dmthin-resizer", "ClusterRoleBinding/csi-dmthin-resizer",
+		"Role/csi-dmthin-resizer", "RoleBinding/csi-dmthin-resizer",
+		"ClusterRole/csi-dmthin-snapshotter", "ClusterRoleBinding/csi-dmthin-snapshotter",
+		"ServiceAccount/csi-dmthin",
+		"StorageClass/csi-dmthin",
+	}
+	slices.Sort(got)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Errorf("objects:\n got %q\nwant %q\n(no VolumeSnapshotClass without the snapshot API, no metrics Service by default)", got, want)
+	}
+
+	d := ofKind[*storagev1.CSIDriver](docs)[0]
+	if d.Spec.AttachRequired == nil || *d.Spec.AttachRequired ||
+		d.Spec.StorageCapacity == nil || !*d.Spec.StorageCapacity ||
+		d.Spec.PodInfoOnMount == nil || !*d.Spec.PodInfoOnMount ||
+		d.Spec.FSGroupPolicy == nil || *d.Spec.FSGroupPolicy != storagev1.FileFSGroupPolicy ||
+		d.Spec.SELinuxMount == nil || !*d.Spec.SELinuxMount ||
+		!slices.Equal(d.Spec.VolumeLifecycleModes, []storagev1.VolumeLifecycleMode{storagev1.VolumeLifecyclePersistent}) {
+		t.Errorf("CSIDriver spec: %+v", d.Spec)
+	}
+
+	ds := ofKind[*appsv1.DaemonSet](docs)[0]
+	pod := ds.Spec.Template.Spec
+	var names []string
+	for _, c := range pod.Containers {
+		names = append(names, c.Name)
+	}
+	// No node-driver-registrar and no livenessprobe: the driver registers
+	// with kubelet and serves /healthz itself.
+	if want := []string{"csi-dmthin", "csi-provisioner", "csi-snapshotter", "csi-resizer"}; !slices.Equal(names, want) {
+		t.Errorf("containers %q, want %q", names, want)
+	}
+	if pod.HostNetwork {
+		t.Error("hostNetwork is set; the driver does not need it")
+	}
+	if pod.PriorityClassName != "system-node-critical" {
+		t.Errorf("priorityClassName %q", pod.PriorityClassName)
+	}
+	if pod.ServiceAccountName != "csi-dmthin" {
+		t.Errorf("serviceAccountName %q", pod.ServiceAccountName)
+	}
+	if pod.NodeSelector["kubernetes.io/os"] != "linux" {
+		t.Errorf("nodeSelector %v", pod.NodeSelector)
+	}
+
+	drv := container(t, pod, "csi-dmthin")
+	wantDriverArgs := []string{
+		"serve",
+		"--endpoint=unix:///csi/csi.sock",
+		"--node-id=$(NODE_NAME)",
+		"--config=/etc/csi-dmthin/pools.yaml",
+		"--kubelet-dir=/var/lib/kubelet",
+		"--state-dir=/var/lib/csi-dmthin",
+		"--metrics-address=:9808",
+		"--registration-dir=/var/lib/kubelet/plugins_registry",
+		"--kubelet-endpoint=/var/lib/kubelet/plugins/dmthin.csi.dmthin.io/csi.sock",
+		"--kube-api=true",
+		"--pool-full-percent=90",
+		"-v=2",
+	}
+	if !slices.Equal(drv.Args, wantDriverArgs) {
+		t.Errorf("driver args\n got %q\nwant %q", drv.Args, wantDriverArgs)
+	}
+	if drv.Image != "localhost/csi-dmthin:"+loadChart(t).Metadata.AppVersion {
+		t.Errorf("driver image %q: want the chart's appVersion", drv.Image)
+	}
+	if drv.SecurityContext == nil || drv.SecurityContext.Privileged == nil || !*drv.SecurityContext.Privileged {
+		t.Error("driver is not privileged")
+	}
+	if !hasEnvFromField(drv, "NODE_NAME", "spec.nodeName") {
+		t.Error("driver has no NODE_NAME from spec.nodeName")
+	}
+	lp := drv.LivenessProbe
+	if lp == nil || lp.HTTPGet == nil || lp.HTTPGet.Path != "/healthz" || lp.HTTPGet.Port.String() != "metrics" {
+		t.Errorf("driver liveness probe %+v", lp)
+	}
+	if len(drv.Ports) != 1 || drv.Ports[0].Name != "metrics" || drv.Ports[0].ContainerPort != 9808 {
+		t.Errorf("driver ports %+v", drv.Ports)
+	}
+	for _, m := range []struct {
+		volume, path, hostPath string
+		propagation            corev1.MountPropagationMode
+		readOnly               bool
+	}{
+		{"socket-dir", "/csi", "/var/lib/kubelet/plugins/dmthin.csi.dmthin.io", "", false},
+		{"mountpoint-dir", "/var/lib/kubelet/pods", "/var/lib/kubelet/pods", corev1.MountPropagationBidirectional, false},
+		{"plugins-dir", "/var/lib/kubelet/plugins", "/var/lib/kubelet/plugins", corev1.MountPropagationBidirectional, false},
+		{"registration-dir", "/var/lib/kubelet/plugins_registry", "/var/lib/kubelet/plugins_registry", "", false},
+		{"dev", "/dev", "/dev", "", false},
+		{"lib-modules", "/lib/modules", "/lib/modules", "", true},
+		{"state-dir", "/var/lib/csi-dmthin", "/var/lib/csi-dmthin", "", false},
+	} {
+		vm := mount(drv, m.volume)
+		switch {
+		case vm == nil:
+			t.Errorf("driver does not mount %s", m.volume)
+		case vm.MountPath != m.path || vm.ReadOnly != m.readOnly:
+			t.Errorf("driver mount %s: %+v", m.volume, *vm)
+		case m.propagation != "" && (vm.MountPropagation == nil || *vm.MountPropagation != m.propagation):
+			t.Errorf("driver mount %s: propagation %v, want %s", m.volume, vm.MountPropagation, m.propagation)
+		case m.propagation == "" && vm.MountPropagation != nil:
+			t.Errorf("driver mount %s: propagation %s, want none", m.volume, *vm.MountPropagation)
+		}
+		if hp := hostPath(pod, m.volume); hp != m.hostPath {
+			t.Errorf("volume %s: hostPath %q, want %q", m.volume, hp, m.hostPath)
+		}
+	}
+
+	prov := container(t, pod, "csi-provisioner")
+	wantArgs(t, prov, "--csi-address=/csi/csi.sock", "--node-deployment", "--strict-topology",
+		"--immediate-topology=false", "--enable-capacity", "--capacity-ownerref-level=1",
+		"--extra-create-metadata", "--feature-gates=Topology=true", "--node-deployment-base-delay=20s", "-v=2")
+	if slices.ContainsFunc(prov.Args, func(a string) bool { return strings.HasPrefix(a, "--leader-election") }) {
+		t.Error("the node-deployment provisioner must not run leader election")
+	}
+	for env, field := range map[string]string{"NODE_NAME": "spec.nodeName", "NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"} {
+		if !hasEnvFromField(prov, env, field) {
+			t.Errorf("provisioner: no %s from %s (node deployment and capacity need it)", env, field)
+		}
+	}
+	snap := container(t, pod, "csi-snapshotter")
+	wantArgs(t, snap, "--csi-address=/csi/csi.sock", "--node-deployment")
+	if !hasEnvFromField(snap, "NODE_NAME", "spec.nodeName") {
+		t.Error("snapshotter: no NODE_NAME")
+	}
+	if slices.ContainsFunc(snap.Args, func(a string) bool { return strings.HasPrefix(a, "--leader-election") }) {
+		t.Error("the snapshotter's --node-deployment and --leader-election are a fatal combination")
+	}
+	rs := container(t, pod, "csi-resizer")
+	wantArgs(t, rs, "--csi-address=/csi/csi.sock", "--leader-election", "--leader-election-namespace=$(NAMESPACE)")
+	if !hasEnvFromField(rs, "NAMESPACE", "metadata.namespace") {
+		t.Error("resizer: no NAMESPACE for its lease")
+	}
+	for _, c := range pod.Containers[1:] {
+		if mount(c, "socket-dir") == nil {
+			t.Errorf("%s does not mount the CSI socket", c.Name)
+		}
+		sc := c.SecurityContext
+		if sc == nil || sc.Privileged != nil && *sc.Privileged || sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation {
+			t.Errorf("%s: sidecars run unprivileged without privilege escalation: %+v", c.Name, sc)
+		}
+	}
+	for _, c := range []struct{ name, image string }{
+		{"csi-provisioner", "localhost/sig-storage/csi-provisioner:v6.4.0"},
+		{"csi-snapshotter", "localhost/sig-storage/csi-snapshotter:v8.7.0"},
+		{"csi-resizer", "localhost/sig-storage/csi-resizer:v2.3.0"},
+	} {
+		if got := container(t, pod, c.name).Image; got != c.image {
+			t.Errorf("%s image %q, want %q", c.name, got, c.image)
+		}
+	}
+
+	sc := ofKind[*storagev1.StorageClass](docs)[0]
+	if sc.Provisioner != "dmthin.csi.dmthin.io" ||
+		sc.VolumeBindingMode == nil || *sc.VolumeBindingMode != storagev1.VolumeBindingWaitForFirstConsumer ||
+		sc.AllowVolumeExpansion == nil || !*sc.AllowVolumeExpansion ||
+		sc.ReclaimPolicy == nil || *sc.ReclaimPolicy != corev1.PersistentVolumeReclaimDelete {
+		t.Errorf("StorageClass %+v", sc)
+	}
+	if want := map[string]string{"csi.storage.k8s.io/fstype": "ext4"}; !mapsEqual(sc.Parameters, want) {
+		t.Errorf("StorageClass parameters %v, want %v", sc.Parameters, want)
+	}
+	if len(sc.Annotations) != 0 {
+		t.Errorf("StorageClass annotations %v: it is not the default class by default", sc.Annotations)
+	}
+
+	cm := ofKind[*corev1.ConfigMap](docs)[0]
+	pc := decodePools(t, cm.Data["pools.yaml"])
+	if pc.DefaultPool != "default" || len(pc.Pools) != 1 || pc.Pools[0]["dataFile"] != "/var/lib/csi-dmthin/default.data" {
+		t.Errorf("default pools.yaml: %+v", pc)
+	}
+}
+
+func mapsEqual(a, b map[string]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
+}
+
+// TestFullValues sets every value and checks that each one reaches the
+// objects it is meant for, and nowhere else.
+func TestFullValues(t *testing.T) {
+	files := render(t, fullValuesMap(t), capabilities(t, snapshotAPI, monitoringAPI))
+	docs := objects(t, files)
+
+	for _, d := range docs {
+		// kubeletDir reaches every path and flag: nothing may still name
+		// the default.
+		if strings.Contains(d.yaml, "/var/lib/kubelet/") || strings.Contains(d.yaml, "k0s/kubelet//") {
+			t.Errorf("%s %s names a kubelet path other than kubeletDir:\n%s", d.kind, d.name, d.yaml)
+		}
+		m := mustYAML(t, d.yaml)
+		labels, _ := m["metadata"].(map[string]any)["labels"].(map[string]any)
+		if labels["team"] != "storage" {
+			t.Errorf("%s %s: customLabels missing: %v", d.kind, d.name, labels)
+		}
+	}
+
+	dss := ofKind[*appsv1.DaemonSet](docs)
+	if len(dss) != 2 {
+		t.Fatalf("%d DaemonSets, want one per nodePools entry (2)", len(dss))
+	}
+	cms := map[string]*corev1.ConfigMap{}
+	for _, cm := range ofKind[*corev1.ConfigMap](docs) {
+		cms[cm.Name] = cm
+	}
+	const kd = "/var/lib/k0s/kubelet"
+	for i, want := range []struct {
+		name, storage, configMap, defaultPool string
+		pools                                 []string
+	}{
+		{"csi-dmthin-node-nvme", "nvme", "csi-dmthin-pools-nvme", "fast", []string{"fast", "scratch"}},
+		{"csi-dmthin-node-hdd", "hdd", "csi-dmthin-pools-hdd", "", []string{"bulk"}},
+	} {
+		ds := dss[i]
+		pod := ds.Spec.Template.Spec
+		if ds.Name != want.name {
+			t.Errorf("DaemonSet %d: %s, want %s", i, ds.Name, want.name)
+		}
+		// The entry's nodeSelector wins over node.nodeSelector's same key.
+		if wantSel := map[string]string{"kubernetes.io/os": "linux", "storage": want.storage}; !mapsEqual(pod.NodeSelector, wantSel) {
+			t.Errorf("%s nodeSelector %v, want %v", ds.Name, pod.NodeSelector, wantSel)
+		}
+		sel := ds.Spec.Selector.MatchLabels
+		for k, v := range sel {
+			if ds.Spec.Template.Labels[k] != v {
+				t.Errorf("%s: selector %s=%s does not match the pod labels", ds.Name, k, v)
+			}
+		}
+		if sel["dmthin.io/node-pool"] != want.storage {
+			t.Errorf("%s: selector %v does not tell the DaemonSets apart", ds.Name, sel)
+		}
+		var cmName string
+		for _, v := range pod.Volumes {
+			if v.ConfigMap != nil {
+				cmName = v.ConfigMap.Name
+			}
+		}
+		if cmName != want.configMap || cms[cmName] == nil {
+			t.Errorf("%s mounts ConfigMap %q, want %q", ds.Name, cmName, want.configMap)
+		} else {
+			pc := decodePools(t, cms[cmName].Data["pools.yaml"])
+			var got []string
+			for _, p := range pc.Pools {
+				got = append(got, p["name"].(string))
+			}
+			if pc.DefaultPool != want.defaultPool || !slices.Equal(got, want.pools) {
+				t.Errorf("%s pools.yaml: default %q pools %q, want %q %q", cmName, pc.DefaultPool, got, want.defaultPool, want.pools)
+			}
+		}
+		if pod.PriorityClassName != "storage-critical" || len(pod.Tolerations) != 1 || pod.Tolerations[0].Key != "storage" ||
+			pod.Affinity == nil || pod.Affinity.NodeAffinity == nil {
+			t.Errorf("%s: node scheduling values not applied: %+v", ds.Name, pod)
+		}
+		if ds.Spec.Template.Annotations["example.org/scrape"] != "true" || ds.Spec.Template.Annotations["checksum/pools"] == "" {
+			t.Errorf("%s pod annotations %v", ds.Name, ds.Spec.Template.Annotations)
+		}
+		if len(pod.ImagePullSecrets) != 1 || pod.ImagePullSecrets[0].Name != "regcred" {
+			t.Errorf("%s imagePullSecrets %v", ds.Name, pod.ImagePullSecrets)
+		}
+		// Every image comes from values, with global.imageRegistry over
+		// each image's registry.
+		for _, c := range []struct {
+			name, image string
+			policy      corev1.PullPolicy
+			resource    string
+		}{
+			{"csi-dmthin", "images.example.invalid:5000/mirror/storage/csi-dmthin:v9.9.9", corev1.PullAlways, "256Mi"},
+			{"csi-provisioner", "images.example.invalid:5000/mirror/csi/provisioner:p1", corev1.PullNever, "20Mi"},
+			{"csi-snapshotter", "images.example.invalid:5000/mirror/csi/snapshotter:s1", corev1.PullNever, "64Mi"},
+			{"csi-resizer", "images.example.invalid:5000/mirror/csi/resizer:r1", corev1.PullNever, "5m"},
+		} {
+			ctr := container(t, pod, c.name)
+			if ctr.Image != c.image || ctr.ImagePullPolicy != c.policy {
+				t.Errorf("%s/%s image %q %s, want %q %s", ds.Name, c.name, ctr.Image, ctr.ImagePullPolicy, c.image, c.policy)
+			}
+			if r, _ := yaml.Marshal(ctr.Resources); !strings.Contains(string(r), c.resource) {
+				t.Errorf("%s/%s resources %v lack %s", ds.Name, c.name, ctr.Resources, c.resource)
+			}
+		}
+		drv := container(t, pod, "csi-dmthin")
+		wantArgs(t, drv, "--kubelet-dir="+kd, "--registration-dir="+kd+"/plugins_registry",
+			"--kubelet-endpoint="+kd+"/plugins/thin.example.org/csi.sock",
+			"--metrics-address=:9900", "--pool-full-percent=75.5", "-v=6")
+		if drv.Ports[0].ContainerPort != 9900 {
+			t.Errorf("driver port %d", drv.Ports[0].ContainerPort)
+		}
+		for _, v := range []string{"socket-dir", "mountpoint-dir", "plugins-dir", "registration-dir"} {
+			if hp := hostPath(pod, v); !strings.HasPrefix(hp, kd+"/") {
+				t.Errorf("%s volume %s: hostPath %q is not under kubeletDir", ds.Name, v, hp)
+			}
+			if m := mount(drv, v); m != nil && v != "socket-dir" && !strings.HasPrefix(m.MountPath, kd+"/") {
+				t.Errorf("%s driver mount %s at %q is not under kubeletDir", ds.Name, v, m.MountPath)
+			}
+		}
+		wantArgs(t, container(t, pod, "csi-provisioner"), "-v=5", "--node-deployment-base-delay=2s", "--worker-threads=3")
+		wantArgs(t, container(t, pod, "csi-snapshotter"), "-v=4", "--worker-threads=2")
+		wantArgs(t, container(t, pod, "csi-resizer"), "-v=3", "--workers=2")
+	}
+
+	if d := ofKind[*storagev1.CSIDriver](docs); len(d) != 1 || d[0].Name != "thin.example.org" {
+		t.Errorf("CSIDriver %v", d)
+	}
+	scs := ofKind[*storagev1.StorageClass](docs)
+	if len(scs) != 2 {
+		t.Fatalf("%d StorageClasses, want 2", len(scs))
+	}
+	fast, scratch := scs[0], scs[1]
+	if fast.Name != "fast-xfs" || fast.Provisioner != "thin.example.org" ||
+		fast.Annotations["storageclass.kubernetes.io/is-default-class"] != "true" ||
+		fast.Annotations["example.org/owner"] != "storage" ||
+		*fast.ReclaimPolicy != corev1.PersistentVolumeReclaimRetain ||
+		!slices.Equal(fast.MountOptions, []string{"noatime"}) ||
+		!mapsEqual(fast.Parameters, map[string]string{"csi.storage.k8s.io/fstype": "xfs", "pool": "fast", "example.org/tier": "gold"}) {
+		t.Errorf("StorageClass fast-xfs: %+v", fast)
+	}
+	if scratch.Annotations["storageclass.kubernetes.io/is-default-class"] != "" ||
+		!mapsEqual(scratch.Parameters, map[string]string{"csi.storage.k8s.io/fstype": "ext4", "pool": "scratch"}) {
+		t.Errorf("StorageClass scratch: %+v", scratch)
+	}
+	for _, sc := range scs {
+		if *sc.VolumeBindingMode != storagev1.VolumeBindingWaitForFirstConsumer || !*sc.AllowVolumeExpansion {
+			t.Errorf("StorageClass %s: binding %s, expansion %v", sc.Name, *sc.VolumeBindingMode, *sc.AllowVolumeExpansion)
+		}
+	}
+
+	vscs := ofKind[*snapshotv1.VolumeSnapshotClass](docs)
+	if len(vscs) != 2 {
+		t.Fatalf("%d VolumeSnapshotClasses with the snapshot API present, want 2", len(vscs))
+	}
+	if v := vscs[0]; v.Driver != "thin.example.org" || v.DeletionPolicy != snapshotv1.VolumeSnapshotContentRetain ||
+		v.Annotations["snapshot.storage.kubernetes.io/is-default-class"] != "true" || v.Parameters["example.org/k"] != "v" {
+		t.Errorf("VolumeSnapshotClass %+v", v)
+	}
+	if v := vscs[1]; v.DeletionPolicy != snapshotv1.VolumeSnapshotContentDelete || len(v.Annotations) != 0 {
+		t.Errorf("VolumeSnapshotClass %+v", v)
+	}
+
+	svcs := ofKind[*corev1.Service](docs)
+	sms := ofKind[*serviceMonitor](docs)
+	if len(svcs) != 1 || len(sms) != 1 {
+		t.Fatalf("%d Services, %d ServiceMonitors; want 1 each", len(svcs), len(sms))
+	}
+	if p := svcs[0].Spec.Ports; len(p) != 1 || p[0].Port != 9900 || p[0].TargetPort.String() != "metrics" {
+		t.Errorf("metrics Service ports %+v", p)
+	}
+	for k, v := range svcs[0].Spec.Selector {
+		if dss[0].Spec.Template.Labels[k] != v || dss[1].Spec.Template.Labels[k] != v {
+			t.Errorf("metrics Service selector %s=%s misses the node pods", k, v)
+		}
+	}
+	for k, v := range sms[0].Spec.Selector.MatchLabels {
+		if svcs[0].Labels[k] != v {
+			t.Errorf("ServiceMonitor selector %s=%s misses the Service", k, v)
+		}
+	}
+	if sms[0].Labels["release"] != "prometheus" || sms[0].Spec.Endpoints[0].Interval != "15s" {
+		t.Errorf("ServiceMonitor %+v", sms[0])
+	}
+
+	if notes := files["csi-dmthin/templates/NOTES.txt"]; !strings.Contains(notes, "VolumeSnapshotClasses thin-snap thin-snap-delete were created") {
+		t.Errorf("NOTES.txt does not report the snapshot classes:\n%s", notes)
+	}
+}
+
+// TestNotesWithoutSnapshotAPI: the operator is told the snapshot CRDs and
+// controller are missing, and what to check next.
+func TestNotesWithoutSnapshotAPI(t *testing.T) {
+	notes := render(t, nil, capabilities(t))["csi-dmthin/templates/NOTES.txt"]
+	for _, want := range []string{
+		"snapshot.storage.k8s.io/v1 API is NOT present",
+		"--enable-distributed-snapshotting",
+		"kubectl get csistoragecapacities",
+		"csi-dmthin pool status",
+		"# default: pools default",
+	} {
+		if !strings.Contains(notes, want) {
+			t.Errorf("NOTES.txt lacks %q:\n%s", want, notes)
+		}
+	}
+}
+
+// TestRBACLeastPrivilege: no wildcards, no secrets, every role bound to the
+// chart's ServiceAccount, and each sidecar's grants are the ones its mode
+// needs.
+func TestRBACLeastPrivilege(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		vals map[string]any
+	}{{"default", nil}, {"full", fullValuesMap(t)}} {
+		t.Run(tc.name, func(t *testing.T) {
+			docs := objects(t, render(t, tc.vals, capabilities(t, snapshotAPI)))
+			rules := map[string][]rbacv1.PolicyRule{}
+			for _, r := range ofKind[*rbacv1.ClusterRole](docs) {
+				rules["ClusterRole/"+r.Name] = r.Rules
+			}
+			for _, r := range ofKind[*rbacv1.Role](docs) {
+				if r.Namespace != releaseNS {
+					t.Errorf("Role %s in namespace %q", r.Name, r.Namespace)
+				}
+				rules["Role/"+r.Name] = r.Rules
+			}
+			for name, rs := range rules {
+				for _, r := range rs {
+					for _, s := range slices.Concat(r.Verbs, r.Resources, r.APIGroups) {
+						if strings.Contains(s, "*") {
+							t.Errorf("%s: wildcard %q in %+v", name, s, r)
+						}
+					}
+					if slices.Contains(r.Resources, "secrets") {
+						t.Errorf("%s grants secrets: %+v", name, r)
+					}
+				}
+			}
+			bound := map[string]bool{}
+			check := func(kind, name string, ref rbacv1.RoleRef, subjects []rbacv1.Subject) {
+				if len(subjects) != 1 || subjects[0].Kind != "ServiceAccount" || subjects[0].Name != "csi-dmthin" || subjects[0].Namespace != releaseNS {
+					t.Errorf("%s %s subjects %+v", kind, name, subjects)
+				}
+				if rules[ref.Kind+"/"+ref.Name] == nil {
+					t.Errorf("%s %s refers to missing %s %s", kind, name, ref.Kind, ref.Name)
+				}
+				bound[ref.Kind+"/"+ref.Name] = true
+			}
+			for _, b := range ofKind[*rbacv1.ClusterRoleBinding](docs) {
+				check("ClusterRoleBinding", b.Name, b.RoleRef, b.Subjects)
+			}
+			for _, b := range ofKind[*rbacv1.RoleBinding](docs) {
+				check("RoleBinding", b.Name, b.RoleRef, b.Subjects)
+			}
+			for name := range rules {
+				if !bound[name] {
+					t.Errorf("%s is bound to nothing", name)
+				}
+			}
+
+			grants := func(role, group, resource, verb string) bool {
+				for _, r := range rules[role] {
+					if slices.Contains(r.APIGroups, group) && slices.Contains(r.Resources, resource) && slices.Contains(r.Verbs, verb) {
+						return true
+					}
+				}
+				return false
+			}
+			for _, g := range []struct {
+				role, group, resource, verb string
+				want                        bool
+			}{
+				// The driver sets selected-node on claims and writes Events.
+				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumeclaims", "patch", true},
+				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumes", "watch", true},
+				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumes", "update", false},
+				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshotcontents", "list", true},
+				{"ClusterRole/csi-dmthin-driver", "", "nodes", "get", true},
+				{"ClusterRole/csi-dmthin-driver", "", "nodes", "list", false},
+				{"ClusterRole/csi-dmthin-driver", "", "events", "create", true},
+				{"ClusterRole/csi-dmthin-driver", "events.k8s.io", "events", "patch", true},
+				// The provisioner makes and deletes PVs and publishes capacity
+				// in the release namespace only.
+				{"ClusterRole/csi-dmthin-provisioner", "", "persistentvolumes", "create", true},
+				{"ClusterRole/csi-dmthin-provisioner", "", "persistentvolumes", "patch", true},
+				{"ClusterRole/csi-dmthin-provisioner", "", "persistentvolumes", "delete", true},
+				{"ClusterRole/csi-dmthin-provisioner", "storage.k8s.io", "csistoragecapacities", "create", false},
+				{"Role/csi-dmthin-provisioner", "storage.k8s.io", "csistoragecapacities", "create", true},
+				{"Role/csi-dmthin-provisioner", "", "pods", "get", true},
+				{"Role/csi-dmthin-provisioner", "", "pods", "list", false},
+				// The snapshotter in node mode: no leases.
+				{"ClusterRole/csi-dmthin-snapshotter", "snapshot.storage.k8s.io", "volumesnapshotcontents/status", "patch", true},
+				{"ClusterRole/csi-dmthin-snapshotter", "coordination.k8s.io", "leases", "create", false},
+				// The resizer: elected, and patches claim status.
+				{"Role/csi-dmthin-resizer", "coordination.k8s.io", "leases", "update", true},
+				{"ClusterRole/csi-dmthin-resizer", "", "persistentvolumeclaims/status", "patch", true},
+				{"ClusterRole/csi-dmthin-resizer", "", "persistentvolumes", "delete", false},
+			} {
+				if got := grants(g.role, g.group, g.resource, g.verb); got != g.want {
+					t.Errorf("%s %s %q/%s: granted %v, want %v", g.role, g.verb, g.group, g.resource, got, g.want)
+				}
+			}
+		})
+	}
+}
+
+// TestSchemaRejectsBadValues runs the chart's values.schema.json the way
+// helm install does: the user's values coalesced with the defaults.
+func TestSchemaRejectsBadValues(t *testing.T) {
+	ch := loadChart(t)
+	for _, tc := range []struct {
+		name    string
+		values  string
+		wantErr string // "" when the values are valid
+	}{
+		{"defaults", ``, ""},
+		{"a typo'd top-level key", `kubeletdir: /var/lib/k0s/kubelet`, "kubeletdir"},
+		{"a typo'd nested key", `node: {toleration: []}`, "toleration"},
+		{"a typo'd sidecar key", `sidecars: {resizer: {loglevel: 3}}`, "loglevel"},
+		{"a typo'd pool key", `nodePools: [{name: a, pools: [{name: p, dataFile: /x, dataFileSise: 1Gi}]}]`, "dataFileSise"},
+		{"a wrong type", `metrics: {port: "9808"}`, "port"},
+		{"a wrong type in a list", `storageClasses: [{name: a, isDefaultClass: "yes"}]`, "isDefaultClass"},
+		{"an invalid pullPolicy", `image: {pullPolicy: Sometimes}`, "pullPolicy"},
+		{"an invalid sidecar pullPolicy", `sidecars: {provisioner: {image: {pullPolicy: always}}}`, "pullPolicy"},
+		{"an unknown fsType", `storageClasses: [{name: a, fsType: btrfs}]`, "fsType"},
+		{"a pool with devices and files", `nodePools: [{name: a, pools: [{name: p, dataDevice: /dev/sdb, metadataDevice: /dev/sdc, dataFile: /x}]}]`, "oneOf"},
+		{"a pool with no data", `nodePools: [{name: a, pools: [{name: p}]}]`, "oneOf"},
+		{"a bad pool name", `nodePools: [{name: a, pools: [{name: Fast, dataFile: /x}]}]`, "name"},
+		{"a bad size", `nodePools: [{name: a, pools: [{name: p, dataFile: /x, dataFileSize: 20GB}]}]`, "dataFileSize"},
+		{"no nodePools", `nodePools: []`, "nodePools"},
+		{"a relative kubeletDir", `kubeletDir: var/lib/kubelet`, "kubeletDir"},
+		{"poolFullPercent over 100", `node: {poolFullPercent: 120}`, "poolFullPercent"},
+		{"a bad base delay", `sidecars: {provisioner: {nodeDeploymentBaseDelay: 20}}`, "nodeDeploymentBaseDelay"},
+		{"an argument that is not a flag", `sidecars: {snapshotter: {additionalArgs: [worker-threads=2]}}`, "additionalArgs"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			vals, err := chartutil.CoalesceValues(ch, mustYAML(t, tc.values))
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = chartutil.ValidateAgainstSchema(ch, vals)
+			switch {
+			case tc.wantErr == "" && err != nil:
+				t.Errorf("valid values rejected: %v", err)
+			case tc.wantErr != "" && err == nil:
+				t.Errorf("accepted; want an error naming %q", tc.wantErr)
+			case tc.wantErr != "" && !strings.Contains(err.Error(), tc.wantErr):
+				t.Errorf("error %q does not name %q", err, tc.wantErr)
+			}
+		})
+	}
+	t.Run("full values", func(t *testing.T) {
+		vals, err := chartutil.CoalesceValues(ch, fullValuesMap(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := chartutil.ValidateAgainstSchema(ch, vals); err != nil {
+			t.Errorf("full values rejected: %v", err)
+		}
+	})
+}
+
+// TestLint runs what `helm lint` runs, with the default and the full
+// values, and fails on anything above INFO.
+func TestLint(t *testing.T) {
+	kv, err := chartutil.ParseKubeVersion(kubeVersion)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		vals map[string]any
+	}{{"default", nil}, {"full", fullValuesMap(t)}} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := lint.AllWithKubeVersion(chartDir, tc.vals, releaseNS, kv)
+			for _, m := range l.Messages {
+				if m.Severity >= support.WarningSev {
+					t.Error(m.Error())
+				} else {
+					t.Log(m.Error())
+				}
+			}
+		})
+	}
+}
+
+// manifestsHeader opens each file of deploy/kubernetes.
+const manifestsHeader = `# Generated from charts/csi-dmthin with its default values (release
+# csi-dmthin, namespace kube-system) by ` + "`make manifests`" + `; do not edit.
+# The chart's README lists the values; change them there and regenerate.
+`
+
+// defaultManifests is deploy/kubernetes as the default render makes it: the
+// VolumeSnapshotClass in a file of its own, since it applies only where the
+// snapshot CRDs are installed.
+func defaultManifests(t *testing.T) map[string][]byte {
+	t.Helper()
+	docs := objects(t, render(t, nil, capabilities(t, snapshotAPI)))
+	var main, snap bytes.Buffer
+	main.WriteString(manifestsHeader)
+	snap.WriteString(manifestsHeader + "# Needs the snapshot CRDs (snapshot.storage.k8s.io/v1) and a snapshot-controller\n# run with --enable-distributed-snapshotting.\n")
+	for _, d := range docs {
+		b := &main
+		if d.kind == "VolumeSnapshotClass" {
+			b = &snap
+		}
+		b.WriteString("---\n# Source: " + d.source + "\n" + strings.TrimLeft(stripLeadingComments(d.yaml), "\n"))
+	}
+	return map[string][]byte{"csi-dmthin.yaml": main.Bytes(), "volumesnapshotclass.yaml": snap.Bytes()}
+}
+
+// stripLeadingComments drops the template's comment lines above the object
+// (they explain the template, and the Source line replaces them).
+func stripLeadingComments(s string) string {
+	lines := strings.Split(s, "\n")
+	i := 0
+	for i < len(lines) && strings.HasPrefix(strings.TrimSpace(lines[i]), "#") {
+		i++
+	}
+	return strings.Join(lines[i:], "\n")
+}
+
+// TestManifestsMatchDefaultRender keeps deploy/kubernetes equal to the
+// chart's default render; -update rewrites it.
+func TestManifestsMatchDefaultRender(t *testing.T) {
+	want := defaultManifests(t)
+	dir := "kubernetes"
+	if *update {
+		for name, b := range want {
+			if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if _, ok := want[e.Name()]; !ok && filepath.Ext(e.Name()) == ".yaml" {
+			t.Errorf("%s/%s is not part of the default render; remove it", dir, e.Name())
+		}
+	}
+	for name, b := range want {
+		got, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			t.Errorf("%v (run make manifests)", err)
+			continue
+		}
+		if !bytes.Equal(got, b) {
+			t.Errorf("%s/%s differs from the chart's default render; run make manifests", dir, name)
+		}
+	}
+}
+
+// poolsFile is what the test reads back from a ConfigMap's pools.yaml.
+type poolsFile struct {
+	DefaultPool string           `json:"defaultPool,omitempty"`
+	Pools       []map[string]any `json:"pools"`
+}
+
+func decodePools(t *testing.T, s string) poolsFile {
+	t.Helper()
+	var pc poolsFile
+	if err := yaml.UnmarshalStrict([]byte(s), &pc); err != nil {
+		t.Fatalf("pools.yaml: %v\n%s", err, s)
+	}
+	return pc
+}
