@@ -241,7 +241,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		v, err = pool.CreateVolume(ctx, name, size)
 	}
 	if err != nil {
-		return nil, toStatus(err, "create volume %q", req.GetName())
+		return nil, d.reportNoSpace(req, pool.Name(), toStatus(err, "create volume %q", req.GetName()))
 	}
 	klog.FromContext(ctx).Info("Created volume", "volume", objectID{pool.Name(), name}, "bytes", v.SizeBytes, "source", sourceID)
 	return &csi.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, src)}, nil

@@ -61,6 +61,9 @@ type Options struct {
 	FS FS
 	// Interceptors run around every call, after the logging one.
 	Interceptors []grpc.UnaryServerInterceptor
+	// Events, when set, hears of refusals an operator should see as
+	// Kubernetes Events (events.go).
+	Events EventSink
 }
 
 // Driver serves the three CSI services.
@@ -76,6 +79,7 @@ type Driver struct {
 	fs                    FS
 	locks                 idLocks
 	interceptors          []grpc.UnaryServerInterceptor
+	events                EventSink
 
 	mu      sync.Mutex
 	srv     *grpc.Server
@@ -117,7 +121,7 @@ func New(o Options) (*Driver, error) {
 	return &Driver{
 		name: o.Name, version: o.Version, nodeID: o.NodeID,
 		pools: o.Pools, defaultPool: o.DefaultPool, kubeletDir: filepath.Clean(kd),
-		fs: o.FS, interceptors: o.Interceptors,
+		fs: o.FS, interceptors: o.Interceptors, events: o.Events,
 	}, nil
 }
 

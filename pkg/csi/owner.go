@@ -1,0 +1,76 @@
+package csi
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+)
+
+// Questions the Kubernetes side (pkg/kube) asks before it steers a restore
+// or clone to this node. They answer from this node's pools alone and never
+// change anything.
+
+// HasVolume reports whether id is a volume in one of this node's pools.
+func (d *Driver) HasVolume(id string) bool { return d.has(id, thinpool.KindVolume) }
+
+// HasSnapshot reports whether id is a snapshot in one of this node's pools.
+func (d *Driver) HasSnapshot(id string) bool { return d.has(id, thinpool.KindSnapshot) }
+
+func (d *Driver) has(s string, kind thinpool.Kind) bool {
+	id, ok := parseID(s)
+	if !ok {
+		return false
+	}
+	p, ok := d.pools[id.pool]
+	if !ok {
+		return false
+	}
+	v, err := p.Get(id.name)
+	return err == nil && v.Kind == kind
+}
+
+// RoomFor returns nil when the pool holding sourceID (a volume or snapshot
+// of this node) would admit a new volume of sizeBytes cloned from it, and
+// otherwise an error wrapping thinpool.ErrNotFound, ErrPoolUnhealthy or
+// ErrNoSpace that says why. CreateVolume makes a clone at least as large as
+// its source, and so does this check.
+//
+// It repeats thinpool's admission from the pool's Usage: AvailableBytes is
+// 0 exactly when the pool is unhealthy or under a free-space floor, and the
+// overprovisioning limit is checked against the new size. The answer can be
+// stale by the time the volume is created; CreateVolume's own admission
+// stays the authority.
+func (d *Driver) RoomFor(sourceID string, sizeBytes int64) error {
+	id, ok := parseID(sourceID)
+	if !ok {
+		return fmt.Errorf("%q is not a csi-dmthin ID: %w", sourceID, thinpool.ErrNotFound)
+	}
+	p, ok := d.pools[id.pool]
+	if !ok {
+		return fmt.Errorf("pool %s is not on node %s: %w", id.pool, d.nodeID, thinpool.ErrNotFound)
+	}
+	src, err := p.Get(id.name)
+	if err != nil {
+		return fmt.Errorf("%s: %w", id, err)
+	}
+	size := max(sizeBytes, src.SizeBytes)
+	u, err := p.Usage()
+	if err != nil {
+		if errors.Is(err, thinpool.ErrClosed) {
+			return fmt.Errorf("pool %s: %w", id.pool, thinpool.ErrPoolUnhealthy)
+		}
+		return fmt.Errorf("pool %s usage: %w", id.pool, err)
+	}
+	switch {
+	case !u.Healthy():
+		return fmt.Errorf("pool %s on node %s is failed, read-only or needs a check: %w", id.pool, d.nodeID, thinpool.ErrPoolUnhealthy)
+	case u.AvailableBytes <= 0:
+		return fmt.Errorf("pool %s on node %s is under its free-space floor (%s of %s data used): %w",
+			id.pool, d.nodeID, fmtBytes(u.DataUsedBytes), fmtBytes(u.DataBytes), thinpool.ErrNoSpace)
+	case u.OverprovisionRatio >= 0 && float64(u.ProvisionedBytes+size) > float64(u.DataBytes)*u.OverprovisionRatio:
+		return fmt.Errorf("pool %s on node %s: %s provisioned plus %s would pass %.1f times its %s: %w",
+			id.pool, d.nodeID, fmtBytes(u.ProvisionedBytes), fmtBytes(size), u.OverprovisionRatio, fmtBytes(u.DataBytes), thinpool.ErrNoSpace)
+	}
+	return nil
+}

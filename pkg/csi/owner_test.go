@@ -1,0 +1,107 @@
+package csi
+
+import (
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+
+	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+)
+
+func TestOwnerQuestions(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("pvc-1").GetVolumeId()
+	snap := e.createSnapshot("snapshot-1", vol).GetSnapshotId()
+	for _, c := range []struct {
+		id             string
+		volume, snapsh bool
+	}{
+		{vol, true, false},
+		{snap, false, true},
+		{testPool + "/pvc-gone", false, false},
+		{"gamma/pvc-1", false, false}, // a pool this node does not have
+		{"not an id", false, false},
+		{"", false, false},
+	} {
+		if got := e.d.HasVolume(c.id); got != c.volume {
+			t.Errorf("HasVolume(%q) = %v, want %v", c.id, got, c.volume)
+		}
+		if got := e.d.HasSnapshot(c.id); got != c.snapsh {
+			t.Errorf("HasSnapshot(%q) = %v, want %v", c.id, got, c.snapsh)
+		}
+	}
+}
+
+func TestRoomFor(t *testing.T) {
+	// 64 MiB of data, at most 1x provisioned: after a 16 MiB volume and its
+	// 16 MiB snapshot, 32 MiB more fits and 33 MiB does not.
+	e := newDriverEnv(t, func(c *thinpool.Config) { c.DataFileBytes = 64 << 20; c.OverprovisionRatio = 1 })
+	vol := e.createVolume("pvc-1").GetVolumeId()
+	snap := e.createSnapshot("snapshot-1", vol).GetSnapshotId()
+	for _, c := range []struct {
+		name    string
+		id      string
+		size    int64
+		wantErr error
+	}{
+		{"fits", snap, 32 << 20, nil},
+		{"size 0 takes the source's", snap, 0, nil},
+		{"over the ratio", snap, 33 << 20, thinpool.ErrNoSpace},
+		{"clone of a volume", vol, 16 << 20, nil},
+		{"missing source", testPool + "/gone", 1 << 20, thinpool.ErrNotFound},
+		{"unknown pool", "gamma/x", 1 << 20, thinpool.ErrNotFound},
+		{"not an id", "x", 1 << 20, thinpool.ErrNotFound},
+	} {
+		err := e.d.RoomFor(c.id, c.size)
+		if c.wantErr == nil && err != nil || c.wantErr != nil && !errors.Is(err, c.wantErr) {
+			t.Errorf("%s: RoomFor(%q, %d) = %v, want %v", c.name, c.id, c.size, err, c.wantErr)
+		}
+	}
+}
+
+// recordingSink is an EventSink that keeps what it was told.
+type recordingSink struct {
+	mu  sync.Mutex
+	got []string // namespace/name: message
+}
+
+func (s *recordingSink) ProvisioningNoSpace(ns, name, msg string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.got = append(s.got, ns+"/"+name+": "+msg)
+}
+
+func TestNoSpaceReachesEventSink(t *testing.T) {
+	e := newDriverEnv(t, func(c *thinpool.Config) { c.DataFileBytes = 64 << 20; c.OverprovisionRatio = 1 })
+	sink := &recordingSink{}
+	e.d.events = sink
+	mk := func(name string, size int64, params map[string]string) error {
+		_, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{Name: name, Parameters: params,
+			VolumeCapabilities: []*csi.VolumeCapability{fsCap}, CapacityRange: &csi.CapacityRange{RequiredBytes: size}})
+		return err
+	}
+	pvc := map[string]string{ParamPVCName: "data", ParamPVCNamespace: "db"}
+	if err := mk("fits", 48<<20, pvc); err != nil {
+		t.Fatal(err)
+	}
+	wantCode(t, mk("too-much", 32<<20, pvc), codes.ResourceExhausted)
+	// Without the provisioner's metadata there is no PVC to tell.
+	wantCode(t, mk("too-much-2", 32<<20, nil), codes.ResourceExhausted)
+	// ResourceExhausted for the wrong node is not a lack of space.
+	_, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{Name: "elsewhere", Parameters: pvc, VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+		AccessibilityRequirements: &csi.TopologyRequirement{Requisite: []*csi.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}}}})
+	wantCode(t, err, codes.ResourceExhausted)
+
+	sink.mu.Lock()
+	defer sink.mu.Unlock()
+	if len(sink.got) != 1 {
+		t.Fatalf("sink got %q, want one report", sink.got)
+	}
+	if g := sink.got[0]; !strings.HasPrefix(g, "db/data: node "+testNode+", pool "+testPool+": ") || !strings.Contains(g, "no space") {
+		t.Errorf("report = %q", g)
+	}
+}
