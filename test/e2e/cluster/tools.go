@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -71,6 +72,9 @@ func kubeVersionLdflags() []string {
 	return out
 }
 
+// ClusterTools are the wrapper modules a cluster without the driver needs.
+var ClusterTools = []string{"etcd", "kubernetes", "containerd"}
+
 // Tools are the built binaries, all in one directory.
 type Tools struct {
 	Bin    string // directory of every binary, by its usual name
@@ -85,8 +89,10 @@ func (t *Tools) Path(name string) string { return filepath.Join(t.Bin, name) }
 
 // BuildTools builds every tool that is not in the cache yet, at `nice 10`
 // (the machine is shared), and links them all into <cache>/e2e/bin-<key>.
-// log receives one line per module built, with its duration.
-func BuildTools(ctx context.Context, repo string, v Versions, log io.Writer) (*Tools, error) {
+// log receives one line per module built, with its duration. With only,
+// just those wrapper modules are built (ClusterTools: enough for a cluster
+// without the driver).
+func BuildTools(ctx context.Context, repo string, v Versions, log io.Writer, only ...string) (*Tools, error) {
 	cache, err := vmtest.CacheDir()
 	if err != nil {
 		return nil, err
@@ -104,6 +110,9 @@ func BuildTools(ctx context.Context, repo string, v Versions, log io.Writer) (*T
 	t := &Tools{}
 	var outDirs []string
 	for _, tb := range toolBuilds {
+		if len(only) > 0 && !slices.Contains(only, tb.dir) {
+			continue
+		}
 		out, built, err := buildTool(ctx, repo, root, tb, v, log)
 		if err != nil {
 			return nil, err
