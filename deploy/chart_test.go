@@ -57,7 +57,7 @@ sidecars:
     resources: {requests: {cpu: 5m}}
 node:
   logLevel: 6
-  poolFullPercent: 75.5
+  poolFullPercent: 75
   nodeSelector: {kubernetes.io/os: linux, storage: "yes"}
   tolerations:
     - {key: storage, operator: Exists, effect: NoSchedule}
@@ -488,7 +488,7 @@ func TestFullValues(t *testing.T) {
 		drv := container(t, pod, "csi-dmthin")
 		wantArgs(t, drv, "--kubelet-dir="+kd, "--registration-dir="+kd+"/plugins_registry",
 			"--kubelet-endpoint="+kd+"/plugins/thin.example.org/csi.sock",
-			"--metrics-address=:9900", "--pool-full-percent=75.5", "-v=6")
+			"--metrics-address=:9900", "--pool-full-percent=75", "-v=6")
 		if drv.Ports[0].ContainerPort != 9900 {
 			t.Errorf("driver port %d", drv.Ports[0].ContainerPort)
 		}
@@ -713,6 +713,7 @@ func TestSchemaRejectsBadValues(t *testing.T) {
 		{"no nodePools", `nodePools: []`, "nodePools"},
 		{"a relative kubeletDir", `kubeletDir: var/lib/kubelet`, "kubeletDir"},
 		{"poolFullPercent over 100", `node: {poolFullPercent: 120}`, "poolFullPercent"},
+		{"a fractional poolFullPercent", `node: {poolFullPercent: 85.5}`, "poolFullPercent"},
 		{"a bad base delay", `sidecars: {provisioner: {nodeDeploymentBaseDelay: 20}}`, "nodeDeploymentBaseDelay"},
 		{"an argument that is not a flag", `sidecars: {snapshotter: {additionalArgs: [worker-threads=2]}}`, "additionalArgs"},
 	} {
