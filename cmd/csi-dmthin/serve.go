@@ -19,6 +19,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
+	"github.com/csi-dmthin/csi-dmthin/pkg/kube"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -37,6 +38,7 @@ func serve(args []string) error {
 	stateDir := fs.String("state-dir", defaultStateDir, "where pool records live (not on a pool) and admin.sock")
 	kubeletDir := fs.String("kubelet-dir", "/var/lib/kubelet", "kubelet's root directory; nothing outside it is mounted over or removed")
 	metricsAddr := fs.String("metrics-address", ":9808", "address for /metrics and /healthz; empty turns it off")
+	kf := addKubeFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -88,6 +90,11 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
+	ks, err := newKubeSide(ctx, kf, *driverName, *kubeletDir, *nodeID)
+	if err != nil {
+		return err
+	}
+	defer ks.stop()
 	drvPools := map[string]csi.Pool{}
 	for n, p := range pools {
 		drvPools[n] = p
@@ -96,13 +103,14 @@ func serve(args []string) error {
 		Name: *driverName, Version: version, NodeID: *nodeID,
 		Pools: drvPools, DefaultPool: defPool, KubeletDir: *kubeletDir,
 		FS: csi.NewHostFS(), Interceptors: []grpc.UnaryServerInterceptor{m.UnaryServerInterceptor()},
+		Events: ks.eventSink(),
 	})
 	if err != nil {
 		return err
 	}
 
 	var wg sync.WaitGroup
-	errc := make(chan error, 3)
+	errc := make(chan error, 5)
 	admin, err := startAdmin(adminSocket(*stateDir), pools)
 	if err != nil {
 		return err
@@ -114,6 +122,10 @@ func serve(args []string) error {
 		mux.Handle("/metrics", csi.Handler(reg))
 		mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 			if _, err := d.Probe(r.Context(), nil); err != nil {
+				http.Error(w, err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+			if err := ks.healthy(); err != nil {
 				http.Error(w, err.Error(), http.StatusServiceUnavailable)
 				return
 			}
@@ -135,6 +147,13 @@ func serve(args []string) error {
 			errc <- fmt.Errorf("csi: %w", err)
 		}
 	}()
+	usage := map[string]kube.UsageSource{}
+	for n, p := range pools {
+		usage[n] = p
+	}
+	if err := ks.start(ctx, d, usage, errc); err != nil {
+		errc <- fmt.Errorf("kubernetes: %w", err) // shut down below like any failure
+	}
 	go func() {
 		// Deletes that waited for a device's last close.
 		t := time.NewTicker(reapInterval)
@@ -158,9 +177,11 @@ func serve(args []string) error {
 		klog.InfoS("Shutting down: mounted volumes stay mounted and working")
 	case err = <-errc:
 	}
-	// Stop taking calls, let the ones in progress finish, then close the
-	// pools' records. Devices and mounts are left as they are: the next
-	// start takes them over.
+	// Deregister from the kubelet and stop the controllers; stop taking
+	// calls, let the ones in progress finish, then close the pools'
+	// records. Devices and mounts are left as they are: the next start
+	// takes them over.
+	ks.stop()
 	d.Stop()
 	if metricsSrv != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -1,0 +1,249 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	snapclient "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned"
+	snapinformers "github.com/kubernetes-csi/external-snapshotter/client/v8/informers/externalversions"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
+	"github.com/csi-dmthin/csi-dmthin/pkg/kube"
+	"github.com/csi-dmthin/csi-dmthin/pkg/kube/registration"
+)
+
+var _ kube.Owner = (*csi.Driver)(nil)
+
+// informerResync re-delivers every object now and then, so a PVC whose
+// StorageClass appeared after it is looked at again.
+const informerResync = 10 * time.Minute
+
+// kubeFlags are the serve flags of the Kubernetes side. The Helm chart
+// passes them by these names.
+type kubeFlags struct {
+	registrationDir   string
+	kubeletEndpoint   string
+	kubeAPI           bool
+	kubeconfig        string
+	poolFullPercent   float64
+	poolCheckInterval time.Duration
+}
+
+func addKubeFlags(fs *flag.FlagSet) *kubeFlags {
+	k := &kubeFlags{}
+	fs.StringVar(&k.registrationDir, "registration-dir", "", "the kubelet's plugin registration directory (such as /var/lib/kubelet/plugins_registry); when set, the driver registers itself with the kubelet there; empty turns it off")
+	fs.StringVar(&k.kubeletEndpoint, "kubelet-endpoint", "", "the CSI socket's path as the kubelet sees it, told to the kubelet at registration (default <kubelet-dir>/plugins/<driver-name>/csi.sock)")
+	fs.BoolVar(&k.kubeAPI, "kube-api", false, "talk to the Kubernetes API: steer restores and clones to their source's node and write Events")
+	fs.StringVar(&k.kubeconfig, "kubeconfig", "", "kubeconfig file for --kube-api (default: the in-cluster service account)")
+	fs.Float64Var(&k.poolFullPercent, "pool-full-percent", 90, "with --kube-api, warn on the Node when a pool's data or metadata use reaches this percentage")
+	fs.DurationVar(&k.poolCheckInterval, "pool-check-interval", 30*time.Second, "with --kube-api, how often pools are checked for the Node's Events")
+	return k
+}
+
+// kubeSide is what runs beside the CSI server for Kubernetes: the kubelet
+// registration socket and, with --kube-api, placement and Events.
+type kubeSide struct {
+	flags            *kubeFlags
+	driverName, node string
+
+	reg *registration.Server // nil: not registering
+
+	// With --kube-api:
+	client       kubernetes.Interface
+	snaps        snapclient.Interface // nil when the snapshot API is not installed
+	recorder     record.EventRecorder
+	stopRecorder func()
+	core         informers.SharedInformerFactory
+	snapInf      snapinformers.SharedInformerFactory
+	sink         *kube.PVCEvents
+
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	stopOnce sync.Once
+}
+
+// newKubeSide checks the flags and, with --kube-api, connects. Nothing
+// runs until start.
+func newKubeSide(ctx context.Context, f *kubeFlags, driverName, kubeletDir, node string) (*kubeSide, error) {
+	if f.poolFullPercent <= 0 || f.poolFullPercent > 100 {
+		return nil, fmt.Errorf("--pool-full-percent=%v: want more than 0 and at most 100", f.poolFullPercent)
+	}
+	if f.poolCheckInterval <= 0 {
+		return nil, fmt.Errorf("--pool-check-interval=%v: want a positive duration", f.poolCheckInterval)
+	}
+	if f.kubeconfig != "" && !f.kubeAPI {
+		return nil, errors.New("--kubeconfig needs --kube-api")
+	}
+	if f.kubeletEndpoint == "" {
+		f.kubeletEndpoint = filepath.Join(kubeletDir, "plugins", driverName, "csi.sock")
+	}
+	k := &kubeSide{flags: f, driverName: driverName, node: node}
+	if f.registrationDir != "" {
+		reg, err := registration.New(driverName, f.kubeletEndpoint)
+		if err != nil {
+			return nil, err
+		}
+		k.reg = reg
+	}
+	if !f.kubeAPI {
+		return k, nil
+	}
+	cfg, err := restConfig(f.kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	cfg.UserAgent = "csi-dmthin/" + version
+	if k.client, err = kubernetes.NewForConfig(cfg); err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	has, err := hasSnapshotAPI(k.client)
+	if err != nil {
+		return nil, err
+	}
+	if has {
+		if k.snaps, err = snapclient.NewForConfig(cfg); err != nil {
+			return nil, fmt.Errorf("snapshot client: %w", err)
+		}
+		k.snapInf = snapinformers.NewSharedInformerFactory(k.snaps, informerResync)
+	} else {
+		klog.InfoS("The snapshot API (snapshot.storage.k8s.io/v1) is not installed: restores from VolumeSnapshots are not steered to their node until the driver restarts after it is")
+	}
+	k.recorder, k.stopRecorder = kube.NewRecorder(ctx, k.client, node)
+	k.core = informers.NewSharedInformerFactory(k.client, informerResync)
+	k.sink = kube.NewPVCEvents(k.recorder, k.core.Core().V1().PersistentVolumeClaims().Lister())
+	return k, nil
+}
+
+func restConfig(kubeconfig string) (*rest.Config, error) {
+	if kubeconfig != "" {
+		cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+		if err != nil {
+			return nil, fmt.Errorf("--kubeconfig: %w", err)
+		}
+		return cfg, nil
+	}
+	cfg, err := rest.InClusterConfig()
+	if err != nil {
+		return nil, fmt.Errorf("--kube-api without --kubeconfig needs to run in a pod: %w", err)
+	}
+	return cfg, nil
+}
+
+// hasSnapshotAPI reports whether the VolumeSnapshot CRDs are installed: the
+// informers would wait forever for a resource that does not exist.
+func hasSnapshotAPI(client kubernetes.Interface) (bool, error) {
+	rl, err := client.Discovery().ServerResourcesForGroupVersion("snapshot.storage.k8s.io/v1")
+	if apierrors.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("looking for the snapshot API: %w", err)
+	}
+	var names []string
+	for _, r := range rl.APIResources {
+		names = append(names, r.Name)
+	}
+	return slices.Contains(names, "volumesnapshots") && slices.Contains(names, "volumesnapshotcontents"), nil
+}
+
+// eventSink is the driver's csi.EventSink: nil (a nil interface, not a nil
+// pointer in one) without --kube-api.
+func (k *kubeSide) eventSink() csi.EventSink {
+	if k.sink == nil {
+		return nil
+	}
+	return k.sink
+}
+
+// start runs everything in the background until stop; a failure that
+// should end the process goes to errc.
+func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]kube.UsageSource, errc chan<- error) error {
+	ctx, k.cancel = context.WithCancel(ctx)
+	if k.reg != nil {
+		k.wg.Add(1)
+		go func() {
+			defer k.wg.Done()
+			if err := k.reg.Serve(k.flags.registrationDir); err != nil {
+				errc <- fmt.Errorf("kubelet registration: %w", err)
+			}
+		}()
+	}
+	if k.client == nil {
+		return nil
+	}
+	opts := kube.PlacementOptions{
+		DriverName: k.driverName, NodeName: k.node, Owner: d, Client: k.client, Recorder: k.recorder,
+		Informers: k.core,
+	}
+	if k.snapInf != nil {
+		opts.SnapshotInformers = k.snapInf
+	}
+	p, err := kube.NewPlacement(opts)
+	if err != nil {
+		return err
+	}
+	k.core.Start(ctx.Done())
+	if k.snapInf != nil {
+		k.snapInf.Start(ctx.Done())
+	}
+	k.wg.Add(2)
+	go func() {
+		defer k.wg.Done()
+		if err := p.Run(ctx, 2); err != nil && ctx.Err() == nil {
+			errc <- err
+		}
+	}()
+	go func() {
+		defer k.wg.Done()
+		kube.NewPoolWatcher(k.node, pools, k.flags.poolFullPercent, k.recorder).Run(ctx, k.flags.poolCheckInterval)
+	}()
+	return nil
+}
+
+// healthy fails when the kubelet refused our registration.
+func (k *kubeSide) healthy() error {
+	if k == nil || k.reg == nil {
+		return nil
+	}
+	return k.reg.Healthy()
+}
+
+// stop removes the registration socket (the kubelet then deregisters the
+// driver), stops the controllers and flushes what it can. Safe to call
+// more than once, and before start.
+func (k *kubeSide) stop() {
+	if k == nil {
+		return
+	}
+	k.stopOnce.Do(func() {
+		if k.reg != nil {
+			k.reg.Stop()
+		}
+		if k.cancel != nil {
+			k.cancel()
+		}
+		k.wg.Wait()
+		if k.core != nil {
+			k.core.Shutdown()
+		}
+		if k.snapInf != nil {
+			k.snapInf.Shutdown()
+		}
+		if k.stopRecorder != nil {
+			k.stopRecorder()
+		}
+	})
+}

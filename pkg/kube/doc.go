@@ -1,0 +1,21 @@
+// Package kube is csi-dmthin's Kubernetes side on one node, beside the CSI
+// services (pkg/csi), for what the sidecars do not do:
+//
+//   - placement.go steers restores and clones to the node that holds their
+//     source: for a pending WaitForFirstConsumer PVC of our driver whose
+//     data source (a VolumeSnapshot or a PVC) is in one of this node's pools,
+//     it sets the volume.kubernetes.io/selected-node annotation to this node,
+//     and the scheduler then places the consumer here. When the source is
+//     gone, or this node cannot take the new volume, it puts one Warning
+//     Event on the PVC, from one node only (speaker.go).
+//   - poolevents.go watches this node's pools and puts Events on the Node
+//     when one nears full or fails, and again when it recovers.
+//   - events.go makes the event recorder and turns the driver's no-space
+//     refusals into Events on the PVC.
+//
+// It reads Kubernetes objects through informers and writes only the
+// selected-node annotation and Events. It never changes a pool: what it
+// needs of the driver it asks through Owner and UsageSource, which answer
+// from this node alone. Registration with the kubelet is in the
+// registration subpackage, which needs no API server.
+package kube

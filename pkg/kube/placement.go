@@ -1,0 +1,580 @@
+package kube
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	snapv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumesnapshot/v1"
+	snapinformers "github.com/kubernetes-csi/external-snapshotter/client/v8/informers/externalversions"
+	snaplisters "github.com/kubernetes-csi/external-snapshotter/client/v8/listers/volumesnapshot/v1"
+	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	storagelisters "k8s.io/client-go/listers/storage/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/workqueue"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+)
+
+// AnnSelectedNode is the annotation through which the scheduler and the
+// external-provisioner agree where a WaitForFirstConsumer volume goes. Once
+// a pending PVC has it, the scheduler's volume binding rejects every other
+// node for pods that use the PVC, and the provisioner on that node creates
+// the volume.
+const AnnSelectedNode = "volume.kubernetes.io/selected-node"
+
+// Reasons of the Events placement puts on a PVC.
+const (
+	ReasonSourceNode          = "RestoreSourceNode"    // Normal: selected this node, which holds the source
+	ReasonSourceMissing       = "RestoreSourceMissing" // Warning: the source is not where its records say
+	ReasonSourceNodeFull      = "SourceNodeFull"       // Warning: the source's pool has no room for the new volume
+	ReasonSourcePoolUnhealthy = "SourcePoolUnhealthy"  // Warning: the source's pool is failed or read-only
+)
+
+const snapshotGroup = "snapshot.storage.k8s.io"
+
+// Owner is what placement asks of this node's driver (*csi.Driver is one).
+// Each answer comes from this node's pools alone.
+type Owner interface {
+	// HasVolume reports whether id is a volume in one of this node's pools.
+	HasVolume(id string) bool
+	// HasSnapshot reports whether id is a snapshot in one of this node's pools.
+	HasSnapshot(id string) bool
+	// RoomFor returns nil when the pool holding sourceID would admit a new
+	// volume of sizeBytes made from it; otherwise an error wrapping
+	// thinpool.ErrNoSpace, ErrPoolUnhealthy or ErrNotFound.
+	RoomFor(sourceID string, sizeBytes int64) error
+}
+
+// PlacementOptions configure a Placement.
+type PlacementOptions struct {
+	DriverName string // CSI driver name: StorageClass provisioner, PV and content driver
+	NodeName   string // this node; the value the annotation gets
+	Owner      Owner
+	Client     kubernetes.Interface
+	Recorder   record.EventRecorder
+	// Informers is the factory the PVC, PV and StorageClass informers come
+	// from; whoever made it starts it (after NewPlacement).
+	Informers informers.SharedInformerFactory
+	// SnapshotInformers, when set, lets restores from VolumeSnapshots be
+	// steered; nil when the snapshot API is not installed (then only clones
+	// are). Started by whoever made it, like Informers.
+	SnapshotInformers snapinformers.SharedInformerFactory
+	// RateLimiter paces retries of a PVC whose source is not ready yet;
+	// default exponential from 1s to 5m.
+	RateLimiter workqueue.TypedRateLimiter[string]
+}
+
+// Placement is the controller that steers restores and clones to the node
+// that holds their source.
+type Placement struct {
+	driver, node string
+	owner        Owner
+	client       kubernetes.Interface
+	recorder     record.EventRecorder
+
+	pvcs      corelisters.PersistentVolumeClaimLister
+	pvcIndex  cache.Indexer
+	pvs       corelisters.PersistentVolumeLister
+	pvIndex   cache.Indexer
+	classes   storagelisters.StorageClassLister
+	snapshots snaplisters.VolumeSnapshotLister // nil without the snapshot API
+	contents  snaplisters.VolumeSnapshotContentLister
+	synced    []cache.InformerSynced
+
+	queue workqueue.TypedRateLimitingInterface[string]
+
+	mu     sync.Mutex
+	spoken map[types.UID]string // the reason last put on each PVC, so it is said once
+	// wroteOver is the resourceVersion of each PVC this node last updated
+	// successfully: until the cache moves past it, the cached copy is older
+	// than our own write, and acting on it would only earn a conflict.
+	wroteOver map[types.UID]string
+}
+
+// Index names.
+const (
+	bySource = "dataSource" // PVC by "<namespace>/<Kind>/<name>" of its data source
+	byHandle = "csiHandle"  // PV by its CSI volume handle
+)
+
+// NewPlacement sets up the informers' handlers; Run does the work.
+func NewPlacement(o PlacementOptions) (*Placement, error) {
+	if o.DriverName == "" || o.NodeName == "" || o.Owner == nil || o.Client == nil || o.Recorder == nil || o.Informers == nil {
+		return nil, errors.New("kube: placement needs a driver name, node name, owner, client, recorder and informers")
+	}
+	rl := o.RateLimiter
+	if rl == nil {
+		rl = workqueue.NewTypedItemExponentialFailureRateLimiter[string](time.Second, 5*time.Minute)
+	}
+	p := &Placement{
+		driver: o.DriverName, node: o.NodeName, owner: o.Owner, client: o.Client, recorder: o.Recorder,
+		queue:  workqueue.NewTypedRateLimitingQueueWithConfig(rl, workqueue.TypedRateLimitingQueueConfig[string]{Name: "csi-dmthin-placement"}),
+		spoken: map[types.UID]string{}, wroteOver: map[types.UID]string{},
+	}
+	pvcInf := o.Informers.Core().V1().PersistentVolumeClaims()
+	pvInf := o.Informers.Core().V1().PersistentVolumes()
+	scInf := o.Informers.Storage().V1().StorageClasses()
+	if err := pvcInf.Informer().AddIndexers(cache.Indexers{bySource: pvcSourceIndex}); err != nil {
+		return nil, err
+	}
+	if err := pvInf.Informer().AddIndexers(cache.Indexers{byHandle: pvHandleIndex}); err != nil {
+		return nil, err
+	}
+	p.pvcs, p.pvcIndex = pvcInf.Lister(), pvcInf.Informer().GetIndexer()
+	p.pvs, p.pvIndex = pvInf.Lister(), pvInf.Informer().GetIndexer()
+	p.classes = scInf.Lister()
+	p.synced = []cache.InformerSynced{pvcInf.Informer().HasSynced, pvInf.Informer().HasSynced, scInf.Informer().HasSynced}
+
+	handlers := []struct {
+		inf cache.SharedIndexInformer
+		fn  func(obj any)
+	}{
+		{pvcInf.Informer(), p.pvcChanged},
+		{pvInf.Informer(), p.pvChanged},
+	}
+	if o.SnapshotInformers != nil {
+		vsInf := o.SnapshotInformers.Snapshot().V1().VolumeSnapshots()
+		vscInf := o.SnapshotInformers.Snapshot().V1().VolumeSnapshotContents()
+		p.snapshots, p.contents = vsInf.Lister(), vscInf.Lister()
+		p.synced = append(p.synced, vsInf.Informer().HasSynced, vscInf.Informer().HasSynced)
+		handlers = append(handlers,
+			struct {
+				inf cache.SharedIndexInformer
+				fn  func(obj any)
+			}{vsInf.Informer(), p.snapshotChanged},
+			struct {
+				inf cache.SharedIndexInformer
+				fn  func(obj any)
+			}{vscInf.Informer(), p.contentChanged})
+	}
+	for _, h := range handlers {
+		if _, err := h.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc:    h.fn,
+			UpdateFunc: func(_, obj any) { h.fn(obj) },
+		}); err != nil {
+			return nil, err
+		}
+	}
+	// PVC deletions only forget what was said about the PVC.
+	if _, err := pvcInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{DeleteFunc: p.pvcDeleted}); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// Run processes PVCs with workers goroutines until ctx is done. The
+// informer factories must have been started.
+func (p *Placement) Run(ctx context.Context, workers int) error {
+	defer utilruntime.HandleCrash()
+	logger := klog.FromContext(ctx).WithValues("controller", "placement")
+	ctx = klog.NewContext(ctx, logger)
+	go func() {
+		<-ctx.Done()
+		p.queue.ShutDown()
+	}()
+	if !cache.WaitForCacheSync(ctx.Done(), p.synced...) {
+		return fmt.Errorf("placement: caches did not sync: %w", ctx.Err())
+	}
+	logger.Info("Steering restores and clones to their source's node", "node", p.node, "snapshots", p.snapshots != nil)
+	var wg sync.WaitGroup
+	for range max(workers, 1) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			wait.UntilWithContext(ctx, p.work, time.Second)
+		}()
+	}
+	wg.Wait()
+	return nil
+}
+
+func (p *Placement) work(ctx context.Context) {
+	for p.next(ctx) {
+	}
+}
+
+func (p *Placement) next(ctx context.Context) bool {
+	key, quit := p.queue.Get()
+	if quit {
+		return false
+	}
+	defer p.queue.Done(key)
+	retry, err := p.sync(ctx, key)
+	switch {
+	case err != nil:
+		klog.FromContext(ctx).Error(err, "Placing PVC failed; will retry", "pvc", key)
+		p.queue.AddRateLimited(key)
+	case retry:
+		p.queue.AddRateLimited(key)
+	default:
+		p.queue.Forget(key)
+	}
+	return true
+}
+
+// source is where a restore or clone comes from, as far as the records go.
+type source struct {
+	kind     string // "snapshot" or "volume"
+	id       string // the CSI snapshot or volume ID; "" when unknown
+	what     string // e.g. `VolumeSnapshot db/snap-1`, for messages
+	notReady string // set: not resolvable yet, try again later
+	gone     string // set: the source, or a record on the way to it, does not exist
+	// namedNode is the node the source's records name as its holder (see
+	// speaker.go); "" when no record names one.
+	namedNode string
+}
+
+// sync decides for one PVC. retry asks for a later, rate-limited retry.
+func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error) {
+	logger := klog.FromContext(ctx).WithValues("pvc", key)
+	ns, name, err := cache.SplitMetaNamespaceKey(key)
+	if err != nil {
+		return false, nil
+	}
+	pvc, err := p.pvcs.PersistentVolumeClaims(ns).Get(name)
+	if apierrors.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if p.staleCache(pvc) {
+		logger.V(4).Info("Cache behind this node's own write; waiting for the update")
+		return false, nil // the informer's update event brings it back
+	}
+	if !p.candidate(pvc) {
+		return false, nil
+	}
+	src, ok := p.resolve(pvc)
+	if !ok {
+		return false, nil // a source of another driver, or a kind we do not serve
+	}
+	switch {
+	case src.notReady != "":
+		logger.V(4).Info("Restore source not ready yet", "source", src.what, "why", src.notReady)
+		return true, nil
+	case src.gone != "":
+		// Nobody holds it; one node says so (speaker.go).
+		return p.speakAboutGone(ctx, pvc, src, fmt.Sprintf("%s: %s; the new volume cannot be made on any node", src.what, src.gone))
+	}
+	owned := p.owner.HasSnapshot(src.id)
+	if src.kind == "volume" {
+		owned = p.owner.HasVolume(src.id)
+	}
+	if !owned {
+		if src.namedNode == p.node {
+			// Our records say we hold it and we do not: nobody else will
+			// claim it, so we are the one to say so.
+			p.warnOnce(ctx, pvc, ReasonSourceMissing, fmt.Sprintf("%s: %s is not on node %s, where its records place it", src.what, src.id, p.node))
+		}
+		return false, nil
+	}
+	size := pvc.Spec.Resources.Requests.Storage().Value()
+	if err := p.owner.RoomFor(src.id, size); err != nil {
+		reason := ReasonSourceNodeFull
+		if errors.Is(err, thinpool.ErrPoolUnhealthy) {
+			reason = ReasonSourcePoolUnhealthy
+		}
+		// Setting the node anyway would only have the provisioner fail with
+		// ResourceExhausted and clear it again; any other node lacks the
+		// source. So say why, and look again later: space may be freed.
+		p.warnOnce(ctx, pvc, reason, fmt.Sprintf("%s is on node %s, which cannot take the new volume: %v", src.what, p.node, err))
+		return true, nil
+	}
+	return p.selectNode(ctx, pvc, src)
+}
+
+// candidate reports whether pvc is a pending, unplaced, WaitForFirstConsumer
+// PVC of our driver.
+func (p *Placement) candidate(pvc *corev1.PersistentVolumeClaim) bool {
+	if pvc.DeletionTimestamp != nil || pvc.Spec.VolumeName != "" || pvc.Annotations[AnnSelectedNode] != "" {
+		return false
+	}
+	if ph := pvc.Status.Phase; ph != "" && ph != corev1.ClaimPending {
+		return false
+	}
+	if dataSource(pvc) == nil || pvc.Spec.StorageClassName == nil || *pvc.Spec.StorageClassName == "" {
+		return false
+	}
+	sc, err := p.classes.Get(*pvc.Spec.StorageClassName)
+	if err != nil {
+		return false // a class created later brings a resync
+	}
+	return sc.Provisioner == p.driver && sc.VolumeBindingMode != nil && *sc.VolumeBindingMode == storagev1.VolumeBindingWaitForFirstConsumer
+}
+
+// dataSource returns the PVC's source: dataSourceRef (which can name a
+// namespace) before dataSource; nil for none, or a kind we do not clone.
+func dataSource(pvc *corev1.PersistentVolumeClaim) *corev1.TypedObjectReference {
+	var ref corev1.TypedObjectReference
+	switch {
+	case pvc.Spec.DataSourceRef != nil:
+		ref = *pvc.Spec.DataSourceRef
+	case pvc.Spec.DataSource != nil:
+		ref = corev1.TypedObjectReference{APIGroup: pvc.Spec.DataSource.APIGroup, Kind: pvc.Spec.DataSource.Kind, Name: pvc.Spec.DataSource.Name}
+	default:
+		return nil
+	}
+	if ref.Namespace == nil || *ref.Namespace == "" {
+		ns := pvc.Namespace
+		ref.Namespace = &ns
+	}
+	group := ""
+	if ref.APIGroup != nil {
+		group = *ref.APIGroup
+	}
+	switch {
+	case ref.Kind == "VolumeSnapshot" && group == snapshotGroup:
+	case ref.Kind == "PersistentVolumeClaim" && group == "":
+	default:
+		return nil
+	}
+	return &ref
+}
+
+// resolve follows the PVC's data source to a CSI ID. ok is false for a
+// source that is not our driver's (the provisioner will refuse it).
+func (p *Placement) resolve(pvc *corev1.PersistentVolumeClaim) (source, bool) {
+	ref := dataSource(pvc)
+	if ref.Kind == "PersistentVolumeClaim" {
+		return p.resolveClaim(*ref.Namespace, ref.Name)
+	}
+	if p.snapshots == nil {
+		return source{}, false
+	}
+	return p.resolveSnapshot(*ref.Namespace, ref.Name)
+}
+
+func (p *Placement) resolveClaim(ns, name string) (source, bool) {
+	s := source{kind: "volume", what: "PersistentVolumeClaim " + ns + "/" + name}
+	claim, err := p.pvcs.PersistentVolumeClaims(ns).Get(name)
+	if apierrors.IsNotFound(err) {
+		s.gone = "it does not exist"
+		return s, true
+	}
+	if err != nil || claim.Spec.VolumeName == "" {
+		s.notReady = "not bound to a volume yet"
+		return s, true
+	}
+	pv, err := p.pvs.Get(claim.Spec.VolumeName)
+	if apierrors.IsNotFound(err) {
+		s.gone = "its PersistentVolume " + claim.Spec.VolumeName + " does not exist"
+		return s, true
+	}
+	if err != nil {
+		s.notReady = err.Error()
+		return s, true
+	}
+	if pv.Spec.CSI == nil || pv.Spec.CSI.Driver != p.driver {
+		return s, false
+	}
+	s.id = pv.Spec.CSI.VolumeHandle
+	s.namedNode = pvNode(pv)
+	return s, true
+}
+
+func (p *Placement) resolveSnapshot(ns, name string) (source, bool) {
+	s := source{kind: "snapshot", what: "VolumeSnapshot " + ns + "/" + name}
+	vs, err := p.snapshots.VolumeSnapshots(ns).Get(name)
+	if apierrors.IsNotFound(err) {
+		s.gone = "it does not exist"
+		return s, true
+	}
+	if err != nil || vs.Status == nil || vs.Status.BoundVolumeSnapshotContentName == nil || *vs.Status.BoundVolumeSnapshotContentName == "" {
+		s.notReady = "not bound to a VolumeSnapshotContent yet"
+		return s, true
+	}
+	vsc, err := p.contents.Get(*vs.Status.BoundVolumeSnapshotContentName)
+	if err != nil {
+		// Also when the informer has not caught up with a new content.
+		s.notReady = "its VolumeSnapshotContent " + *vs.Status.BoundVolumeSnapshotContentName + " is not readable yet"
+		return s, true
+	}
+	if vsc.Spec.Driver != p.driver {
+		return s, false
+	}
+	s.namedNode = p.contentNode(vsc)
+	switch {
+	case vsc.Status != nil && vsc.Status.SnapshotHandle != nil && *vsc.Status.SnapshotHandle != "":
+		s.id = *vsc.Status.SnapshotHandle
+	case vsc.Spec.Source.SnapshotHandle != nil && *vsc.Spec.Source.SnapshotHandle != "":
+		s.id = *vsc.Spec.Source.SnapshotHandle // pre-provisioned
+	default:
+		s.notReady = "its VolumeSnapshotContent has no snapshot handle yet"
+	}
+	return s, true
+}
+
+// selectNode sets the annotation with an update that carries the
+// resourceVersion read, so it is decided once: a conflict means the PVC
+// changed under us (most likely another node, or the scheduler, chose);
+// re-read it and look again rather than write over the change.
+func (p *Placement) selectNode(ctx context.Context, pvc *corev1.PersistentVolumeClaim, src source) (bool, error) {
+	logger := klog.FromContext(ctx)
+	upd := pvc.DeepCopy()
+	if upd.Annotations == nil {
+		upd.Annotations = map[string]string{}
+	}
+	upd.Annotations[AnnSelectedNode] = p.node
+	delete(upd.Annotations, p.warningMark()) // the source is back
+	_, err := p.client.CoreV1().PersistentVolumeClaims(pvc.Namespace).Update(ctx, upd, metav1.UpdateOptions{})
+	if apierrors.IsConflict(err) {
+		fresh, gerr := p.client.CoreV1().PersistentVolumeClaims(pvc.Namespace).Get(ctx, pvc.Name, metav1.GetOptions{})
+		if gerr != nil {
+			return false, gerr
+		}
+		if n := fresh.Annotations[AnnSelectedNode]; n != "" {
+			logger.V(2).Info("PVC was placed by someone else", "pvc", klog.KObj(pvc), "node", n)
+			return false, nil
+		}
+		logger.V(2).Info("PVC changed while placing it; looking again", "pvc", klog.KObj(pvc))
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	p.wrote(pvc)
+	logger.Info("Selected this node for a restore or clone: it holds the source", "pvc", klog.KObj(pvc), "source", src.what, "id", src.id)
+	p.recorder.Eventf(pvc, corev1.EventTypeNormal, ReasonSourceNode, "node %s holds %s (%s); selected it for the new volume", p.node, src.what, src.id)
+	p.forget(pvc.UID)
+	return false, nil
+}
+
+// warnOnce puts a Warning Event on the PVC unless this node already said
+// the same for it. (A restart forgets; the event recorder's own aggregation
+// then folds a repeat into the first Event's count.)
+func (p *Placement) warnOnce(ctx context.Context, pvc *corev1.PersistentVolumeClaim, reason, msg string) {
+	p.mu.Lock()
+	said := p.spoken[pvc.UID] == reason
+	p.spoken[pvc.UID] = reason
+	p.mu.Unlock()
+	if said {
+		return
+	}
+	klog.FromContext(ctx).Info("Restore cannot be placed", "pvc", klog.KObj(pvc), "reason", reason, "message", msg)
+	p.recorder.Event(pvc, corev1.EventTypeWarning, reason, msg)
+}
+
+func (p *Placement) forget(uid types.UID) {
+	p.mu.Lock()
+	delete(p.spoken, uid)
+	p.mu.Unlock()
+}
+
+// wrote notes that this node updated pvc, read at its resourceVersion.
+func (p *Placement) wrote(pvc *corev1.PersistentVolumeClaim) {
+	p.mu.Lock()
+	p.wroteOver[pvc.UID] = pvc.ResourceVersion
+	p.mu.Unlock()
+}
+
+// staleCache reports whether pvc is the copy this node last wrote over.
+func (p *Placement) staleCache(pvc *corev1.PersistentVolumeClaim) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	rv, ok := p.wroteOver[pvc.UID]
+	if ok && rv != pvc.ResourceVersion {
+		delete(p.wroteOver, pvc.UID) // caught up
+		return false
+	}
+	return ok
+}
+
+// Event handlers: queue the PVC, or the PVCs restored or cloned from the
+// changed object.
+
+func (p *Placement) pvcChanged(obj any) {
+	pvc, ok := obj.(*corev1.PersistentVolumeClaim)
+	if !ok {
+		return
+	}
+	if dataSource(pvc) != nil {
+		p.enqueue(pvc)
+	}
+	p.enqueueUsers(pvc.Namespace, "PersistentVolumeClaim", pvc.Name)
+}
+
+func (p *Placement) pvcDeleted(obj any) {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = t.Obj
+	}
+	if pvc, ok := obj.(*corev1.PersistentVolumeClaim); ok {
+		p.forget(pvc.UID)
+		p.mu.Lock()
+		delete(p.wroteOver, pvc.UID)
+		p.mu.Unlock()
+	}
+}
+
+func (p *Placement) pvChanged(obj any) {
+	pv, ok := obj.(*corev1.PersistentVolume)
+	if !ok || pv.Spec.ClaimRef == nil {
+		return
+	}
+	p.enqueueUsers(pv.Spec.ClaimRef.Namespace, "PersistentVolumeClaim", pv.Spec.ClaimRef.Name)
+}
+
+func (p *Placement) snapshotChanged(obj any) {
+	if vs, ok := obj.(*snapv1.VolumeSnapshot); ok {
+		p.enqueueUsers(vs.Namespace, "VolumeSnapshot", vs.Name)
+	}
+}
+
+func (p *Placement) contentChanged(obj any) {
+	if vsc, ok := obj.(*snapv1.VolumeSnapshotContent); ok {
+		p.enqueueUsers(vsc.Spec.VolumeSnapshotRef.Namespace, "VolumeSnapshot", vsc.Spec.VolumeSnapshotRef.Name)
+	}
+}
+
+func (p *Placement) enqueue(pvc *corev1.PersistentVolumeClaim) {
+	if key, err := cache.MetaNamespaceKeyFunc(pvc); err == nil {
+		p.queue.Add(key)
+	}
+}
+
+// enqueueUsers queues the PVCs whose data source is the named object.
+func (p *Placement) enqueueUsers(ns, kind, name string) {
+	objs, err := p.pvcIndex.ByIndex(bySource, ns+"/"+kind+"/"+name)
+	if err != nil {
+		return
+	}
+	for _, o := range objs {
+		if pvc, ok := o.(*corev1.PersistentVolumeClaim); ok {
+			p.enqueue(pvc)
+		}
+	}
+}
+
+func pvcSourceIndex(obj any) ([]string, error) {
+	pvc, ok := obj.(*corev1.PersistentVolumeClaim)
+	if !ok {
+		return nil, nil
+	}
+	ref := dataSource(pvc)
+	if ref == nil {
+		return nil, nil
+	}
+	return []string{*ref.Namespace + "/" + ref.Kind + "/" + ref.Name}, nil
+}
+
+func pvHandleIndex(obj any) ([]string, error) {
+	pv, ok := obj.(*corev1.PersistentVolume)
+	if !ok || pv.Spec.CSI == nil {
+		return nil, nil
+	}
+	return []string{pv.Spec.CSI.Driver + "/" + pv.Spec.CSI.VolumeHandle}, nil
+}
