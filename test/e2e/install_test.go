@@ -50,6 +50,9 @@ func installDriver(ctx context.Context, c *cluster.Cluster, art *artifacts) erro
 	os.Setenv("HELM_CACHE_HOME", filepath.Join(helmHome, "cache"))
 	os.Setenv("HELM_CONFIG_HOME", filepath.Join(helmHome, "config"))
 	os.Setenv("HELM_DATA_HOME", filepath.Join(helmHome, "data"))
+	if err := checkDriverFlags(ctx, c, art); err != nil {
+		return err
+	}
 	start := time.Now()
 	_, err := cluster.Output(ctx, c.Bin("helm"), "install", "csi-dmthin", filepath.Join(art.Repo, "charts", "csi-dmthin"),
 		"--kubeconfig", c.Kubeconfig, "--namespace", driverNamespace, "--create-namespace",
@@ -86,4 +89,39 @@ func poll(ctx context.Context, timeout time.Duration, f func() (bool, error)) er
 		case <-time.After(time.Second):
 		}
 	}
+}
+
+// checkDriverFlags renders the chart and checks that the driver binary in
+// the image defines every flag the chart passes to `serve`, so a chart ahead
+// of the driver (or behind it) fails here in a second with the names,
+// rather than as a crash-looping pod after helm's whole --wait.
+func checkDriverFlags(ctx context.Context, c *cluster.Cluster, art *artifacts) error {
+	rendered, err := cluster.Output(ctx, c.Bin("helm"), "template", "csi-dmthin", filepath.Join(art.Repo, "charts", "csi-dmthin"),
+		"--namespace", driverNamespace, "--set", "image.tag="+driverTag, "--kube-version", testArtVersion())
+	if err != nil {
+		return err
+	}
+	help, _ := cluster.Output(ctx, art.DriverBinary, "serve", "-h")
+	helpErr, _ := cluster.CombinedOutput(ctx, art.DriverBinary, "serve", "-h")
+	defined := string(help) + string(helpErr)
+	var missing []string
+	inServe := false
+	for _, line := range strings.Split(string(rendered), "\n") {
+		item := strings.TrimSpace(line)
+		switch {
+		case item == "- serve":
+			inServe = true
+		case inServe && strings.HasPrefix(item, "- -"):
+			name, _, _ := strings.Cut(strings.TrimLeft(strings.TrimPrefix(item, "- "), "-"), "=")
+			if !strings.Contains(defined, "  -"+name+" ") && !strings.Contains(defined, "  -"+name+"\n") {
+				missing = append(missing, "--"+name)
+			}
+		case inServe:
+			inServe = false
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("charts/csi-dmthin passes flags that this csi-dmthin serve does not define: %s", strings.Join(missing, " "))
+	}
+	return nil
 }

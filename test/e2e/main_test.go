@@ -27,13 +27,15 @@ const artifactsEnv = "CSI_DMTHIN_E2E_ARTIFACTS"
 
 // artifacts is everything built before the cluster starts.
 type artifacts struct {
-	RunDir  string
-	Tools   *cluster.Tools
-	Image   *cluster.NodeImage
-	Images  []string
-	Driver  string // driver image reference
-	Repo    string
-	Timings map[string]string
+	RunDir string
+	Tools  *cluster.Tools
+	Image  *cluster.NodeImage
+	Images []string
+	Driver string // driver image reference
+	// DriverBinary is the host path of the csi-dmthin binary in the image.
+	DriverBinary string
+	Repo         string
+	Timings      map[string]string
 }
 
 // The running cluster, for the tests; nil when enableEnv is unset.

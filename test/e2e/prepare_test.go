@@ -63,7 +63,7 @@ func prepare(ctx context.Context) (*artifacts, error) {
 		return nil, err
 	}
 	if err := step("images", func() (err error) {
-		art.Images, art.Driver, err = cluster.BuildImages(ctx, repo, v, art.Tools, driverTag, clusterOnly())
+		art.Images, art.Driver, art.DriverBinary, err = cluster.BuildImages(ctx, repo, v, art.Tools, driverTag, clusterOnly())
 		return err
 	}); err != nil {
 		return nil, err

@@ -113,7 +113,8 @@ spec:
 // TestScenarios walks the life of volumes as a user sees it, each step
 // building on the one before: a WaitForFirstConsumer PVC and a pod that
 // writes, a snapshot, a restore with the data, a clone, online expansion,
-// a raw block volume, and deleting everything leaving the pool with no thin
+// a raw block volume, ReadWriteOncePod, the driver's pod killed while
+// volumes are mounted, and deleting everything leaving the pool with no thin
 // device.
 func TestScenarios(t *testing.T) {
 	c := requireDriver(t)
@@ -219,6 +220,52 @@ spec:
 			}
 			return fmt.Sprintf("%q %v", got, err)
 		})
+	})
+
+	step("ReadWriteOncePod", func(k *k) {
+		k.apply(strings.Replace(pvcYAML("rwop", "64Mi", "Filesystem", ""), "[ReadWriteOnce]", "[ReadWriteOncePod]", 1))
+		k.apply(podYAML("rwop-1", "rwop", "sleep 100000", false))
+		k.waitPodReady("rwop-1")
+		k.apply(podYAML("rwop-2", "rwop", "sleep 100000", false))
+		// The scheduler must keep the second pod off the volume.
+		k.eventually(time.Minute, "second pod unschedulable", func() string {
+			out, _ := k.try("get", "pod", "rwop-2", "-o", `jsonpath={.status.conditions[?(@.type=="PodScheduled")].status} {.status.conditions[?(@.type=="PodScheduled")].message}`)
+			if strings.HasPrefix(out, "False") && strings.Contains(out, "ReadWriteOncePod") {
+				return ""
+			}
+			return out
+		})
+		time.Sleep(5 * time.Second)
+		if phase := k.run("get", "pod", "rwop-2", "-o", "jsonpath={.status.phase}"); phase != "Pending" {
+			k.t.Fatalf("second pod of a ReadWriteOncePod volume is %s", phase)
+		}
+	})
+
+	step("DriverRestartKeepsMounts", func(k *k) {
+		old := driverPod(k)
+		if _, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "delete", "pod", old, "--wait=false"); err != nil {
+			k.t.Fatal(err)
+		}
+		// While the driver is down and coming back, the mounted volume
+		// keeps working: the kernel serves it, not the driver.
+		for i := 0; i < 5; i++ {
+			k.run("exec", "writer", "--", "sh", "-c", fmt.Sprintf("echo during-%d >>/data/log && sync", i))
+			time.Sleep(2 * time.Second)
+		}
+		k.eventually(4*time.Minute, "driver pod replaced and Ready", func() string {
+			out, _ := k.c.Kubectl(k.ctx, "-n", driverNamespace, "get", "pods", "-l", "app.kubernetes.io/name=csi-dmthin",
+				"-o", `jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status} {end}`)
+			for _, f := range strings.Fields(string(out)) {
+				name, ready, _ := strings.Cut(f, "=")
+				if name != old && ready == "True" {
+					return ""
+				}
+			}
+			return string(out)
+		})
+		if got := k.run("exec", "writer", "--", "sh", "-c", "wc -l </data/log && cat /data/file"); got != "5\nchanged" {
+			k.t.Fatalf("after the driver restart read %q", got)
+		}
 	})
 
 	step("DeleteLeavesNoThinDevice", func(k *k) {

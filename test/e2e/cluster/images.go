@@ -397,15 +397,15 @@ const BusyboxImage = "localhost/e2e/busybox:1"
 // BuildImages writes the pause, driver and sidecar images, named as the
 // chart's defaults name them (registry "localhost").
 // With withoutDriver, only the pause and busybox images are written.
-func BuildImages(ctx context.Context, repo string, v Versions, tools *Tools, driverTag string, withoutDriver bool) (tars []string, driverRef string, err error) {
+func BuildImages(ctx context.Context, repo string, v Versions, tools *Tools, driverTag string, withoutDriver bool) (tars []string, driverRef, driverBinary string, err error) {
 	cache, err := vmtest.CacheDir()
 	if err != nil {
-		return nil, "", err
+		return nil, "", "", err
 	}
 	binDir := filepath.Join(cache, "e2e", "main-bin")
 	for name, pkg := range map[string]string{"csi-dmthin": "./cmd/csi-dmthin", "pause": "./test/e2e/images/pause"} {
 		if err := goBuild(ctx, repo, filepath.Join(binDir, name), pkg); err != nil {
-			return nil, "", err
+			return nil, "", "", err
 		}
 	}
 	images := []Image{{Ref: PauseImage, Files: map[string]string{"/pause": filepath.Join(binDir, "pause")}, Entrypoint: []string{"/pause"}}}
@@ -413,7 +413,7 @@ func BuildImages(ctx context.Context, repo string, v Versions, tools *Tools, dri
 	links := map[string]string{}
 	applets, err := output(ctx, "", "/bin/busybox", "--list")
 	if err != nil {
-		return nil, "", fmt.Errorf("busybox-static: %w", err)
+		return nil, "", "", fmt.Errorf("busybox-static: %w", err)
 	}
 	for _, a := range strings.Fields(string(applets)) {
 		if a != "busybox" {
@@ -428,11 +428,11 @@ func BuildImages(ctx context.Context, repo string, v Versions, tools *Tools, dri
 		// dependencies) and the static binary.
 		pkgs, err := ReadPackageList(filepath.Join(repo, "hack", "runtime-packages.txt"))
 		if err != nil {
-			return nil, "", fmt.Errorf("the driver image's package list: %w", err)
+			return nil, "", "", fmt.Errorf("the driver image's package list: %w", err)
 		}
 		debRoot, err := DebianRootfs(ctx, pkgs)
 		if err != nil {
-			return nil, "", err
+			return nil, "", "", err
 		}
 		driverRef = "localhost/csi-dmthin:" + driverTag
 		images = append(images, Image{Ref: driverRef, RootDir: debRoot, Files: map[string]string{"/usr/bin/csi-dmthin": filepath.Join(binDir, "csi-dmthin")},
@@ -456,9 +456,9 @@ func BuildImages(ctx context.Context, repo string, v Versions, tools *Tools, dri
 	}
 	p, err := WriteImages(name, images)
 	if err != nil {
-		return nil, "", err
+		return nil, "", "", err
 	}
-	return []string{p}, driverRef, nil
+	return []string{p}, driverRef, filepath.Join(binDir, "csi-dmthin"), nil
 }
 
 // goBuild builds a package of the main module statically, replacing out only
@@ -468,7 +468,8 @@ func goBuild(ctx context.Context, repo, out, pkg string) error {
 		return err
 	}
 	tmp := out + ".new"
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", tmp, pkg)
+	// Stripped (-s -w): the binary goes into an image the guest imports.
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", tmp, pkg)
 	cmd.Dir = repo
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {

@@ -133,3 +133,11 @@ func TailLogs(w io.Writer, dir string, n int) {
 func Output(ctx context.Context, name string, args ...string) ([]byte, error) {
 	return output(ctx, "", name, args...)
 }
+
+// CombinedOutput is Output returning stdout and stderr together; for
+// programs (like flag's -h) that print on stderr and exit non-zero.
+func CombinedOutput(ctx context.Context, name string, args ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	return cmd.CombinedOutput()
+}

@@ -29,6 +29,10 @@ type toolBuild struct {
 	// ldflags are -X settings; values may name versions.env keys as ${KEY}.
 	ldflags []string
 	tags    []string
+	// strip drops the symbol table and DWARF (-s -w): the sidecars go into
+	// an image that the guest imports, hashing every byte under TCG, and
+	// stripping takes a third off their 95-100 MB.
+	strip bool
 	// crds copies <module dir>/config/crd/*.yaml of this module into crd/.
 	crds string
 }
@@ -48,12 +52,12 @@ var toolBuilds = []toolBuild{
 		"containerd-shim-runc-v2": "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2",
 		"ctr":                     "github.com/containerd/containerd/v2/cmd/ctr",
 	}, tags: []string{"no_btrfs", "no_zfs", "no_devmapper"}},
-	{dir: "provisioner", pkgs: map[string]string{"csi-provisioner": "github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner"}},
-	{dir: "snapshotter", pkgs: map[string]string{
+	{dir: "provisioner", strip: true, pkgs: map[string]string{"csi-provisioner": "github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner"}},
+	{dir: "snapshotter", strip: true, pkgs: map[string]string{
 		"csi-snapshotter":     "github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter",
 		"snapshot-controller": "github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller",
 	}, crds: "github.com/kubernetes-csi/external-snapshotter/client/v8"},
-	{dir: "resizer", pkgs: map[string]string{"csi-resizer": "github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer"}},
+	{dir: "resizer", strip: true, pkgs: map[string]string{"csi-resizer": "github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer"}},
 	{dir: "helm", pkgs: map[string]string{"helm": "helm.sh/helm/v3/cmd/helm"}},
 }
 
@@ -180,6 +184,9 @@ func buildTool(ctx context.Context, repo, root string, tb toolBuild, v Versions,
 		}
 	}
 	var ldflags []string
+	if tb.strip {
+		ldflags = append(ldflags, "-s", "-w")
+	}
 	for _, l := range tb.ldflags {
 		ldflags = append(ldflags, "-X", os.Expand(l, func(k string) string { return vars[k] }))
 	}
