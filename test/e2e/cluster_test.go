@@ -12,7 +12,7 @@ import (
 // TestNodeReady checks the node registered with the version we built.
 func TestNodeReady(t *testing.T) {
 	c := requireCluster(t)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(testCtx, time.Minute)
 	defer cancel()
 	out, err := c.Kubectl(ctx, "get", "node", cluster.NodeName, "-o", "jsonpath={.status.nodeInfo.kubeletVersion}")
 	if err != nil {

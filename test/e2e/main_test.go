@@ -39,9 +39,12 @@ type artifacts struct {
 }
 
 // The running cluster, for the tests; nil when enableEnv is unset.
+// testCtx is cancelled by SIGINT or SIGTERM, so an interrupted run stops its
+// tests and then every process it started.
 var (
 	testCluster *cluster.Cluster
 	testArt     *artifacts
+	testCtx     = context.Background()
 )
 
 func TestMain(m *testing.M) {
@@ -97,6 +100,7 @@ func inside(ctx context.Context, m *testing.M) (code int) {
 		return 1
 	}
 	testArt = art
+	testCtx = ctx
 	start := time.Now()
 	c, err := cluster.Start(ctx, cluster.Config{
 		RunDir: art.RunDir, Tools: art.Tools, Image: art.Image, Images: art.Images,

@@ -118,7 +118,7 @@ spec:
 // device.
 func TestScenarios(t *testing.T) {
 	c := requireDriver(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	ctx, cancel := context.WithTimeout(testCtx, 30*time.Minute)
 	defer cancel()
 	kc := &k{t: t, c: c, ctx: ctx, ns: "e2e-scenarios"}
 	kc.run("create", "namespace", kc.ns)
@@ -241,35 +241,8 @@ spec:
 		}
 	})
 
-	step("DriverRestartKeepsMounts", func(k *k) {
-		old := driverPod(k)
-		if _, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "delete", "pod", old, "--wait=false"); err != nil {
-			k.t.Fatal(err)
-		}
-		// While the driver is down and coming back, the mounted volume
-		// keeps working: the kernel serves it, not the driver.
-		for i := 0; i < 5; i++ {
-			k.run("exec", "writer", "--", "sh", "-c", fmt.Sprintf("echo during-%d >>/data/log && sync", i))
-			time.Sleep(2 * time.Second)
-		}
-		k.eventually(4*time.Minute, "driver pod replaced and Ready", func() string {
-			out, _ := k.c.Kubectl(k.ctx, "-n", driverNamespace, "get", "pods", "-l", "app.kubernetes.io/name=csi-dmthin",
-				"-o", `jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status} {end}`)
-			for _, f := range strings.Fields(string(out)) {
-				name, ready, _ := strings.Cut(f, "=")
-				if name != old && ready == "True" {
-					return ""
-				}
-			}
-			return string(out)
-		})
-		if got := k.run("exec", "writer", "--", "sh", "-c", "wc -l </data/log && cat /data/file"); got != "5\nchanged" {
-			k.t.Fatalf("after the driver restart read %q", got)
-		}
-	})
-
 	step("DeleteLeavesNoThinDevice", func(k *k) {
-		k.run("delete", "pod", "--all", "--wait=true", "--timeout=3m")
+		k.run("delete", "pod", "--all", "--wait=true", "--timeout=5m")
 		k.run("delete", "volumesnapshot", "--all", "--wait=true", "--timeout=3m")
 		k.run("delete", "pvc", "--all", "--wait=true", "--timeout=3m")
 		k.eventually(3*time.Minute, "every PV and snapshot content gone", func() string {
@@ -301,6 +274,52 @@ spec:
 			return ""
 		})
 	})
+	step("DriverRestartKeepsMounts", func(k *k) {
+		// Its own volume: the steps before have deleted theirs.
+		k.apply(pvcYAML("survivor", "64Mi", "Filesystem", ""))
+		k.apply(podYAML("survivor", "survivor", "echo changed >/data/file && sync && sleep 100000", false))
+		k.waitPodReady("survivor")
+		old := driverPod(k)
+		if _, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "delete", "pod", old, "--wait=false"); err != nil {
+			k.t.Fatal(err)
+		}
+		// While the driver is down and coming back, the mounted volume
+		// keeps working: the kernel serves it, not the driver.
+		for i := 0; i < 5; i++ {
+			k.run("exec", "survivor", "--", "sh", "-c", fmt.Sprintf("echo during-%d >>/data/log && sync", i))
+			time.Sleep(2 * time.Second)
+		}
+		k.eventually(4*time.Minute, "driver pod replaced and Ready", func() string {
+			out, _ := k.c.Kubectl(k.ctx, "-n", driverNamespace, "get", "pods", "-l", "app.kubernetes.io/name=csi-dmthin",
+				"-o", `jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status} {end}`)
+			for _, f := range strings.Fields(string(out)) {
+				name, ready, _ := strings.Cut(f, "=")
+				if name != old && ready == "True" {
+					return ""
+				}
+			}
+			return string(out)
+		})
+		// Ready once is not enough: the replacement must stay up (a driver
+		// that cannot take its pool back crash-loops after a first Ready).
+		time.Sleep(30 * time.Second)
+		state := k.c.Kubectl
+		out, err := state(k.ctx, "-n", driverNamespace, "get", "pods", "-l", "app.kubernetes.io/name=csi-dmthin",
+			"-o", `jsonpath={range .items[*].status.containerStatuses[*]}{.name}={.restartCount},{.ready} {end}`)
+		if err != nil {
+			k.t.Fatal(err)
+		}
+		for _, f := range strings.Fields(string(out)) {
+			if !strings.HasSuffix(f, "=0,true") {
+				logs, _ := state(k.ctx, "-n", driverNamespace, "logs", "-l", "app.kubernetes.io/name=csi-dmthin", "-c", "csi-dmthin", "--previous", "--tail=5")
+				k.t.Fatalf("driver pod after the restart: %s (want every container ready with 0 restarts); driver's last log:\n%s", out, logs)
+			}
+		}
+		if got := k.run("exec", "survivor", "--", "sh", "-c", "wc -l </data/log && cat /data/file"); got != "5\nchanged" {
+			k.t.Fatalf("after the driver restart read %q", got)
+		}
+	})
+
 	kc.run("delete", "namespace", kc.ns, "--wait=false")
 }
 
