@@ -311,7 +311,7 @@ spec:
 		}
 		for _, f := range strings.Fields(string(out)) {
 			if !strings.HasSuffix(f, "=0,true") {
-				logs, _ := state(k.ctx, "-n", driverNamespace, "logs", "-l", "app.kubernetes.io/name=csi-dmthin", "-c", "csi-dmthin", "--previous", "--tail=5")
+				logs, _ := state(k.ctx, "-n", driverNamespace, "logs", driverPod(k), "-c", "csi-dmthin", "--previous", "--tail=5")
 				k.t.Fatalf("driver pod after the restart: %s (want every container ready with 0 restarts); driver's last log:\n%s", out, logs)
 			}
 		}
