@@ -78,6 +78,14 @@ func WriteImages(name string, imgs []Image) (string, error) {
 	if err := writeArchive(out, imgs, layers); err != nil {
 		return "", fmt.Errorf("cluster: images %s: %w", name, err)
 	}
+	// Earlier archives of the same name are stale (hundreds of MB each):
+	// every driver rebuild makes a new one.
+	old, _ := filepath.Glob(filepath.Join(dir, name+"-????????????????.tar"))
+	for _, o := range old {
+		if o != out {
+			_ = os.Remove(o)
+		}
+	}
 	return out, nil
 }
 

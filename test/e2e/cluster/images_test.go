@@ -85,3 +85,23 @@ func TestWriteImage(t *testing.T) {
 		}
 	}
 }
+
+// TestWriteImagesPrunesStale checks that a new archive of the same name
+// replaces the old one rather than piling up in the cache.
+func TestWriteImagesPrunesStale(t *testing.T) {
+	t.Setenv("CSI_DMTHIN_CACHE", t.TempDir())
+	bin := filepath.Join(t.TempDir(), "x")
+	for i, content := range []string{"one\n", "two, longer\n"} {
+		if err := os.WriteFile(bin, []byte(content), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		p, err := WriteImages("bundle", []Image{{Ref: "localhost/x:1", Files: map[string]string{"/x": bin}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		all, _ := filepath.Glob(filepath.Join(filepath.Dir(p), "bundle-*.tar"))
+		if len(all) != 1 || all[0] != p {
+			t.Fatalf("write %d: archives %q, want only %q", i, all, p)
+		}
+	}
+}
