@@ -6,7 +6,7 @@ BIN      := bin
 TIMEOUT  ?= 60m
 GOFILES   = $(shell find . -name '*.go' -not -path './.cache/*' -not -path './bin/*')
 
-.PHONY: all build test test-unit test-vm bench lint fmt demo deps fuzz clean image manifests
+.PHONY: all build test test-unit test-vm bench lint fmt demo deps fuzz clean e2e e2e-deps e2e-build e2e-tools-tidy image manifests
 
 all: build
 
@@ -75,6 +75,25 @@ image:
 # package's test fails when the two differ, and -update rewrites the files.
 manifests:
 	$(GO) test ./deploy -run '^TestManifestsMatchDefaultRender$$' -update
+
+# The end-to-end test: a Kubernetes cluster (control plane on the host, the
+# node in a qemu VM) inside a network namespace with only loopback, the chart
+# installed, and the scenarios of test/e2e. Needs root. The first run builds
+# Kubernetes and the sidecars from the Go module proxy (cached afterwards).
+E2E_TIMEOUT ?= 60m
+e2e: e2e-deps
+	CSI_DMTHIN_E2E=1 $(GO) test -count=1 -v -timeout $(E2E_TIMEOUT) ./test/e2e/
+
+e2e-deps:
+	@./hack/install-e2e-deps.sh
+
+# Only the builds (tools, node image), e.g. to warm a CI cache.
+e2e-build: e2e-deps
+	$(GO) run ./test/e2e/cmd/e2e-build
+
+# Regenerate test/e2e/tools/*/go.mod after changing test/e2e/versions.env.
+e2e-tools-tidy:
+	$(GO) run ./test/e2e/tools/tidy.go
 
 clean:
 	rm -rf $(BIN)

@@ -1,0 +1,26 @@
+// Package cluster builds and runs the e2e test cluster: a Kubernetes control
+// plane on the host and one node in a qemu VM on Debian's kernel, all inside
+// a network namespace that holds only loopback.
+//
+// # What it owns
+//
+//   - versions.go: test/e2e/versions.env, the one file of pinned versions.
+//   - tools.go: building Kubernetes, etcd, containerd, the CSI sidecars and
+//     helm from the Go module proxy through the wrapper modules under
+//     test/e2e/tools, cached by a hash of their go.mod, go.sum and flags.
+//   - rootfs.go: the node's root filesystem (debootstrap), cached as a raw
+//     image; each boot writes to a throwaway qcow2 overlay.
+//   - netns.go: the isolated network namespace and the checks that refuse
+//     to run anything when it is not isolated.
+//   - pki.go: the cluster's certificates, generated in Go.
+//   - proc.go: every process the harness starts, logged to one folder and
+//     stopped by its pid.
+//   - cluster.go: starting etcd, the apiserver, controller-manager and
+//     scheduler, booting the node and waiting for it to be Ready, with one
+//     retry of a boot that hangs or soft-locks.
+//   - images.go: docker-archive image tarballs written in Go, imported into
+//     the node's containerd (no registry exists).
+//
+// It must not reach any address outside the namespace, write a registry host
+// name anywhere, or kill a process it did not start.
+package cluster

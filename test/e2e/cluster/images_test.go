@@ -1,0 +1,107 @@
+package cluster
+
+import (
+	"archive/tar"
+	"bytes"
+	"encoding/json"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// TestWriteImage checks the docker-archive layout `ctr images import`
+// reads: manifest.json naming the config and the layer, the config's
+// diff_id, and the files in the layer.
+func TestWriteImage(t *testing.T) {
+	t.Setenv("CSI_DMTHIN_CACHE", t.TempDir())
+	bin := filepath.Join(t.TempDir(), "hello")
+	if err := os.WriteFile(bin, []byte("#!/bin/true\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	img := Image{Ref: "localhost/test/hello:v1", Files: map[string]string{"/usr/bin/hello": bin}, Entrypoint: []string{"/usr/bin/hello"}}
+	path, err := WriteImage(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := WriteImage(img)
+	if err != nil || again != path {
+		t.Fatalf("second WriteImage = %q, %v; want the cached %q", again, err, path)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	blobs := map[string][]byte{}
+	tr := tar.NewReader(f)
+	for {
+		hdr, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(tr)
+		blobs[hdr.Name] = b
+	}
+	var manifest []struct {
+		Config   string
+		RepoTags []string
+		Layers   []string
+	}
+	if err := json.Unmarshal(blobs["manifest.json"], &manifest); err != nil || len(manifest) != 1 {
+		t.Fatalf("manifest.json: %v %s", err, blobs["manifest.json"])
+	}
+	m := manifest[0]
+	if len(m.RepoTags) != 1 || m.RepoTags[0] != img.Ref {
+		t.Errorf("RepoTags = %q", m.RepoTags)
+	}
+	var config struct {
+		Config struct{ Entrypoint []string }
+		RootFS struct {
+			DiffIDs []string `json:"diff_ids"`
+		} `json:"rootfs"`
+	}
+	if err := json.Unmarshal(blobs[m.Config], &config); err != nil {
+		t.Fatal(err)
+	}
+	if len(m.Layers) != 1 || len(config.RootFS.DiffIDs) != 1 || config.RootFS.DiffIDs[0] != "sha256:"+sha256Hex(blobs[m.Layers[0]]) {
+		t.Fatalf("layers %q, diff_ids %q", m.Layers, config.RootFS.DiffIDs)
+	}
+	names := map[string]bool{}
+	lr := tar.NewReader(bytes.NewReader(blobs[m.Layers[0]]))
+	for {
+		hdr, err := lr.Next()
+		if err != nil {
+			break
+		}
+		names[hdr.Name] = true
+	}
+	for _, want := range []string{"usr/", "usr/bin/", "usr/bin/hello", "tmp/"} {
+		if !names[want] {
+			t.Errorf("layer lacks %s; has %v", want, names)
+		}
+	}
+}
+
+// TestWriteImagesPrunesStale checks that a new archive of the same name
+// replaces the old one rather than piling up in the cache.
+func TestWriteImagesPrunesStale(t *testing.T) {
+	t.Setenv("CSI_DMTHIN_CACHE", t.TempDir())
+	bin := filepath.Join(t.TempDir(), "x")
+	for i, content := range []string{"one\n", "two, longer\n"} {
+		if err := os.WriteFile(bin, []byte(content), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		p, err := WriteImages("bundle", []Image{{Ref: "localhost/x:1", Files: map[string]string{"/x": bin}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		all, _ := filepath.Glob(filepath.Join(filepath.Dir(p), "bundle-*.tar"))
+		if len(all) != 1 || all[0] != p {
+			t.Fatalf("write %d: archives %q, want only %q", i, all, p)
+		}
+	}
+}

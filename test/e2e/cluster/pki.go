@@ -1,0 +1,180 @@
+package cluster
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// Addresses of the cluster, fixed by qemu's user networking: the guest is
+// 10.0.2.15 and reaches the namespace's loopback as 10.0.2.2.
+const (
+	NodeName          = "e2e-node"       // the one node, in the VM
+	APIServerHostPort = "127.0.0.1:6443" // where the apiserver listens, in the namespace
+	GatewayIP         = "10.0.2.2"       // the apiserver as the node sees it
+	NodeIP            = "10.0.2.15"
+	ServiceIP         = "10.96.0.1" // the kubernetes Service's ClusterIP
+	ServiceCIDR       = "10.96.0.0/16"
+	PodCIDR           = "10.244.0.0/24"
+)
+
+// pkiFiles are the certificates and keys the cluster runs with, all signed by
+// one CA generated for the run (ECDSA P-256; the service-account key is RSA,
+// which every Kubernetes version accepts for signing tokens).
+type pkiFiles struct {
+	dir string
+}
+
+func (p pkiFiles) path(name string) string { return filepath.Join(p.dir, name) }
+
+// certSpec is one leaf certificate.
+type certSpec struct {
+	name   string // file base name: <name>.crt, <name>.key
+	cn     string
+	orgs   []string
+	ips    []string
+	dns    []string
+	server bool
+	client bool
+}
+
+var clusterCerts = []certSpec{
+	{name: "apiserver", cn: "kube-apiserver", server: true,
+		ips: []string{"127.0.0.1", GatewayIP, ServiceIP}, dns: []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"}},
+	{name: "apiserver-kubelet-client", cn: "kube-apiserver-kubelet-client", orgs: []string{"system:masters"}, client: true},
+	{name: "etcd", cn: "etcd", server: true, client: true, ips: []string{"127.0.0.1"}, dns: []string{"localhost"}},
+	{name: "admin", cn: "e2e-admin", orgs: []string{"system:masters"}, client: true},
+	{name: "controller-manager", cn: "system:kube-controller-manager", client: true},
+	{name: "scheduler", cn: "system:kube-scheduler", client: true},
+	{name: "kubelet", cn: "system:node:" + NodeName, orgs: []string{"system:nodes"}, client: true},
+	{name: "kubelet-serving", cn: NodeName, server: true, ips: []string{NodeIP}, dns: []string{NodeName}},
+	{name: "kube-proxy", cn: "system:kube-proxy", client: true},
+	{name: "snapshot-controller", cn: "e2e-snapshot-controller", orgs: []string{"system:masters"}, client: true},
+}
+
+// writePKI generates the CA, every leaf in clusterCerts and the service
+// account key pair into dir.
+func writePKI(dir string) (pkiFiles, error) {
+	p := pkiFiles{dir: dir}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return p, err
+	}
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return p, err
+	}
+	now := time.Now()
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "csi-dmthin-e2e-ca"},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(7 * 24 * time.Hour),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		return p, err
+	}
+	ca, err := x509.ParseCertificate(caDER)
+	if err != nil {
+		return p, err
+	}
+	if err := writePEM(p.path("ca.crt"), "CERTIFICATE", caDER); err != nil {
+		return p, err
+	}
+	if err := writeECKey(p.path("ca.key"), caKey); err != nil {
+		return p, err
+	}
+	for i, c := range clusterCerts {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return p, err
+		}
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(int64(i + 2)),
+			Subject:      pkix.Name{CommonName: c.cn, Organization: c.orgs},
+			NotBefore:    now.Add(-time.Hour),
+			NotAfter:     now.Add(7 * 24 * time.Hour),
+			KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+			DNSNames:     c.dns,
+		}
+		for _, ip := range c.ips {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, net.ParseIP(ip))
+		}
+		if c.server {
+			tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, x509.ExtKeyUsageServerAuth)
+		}
+		if c.client {
+			tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, x509.ExtKeyUsageClientAuth)
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+		if err != nil {
+			return p, fmt.Errorf("cluster: certificate %s: %w", c.name, err)
+		}
+		if err := writePEM(p.path(c.name+".crt"), "CERTIFICATE", der); err != nil {
+			return p, err
+		}
+		if err := writeECKey(p.path(c.name+".key"), key); err != nil {
+			return p, err
+		}
+	}
+	sa, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return p, err
+	}
+	if err := writePEM(p.path("sa.key"), "RSA PRIVATE KEY", x509.MarshalPKCS1PrivateKey(sa)); err != nil {
+		return p, err
+	}
+	pub, err := x509.MarshalPKIXPublicKey(&sa.PublicKey)
+	if err != nil {
+		return p, err
+	}
+	return p, writePEM(p.path("sa.pub"), "PUBLIC KEY", pub)
+}
+
+func writeECKey(path string, key *ecdsa.PrivateKey) error {
+	der, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return err
+	}
+	return writePEM(path, "EC PRIVATE KEY", der)
+}
+
+func writePEM(path, typ string, der []byte) error {
+	return os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600)
+}
+
+// kubeconfig returns a kubeconfig for server authenticating with the named
+// client certificate; file paths are as the user of the file sees them
+// (pkiDir differs between the host and the node).
+func kubeconfig(server, pkiDir, certName string) string {
+	return fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: e2e
+  cluster:
+    server: %s
+    certificate-authority: %s/ca.crt
+users:
+- name: %s
+  user:
+    client-certificate: %s/%s.crt
+    client-key: %s/%s.key
+contexts:
+- name: e2e
+  context: {cluster: e2e, user: %s}
+current-context: e2e
+`, server, pkiDir, certName, pkiDir, certName, pkiDir, certName, certName)
+}

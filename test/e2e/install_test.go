@@ -1,0 +1,127 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/csi-dmthin/csi-dmthin/test/e2e/cluster"
+)
+
+// driverNamespace is where the chart is installed.
+const driverNamespace = "csi-dmthin"
+
+// Names the chart gives by default.
+const (
+	storageClass  = "csi-dmthin"
+	snapshotClass = "csi-dmthin"
+	driverName    = "dmthin.csi.dmthin.io"
+)
+
+// installDriver does what an operator does: the snapshot CRDs and a
+// snapshot-controller with distributed snapshotting (on the host side, like
+// the rest of the control plane), then `helm install` of charts/csi-dmthin
+// with only the image tag overridden, and waits for the driver to register
+// with the kubelet.
+func installDriver(ctx context.Context, c *cluster.Cluster, art *artifacts) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	if _, err := c.Kubectl(ctx, "create", "-f", art.Tools.CRDDir); err != nil {
+		return err
+	}
+	if _, err := c.Kubectl(ctx, "wait", "--for=condition=Established", "crd", "--all", "--timeout=120s"); err != nil {
+		return err
+	}
+	if _, err := c.Procs.Start("snapshot-controller", c.Bin("snapshot-controller"),
+		"--kubeconfig="+filepath.Join(art.RunDir, "snapshot-controller.kubeconfig"),
+		"--enable-distributed-snapshotting", "--leader-election=false", "--v=2",
+	); err != nil {
+		return err
+	}
+	helmHome := filepath.Join(art.RunDir, "helm")
+	for _, d := range []string{"cache", "config", "data"} {
+		if err := os.MkdirAll(filepath.Join(helmHome, d), 0o755); err != nil {
+			return err
+		}
+	}
+	os.Setenv("HELM_CACHE_HOME", filepath.Join(helmHome, "cache"))
+	os.Setenv("HELM_CONFIG_HOME", filepath.Join(helmHome, "config"))
+	os.Setenv("HELM_DATA_HOME", filepath.Join(helmHome, "data"))
+	if err := checkDriverFlags(ctx, c, art); err != nil {
+		return err
+	}
+	start := time.Now()
+	_, err := cluster.Output(ctx, c.Bin("helm"), "install", "csi-dmthin", filepath.Join(art.Repo, "charts", "csi-dmthin"),
+		"--kubeconfig", c.Kubeconfig, "--namespace", driverNamespace, "--create-namespace",
+		"--set", "image.tag="+driverTag,
+		"--wait", "--timeout", "6m")
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "e2e: helm install --wait took %s\n", time.Since(start).Round(time.Second))
+	// The driver registers with the kubelet itself; CSINode lists it then.
+	return poll(ctx, 2*time.Minute, func() (bool, error) {
+		out, err := c.Kubectl(ctx, "get", "csinode", cluster.NodeName, "-o", "jsonpath={.spec.drivers[*].name}")
+		return err == nil && strings.Contains(string(out), driverName), nil
+	})
+}
+
+// poll calls f every second until it reports done, fails, or timeout passes.
+func poll(ctx context.Context, timeout time.Duration, f func() (bool, error)) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		done, err := f()
+		if err != nil {
+			return err
+		}
+		if done {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not done within %s", timeout)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// checkDriverFlags renders the chart and checks that the driver binary in
+// the image defines every flag the chart passes to `serve`, so a chart ahead
+// of the driver (or behind it) fails here in a second with the names,
+// rather than as a crash-looping pod after helm's whole --wait.
+func checkDriverFlags(ctx context.Context, c *cluster.Cluster, art *artifacts) error {
+	rendered, err := cluster.Output(ctx, c.Bin("helm"), "template", "csi-dmthin", filepath.Join(art.Repo, "charts", "csi-dmthin"),
+		"--namespace", driverNamespace, "--set", "image.tag="+driverTag, "--kube-version", testArtVersion())
+	if err != nil {
+		return err
+	}
+	help, _ := cluster.Output(ctx, art.DriverBinary, "serve", "-h")
+	helpErr, _ := cluster.CombinedOutput(ctx, art.DriverBinary, "serve", "-h")
+	defined := string(help) + string(helpErr)
+	var missing []string
+	inServe := false
+	for _, line := range strings.Split(string(rendered), "\n") {
+		item := strings.TrimSpace(line)
+		switch {
+		case item == "- serve":
+			inServe = true
+		case inServe && strings.HasPrefix(item, "- -"):
+			name, _, _ := strings.Cut(strings.TrimLeft(strings.TrimPrefix(item, "- "), "-"), "=")
+			if !strings.Contains(defined, "  -"+name+" ") && !strings.Contains(defined, "  -"+name+"\n") {
+				missing = append(missing, "--"+name)
+			}
+		case inServe:
+			inServe = false
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("charts/csi-dmthin passes flags that this csi-dmthin serve does not define: %s", strings.Join(missing, " "))
+	}
+	return nil
+}
