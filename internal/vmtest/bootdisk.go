@@ -3,7 +3,6 @@ package vmtest
 import (
 	"context"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -59,16 +58,11 @@ for m in ` + strings.Join(names, " ") + `; do
 	insmod /lib/modules/$m || echo "initramfs: insmod $m failed"
 done
 ` + script
-	plan := []entry{
-		{kind: kindDir, guest: "/proc", mode: 0o555},
-		{kind: kindDir, guest: "/sys", mode: 0o555},
-		{kind: kindDir, guest: "/dev", mode: 0o755},
-		{kind: kindCharDev, guest: "/dev/console", mode: 0o600, major: 5, minor: 1},
-		{kind: kindDir, guest: "/tmp", mode: 0o777 | fs.ModeSticky},
-		{kind: kindDir, guest: "/root", mode: 0o700},
-		{kind: kindData, guest: "/init", mode: 0o755, data: []byte(init)},
-		{kind: kindFile, guest: "/bin/busybox", host: busybox, mode: 0o755},
-	}
+	plan := append(skeleton(),
+		entry{kind: kindDir, guest: "/root", mode: 0o700},
+		entry{kind: kindData, guest: "/init", mode: 0o755, data: []byte(init)},
+		entry{kind: kindFile, guest: "/bin/busybox", host: busybox, mode: 0o755},
+	)
 	for _, m := range mods {
 		plan = append(plan, entry{kind: kindFile, guest: "/lib/modules/" + moduleFileName(m), host: m.path, mode: 0o644, module: true})
 	}

@@ -158,20 +158,15 @@ func basePlan(ctx context.Context, k *Kernel, modules, tools []string) ([]entry,
 	if err != nil {
 		return nil, fmt.Errorf("%w (kernel %s)", err, k.Version)
 	}
-	plan := []entry{
-		{kind: kindDir, guest: "/proc", mode: 0o555},
-		{kind: kindDir, guest: "/sys", mode: 0o555},
-		{kind: kindDir, guest: "/dev", mode: 0o755},
-		{kind: kindCharDev, guest: "/dev/console", mode: 0o600, major: 5, minor: 1},
-		{kind: kindDir, guest: "/tmp", mode: 0o777 | fs.ModeSticky},
-		{kind: kindDir, guest: "/run", mode: 0o755},
-		{kind: kindDir, guest: "/root", mode: 0o700},
-		{kind: kindData, guest: "/etc/passwd", mode: 0o644, data: []byte("root:x:0:0:root:/root:/bin/sh\n")},
-		{kind: kindData, guest: "/etc/group", mode: 0o644, data: []byte("root:x:0:\n")},
-		{kind: kindSymlink, guest: "/etc/mtab", target: "/proc/self/mounts"},
-		{kind: kindData, guest: "/init", mode: 0o755, data: []byte(initScript(mods))},
-		{kind: kindFile, guest: "/bin/busybox", host: busybox, mode: 0o755},
-	}
+	plan := append(skeleton(),
+		entry{kind: kindDir, guest: "/run", mode: 0o755},
+		entry{kind: kindDir, guest: "/root", mode: 0o700},
+		entry{kind: kindData, guest: "/etc/passwd", mode: 0o644, data: []byte("root:x:0:0:root:/root:/bin/sh\n")},
+		entry{kind: kindData, guest: "/etc/group", mode: 0o644, data: []byte("root:x:0:\n")},
+		entry{kind: kindSymlink, guest: "/etc/mtab", target: "/proc/self/mounts"},
+		entry{kind: kindData, guest: "/init", mode: 0o755, data: []byte(initScript(mods))},
+		entry{kind: kindFile, guest: "/bin/busybox", host: busybox, mode: 0o755},
+	)
 	for _, m := range mods {
 		plan = append(plan, entry{kind: kindFile, guest: "/lib/modules/" + moduleFileName(m), host: m.path, mode: 0o644, module: true})
 	}
@@ -463,4 +458,16 @@ func writeInitrd(ctx context.Context, path, base string, run []entry) error {
 		return err
 	}
 	return f.Close()
+}
+
+// skeleton is the directories and the console every initramfs of ours
+// starts with.
+func skeleton() []entry {
+	return []entry{
+		{kind: kindDir, guest: "/proc", mode: 0o555},
+		{kind: kindDir, guest: "/sys", mode: 0o555},
+		{kind: kindDir, guest: "/dev", mode: 0o755},
+		{kind: kindCharDev, guest: "/dev/console", mode: 0o600, major: 5, minor: 1},
+		{kind: kindDir, guest: "/tmp", mode: 0o777 | fs.ModeSticky},
+	}
 }
