@@ -80,11 +80,7 @@ func (d *Driver) volumePath(p string) (string, error) {
 // the common tail of the node calls that act on a volume, after their
 // own field checks. The caller defers unlock.
 func (d *Driver) lockVolume(volumeID string) (objectID, *thinpool.Volume, func(), error) {
-	id, err := mustParseID("volume_id", volumeID)
-	if err != nil {
-		return objectID{}, nil, nil, err
-	}
-	unlock, err := d.locks.lock(id.String())
+	id, unlock, err := d.lockID(volumeID)
 	if err != nil {
 		return objectID{}, nil, nil, err
 	}
@@ -94,6 +90,21 @@ func (d *Driver) lockVolume(volumeID string) (objectID, *thinpool.Volume, func()
 		return objectID{}, nil, nil, err
 	}
 	return id, v, unlock, nil
+}
+
+// lockID parses a volume_id and takes its lock (Aborted while another call
+// holds it). The volume need not exist: unstaging or unpublishing one that
+// is gone must still succeed.
+func (d *Driver) lockID(volumeID string) (objectID, func(), error) {
+	id, err := mustParseID("volume_id", volumeID)
+	if err != nil {
+		return objectID{}, nil, err
+	}
+	unlock, err := d.locks.lock(id.String())
+	if err != nil {
+		return objectID{}, nil, err
+	}
+	return id, unlock, nil
 }
 
 // mountOptions are the filesystem's mount options for a capability.
@@ -203,11 +214,7 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	if err != nil {
 		return nil, err
 	}
-	id, err := mustParseID("volume_id", req.GetVolumeId())
-	if err != nil {
-		return nil, err
-	}
-	unlock, err := d.locks.lock(id.String())
+	id, unlock, err := d.lockID(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -341,11 +348,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if err != nil {
 		return nil, err
 	}
-	id, err := mustParseID("volume_id", req.GetVolumeId())
-	if err != nil {
-		return nil, err
-	}
-	unlock, err := d.locks.lock(id.String())
+	_, unlock, err := d.lockID(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
