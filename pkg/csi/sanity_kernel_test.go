@@ -12,7 +12,6 @@ import (
 	"testing"
 
 	csi "github.com/container-storage-interface/spec/lib/go/csi"
-	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -114,21 +113,7 @@ func TestSanityKernel(t *testing.T) {
 	dir := t.TempDir()
 	p := openKernelPool(t, k, loopPoolConfig(dir, "sanity", sanityPoolBytes))
 	kubeletDir := filepath.Join(dir, "kubelet")
-	d, err := New(Options{NodeID: testNode, Version: "sanity", Pools: map[string]Pool{"sanity": p}, KubeletDir: kubeletDir, FS: NewHostFS()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := serveDriver(t, d)
-	runSanity(t, map[string]*sanity.TestConfig{
-		"mount": sanityConfig(t, addr, kubeletDir, "mount"),
-		"block": sanityConfig(t, addr, kubeletDir, "block"),
-	})
-	if left := leftovers(d, p); len(left) != 0 {
-		t.Errorf("csi-sanity left %d volumes and snapshots: %v", len(left), left)
-	}
-	if m := mountsUnder(t, kubeletDir); len(m) != 0 {
-		t.Errorf("csi-sanity left mounts: %v", m)
-	}
+	sanityOnPool(t, "sanity", p, kubeletDir, NewHostFS(), func() []string { return mountsUnder(t, kubeletDir) })
 }
 
 // kernelClient talks CSI to a driver over its socket, as the kubelet and the

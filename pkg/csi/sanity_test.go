@@ -230,7 +230,15 @@ func TestSanity(t *testing.T) {
 	t.Cleanup(func() { _ = p.Close() })
 	kubeletDir := filepath.Join(dir, "kubelet")
 	fs := newFakeFS(k)
-	d, err := New(Options{NodeID: testNode, Version: "sanity", Pools: map[string]Pool{testPool: p}, KubeletDir: kubeletDir, FS: fs})
+	sanityOnPool(t, testPool, p, kubeletDir, fs, fs.mountPoints)
+}
+
+// sanityOnPool runs csi-sanity, mount and block, against a driver on pool
+// p with fs, then checks it left no volume, snapshot or mount (mounts lists
+// the mount points under kubeletDir).
+func sanityOnPool(t *testing.T, name string, p Pool, kubeletDir string, fs FS, mounts func() []string) {
+	t.Helper()
+	d, err := New(Options{NodeID: testNode, Version: "sanity", Pools: map[string]Pool{name: p}, KubeletDir: kubeletDir, FS: fs})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -242,7 +250,7 @@ func TestSanity(t *testing.T) {
 	if left := leftovers(d, p); len(left) != 0 {
 		t.Errorf("csi-sanity left %d volumes and snapshots: %v", len(left), left)
 	}
-	if mp := fs.mountPoints(); len(mp) != 0 {
+	if mp := mounts(); len(mp) != 0 {
 		t.Errorf("csi-sanity left mounts: %v", mp)
 	}
 }
