@@ -88,6 +88,12 @@ const reportMargin = 10 * time.Second
 // bootAllowance is what the inner -test.timeout leaves for boot and shutdown.
 const bootAllowance = 30 * time.Second
 
+// maxGuestTestTime caps one package's tests in the VM. Every package's
+// kernel tests take a few minutes under TCG; a hung one must fail with its
+// goroutine dump in this time instead of holding the VM lock, and every
+// other package waiting for it, until the whole run's timeout.
+const maxGuestTestTime = 15 * time.Minute
+
 // RunPackageTests runs the calling package's tests in the VM. A package's
 // host-side TestVM (in a file with //go:build !vmtest) calls it; its kernel
 // tests live in files with //go:build vmtest.
@@ -100,7 +106,7 @@ const bootAllowance = 30 * time.Second
 // non-zero or the VM does not complete.
 //
 // Derived flags: -test.short and -test.failfast as set outside;
-// -test.timeout from t's deadline; and -test.run from the part of the outer
+// -test.timeout from t's deadline, at most maxGuestTestTime; and -test.run from the part of the outer
 // -run pattern after "TestVM/": `go test -run 'TestVM/Pool' ./pkg/...`
 // runs the guest's tests matching "Pool".
 //
@@ -276,10 +282,12 @@ func guestTestArgs(ctx context.Context) []string {
 			args = append(args, "-test.run="+inner)
 		}
 	}
+	limit := maxGuestTestTime
 	if d, ok := ctx.Deadline(); ok {
-		if left := time.Until(d) - bootAllowance; left > 0 {
-			args = append(args, "-test.timeout="+left.Round(time.Second).String())
-		}
+		limit = min(limit, time.Until(d)-bootAllowance)
+	}
+	if limit > 0 {
+		args = append(args, "-test.timeout="+limit.Round(time.Second).String())
 	}
 	return args
 }

@@ -9,6 +9,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseLdd(t *testing.T) {
@@ -248,5 +249,38 @@ func TestHasNote(t *testing.T) {
 	}
 	if hasNote(note("Xen", 5, nil), "Xen", xenElfnotePhys32Entry) {
 		t.Error("other Xen note matched")
+	}
+}
+
+// The guest's -test.timeout never exceeds maxGuestTestTime, so a hung
+// kernel test fails with its stack instead of holding the VM lock for the
+// whole run, and it stays inside the outer deadline.
+func TestGuestTestTimeout(t *testing.T) {
+	timeoutArg := func(args []string) string {
+		for _, a := range args {
+			if v, ok := strings.CutPrefix(a, "-test.timeout="); ok {
+				return v
+			}
+		}
+		return ""
+	}
+	if got := timeoutArg(guestTestArgs(context.Background())); got != maxGuestTestTime.String() {
+		t.Errorf("no deadline: -test.timeout=%q, want %v", got, maxGuestTestTime)
+	}
+	far, cancel := context.WithTimeout(context.Background(), 3*time.Hour)
+	defer cancel()
+	if got := timeoutArg(guestTestArgs(far)); got != maxGuestTestTime.String() {
+		t.Errorf("far deadline: -test.timeout=%q, want %v", got, maxGuestTestTime)
+	}
+	near, cancel2 := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel2()
+	got, err := time.ParseDuration(timeoutArg(guestTestArgs(near)))
+	if err != nil || got > 5*time.Minute-bootAllowance || got < 4*time.Minute {
+		t.Errorf("5m deadline: -test.timeout=%v (%v), want about %v", got, err, 5*time.Minute-bootAllowance)
+	}
+	gone, cancel3 := context.WithTimeout(context.Background(), time.Second)
+	defer cancel3()
+	if got := timeoutArg(guestTestArgs(gone)); got != "" {
+		t.Errorf("deadline inside the boot allowance: -test.timeout=%q, want none", got)
 	}
 }

@@ -461,6 +461,24 @@ func (c *Client) TargetVersions() ([]TargetVersion, error) {
 	return out, nil
 }
 
+// maxPollWait bounds one poll so a missed wake-up costs at most this long.
+const maxPollWait = 200 * time.Millisecond
+
+// pollTimeout is poll(2)'s timeout in milliseconds for one wait: never
+// negative, because a negative timeout makes poll wait forever, and a
+// deadline that passed between the context check and the poll must not.
+func pollTimeout(ctx context.Context, now time.Time) int {
+	wait := maxPollWait
+	if d, ok := ctx.Deadline(); ok {
+		wait = min(d.Sub(now), wait)
+	}
+	if wait <= 0 {
+		return 0
+	}
+	// Round up so a sub-millisecond remainder still sleeps instead of spinning.
+	return int((wait + time.Millisecond - 1) / time.Millisecond)
+}
+
 // WaitEvent blocks until the device's event counter differs from eventNr
 // (a thin-pool raises an event when it passes its low water mark, runs out
 // of space or changes mode) and returns its new state. Unlike the kernel's
@@ -488,11 +506,7 @@ func (c *Client) WaitEvent(ctx context.Context, dev Dev, eventNr uint32) (Device
 		if err := ctx.Err(); err != nil {
 			return DeviceInfo{}, err
 		}
-		timeout := 200
-		if d, ok := ctx.Deadline(); ok {
-			timeout = int(min(time.Until(d).Milliseconds()+1, 200))
-		}
-		_, err = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, timeout)
+		_, err = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, pollTimeout(ctx, time.Now()))
 		if err != nil && !errors.Is(err, unix.EINTR) {
 			return DeviceInfo{}, &Error{Op: "poll", Device: dev.String(), Err: err}
 		}
