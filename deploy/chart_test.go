@@ -658,6 +658,10 @@ func TestRBACLeastPrivilege(t *testing.T) {
 				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumes", "watch", true},
 				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumes", "update", false},
 				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshotcontents", "list", true},
+				// ... and labels pre-provisioned contents for its snapshotter.
+				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshotcontents", "patch", true},
+				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshotcontents", "delete", false},
+				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshots", "patch", false},
 				{"ClusterRole/csi-dmthin-driver", "", "nodes", "get", true},
 				{"ClusterRole/csi-dmthin-driver", "", "nodes", "list", false},
 				{"ClusterRole/csi-dmthin-driver", "", "events", "create", true},

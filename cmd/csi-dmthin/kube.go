@@ -192,6 +192,22 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 	if err != nil {
 		return err
 	}
+	var adopter *kube.Adopter
+	if k.snapInf != nil {
+		adopter, err = kube.NewAdopter(kube.AdopterOptions{
+			DriverName: k.driverName, NodeName: k.node, Owner: d, Client: k.snaps, Recorder: k.recorder, Informers: k.snapInf,
+		})
+		if err != nil {
+			return err
+		}
+		k.wg.Add(1)
+		go func() {
+			defer k.wg.Done()
+			if err := adopter.Run(ctx, 1); err != nil && ctx.Err() == nil {
+				errc <- err
+			}
+		}()
+	}
 	k.core.Start(ctx.Done())
 	if k.snapInf != nil {
 		k.snapInf.Start(ctx.Done())

@@ -1,0 +1,196 @@
+package kube
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	snapv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumesnapshot/v1"
+	snapclient "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned"
+	snapinformers "github.com/kubernetes-csi/external-snapshotter/client/v8/informers/externalversions"
+	snaplisters "github.com/kubernetes-csi/external-snapshotter/client/v8/listers/volumesnapshot/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/workqueue"
+	"k8s.io/klog/v2"
+)
+
+// ReasonAdopted is the Normal Event on a VolumeSnapshotContent this node
+// labelled for its own csi-snapshotter.
+const ReasonAdopted = "SnapshotContentAdopted"
+
+// Adopter gives this node's csi-snapshotter the VolumeSnapshotContents of
+// our driver that no csi-snapshotter would ever see.
+//
+// In distributed snapshotting each node's csi-snapshotter watches only the
+// contents labelled managed-by its node, and the snapshot-controller sets
+// that label only on the contents it creates for new snapshots of a PVC. A
+// pre-provisioned content (an operator importing an existing snapshot by
+// its handle, or Kubernetes' own storage tests) has no label, so it would
+// stay not ready for ever, and deleting it with policy Delete would never
+// delete the snapshot. The node whose pool holds the snapshot (or, for a
+// content made from a volume before distributed snapshotting was turned
+// on, the volume) labels it, and its csi-snapshotter takes it from there.
+type Adopter struct {
+	driver, node string
+	owner        Owner
+	client       snapclient.Interface
+	recorder     record.EventRecorder
+	contents     snaplisters.VolumeSnapshotContentLister
+	synced       cache.InformerSynced
+	queue        workqueue.TypedRateLimitingInterface[string]
+}
+
+// AdopterOptions configure an Adopter.
+type AdopterOptions struct {
+	DriverName string
+	NodeName   string
+	Owner      Owner
+	Client     snapclient.Interface
+	Recorder   record.EventRecorder
+	// Informers is the snapshot informer factory; whoever made it starts it
+	// (after NewAdopter).
+	Informers   snapinformers.SharedInformerFactory
+	RateLimiter workqueue.TypedRateLimiter[string] // default exponential, 1s to 5m
+}
+
+// NewAdopter sets up the content informer's handlers; Run does the work.
+func NewAdopter(o AdopterOptions) (*Adopter, error) {
+	if o.DriverName == "" || o.NodeName == "" || o.Owner == nil || o.Client == nil || o.Recorder == nil || o.Informers == nil {
+		return nil, errors.New("kube: the content adopter needs a driver name, node name, owner, snapshot client, recorder and informers")
+	}
+	rl := o.RateLimiter
+	if rl == nil {
+		rl = workqueue.NewTypedItemExponentialFailureRateLimiter[string](time.Second, 5*time.Minute)
+	}
+	inf := o.Informers.Snapshot().V1().VolumeSnapshotContents()
+	a := &Adopter{
+		driver: o.DriverName, node: o.NodeName, owner: o.Owner, client: o.Client, recorder: o.Recorder,
+		contents: inf.Lister(), synced: inf.Informer().HasSynced,
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(rl, workqueue.TypedRateLimitingQueueConfig[string]{Name: "csi-dmthin-adopter"}),
+	}
+	add := func(obj any) {
+		if vsc, ok := obj.(*snapv1.VolumeSnapshotContent); ok && a.unclaimed(vsc) {
+			a.queue.Add(vsc.Name)
+		}
+	}
+	_, err := inf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    add,
+		UpdateFunc: func(_, obj any) { add(obj) },
+	})
+	return a, err
+}
+
+// unclaimed reports whether vsc is one of our driver's contents that no
+// node's csi-snapshotter watches.
+func (a *Adopter) unclaimed(vsc *snapv1.VolumeSnapshotContent) bool {
+	return vsc.Spec.Driver == a.driver && vsc.Labels[LabelManagedBy] == ""
+}
+
+// Run labels contents with workers goroutines until ctx is done. The
+// informer factory must have been started.
+func (a *Adopter) Run(ctx context.Context, workers int) error {
+	defer utilruntime.HandleCrash()
+	logger := klog.FromContext(ctx).WithValues("controller", "adopter")
+	ctx = klog.NewContext(ctx, logger)
+	go func() {
+		<-ctx.Done()
+		a.queue.ShutDown()
+	}()
+	if !cache.WaitForCacheSync(ctx.Done(), a.synced) {
+		return fmt.Errorf("adopter: caches did not sync: %w", ctx.Err())
+	}
+	logger.Info("Labelling pre-provisioned snapshot contents held on this node for its csi-snapshotter", "node", a.node)
+	var wg sync.WaitGroup
+	for range max(workers, 1) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			wait.UntilWithContext(ctx, func(ctx context.Context) {
+				for a.next(ctx) {
+				}
+			}, time.Second)
+		}()
+	}
+	wg.Wait()
+	return nil
+}
+
+func (a *Adopter) next(ctx context.Context) bool {
+	name, quit := a.queue.Get()
+	if quit {
+		return false
+	}
+	defer a.queue.Done(name)
+	retry, err := a.sync(ctx, name)
+	switch {
+	case err != nil:
+		klog.FromContext(ctx).Error(err, "Labelling a snapshot content failed; will retry", "content", name)
+		a.queue.AddRateLimited(name)
+	case retry:
+		a.queue.AddRateLimited(name)
+	default:
+		a.queue.Forget(name)
+	}
+	return true
+}
+
+// sync labels one content when this node holds its source. The patch
+// carries the resourceVersion read, so a content that changed meanwhile
+// (labelled by the snapshot-controller, say) is read again, not written
+// over.
+func (a *Adopter) sync(ctx context.Context, name string) (retry bool, err error) {
+	vsc, err := a.contents.Get(name)
+	if apierrors.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if !a.unclaimed(vsc) {
+		return false, nil
+	}
+	var what, id string
+	switch src := vsc.Spec.Source; {
+	case src.SnapshotHandle != nil && *src.SnapshotHandle != "":
+		what, id = "snapshot", *src.SnapshotHandle
+		if !a.owner.HasSnapshot(id) {
+			return false, nil // another node's, or nobody's
+		}
+	case src.VolumeHandle != nil && *src.VolumeHandle != "":
+		what, id = "volume", *src.VolumeHandle
+		if !a.owner.HasVolume(id) {
+			return false, nil
+		}
+	default:
+		return false, nil
+	}
+	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{
+		"resourceVersion": vsc.ResourceVersion,
+		"labels":          map[string]string{LabelManagedBy: a.node},
+	}})
+	if err != nil {
+		return false, err
+	}
+	_, err = a.client.SnapshotV1().VolumeSnapshotContents().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{})
+	switch {
+	case apierrors.IsConflict(err):
+		return true, nil
+	case apierrors.IsNotFound(err):
+		return false, nil
+	case err != nil:
+		return false, err
+	}
+	klog.FromContext(ctx).Info("Labelled a snapshot content for this node's csi-snapshotter: the node holds its source", "content", name, what, id)
+	a.recorder.Eventf(vsc, corev1.EventTypeNormal, ReasonAdopted, "node %s holds %s %s; labelled %s=%s so that node's csi-snapshotter manages this content", a.node, what, id, LabelManagedBy, a.node)
+	return false, nil
+}
