@@ -6,7 +6,7 @@ BIN      := bin
 TIMEOUT  ?= 60m
 GOFILES   = $(shell find . -name '*.go' -not -path './.cache/*' -not -path './bin/*')
 
-.PHONY: all build test test-unit test-vm bench lint fmt demo deps fuzz clean e2e e2e-deps e2e-build e2e-tools-tidy image manifests
+.PHONY: all build test test-unit test-vm bench lint fmt demo deps fuzz clean e2e e2e-full e2e-deps e2e-build e2e-tools-tidy image manifests
 
 all: build
 
@@ -83,6 +83,12 @@ manifests:
 E2E_TIMEOUT ?= 60m
 e2e: e2e-deps
 	CSI_DMTHIN_E2E=1 $(GO) test -count=1 -v -timeout $(E2E_TIMEOUT) ./test/e2e/
+
+# The same with every applicable spec of Kubernetes' external storage suite,
+# the Slow and Serial ones too (make e2e runs the fast set).
+E2E_FULL_TIMEOUT ?= 150m
+e2e-full: e2e-deps
+	CSI_DMTHIN_E2E=1 CSI_DMTHIN_E2E_STORAGE=full $(GO) test -count=1 -v -timeout $(E2E_FULL_TIMEOUT) ./test/e2e/
 
 e2e-deps:
 	@./hack/install-e2e-deps.sh

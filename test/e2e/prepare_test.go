@@ -34,6 +34,11 @@ func prepare(ctx context.Context) (*artifacts, error) {
 	if runDir == "" {
 		runDir = filepath.Join(os.TempDir(), "csi-dmthin-e2e", time.Now().Format("20060102-150405"))
 	}
+	// A run directory holds etcd's data: an old one would bring back an
+	// old cluster (a node already Ready, a driver already installed).
+	if entries, err := os.ReadDir(runDir); err == nil && len(entries) > 0 {
+		return nil, fmt.Errorf("run directory %s is not empty: give CSI_DMTHIN_E2E_RUNDIR a new directory", runDir)
+	}
 	if err := os.MkdirAll(runDir, 0o755); err != nil {
 		return nil, err
 	}
@@ -48,8 +53,11 @@ func prepare(ctx context.Context) (*artifacts, error) {
 	}
 	if err := step("tools", func() (err error) {
 		var only []string
-		if clusterOnly() {
+		switch {
+		case clusterOnly():
 			only = cluster.ClusterTools
+		case storageSet() == "":
+			only = cluster.DriverTools
 		}
 		art.Tools, err = cluster.BuildTools(ctx, repo, v, os.Stderr, only...)
 		return err
@@ -63,7 +71,13 @@ func prepare(ctx context.Context) (*artifacts, error) {
 		return nil, err
 	}
 	if err := step("images", func() (err error) {
-		art.Images, art.Driver, art.DriverBinary, err = cluster.BuildImages(ctx, repo, v, art.Tools, driverTag, clusterOnly())
+		var extra []cluster.Image
+		if storageSet() != "" {
+			if extra, err = cluster.StorageSuiteImages(ctx, repo, art.Tools); err != nil {
+				return err
+			}
+		}
+		art.Images, art.Driver, art.DriverBinary, err = cluster.BuildImages(ctx, repo, v, art.Tools, driverTag, clusterOnly(), extra...)
 		return err
 	}); err != nil {
 		return nil, err

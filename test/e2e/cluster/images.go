@@ -402,10 +402,80 @@ func ReadPackageList(path string) ([]string, error) {
 // BusyboxImage is the image of the scenario tests' pods.
 const BusyboxImage = "localhost/e2e/busybox:1"
 
+// StorageSuiteImages are the images Kubernetes' external storage suite runs,
+// under the references its e2e.test asks for (`e2e.test -storage-images`):
+// busybox's applets for the busybox-shaped roles, and for agnhost the
+// agnhost program over the same applets (its specs use its mounttest and
+// pause commands, and nsenter for host exec).
+func StorageSuiteImages(ctx context.Context, repo string, tools *Tools) ([]Image, error) {
+	out, err := output(ctx, "", tools.Path("e2e.test"), "-storage-images")
+	if err != nil {
+		return nil, err
+	}
+	pause, err := pauseBinary(ctx, repo)
+	if err != nil {
+		return nil, err
+	}
+	var imgs []Image
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		role, ref, ok := strings.Cut(line, "=")
+		if !ok || ref == "" {
+			return nil, fmt.Errorf("cluster: e2e.test -storage-images printed %q", line)
+		}
+		var img Image
+		switch role {
+		case "busybox", "nginx", "glibc-dns-testing":
+			img, err = busyboxImage(ctx, ref)
+		case "agnhost":
+			img, err = busyboxImage(ctx, ref)
+			img.Files["/agnhost"] = tools.Path("agnhost")
+			img.Entrypoint = []string{"/agnhost"}
+		case "pause":
+			img = Image{Ref: ref, Files: map[string]string{"/pause": pause}, Entrypoint: []string{"/pause"}}
+		default:
+			return nil, fmt.Errorf("cluster: e2e.test wants an image for %q (%s), which the harness does not know how to build", role, ref)
+		}
+		if err != nil {
+			return nil, err
+		}
+		imgs = append(imgs, img)
+	}
+	sort.Slice(imgs, func(i, j int) bool { return imgs[i].Ref < imgs[j].Ref })
+	return imgs, nil
+}
+
+// pauseBinary builds test/e2e/images/pause, our pod sandbox program, into
+// the cache and returns its path.
+func pauseBinary(ctx context.Context, repo string) (string, error) {
+	cache, err := vmtest.CacheDir()
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(cache, "e2e", "main-bin", "pause")
+	return p, goBuild(ctx, repo, p, "./test/e2e/images/pause")
+}
+
+// busyboxImage is the host's static busybox with a link for every applet,
+// and /bin/sh as its entry point.
+func busyboxImage(ctx context.Context, ref string) (Image, error) {
+	applets, err := output(ctx, "", "/bin/busybox", "--list")
+	if err != nil {
+		return Image{}, fmt.Errorf("busybox-static: %w", err)
+	}
+	links := map[string]string{}
+	for _, a := range strings.Fields(string(applets)) {
+		if a != "busybox" {
+			links["/bin/"+a] = "busybox"
+		}
+	}
+	return Image{Ref: ref, Files: map[string]string{"/bin/busybox": "/bin/busybox"}, Links: links, Entrypoint: []string{"/bin/sh"}}, nil
+}
+
 // BuildImages writes the pause, driver and sidecar images, named as the
-// chart's defaults name them (registry "localhost").
-// With withoutDriver, only the pause and busybox images are written.
-func BuildImages(ctx context.Context, repo string, v Versions, tools *Tools, driverTag string, withoutDriver bool) (tars []string, driverRef, driverBinary string, err error) {
+// chart's defaults name them (registry "localhost"), and extra (the storage
+// suite's), all in one archive. With withoutDriver, only the pause and
+// busybox images are written.
+func BuildImages(ctx context.Context, repo string, v Versions, tools *Tools, driverTag string, withoutDriver bool, extra ...Image) (tars []string, driverRef, driverBinary string, err error) {
 	cache, err := vmtest.CacheDir()
 	if err != nil {
 		return nil, "", "", err
@@ -418,18 +488,11 @@ func BuildImages(ctx context.Context, repo string, v Versions, tools *Tools, dri
 	}
 	images := []Image{{Ref: PauseImage, Files: map[string]string{"/pause": filepath.Join(binDir, "pause")}, Entrypoint: []string{"/pause"}}}
 	// The test pods' image: the host's static busybox with its applets.
-	links := map[string]string{}
-	applets, err := output(ctx, "", "/bin/busybox", "--list")
+	bb, err := busyboxImage(ctx, BusyboxImage)
 	if err != nil {
-		return nil, "", "", fmt.Errorf("busybox-static: %w", err)
+		return nil, "", "", err
 	}
-	for _, a := range strings.Fields(string(applets)) {
-		if a != "busybox" {
-			links["/bin/"+a] = "busybox"
-		}
-	}
-	images = append(images, Image{Ref: BusyboxImage, Files: map[string]string{"/bin/busybox": "/bin/busybox"}, Links: links,
-		Entrypoint: []string{"/bin/sh"}})
+	images = append(images, bb)
 	if !withoutDriver {
 		// The driver image holds what the Dockerfile's runtime stage
 		// installs: the packages of hack/runtime-packages.txt (with their
@@ -458,6 +521,7 @@ func BuildImages(ctx context.Context, repo string, v Versions, tools *Tools, dri
 			})
 		}
 	}
+	images = append(images, extra...)
 	name := "e2e-images"
 	if withoutDriver {
 		name = "e2e-images-cluster-only"

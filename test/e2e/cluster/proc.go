@@ -42,6 +42,16 @@ func (p *Proc) Exited() (bool, error) {
 	}
 }
 
+// Wait waits for the process to exit, or for ctx to end.
+func (p *Proc) Wait(ctx context.Context) error {
+	select {
+	case <-p.done:
+		return p.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // NewProcs returns an empty set logging under logDir.
 func NewProcs(logDir string) (*Procs, error) {
 	if err := os.MkdirAll(logDir, 0o755); err != nil {
@@ -91,7 +101,11 @@ func (ps *Procs) StopAll(grace time.Duration) []string {
 	for i := len(procs) - 1; i >= 0; i-- {
 		p := procs[i]
 		pid := p.Cmd.Process.Pid
+		// Whatever it started and left behind shares its process group
+		// (ginkgo's parallel test processes, say): killed after it.
+		reapGroup := func() { _ = syscall.Kill(-pid, syscall.SIGKILL) }
 		if done, err := p.Exited(); done {
+			reapGroup()
 			report = append(report, fmt.Sprintf("%s (pid %d) had exited: %v", p.Name, pid, err))
 			continue
 		}
@@ -104,6 +118,7 @@ func (ps *Procs) StopAll(grace time.Duration) []string {
 			<-p.done
 			report = append(report, fmt.Sprintf("%s (pid %d) killed after %s", p.Name, pid, grace))
 		}
+		reapGroup()
 	}
 	return report
 }

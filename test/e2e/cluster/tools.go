@@ -35,6 +35,10 @@ type toolBuild struct {
 	strip bool
 	// crds copies <module dir>/config/crd/*.yaml of this module into crd/.
 	crds string
+	// tests are test binaries (`go test -c`): output name -> package
+	// directory relative to the wrapper module, whose own Go files are
+	// then part of the cache key.
+	tests map[string]string
 }
 
 var toolBuilds = []toolBuild{
@@ -59,6 +63,13 @@ var toolBuilds = []toolBuild{
 	}, crds: "github.com/kubernetes-csi/external-snapshotter/client/v8"},
 	{dir: "resizer", strip: true, pkgs: map[string]string{"csi-resizer": "github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer"}},
 	{dir: "helm", pkgs: map[string]string{"helm": "helm.sh/helm/v3/cmd/helm"}},
+	// Kubernetes' external storage suite alone (tools/storagesuite), the
+	// ginkgo runner that runs it in parallel, and agnhost for the image its
+	// subPath and host-exec specs use.
+	{dir: StorageSuiteTool, strip: true, tests: map[string]string{"e2e.test": "."}, pkgs: map[string]string{
+		"ginkgo":  "github.com/onsi/ginkgo/v2/ginkgo",
+		"agnhost": "k8s.io/kubernetes/test/images/agnhost",
+	}},
 }
 
 // kubeVersionLdflags stamps the Kubernetes version into the binaries;
@@ -78,6 +89,13 @@ func kubeVersionLdflags() []string {
 
 // ClusterTools are the wrapper modules a cluster without the driver needs.
 var ClusterTools = []string{"etcd", "kubernetes", "containerd"}
+
+// DriverTools add what installing the driver needs: the sidecars and helm.
+var DriverTools = append(slices.Clone(ClusterTools), "provisioner", "snapshotter", "resizer", "helm")
+
+// StorageSuiteTool is the wrapper module of Kubernetes' external storage
+// suite (e2e.test, ginkgo, agnhost).
+const StorageSuiteTool = "storagesuite"
 
 // Tools are the built binaries, all in one directory.
 type Tools struct {
@@ -196,8 +214,18 @@ func buildTool(ctx context.Context, repo, root string, tb toolBuild, v Versions,
 	}
 
 	h := sha256.New()
-	fmt.Fprintf(h, "%s\n%s\n%q\n%q\n%q\n%s\n", toolsFormat, strings.TrimSpace(string(goVersion)), ldflags, tb.tags, tb.pkgs, tb.crds)
-	for _, f := range []string{"go.mod", "go.sum"} {
+	fmt.Fprintf(h, "%s\n%s\n%q\n%q\n%q\n%s\n%q\n", toolsFormat, strings.TrimSpace(string(goVersion)), ldflags, tb.tags, tb.pkgs, tb.crds, tb.tests)
+	inputs := []string{"go.mod", "go.sum"}
+	if len(tb.tests) > 0 {
+		own, err := filepath.Glob(filepath.Join(src, "*.go"))
+		if err != nil {
+			return "", false, err
+		}
+		for _, f := range own {
+			inputs = append(inputs, filepath.Base(f))
+		}
+	}
+	for _, f := range inputs {
 		data, err := os.ReadFile(filepath.Join(src, f))
 		if err != nil {
 			return "", false, fmt.Errorf("cluster: wrapper module %s: %w", tb.dir, err)
@@ -224,6 +252,16 @@ func buildTool(ctx context.Context, repo, root string, tb toolBuild, v Versions,
 			args = append(args, "-ldflags", strings.Join(ldflags, " "))
 		}
 		args = append(args, pkg)
+		if err := goCmd(ctx, src, "nice", args...); err != nil {
+			return "", false, fmt.Errorf("cluster: build %s (%s): %w", name, tb.dir, err)
+		}
+	}
+	for name, dir := range tb.tests {
+		args := []string{"-n", "10", "go", "test", "-c", "-trimpath", "-o", filepath.Join(tmp, name)}
+		if len(ldflags) > 0 {
+			args = append(args, "-ldflags", strings.Join(ldflags, " "))
+		}
+		args = append(args, dir)
 		if err := goCmd(ctx, src, "nice", args...); err != nil {
 			return "", false, fmt.Errorf("cluster: build %s (%s): %w", name, tb.dir, err)
 		}

@@ -69,6 +69,13 @@ func wrappers(v map[string]string) []wrapper {
 			"k8s.io/kubernetes/cmd/kube-proxy",
 			"k8s.io/kubernetes/cmd/kubectl",
 		}},
+		// The external storage e2e suite: our suite_test.go in that
+		// directory, the ginkgo runner at the version Kubernetes uses, and
+		// agnhost, the test image's program (subPath and host-exec specs).
+		{dir: "storagesuite", module: "k8s.io/kubernetes", version: "KUBERNETES_VERSION", replaces: staging, ownReplaces: true, tools: []string{
+			"github.com/onsi/ginkgo/v2/ginkgo",
+			"k8s.io/kubernetes/test/images/agnhost",
+		}},
 		{dir: "etcd", module: "go.etcd.io/etcd/server/v3", version: "ETCD_VERSION",
 			tools: []string{"go.etcd.io/etcd/server/v3"}},
 		{dir: "containerd", module: "github.com/containerd/containerd/v2", version: "CONTAINERD_VERSION", tools: []string{

@@ -1,0 +1,300 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/csi-dmthin/csi-dmthin/test/e2e/cluster"
+)
+
+// storageEnv picks the part of Kubernetes' external storage suite that
+// TestExternalStorage runs: "fast" (the default: what `make test` runs),
+// "full" (`make e2e-full`) or "off".
+const storageEnv = "CSI_DMTHIN_E2E_STORAGE"
+
+// storageSelection is one way to run the suite.
+type storageSelection struct {
+	skip    string        // ginkgo --skip, on the spec's full text
+	procs   int           // parallel ginkgo processes
+	timeout time.Duration // ginkgo --timeout for the whole run
+}
+
+// notApplicable are the specs no run selects, and why. They need what this
+// cluster or driver lacks by design, so selecting them would report the
+// test bed, not the driver.
+var notApplicable = []struct{ pattern, why string }{
+	{`\[Disruptive\]`, "restarts or stops kubelet on the node through systemd; the e2e node starts kubelet from its own init"},
+	{`\[Feature:VolumeAttributesClass\]`, "needs ModifyVolume; csi-dmthin has no volume attributes to change (a thin volume has no performance tiers)"},
+	{`\[Feature:SELinux\]`, "needs a node that enforces SELinux; Debian's kernel boots without it"},
+}
+
+var storageSelections = map[string]storageSelection{
+	// Neither Slow nor Serial: the set CSI projects run on every change,
+	// snapshot and XFS specs included.
+	"fast": {skip: `\[(Slow|Serial)\]`, procs: 3, timeout: 45 * time.Minute},
+	// Everything applicable, Slow and Serial included.
+	"full": {procs: 3, timeout: 2 * time.Hour},
+}
+
+// storageSet returns the selected set's name, or "" for none.
+func storageSet() string {
+	switch s := os.Getenv(storageEnv); s {
+	case "", "fast":
+		return "fast"
+	case "off":
+		return ""
+	default:
+		return s
+	}
+}
+
+// skipPattern is the ginkgo --skip of a selection: its own pattern and the
+// specs that are not applicable.
+func (s storageSelection) skipPattern() string {
+	var parts []string
+	for _, n := range notApplicable {
+		parts = append(parts, n.pattern)
+	}
+	if s.skip != "" {
+		parts = append(parts, s.skip)
+	}
+	return strings.Join(parts, "|")
+}
+
+// TestExternalStorage runs Kubernetes' external storage e2e suite
+// (tools/storagesuite, built from k8s.io/kubernetes at the pinned version)
+// against the installed driver, as CSI projects do: ginkgo in parallel,
+// focus "External.Storage", the driver described by testdata/testdriver.yaml.
+// Every selected spec must pass or be skipped by the suite itself; the
+// summary (also written to storage-summary.md in the run directory) counts
+// passes, failures and skips with the suite's reason for each skip.
+func TestExternalStorage(t *testing.T) {
+	c := requireDriver(t)
+	name := storageSet()
+	if name == "" {
+		t.Skipf("%s=off", storageEnv)
+	}
+	sel, ok := storageSelections[name]
+	if !ok {
+		t.Fatalf("%s=%q: want fast, full or off", storageEnv, name)
+	}
+	dir := filepath.Join(testArt.RunDir, "storage")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	driverFile, err := filepath.Abs(filepath.Join("testdata", "testdriver.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	report := filepath.Join(dir, "report.json")
+	args := []string{
+		"--procs", fmt.Sprint(sel.procs), "--timeout", sel.timeout.String(),
+		"--focus", `External.Storage`, "--skip", sel.skipPattern(),
+		"--json-report", report, "--no-color", "--silence-skips",
+		c.Bin("e2e.test"), "--",
+		"--kubeconfig", c.Kubeconfig, "--kubectl-path", c.Bin("kubectl"),
+		"--storage.testdriver", driverFile,
+		"--report-dir", dir, "--node-os-distro", "debian",
+	}
+	t.Logf("storage suite (%s): ginkgo %s", name, strings.Join(args, " "))
+	start := time.Now()
+	// Started like every other process of the run, so it and its parallel
+	// test processes are stopped by pid when the run ends or is cut short.
+	p, err := c.Procs.Start("storage-suite", c.Bin("ginkgo"), args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runErr := waitWithProgress(t, p, start)
+	took := time.Since(start).Round(time.Second)
+	testArt.Timings["storage-suite"] = took.String()
+
+	data, err := os.ReadFile(report)
+	if err != nil {
+		t.Fatalf("ginkgo wrote no report (%v): %v; its output is in %s", runErr, err, p.Log)
+	}
+	res, err := parseGinkgoReport(data, regexp.MustCompile(sel.skipPattern()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	summary := res.markdown(name, took)
+	_ = os.WriteFile(filepath.Join(testArt.RunDir, "storage-summary.md"), []byte(summary), 0o644)
+	t.Log("\n" + summary)
+	for _, f := range res.Failed {
+		t.Errorf("FAILED %s\n%s", f.Name, f.Message)
+	}
+	if res.Passed == 0 {
+		t.Errorf("no spec passed")
+	}
+	if runErr != nil && len(res.Failed) == 0 {
+		t.Errorf("ginkgo failed without a failed spec: %v (see %s)", runErr, p.Log)
+	}
+}
+
+// waitWithProgress waits for the suite, logging every few minutes how many
+// specs have ended (ginkgo prints one mark per spec: "•" passed, "S"
+// skipped, "F" failed), so a long run shows it is moving.
+func waitWithProgress(t *testing.T, p *cluster.Proc, start time.Time) error {
+	tick := time.NewTicker(3 * time.Minute)
+	defer tick.Stop()
+	done := make(chan error, 1)
+	go func() { done <- p.Wait(testCtx) }()
+	for {
+		select {
+		case err := <-done:
+			return err
+		case <-tick.C:
+			data, _ := os.ReadFile(p.Log)
+			out := string(data)
+			t.Logf("storage suite: %s: %d passed, %d failed so far", time.Since(start).Round(time.Second),
+				strings.Count(out, "•"), strings.Count(out, "[FAILED]"))
+		}
+	}
+}
+
+// storageResult is a ginkgo JSON report, counted.
+type storageResult struct {
+	Passed int
+	Failed []specOutcome
+	// Skipped counts the specs the suite skipped at run time, by reason.
+	Skipped map[string][]string
+	// NotSelected are the External Storage specs our --skip left out.
+	NotSelected []string
+	// Other counts specs outside External Storage that focus left out.
+	Other int
+}
+
+type specOutcome struct{ Name, Message string }
+
+// ginkgoSpec is the part of a ginkgo v2 JSON report's spec we read.
+type ginkgoSpec struct {
+	ContainerHierarchyTexts []string
+	LeafNodeType            string
+	LeafNodeText            string
+	State                   string
+	Failure                 struct{ Message string }
+}
+
+// parseGinkgoReport counts a ginkgo --json-report. Suite-level nodes
+// (BeforeSuite and the like) count only when they fail; a spec that was
+// skipped with no message was filtered out, by our skip pattern when its
+// name matches notSelected, else by the focus.
+func parseGinkgoReport(data []byte, notSelected *regexp.Regexp) (*storageResult, error) {
+	var reports []struct{ SpecReports []ginkgoSpec }
+	if err := json.Unmarshal(data, &reports); err != nil {
+		return nil, fmt.Errorf("ginkgo report: %w", err)
+	}
+	if len(reports) == 0 {
+		return nil, fmt.Errorf("ginkgo report: no suite")
+	}
+	res := &storageResult{Skipped: map[string][]string{}}
+	for _, r := range reports {
+		for _, s := range r.SpecReports {
+			name := strings.TrimSpace(strings.Join(append(append([]string{}, s.ContainerHierarchyTexts...), s.LeafNodeText), " "))
+			if name == "" {
+				name = "[" + s.LeafNodeType + "]"
+			}
+			switch s.State {
+			case "passed":
+				if s.LeafNodeType == "It" {
+					res.Passed++
+				}
+			case "skipped":
+				switch {
+				case s.Failure.Message != "":
+					reason := skipReason(s.Failure.Message)
+					res.Skipped[reason] = append(res.Skipped[reason], name)
+				case strings.Contains(name, "External Storage") && notSelected.MatchString(name):
+					res.NotSelected = append(res.NotSelected, name)
+				default:
+					res.Other++
+				}
+			case "pending":
+				res.Other++
+			default: // failed, panicked, interrupted, aborted, timedout
+				res.Failed = append(res.Failed, specOutcome{Name: name, Message: s.State + ": " + firstLines(s.Failure.Message, 12)})
+			}
+		}
+	}
+	return res, nil
+}
+
+// numberRE finds the numbers in skip messages (sizes, counts), so one
+// reason reads the same for every spec.
+var numberRE = regexp.MustCompile(`\b\d+(\.\d+)?(Gi|Mi|s|ms)?\b`)
+
+// skipReason is a skip message's first line, with numbers blanked so the
+// same reason from different specs groups together.
+func skipReason(msg string) string {
+	line, _, _ := strings.Cut(strings.TrimSpace(msg), "\n")
+	return numberRE.ReplaceAllString(line, "N")
+}
+
+func firstLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = append(lines[:n], "...")
+	}
+	return strings.Join(lines, "\n")
+}
+
+// markdown is the summary: counts, then every skip reason with its specs,
+// then what was not selected and why.
+func (r *storageResult) markdown(set string, took time.Duration) string {
+	var b strings.Builder
+	skipped := 0
+	for _, specs := range r.Skipped {
+		skipped += len(specs)
+	}
+	fmt.Fprintf(&b, "## External storage suite (%s set, %s)\n\n", set, took)
+	fmt.Fprintf(&b, "| passed | failed | skipped by the suite | not selected |\n|---:|---:|---:|---:|\n| %d | %d | %d | %d |\n\n",
+		r.Passed, len(r.Failed), skipped, len(r.NotSelected))
+	if len(r.Failed) > 0 {
+		b.WriteString("### Failed\n\n")
+		for _, f := range r.Failed {
+			fmt.Fprintf(&b, "- %s\n", f.Name)
+		}
+		b.WriteString("\n")
+	}
+	if skipped > 0 {
+		b.WriteString("### Skipped by the suite, by its reason\n\n")
+		reasons := make([]string, 0, len(r.Skipped))
+		for k := range r.Skipped {
+			reasons = append(reasons, k)
+		}
+		sort.Slice(reasons, func(i, j int) bool { return len(r.Skipped[reasons[i]]) > len(r.Skipped[reasons[j]]) })
+		for _, k := range reasons {
+			fmt.Fprintf(&b, "- %d: %s\n", len(r.Skipped[k]), k)
+		}
+		b.WriteString("\n")
+	}
+	if len(r.NotSelected) > 0 {
+		b.WriteString("### Not selected\n\n")
+		counted := map[string]int{}
+		for _, name := range r.NotSelected {
+			why := "left to `make e2e-full` (Slow or Serial)"
+			for _, n := range notApplicable {
+				if regexp.MustCompile(n.pattern).MatchString(name) {
+					why = n.why
+					break
+				}
+			}
+			counted[why]++
+		}
+		whys := make([]string, 0, len(counted))
+		for k := range counted {
+			whys = append(whys, k)
+		}
+		sort.Strings(whys)
+		for _, k := range whys {
+			fmt.Fprintf(&b, "- %d: %s\n", counted[k], k)
+		}
+	}
+	return b.String()
+}

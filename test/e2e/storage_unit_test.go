@@ -1,0 +1,171 @@
+package e2e
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
+)
+
+// suiteCapabilities are the capability names Kubernetes v1.37's storage
+// framework knows (test/e2e/storage/framework/testdriver.go). The suite
+// ignores a name it does not know, so a typo would silently turn specs off.
+var suiteCapabilities = []string{
+	"persistence", "block", "fsGroup", "volumeMountGroup", "exec", "snapshotDataSource",
+	"snapshotMetadata", "groupSnapshot", "pvcDataSource", "multipods", "RWX",
+	"controllerExpansion", "nodeExpansion", "offlineExpansion", "onlineExpansion",
+	"volumeLimits", "singleNodeVolume", "topology", "capacity",
+	"FSResizeFromSourceNotSupported", "readWriteOncePod", "multiplePVsSameID",
+	"capReadOnlyMany", "seLinuxMount",
+}
+
+// testDriverFile is the part of the suite's driver definition we write; the
+// strict decode below refuses any key not declared here.
+type testDriverFile struct {
+	StorageClass  struct{ FromExistingClassName string }
+	SnapshotClass struct{ FromExistingClassName string }
+	DriverInfo    struct {
+		Name               string
+		SupportedSizeRange struct{ Min, Max string }
+		SupportedFsType    map[string]struct{}
+		TopologyKeys       []string
+		// NumAllowedTopologies is how many topology segments a volume may
+		// have: one, its node.
+		NumAllowedTopologies            int
+		Capabilities                    map[string]bool
+		StressTestOptions               struct{ NumPods, NumRestarts int }
+		VolumeSnapshotStressTestOptions struct{ NumPods, NumSnapshots int }
+	}
+	Timeouts map[string]string
+}
+
+// The driver definition names what the chart installs and only capability
+// names the suite knows, and declares the features csi-dmthin has.
+func TestTestDriverFile(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join("testdata", "testdriver.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d testDriverFile
+	if err := yaml.UnmarshalStrict(data, &d); err != nil {
+		t.Fatalf("testdata/testdriver.yaml: %v", err)
+	}
+	values, err := os.ReadFile(filepath.Join("..", "..", "charts", "csi-dmthin", "values.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var chart struct {
+		DriverName            string
+		StorageClasses        []struct{ Name, FsType string }
+		VolumeSnapshotClasses []struct{ Name string }
+	}
+	if err := yaml.Unmarshal(values, &chart); err != nil {
+		t.Fatal(err)
+	}
+	if d.DriverInfo.Name != chart.DriverName || d.DriverInfo.Name != driverName {
+		t.Errorf("DriverInfo.Name %q, chart's driverName %q, the tests' %q", d.DriverInfo.Name, chart.DriverName, driverName)
+	}
+	if len(chart.StorageClasses) == 0 || d.StorageClass.FromExistingClassName != chart.StorageClasses[0].Name {
+		t.Errorf("StorageClass.FromExistingClassName %q is not the chart's first class %+v", d.StorageClass.FromExistingClassName, chart.StorageClasses)
+	}
+	if len(chart.VolumeSnapshotClasses) == 0 || d.SnapshotClass.FromExistingClassName != chart.VolumeSnapshotClasses[0].Name {
+		t.Errorf("SnapshotClass.FromExistingClassName %q is not the chart's first class %+v", d.SnapshotClass.FromExistingClassName, chart.VolumeSnapshotClasses)
+	}
+	if !reflect.DeepEqual(d.DriverInfo.TopologyKeys, []string{csi.TopologyKey}) || d.DriverInfo.NumAllowedTopologies != 1 {
+		t.Errorf("topology %v x%d, want [%s] x1", d.DriverInfo.TopologyKeys, d.DriverInfo.NumAllowedTopologies, csi.TopologyKey)
+	}
+	for c := range d.DriverInfo.Capabilities {
+		if !slices.Contains(suiteCapabilities, c) {
+			t.Errorf("capability %q is not one the suite knows", c)
+		}
+	}
+	// What csi-dmthin does, declared; what it does not, left out.
+	for _, c := range []string{"persistence", "block", "fsGroup", "exec", "snapshotDataSource", "pvcDataSource",
+		"multipods", "controllerExpansion", "nodeExpansion", "onlineExpansion", "offlineExpansion",
+		"topology", "singleNodeVolume", "capacity", "readWriteOncePod"} {
+		if !d.DriverInfo.Capabilities[c] {
+			t.Errorf("capability %s is not declared", c)
+		}
+	}
+	for _, c := range []string{"RWX", "capReadOnlyMany", "volumeMountGroup", "groupSnapshot", "snapshotMetadata", "FSResizeFromSourceNotSupported"} {
+		if d.DriverInfo.Capabilities[c] {
+			t.Errorf("capability %s is declared, but csi-dmthin does not have it", c)
+		}
+	}
+	for _, fs := range []string{"", "ext4", "xfs"} {
+		if _, ok := d.DriverInfo.SupportedFsType[fs]; !ok {
+			t.Errorf("fs type %q not declared", fs)
+		}
+	}
+}
+
+// The report parser counts passes, runtime skips by reason, failures of
+// specs and of suite nodes, and tells our not-selected specs from the rest.
+func TestParseGinkgoReport(t *testing.T) {
+	report := `[{"SpecReports": [
+ {"ContainerHierarchyTexts": ["External Storage [Driver: d]", "[Testpattern: Dynamic PV (ext4)] volumes"], "LeafNodeType": "It", "LeafNodeText": "should store data", "State": "passed"},
+ {"ContainerHierarchyTexts": ["External Storage [Driver: d]", "[Testpattern: Dynamic PV (xfs)] volumes"], "LeafNodeType": "It", "LeafNodeText": "should store data", "State": "passed"},
+ {"ContainerHierarchyTexts": ["External Storage [Driver: d]", "[Testpattern: Dynamic PV (ext4)] multiVolume [Slow]"], "LeafNodeType": "It", "LeafNodeText": "should access on different node", "State": "skipped", "Failure": {"Message": "Driver d doesn't support 2 nodes -- skipping\nmore"}},
+ {"ContainerHierarchyTexts": ["External Storage [Driver: d]", "[Testpattern: Dynamic PV (xfs)] multiVolume [Slow]"], "LeafNodeType": "It", "LeafNodeText": "should access on different node", "State": "skipped", "Failure": {"Message": "Driver d doesn't support 3 nodes -- skipping"}},
+ {"ContainerHierarchyTexts": ["External Storage [Driver: d]", "[Testpattern: Dynamic PV (ext4)] disruptive"], "LeafNodeType": "It", "LeafNodeText": "should unmount [Disruptive]", "State": "skipped"},
+ {"ContainerHierarchyTexts": ["[sig-node] Pods"], "LeafNodeType": "It", "LeafNodeText": "should run", "State": "skipped"},
+ {"ContainerHierarchyTexts": ["External Storage [Driver: d]", "[Testpattern: Dynamic PV (ext4)] volume-expand"], "LeafNodeType": "It", "LeafNodeText": "should resize", "State": "failed", "Failure": {"Message": "timed out waiting for the condition"}},
+ {"LeafNodeType": "SynchronizedBeforeSuite", "State": "passed"},
+ {"LeafNodeType": "ReportAfterSuite", "State": "timedout", "Failure": {"Message": "suite timeout"}}
+]}]`
+	res, err := parseGinkgoReport([]byte(report), regexp.MustCompile(`\[Disruptive\]`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Passed != 2 {
+		t.Errorf("passed %d, want 2", res.Passed)
+	}
+	if len(res.Failed) != 2 || !strings.Contains(res.Failed[0].Name, "should resize") || !strings.HasPrefix(res.Failed[1].Message, "timedout: suite timeout") {
+		t.Errorf("failed %+v, want the expansion spec and the timed-out suite node", res.Failed)
+	}
+	if want := map[string][]string{"Driver d doesn't support N nodes -- skipping": {
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] multiVolume [Slow] should access on different node",
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (xfs)] multiVolume [Slow] should access on different node",
+	}}; !reflect.DeepEqual(res.Skipped, want) {
+		t.Errorf("skipped %q, want %q", res.Skipped, want)
+	}
+	if len(res.NotSelected) != 1 || res.Other != 1 {
+		t.Errorf("not selected %q, other %d; want the Disruptive spec and 1", res.NotSelected, res.Other)
+	}
+	md := res.markdown("fast", 0)
+	for _, want := range []string{"| 2 | 2 | 2 | 1 |", "- 2: Driver d doesn't support N nodes", "- 1: restarts or stops kubelet"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("summary lacks %q:\n%s", want, md)
+		}
+	}
+	if _, err := parseGinkgoReport([]byte(`[]`), regexp.MustCompile(`x`)); err == nil {
+		t.Error("an empty report parsed")
+	}
+}
+
+// The selections skip what is not applicable, and the fast one also what
+// is Slow or Serial.
+func TestStorageSelections(t *testing.T) {
+	fast := regexp.MustCompile(storageSelections["fast"].skipPattern())
+	full := regexp.MustCompile(storageSelections["full"].skipPattern())
+	for name, want := range map[string][2]bool{ // skipped by fast, by full
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] volumes should store data":                                     {false, false},
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (xfs)] multiVolume should access [Slow]":                               {true, false},
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (default fs)] capacity provides storage capacity information [Serial]": {true, false},
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] disruptive should unmount [Disruptive] [Slow]":                 {true, true},
+		"External Storage [Driver: d] volume-modify [Feature:VolumeAttributesClass] should modify":                                    {true, true},
+		"External Storage [Driver: d] snapshottable [Feature:VolumeSnapshotDataSource] should restore":                                {false, false},
+		"External Storage [Driver: d] seLinux [Feature:SELinux] should mount":                                                         {true, true},
+	} {
+		if got := [2]bool{fast.MatchString(name), full.MatchString(name)}; got != want {
+			t.Errorf("%s: skipped by fast, full = %v, want %v", name, got, want)
+		}
+	}
+}
