@@ -87,10 +87,42 @@ func sysMount(source, target, fstype string, options []string) error {
 		return fmt.Errorf("mount --bind %s %s: %w", source, target, err)
 	}
 	if rest := flags &^ (unix.MS_BIND | unix.MS_REC); rest != 0 {
+		// A bind remount sets the mount's flags to exactly these: keep the
+		// ones the bind inherited from its source (a volume staged noatime
+		// or nosuid stays so when published read-only).
+		var st unix.Statfs_t
+		if err := unix.Statfs(target, &st); err != nil {
+			_ = unix.Unmount(target, unix.MNT_DETACH)
+			return fmt.Errorf("statfs %s: %w", target, err)
+		}
+		rest |= inheritedFlags(st.Flags)
 		if err := unix.Mount("", target, "", unix.MS_REMOUNT|unix.MS_BIND|rest, ""); err != nil {
 			_ = unix.Unmount(target, unix.MNT_DETACH)
 			return fmt.Errorf("mount -o remount,bind,%s %s: %w", strings.Join(options, ","), target, err)
 		}
 	}
 	return nil
+}
+
+// inheritedFlags maps statfs(2)'s per-mount ST_ flags to mount(2)'s MS_
+// flags.
+func inheritedFlags(st int64) uintptr {
+	var out uintptr
+	for _, m := range []struct {
+		st int64
+		ms uintptr
+	}{
+		{unix.ST_RDONLY, unix.MS_RDONLY},
+		{unix.ST_NOSUID, unix.MS_NOSUID},
+		{unix.ST_NODEV, unix.MS_NODEV},
+		{unix.ST_NOEXEC, unix.MS_NOEXEC},
+		{unix.ST_NOATIME, unix.MS_NOATIME},
+		{unix.ST_NODIRATIME, unix.MS_NODIRATIME},
+		{unix.ST_RELATIME, unix.MS_RELATIME},
+	} {
+		if st&m.st != 0 {
+			out |= m.ms
+		}
+	}
+	return out
 }

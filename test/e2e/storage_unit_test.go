@@ -35,7 +35,10 @@ type testDriverFile struct {
 		Name               string
 		SupportedSizeRange struct{ Min, Max string }
 		SupportedFsType    map[string]struct{}
-		TopologyKeys       []string
+		// SupportedMountOption are StorageClass mountOptions the suite
+		// checks reach the pod's mount.
+		SupportedMountOption map[string]struct{}
+		TopologyKeys         []string
 		// NumAllowedTopologies is how many topology segments a volume may
 		// have: one, its node.
 		NumAllowedTopologies            int
