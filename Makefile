@@ -24,10 +24,12 @@ lint:
 fmt:
 	gofmt -w $(GOFILES)
 
-# Everything: vet, the host tests under the race detector, and the kernel
-# tests, which each package's TestVM runs in a qemu VM on Debian's kernel.
+# Everything: vet, the host tests under the race detector, the kernel
+# tests, which each package's TestVM runs in a qemu VM on Debian's kernel,
+# and then the end-to-end test on a real Kubernetes (make e2e).
 test: deps lint
 	$(GO) test -race -count=1 -timeout $(TIMEOUT) ./...
+	$(MAKE) e2e
 
 # Host tests only (no VM).
 test-unit:
@@ -78,16 +80,18 @@ manifests:
 
 # The end-to-end test: a Kubernetes cluster (control plane on the host, the
 # node in a qemu VM) inside a network namespace with only loopback, the chart
-# installed, and the scenarios of test/e2e. Needs root. The first run builds
-# Kubernetes and the sidecars from the Go module proxy (cached afterwards).
+# installed, the scenarios of test/e2e and the fast set of Kubernetes'
+# external storage suite. Needs root. e2e-build first builds Kubernetes, the
+# sidecars and the suite from the Go module proxy and the node image (all
+# cached afterwards), outside the test's timeout.
 E2E_TIMEOUT ?= 60m
-e2e: e2e-deps
+e2e: e2e-build
 	CSI_DMTHIN_E2E=1 $(GO) test -count=1 -v -timeout $(E2E_TIMEOUT) ./test/e2e/
 
 # The same with every applicable spec of Kubernetes' external storage suite,
 # the Slow and Serial ones too (make e2e runs the fast set).
 E2E_FULL_TIMEOUT ?= 150m
-e2e-full: e2e-deps
+e2e-full: e2e-build
 	CSI_DMTHIN_E2E=1 CSI_DMTHIN_E2E_STORAGE=full $(GO) test -count=1 -v -timeout $(E2E_FULL_TIMEOUT) ./test/e2e/
 
 e2e-deps:

@@ -38,7 +38,7 @@ var notApplicable = []struct{ pattern, why string }{
 var storageSelections = map[string]storageSelection{
 	// Neither Slow nor Serial: the set CSI projects run on every change,
 	// snapshot and XFS specs included.
-	"fast": {skip: `\[(Slow|Serial)\]`, procs: 3, timeout: 45 * time.Minute},
+	"fast": {skip: `\[(Slow|Serial)\]`, procs: 4, timeout: 45 * time.Minute},
 	// Everything applicable, Slow and Serial included.
 	"full": {procs: 3, timeout: 2 * time.Hour},
 }
