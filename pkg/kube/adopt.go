@@ -4,9 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
-	"sync"
-	"time"
 
 	snapv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumesnapshot/v1"
 	snapclient "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned"
@@ -16,8 +13,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
-	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/workqueue"
@@ -68,15 +63,11 @@ func NewAdopter(o AdopterOptions) (*Adopter, error) {
 	if o.DriverName == "" || o.NodeName == "" || o.Owner == nil || o.Client == nil || o.Recorder == nil || o.Informers == nil {
 		return nil, errors.New("kube: the content adopter needs a driver name, node name, owner, snapshot client, recorder and informers")
 	}
-	rl := o.RateLimiter
-	if rl == nil {
-		rl = workqueue.NewTypedItemExponentialFailureRateLimiter[string](time.Second, 5*time.Minute)
-	}
 	inf := o.Informers.Snapshot().V1().VolumeSnapshotContents()
 	a := &Adopter{
 		driver: o.DriverName, node: o.NodeName, owner: o.Owner, client: o.Client, recorder: o.Recorder,
 		contents: inf.Lister(), synced: inf.Informer().HasSynced,
-		queue: workqueue.NewTypedRateLimitingQueueWithConfig(rl, workqueue.TypedRateLimitingQueueConfig[string]{Name: "csi-dmthin-adopter"}),
+		queue: newQueue("csi-dmthin-adopter", o.RateLimiter),
 	}
 	add := func(obj any) {
 		if vsc, ok := obj.(*snapv1.VolumeSnapshotContent); ok && a.unclaimed(vsc) {
@@ -99,49 +90,10 @@ func (a *Adopter) unclaimed(vsc *snapv1.VolumeSnapshotContent) bool {
 // Run labels contents with workers goroutines until ctx is done. The
 // informer factory must have been started.
 func (a *Adopter) Run(ctx context.Context, workers int) error {
-	defer utilruntime.HandleCrash()
-	logger := klog.FromContext(ctx).WithValues("controller", "adopter")
-	ctx = klog.NewContext(ctx, logger)
-	go func() {
-		<-ctx.Done()
-		a.queue.ShutDown()
-	}()
-	if !cache.WaitForCacheSync(ctx.Done(), a.synced) {
-		return fmt.Errorf("adopter: caches did not sync: %w", ctx.Err())
-	}
-	logger.Info("Labelling pre-provisioned snapshot contents held on this node for its csi-snapshotter", "node", a.node)
-	var wg sync.WaitGroup
-	for range max(workers, 1) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			wait.UntilWithContext(ctx, func(ctx context.Context) {
-				for a.next(ctx) {
-				}
-			}, time.Second)
-		}()
-	}
-	wg.Wait()
-	return nil
-}
-
-func (a *Adopter) next(ctx context.Context) bool {
-	name, quit := a.queue.Get()
-	if quit {
-		return false
-	}
-	defer a.queue.Done(name)
-	retry, err := a.sync(ctx, name)
-	switch {
-	case err != nil:
-		klog.FromContext(ctx).Error(err, "Labelling a snapshot content failed; will retry", "content", name)
-		a.queue.AddRateLimited(name)
-	case retry:
-		a.queue.AddRateLimited(name)
-	default:
-		a.queue.Forget(name)
-	}
-	return true
+	w := &worker{name: "adopter", what: "content", queue: a.queue, synced: []cache.InformerSynced{a.synced}, sync: a.sync}
+	return w.run(ctx, workers, func(logger klog.Logger) {
+		logger.Info("Labelling pre-provisioned snapshot contents held on this node for its csi-snapshotter", "node", a.node)
+	})
 }
 
 // sync labels one content when this node holds its source. The patch

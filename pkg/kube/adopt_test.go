@@ -77,13 +77,7 @@ func (c *cluster) contentLabel(t *testing.T, name string) string {
 }
 
 func (c *cluster) contentPatches() int {
-	n := 0
-	for _, a := range c.snap.Actions() {
-		if a.GetVerb() == "patch" && a.GetResource().Resource == "volumesnapshotcontents" {
-			n++
-		}
-	}
-	return n
+	return countActions(c.snap.Actions(), "patch", "volumesnapshotcontents")
 }
 
 // A pre-provisioned content is labelled by the node that holds its

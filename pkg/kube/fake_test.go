@@ -84,9 +84,14 @@ func newCluster(t *testing.T) *cluster {
 
 // pvcUpdates counts the PVC updates sent so far (successful or not).
 func (c *cluster) pvcUpdates() int {
+	return countActions(c.core.Actions(), "update", "persistentvolumeclaims")
+}
+
+// countActions counts the requests of one verb on one resource.
+func countActions(actions []k8stesting.Action, verb, resource string) int {
 	n := 0
-	for _, a := range c.core.Actions() {
-		if a.GetVerb() == "update" && a.GetResource().Resource == "persistentvolumeclaims" {
+	for _, a := range actions {
+		if a.GetVerb() == verb && a.GetResource().Resource == resource {
 			n++
 		}
 	}

@@ -15,8 +15,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
-	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
@@ -122,13 +120,9 @@ func NewPlacement(o PlacementOptions) (*Placement, error) {
 	if o.DriverName == "" || o.NodeName == "" || o.Owner == nil || o.Client == nil || o.Recorder == nil || o.Informers == nil {
 		return nil, errors.New("kube: placement needs a driver name, node name, owner, client, recorder and informers")
 	}
-	rl := o.RateLimiter
-	if rl == nil {
-		rl = workqueue.NewTypedItemExponentialFailureRateLimiter[string](time.Second, 5*time.Minute)
-	}
 	p := &Placement{
 		driver: o.DriverName, node: o.NodeName, owner: o.Owner, client: o.Client, recorder: o.Recorder,
-		queue:  workqueue.NewTypedRateLimitingQueueWithConfig(rl, workqueue.TypedRateLimitingQueueConfig[string]{Name: "csi-dmthin-placement"}),
+		queue:  newQueue("csi-dmthin-placement", o.RateLimiter),
 		spoken: map[types.UID]string{}, wroteOver: map[types.UID]string{},
 	}
 	pvcInf := o.Informers.Core().V1().PersistentVolumeClaims()
@@ -174,51 +168,10 @@ func NewPlacement(o PlacementOptions) (*Placement, error) {
 // Run processes PVCs with workers goroutines until ctx is done. The
 // informer factories must have been started.
 func (p *Placement) Run(ctx context.Context, workers int) error {
-	defer utilruntime.HandleCrash()
-	logger := klog.FromContext(ctx).WithValues("controller", "placement")
-	ctx = klog.NewContext(ctx, logger)
-	go func() {
-		<-ctx.Done()
-		p.queue.ShutDown()
-	}()
-	if !cache.WaitForCacheSync(ctx.Done(), p.synced...) {
-		return fmt.Errorf("placement: caches did not sync: %w", ctx.Err())
-	}
-	logger.Info("Steering restores and clones to their source's node", "node", p.node, "snapshots", p.snapshots != nil)
-	var wg sync.WaitGroup
-	for range max(workers, 1) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			wait.UntilWithContext(ctx, p.work, time.Second)
-		}()
-	}
-	wg.Wait()
-	return nil
-}
-
-func (p *Placement) work(ctx context.Context) {
-	for p.next(ctx) {
-	}
-}
-
-func (p *Placement) next(ctx context.Context) bool {
-	key, quit := p.queue.Get()
-	if quit {
-		return false
-	}
-	defer p.queue.Done(key)
-	retry, err := p.sync(ctx, key)
-	switch {
-	case err != nil:
-		klog.FromContext(ctx).Error(err, "Placing PVC failed; will retry", "pvc", key)
-		p.queue.AddRateLimited(key)
-	case retry:
-		p.queue.AddRateLimited(key)
-	default:
-		p.queue.Forget(key)
-	}
-	return true
+	w := &worker{name: "placement", what: "pvc", queue: p.queue, synced: p.synced, sync: p.sync}
+	return w.run(ctx, workers, func(logger klog.Logger) {
+		logger.Info("Steering restores and clones to their source's node", "node", p.node, "snapshots", p.snapshots != nil)
+	})
 }
 
 // source is where a restore or clone comes from, as far as the records go.
