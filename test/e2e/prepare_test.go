@@ -73,7 +73,7 @@ func prepare(ctx context.Context) (*artifacts, error) {
 	if err := step("images", func() (err error) {
 		var extra []cluster.Image
 		if storageSet() != "" {
-			if extra, err = cluster.StorageSuiteImages(ctx, repo, art.Tools); err != nil {
+			if extra, err = cluster.StorageSuiteImages(ctx, art.Tools); err != nil {
 				return err
 			}
 		}

@@ -29,10 +29,13 @@ type storageSelection struct {
 // notApplicable are the specs no run selects, and why. They need what this
 // cluster or driver lacks by design, so selecting them would report the
 // test bed, not the driver.
-var notApplicable = []struct{ pattern, why string }{
-	{`\[Disruptive\]`, "restarts or stops kubelet on the node through systemd; the e2e node starts kubelet from its own init"},
-	{`\[Feature:VolumeAttributesClass\]`, "needs ModifyVolume; csi-dmthin has no volume attributes to change (a thin volume has no performance tiers)"},
-	{`\[Feature:SELinux\]`, "needs a node that enforces SELinux; Debian's kernel boots without it"},
+var notApplicable = []struct {
+	pattern *regexp.Regexp
+	why     string
+}{
+	{regexp.MustCompile(`\[Disruptive\]`), "restarts or stops kubelet on the node through systemd; the e2e node starts kubelet from its own init"},
+	{regexp.MustCompile(`\[Feature:VolumeAttributesClass\]`), "needs ModifyVolume; csi-dmthin has no volume attributes to change (a thin volume has no performance tiers)"},
+	{regexp.MustCompile(`\[Feature:SELinux\]`), "needs a node that enforces SELinux; Debian's kernel boots without it"},
 }
 
 var storageSelections = map[string]storageSelection{
@@ -60,7 +63,7 @@ func storageSet() string {
 func (s storageSelection) skipPattern() string {
 	var parts []string
 	for _, n := range notApplicable {
-		parts = append(parts, n.pattern)
+		parts = append(parts, n.pattern.String())
 	}
 	if s.skip != "" {
 		parts = append(parts, s.skip)
@@ -281,7 +284,7 @@ func (r *storageResult) markdown(set string, took time.Duration) string {
 		for _, name := range r.NotSelected {
 			why := "left to `make e2e-full` (Slow or Serial)"
 			for _, n := range notApplicable {
-				if regexp.MustCompile(n.pattern).MatchString(name) {
+				if n.pattern.MatchString(name) {
 					why = n.why
 					break
 				}

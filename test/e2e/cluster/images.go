@@ -11,6 +11,7 @@ import (
 	"hash"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -406,13 +407,18 @@ const BusyboxImage = "localhost/e2e/busybox:1"
 // under the references its e2e.test asks for (`e2e.test -storage-images`):
 // busybox's applets for the busybox-shaped roles, and for agnhost the
 // agnhost program over the same applets (its specs use its mounttest and
-// pause commands, and nsenter for host exec).
-func StorageSuiteImages(ctx context.Context, repo string, tools *Tools) ([]Image, error) {
+// pause commands, and nsenter for host exec). They are meant for
+// BuildImages' extra, which builds the pause binary they share.
+func StorageSuiteImages(ctx context.Context, tools *Tools) ([]Image, error) {
 	out, err := output(ctx, "", tools.Path("e2e.test"), "-storage-images")
 	if err != nil {
 		return nil, err
 	}
-	pause, err := pauseBinary(ctx, repo)
+	binDir, err := mainBinDir()
+	if err != nil {
+		return nil, err
+	}
+	bb, err := busyboxImage(ctx, "")
 	if err != nil {
 		return nil, err
 	}
@@ -422,21 +428,18 @@ func StorageSuiteImages(ctx context.Context, repo string, tools *Tools) ([]Image
 		if !ok || ref == "" {
 			return nil, fmt.Errorf("cluster: e2e.test -storage-images printed %q", line)
 		}
-		var img Image
+		img := bb
+		img.Ref = ref
 		switch role {
 		case "busybox", "nginx", "glibc-dns-testing":
-			img, err = busyboxImage(ctx, ref)
 		case "agnhost":
-			img, err = busyboxImage(ctx, ref)
-			img.Files["/agnhost"] = tools.Path("agnhost")
+			img.Files = map[string]string{"/agnhost": tools.Path("agnhost")}
+			maps.Copy(img.Files, bb.Files)
 			img.Entrypoint = []string{"/agnhost"}
 		case "pause":
-			img = Image{Ref: ref, Files: map[string]string{"/pause": pause}, Entrypoint: []string{"/pause"}}
+			img = Image{Ref: ref, Files: map[string]string{"/pause": filepath.Join(binDir, "pause")}, Entrypoint: []string{"/pause"}}
 		default:
 			return nil, fmt.Errorf("cluster: e2e.test wants an image for %q (%s), which the harness does not know how to build", role, ref)
-		}
-		if err != nil {
-			return nil, err
 		}
 		imgs = append(imgs, img)
 	}
@@ -444,15 +447,14 @@ func StorageSuiteImages(ctx context.Context, repo string, tools *Tools) ([]Image
 	return imgs, nil
 }
 
-// pauseBinary builds test/e2e/images/pause, our pod sandbox program, into
-// the cache and returns its path.
-func pauseBinary(ctx context.Context, repo string) (string, error) {
+// mainBinDir is where BuildImages builds the main module's binaries that go
+// into images (the driver, pause).
+func mainBinDir() (string, error) {
 	cache, err := vmtest.CacheDir()
 	if err != nil {
 		return "", err
 	}
-	p := filepath.Join(cache, "e2e", "main-bin", "pause")
-	return p, goBuild(ctx, repo, p, "./test/e2e/images/pause")
+	return filepath.Join(cache, "e2e", "main-bin"), nil
 }
 
 // busyboxImage is the host's static busybox with a link for every applet,
@@ -476,11 +478,10 @@ func busyboxImage(ctx context.Context, ref string) (Image, error) {
 // suite's), all in one archive. With withoutDriver, only the pause and
 // busybox images are written.
 func BuildImages(ctx context.Context, repo string, v Versions, tools *Tools, driverTag string, withoutDriver bool, extra ...Image) (tars []string, driverRef, driverBinary string, err error) {
-	cache, err := vmtest.CacheDir()
+	binDir, err := mainBinDir()
 	if err != nil {
 		return nil, "", "", err
 	}
-	binDir := filepath.Join(cache, "e2e", "main-bin")
 	for name, pkg := range map[string]string{"csi-dmthin": "./cmd/csi-dmthin", "pause": "./test/e2e/images/pause"} {
 		if err := goBuild(ctx, repo, filepath.Join(binDir, name), pkg); err != nil {
 			return nil, "", "", err

@@ -3,10 +3,13 @@ package cluster
 import (
 	"archive/tar"
 	"bytes"
+	"context"
 	"encoding/json"
 	"io"
 	"os"
 	"path/filepath"
+	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -103,5 +106,55 @@ func TestWriteImagesPrunesStale(t *testing.T) {
 		if len(all) != 1 || all[0] != p {
 			t.Fatalf("write %d: archives %q, want only %q", i, all, p)
 		}
+	}
+}
+
+// StorageSuiteImages builds one image per role the suite names, under the
+// suite's own references, and refuses a role it does not know.
+func TestStorageSuiteImages(t *testing.T) {
+	if _, err := os.Stat("/bin/busybox"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("needs busybox-static, which make deps installs")
+		}
+		t.Skip("needs busybox-static (make deps installs it)")
+	}
+	t.Setenv("CSI_DMTHIN_CACHE", t.TempDir())
+	bin := t.TempDir()
+	script := "#!/bin/sh\nprintf 'busybox=reg/busybox:1\\nagnhost=reg/agnhost:2\\npause=reg/pause:3\\nnginx=reg/nginx:4\\n'\n"
+	if err := os.WriteFile(filepath.Join(bin, "e2e.test"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	imgs, err := StorageSuiteImages(context.Background(), &Tools{Bin: bin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	byRef := map[string]Image{}
+	for _, img := range imgs {
+		byRef[img.Ref] = img
+	}
+	if len(byRef) != 4 {
+		t.Fatalf("images %v, want 4", imgs)
+	}
+	for _, ref := range []string{"reg/busybox:1", "reg/nginx:4", "reg/agnhost:2"} {
+		img := byRef[ref]
+		if img.Files["/bin/busybox"] != "/bin/busybox" || img.Links["/bin/sh"] != "busybox" {
+			t.Errorf("%s lacks busybox and its applets: %+v", ref, img.Files)
+		}
+	}
+	if a := byRef["reg/agnhost:2"]; a.Files["/agnhost"] != filepath.Join(bin, "agnhost") || !reflect.DeepEqual(a.Entrypoint, []string{"/agnhost"}) {
+		t.Errorf("agnhost image %+v", a)
+	}
+	if _, ok := byRef["reg/busybox:1"].Files["/agnhost"]; ok {
+		t.Error("the busybox image got agnhost too")
+	}
+	if p := byRef["reg/pause:3"]; !strings.HasSuffix(p.Files["/pause"], "/main-bin/pause") {
+		t.Errorf("pause image %+v", p)
+	}
+	script = "#!/bin/sh\necho 'registry=reg/registry:1'\n"
+	if err := os.WriteFile(filepath.Join(bin, "e2e.test"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := StorageSuiteImages(context.Background(), &Tools{Bin: bin}); err == nil || !strings.Contains(err.Error(), "registry") {
+		t.Errorf("an unknown role: %v", err)
 	}
 }
