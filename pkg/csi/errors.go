@@ -44,7 +44,7 @@ func toStatus(err error, format string, a ...any) error {
 		code = codes.InvalidArgument
 	case errors.Is(err, thinpool.ErrBusy):
 		code = codes.FailedPrecondition
-	case errors.Is(err, thinpool.ErrPoolUnhealthy), errors.Is(err, thinpool.ErrClosed):
+	case errors.Is(err, thinpool.ErrPoolUnhealthy), errors.Is(err, thinpool.ErrClosed), errors.Is(err, thinpool.ErrFenced):
 		code = codes.Unavailable
 	case errors.Is(err, context.DeadlineExceeded):
 		code = codes.DeadlineExceeded

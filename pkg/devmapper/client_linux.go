@@ -196,8 +196,10 @@ func parseNameList(b []byte) ([]ListEntry, error) {
 	ne := binary.NativeEndian
 	for off := 0; ; {
 		if len(b)-off < nameListHeaderSize {
-			if len(out) == 0 && len(b)-off >= 8 && ne.Uint64(b[off:]) == 0 {
-				return nil, nil // no devices: a single zeroed record
+			// No devices: the kernel writes a single zeroed record, or, on
+			// a system that has never had a dm device, nothing at all.
+			if len(out) == 0 && (len(b) == off || len(b)-off >= 8 && ne.Uint64(b[off:]) == 0) {
+				return nil, nil
 			}
 			return nil, fmt.Errorf("%w device list: record at %d is truncated", ErrParse, off)
 		}

@@ -55,9 +55,16 @@ func TestParseNameList(t *testing.T) {
 		}
 	}
 
-	// An empty list is one zeroed record.
+	// An empty list is one zeroed record, or nothing at all on a system
+	// that has never had a dm device; a few stray bytes are not a list.
 	if got, err := parseNameList(make([]byte, 16)); err != nil || len(got) != 0 {
 		t.Errorf("empty list: %+v, %v", got, err)
+	}
+	if got, err := parseNameList(nil); err != nil || len(got) != 0 {
+		t.Errorf("zero-byte list: %+v, %v", got, err)
+	}
+	if _, err := parseNameList(make([]byte, 4)); !errors.Is(err, ErrParse) {
+		t.Errorf("4-byte list: %v", err)
 	}
 	// Records from kernels before 4.46 end after the name.
 	old := make([]byte, 24)

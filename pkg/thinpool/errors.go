@@ -25,4 +25,9 @@ var (
 	ErrPoolUnhealthy = errors.New("pool unhealthy")
 	// ErrClosed: the Pool was closed.
 	ErrClosed = errors.New("pool closed")
+	// ErrFenced: a step failed after the kernel had accepted part of an
+	// operation, so the records and the pool may disagree. The pool refuses
+	// changes until it has rolled the pending operation back or forward,
+	// which every later call tries first; the error says what failed.
+	ErrFenced = errors.New("pool fenced until it recovers")
 )
