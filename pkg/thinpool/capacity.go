@@ -13,9 +13,12 @@ type Usage struct {
 	DataUsedBytes     int64
 	MetadataBytes     int64
 	MetadataUsedBytes int64
-	// ProvisionedBytes is the sum of every volume's and snapshot's size
-	// (templates are not counted).
+	// ProvisionedBytes is the sum of every volume's and snapshot's size.
 	ProvisionedBytes int64
+	// TemplateBytes is the sum of the templates' sizes. The
+	// overprovisioning limit counts them with ProvisionedBytes: a template
+	// promises nobody anything, but mkfs wrote into it in proportion to it.
+	TemplateBytes int64
 	// OverprovisionRatio is the configured limit (negative: none).
 	OverprovisionRatio float64
 	// AvailableBytes is the capacity to report to a scheduler: the smaller
@@ -30,11 +33,14 @@ type Usage struct {
 	Mode          devmapper.PoolMode
 	NeedsCheck    bool
 	Failed        bool
+	// Fenced, when not empty, says why the pool refuses changes until it
+	// has recovered from a failed step (ErrFenced).
+	Fenced string
 }
 
 // Healthy reports whether the pool accepts changes.
 func (u Usage) Healthy() bool {
-	return !u.Failed && !u.NeedsCheck && u.Mode != devmapper.PoolReadOnly
+	return !u.Failed && !u.NeedsCheck && u.Mode != devmapper.PoolReadOnly && u.Fenced == ""
 }
 
 // Usage reads the pool's status (without forcing a metadata commit) and
@@ -54,10 +60,14 @@ func (p *Pool) usage() (Usage, error) {
 		return Usage{}, err
 	}
 	u := Usage{OverprovisionRatio: p.cfg.OverprovisionRatio, Failed: ps.Fail || ps.Error, TransactionID: ps.TransactionID, Mode: ps.Mode, NeedsCheck: ps.NeedsCheck}
+	if p.fenced != nil {
+		u.Fenced = p.fenced.Error()
+	}
 	for _, v := range p.vols {
 		switch v.Kind {
 		case KindTemplate:
 			u.Templates++
+			u.TemplateBytes += v.SizeBytes
 			continue
 		case KindSnapshot:
 			u.Snapshots++
@@ -74,27 +84,40 @@ func (p *Pool) usage() (Usage, error) {
 	meta := int64(devmapper.MetadataBlockSectors) * devmapper.SectorSize
 	u.MetadataBytes, u.MetadataUsedBytes = int64(ps.TotalMetadataBlocks)*meta, int64(ps.UsedMetadataBlocks)*meta
 
-	dataFloor := int64(float64(u.DataBytes) * p.cfg.MinFreeDataPercent / 100)
-	metaFloor := int64(float64(u.MetadataBytes) * p.cfg.MinFreeMetadataPercent / 100)
-	freeData := u.DataBytes - u.DataUsedBytes - dataFloor
-	freeMeta := u.MetadataBytes - u.MetadataUsedBytes - metaFloor
+	freeData, freeMeta := p.freeAboveFloors(u)
 	switch {
 	case !u.Healthy() || ps.Mode == devmapper.PoolOutOfDataSpace || freeData <= 0 || freeMeta <= 0:
 		u.AvailableBytes = 0
 	case p.cfg.OverprovisionRatio < 0:
 		u.AvailableBytes = freeData
 	default:
-		headroom := int64(math.Min(float64(u.DataBytes)*p.cfg.OverprovisionRatio, math.MaxInt64/2)) - u.ProvisionedBytes
-		u.AvailableBytes = max(0, min(freeData, headroom))
+		u.AvailableBytes = max(0, min(freeData, p.headroom(u)))
 	}
 	return u, nil
 }
 
-// admit refuses a new commitment of sizeBytes with ErrNoSpace when the pool
-// is under a free-space floor, or when the overprovisioning limit would be
-// passed. A thin volume larger than the free data is admitted while the
-// limits hold: that is what thin provisioning is for. The caller holds p.mu.
-func (p *Pool) admit(sizeBytes int64) error {
+// freeAboveFloors returns the free data and metadata bytes above the
+// configured floors; zero or less means admission refuses.
+func (p *Pool) freeAboveFloors(u Usage) (data, meta int64) {
+	dataFloor := int64(float64(u.DataBytes) * p.cfg.MinFreeDataPercent / 100)
+	metaFloor := int64(float64(u.MetadataBytes) * p.cfg.MinFreeMetadataPercent / 100)
+	return u.DataBytes - u.DataUsedBytes - dataFloor, u.MetadataBytes - u.MetadataUsedBytes - metaFloor
+}
+
+// headroom is what the overprovisioning limit still allows.
+func (p *Pool) headroom(u Usage) int64 {
+	return int64(math.Min(float64(u.DataBytes)*p.cfg.OverprovisionRatio, math.MaxInt64/2)) - u.ProvisionedBytes - u.TemplateBytes
+}
+
+// admit refuses a new commitment of sizeBytes for a device of kind with
+// ErrNoSpace when the pool is at or under a free-space floor or out of data
+// space, or when the overprovisioning limit would be passed; exactly when
+// Usage reports no available bytes, a new device is refused. A thin volume
+// larger than the free data is admitted while the limits hold: that is what
+// thin provisioning is for. A template is not: mkfs writes into it in
+// proportion to its size before any volume is cloned from it, so it must
+// fit in the free data above the floor. The caller holds p.mu.
+func (p *Pool) admit(sizeBytes int64, kind Kind) error {
 	u, err := p.usage()
 	if err != nil {
 		return err
@@ -102,16 +125,18 @@ func (p *Pool) admit(sizeBytes int64) error {
 	if !u.Healthy() {
 		return fmt.Errorf("%w: mode %s, needs_check %v, failed %v", ErrPoolUnhealthy, u.Mode, u.NeedsCheck, u.Failed)
 	}
-	freeData := u.DataBytes - u.DataUsedBytes
-	freeMeta := u.MetadataBytes - u.MetadataUsedBytes
-	if float64(freeData) < float64(u.DataBytes)*p.cfg.MinFreeDataPercent/100 {
-		return fmt.Errorf("%w: %d of %d data bytes free, under the %.0f%% floor", ErrNoSpace, freeData, u.DataBytes, p.cfg.MinFreeDataPercent)
-	}
-	if float64(freeMeta) < float64(u.MetadataBytes)*p.cfg.MinFreeMetadataPercent/100 {
-		return fmt.Errorf("%w: %d of %d metadata bytes free, under the %.0f%% floor", ErrNoSpace, freeMeta, u.MetadataBytes, p.cfg.MinFreeMetadataPercent)
-	}
-	if p.cfg.OverprovisionRatio >= 0 && float64(u.ProvisionedBytes+sizeBytes) > float64(u.DataBytes)*p.cfg.OverprovisionRatio {
-		return fmt.Errorf("%w: %d bytes provisioned plus %d would pass %.1f times the %d-byte pool", ErrNoSpace, u.ProvisionedBytes, sizeBytes, p.cfg.OverprovisionRatio, u.DataBytes)
+	freeData, freeMeta := p.freeAboveFloors(u)
+	switch {
+	case u.Mode == devmapper.PoolOutOfDataSpace:
+		return fmt.Errorf("%w: the pool is out of data space", ErrNoSpace)
+	case freeData <= 0:
+		return fmt.Errorf("%w: %d of %d data bytes free, at or under the %.0f%% floor", ErrNoSpace, u.DataBytes-u.DataUsedBytes, u.DataBytes, p.cfg.MinFreeDataPercent)
+	case freeMeta <= 0:
+		return fmt.Errorf("%w: %d of %d metadata bytes free, at or under the %.0f%% floor", ErrNoSpace, u.MetadataBytes-u.MetadataUsedBytes, u.MetadataBytes, p.cfg.MinFreeMetadataPercent)
+	case kind == KindTemplate && sizeBytes > freeData:
+		return fmt.Errorf("%w: a template of %d bytes is larger than the %d data bytes free above the floor", ErrNoSpace, sizeBytes, freeData)
+	case p.cfg.OverprovisionRatio >= 0 && sizeBytes > p.headroom(u):
+		return fmt.Errorf("%w: %d bytes provisioned (templates included) plus %d would pass %.1f times the %d-byte pool", ErrNoSpace, u.ProvisionedBytes+u.TemplateBytes, sizeBytes, p.cfg.OverprovisionRatio, u.DataBytes)
 	}
 	return nil
 }

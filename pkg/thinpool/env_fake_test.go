@@ -3,6 +3,8 @@ package thinpool
 import (
 	"errors"
 	"testing"
+
+	"github.com/csi-dmthin/csi-dmthin/internal/vmtest"
 )
 
 // The scenarios on FakeKernel, on the host, under -race.
@@ -68,9 +70,21 @@ func (e *fakeEnv) reboot(t *testing.T, p *Pool) { e.k.Reboot() }
 
 func TestScenariosFake(t *testing.T) { runScenarios(t, newFakeEnv) }
 
+// skipInGuest skips a long test of the fake kernel in the VM: the host runs
+// it, and the VM's time goes to the real kernel's.
+func skipInGuest(t *testing.T) {
+	if vmtest.InGuest() {
+		t.Skip("a fake-kernel test: it runs on the host")
+	}
+}
+
 func TestCrashRecoveryFake(t *testing.T) {
-	n := runCrashTests(t, newFakeEnv)
-	t.Logf("crash points covered on the fake kernel: %d", n)
+	skipInGuest(t)
+	n, r := runCrashTests(t, newFakeEnv, true)
+	t.Logf("crash points covered on the fake kernel: %d, and %d more in the recoveries from them", n, r)
+	if n < 39 || r < 200 {
+		t.Errorf("%d crash points and %d in recoveries: an operation or a recovery passes fewer steps than it did", n, r)
+	}
 }
 
 // A pool the kernel marked needs_check refuses changes with
@@ -106,4 +120,13 @@ func TestUnhealthyPoolFake(t *testing.T) {
 	if _, err := Open(ctx, p.cfg, e.k); !errors.Is(err, ErrPoolUnhealthy) {
 		t.Fatalf("open of a failed pool: %v", err)
 	}
+}
+
+// TestFaultSweepFake breaks every operation at each call it makes, with
+// each errno, before and after the call, on the fake kernel.
+func TestFaultSweepFake(t *testing.T) {
+	skipInGuest(t)
+	matrix := runFaultSweep(t, newFakeEnv, faultErrnos)
+	matrix = append(matrix, runPersistentFaults(t, newFakeEnv)...)
+	checkFaultMatrix(t, matrix, 400)
 }

@@ -102,6 +102,22 @@ func (e *kernelEnv) reboot(t *testing.T, p *Pool) {
 func TestScenariosKernel(t *testing.T) { runScenarios(t, newKernelEnv) }
 
 func TestCrashRecoveryKernel(t *testing.T) {
-	n := runCrashTests(t, newKernelEnv)
-	t.Logf("crash points covered on the real kernel: %d", n)
+	n, r := runCrashTests(t, newKernelEnv, true)
+	t.Logf("crash points covered on the real kernel: %d, and %d more in the recoveries from them", n, r)
+	if n < 39 || r < 200 {
+		t.Errorf("%d crash points and %d in recoveries: an operation or a recovery passes fewer steps than it did", n, r)
+	}
+}
+
+// TestFaultSweepKernel is the fault sweep on the real kernel. make test
+// runs it with EIO alone (every call, before and after); make test-faults
+// (CSI_DMTHIN_FAULTS=full) with the four errnos of the host's sweep.
+func TestFaultSweepKernel(t *testing.T) {
+	errnos, min := []unix.Errno{unix.EIO}, 120
+	if os.Getenv("CSI_DMTHIN_FAULTS") == "full" {
+		errnos, min = faultErrnos, 400
+	}
+	matrix := runFaultSweep(t, newKernelEnv, errnos)
+	matrix = append(matrix, runPersistentFaults(t, newKernelEnv)...)
+	checkFaultMatrix(t, matrix, min)
 }

@@ -18,8 +18,8 @@ import (
 func (p *Pool) GrowData(ctx context.Context, dataFileBytes int64) (Usage, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.closed {
-		return Usage{}, ErrClosed
+	if err := p.usable(); err != nil {
+		return Usage{}, err
 	}
 	if err := ctx.Err(); err != nil {
 		return Usage{}, err
@@ -64,12 +64,19 @@ func (p *Pool) GrowData(ctx context.Context, dataFileBytes int64) (Usage, error)
 			return Usage{}, fmt.Errorf("reload the pool table: %w", err)
 		}
 		if err := p.k.Resume(p.dev); err != nil {
-			return Usage{}, fmt.Errorf("resume the grown pool: %w", err)
+			// Suspended with its old table, or with the new one: either way
+			// the volumes' I/O waits until the recovery resumes it.
+			return Usage{}, p.failed(fmt.Errorf("resume the grown pool: %w", err))
 		}
-		p.rec.DataBytes = int64(sectors * devmapper.SectorSize)
-		if err := p.st.apply(change{pool: &p.rec}); err != nil {
-			return Usage{}, err
+		p.step("grow-data:resumed")
+		rec := p.rec
+		rec.DataBytes = int64(sectors * devmapper.SectorSize)
+		if err := p.st.apply(change{pool: &rec}); err != nil {
+			// The kernel has the larger table; Open takes the larger of
+			// the device and the record, so nothing is lost.
+			return Usage{}, p.failed(p.recordsFailed(err))
 		}
+		p.rec = rec
 	}
 	return p.usage()
 }

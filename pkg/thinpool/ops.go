@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"slices"
 	"sort"
 	"time"
 
@@ -56,8 +57,8 @@ func (p *Pool) Clone(ctx context.Context, name, source string, sizeBytes int64) 
 // CreateTemplate makes a new, empty template device of sizeBytes: the
 // caller activates it, writes its content, deactivates it and seals it with
 // SealTemplate; until then it cannot be cloned, and Open deletes it. The
-// overprovisioning limit does not count a template (nothing is promised to
-// anyone by it), but the free-space floors refuse one.
+// overprovisioning limit counts it like a volume, and it must fit in the
+// free data above the floor (see admit).
 func (p *Pool) CreateTemplate(ctx context.Context, name string, sizeBytes int64) (*Volume, error) {
 	return p.newDevice(ctx, name, "", sizeBytes, KindTemplate)
 }
@@ -70,12 +71,21 @@ func (p *Pool) lockName(name string) (unlock func(), err error) {
 	}
 	unlockVol := p.volLocks.Lock(name)
 	p.mu.Lock()
-	if p.closed {
+	if err := p.usable(); err != nil {
 		p.mu.Unlock()
 		unlockVol()
-		return nil, ErrClosed
+		return nil, err
 	}
 	return func() { p.mu.Unlock(); unlockVol() }, nil
+}
+
+// usable refuses a change to a closed pool, and to a fenced one that still
+// cannot recover. The caller holds p.mu.
+func (p *Pool) usable() error {
+	if p.closed {
+		return ErrClosed
+	}
+	return p.unfence()
 }
 
 // SealTemplate marks a template's content complete, so that Clone takes it
@@ -102,11 +112,22 @@ func (p *Pool) SealTemplate(ctx context.Context, name string) error {
 	}
 	c := *v
 	c.Sealed, c.Active = true, false
+	p.step("seal:checked")
 	if err := p.st.apply(change{put: []*Volume{&c}}); err != nil {
-		return err
+		return p.failed(p.recordsFailed(err))
 	}
-	*v = c
+	p.vols[name] = &c
+	p.step("seal:recorded")
 	return nil
+}
+
+// failed reports a change's failure after recovering from it (fail): the
+// pool's fencing error when it could not recover, else err.
+func (p *Pool) failed(err error) error {
+	if ferr := p.fail(err); ferr != nil {
+		return ferr
+	}
+	return err
 }
 
 func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int64, kind Kind) (*Volume, error) {
@@ -137,8 +158,8 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.closed {
-		return nil, ErrClosed
+	if err := p.usable(); err != nil {
+		return nil, err
 	}
 	if err := p.reapLocked(); err != nil {
 		return nil, err
@@ -171,11 +192,7 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	commitBytes := sizeBytes
-	if kind == KindTemplate {
-		commitBytes = 0
-	}
-	if err := p.admit(commitBytes); err != nil {
+	if err := p.admit(sizeBytes, kind); err != nil {
 		return nil, fmt.Errorf("volume %s: %w", name, err)
 	}
 	v := &Volume{Name: name, SizeBytes: sizeBytes, Kind: kind, Source: source, CreatedAt: time.Now().UTC()}
@@ -183,16 +200,26 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 	if src != nil {
 		in.Op, in.OriginID = opSnapshot, src.DeviceID
 	}
+	// made tells whether the change went forward after a failure that the
+	// pool recovered from: the records then hold the new device.
+	made := func() (*Volume, bool) {
+		if cur := p.vols[name]; cur != nil && cur.DeviceID == v.DeviceID && !cur.Deleting {
+			c := *cur
+			return &c, true
+		}
+		return nil, false
+	}
 	for attempt := 0; ; attempt++ {
-		id, err := p.allocID()
+		id, next, err := p.allocID()
 		if err != nil {
 			return nil, err
 		}
 		v.DeviceID = id
 		in.Vol = *v
-		if err := p.st.apply(change{intent: in, nextID: ptr(p.nextID)}); err != nil {
-			return nil, err
+		if err := p.st.apply(change{intent: in, nextID: &next}); err != nil {
+			return nil, p.failed(p.recordsFailed(err))
 		}
+		p.nextID = next
 		p.step(string(in.Op) + ":intent")
 		if src != nil {
 			err = p.snapshotMessage(src, id)
@@ -202,43 +229,64 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 		if errors.Is(err, unix.EEXIST) && attempt < 16 {
 			// The id is taken in the pool although no record owns it: not
 			// ours to delete now. Remember it and take the next one.
-			p.suspects = append(p.suspects, id)
-			if err := p.st.apply(change{clearIntent: true, suspects: &p.suspects}); err != nil {
-				return nil, err
+			suspects := append(slices.Clone(p.suspects), id)
+			if err := p.st.apply(change{clearIntent: true, suspects: &suspects}); err != nil {
+				return nil, p.failed(p.recordsFailed(err))
 			}
+			p.suspects = suspects
+			p.step(string(in.Op) + ":suspect")
 			continue
 		}
 		if err != nil {
-			// Nothing was created: drop the intent.
-			if cerr := p.st.apply(change{clearIntent: true}); cerr != nil {
-				return nil, cerr
+			err = p.poolError(fmt.Sprintf("%s %s", in.Op, name), err)
+			if errors.Is(err, ErrPoolUnhealthy) {
+				return nil, p.dropIntent(err)
 			}
-			return nil, p.poolError(fmt.Sprintf("%s %s", in.Op, name), err)
+			// The kernel refused, and should have made nothing; the
+			// recovery rolls the intent back whatever it did.
+			if ferr := p.fail(err); ferr != nil {
+				return nil, ferr
+			}
+			if got, ok := made(); ok {
+				return got, nil
+			}
+			return nil, err
 		}
 		break
 	}
 	p.step(string(in.Op) + ":message")
 	if err := p.commit(in); err != nil {
+		if ferr := p.fail(err); ferr != nil {
+			return nil, ferr
+		}
+		if got, ok := made(); ok {
+			return got, nil // the commit had gone through
+		}
 		return nil, err
 	}
-	c := *p.vols[name]
-	return &c, nil
+	got, _ := made()
+	return got, nil
 }
 
 // snapshotMessage sends create_snap, suspending an active origin around it.
+// The origin is resumed whatever happens, a failed suspend included (it may
+// have suspended before it failed); a resume that fails leaves it for the
+// recovery to resume.
 func (p *Pool) snapshotMessage(src *Volume, id uint32) (err error) {
 	info, err := p.k.InfoByName(p.volDMName(src.Name))
-	active := err == nil && info.LiveTable
-	if active {
-		if err := p.k.Suspend(info.Dev, 0); err != nil {
-			return err
-		}
-		p.step("snapshot:suspended")
+	if err != nil && !errors.Is(err, unix.ENXIO) {
+		return fmt.Errorf("look up the origin %s: %w", src.Name, err)
+	}
+	if err == nil && info.LiveTable {
 		defer func() {
 			if rerr := p.k.Resume(info.Dev); rerr != nil && err == nil {
-				err = rerr
+				err = fmt.Errorf("resume the origin %s: %w", src.Name, rerr)
 			}
 		}()
+		if err := p.k.Suspend(info.Dev, 0); err != nil {
+			return fmt.Errorf("suspend the origin %s: %w", src.Name, err)
+		}
+		p.step("snapshot:suspended")
 	}
 	return p.k.Message(p.dev, devmapper.CreateSnap{DeviceID: id, OriginID: src.DeviceID})
 }
@@ -257,10 +305,10 @@ func (p *Pool) commit(in *intent) error {
 	return nil
 }
 
-// allocID takes the next device id. Ids grow monotonically and wrap at 2^24,
-// skipping ids in use or suspect, so an id whose delete is pending is never
-// handed out again.
-func (p *Pool) allocID() (uint32, error) {
+// allocID picks the next device id, and the allocator's next value once it
+// is taken. Ids grow monotonically and wrap at 2^24, skipping ids in use or
+// suspect, so an id whose delete is pending is never handed out again.
+func (p *Pool) allocID() (id, next uint32, err error) {
 	used := map[uint32]bool{}
 	for _, v := range p.vols {
 		used[v.DeviceID] = true
@@ -268,33 +316,41 @@ func (p *Pool) allocID() (uint32, error) {
 	for _, id := range p.suspects {
 		used[id] = true
 	}
-	id := p.nextID
+	id = p.nextID
 	for range devmapper.MaxDeviceID + 1 {
-		if id > devmapper.MaxDeviceID {
+		if id > devmapper.MaxDeviceID || id == 0 {
 			id = 1
 		}
 		if !used[id] {
-			p.nextID = id + 1
-			return id, nil
+			return id, id + 1, nil
 		}
 		id++
 	}
-	return 0, fmt.Errorf("%w: all %d thin device ids are in use", ErrNoSpace, devmapper.MaxDeviceID)
+	return 0, 0, fmt.Errorf("%w: all %d thin device ids are in use", ErrNoSpace, devmapper.MaxDeviceID)
 }
 
-// poolError turns a kernel refusal into what it means for the caller.
+// poolError turns a kernel refusal into what it means for the caller. A
+// read-only, failed or needs_check pool refuses every message before it acts
+// on it (pool_message in dm-thin.c answers EOPNOTSUPP; a commit that fails
+// aborts the transaction and turns the pool read-only), so ErrPoolUnhealthy
+// also means the message changed nothing.
 func (p *Pool) poolError(what string, err error) error {
-	// A read-only, failed or needs_check pool refuses messages with
-	// EOPNOTSUPP (pool_message in dm-thin.c); a suspended one with EINVAL.
-	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
-		if ps, serr := p.poolStatus(); serr == nil && (ps.Mode == devmapper.PoolReadOnly || ps.NeedsCheck || ps.Fail) {
-			return fmt.Errorf("%s: %w: pool mode %s, needs_check %v: %v", what, ErrPoolUnhealthy, ps.Mode, ps.NeedsCheck, err)
-		}
+	if ps, serr := p.poolStatus(); serr == nil && (ps.Mode == devmapper.PoolReadOnly || ps.NeedsCheck || ps.Fail || ps.Error) {
+		return fmt.Errorf("%s: %w: pool mode %s, needs_check %v: %v", what, ErrPoolUnhealthy, ps.Mode, ps.NeedsCheck, err)
 	}
 	if errors.Is(err, unix.ENOSPC) {
 		return fmt.Errorf("%s: %w: %v", what, ErrNoSpace, err)
 	}
 	return fmt.Errorf("%s: %w", what, err)
+}
+
+// dropIntent clears the pending intent of a change the kernel refused
+// without acting on it, and returns err.
+func (p *Pool) dropIntent(err error) error {
+	if cerr := p.st.apply(change{clearIntent: true}); cerr != nil {
+		return p.failed(p.recordsFailed(cerr))
+	}
+	return err
 }
 
 // Delete deletes a volume or snapshot. Deleting what does not exist is not
@@ -318,12 +374,27 @@ func (p *Pool) Delete(ctx context.Context, name string) error {
 		if err := p.removeDM(name, true); err != nil {
 			return err
 		}
-		v.Deleting = true
-		return p.st.apply(change{put: []*Volume{v}})
+		p.step("delete:deferred")
+		return p.tombstone(v)
 	} else if err != nil {
 		return err
 	}
 	return p.deleteLocked(v)
+}
+
+// tombstone records that v's delete waits for its device's last opener.
+func (p *Pool) tombstone(v *Volume) error {
+	if v.Deleting {
+		return nil
+	}
+	c := *v
+	c.Deleting = true
+	if err := p.st.apply(change{put: []*Volume{&c}}); err != nil {
+		return p.failed(p.recordsFailed(err))
+	}
+	p.vols[c.Name] = &c
+	p.step("delete:tombstone")
+	return nil
 }
 
 // deleteLocked deletes an inactive volume's thin device. The caller holds
@@ -331,28 +402,39 @@ func (p *Pool) Delete(ctx context.Context, name string) error {
 func (p *Pool) deleteLocked(v *Volume) error {
 	in := &intent{Op: opDelete, TID: p.tid + 1, Vol: *v}
 	if err := p.st.apply(change{intent: in}); err != nil {
-		return err
+		return p.failed(p.recordsFailed(err))
 	}
 	p.step("delete:intent")
-	if err := p.k.Message(p.dev, devmapper.Delete{DeviceID: v.DeviceID}); err != nil && !errors.Is(err, unix.ENODATA) {
-		if cerr := p.st.apply(change{clearIntent: true}); cerr != nil {
-			return cerr
+	err := p.k.Message(p.dev, devmapper.Delete{DeviceID: v.DeviceID})
+	if errors.Is(err, unix.EBUSY) {
+		// The kernel still holds it open (a removal in progress): keep a
+		// tombstone for Reap.
+		c := *v
+		c.Deleting = true
+		if err := p.st.apply(change{clearIntent: true, put: []*Volume{&c}}); err != nil {
+			return p.failed(p.recordsFailed(err))
 		}
-		if errors.Is(err, unix.EBUSY) {
-			// The kernel still holds it open (a removal in progress): keep a
-			// tombstone for Reap.
-			if !v.Deleting {
-				v.Deleting = true
-				if cerr := p.st.apply(change{put: []*Volume{v}}); cerr != nil {
-					return cerr
-				}
-			}
+		p.vols[c.Name] = &c
+		p.step("delete:tombstone")
+		return nil
+	}
+	if err == nil || errors.Is(err, unix.ENODATA) {
+		p.step("delete:message")
+		err = p.commit(in)
+	} else if err = p.poolError("delete "+v.Name, err); errors.Is(err, ErrPoolUnhealthy) {
+		return p.dropIntent(err)
+	}
+	if err != nil {
+		// The recovery rolls the delete forward.
+		if ferr := p.fail(err); ferr != nil {
+			return ferr
+		}
+		if p.vols[v.Name] == nil {
 			return nil
 		}
-		return p.poolError("delete "+v.Name, err)
+		return err
 	}
-	p.step("delete:message")
-	return p.commit(in)
+	return nil
 }
 
 // removeDM removes a volume's dm device; ErrBusy while it is open, unless
@@ -382,81 +464,124 @@ func (p *Pool) removeDM(name string, deferred bool) error {
 
 // Activate makes the volume's block device and returns its node. It is
 // idempotent, cancels a pending deferred removal, and records that the
-// volume should be active, so Open reactivates it after a reboot.
+// volume should be active, so Open reactivates it after a reboot. A failure
+// leaves the device as it was.
 func (p *Pool) Activate(ctx context.Context, name string) (string, error) {
 	if err := checkName(name); err != nil {
 		return "", err
 	}
 	defer p.volLocks.Lock(name)()
-	v, err := p.get(name)
+	v, err := p.getForChange(name)
 	if err != nil {
 		return "", err
 	}
 	if err := ctx.Err(); err != nil {
 		return "", err
 	}
-	node, err := p.activateDM(v)
+	node, made, err := p.activateDM(v)
 	if err != nil {
 		return "", fmt.Errorf("activate %s: %w", name, err)
 	}
 	p.step("activate:device")
-	if !v.Active {
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		if cur := p.vols[name]; cur != nil {
-			cur.Active = true
-			if err := p.st.apply(change{put: []*Volume{cur}}); err != nil {
-				return "", err
-			}
-		}
+	if v.Active {
+		return node, nil
 	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	cur := p.vols[name]
+	if cur == nil || cur.Active {
+		return node, nil
+	}
+	c := *cur
+	c.Active = true
+	if err := p.st.apply(change{put: []*Volume{&c}}); err != nil {
+		if made {
+			_ = p.removeDM(name, false)
+		}
+		return "", p.failed(p.recordsFailed(err))
+	}
+	p.vols[name] = &c
+	p.step("activate:recorded")
 	return node, nil
 }
 
+// getForChange returns a copy of a volume's record for a change to it;
+// ErrNotFound if there is none, ErrClosed or ErrFenced when the pool takes
+// no changes.
+func (p *Pool) getForChange(name string) (*Volume, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err := p.usable(); err != nil {
+		return nil, err
+	}
+	v := p.vols[name]
+	if v == nil || v.Deleting {
+		return nil, fmt.Errorf("%w: volume %s", ErrNotFound, name)
+	}
+	c := *v
+	return &c, nil
+}
+
 // activateDM makes or repairs the dm device of v: created, with a live thin
-// table of v's id and size, resumed, no deferred removal pending.
-func (p *Pool) activateDM(v *Volume) (string, error) {
+// table of v's id and size, resumed, no deferred removal pending. made
+// reports that the device did not exist before; when activateDM fails, a
+// device it made is removed again.
+func (p *Pool) activateDM(v *Volume) (node string, made bool, err error) {
 	dmName := p.volDMName(v.Name)
 	want := devmapper.NewTarget(0, uint64(v.SizeBytes)/devmapper.SectorSize, devmapper.ThinParams{PoolDev: p.dev, DeviceID: v.DeviceID})
 	info, err := p.k.InfoByName(dmName)
 	switch {
 	case errors.Is(err, unix.ENXIO):
 		if info, err = p.k.Create(dmName, p.volUUID(v.DeviceID)); err != nil {
-			return "", err
+			return "", false, err
 		}
+		made = true
+		p.step("activate:created")
+		defer func() {
+			if err != nil {
+				_ = p.k.Remove(info.Dev, false)
+			}
+		}()
 	case err != nil:
-		return "", err
+		return "", false, err
 	default:
 		if info.UUID != p.volUUID(v.DeviceID) {
-			return "", fmt.Errorf("%w: dm device %s has uuid %q, want %q", ErrMismatch, dmName, info.UUID, p.volUUID(v.DeviceID))
+			return "", false, fmt.Errorf("%w: dm device %s has uuid %q, want %q", ErrMismatch, dmName, info.UUID, p.volUUID(v.DeviceID))
 		}
 		if info.DeferredRemove {
 			if err := p.k.CancelDeferredRemove(info.Dev); err != nil {
-				return "", err
+				return "", false, err
 			}
 		}
 	}
 	if info.LiveTable {
 		tbl, err := p.k.Table(info.Dev)
 		if err != nil {
-			return "", err
+			return "", made, err
 		}
 		if len(tbl) == 1 && tbl[0] == want {
 			if info.Suspended {
 				if err := p.k.Resume(info.Dev); err != nil {
-					return "", err
+					return "", made, err
 				}
 			}
-			return p.k.DeviceNode(info.Dev)
+			node, err := p.k.DeviceNode(info.Dev)
+			return node, made, err
 		}
 	}
 	if err := p.k.Load(info.Dev, []devmapper.Target{want}); err != nil {
-		return "", err
+		return "", made, err
 	}
 	if err := p.k.Resume(info.Dev); err != nil {
-		return "", err
+		// A resume that failed may leave the device suspended, and its
+		// users' I/O waiting: try once more before reporting it.
+		if i, ierr := p.k.Info(info.Dev); ierr == nil && i.Suspended {
+			_ = p.k.Resume(info.Dev)
+		}
+		return "", made, err
 	}
-	return p.k.DeviceNode(info.Dev)
+	node, err = p.k.DeviceNode(info.Dev)
+	return node, made, err
 }
 
 // Deactivate removes the volume's block device. ErrBusy while it is open.
@@ -466,6 +591,12 @@ func (p *Pool) Deactivate(ctx context.Context, name string) error {
 		return err
 	}
 	defer p.volLocks.Lock(name)()
+	p.mu.Lock()
+	err := p.usable()
+	p.mu.Unlock()
+	if err != nil {
+		return err
+	}
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -475,10 +606,17 @@ func (p *Pool) Deactivate(ctx context.Context, name string) error {
 	p.step("deactivate:device")
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if v := p.vols[name]; v != nil && v.Active {
-		v.Active = false
-		return p.st.apply(change{put: []*Volume{v}})
+	v := p.vols[name]
+	if v == nil || !v.Active {
+		return nil
 	}
+	c := *v
+	c.Active = false
+	if err := p.st.apply(change{put: []*Volume{&c}}); err != nil {
+		return p.failed(p.recordsFailed(err))
+	}
+	p.vols[name] = &c
+	p.step("deactivate:recorded")
 	return nil
 }
 
@@ -495,35 +633,43 @@ func (p *Pool) Grow(ctx context.Context, name string, sizeBytes int64) (*Volume,
 	sizeBytes = roundSize(sizeBytes)
 	defer p.volLocks.Lock(name)()
 	p.mu.Lock()
+	if err := p.usable(); err != nil {
+		p.mu.Unlock()
+		return nil, err
+	}
 	v := p.vols[name]
 	if v == nil || v.Deleting {
 		p.mu.Unlock()
 		return nil, fmt.Errorf("%w: volume %s", ErrNotFound, name)
 	}
+	c := *v
 	if sizeBytes > v.SizeBytes {
-		if err := p.admit(sizeBytes - v.SizeBytes); err != nil {
+		if err := p.admit(sizeBytes-v.SizeBytes, v.Kind); err != nil {
 			p.mu.Unlock()
 			return nil, fmt.Errorf("grow %s: %w", name, err)
 		}
 		// The record first: the pool does not store sizes, so a crash
 		// after this leaves a record that the next activation applies.
-		v.SizeBytes = sizeBytes
-		if err := p.st.apply(change{put: []*Volume{v}}); err != nil {
+		c.SizeBytes = sizeBytes
+		if err := p.st.apply(change{put: []*Volume{&c}}); err != nil {
+			err = p.failed(p.recordsFailed(err))
 			p.mu.Unlock()
 			return nil, err
 		}
+		p.vols[name] = &c
 		p.step("grow:recorded")
 	}
-	c := *v
 	p.mu.Unlock()
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	if info, err := p.k.InfoByName(p.volDMName(name)); err == nil && info.LiveTable {
-		if _, err := p.activateDM(&c); err != nil {
+		if _, _, err := p.activateDM(&c); err != nil {
 			return nil, fmt.Errorf("grow %s: %w", name, err)
 		}
 		p.step("grow:reloaded")
+	} else if err != nil && !errors.Is(err, unix.ENXIO) {
+		return nil, fmt.Errorf("grow %s: %w", name, err)
 	}
 	return &c, nil
 }

@@ -26,16 +26,27 @@ import (
 type Pool struct {
 	cfg Config
 	k   Kernel
-	st  *store
 	rec poolRecord
 	dev devmapper.Dev // the pool's dm device
 
-	mu       sync.Mutex // pool messages, commits, and the fields below
+	// mu serialises pool messages and commits and guards the fields below.
+	// The fields are a copy of what the records hold: each is changed only
+	// after the records say so (persist first, then memory).
+	mu       sync.Mutex
+	st       records
 	tid      uint64
 	nextID   uint32
 	suspects []uint32
 	vols     map[string]*Volume
 	closed   bool
+	// fenced, when set, is why the pool refuses changes: a step failed
+	// after the kernel or the records had taken part of a change, and the
+	// in-process recovery that followed did not finish. Every change tries
+	// the recovery again first (unfence).
+	fenced error
+	// recordsSuspect: a records write failed since the last rewrite, so
+	// recovery rewrites them whole.
+	recordsSuspect bool
 
 	volLocks keyedMutex
 
@@ -83,7 +94,7 @@ func Open(ctx context.Context, cfg Config, k Kernel, opts ...Option) (*Pool, err
 		o(p)
 	}
 	if err := p.open(ctx); err != nil {
-		st.close()
+		p.st.close()
 		return nil, fmt.Errorf("pool %s: %w", cfg.Name, err)
 	}
 	return p, nil
@@ -406,7 +417,10 @@ func (p *Pool) poolStatus() (devmapper.ThinPoolStatus, error) {
 	return devmapper.ParseThinPoolStatus(st[0].Params)
 }
 
-// recover settles an intent left by a crash.
+// recover settles an intent left by a crash or by a failed step: with the
+// pool at the intent's transaction id the change is finished, with the pool
+// still before it a create or snapshot is rolled back and a delete rolled
+// forward.
 func (p *Pool) recover(in *intent) error {
 	ps, err := p.poolStatus()
 	if err != nil {
@@ -424,7 +438,11 @@ func (p *Pool) recover(in *intent) error {
 	switch {
 	case ps.TransactionID == in.TID:
 		// Committed: finish the bookkeeping.
-		return p.finish(in)
+		if err := p.finish(in); err != nil {
+			return err
+		}
+		p.step("recover:finished")
+		return nil
 	case ps.TransactionID == p.tid && in.TID == p.tid+1:
 		// Not committed.
 		switch in.Op {
@@ -441,38 +459,143 @@ func (p *Pool) recover(in *intent) error {
 					return fmt.Errorf("roll back %s of %s: %w", in.Op, in.Vol.Name, err)
 				}
 			}
-			return p.st.apply(change{clearIntent: true})
+			p.step("recover:deleted")
+			if err := p.st.apply(change{clearIntent: true}); err != nil {
+				return p.recordsFailed(err)
+			}
+			p.step("recover:rolled-back")
+			return nil
 		case opDelete:
 			// A delete goes forward: the caller was told nothing yet, and
 			// the volume may already be gone from the pool.
-			if err := p.k.Message(p.dev, devmapper.Delete{DeviceID: in.Vol.DeviceID}); err != nil && !errors.Is(err, unix.ENODATA) {
+			err := p.k.Message(p.dev, devmapper.Delete{DeviceID: in.Vol.DeviceID})
+			if errors.Is(err, unix.EBUSY) {
+				// Still open in the kernel (its removal has not finished):
+				// leave a tombstone for Reap instead.
+				v := in.Vol
+				v.Deleting = true
+				if err := p.st.apply(change{clearIntent: true, put: []*Volume{&v}}); err != nil {
+					return p.recordsFailed(err)
+				}
+				p.vols[v.Name] = &v
+				p.step("recover:tombstone")
+				return nil
+			}
+			if err != nil && !errors.Is(err, unix.ENODATA) {
 				return fmt.Errorf("roll forward delete of %s: %w", in.Vol.Name, err)
 			}
+			p.step("recover:deleted")
 			if err := p.k.Message(p.dev, devmapper.SetTransactionID{Current: p.tid, New: in.TID}); err != nil {
 				return err
 			}
-			return p.finish(in)
+			p.step("recover:committed")
+			if err := p.finish(in); err != nil {
+				return err
+			}
+			p.step("recover:finished")
+			return nil
 		}
 	}
 	return fmt.Errorf("%w: the pool's transaction id is %d; the records say %d with a %s of %s pending at %d", ErrForeignChange, ps.TransactionID, p.tid, in.Op, in.Vol.Name, in.TID)
 }
 
-// finish records a committed intent's result and clears the intent.
+// finish records a committed intent's result and clears the intent; memory
+// follows once the records have it.
 func (p *Pool) finish(in *intent) error {
 	c := change{tid: &in.TID, clearIntent: true}
+	var v Volume
 	switch in.Op {
 	case opCreate, opSnapshot:
-		v := in.Vol
+		v = in.Vol
 		c.put = []*Volume{&v}
-		p.vols[v.Name] = &v
 	case opDelete:
 		c.del = []string{in.Vol.Name}
-		delete(p.vols, in.Vol.Name)
 	}
 	if err := p.st.apply(c); err != nil {
-		return err
+		return p.recordsFailed(err)
+	}
+	switch in.Op {
+	case opCreate, opSnapshot:
+		p.vols[v.Name] = &v
+	case opDelete:
+		delete(p.vols, in.Vol.Name)
 	}
 	p.tid = in.TID
+	return nil
+}
+
+// recordsFailed marks the records as not to be trusted until recovery has
+// rewritten them, and returns err.
+func (p *Pool) recordsFailed(err error) error {
+	p.recordsSuspect = true
+	return fmt.Errorf("write the records: %w", err)
+}
+
+// fail is called, with p.mu held, when a step of a change failed after the
+// change's intent may have been recorded or the kernel may have acted on
+// part of it. It fences the pool and recovers at once, exactly as Open
+// would (see recoverLocked). It returns nil when the pool is consistent
+// again; the caller then looks at the records to tell whether its change
+// went forward. Otherwise the pool stays fenced and the error says why.
+func (p *Pool) fail(cause error) error {
+	p.fenced = cause
+	return p.unfence()
+}
+
+// unfence retries the recovery of a fenced pool; nil when the pool is not
+// (or no longer) fenced. The caller holds p.mu.
+func (p *Pool) unfence() error {
+	if p.fenced == nil {
+		return nil
+	}
+	if err := p.recoverLocked(); err != nil {
+		return fmt.Errorf("%w: %v; recovery: %v", ErrFenced, p.fenced, err)
+	}
+	p.fenced = nil
+	return nil
+}
+
+// recoverLocked makes memory, records and kernel agree again, as Open
+// does: it reads the records (rewriting them whole after a failed write),
+// settles the pending intent, and resumes any of the pool's devices left
+// suspended. The caller holds p.mu.
+func (p *Pool) recoverLocked() error {
+	s, err := p.st.load()
+	if err != nil {
+		return fmt.Errorf("read the records: %w", err)
+	}
+	if p.recordsSuspect {
+		if err := p.st.rewrite(s); err != nil {
+			return fmt.Errorf("rewrite the records: %w", err)
+		}
+		p.recordsSuspect = false
+	}
+	p.vols, p.tid, p.nextID, p.suspects = s.volumes, s.tid, s.nextID, s.suspects
+	if err := p.recover(s.intent); err != nil {
+		return err
+	}
+	return p.resumeSuspended()
+}
+
+// resumeSuspended resumes the pool and any of its volumes left suspended
+// (a snapshot whose origin's resume failed, a pool whose reload failed).
+func (p *Pool) resumeSuspended() error {
+	list, err := p.k.List()
+	if err != nil {
+		return err
+	}
+	for _, e := range list {
+		if !strings.HasPrefix(e.UUID, p.uuidPrefix()) {
+			continue
+		}
+		info, err := p.k.Info(e.Dev)
+		if err != nil || !info.Suspended {
+			continue
+		}
+		if err := p.k.Resume(e.Dev); err != nil {
+			return fmt.Errorf("resume %s: %w", e.Name, err)
+		}
+	}
 	return nil
 }
 
@@ -508,12 +631,14 @@ func (p *Pool) reconcile(ctx context.Context) error {
 			if err := p.k.Remove(e.Dev, true); err != nil && !errors.Is(err, unix.ENXIO) {
 				return fmt.Errorf("remove stray device %s: %w", e.Name, err)
 			}
+			p.step("reconcile:removed")
 			continue
 		}
 		if info.Suspended {
 			if err := p.k.Resume(e.Dev); err != nil {
 				return fmt.Errorf("resume %s: %w", e.Name, err)
 			}
+			p.step("reconcile:resumed")
 		}
 		present[v.Name] = true
 	}
@@ -535,15 +660,20 @@ func (p *Pool) reconcile(ctx context.Context) error {
 			if err := p.deleteLocked(v); err != nil {
 				return fmt.Errorf("delete unsealed template %s: %w", v.Name, err)
 			}
+			p.step("reconcile:template-deleted")
 		case v.Active && !present[v.Name]:
-			if _, err := p.activateDM(v); err != nil {
+			if _, _, err := p.activateDM(v); err != nil {
 				return fmt.Errorf("reactivate %s: %w", v.Name, err)
 			}
+			p.step("reconcile:reactivated")
 		case !v.Active && present[v.Name]:
-			v.Active = true
-			if err := p.st.apply(change{put: []*Volume{v}}); err != nil {
+			c := *v
+			c.Active = true
+			if err := p.st.apply(change{put: []*Volume{&c}}); err != nil {
 				return err
 			}
+			p.vols[c.Name] = &c
+			p.step("reconcile:marked-active")
 		}
 	}
 	if err := p.reapLocked(); err != nil {
@@ -560,6 +690,9 @@ func (p *Pool) Reap(ctx context.Context) error {
 	defer p.mu.Unlock()
 	if p.closed {
 		return ErrClosed
+	}
+	if err := p.unfence(); err != nil {
+		return err
 	}
 	return p.reapLocked()
 }
@@ -601,8 +734,12 @@ func (p *Pool) collectSuspects() error {
 			keep = append(keep, id) // busy: someone else's open device
 		}
 	}
+	p.step("reconcile:suspects-deleted")
+	if err := p.st.apply(change{suspects: &keep}); err != nil {
+		return p.recordsFailed(err)
+	}
 	p.suspects = keep
-	return p.st.apply(change{suspects: &keep})
+	return nil
 }
 
 // Close closes the records. Active volumes stay active and mounted ones keep

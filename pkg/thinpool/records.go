@@ -3,7 +3,10 @@ package thinpool
 import (
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -86,11 +89,46 @@ var (
 	keySuspects   = []byte("suspects")
 )
 
+// records is the record database as a Pool uses it. *store is the real
+// one; tests wrap it to make its calls fail.
+type records interface {
+	// load reads everything at once.
+	load() (*state, error)
+	// apply writes a change in one transaction, committed and fsynced
+	// before it returns. An error means the change may or may not have
+	// reached the disk.
+	apply(c change) error
+	// rewrite replaces the database with a new file holding exactly s,
+	// fsynced and renamed into place, and goes on with it. After a failed
+	// write nothing on disk can be trusted (a failed fsync may have dropped
+	// dirty pages that the page cache still shows), so recovery writes
+	// what it verified, whole, to a file of its own.
+	rewrite(s *state) error
+	close() error
+}
+
 // store is the record database. Every method is one bbolt transaction,
 // committed (and fsynced) before it returns.
-type store struct{ db *bolt.DB }
+type store struct {
+	path string
+	db   *bolt.DB
+}
+
+var _ records = (*store)(nil)
+
+// errInvariant: a change would break a rule of the records; it is a bug in
+// the caller, and nothing is written.
+var errInvariant = errors.New("records invariant")
 
 func openStore(path string) (*store, error) {
+	db, err := openDB(path)
+	if err != nil {
+		return nil, err
+	}
+	return &store{path: path, db: db}, nil
+}
+
+func openDB(path string) (*bolt.DB, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
 	if err != nil {
 		return nil, fmt.Errorf("open records %s (is another csi-dmthin using this pool?): %w", path, err)
@@ -107,10 +145,53 @@ func openStore(path string) (*store, error) {
 		db.Close()
 		return nil, err
 	}
-	return &store{db: db}, nil
+	return db, nil
 }
 
 func (s *store) close() error { return s.db.Close() }
+
+func (s *store) rewrite(st *state) error {
+	tmp := s.path + ".new"
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	db, err := openDB(tmp)
+	if err != nil {
+		return err
+	}
+	c := change{pool: st.pool, tid: &st.tid, nextID: &st.nextID, intent: st.intent, suspects: &st.suspects}
+	for _, v := range st.volumes {
+		c.put = append(c.put, v)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error { return writeChange(tx, c) }); err != nil {
+		db.Close()
+		return fmt.Errorf("write %s: %w", tmp, err)
+	}
+	if err := db.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, s.path); err != nil {
+		return err
+	}
+	if err := syncDir(filepath.Dir(s.path)); err != nil {
+		return err
+	}
+	_ = s.db.Close() // the old file is gone from the directory
+	if s.db, err = openDB(s.path); err != nil {
+		return err
+	}
+	return nil
+}
+
+// syncDir makes a rename in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
 
 // state is everything the store holds, loaded at once on open.
 type state struct {
@@ -175,59 +256,110 @@ type change struct {
 
 func (s *store) apply(c change) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
-		m := tx.Bucket(bucketMeta)
-		put := func(k []byte, v any) error {
-			b, err := json.Marshal(v)
-			if err != nil {
-				return err
-			}
-			return m.Put(k, b)
+		if err := checkChange(tx, c); err != nil {
+			return err
 		}
-		if c.pool != nil {
-			if err := put(keyPool, c.pool); err != nil {
-				return err
-			}
-		}
-		if c.tid != nil {
-			if err := m.Put(keyTID, binary.BigEndian.AppendUint64(nil, *c.tid)); err != nil {
-				return err
-			}
-		}
-		if c.nextID != nil {
-			if err := m.Put(keyNextID, binary.BigEndian.AppendUint32(nil, *c.nextID)); err != nil {
-				return err
-			}
-		}
-		if c.intent != nil {
-			if err := put(keyIntent, c.intent); err != nil {
-				return err
-			}
-		}
-		if c.clearIntent {
-			if err := m.Delete(keyIntent); err != nil {
-				return err
-			}
-		}
-		if c.suspects != nil {
-			if err := put(keySuspects, *c.suspects); err != nil {
-				return err
-			}
-		}
-		vb := tx.Bucket(bucketVolumes)
-		for _, v := range c.put {
-			b, err := json.Marshal(v)
-			if err != nil {
-				return err
-			}
-			if err := vb.Put([]byte(v.Name), b); err != nil {
-				return err
-			}
-		}
-		for _, name := range c.del {
-			if err := vb.Delete([]byte(name)); err != nil {
-				return err
-			}
-		}
-		return nil
+		return writeChange(tx, c)
 	})
+}
+
+// checkChange enforces what must hold whatever the caller does: an intent
+// is never written over a pending one, the transaction id never goes back
+// (but while the pool is being made, at 0), a pool keeps its identity, and
+// a record keeps its thin id and kind for as long as it exists.
+func checkChange(tx *bolt.Tx, c change) error {
+	m := tx.Bucket(bucketMeta)
+	if c.intent != nil && m.Get(keyIntent) != nil && !c.clearIntent {
+		return fmt.Errorf("%w: an intent to %s is written while another is pending", errInvariant, c.intent.Op)
+	}
+	if c.tid != nil {
+		if old := m.Get(keyTID); len(old) == 8 {
+			if o := binary.BigEndian.Uint64(old); o != 0 && *c.tid <= o {
+				return fmt.Errorf("%w: transaction id %d after %d", errInvariant, *c.tid, o)
+			}
+		}
+	}
+	if c.pool != nil {
+		if old := m.Get(keyPool); old != nil {
+			var r poolRecord
+			if err := json.Unmarshal(old, &r); err != nil {
+				return fmt.Errorf("pool record: %w", err)
+			}
+			if r.Identity != c.pool.Identity || r.Name != c.pool.Name {
+				return fmt.Errorf("%w: pool %s (%s) rewritten as %s (%s)", errInvariant, r.Name, r.Identity, c.pool.Name, c.pool.Identity)
+			}
+		}
+	}
+	vb := tx.Bucket(bucketVolumes)
+	for _, v := range c.put {
+		old := vb.Get([]byte(v.Name))
+		if old == nil {
+			continue
+		}
+		var o Volume
+		if err := json.Unmarshal(old, &o); err != nil {
+			return fmt.Errorf("volume record %q: %w", v.Name, err)
+		}
+		if o.DeviceID != v.DeviceID || o.Kind != v.Kind {
+			return fmt.Errorf("%w: %s, a %s with thin id %d, rewritten as a %s with thin id %d", errInvariant, v.Name, o.Kind, o.DeviceID, v.Kind, v.DeviceID)
+		}
+	}
+	return nil
+}
+
+func writeChange(tx *bolt.Tx, c change) error {
+	m := tx.Bucket(bucketMeta)
+	put := func(k []byte, v any) error {
+		b, err := json.Marshal(v)
+		if err != nil {
+			return err
+		}
+		return m.Put(k, b)
+	}
+	if c.pool != nil {
+		if err := put(keyPool, c.pool); err != nil {
+			return err
+		}
+	}
+	if c.tid != nil {
+		if err := m.Put(keyTID, binary.BigEndian.AppendUint64(nil, *c.tid)); err != nil {
+			return err
+		}
+	}
+	if c.nextID != nil {
+		if err := m.Put(keyNextID, binary.BigEndian.AppendUint32(nil, *c.nextID)); err != nil {
+			return err
+		}
+	}
+	if c.clearIntent {
+		if err := m.Delete(keyIntent); err != nil {
+			return err
+		}
+	}
+	if c.intent != nil {
+		if err := put(keyIntent, c.intent); err != nil {
+			return err
+		}
+	}
+	if c.suspects != nil {
+		if err := put(keySuspects, *c.suspects); err != nil {
+			return err
+		}
+	}
+	vb := tx.Bucket(bucketVolumes)
+	for _, v := range c.put {
+		b, err := json.Marshal(v)
+		if err != nil {
+			return err
+		}
+		if err := vb.Put([]byte(v.Name), b); err != nil {
+			return err
+		}
+	}
+	for _, name := range c.del {
+		if err := vb.Delete([]byte(name)); err != nil {
+			return err
+		}
+	}
+	return nil
 }
