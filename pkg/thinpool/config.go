@@ -45,6 +45,11 @@ type Config struct {
 	// error_if_no_space, fails fast: queued writers hang, and XFS retries
 	// forever.
 	QueueIfNoSpace bool
+	// Wipe lets a new pool be made on devices that hold something (a
+	// filesystem, LVM, a partition table, another pool, data): their first
+	// and last MiB are erased first. Without it such devices are refused.
+	// It matters only when the pool is made.
+	Wipe bool
 
 	// Admission: a new volume or snapshot is refused with ErrNoSpace when
 	// free data or metadata would fall under these percentages of the pool,

@@ -150,7 +150,7 @@ func afterCrash(t *testing.T, e env, op faultOp, cfg Config, release func()) {
 // returns the number of crash points, and of recovery crash points.
 func runCrashTests(t *testing.T, newEnv func(t *testing.T) env, recovery bool) (points, recoveryPoints int) {
 	// A crash while the pool itself is being made.
-	for _, point := range []string{"create-pool:recorded", "create-pool:zeroed", "create-pool:activated", "create-pool:committed"} {
+	for _, point := range []string{"create-pool:recorded", "create-pool:zeroed", "create-pool:activated", "create-pool:marker-created", "create-pool:marker-written", "create-pool:committed"} {
 		points++
 		t.Run("create-pool/"+point, func(t *testing.T) {
 			e := newEnv(t)
@@ -165,6 +165,31 @@ func runCrashTests(t *testing.T, newEnv func(t *testing.T) env, recovery bool) (
 				t.Fatalf("pool unusable after a crash at %s: %v", point, err)
 			}
 			checkInvariants(t, e, p)
+		})
+	}
+	// A crash while an old pool gets its marker.
+	for _, point := range []string{"marker:intent", "marker:written", "marker:committed"} {
+		points++
+		t.Run("add-marker/"+point, func(t *testing.T) {
+			e := newEnv(t)
+			cfg := testConfig(t, faultPoolName(), 64<<20)
+			p := openPool(t, e, cfg)
+			faultSetup(t, e, p)
+			stripMarker(t, e, p)
+			p.Close()
+			armed := true
+			if !survive(func() { _, _ = Open(ctx, cfg, e.kernel(), crashAt(point, 1, &armed)) }) {
+				t.Fatalf("did not crash at %s", point)
+			}
+			p = openPool(t, e, cfg)
+			defer teardown(t, e, p)
+			if !p.rec.Marker {
+				t.Fatal("no marker after the crash and a reopen")
+			}
+			checkInvariants(t, e, p)
+			if got := e.read(t, p, "base", 0, len(faultData)); !bytes.Equal(got, faultData) {
+				t.Fatal("committed data lost")
+			}
 		})
 	}
 	for _, op := range faultOps() {

@@ -68,6 +68,15 @@ func (e *fakeEnv) hold(t *testing.T, p *Pool, vol string) func() {
 
 func (e *fakeEnv) reboot(t *testing.T, p *Pool) { e.k.Reboot() }
 
+func (e *fakeEnv) swapFiles(t *testing.T, a, b string) { e.k.SwapPaths(a, b) }
+
+func (e *fakeEnv) writeFile(t *testing.T, path string, off int64, b []byte) {
+	t.Helper()
+	if err := e.k.WriteFile(path, off, b); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestScenariosFake(t *testing.T) { runScenarios(t, newFakeEnv) }
 
 // skipInGuest skips a long test of the fake kernel in the VM: the host runs
@@ -130,3 +139,5 @@ func TestFaultSweepFake(t *testing.T) {
 	matrix = append(matrix, runPersistentFaults(t, newFakeEnv)...)
 	checkFaultMatrix(t, matrix, 400)
 }
+
+func TestIdentityFake(t *testing.T) { runIdentityScenarios(t, newFakeEnv) }

@@ -99,6 +99,28 @@ func (e *kernelEnv) reboot(t *testing.T, p *Pool) {
 	}
 }
 
+func (e *kernelEnv) swapFiles(t *testing.T, a, b string) {
+	t.Helper()
+	tmp := a + ".swap"
+	for _, r := range [][2]string{{a, tmp}, {b, a}, {tmp, b}} {
+		if err := os.Rename(r[0], r[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func (e *kernelEnv) writeFile(t *testing.T, path string, off int64, b []byte) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestScenariosKernel(t *testing.T) { runScenarios(t, newKernelEnv) }
 
 func TestCrashRecoveryKernel(t *testing.T) {
@@ -121,3 +143,5 @@ func TestFaultSweepKernel(t *testing.T) {
 	matrix = append(matrix, runPersistentFaults(t, newKernelEnv)...)
 	checkFaultMatrix(t, matrix, min)
 }
+
+func TestIdentityKernel(t *testing.T) { runIdentityScenarios(t, newKernelEnv) }

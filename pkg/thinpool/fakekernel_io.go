@@ -121,6 +121,7 @@ type fakeBlock struct {
 	holds    int
 	detached bool
 	st       *fakeStore
+	serial   string // a disk's; loop devices have none
 }
 
 func fakeNode(dev devmapper.Dev) string {
@@ -145,8 +146,81 @@ func (f *FakeKernel) AddBlockDevice(path string, sizeBytes int64) devmapper.Dev 
 	}
 	dev := devmapper.MakeDev(fakeDiskMajor, f.disks*16)
 	f.disks++
-	f.blocks[dev] = &fakeBlock{dev: dev, path: path, st: newFakeStore(sizeBytes)}
+	f.blocks[dev] = &fakeBlock{dev: dev, path: path, st: newFakeStore(sizeBytes), serial: fmt.Sprintf("FAKE-DISK-%d", f.disks)}
 	return dev
+}
+
+// SetSerial sets a disk's serial ("" for none, as a virtual disk given
+// none has).
+func (f *FakeKernel) SetSerial(dev devmapper.Dev, serial string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if b := f.blocks[dev]; b != nil {
+		b.serial = serial
+	}
+}
+
+// SwapPaths swaps the names of two disks, or the content of two loop files
+// as renaming them would: what a reboot that enumerates disks in another
+// order, or an operator's mistake, does.
+func (f *FakeKernel) SwapPaths(a, b string) {
+	a, b = filepath.Clean(a), filepath.Clean(b)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, blk := range f.blocks {
+		switch {
+		case blk.loop:
+		case blk.path == a:
+			blk.path = b
+		case blk.path == b:
+			blk.path = a
+		}
+	}
+	f.files[a], f.files[b] = f.files[b], f.files[a]
+}
+
+// WriteFile writes b at off into the content of the loop file at path, as
+// a program writing to the file before it is attached would.
+func (f *FakeKernel) WriteFile(path string, off int64, b []byte) error {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	st := f.files[abs]
+	if st == nil {
+		st = newFakeStore(0)
+		f.files[abs] = st
+	}
+	if end := off + int64(len(b)); end > st.sizeBytes {
+		st.sizeBytes = end
+	}
+	st.write(off, b, int64(len(b)))
+	return nil
+}
+
+// Serial implements Kernel.
+func (f *FakeKernel) Serial(dev devmapper.Dev) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if b := f.blocks[dev]; b != nil {
+		return b.serial, nil
+	}
+	if f.exists(dev) {
+		return "", nil
+	}
+	return "", fmt.Errorf("block device %s: %w", dev, unix.ENXIO)
+}
+
+// WriteBlock implements Kernel.
+func (f *FakeKernel) WriteBlock(dev devmapper.Dev, off int64, buf []byte) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.doIO(dev, off, int64(len(buf)), buf, true); err != nil {
+		return fmt.Errorf("write %s at %d: %w", dev, off, err)
+	}
+	return nil
 }
 
 // BlockDevice implements Kernel: a disk by its path, a loop or dm device by

@@ -109,7 +109,7 @@ func (f *faults) call(kind string, do func() error) error {
 // also fail after they acted.
 func mutating(kind string) bool {
 	switch kind {
-	case "info", "info-by-name", "list", "table", "status", "block-device", "read-block", "device-node", "records:load":
+	case "info", "info-by-name", "list", "table", "status", "block-device", "read-block", "device-node", "serial", "records:load":
 		return false
 	}
 	return true
@@ -195,6 +195,13 @@ func (k *faultKernel) ReadBlock(dev devmapper.Dev, off int64, buf []byte) error 
 func (k *faultKernel) ZeroBlock(dev devmapper.Dev, n int) error {
 	return k.f.call("zero-block", func() error { return k.k.ZeroBlock(dev, n) })
 }
+func (k *faultKernel) WriteBlock(dev devmapper.Dev, off int64, buf []byte) error {
+	return k.f.call("write-block", func() error { return k.k.WriteBlock(dev, off, buf) })
+}
+func (k *faultKernel) Serial(dev devmapper.Dev) (s string, err error) {
+	err = k.f.call("serial", func() (e error) { s, e = k.k.Serial(dev); return })
+	return
+}
 func (k *faultKernel) DeviceNode(dev devmapper.Dev) (node string, err error) {
 	err = k.f.call("device-node", func() (e error) { node, e = k.k.DeviceNode(dev); return })
 	return
@@ -247,6 +254,9 @@ type faultOp struct {
 	// goneAfterCrash: a crash before the operation finished may leave
 	// nothing to retry it on (Open deletes a template left unsealed).
 	goneAfterCrash string
+	// makePool, for an operation that opens the pool, makes what it
+	// opens.
+	makePool func(t *testing.T, e env, cfg Config)
 }
 
 var faultData = pattern(21, 64<<10)
@@ -377,6 +387,25 @@ func faultOps() []faultOp {
 					t.Errorf("the new pool does not work: %v", err)
 				}
 			}},
+		{name: "add-marker", newPool: true,
+			// Open of a pool made before markers existed writes one.
+			makePool: func(t *testing.T, e env, cfg Config) {
+				p := openPool(t, e, cfg)
+				faultSetup(t, e, p)
+				stripMarker(t, e, p)
+				p.Close()
+			},
+			run: func(t *testing.T, e env, _ *Pool, f *faults, cfg Config) (*Pool, error) {
+				return Open(ctx, cfg, e.kernel(), withFaults(f))
+			},
+			check: func(t *testing.T, e env, p *Pool) {
+				if !p.rec.Marker {
+					t.Error("no marker recorded")
+				}
+				if got := e.read(t, p, "base", 0, len(faultData)); !bytes.Equal(got, faultData) {
+					t.Error("committed data lost")
+				}
+			}},
 	}
 }
 
@@ -461,6 +490,9 @@ func traceOp(t *testing.T, newEnv func(t *testing.T) env, op faultOp) []string {
 func faultPool(t *testing.T, e env, op faultOp, f *faults, cfg Config) (*Pool, func()) {
 	t.Helper()
 	if op.newPool {
+		if op.makePool != nil {
+			op.makePool(t, e, cfg)
+		}
 		return nil, func() {}
 	}
 	p := openPool(t, e, cfg, withFaults(f))
@@ -643,7 +675,7 @@ func runPersistentCase(t *testing.T, e env, op faultOp, fl fault) string {
 	if err1 == nil || err2 == nil {
 		t.Fatalf("a persistent fault: first %v, then %v", err1, err2)
 	}
-	if errors.Is(err1, ErrFenced) != errors.Is(err2, ErrFenced) {
+	if !op.newPool && errors.Is(err1, ErrFenced) != errors.Is(err2, ErrFenced) {
 		t.Errorf("the retry failed differently: %v, then %v", err1, err2)
 	}
 	if !strings.Contains(err2.Error(), unix.ErrnoName(fl.errno)) && !strings.Contains(err2.Error(), fl.errno.Error()) {

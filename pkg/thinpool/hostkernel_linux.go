@@ -122,6 +122,11 @@ func (h *HostKernel) ReadBlockAt(node string, off int64, buf []byte) error {
 
 // ZeroBlock implements Kernel.
 func (h *HostKernel) ZeroBlock(dev devmapper.Dev, n int) error {
+	return h.WriteBlock(dev, 0, make([]byte, n))
+}
+
+// WriteBlock implements Kernel, with O_DIRECT and an fsync.
+func (h *HostKernel) WriteBlock(dev devmapper.Dev, off int64, buf []byte) error {
 	node, err := h.DeviceNode(dev)
 	if err != nil {
 		return err
@@ -131,15 +136,64 @@ func (h *HostKernel) ZeroBlock(dev devmapper.Dev, n int) error {
 		return err
 	}
 	defer f.Close()
-	a, free, err := alignedBuf(n)
+	a, free, err := alignedBuf(len(buf))
 	if err != nil {
 		return err
 	}
 	defer free()
-	if _, err := f.WriteAt(a, 0); err != nil {
-		return fmt.Errorf("zero %s: %w", node, err)
+	copy(a, buf)
+	if _, err := f.WriteAt(a[:(len(buf)+511)&^511], off); err != nil {
+		return fmt.Errorf("write %s at %d: %w", node, off, err)
 	}
-	return f.Sync()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", node, err)
+	}
+	return nil
+}
+
+// Serial implements Kernel from sysfs.
+func (h *HostKernel) Serial(dev devmapper.Dev) (string, error) {
+	return sysfsSerial("/sys", dev)
+}
+
+// sysfsSerial reads what identifies the disk behind dev under the sysfs
+// root: a partition is its disk's identity and its number; a dm device (an
+// LV, say) its dm UUID; a disk its WWID, or else its serial number.
+func sysfsSerial(root string, dev devmapper.Dev) (string, error) {
+	// /sys/dev/block/M:m links to the device's directory, in which a
+	// partition's parent is its disk's.
+	base, err := filepath.EvalSymlinks(filepath.Join(root, "dev", "block", fmt.Sprintf("%d:%d", dev.Major(), dev.Minor())))
+	if err != nil {
+		return "", fmt.Errorf("block device %s: %w", dev, unix.ENXIO)
+	}
+	read := func(rel string) string {
+		b, err := os.ReadFile(filepath.Join(base, rel))
+		if err != nil {
+			return ""
+		}
+		return strings.TrimSpace(string(b))
+	}
+	if part := read("partition"); part != "" {
+		parentDev, _ := os.ReadFile(filepath.Join(filepath.Dir(base), "dev"))
+		var maj, min uint32
+		if _, err := fmt.Sscanf(strings.TrimSpace(string(parentDev)), "%d:%d", &maj, &min); err != nil {
+			return "", nil
+		}
+		disk, err := sysfsSerial(root, devmapper.MakeDev(maj, min))
+		if err != nil || disk == "" {
+			return "", err
+		}
+		return disk + "-part" + part, nil
+	}
+	if uuid := read("dm/uuid"); uuid != "" {
+		return "dm:" + uuid, nil
+	}
+	for _, rel := range []string{"wwid", "device/wwid", "serial", "device/serial"} {
+		if v := read(rel); v != "" {
+			return v, nil
+		}
+	}
+	return "", nil
 }
 
 // DeviceNode implements Kernel: /dev/<name> as sysfs names the device,

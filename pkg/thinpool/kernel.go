@@ -32,6 +32,13 @@ type Kernel interface {
 	ReadBlock(dev devmapper.Dev, off int64, buf []byte) error
 	// ZeroBlock writes n zero bytes at the start of the block device.
 	ZeroBlock(dev devmapper.Dev, n int) error
+	// WriteBlock writes buf at off on the block device, bypassing the
+	// page cache, and returns once it is on stable storage.
+	WriteBlock(dev devmapper.Dev, off int64, buf []byte) error
+	// Serial returns what identifies the disk behind a block device
+	// whatever its name: its WWID or serial number, an LV's dm UUID, a
+	// partition's disk and number; "" when it has none (a loop device).
+	Serial(dev devmapper.Dev) (string, error)
 	// DeviceNode returns a block device node for dev, making it if needed.
 	DeviceNode(dev devmapper.Dev) (string, error)
 	// RefreshSize makes a loop device take up its file's new size; for

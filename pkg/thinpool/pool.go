@@ -121,7 +121,33 @@ func (p *Pool) open(ctx context.Context) error {
 	if err := p.recover(s.intent); err != nil {
 		return err
 	}
-	return p.reconcile(ctx)
+	if err := p.reconcile(ctx); err != nil {
+		return err
+	}
+	return p.ensureMarker()
+}
+
+// recordSerials fills in rec's device serials where they are missing.
+func (p *Pool) recordSerials(rec *poolRecord) error {
+	if rec.DataSerial != "" && rec.MetadataSerial != "" {
+		return nil
+	}
+	data, meta, _, _, release, err := p.backing(false)
+	if err != nil {
+		return err
+	}
+	defer release()
+	if rec.DataSerial == "" {
+		if rec.DataSerial, err = p.k.Serial(data); err != nil {
+			return err
+		}
+	}
+	if rec.MetadataSerial == "" {
+		if rec.MetadataSerial, err = p.k.Serial(meta); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // checkConfig compares the configuration with the stored shape.
@@ -261,9 +287,12 @@ func (p *Pool) create(existing *poolRecord) error {
 			CreatedAt: time.Now().UTC(),
 		}
 	}
-	// A leftover dm device of an unfinished creation goes first, before the
+	// Leftover dm devices of an unfinished creation go first, before the
 	// backing devices are looked up: auto-clearing loop devices that only
-	// it held go with it.
+	// they held go with them. The marker device holds the pool.
+	if err := p.removeMarkerDevice(); err != nil {
+		return err
+	}
 	if info, err := p.k.InfoByName(p.poolDMName()); err == nil {
 		if info.UUID != p.uuidPrefix()+"pool" {
 			return fmt.Errorf("%w: a dm device %s exists and is not this pool's (uuid %q)", ErrMismatch, p.poolDMName(), info.UUID)
@@ -277,24 +306,36 @@ func (p *Pool) create(existing *poolRecord) error {
 		return err
 	}
 	defer release()
-	p.rec.DataBytes, p.rec.MetadataBytes = dataBytes, metaBytes
 	if dataBytes < int64(p.rec.BlockSectors)*devmapper.SectorSize*16 {
 		return fmt.Errorf("%w: data device of %d bytes is too small for a pool", ErrInvalid, dataBytes)
 	}
+	if existing == nil {
+		// Never make a pool over anything: a filesystem, LVM, another
+		// pool (records lost, or the wrong device) or data. A creation
+		// that a crash interrupted passed this check before it wrote its
+		// record, so it is not made again.
+		err := p.checkEmpty([]struct {
+			field string
+			dev   devmapper.Dev
+			size  int64
+		}{{"the data device " + p.dataPath(), data, dataBytes}, {"the metadata device " + p.metadataPath(), meta, metaBytes}},
+			func(string) bool { return false })
+		if err != nil {
+			return err
+		}
+		if p.rec.DataSerial, err = p.k.Serial(data); err != nil {
+			return fmt.Errorf("data device: %w", err)
+		}
+		if p.rec.MetadataSerial, err = p.k.Serial(meta); err != nil {
+			return fmt.Errorf("metadata device: %w", err)
+		}
+	}
+	p.rec.DataBytes, p.rec.MetadataBytes = dataBytes, metaBytes
 	zero := uint64(0)
 	if err := p.st.apply(change{pool: &p.rec, tid: &zero, nextID: ptr(uint32(1))}); err != nil {
 		return err
 	}
 	p.step("create-pool:recorded")
-	// Never format over a pool: an existing superblock with no records of
-	// ours means the wrong device, or records that were lost.
-	buf := make([]byte, superblockReadBytes)
-	if err := p.k.ReadBlock(meta, 0, buf); err != nil {
-		return fmt.Errorf("read metadata device: %w", err)
-	}
-	if sb, ok, _ := parseSuperblock(buf); ok && existing == nil {
-		return fmt.Errorf("%w: the metadata device already holds a thin pool (transaction id %d, %d-sector blocks) that these records do not know; wipe its first 4 KiB to reuse it", ErrMismatch, sb.TransactionID, sb.DataBlockSectors)
-	}
 	if err := p.k.ZeroBlock(meta, superblockReadBytes); err != nil {
 		return fmt.Errorf("zero metadata device: %w", err)
 	}
@@ -312,6 +353,9 @@ func (p *Pool) create(existing *poolRecord) error {
 		return err
 	}
 	p.step("create-pool:activated")
+	if err := p.writeMarker(); err != nil {
+		return err
+	}
 	// The first transaction id is random: a pool's id doubles as a check
 	// that the metadata found later is this pool's.
 	var b [8]byte
@@ -323,9 +367,12 @@ func (p *Pool) create(existing *poolRecord) error {
 		return err
 	}
 	p.step("create-pool:committed")
-	if err := p.st.apply(change{tid: &base}); err != nil {
+	rec := p.rec
+	rec.Marker = true
+	if err := p.st.apply(change{pool: &rec, tid: &base}); err != nil {
 		return err
 	}
+	p.rec = rec
 	p.tid, p.nextID = base, 1
 	p.vols = map[string]*Volume{}
 	return nil
@@ -339,6 +386,9 @@ func (p *Pool) activatePool(in *intent) error {
 		return err
 	}
 	defer release()
+	if err := p.checkSerials(data, meta); err != nil {
+		return err
+	}
 	params, sectors := p.poolParams(data, meta, max(dataBytes, p.rec.DataBytes))
 	info, err := p.k.InfoByName(p.poolDMName())
 	switch {
@@ -378,7 +428,46 @@ func (p *Pool) activatePool(in *intent) error {
 	if err := p.k.Load(p.dev, []devmapper.Target{devmapper.NewTarget(0, sectors, params)}); err != nil {
 		return err
 	}
-	return p.k.Resume(p.dev)
+	if err := p.k.Resume(p.dev); err != nil {
+		return err
+	}
+	if !p.rec.Marker {
+		return nil // made before markers: ensureMarker writes one
+	}
+	if err := p.checkMarker(); err != nil {
+		// Unload the pool before anything can write through it.
+		if rerr := p.k.Remove(p.dev, false); rerr != nil {
+			return fmt.Errorf("%w (and unloading the pool failed: %v)", err, rerr)
+		}
+		return err
+	}
+	return nil
+}
+
+// ensureMarker gives a pool made before markers existed its marker, and
+// records its devices' serials, under an intent like any other change.
+func (p *Pool) ensureMarker() error {
+	if p.rec.Marker {
+		return nil
+	}
+	in := &intent{Op: opMarker, TID: p.tid + 1, Vol: Volume{Name: "(the marker)", DeviceID: markerDeviceID}}
+	if err := p.st.apply(change{intent: in}); err != nil {
+		return err
+	}
+	p.step("marker:intent")
+	err := p.k.Message(p.dev, devmapper.CreateThin{DeviceID: markerDeviceID})
+	if err != nil && !errors.Is(err, unix.EEXIST) { // EEXIST: an earlier attempt made it
+		return fmt.Errorf("create the marker: %w", err)
+	}
+	if err := p.withMarkerDevice(func(dev devmapper.Dev) error { return p.k.WriteBlock(dev, 0, p.encodeMarker()) }); err != nil {
+		return fmt.Errorf("write the marker: %w", err)
+	}
+	p.step("marker:written")
+	if err := p.k.Message(p.dev, devmapper.SetTransactionID{Current: p.tid, New: in.TID}); err != nil {
+		return err
+	}
+	p.step("marker:committed")
+	return p.finish(in)
 }
 
 // checkSuperblock verifies, before loading the pool, that the metadata
@@ -446,13 +535,17 @@ func (p *Pool) recover(in *intent) error {
 	case ps.TransactionID == p.tid && in.TID == p.tid+1:
 		// Not committed.
 		switch in.Op {
-		case opCreate, opSnapshot:
+		case opCreate, opSnapshot, opMarker:
 			if err := p.k.Message(p.dev, devmapper.Delete{DeviceID: in.Vol.DeviceID}); err != nil && !errors.Is(err, unix.ENODATA) {
 				if !errors.Is(err, unix.EBUSY) {
 					return fmt.Errorf("roll back %s of %s: %w", in.Op, in.Vol.Name, err)
 				}
 				// Activated before the crash: deactivate, then delete.
-				if err := p.removeDM(in.Vol.Name, false); err != nil {
+				remove := func() error { return p.removeDM(in.Vol.Name, false) }
+				if in.Op == opMarker {
+					remove = p.removeMarkerDevice
+				}
+				if err := remove(); err != nil {
 					return err
 				}
 				if err := p.k.Message(p.dev, devmapper.Delete{DeviceID: in.Vol.DeviceID}); err != nil && !errors.Is(err, unix.ENODATA) {
@@ -504,12 +597,19 @@ func (p *Pool) recover(in *intent) error {
 func (p *Pool) finish(in *intent) error {
 	c := change{tid: &in.TID, clearIntent: true}
 	var v Volume
+	rec := p.rec
 	switch in.Op {
 	case opCreate, opSnapshot:
 		v = in.Vol
 		c.put = []*Volume{&v}
 	case opDelete:
 		c.del = []string{in.Vol.Name}
+	case opMarker:
+		if err := p.recordSerials(&rec); err != nil {
+			return err
+		}
+		rec.Marker = true
+		c.pool = &rec
 	}
 	if err := p.st.apply(c); err != nil {
 		return p.recordsFailed(err)
@@ -519,6 +619,8 @@ func (p *Pool) finish(in *intent) error {
 		p.vols[v.Name] = &v
 	case opDelete:
 		delete(p.vols, in.Vol.Name)
+	case opMarker:
+		p.rec = rec
 	}
 	p.tid = in.TID
 	return nil

@@ -59,6 +59,13 @@ type poolRecord struct {
 	BlockSectors     uint32    `json:"blockSectors"`
 	SkipBlockZeroing bool      `json:"skipBlockZeroing"`
 	CreatedAt        time.Time `json:"createdAt"`
+	// The serials of the devices (Kernel.Serial) when the pool was made;
+	// empty for a device that has none.
+	DataSerial     string `json:"dataSerial,omitempty"`
+	MetadataSerial string `json:"metadataSerial,omitempty"`
+	// Marker: thin device 0 holds the pool's marker (identity.go). Pools
+	// made before markers get one when they are next opened.
+	Marker bool `json:"marker,omitempty"`
 }
 
 // op is what an intent was about to do.
@@ -68,6 +75,8 @@ const (
 	opCreate   op = "create"   // create_thin
 	opSnapshot op = "snapshot" // create_snap (snapshots and clones)
 	opDelete   op = "delete"
+	// opMarker writes the marker of a pool made before markers existed.
+	opMarker op = "marker"
 )
 
 // intent is written before a pool message and cleared after the commit.

@@ -29,6 +29,11 @@ type env interface {
 	// reboot removes every dm device (and, for real, lets the loop devices
 	// go), as a reboot does; pool metadata and records stay.
 	reboot(t *testing.T, p *Pool)
+	// swapFiles swaps the content of two files backing loop devices, as
+	// renaming them would; neither may be attached.
+	swapFiles(t *testing.T, a, b string)
+	// writeFile writes b at off into a file that will back a loop device.
+	writeFile(t *testing.T, path string, off int64, b []byte)
 }
 
 var ctx = context.Background()
@@ -108,6 +113,11 @@ func checkInvariants(t *testing.T, e env, p *Pool) {
 		}
 		if err := k.Message(p.dev, devmapper.Delete{DeviceID: id}); !errors.Is(err, unix.ENODATA) {
 			t.Errorf("thin id %d leaked (no record owns it): delete said %v", id, err)
+		}
+	}
+	if p.rec.Marker {
+		if err := k.Message(p.dev, devmapper.CreateThin{DeviceID: markerDeviceID}); !errors.Is(err, unix.EEXIST) {
+			t.Errorf("the pool's marker (thin id %d) is missing: create_thin said %v", markerDeviceID, err)
 		}
 	}
 	list, err := k.List()
