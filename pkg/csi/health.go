@@ -23,6 +23,8 @@ func poolHealth(p Pool) []*csi.VolumeHealth_VolumeHealthEntry {
 	switch {
 	case err != nil:
 		return []*csi.VolumeHealth_VolumeHealthEntry{entry(csi.VolumeHealthErrorType_INACCESSIBLE, "PoolStatusUnreadable", err.Error())}
+	case u.Fenced != "":
+		return []*csi.VolumeHealth_VolumeHealthEntry{entry(csi.VolumeHealthErrorType_DEGRADED, "PoolFenced", "a step of a change failed and the pool refuses changes until it has recovered (each later call retries): "+u.Fenced)}
 	case u.Failed:
 		return []*csi.VolumeHealth_VolumeHealthEntry{entry(csi.VolumeHealthErrorType_INACCESSIBLE, "PoolFailed", "the thin pool has failed; repair it with thin_check/thin_repair")}
 	case u.NeedsCheck:

@@ -127,7 +127,7 @@ type poolCollector struct {
 	dataSize, dataUsed, metadataSize, metadataUsed *prometheus.Desc
 	provisioned, overprovisioning, limit           *prometheus.Desc
 	available, volumes, snapshots                  *prometheus.Desc
-	healthy, needsCheck, outOfDataSpace            *prometheus.Desc
+	healthy, needsCheck, outOfDataSpace, fenced    *prometheus.Desc
 
 	// usageErrors lives in the collector, not beside it, so a scrape that
 	// sees a failure also reports the incremented count.
@@ -155,6 +155,7 @@ func newPoolCollector(pools func() map[string]UsageSource) *poolCollector {
 		healthy:          desc("healthy", "1 when the pool's status could be read and it accepts changes (not failed, not needing a check, not read-only), else 0."),
 		needsCheck:       desc("needs_check", "1 when the kernel has flagged the pool's metadata as needing thin_check, else 0."),
 		outOfDataSpace:   desc("out_of_data_space", "1 when the pool is in out_of_data_space mode (writes to unallocated blocks are queued or fail), else 0."),
+		fenced:           desc("fenced", "1 when a failed step left the pool refusing changes until it recovers (each later call retries the recovery), else 0."),
 		usageErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: metricsNamespace,
 			Subsystem: "pool",
@@ -170,7 +171,7 @@ func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 		c.dataSize, c.dataUsed, c.metadataSize, c.metadataUsed,
 		c.provisioned, c.overprovisioning, c.limit,
 		c.available, c.volumes, c.snapshots,
-		c.healthy, c.needsCheck, c.outOfDataSpace,
+		c.healthy, c.needsCheck, c.outOfDataSpace, c.fenced,
 	} {
 		ch <- d
 	}
@@ -221,6 +222,7 @@ func (c *poolCollector) collectUsage(ch chan<- prometheus.Metric, name string, u
 	c.gauge(ch, c.healthy, boolValue(u.Healthy()), name)
 	c.gauge(ch, c.needsCheck, boolValue(u.NeedsCheck), name)
 	c.gauge(ch, c.outOfDataSpace, boolValue(u.Mode == devmapper.PoolOutOfDataSpace), name)
+	c.gauge(ch, c.fenced, boolValue(u.Fenced != ""), name)
 }
 
 // gauge sends one gauge sample for pool. A pool name that is not a valid

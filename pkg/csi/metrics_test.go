@@ -81,6 +81,7 @@ var poolMetricNames = []string{
 	"csi_dmthin_pool_healthy",
 	"csi_dmthin_pool_needs_check",
 	"csi_dmthin_pool_out_of_data_space",
+	"csi_dmthin_pool_fenced",
 	"csi_dmthin_pool_usage_errors_total",
 }
 
@@ -124,6 +125,9 @@ csi_dmthin_pool_needs_check{pool="fast"} 0
 # HELP csi_dmthin_pool_out_of_data_space 1 when the pool is in out_of_data_space mode (writes to unallocated blocks are queued or fail), else 0.
 # TYPE csi_dmthin_pool_out_of_data_space gauge
 csi_dmthin_pool_out_of_data_space{pool="fast"} 0
+# HELP csi_dmthin_pool_fenced 1 when a failed step left the pool refusing changes until it recovers (each later call retries the recovery), else 0.
+# TYPE csi_dmthin_pool_fenced gauge
+csi_dmthin_pool_fenced{pool="fast"} 0
 `
 
 const failingExposition = `
@@ -159,6 +163,10 @@ func TestMetricsPoolExposition(t *testing.T) {
 	needsCheck.Mode = devmapper.PoolReadOnly
 	needsCheck.NeedsCheck = true
 	needsCheck.AvailableBytes = 0
+
+	fenced := healthyUsage
+	fenced.Fenced = "commit: input/output error"
+	fenced.AvailableBytes = 0
 
 	// Failed: the kernel gave no block counts, so thinpool left them 0.
 	failed := thinpool.Usage{ProvisionedBytes: 25 * gib, OverprovisionRatio: -1, Volumes: 3, Snapshots: 1, Failed: true}
@@ -219,6 +227,19 @@ csi_dmthin_pool_out_of_data_space{pool="fast"} 0
 `,
 		},
 		{
+			name:  "fenced",
+			pools: map[string]UsageSource{"fast": fakeUsage{u: fenced}},
+			names: []string{"csi_dmthin_pool_healthy", "csi_dmthin_pool_fenced"},
+			want: `
+# HELP csi_dmthin_pool_healthy 1 when the pool's status could be read and it accepts changes (not failed, not needing a check, not read-only), else 0.
+# TYPE csi_dmthin_pool_healthy gauge
+csi_dmthin_pool_healthy{pool="fast"} 0
+# HELP csi_dmthin_pool_fenced 1 when a failed step left the pool refusing changes until it recovers (each later call retries the recovery), else 0.
+# TYPE csi_dmthin_pool_fenced gauge
+csi_dmthin_pool_fenced{pool="fast"} 1
+`,
+		},
+		{
 			// No space gauges (the kernel reported none), no limit.
 			name:  "failed pool",
 			pools: map[string]UsageSource{"fast": fakeUsage{u: failed}},
@@ -238,6 +259,9 @@ csi_dmthin_pool_snapshots{pool="fast"} 1
 # HELP csi_dmthin_pool_healthy 1 when the pool's status could be read and it accepts changes (not failed, not needing a check, not read-only), else 0.
 # TYPE csi_dmthin_pool_healthy gauge
 csi_dmthin_pool_healthy{pool="fast"} 0
+# HELP csi_dmthin_pool_fenced 1 when a failed step left the pool refusing changes until it recovers (each later call retries the recovery), else 0.
+# TYPE csi_dmthin_pool_fenced gauge
+csi_dmthin_pool_fenced{pool="fast"} 0
 # HELP csi_dmthin_pool_needs_check 1 when the kernel has flagged the pool's metadata as needing thin_check, else 0.
 # TYPE csi_dmthin_pool_needs_check gauge
 csi_dmthin_pool_needs_check{pool="fast"} 0
@@ -278,6 +302,9 @@ csi_dmthin_pool_volumes{pool="fast"} 0
 # HELP csi_dmthin_pool_snapshots Number of snapshots in the pool.
 # TYPE csi_dmthin_pool_snapshots gauge
 csi_dmthin_pool_snapshots{pool="fast"} 0
+# HELP csi_dmthin_pool_fenced 1 when a failed step left the pool refusing changes until it recovers (each later call retries the recovery), else 0.
+# TYPE csi_dmthin_pool_fenced gauge
+csi_dmthin_pool_fenced{pool="fast"} 0
 # HELP csi_dmthin_pool_healthy 1 when the pool's status could be read and it accepts changes (not failed, not needing a check, not read-only), else 0.
 # TYPE csi_dmthin_pool_healthy gauge
 csi_dmthin_pool_healthy{pool="fast"} 1
@@ -317,9 +344,9 @@ func TestMetricsPoolsReadAtScrape(t *testing.T) {
 
 	broken := fakeUsage{err: errors.New("dmsetup status: no such device")}
 	pools.set(map[string]UsageSource{"fast": fakeUsage{u: healthyUsage}, "broken": broken})
-	// 13 gauges for fast (limit set), healthy + error count for broken.
-	if n, err := testutil.GatherAndCount(reg, poolMetricNames...); err != nil || n != 15 {
-		t.Fatalf("two pools: got %d samples, err %v; want 15", n, err)
+	// 14 gauges for fast (limit set), healthy + error count for broken.
+	if n, err := testutil.GatherAndCount(reg, poolMetricNames...); err != nil || n != 16 {
+		t.Fatalf("two pools: got %d samples, err %v; want 16", n, err)
 	}
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(`
 # HELP csi_dmthin_pool_usage_errors_total Scrapes at which reading the pool's usage failed; the pool then reports only healthy 0.

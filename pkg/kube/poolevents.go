@@ -31,6 +31,7 @@ const (
 	ReasonPoolReadOnly   = "PoolReadOnly"       // Warning
 	ReasonPoolOutOfSpace = "PoolOutOfDataSpace" // Warning
 	ReasonPoolUnreadable = "PoolStatusUnreadable"
+	ReasonPoolFenced     = "PoolFenced"  // Warning
 	ReasonPoolHealthy    = "PoolHealthy" // Normal
 )
 
@@ -122,6 +123,8 @@ func (w *PoolWatcher) checkPool(ctx context.Context, name string) {
 		health, why = ReasonPoolReadOnly, "the thin pool is read-only; no volume can be created or grown"
 	case u.Mode == devmapper.PoolOutOfDataSpace:
 		health, why = ReasonPoolOutOfSpace, "the thin pool is out of data space: writes to unallocated blocks fail"
+	case u.Fenced != "":
+		health, why = ReasonPoolFenced, "a step of a change failed and the pool refuses changes until it has recovered (each later call retries the recovery): "+u.Fenced
 	}
 	cur.health = health
 	if health != prev.health {

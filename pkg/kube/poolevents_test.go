@@ -46,6 +46,8 @@ func TestPoolEvents(t *testing.T) {
 	needsCheck.Mode = devmapper.PoolReadOnly
 	readOnly := used(50, 10)
 	readOnly.Mode = devmapper.PoolReadOnly
+	fenced := used(50, 10)
+	fenced.Fenced = "commit: input/output error"
 	for _, c := range []struct {
 		name  string
 		steps []step
@@ -75,6 +77,12 @@ func TestPoolEvents(t *testing.T) {
 			{u: needsCheck, want: []string{"Warning PoolNeedsCheck"}},
 			{u: readOnly, want: []string{"Warning PoolReadOnly"}},
 			{u: readOnly},
+			{u: used(10, 10), want: []string{"Normal PoolHealthy"}},
+		}},
+		{"fenced, then recovered", []step{
+			{u: used(10, 10)},
+			{u: fenced, want: []string{"Warning PoolFenced"}},
+			{u: fenced},
 			{u: used(10, 10), want: []string{"Normal PoolHealthy"}},
 		}},
 		{"unreadable status", []step{
