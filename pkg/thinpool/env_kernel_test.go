@@ -5,6 +5,7 @@ package thinpool
 import (
 	"errors"
 	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -27,6 +28,14 @@ func newKernelEnv(t *testing.T) env {
 	if hostErr != nil {
 		t.Fatal(hostErr)
 	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			// What the kernel said is often the whole story.
+			out, _ := exec.Command("dmesg").CombinedOutput()
+			lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+			t.Logf("kernel log, last lines:\n%s", strings.Join(lines[max(0, len(lines)-25):], "\n"))
+		}
+	})
 	return &kernelEnv{k: hostK}
 }
 
