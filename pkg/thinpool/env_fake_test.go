@@ -91,7 +91,7 @@ func TestCrashRecoveryFake(t *testing.T) {
 	skipInGuest(t)
 	n, r := runCrashTests(t, newFakeEnv, true)
 	t.Logf("crash points covered on the fake kernel: %d, and %d more in the recoveries from them", n, r)
-	if n < 39 || r < 200 {
+	if n < 44 || r < 200 {
 		t.Errorf("%d crash points and %d in recoveries: an operation or a recovery passes fewer steps than it did", n, r)
 	}
 }
