@@ -265,6 +265,19 @@ type faultOp struct {
 
 var faultData = pattern(21, 64<<10)
 
+// checkGroup checks the group snapshot of base and victim that the group
+// operations make.
+func checkGroup(t *testing.T, e env, p *Pool) {
+	t.Helper()
+	g, err := p.GroupSnapshots("g1")
+	if err != nil || len(g) != 2 || g[0].Name != "g-base" || g[1].Name != "g-victim" || g[0].Source != "base" || g[1].Source != "victim" {
+		t.Fatalf("group g1: %+v, %v", g, err)
+	}
+	if got := e.read(t, p, "g-base", 0, len(faultData)); !bytes.Equal(got, faultData) {
+		t.Error("g-base does not hold base's data")
+	}
+}
+
 // faultSetup gives each case the same pool: "base" (written, active),
 // "victim" (inactive), and "t-seal", a template written and deactivated,
 // not yet sealed.
@@ -382,6 +395,32 @@ func faultOps() []faultOp {
 					t.Errorf("victim after delete: %v", err)
 				}
 			}},
+		{name: "group-snapshot", run: on(func(p *Pool) error {
+			_, err := p.SnapshotGroup(ctx, "g1", []GroupMember{{"g-base", "base"}, {"g-victim", "victim"}})
+			return err
+		}),
+			check: checkGroup},
+		{name: "group-suspect", run: on(func(p *Pool) error {
+			_, err := p.SnapshotGroup(ctx, "g1", []GroupMember{{"g-base", "base"}, {"g-victim", "victim"}})
+			return err
+		}),
+			// The second member's id is taken in the pool by no record.
+			prepare: func(t *testing.T, e env, p *Pool) func() {
+				p.mu.Lock()
+				_, next, err := p.allocID()
+				if err == nil {
+					next, _, err = p.allocFrom(next)
+				}
+				p.mu.Unlock()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := e.kernel().Message(p.dev, devmapper.CreateThin{DeviceID: next}); err != nil {
+					t.Fatal(err)
+				}
+				return func() {}
+			},
+			check: checkGroup},
 		{name: "create-pool", newPool: true,
 			run: func(t *testing.T, e env, _ *Pool, f *faults, cfg Config) (*Pool, error) {
 				return Open(ctx, cfg, e.kernel(), withFaults(f))

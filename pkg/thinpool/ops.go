@@ -308,7 +308,10 @@ func (p *Pool) commit(in *intent) error {
 // allocID picks the next device id, and the allocator's next value once it
 // is taken. Ids grow monotonically and wrap at 2^24, skipping ids in use or
 // suspect, so an id whose delete is pending is never handed out again.
-func (p *Pool) allocID() (id, next uint32, err error) {
+func (p *Pool) allocID() (id, next uint32, err error) { return p.allocFrom(p.nextID) }
+
+// allocFrom is allocID starting at start, and skipping exclude too.
+func (p *Pool) allocFrom(start uint32, exclude ...uint32) (id, next uint32, err error) {
 	used := map[uint32]bool{}
 	for _, v := range p.vols {
 		used[v.DeviceID] = true
@@ -316,7 +319,10 @@ func (p *Pool) allocID() (id, next uint32, err error) {
 	for _, id := range p.suspects {
 		used[id] = true
 	}
-	id = p.nextID
+	for _, id := range exclude {
+		used[id] = true
+	}
+	id = start
 	for range devmapper.MaxDeviceID + 1 {
 		if id > devmapper.MaxDeviceID || id == 0 {
 			id = 1

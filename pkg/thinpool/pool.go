@@ -535,10 +535,14 @@ func (p *Pool) recover(in *intent) error {
 	case ps.TransactionID == p.tid && in.TID == p.tid+1:
 		// Not committed.
 		switch in.Op {
-		case opCreate, opSnapshot, opMarker:
-			if err := p.k.Message(p.dev, devmapper.Delete{DeviceID: in.Vol.DeviceID}); err != nil && !errors.Is(err, unix.ENODATA) {
-				if !errors.Is(err, unix.EBUSY) {
-					return fmt.Errorf("roll back %s of %s: %w", in.Op, in.Vol.Name, err)
+		case opCreate, opSnapshot, opMarker, opGroup:
+			for _, id := range in.devices() {
+				err := p.k.Message(p.dev, devmapper.Delete{DeviceID: id})
+				if err == nil || errors.Is(err, unix.ENODATA) {
+					continue
+				}
+				if !errors.Is(err, unix.EBUSY) || in.Op == opGroup {
+					return fmt.Errorf("roll back %s of %s: %w", in.Op, in.what(), err)
 				}
 				// Activated before the crash: deactivate, then delete.
 				remove := func() error { return p.removeDM(in.Vol.Name, false) }
@@ -548,8 +552,8 @@ func (p *Pool) recover(in *intent) error {
 				if err := remove(); err != nil {
 					return err
 				}
-				if err := p.k.Message(p.dev, devmapper.Delete{DeviceID: in.Vol.DeviceID}); err != nil && !errors.Is(err, unix.ENODATA) {
-					return fmt.Errorf("roll back %s of %s: %w", in.Op, in.Vol.Name, err)
+				if err := p.k.Message(p.dev, devmapper.Delete{DeviceID: id}); err != nil && !errors.Is(err, unix.ENODATA) {
+					return fmt.Errorf("roll back %s of %s: %w", in.Op, in.what(), err)
 				}
 			}
 			p.step("recover:deleted")
@@ -589,7 +593,7 @@ func (p *Pool) recover(in *intent) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("%w: the pool's transaction id is %d; the records say %d with a %s of %s pending at %d", ErrForeignChange, ps.TransactionID, p.tid, in.Op, in.Vol.Name, in.TID)
+	return fmt.Errorf("%w: the pool's transaction id is %d; the records say %d with a %s of %s pending at %d", ErrForeignChange, ps.TransactionID, p.tid, in.Op, in.what(), in.TID)
 }
 
 // finish records a committed intent's result and clears the intent; memory
@@ -610,11 +614,20 @@ func (p *Pool) finish(in *intent) error {
 		}
 		rec.Marker = true
 		c.pool = &rec
+	case opGroup:
+		for _, m := range in.Group {
+			m := m.Vol
+			c.put = append(c.put, &m)
+		}
 	}
 	if err := p.st.apply(c); err != nil {
 		return p.recordsFailed(err)
 	}
 	switch in.Op {
+	case opGroup:
+		for _, m := range c.put {
+			p.vols[m.Name] = m
+		}
 	case opCreate, opSnapshot:
 		p.vols[v.Name] = &v
 	case opDelete:

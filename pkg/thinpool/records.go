@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -41,6 +42,9 @@ type Volume struct {
 	// sealed template can be cloned; Open deletes one left unsealed by a
 	// crash.
 	Sealed bool `json:"sealed,omitempty"`
+	// Group names the group snapshot (SnapshotGroup) a snapshot was made
+	// in, with the others of the same moment.
+	Group string `json:"group,omitempty"`
 }
 
 // poolRecord is the stored shape of the pool, fixed at creation.
@@ -77,6 +81,8 @@ const (
 	opDelete   op = "delete"
 	// opMarker writes the marker of a pool made before markers existed.
 	opMarker op = "marker"
+	// opGroup makes several snapshots at one commit (create_snap each).
+	opGroup op = "group-snapshot"
 )
 
 // intent is written before a pool message and cleared after the commit.
@@ -86,6 +92,38 @@ type intent struct {
 	Vol Volume `json:"volume"`
 	// OriginID is the origin's device id for a snapshot.
 	OriginID uint32 `json:"originID,omitempty"`
+	// Group holds a group snapshot's members; Vol is unused then.
+	Group []groupMember `json:"group,omitempty"`
+}
+
+// groupMember is one snapshot of a group snapshot's intent.
+type groupMember struct {
+	Vol      Volume `json:"volume"`
+	OriginID uint32 `json:"originID"`
+}
+
+// devices returns the thin ids the intent creates or deletes.
+func (in *intent) devices() []uint32 {
+	if in.Op != opGroup {
+		return []uint32{in.Vol.DeviceID}
+	}
+	ids := make([]uint32, len(in.Group))
+	for i, m := range in.Group {
+		ids[i] = m.Vol.DeviceID
+	}
+	return ids
+}
+
+// what names the intent's object for messages.
+func (in *intent) what() string {
+	if in.Op != opGroup {
+		return in.Vol.Name
+	}
+	names := make([]string, len(in.Group))
+	for i, m := range in.Group {
+		names[i] = m.Vol.Name
+	}
+	return strings.Join(names, ", ")
 }
 
 var (

@@ -367,6 +367,107 @@ func runScenarios(t *testing.T, newEnv func(t *testing.T) env) {
 		checkInvariants(t, e, p)
 	})
 
+	t.Run("GroupSnapshot", func(t *testing.T) {
+		e := newEnv(t)
+		cfg := testConfig(t, "group", 256<<20)
+		p := openPool(t, e, cfg)
+		defer func() { teardown(t, e, p) }()
+		var members []GroupMember
+		for i := range 8 {
+			name := fmt.Sprintf("db-%d", i)
+			if _, err := p.CreateVolume(ctx, name, 8<<20); err != nil {
+				t.Fatal(err)
+			}
+			if err := e.write(t, p, name, 0, pattern(byte(i), 64<<10)); err != nil {
+				t.Fatal(err)
+			}
+			members = append(members, GroupMember{Name: name + "-snap", Source: name})
+		}
+		// Half of them inactive: a group mixes both.
+		for i := 0; i < 8; i += 2 {
+			if err := p.Deactivate(ctx, fmt.Sprintf("db-%d", i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		got, err := p.SnapshotGroup(ctx, "g", members)
+		if err != nil || len(got) != 8 {
+			t.Fatalf("group snapshot: %d, %v", len(got), err)
+		}
+		for i := range 8 {
+			if err := e.write(t, p, fmt.Sprintf("db-%d", i), 0, pattern(byte(100+i), 64<<10)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for i, m := range members {
+			if got := e.read(t, p, m.Name, 0, 64<<10); !bytes.Equal(got, pattern(byte(i), 64<<10)) {
+				t.Fatalf("%s does not hold its source's data of the group's moment", m.Name)
+			}
+		}
+		// Repeated: the same group. Overlapping another way: refused.
+		if again, err := p.SnapshotGroup(ctx, "g", members); err != nil || len(again) != 8 || again[3].DeviceID != got[3].DeviceID {
+			t.Fatalf("repeated group snapshot: %v", err)
+		}
+		if _, err := p.SnapshotGroup(ctx, "g", members[:3]); err != nil {
+			t.Fatalf("a repeated request naming some of the group's members: %v", err)
+		}
+		if _, err := p.SnapshotGroup(ctx, "other", members[:2]); !errors.Is(err, ErrAlreadyExists) {
+			t.Fatalf("a group taking another group's snapshot names: %v", err)
+		}
+		if _, err := p.SnapshotGroup(ctx, "g2", []GroupMember{{"n1", "db-0"}, {members[1].Name, "db-1"}}); !errors.Is(err, ErrAlreadyExists) {
+			t.Fatalf("a group half of whose names are taken: %v", err)
+		}
+		if _, err := p.Get("n1"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("a refused group left a member: %v", err)
+		}
+		for _, bad := range [][]GroupMember{
+			nil,
+			{{"a", "db-0"}, {"a", "db-1"}},
+			{{"a", "db-0"}, {"b", "db-0"}},
+			{{"a", "db-0"}, {"db-0", "db-1"}},
+			{{"a/b", "db-0"}},
+		} {
+			if _, err := p.SnapshotGroup(ctx, "bad", bad); !errors.Is(err, ErrInvalid) {
+				t.Errorf("group %v: %v", bad, err)
+			}
+		}
+		if _, err := p.SnapshotGroup(ctx, "bad", []GroupMember{{"a", "missing"}}); !errors.Is(err, ErrNotFound) {
+			t.Errorf("a group of a missing volume: %v", err)
+		}
+		if _, err := p.SnapshotGroup(ctx, "bad", []GroupMember{{"a", members[0].Name}}); !errors.Is(err, ErrNotFound) {
+			t.Errorf("a group of a snapshot: %v", err)
+		}
+		list, err := p.GroupSnapshots("g")
+		if err != nil || len(list) != 8 {
+			t.Fatalf("GroupSnapshots: %d, %v", len(list), err)
+		}
+		if _, err := p.GroupSnapshots("none"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("GroupSnapshots of no group: %v", err)
+		}
+		checkInvariants(t, e, p)
+	})
+
+	t.Run("GroupSnapshotAdmission", func(t *testing.T) {
+		e := newEnv(t)
+		cfg := testConfig(t, "gadmit", 64<<20)
+		cfg.OverprovisionRatio = 1
+		p := openPool(t, e, cfg)
+		defer teardown(t, e, p)
+		for _, n := range []string{"a", "b"} {
+			if _, err := p.CreateVolume(ctx, n, 24<<20); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// 48 MiB provisioned of a 64 MiB limit: a group of both would add
+		// 48 more. Refused whole, nothing made.
+		if _, err := p.SnapshotGroup(ctx, "g", []GroupMember{{"a-s", "a"}, {"b-s", "b"}}); !errors.Is(err, ErrNoSpace) {
+			t.Fatalf("a group past the limit: %v", err)
+		}
+		if n := len(p.List()); n != 2 {
+			t.Fatalf("%d devices after a refused group", n)
+		}
+		checkInvariants(t, e, p)
+	})
+
 	t.Run("Grow", func(t *testing.T) {
 		e := newEnv(t)
 		p := openPool(t, e, testConfig(t, "grow", 256<<20))
