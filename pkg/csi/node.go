@@ -445,8 +445,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 		if made {
 			undo = append(undo, func() {
-				if err := tp.Remove(); err != nil {
-					log.Error(err, "Removing the target of a failed publish failed", "path", tp)
+				// Looked up again: tp is closed by the time undo runs.
+				if err := d.root.Remove(target); err != nil {
+					log.Error(err, "Removing the target of a failed publish failed", "path", target)
 				}
 			})
 		}
