@@ -268,13 +268,21 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	case tmplFS != "":
 		// A filesystem volume: a clone of a formatted template when there
 		// is one, which leaves nothing for mkfs to do at stage.
-		if t := d.templates.lookup(pool, tmplFS, size, true); t != "" {
+		t, release := d.templates.lookup(pool, tmplFS, size)
+		if t != "" {
 			v, err = pool.Clone(ctx, name, t, size)
+			release()
 			if errors.Is(err, thinpool.ErrNotFound) {
-				v, err = pool.CreateVolume(ctx, name, size) // evicted meanwhile
+				v, err = pool.CreateVolume(ctx, name, size) // gone meanwhile
 			}
 		} else {
+			release()
 			v, err = pool.CreateVolume(ctx, name, size)
+			if err == nil {
+				// The pool admitted a volume of this size: only now is a
+				// template of it worth its space.
+				d.templates.build(pool, tmplFS, size)
+			}
 		}
 	default:
 		v, err = pool.CreateVolume(ctx, name, size)
