@@ -385,6 +385,29 @@ func (f *fakeFS) MountRefs(p *safepath.Path) ([]string, error) {
 	return refs, nil
 }
 
+func (f *fakeFS) ShowsDevice(p *safepath.Path, device string) (bool, error) {
+	if _, err := stat(p); errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	} else if err != nil {
+		return false, err
+	}
+	dev, _, err := f.device(device)
+	if err != nil {
+		return false, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	m, ok := f.mounts[p.String()]
+	if !ok {
+		return false, nil
+	}
+	if m.device != "" {
+		return m.dev == dev, nil // a filesystem on it
+	}
+	src, _, err := f.device(m.Source) // a bound device node
+	return err == nil && src == dev, nil
+}
+
 func (f *fakeFS) DeviceRefs(device string) ([]string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

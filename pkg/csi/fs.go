@@ -53,6 +53,11 @@ type FS interface {
 	// DeviceRefs returns the mount points that show the device node device
 	// (its bind mounts onto files).
 	DeviceRefs(device string) ([]string, error)
+	// ShowsDevice reports whether the mount at p shows the block device
+	// device: a filesystem on it (a staging mount or a bind of one), or the
+	// device node itself (a raw block volume's bind); false when p is not
+	// a mount point or does not exist.
+	ShowsDevice(p *safepath.Path, device string) (bool, error)
 	// FSType returns the filesystem type on device, "" if none.
 	FSType(device string) (string, error)
 	// Resize grows the filesystem on device, mounted at p, to fill it.

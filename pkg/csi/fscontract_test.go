@@ -169,6 +169,30 @@ func runFSContract(t *testing.T, k thinpool.Kernel, fs FS) {
 	if r := refs(mkdir("plain")); len(r) != 0 {
 		t.Errorf("MountRefs of a directory that is no mount point: %v", r)
 	}
+	shows := func(sp *safepath.Path, device string) bool {
+		t.Helper()
+		ok, err := fs.ShowsDevice(sp, device)
+		if err != nil {
+			t.Fatalf("ShowsDevice(%s, %s): %v", sp, device, err)
+		}
+		return ok
+	}
+	if !shows(staging, device) || !shows(target, device) || shows(mkdir("plain"), device) || shows(lookup("missing"), device) {
+		t.Error("ShowsDevice: want the staging mount and its bind to show the device, a plain directory and a missing path not")
+	}
+	if _, err := p.CreateVolume(ctx, "other", 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	otherDev, err := p.Activate(ctx, "other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if shows(staging, otherDev) || shows(target, otherDev) {
+		t.Error("ShowsDevice: the mounts show another volume")
+	}
+	if err := p.Deactivate(ctx, "other"); err != nil {
+		t.Fatal(err)
+	}
 	// A read-only bind beside it.
 	roTarget := mkdir("pods", "ro")
 	if err := bind(staging, roTarget, true); err != nil {
@@ -253,6 +277,9 @@ func runFSContract(t *testing.T, k thinpool.Kernel, fs FS) {
 	}
 	if r, err := fs.DeviceRefs(device); err != nil || !slices.Equal(r, []string{file.String()}) {
 		t.Errorf("DeviceRefs(device) = %v, %v; want [%s]", r, err, file)
+	}
+	if !shows(file, device) {
+		t.Error("ShowsDevice: the bound file does not show its device")
 	}
 	if err := p.Deactivate(ctx, "vol"); err != nil {
 		t.Errorf("Deactivate under a bind of the device node: %v", err)

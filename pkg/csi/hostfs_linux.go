@@ -277,6 +277,39 @@ func (h *hostFS) MountRefs(p *safepath.Path) ([]string, error) {
 
 func (h *hostFS) DeviceRefs(device string) ([]string, error) { return h.mounter.GetMountRefs(device) }
 
+// ShowsDevice compares device numbers: a filesystem's files carry its
+// block device's number as st_dev, a bound device node its own as
+// st_rdev. No path string is compared, so a kubelet directory reached
+// through a link reads the same.
+func (h *hostFS) ShowsDevice(p *safepath.Path, device string) (bool, error) {
+	var dst unix.Stat_t
+	if err := unix.Stat(device, &dst); err != nil {
+		return false, fmt.Errorf("stat %s: %w", device, err)
+	}
+	if dst.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return false, fmt.Errorf("%s is not a block device", device)
+	}
+	f, err := p.Open()
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	if root, _, err := mountRoot(f); err != nil || !root {
+		return false, err
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return false, fmt.Errorf("stat %s: %w", p, err)
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFBLK {
+		return st.Rdev == dst.Rdev, nil
+	}
+	return st.Dev == dst.Rdev, nil
+}
+
 func (h *hostFS) Resize(ctx context.Context, device string, p *safepath.Path, fstype string) error {
 	if full, err := fills(device); err == nil && full {
 		return nil // nothing to grow: spare the exec

@@ -352,6 +352,12 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		if mounted, err := d.fs.IsMountPoint(tp); err != nil {
 			return nil, pathError("target_path", target, err)
 		} else if mounted {
+			// Published already, or something else is mounted there.
+			if err := d.showsVolume("target_path", target, tp, id); status.Code(err) == codes.FailedPrecondition {
+				return nil, status.Errorf(codes.AlreadyExists, "%s", status.Convert(err).Message())
+			} else if err != nil {
+				return nil, err
+			}
 			return &csi.NodePublishVolumeResponse{}, nil
 		}
 	}
@@ -462,6 +468,23 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	return &csi.NodePublishVolumeResponse{}, nil
 }
 
+// showsVolume checks that the mount at p (the field's path) shows volume
+// id: its filesystem, or its device node; FailedPrecondition otherwise.
+func (d *Driver) showsVolume(field, path string, p *safepath.Path, id objectID) error {
+	device, err := d.activeDevice(id)
+	if err != nil {
+		return status.Errorf(codes.FailedPrecondition, "%s %s has something mounted, and volume %s is not active", field, p, id)
+	}
+	shows, err := d.fs.ShowsDevice(p, device)
+	if err != nil {
+		return pathError(field, path, err)
+	}
+	if !shows {
+		return status.Errorf(codes.FailedPrecondition, "%s %s has something mounted that is not volume %s", field, p, id)
+	}
+	return nil
+}
+
 // activeDevice returns the device node of an active volume.
 func (d *Driver) activeDevice(id objectID) (string, error) {
 	pool, err := d.pool(id.pool)
@@ -479,7 +502,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if err := d.checkPath("target_path", target); err != nil {
 		return nil, err
 	}
-	_, unlock, err := d.lockID(req.GetVolumeId())
+	id, unlock, err := d.lockID(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -489,6 +512,17 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 		return &csi.NodeUnpublishVolumeResponse{}, err
 	}
 	defer tp.Close()
+	mounted, err := d.fs.IsMountPoint(tp)
+	if err != nil {
+		return nil, pathError("target_path", target, err)
+	}
+	if _, poolErr := d.pool(id.pool); mounted && poolErr == nil {
+		// Only this volume is unmounted: another one's publish, or
+		// anything else, stays.
+		if err := d.showsVolume("target_path", target, tp, id); err != nil {
+			return nil, err
+		}
+	}
 	if err := d.fs.Unmount(ctx, tp); err != nil {
 		return nil, pathError("target_path", target, fmt.Errorf("unmount: %w", err))
 	}

@@ -344,3 +344,53 @@ func TestSizesBounded(t *testing.T) {
 		t.Errorf("the volume changed size: %d", v.SizeBytes)
 	}
 }
+
+// A target where another volume (or anything else) is mounted is neither
+// taken for this volume's publish nor unmounted by this volume's
+// unpublish.
+func TestTargetsOfOtherVolumes(t *testing.T) {
+	e := newDriverEnv(t)
+	a, aStaging, aTarget := e.mounted("a")
+	b, bStaging, bTarget := e.mounted("b")
+	blk := e.createVolume("blk").GetVolumeId()
+	blkTarget := e.path("pods", "p", "blk")
+	mustOK(t, "stage block", e.stage(blk, e.path("staging", "blk"), blockCap(rwo), nil))
+	mustOK(t, "publish block", e.publish(blk, e.path("staging", "blk"), blkTarget, blockCap(rwo), false))
+	idle := e.createVolume("idle").GetVolumeId()
+	runBadCases(t, e, []badCase{
+		{"publish a onto b's target", func(ctx context.Context, d *Driver) error {
+			return e.publish(a, aStaging, bTarget, fsCap, false)
+		}, codes.AlreadyExists, []string{"target_path", "not volume " + a}},
+		{"publish a onto the block target", func(ctx context.Context, d *Driver) error {
+			return e.publish(a, aStaging, blkTarget, fsCap, false)
+		}, codes.AlreadyExists, []string{"target_path"}},
+		{"publish block onto a's target", func(ctx context.Context, d *Driver) error {
+			return e.publish(blk, e.path("staging", "blk"), aTarget, blockCap(rwo), false)
+		}, codes.AlreadyExists, []string{"target_path"}},
+		{"publish an inactive volume onto a's target", func(ctx context.Context, d *Driver) error {
+			return e.publish(idle, e.path("staging", "idle"), aTarget, blockCap(rwo), false)
+		}, codes.AlreadyExists, []string{"not active"}},
+		{"unpublish a at b's target", func(ctx context.Context, d *Driver) error {
+			return e.unpublish(a, bTarget)
+		}, codes.FailedPrecondition, []string{"target_path", "not volume " + a}},
+		{"unpublish a at b's staging", func(ctx context.Context, d *Driver) error {
+			return e.unpublish(a, bStaging)
+		}, codes.FailedPrecondition, []string{"target_path"}},
+		{"unpublish a at the block target", func(ctx context.Context, d *Driver) error {
+			return e.unpublish(a, blkTarget)
+		}, codes.FailedPrecondition, []string{"target_path"}},
+		{"unpublish the block volume at a's target", func(ctx context.Context, d *Driver) error {
+			return e.unpublish(blk, aTarget)
+		}, codes.FailedPrecondition, []string{"target_path"}},
+		{"unpublish an inactive volume at a's target", func(ctx context.Context, d *Driver) error {
+			return e.unpublish(idle, aTarget)
+		}, codes.FailedPrecondition, []string{"not active"}},
+	})
+	// Their own are fine, and repeated.
+	for range 2 {
+		mustOK(t, "publish a again", e.publish(a, aStaging, aTarget, fsCap, false))
+		mustOK(t, "publish block again", e.publish(blk, e.path("staging", "blk"), blkTarget, blockCap(rwo), false))
+	}
+	mustOK(t, "unpublish b", e.unpublish(b, bTarget))
+	mustOK(t, "unpublish block", e.unpublish(blk, blkTarget))
+}
