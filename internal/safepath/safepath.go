@@ -23,31 +23,32 @@ const (
 	maxNameBytes = 255
 )
 
-// Root is a directory that paths are resolved beneath. It is opened afresh
-// for every lookup, so it may be made after the Root (the kubelet makes its
-// directory when it starts).
-type Root struct {
-	dir string
-}
+// Root is a directory that paths are resolved beneath, by its absolute
+// path. It is opened afresh for every lookup, so it may be made after the
+// Root (the kubelet makes its directory when it starts). A Root that is not
+// absolute refuses every path.
+type Root string
 
 // NewRoot returns the Root at dir, which must be absolute.
-func NewRoot(dir string) (*Root, error) {
+func NewRoot(dir string) (Root, error) {
 	if !filepath.IsAbs(dir) {
-		return nil, fmt.Errorf("safepath: root %q is not absolute", dir)
+		return "", fmt.Errorf("safepath: root %q is not absolute", dir)
 	}
-	return &Root{dir: filepath.Clean(dir)}, nil
+	return Root(filepath.Clean(dir)), nil
 }
 
 // Dir returns the root's directory.
-func (r *Root) Dir() string { return r.dir }
+func (r Root) Dir() string { return filepath.Clean(string(r)) }
 
 // Rel returns p relative to the root. p must be absolute, hold no NUL,
 // fit PATH_MAX with every name within NAME_MAX, and, once cleaned
 // lexically, be strictly beneath the root (not the root itself); otherwise
 // the error wraps ErrNotBeneath. Nothing is looked at on disk: whatever
 // the result names may still be, or hold, a symbolic link.
-func (r *Root) Rel(p string) (string, error) {
+func (r Root) Rel(p string) (string, error) {
 	switch {
+	case !filepath.IsAbs(string(r)):
+		return "", fmt.Errorf("%w: the root %q is not absolute", ErrNotBeneath, string(r))
 	case p == "":
 		return "", fmt.Errorf("%w: empty", ErrNotBeneath)
 	case strings.IndexByte(p, 0) >= 0:
@@ -57,9 +58,9 @@ func (r *Root) Rel(p string) (string, error) {
 	case !filepath.IsAbs(p):
 		return "", fmt.Errorf("%w: not absolute", ErrNotBeneath)
 	}
-	rel, err := filepath.Rel(r.dir, filepath.Clean(p))
+	rel, err := filepath.Rel(r.Dir(), filepath.Clean(p))
 	if err != nil || rel == "." || rel == ".." || strings.HasPrefix(rel, "../") {
-		return "", fmt.Errorf("%w: outside %s", ErrNotBeneath, r.dir)
+		return "", fmt.Errorf("%w: outside %s", ErrNotBeneath, r.Dir())
 	}
 	for _, name := range strings.Split(rel, "/") {
 		if len(name) > maxNameBytes {

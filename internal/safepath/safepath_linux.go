@@ -36,19 +36,19 @@ func openBeneath(dirfd int, name, display string, flags int, mode uint32) (*os.F
 	}
 }
 
-func (r *Root) open() (*os.File, error) {
-	fd, err := unix.Open(r.dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+func (r Root) open() (*os.File, error) {
+	fd, err := unix.Open(r.Dir(), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: r.dir, Err: err}
+		return nil, &os.PathError{Op: "open", Path: r.Dir(), Err: err}
 	}
-	return os.NewFile(uintptr(fd), r.dir), nil
+	return os.NewFile(uintptr(fd), r.Dir()), nil
 }
 
 // Lookup resolves p's parent directory beneath the root and returns p,
 // which need not exist. A missing parent is fs.ErrNotExist; a symbolic
 // link on the way, or as p itself, is ErrSymlink; a path that Rel refuses
 // is ErrNotBeneath.
-func (r *Root) Lookup(p string) (*Path, error) {
+func (r Root) Lookup(p string) (*Path, error) {
 	rel, err := r.Rel(p)
 	if err != nil {
 		return nil, err
@@ -59,14 +59,14 @@ func (r *Root) Lookup(p string) (*Path, error) {
 	}
 	dir, base := filepath.Split(rel)
 	if dir != "" {
-		f, err := openBeneath(int(parent.Fd()), strings.TrimSuffix(dir, "/"), filepath.Join(r.dir, dir), unix.O_PATH|unix.O_DIRECTORY, 0)
+		f, err := openBeneath(int(parent.Fd()), strings.TrimSuffix(dir, "/"), filepath.Join(r.Dir(), dir), unix.O_PATH|unix.O_DIRECTORY, 0)
 		parent.Close()
 		if err != nil {
 			return nil, err
 		}
 		parent = f
 	}
-	sp := &Path{parent: parent, base: base, path: filepath.Join(r.dir, rel)}
+	sp := &Path{parent: parent, base: base, path: filepath.Join(r.Dir(), rel)}
 	// Refused now, though every later step refuses it again: a link in
 	// its place is the caller's mistake, whatever it is asked to do next.
 	if _, err := sp.lstat(); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -80,12 +80,12 @@ func (r *Root) Lookup(p string) (*Path, error) {
 // mkdirat in its parent, and returns the directories it made, parents
 // first. An existing name on the way must be a directory, not a link to
 // one (ErrSymlink). The root itself is made with os.MkdirAll if missing.
-func (r *Root) MkdirAll(p string, perm os.FileMode) (made []string, err error) {
+func (r Root) MkdirAll(p string, perm os.FileMode) (made []string, err error) {
 	rel, err := r.Rel(p)
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(r.dir, 0o750); err != nil {
+	if err := os.MkdirAll(r.Dir(), 0o750); err != nil {
 		return nil, err
 	}
 	cur, err := r.open()
@@ -93,7 +93,7 @@ func (r *Root) MkdirAll(p string, perm os.FileMode) (made []string, err error) {
 		return nil, err
 	}
 	defer func() { cur.Close() }()
-	display := r.dir
+	display := r.Dir()
 	for _, name := range strings.Split(rel, "/") {
 		display = filepath.Join(display, name)
 		switch err := unix.Mkdirat(int(cur.Fd()), name, uint32(perm.Perm())); {
@@ -114,7 +114,7 @@ func (r *Root) MkdirAll(p string, perm os.FileMode) (made []string, err error) {
 
 // Remove removes p if it exists (see Path.Remove); a missing parent is
 // nothing to remove.
-func (r *Root) Remove(p string) error {
+func (r Root) Remove(p string) error {
 	sp, err := r.Lookup(p)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil

@@ -21,7 +21,7 @@ import (
 //	  a/up -> ../..   link up and out, in the middle of a path
 //	  self -> /       the host's root
 //	outside/keep
-func tree(t *testing.T) (r *Root, root, outside string) {
+func tree(t *testing.T) (r Root, root, outside string) {
 	t.Helper()
 	base := t.TempDir()
 	root, outside = filepath.Join(base, "root"), filepath.Join(base, "outside")
@@ -93,6 +93,9 @@ func TestRel(t *testing.T) {
 	}
 	if _, err := NewRoot("relative"); err == nil {
 		t.Error("NewRoot took a relative directory")
+	}
+	if _, err := Root("relative").Rel("/relative/x"); !errors.Is(err, ErrNotBeneath) {
+		t.Errorf("a relative Root took a path: %v", err)
 	}
 }
 

@@ -16,7 +16,6 @@ import (
 	"google.golang.org/grpc"
 	"k8s.io/klog/v2"
 
-	"github.com/csi-dmthin/csi-dmthin/internal/safepath"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -83,7 +82,6 @@ type Driver struct {
 	pools                 map[string]Pool
 	defaultPool           string
 	kubeletDir            string
-	root                  *safepath.Root // kubeletDir: every node path is resolved beneath it
 	fs                    FS
 	templates             *templates
 	locks                 idLocks
@@ -116,10 +114,6 @@ func New(o Options) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	root, err := safepath.NewRoot(kd)
-	if err != nil {
-		return nil, err
-	}
 	if o.DefaultPool == "" {
 		names := make([]string, 0, len(o.Pools))
 		for n := range o.Pools {
@@ -139,7 +133,7 @@ func New(o Options) (*Driver, error) {
 	}
 	return &Driver{
 		name: o.Name, version: o.Version, nodeID: o.NodeID,
-		pools: o.Pools, defaultPool: o.DefaultPool, kubeletDir: filepath.Clean(kd), root: root,
+		pools: o.Pools, defaultPool: o.DefaultPool, kubeletDir: filepath.Clean(kd),
 		fs: o.FS, templates: newTemplates(o.Templates, o.FS), interceptors: o.Interceptors, events: o.Events,
 	}, nil
 }

@@ -59,7 +59,7 @@ func requireRoot(t *testing.T) {
 // closed and anything mounted there detached at the end.
 type hostPaths struct {
 	t    *testing.T
-	root *safepath.Root
+	root safepath.Root
 }
 
 func newHostPaths(t *testing.T) *hostPaths {

@@ -452,7 +452,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		if made {
 			undo = append(undo, func() {
 				// Looked up again: tp is closed by the time undo runs.
-				if err := d.root.Remove(target); err != nil {
+				if err := d.root().Remove(target); err != nil {
 					log.Error(err, "Removing the target of a failed publish failed", "path", target)
 				}
 			})

@@ -21,6 +21,10 @@ import (
 // what that opened. A path through a link is InvalidArgument, and nothing
 // outside the directory is touched.
 
+// root is the kubelet directory, beneath which every node path is
+// resolved. New made it absolute and clean.
+func (d *Driver) root() safepath.Root { return safepath.Root(d.kubeletDir) }
+
 // checkPath checks a path field on its string alone: InvalidArgument
 // naming the field unless it is an absolute path beneath the kubelet
 // directory.
@@ -28,8 +32,8 @@ func (d *Driver) checkPath(field, p string) error {
 	if p == "" {
 		return invalid("%s is required", field)
 	}
-	if _, err := d.root.Rel(p); err != nil {
-		return invalid("%s %s is not a path in the kubelet directory %s: %v", field, quoted(p), d.root.Dir(), err)
+	if _, err := d.root().Rel(p); err != nil {
+		return invalid("%s %s is not a path in the kubelet directory %s: %v", field, quoted(p), d.root().Dir(), err)
 	}
 	return nil
 }
@@ -38,7 +42,7 @@ func (d *Driver) checkPath(field, p string) error {
 // directory. It returns nil when the path's parent directory does not
 // exist: then nothing is there.
 func (d *Driver) lookup(field, p string) (*safepath.Path, error) {
-	sp, err := d.root.Lookup(p)
+	sp, err := d.root().Lookup(p)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
@@ -61,10 +65,10 @@ func (d *Driver) mustLookup(field, p string) (*safepath.Path, error) {
 // kubelet directory; undo removes the ones it made, deepest first, for a
 // call that fails after it.
 func (d *Driver) makeDirs(field, p string) (undo func(), err error) {
-	made, err := d.root.MkdirAll(p, 0o750)
+	made, err := d.root().MkdirAll(p, 0o750)
 	undo = func() {
 		for i := len(made) - 1; i >= 0; i-- {
-			if err := d.root.Remove(made[i]); err != nil {
+			if err := d.root().Remove(made[i]); err != nil {
 				klog.ErrorS(err, "Removing a directory a failed call made", "path", made[i])
 			}
 		}
@@ -80,7 +84,7 @@ func (d *Driver) makeDirs(field, p string) (undo func(), err error) {
 // directory itself (which is not made or removed).
 func (d *Driver) parentDir(p string) string {
 	dir := filepath.Dir(filepath.Clean(p))
-	if _, err := d.root.Rel(dir); err != nil {
+	if _, err := d.root().Rel(dir); err != nil {
 		return ""
 	}
 	return dir
