@@ -382,3 +382,10 @@ func TestFakeFSStrict(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// sameDevice compares two device paths by what they point at.
+func sameDevice(a, b string) bool {
+	ra, err1 := filepath.EvalSymlinks(a)
+	rb, err2 := filepath.EvalSymlinks(b)
+	return err1 == nil && err2 == nil && ra == rb
+}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 
@@ -163,13 +162,11 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		if mounted {
 			// Staged already, or something else is mounted there. Decided
 			// before activating, so a refused request changes nothing.
-			src, err := d.fs.MountedDevice(sp)
-			if err != nil {
-				return nil, pathError("staging_target_path", staging, err)
-			}
-			device, err := pool.DevicePath(id.name)
-			if err != nil || (src != device && !sameDevice(src, device)) {
+			if err := d.showsVolume("staging_target_path", staging, sp, id); status.Code(err) == codes.FailedPrecondition {
+				src, _ := d.fs.MountedDevice(sp)
 				return nil, status.Errorf(codes.AlreadyExists, "staging_target_path %s has %s mounted, not volume %s", sp, src, id)
+			} else if err != nil {
+				return nil, err
 			}
 			return &csi.NodeStageVolumeResponse{}, nil
 		}
@@ -239,13 +236,6 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	return &csi.NodeStageVolumeResponse{}, nil
 }
 
-// sameDevice compares two device paths by what they point at.
-func sameDevice(a, b string) bool {
-	ra, err1 := filepath.EvalSymlinks(a)
-	rb, err2 := filepath.EvalSymlinks(b)
-	return err1 == nil && err2 == nil && ra == rb
-}
-
 func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
 	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
@@ -285,12 +275,11 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	// the pod using it.
 	var refs []string
 	if mounted {
-		src, err := d.fs.MountedDevice(sp)
-		if err != nil {
-			return nil, pathError("staging_target_path", staging, err)
-		}
-		if device == "" || (src != device && !sameDevice(src, device)) {
+		if err := d.showsVolume("staging_target_path", staging, sp, id); status.Code(err) == codes.FailedPrecondition {
+			src, _ := d.fs.MountedDevice(sp)
 			return nil, status.Errorf(codes.FailedPrecondition, "staging_target_path %s has %s mounted, not volume %s", sp, src, id)
+		} else if err != nil {
+			return nil, err
 		}
 		if refs, err = d.fs.MountRefs(sp); err != nil {
 			return nil, toStatus(err, "find where %s is published", id)
