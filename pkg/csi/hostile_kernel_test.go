@@ -555,6 +555,12 @@ func hostileRequests(c hostileClient, e hostileEnv) []hostileReq {
 	add("ControllerPublishVolume", "not offered", codes.Unimplemented, func(ctx context.Context) error {
 		return ignore(c.ControllerPublishVolume(ctx, &csi.ControllerPublishVolumeRequest{VolumeId: e.vol, NodeId: "other-node", VolumeCapability: fsCap}))
 	})
+	add("ControllerUnpublishVolume", "not offered", codes.Unimplemented, func(ctx context.Context) error {
+		return ignore(c.ControllerUnpublishVolume(ctx, &csi.ControllerUnpublishVolumeRequest{VolumeId: e.vol, NodeId: "other-node"}))
+	})
+	add("ControllerModifyVolume", "not offered, parameters", codes.Unimplemented, func(ctx context.Context) error {
+		return ignore(c.ControllerModifyVolume(ctx, &csi.ControllerModifyVolumeRequest{VolumeId: e.vol, MutableParameters: map[string]string{ParamPool: "../x"}}))
+	})
 	add("ControllerExpandVolume", "not offered, MaxInt64", codes.Unimplemented, func(ctx context.Context) error {
 		return ignore(c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: e.vol, CapacityRange: &csi.CapacityRange{RequiredBytes: math.MaxInt64}}))
 	})
