@@ -134,12 +134,12 @@ func (h *hostFS) Format(ctx context.Context, device, fstype string, opts FormatO
 	return true, run(ctx, "mkfs."+fstype, append(slices.Clone(args), device)...)
 }
 
-// prepare returns the filesystem type on device ("" for none, or an XFS
-// whose mkfs never finished). It reads
-// ext* and XFS superblocks itself and asks blkid only about anything else,
-// which keeps the exec off the path of a volume cloned from a template. A
-// never-mounted ext4 (such a clone) gets its own UUID here, before its first
-// mount: clones must not all share their template's.
+// prepare returns the filesystem type on device ("" for none, or for an
+// XFS whose mkfs never finished). It reads ext* and XFS superblocks itself
+// and asks blkid only about anything else, which keeps the exec off the
+// path of a volume cloned from a template. A never-mounted ext4 (such a
+// clone) gets its own UUID here, before its first mount: clones must not
+// all share their template's.
 func (h *hostFS) prepare(device string) (string, error) {
 	f, err := os.OpenFile(device, os.O_RDWR|unix.O_EXCL, 0)
 	if err != nil {
