@@ -31,6 +31,11 @@ type Info struct {
 	// superblock alone, because the metadata checksums do not derive from
 	// it (metadata_csum_seed) or there are none.
 	UUIDChangeable bool
+	// Unfinished: XFS only, with Type "": the superblock says its mkfs
+	// never finished (sb_inprogress, which mkfs.xfs clears last). The
+	// kernel refuses to mount it, blkid still calls it xfs; it is no
+	// filesystem, and mkfs may make one over it.
+	Unfinished bool
 }
 
 const (
@@ -68,6 +73,14 @@ const (
 	extROCompatExt4Only = ^uint32(0x1 | 0x2 | 0x4)
 
 	xfsMagic = "XFSB"
+	// struct xfs_dsb offsets (big-endian): sb_blocksize, sb_dblocks,
+	// sb_uuid, and sb_inprogress, a byte after the log2 sizes that start
+	// at 120 (sb_blocklog, sb_sectlog, sb_inodelog, sb_inopblog,
+	// sb_agblklog, sb_rextslog).
+	xfsBlockSize  = 4
+	xfsDBlocks    = 8
+	xfsUUID       = 32
+	xfsInProgress = 126
 )
 
 // ErrUnsupported: the device holds no filesystem whose UUID this package
@@ -92,11 +105,14 @@ func Probe(r io.ReaderAt) (Info, error) {
 }
 
 func probeXFS(b []byte) Info {
-	// struct xfs_dsb is big-endian: sb_blocksize at 4, sb_dblocks at 8,
-	// sb_uuid at 32.
-	bs := int64(binary.BigEndian.Uint32(b[4:]))
-	info := Info{Type: "xfs", BlockSize: bs, SizeBytes: int64(binary.BigEndian.Uint64(b[8:])) * bs}
-	copy(info.UUID[:], b[32:48])
+	if b[xfsInProgress] != 0 {
+		// A mkfs.xfs killed half way (a cancelled stage or template
+		// build): made again, not mounted in vain forever.
+		return Info{Unfinished: true}
+	}
+	bs := int64(binary.BigEndian.Uint32(b[xfsBlockSize:]))
+	info := Info{Type: "xfs", BlockSize: bs, SizeBytes: int64(binary.BigEndian.Uint64(b[xfsDBlocks:])) * bs}
+	copy(info.UUID[:], b[xfsUUID:xfsUUID+16])
 	return info
 }
 

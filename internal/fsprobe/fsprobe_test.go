@@ -87,6 +87,61 @@ func TestProbe(t *testing.T) {
 	}
 }
 
+// An XFS whose mkfs did not finish is no filesystem. mkfs.xfs sets
+// sb_inprogress in the primary superblock first and clears it last; here
+// xfs_db sets it in a finished image, which also pins the offset to the
+// real struct xfs_dsb, and the kernel's refusal to mount it is checked in
+// pkg/csi (TestFormatRedoesUnfinishedXFS).
+func TestProbeUnfinishedXFS(t *testing.T) {
+	f := image(t, 320<<20, "mkfs.xfs", "-f", "-q")
+	sb := make([]byte, 512)
+	if _, err := f.ReadAt(sb, 0); err != nil {
+		t.Fatal(err)
+	}
+	if sb[xfsInProgress] != 0 {
+		t.Fatalf("a finished mkfs.xfs left byte %d at %d", sb[xfsInProgress], xfsInProgress)
+	}
+	if _, err := exec.LookPath("xfs_db"); err == nil {
+		run(t, "xfs_db", "-x", "-c", "sb 0", "-c", "write inprogress 1", f.Name())
+		after := make([]byte, 512)
+		if _, err := f.ReadAt(after, 0); err != nil {
+			t.Fatal(err)
+		}
+		var changed []int
+		for i := range sb {
+			if sb[i] != after[i] {
+				changed = append(changed, i)
+			}
+		}
+		// The byte, and the superblock's CRC (sb_crc, at 224) with it.
+		if len(changed) == 0 || changed[0] != xfsInProgress || after[xfsInProgress] != 1 {
+			t.Fatalf("xfs_db's inprogress is not byte %d: bytes %v changed", xfsInProgress, changed)
+		}
+	} else {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("xfs_db is missing (xfsprogs has it): %v", err)
+		}
+		t.Logf("xfs_db is missing; setting byte %d by hand", xfsInProgress)
+		if _, err := f.WriteAt([]byte{1}, xfsInProgress); err != nil {
+			t.Fatal(err)
+		}
+	}
+	info, err := Probe(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Type != "" || !info.Unfinished {
+		t.Fatalf("an unfinished XFS probes as %+v", info)
+	}
+	// Cleared again, it is the filesystem it was.
+	if _, err := f.WriteAt([]byte{0}, xfsInProgress); err != nil {
+		t.Fatal(err)
+	}
+	if info, err := Probe(f); err != nil || info.Type != "xfs" || info.Unfinished || info.SizeBytes != 320<<20 {
+		t.Fatalf("finished again: %+v, %v", info, err)
+	}
+}
+
 func TestProbeNothing(t *testing.T) {
 	for name, b := range map[string][]byte{
 		"zeros":  make([]byte, 1<<20),

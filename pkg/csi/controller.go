@@ -30,6 +30,10 @@ const (
 	defaultVolumeBytes = 1 << 30
 	minVolumeBytes     = 1 << 20   // room for a filesystem's own structures
 	minXFSBytes        = 300 << 20 // mkfs.xfs's smallest filesystem
+	// maxVolumeBytes bounds every size a request asks for before any
+	// arithmetic on it (rounding up near MaxInt64 overflowed to a negative
+	// size); pkg/thinpool refuses anything larger too.
+	maxVolumeBytes = 1 << 60
 )
 
 // usesFS reports whether a volume with these capabilities (and fsType
@@ -87,12 +91,32 @@ func parseParams(params map[string]string) (createParams, error) {
 	return p, nil
 }
 
+// checkCapacityRange validates a capacity range on its own: no negative
+// bytes (InvalidArgument), no required size over maxVolumeBytes
+// (OutOfRange). A larger limit is no limit, and is taken as the largest
+// size.
+func checkCapacityRange(r *csi.CapacityRange) error {
+	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
+	switch {
+	case req < 0:
+		return invalid("capacity_range.required_bytes %d is negative", req)
+	case lim < 0:
+		return invalid("capacity_range.limit_bytes %d is negative", lim)
+	case req > maxVolumeBytes:
+		return status.Errorf(codes.OutOfRange, "capacity_range.required_bytes %d is over the largest volume, %d bytes (2^60)", req, int64(maxVolumeBytes))
+	}
+	return nil
+}
+
 // volumeSize picks the size for a capacity range: the required bytes (or
 // the default), rounded up to 4 KiB, and within the limit.
 func volumeSize(r *csi.CapacityRange, minBytes int64) (int64, error) {
-	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
-	if req < 0 || lim < 0 {
-		return 0, invalid("capacity_range: negative bytes")
+	if err := checkCapacityRange(r); err != nil {
+		return 0, err
+	}
+	req, lim := r.GetRequiredBytes(), min(r.GetLimitBytes(), maxVolumeBytes)
+	if minBytes > maxVolumeBytes {
+		return 0, status.Errorf(codes.OutOfRange, "a volume of %d bytes is over the largest volume, %d bytes (2^60)", minBytes, int64(maxVolumeBytes))
 	}
 	if lim != 0 && req > lim {
 		return 0, status.Errorf(codes.OutOfRange, "capacity_range: required %d bytes is over the %d-byte limit", req, lim)
@@ -150,6 +174,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, err
 	}
 	if err := checkCapabilities("volume_capabilities", req.GetVolumeCapabilities()); err != nil {
+		return nil, err
+	}
+	if err := checkCapacityRange(req.GetCapacityRange()); err != nil {
 		return nil, err
 	}
 	params, err := parseParams(req.GetParameters())
@@ -241,13 +268,21 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	case tmplFS != "":
 		// A filesystem volume: a clone of a formatted template when there
 		// is one, which leaves nothing for mkfs to do at stage.
-		if t := d.templates.lookup(pool, tmplFS, size, true); t != "" {
+		t, release := d.templates.lookup(pool, tmplFS, size)
+		if t != "" {
 			v, err = pool.Clone(ctx, name, t, size)
+			release()
 			if errors.Is(err, thinpool.ErrNotFound) {
-				v, err = pool.CreateVolume(ctx, name, size) // evicted meanwhile
+				v, err = pool.CreateVolume(ctx, name, size) // gone meanwhile
 			}
 		} else {
+			release()
 			v, err = pool.CreateVolume(ctx, name, size)
+			if err == nil {
+				// The pool admitted a volume of this size: only now is a
+				// template of it worth its space.
+				d.templates.build(pool, tmplFS, size)
+			}
 		}
 	default:
 		v, err = pool.CreateVolume(ctx, name, size)

@@ -6,8 +6,15 @@
 // changed), takes a per-ID lock (Aborted while another call holds it), looks
 // the object up, returns the existing object for a repeated request or
 // AlreadyExists for a conflicting one, acts, and maps errors to gRPC codes in
-// one place (errors.go). No path outside the kubelet directory is mounted
-// over or removed.
+// one place (errors.go).
+//
+// No path outside the kubelet directory is mounted over, unmounted, made or
+// removed (paths.go): a path a CO gives is checked on its string, then only
+// reached through internal/safepath, resolved beneath the kubelet
+// directory's descriptor without following any symbolic link, and mounted
+// onto or unmounted through what that opened (mount_linux.go: the kernel's
+// mount API, Linux 5.12 or later). A call that fails after it changed
+// something (activated a device, made a directory) puts it back.
 //
 // The controller service runs on every node next to its pools (the
 // sidecars' per-node mode): a volume lives on the node that created it, and

@@ -7,12 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
-	"testing"
 
+	"github.com/csi-dmthin/csi-dmthin/internal/safepath"
 	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
@@ -26,24 +26,28 @@ import (
 // source's filesystem, and FSType, Format and Resize read the device as
 // blkid, mkfs and resize2fs would.
 //
-// It refuses what the real FS (hostfs_linux.go, mount(8), the kernel)
-// refuses, so a driver bug fails here as it would on a node:
-//   - Mount needs an existing target: a directory, or a regular file for a
-//     bind mount of a device node (the driver makes both itself); a
-//     filesystem mount needs a device holding that filesystem; a bind needs
-//     an existing source. Mounting over a mount point is refused (the real
-//     one would stack mounts, which the driver must never do).
+// It refuses what the real FS (hostfs_linux.go, the kernel) refuses, so a
+// driver bug fails here as it would on a node:
+//   - Paths are reached through their safepath.Path handle, as the real FS
+//     reaches them: a symbolic link swapped in since the lookup is refused.
+//   - Mount needs an existing directory and a device holding that
+//     filesystem; an option the filesystem does not know is ErrMountOption
+//     (as fsconfig refuses it). BindMount needs a mounted source and a
+//     directory; BindDevice an existing device node and a regular file (the
+//     driver makes both targets itself). Mounting over a mount point is
+//     refused (the real one would stack mounts, which the driver must
+//     never do).
 //   - A mounted filesystem holds its device open (FakeKernel.SetOpen), as a
 //     superblock does, until its last mount (bind mounts included) is gone:
 //     deactivating the device fails with EBUSY meanwhile. A bind mount of a
 //     device node holds nothing open, as in the kernel.
-//   - Unmount of a path that is not mounted is fine; either way the path is
-//     removed if it exists (an empty directory or a file, as os.Remove does).
+//   - Unmount of a path that is not mounted is fine; it removes nothing.
 //   - Format refuses a device holding another filesystem type.
 //   - Resize needs the filesystem there; XFS grows only when mounted.
 //   - Stats of a path that is not a mount point is an error.
-//   - MountRefs finds what the kernel's mountinfo would: the other mounts
-//     of a mounted filesystem, or the bind mounts of a file or device node.
+//   - MountRefs and DeviceRefs find what the kernel's mountinfo would: the
+//     other mounts of a mounted filesystem, or the bind mounts of a device
+//     node.
 //
 // It is safe for concurrent use.
 type fakeFS struct {
@@ -121,17 +125,30 @@ func (f *fakeFS) writeSuperblock(device, fstype string, sizeBytes int64) error {
 	return f.k.WriteData(dev, 0, b)
 }
 
-func (f *fakeFS) IsMountPoint(path string) (bool, error) {
+// stat looks at p through its handle, as the real FS does: a link swapped
+// in since the lookup is refused (safepath.ErrSymlink), a missing path is
+// os.ErrNotExist.
+func stat(p *safepath.Path) (os.FileInfo, error) { return p.Stat() }
+
+func (f *fakeFS) IsMountPoint(p *safepath.Path) (bool, error) {
+	if _, err := stat(p); errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	} else if err != nil {
+		return false, err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	_, ok := f.mounts[filepath.Clean(path)]
+	_, ok := f.mounts[p.String()]
 	return ok, nil
 }
 
-func (f *fakeFS) MountedDevice(path string) (string, error) {
+func (f *fakeFS) MountedDevice(p *safepath.Path) (string, error) {
+	if _, err := stat(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return "", err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.mounts[filepath.Clean(path)].Source, nil
+	return f.mounts[p.String()].Source, nil
 }
 
 func (f *fakeFS) Format(ctx context.Context, device, fstype string, opts FormatOptions) (bool, error) {
@@ -171,68 +188,149 @@ func (f *fakeFS) FSType(device string) (string, error) {
 	return t, err
 }
 
-func (f *fakeFS) Mount(ctx context.Context, source, target, fstype string, options []string) error {
+// fakeMountOptions are the options the fake's filesystems take, besides
+// the per-mount and superblock flags every filesystem takes, with the
+// values each takes (none: a flag; "*": any). Any other is refused as the
+// kernel would (fsconfig's EINVAL, "Unknown parameter").
+var fakeMountOptions = map[string]map[string][]string{
+	"ext4": {"discard": nil, "nodiscard": nil, "noload": nil, "norecovery": nil, "nodelalloc": nil, "delalloc": nil,
+		"barrier": nil, "nobarrier": nil, "commit": {"*"},
+		"errors": {"continue", "remount-ro", "panic"}, "data": {"journal", "ordered", "writeback"}},
+	"xfs": {"discard": nil, "nodiscard": nil, "norecovery": nil, "nouuid": nil, "inode64": nil, "largeio": nil,
+		"logbufs": {"*"}, "logbsize": {"*"}, "allocsize": {"*"}},
+}
+
+func checkFakeOptions(fstype string, options []string) error {
+	_, params := mountArgs(options)
+	for _, o := range params {
+		if sbFlags[o] {
+			continue
+		}
+		key, value, hasValue := strings.Cut(o, "=")
+		values, known := fakeMountOptions[fstype][key]
+		ok := known && (!hasValue && values == nil || hasValue && (slices.Contains(values, "*") || slices.Contains(values, value)))
+		if !ok {
+			return fmt.Errorf("%w %q: %s: bad or unknown parameter '%s'", ErrMountOption, o, fstype, key)
+		}
+	}
+	return nil
+}
+
+func (f *fakeFS) Mount(ctx context.Context, device string, target *safepath.Path, fstype string, options []string) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	if err := f.runHook(target); err != nil {
+		return err
+	}
+	ti, err := stat(target)
+	if err != nil {
+		return fmt.Errorf("mount %s on %s: %w", device, target, err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.mounts[target.String()]; ok {
+		return fmt.Errorf("mount %s: %s is already a mount point (the fake does not stack mounts)", device, target)
+	}
+	if !ti.IsDir() {
+		return fmt.Errorf("mount %s on %s: not a directory", device, target)
+	}
+	dev, _, err := f.device(device)
+	if err != nil {
+		return fmt.Errorf("mount %s: %w", device, err)
+	}
+	have, _, err := f.superblock(device)
+	if err != nil {
+		return fmt.Errorf("mount %s: %w", device, err)
+	}
+	if have == "" || (fstype != "" && have != fstype) {
+		return fmt.Errorf("mount -t %s %s %s: wrong fs type, bad option, bad superblock (device holds %q)", fstype, device, target, have)
+	}
+	if err := checkFakeOptions(have, options); err != nil {
+		return err
+	}
+	return f.addMount(target.String(), fakeMount{Source: device, FSType: have, Options: slices.Clone(options), device: device, dev: dev})
+}
+
+func bindOptions(readOnly bool) []string {
+	if readOnly {
+		return []string{"bind", "ro"}
+	}
+	return []string{"bind"}
+}
+
+func (f *fakeFS) BindMount(ctx context.Context, source, target *safepath.Path, readOnly bool) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := f.runHook(target); err != nil {
+		return err
+	}
+	if _, err := stat(source); err != nil {
+		return fmt.Errorf("bind %s: %w", source, err)
+	}
+	ti, err := stat(target)
+	if err != nil {
+		return fmt.Errorf("bind %s on %s: %w", source, target, err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.mounts[target.String()]; ok {
+		return fmt.Errorf("bind %s: %s is already a mount point (the fake does not stack mounts)", source, target)
+	}
+	sm, ok := f.mounts[source.String()]
+	if !ok {
+		return fmt.Errorf("bind %s: not a mount point", source)
+	}
+	if !ti.IsDir() {
+		return fmt.Errorf("bind %s on %s: not a directory", source, target)
+	}
+	return f.addMount(target.String(), fakeMount{Source: source.String(), Options: bindOptions(readOnly), device: sm.device, dev: sm.dev})
+}
+
+// BindDevice binds a device node (the fake's live only in the kernel) onto
+// a file. The bind opens nothing.
+func (f *fakeFS) BindDevice(ctx context.Context, device string, target *safepath.Path, readOnly bool) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := f.runHook(target); err != nil {
+		return err
+	}
+	ti, err := stat(target)
+	if err != nil {
+		return fmt.Errorf("bind %s on %s: %w", device, target, err)
+	}
+	if _, _, err := f.device(device); err != nil {
+		return fmt.Errorf("bind %s: %w", device, err)
+	}
+	if !ti.Mode().IsRegular() {
+		return fmt.Errorf("bind %s on %s: a device node binds onto a file, not a directory", device, target)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.mounts[target.String()]; ok {
+		return fmt.Errorf("bind %s: %s is already a mount point (the fake does not stack mounts)", device, target)
+	}
+	return f.addMount(target.String(), fakeMount{Source: device, Options: bindOptions(readOnly)})
+}
+
+func (f *fakeFS) runHook(target *safepath.Path) error {
 	f.mu.Lock()
 	hook := f.mountHook
 	f.mu.Unlock()
 	if hook != nil {
-		if err := hook(target); err != nil {
-			return err
-		}
+		return hook(target.String())
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	target = filepath.Clean(target)
-	if _, ok := f.mounts[target]; ok {
-		return fmt.Errorf("mount %s: %s is already a mount point (the fake does not stack mounts)", source, target)
-	}
-	ti, err := os.Stat(target)
-	if err != nil {
-		return fmt.Errorf("mount %s on %s: mount point does not exist: %w", source, target, err)
-	}
-	m := fakeMount{Source: source, FSType: fstype, Options: slices.Clone(options)}
-	if slices.Contains(options, "bind") {
-		if si, err := os.Stat(source); err == nil {
-			// A directory (a staging mount, say): bound onto a directory.
-			if si.IsDir() != ti.IsDir() {
-				return fmt.Errorf("mount --bind %s %s: not a directory / is a directory", source, target)
-			}
-			if sm, ok := f.mounts[filepath.Clean(source)]; ok {
-				m.device, m.dev = sm.device, sm.dev
-			}
-		} else {
-			// A device node (the fake's live only in the kernel): bound onto
-			// a file. The bind opens nothing.
-			if _, _, err := f.device(source); err != nil {
-				return fmt.Errorf("mount --bind %s %s: %w", source, target, err)
-			}
-			if !ti.Mode().IsRegular() {
-				return fmt.Errorf("mount --bind %s %s: a device node binds onto a file, not a directory", source, target)
-			}
-		}
-	} else {
-		if !ti.IsDir() {
-			return fmt.Errorf("mount %s on %s: not a directory", source, target)
-		}
-		dev, _, err := f.device(source)
-		if err != nil {
-			return fmt.Errorf("mount %s: %w", source, err)
-		}
-		have, _, err := f.superblock(source)
-		if err != nil {
-			return fmt.Errorf("mount %s: %w", source, err)
-		}
-		if have == "" || (fstype != "" && have != fstype) {
-			return fmt.Errorf("mount -t %s %s %s: wrong fs type, bad option, bad superblock (device holds %q)", fstype, source, target, have)
-		}
-		m.FSType, m.device, m.dev = have, source, dev
-	}
+	return nil
+}
+
+// addMount records m at target; a mounted filesystem holds its device
+// open. Called with f.mu held.
+func (f *fakeFS) addMount(target string, m fakeMount) error {
 	if m.device != "" {
 		if err := f.k.SetOpen(m.dev, f.held[m.dev]+1); err != nil {
-			return fmt.Errorf("mount %s: %w", source, err)
+			return fmt.Errorf("mount %s: %w", m.Source, err)
 		}
 		f.held[m.dev]++
 	}
@@ -240,57 +338,90 @@ func (f *fakeFS) Mount(ctx context.Context, source, target, fstype string, optio
 	return nil
 }
 
-func (f *fakeFS) Unmount(ctx context.Context, path string) error {
+func (f *fakeFS) Unmount(ctx context.Context, p *safepath.Path) error {
 	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if _, err := stat(p); errors.Is(err, os.ErrNotExist) {
+		return nil
+	} else if err != nil {
 		return err
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	path = filepath.Clean(path)
-	if m, ok := f.mounts[path]; ok {
-		if m.device != "" {
-			f.held[m.dev]--
-			// The last close completes a deferred removal; the error is
-			// ENXIO only if the device went some other way (a test's
-			// Reboot), and an unmount does not care.
-			_ = f.k.SetOpen(m.dev, f.held[m.dev])
-			if f.held[m.dev] == 0 {
-				delete(f.held, m.dev)
-			}
+	m, ok := f.mounts[p.String()]
+	if !ok {
+		return nil
+	}
+	if m.device != "" {
+		f.held[m.dev]--
+		// The last close completes a deferred removal; the error is
+		// ENXIO only if the device went some other way (a test's
+		// Reboot), and an unmount does not care.
+		_ = f.k.SetOpen(m.dev, f.held[m.dev])
+		if f.held[m.dev] == 0 {
+			delete(f.held, m.dev)
 		}
-		delete(f.mounts, path)
 	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove %s: %w", path, err)
-	}
+	delete(f.mounts, p.String())
 	return nil
 }
 
-func (f *fakeFS) MountRefs(path string) ([]string, error) {
+func (f *fakeFS) MountRefs(p *safepath.Path) ([]string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	path = filepath.Clean(path)
+	m, ok := f.mounts[p.String()]
+	if !ok || m.device == "" {
+		return nil, nil
+	}
+	// A mounted filesystem: every other mount of it.
 	var refs []string
-	if m, ok := f.mounts[path]; ok && m.device != "" {
-		// A mounted filesystem: every other mount of it.
-		for p, o := range f.mounts {
-			if p != path && o.device == m.device {
-				refs = append(refs, p)
-			}
-		}
-	} else {
-		// A file, directory or device node: its bind mounts.
-		for p, o := range f.mounts {
-			if p != path && o.Source == path && slices.Contains(o.Options, "bind") {
-				refs = append(refs, p)
-			}
+	for o, om := range f.mounts {
+		if o != p.String() && om.device == m.device {
+			refs = append(refs, o)
 		}
 	}
 	sort.Strings(refs)
 	return refs, nil
 }
 
-func (f *fakeFS) Resize(ctx context.Context, device, path, fstype string) error {
+func (f *fakeFS) ShowsDevice(p *safepath.Path, device string) (bool, error) {
+	if _, err := stat(p); errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	} else if err != nil {
+		return false, err
+	}
+	dev, _, err := f.device(device)
+	if err != nil {
+		return false, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	m, ok := f.mounts[p.String()]
+	if !ok {
+		return false, nil
+	}
+	if m.device != "" {
+		return m.dev == dev, nil // a filesystem on it
+	}
+	src, _, err := f.device(m.Source) // a bound device node
+	return err == nil && src == dev, nil
+}
+
+func (f *fakeFS) DeviceRefs(device string) ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var refs []string
+	for o, om := range f.mounts {
+		if om.Source == device && slices.Contains(om.Options, "bind") {
+			refs = append(refs, o)
+		}
+	}
+	sort.Strings(refs)
+	return refs, nil
+}
+
+func (f *fakeFS) Resize(ctx context.Context, device string, p *safepath.Path, fstype string) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -304,8 +435,8 @@ func (f *fakeFS) Resize(ctx context.Context, device, path, fstype string) error 
 		return fmt.Errorf("resize %s: holds %q, not a %q filesystem", device, have, fstype)
 	}
 	if fstype == "xfs" {
-		if m, ok := f.mounts[filepath.Clean(path)]; !ok || m.device != device {
-			return fmt.Errorf("xfs_growfs %s: is not a mounted XFS filesystem", path)
+		if m, ok := f.mounts[p.String()]; !ok || m.device != device {
+			return fmt.Errorf("xfs_growfs %s: is not a mounted XFS filesystem", p)
 		}
 	}
 	_, devSize, err := f.device(device)
@@ -318,12 +449,12 @@ func (f *fakeFS) Resize(ctx context.Context, device, path, fstype string) error 
 	return f.writeSuperblock(device, fstype, devSize)
 }
 
-func (f *fakeFS) Stats(path string) (Stats, error) {
+func (f *fakeFS) Stats(p *safepath.Path) (Stats, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	m, ok := f.mounts[filepath.Clean(path)]
+	m, ok := f.mounts[p.String()]
 	if !ok || m.device == "" {
-		return Stats{}, fmt.Errorf("statfs %s: not a mounted filesystem", path)
+		return Stats{}, fmt.Errorf("statfs %s: not a mounted filesystem", p)
 	}
 	_, size, err := f.superblock(m.device)
 	if err != nil {
@@ -373,271 +504,4 @@ func (f *fakeFS) filesystem(device string) (string, int64, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.superblock(device)
-}
-
-// The FS contract: what the driver relies on, run against fakeFS on
-// FakeKernel here and against the real FS on the real kernel in the VM
-// (sanity_kernel_test.go), so the fake cannot drift from what mount(8),
-// mkfs and the kernel do.
-func runFSContract(t *testing.T, k thinpool.Kernel, fs FS) {
-	ctx := t.Context()
-	dir := t.TempDir()
-	p, err := thinpool.Open(ctx, loopPoolConfig(filepath.Join(dir, "pool"), "fscontract", 256<<20), k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = p.Close() })
-	mounted := map[string]bool{}
-	t.Cleanup(func() {
-		for m := range mounted {
-			_ = fs.Unmount(context.Background(), m)
-		}
-		for _, v := range p.List() {
-			_ = p.Delete(context.Background(), v.Name)
-		}
-	})
-	mkdir := func(elem ...string) string {
-		t.Helper()
-		d := filepath.Join(append([]string{dir}, elem...)...)
-		if err := os.MkdirAll(d, 0o750); err != nil {
-			t.Fatal(err)
-		}
-		return d
-	}
-	mount := func(source, target, fstype string, opts ...string) error {
-		err := fs.Mount(ctx, source, target, fstype, opts)
-		if err == nil {
-			mounted[target] = true
-		}
-		return err
-	}
-	unmount := func(path string) {
-		t.Helper()
-		if err := fs.Unmount(ctx, path); err != nil {
-			t.Fatalf("unmount %s: %v", path, err)
-		}
-		delete(mounted, path)
-	}
-	isMount := func(path string) bool {
-		t.Helper()
-		m, err := fs.IsMountPoint(path)
-		if err != nil {
-			t.Fatalf("IsMountPoint(%s): %v", path, err)
-		}
-		return m
-	}
-	refs := func(path string) []string {
-		t.Helper()
-		r, err := fs.MountRefs(path)
-		if err != nil {
-			t.Fatalf("MountRefs(%s): %v", path, err)
-		}
-		slices.Sort(r)
-		return r
-	}
-	if _, err := p.CreateVolume(ctx, "vol", 64<<20); err != nil {
-		t.Fatal(err)
-	}
-	device, err := p.Activate(ctx, "vol")
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	// A new thin volume reads as zeros: no filesystem.
-	if typ, err := fs.FSType(device); typ != "" || err != nil {
-		t.Fatalf("FSType of a new volume: %q, %v", typ, err)
-	}
-	// Mounting what holds no filesystem, or onto a missing target, fails.
-	staging := mkdir("staging")
-	if err := mount(device, staging, "ext4"); err == nil {
-		t.Fatal("mounted a volume without a filesystem")
-	}
-	if formatted, err := fs.Format(ctx, device, "ext4", FormatOptions{}); !formatted || err != nil {
-		t.Fatalf("Format: %v, %v", formatted, err)
-	}
-	if formatted, err := fs.Format(ctx, device, "ext4", FormatOptions{}); formatted || err != nil {
-		t.Fatalf("Format again: %v, %v; want nothing done", formatted, err)
-	}
-	if _, err := fs.Format(ctx, device, "xfs", FormatOptions{}); err == nil {
-		t.Fatal("reformatted an ext4 volume as xfs")
-	}
-	if typ, err := fs.FSType(device); typ != "ext4" || err != nil {
-		t.Fatalf("FSType: %q, %v", typ, err)
-	}
-	if err := mount(device, filepath.Join(dir, "missing"), "ext4"); err == nil {
-		t.Fatal("mounted onto a missing target")
-	}
-	if err := mount(device, staging, "xfs"); err == nil {
-		t.Fatal("mounted ext4 as xfs")
-	}
-	if isMount(staging) {
-		t.Fatal("a failed mount left a mount point")
-	}
-	if err := mount(device, staging, "ext4"); err != nil {
-		t.Fatal(err)
-	}
-	if !isMount(staging) {
-		t.Fatal("not a mount point after Mount")
-	}
-	if src, err := fs.MountedDevice(staging); err != nil || (src != device && !sameDevice(src, device)) {
-		t.Errorf("MountedDevice = %q, %v; want %s", src, err, device)
-	}
-	st, err := fs.Stats(staging)
-	if err != nil || st.TotalBytes <= 0 || st.TotalBytes > 64<<20 || st.AvailableBytes > st.TotalBytes || st.TotalInodes <= 0 {
-		t.Errorf("Stats: %+v, %v", st, err)
-	}
-	// A mounted filesystem holds its device open.
-	if err := p.Deactivate(ctx, "vol"); !errors.Is(err, thinpool.ErrBusy) {
-		t.Errorf("Deactivate of a mounted volume: %v, want ErrBusy", err)
-	}
-
-	// Bind mounts: each is a reference of the other.
-	target := mkdir("pods", "a")
-	if err := mount(staging, target, "", "bind"); err != nil {
-		t.Fatal(err)
-	}
-	if r := refs(staging); !slices.Equal(r, []string{target}) {
-		t.Errorf("MountRefs(staging) = %v, want [%s]", r, target)
-	}
-	if r := refs(target); !slices.Equal(r, []string{staging}) {
-		t.Errorf("MountRefs(target) = %v, want [%s]", r, staging)
-	}
-	// Online growth.
-	if _, err := p.Grow(ctx, "vol", 128<<20); err != nil {
-		t.Fatal(err)
-	}
-	if err := fs.Resize(ctx, device, target, "ext4"); err != nil {
-		t.Fatal(err)
-	}
-	if grown, err := fs.Stats(target); err != nil || grown.TotalBytes <= st.TotalBytes {
-		t.Errorf("Stats after Resize: %+v, %v; before %+v", grown, err, st)
-	}
-	// The bind mount keeps the filesystem, and its device, open after the
-	// staging mount is gone.
-	unmount(staging)
-	if isMount(staging) {
-		t.Error("still a mount point after Unmount")
-	}
-	if _, err := os.Lstat(staging); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("Unmount left the path: %v", err)
-	}
-	if err := p.Deactivate(ctx, "vol"); !errors.Is(err, thinpool.ErrBusy) {
-		t.Errorf("Deactivate under a bind mount: %v, want ErrBusy", err)
-	}
-	unmount(target)
-	// Unmounting what is not mounted removes the path; a missing one is fine.
-	plain := mkdir("plain")
-	unmount(plain)
-	if _, err := os.Lstat(plain); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("Unmount of a plain directory left it: %v", err)
-	}
-	unmount(plain)
-	if err := p.Deactivate(ctx, "vol"); err != nil {
-		t.Fatalf("Deactivate after the last unmount: %v", err)
-	}
-
-	// The filesystem lives on the thin device: back after reactivation
-	// (under whatever node), and in a snapshot.
-	if device, err = p.Activate(ctx, "vol"); err != nil {
-		t.Fatal(err)
-	}
-	if typ, err := fs.FSType(device); typ != "ext4" || err != nil {
-		t.Errorf("FSType after reactivation: %q, %v", typ, err)
-	}
-	if _, err := p.Snapshot(ctx, "snap", "vol"); err != nil {
-		t.Fatal(err)
-	}
-	snapDev, err := p.Activate(ctx, "snap")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if typ, err := fs.FSType(snapDev); typ != "ext4" || err != nil {
-		t.Errorf("FSType of a snapshot: %q, %v", typ, err)
-	}
-	if err := p.Deactivate(ctx, "snap"); err != nil {
-		t.Fatal(err)
-	}
-
-	// A raw block volume: its device node bound onto a file. The bind holds
-	// nothing open.
-	file := filepath.Join(mkdir("pods", "blk"), "dev")
-	if err := os.WriteFile(file, nil, 0o640); err != nil {
-		t.Fatal(err)
-	}
-	if err := mount(device, mkdir("pods", "blkdir"), "", "bind"); err == nil {
-		t.Error("bound a device node onto a directory")
-	}
-	if err := mount(device, file, "", "bind"); err != nil {
-		t.Fatal(err)
-	}
-	if !isMount(file) {
-		t.Error("a bound file is not a mount point")
-	}
-	if r := refs(device); !slices.Equal(r, []string{file}) {
-		t.Errorf("MountRefs(device) = %v, want [%s]", r, file)
-	}
-	if err := p.Deactivate(ctx, "vol"); err != nil {
-		t.Errorf("Deactivate under a bind of the device node: %v", err)
-	}
-	unmount(file)
-	if _, err := os.Lstat(file); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("Unmount left the file: %v", err)
-	}
-}
-
-func TestFSContractFake(t *testing.T) {
-	k := thinpool.NewFakeKernel()
-	runFSContract(t, k, newFakeFS(k))
-}
-
-// The fake is stricter than the real FS where the driver must not go.
-func TestFakeFSStrict(t *testing.T) {
-	k := thinpool.NewFakeKernel()
-	fs := newFakeFS(k)
-	ctx := t.Context()
-	dir := t.TempDir()
-	p, err := thinpool.Open(ctx, loopPoolConfig(filepath.Join(dir, "pool"), "strict", 64<<20), k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
-	if _, err := p.CreateVolume(ctx, "v", 16<<20); err != nil {
-		t.Fatal(err)
-	}
-	device, err := p.Activate(ctx, "v")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := fs.Format(ctx, device, "ext4", FormatOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
-	for _, d := range []string{a, b} {
-		if err := os.Mkdir(d, 0o750); err != nil {
-			t.Fatal(err)
-		}
-	}
-	// statfs of a plain directory would report the filesystem under it.
-	if _, err := fs.Stats(a); err == nil {
-		t.Error("Stats of a directory that is not a mount point")
-	}
-	if err := fs.Mount(ctx, device, a, "ext4", nil); err != nil {
-		t.Fatal(err)
-	}
-	// mount(8) would stack a second mount; the driver must check first.
-	if err := fs.Mount(ctx, device, a, "ext4", nil); err == nil {
-		t.Error("stacked a mount")
-	}
-	if _, err := fs.Format(ctx, "/dev/fake/nothing", "ext4", FormatOptions{}); err == nil {
-		t.Error("formatted a missing device")
-	}
-	if err := fs.Resize(ctx, device, b, "xfs"); err == nil {
-		t.Error("resized ext4 as xfs")
-	}
-	if got := fs.mountTable()[a]; got.FSType != "ext4" || got.Source != device {
-		t.Errorf("mount table entry %+v", got)
-	}
-	if err := fs.Unmount(ctx, a); err != nil {
-		t.Fatal(err)
-	}
 }

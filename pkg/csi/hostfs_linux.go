@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -16,6 +15,7 @@ import (
 	utilexec "k8s.io/utils/exec"
 
 	"github.com/csi-dmthin/csi-dmthin/internal/fsprobe"
+	"github.com/csi-dmthin/csi-dmthin/internal/safepath"
 )
 
 // hostFS is the real FS. External programs (mkfs, resize2fs, xfs_growfs,
@@ -34,8 +34,14 @@ func NewHostFS() FS {
 }
 
 func run(ctx context.Context, name string, args ...string) error {
+	return runFiles(ctx, nil, name, args...)
+}
+
+// runFiles is run with files open in the program as descriptors 3, 4, ...
+func runFiles(ctx context.Context, files []*os.File, name string, args ...string) error {
 	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	cmd.ExtraFiles = files
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
@@ -43,26 +49,49 @@ func run(ctx context.Context, name string, args ...string) error {
 	return nil
 }
 
-func (h *hostFS) IsMountPoint(path string) (bool, error) {
-	mp, err := h.mounter.IsMountPoint(path)
+// mountEntry returns the mountinfo entry of the mount whose root p is;
+// ok is false when p is not a mount point or does not exist.
+func mountEntry(p *safepath.Path) (e mount.MountInfo, ok bool, err error) {
+	f, err := p.Open()
+	if errors.Is(err, os.ErrNotExist) {
+		return e, false, nil
+	}
+	if err != nil {
+		return e, false, err
+	}
+	defer f.Close()
+	root, id, err := mountRoot(f)
+	if err != nil || !root {
+		return e, false, err
+	}
+	mis, err := mount.ParseMountInfo("/proc/self/mountinfo")
+	if err != nil {
+		return e, false, err
+	}
+	for _, mi := range mis {
+		if uint64(mi.ID) == id {
+			return mi, true, nil
+		}
+	}
+	return e, false, fmt.Errorf("%s: mount %d is not in /proc/self/mountinfo", p, id)
+}
+
+func (h *hostFS) IsMountPoint(p *safepath.Path) (bool, error) {
+	f, err := p.Open()
 	if errors.Is(err, os.ErrNotExist) {
 		return false, nil
 	}
-	return mp, err
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	root, _, err := mountRoot(f)
+	return root, err
 }
 
-func (h *hostFS) MountedDevice(path string) (string, error) {
-	mps, err := h.mounter.List()
-	if err != nil {
-		return "", err
-	}
-	clean := filepath.Clean(path)
-	for _, mp := range mps {
-		if mp.Path == clean {
-			return mp.Device, nil
-		}
-	}
-	return "", nil
+func (h *hostFS) MountedDevice(p *safepath.Path) (string, error) {
+	e, _, err := mountEntry(p)
+	return e.Source, err
 }
 
 // mkfsArgs skip discarding (a new thin device has nothing to discard, and
@@ -105,11 +134,12 @@ func (h *hostFS) Format(ctx context.Context, device, fstype string, opts FormatO
 	return true, run(ctx, "mkfs."+fstype, append(slices.Clone(args), device)...)
 }
 
-// prepare returns the filesystem type on device ("" for none). It reads
-// ext* and XFS superblocks itself and asks blkid only about anything else,
-// which keeps the exec off the path of a volume cloned from a template. A
-// never-mounted ext4 (such a clone) gets its own UUID here, before its first
-// mount: clones must not all share their template's.
+// prepare returns the filesystem type on device ("" for none, or for an
+// XFS whose mkfs never finished). It reads ext* and XFS superblocks itself
+// and asks blkid only about anything else, which keeps the exec off the
+// path of a volume cloned from a template. A never-mounted ext4 (such a
+// clone) gets its own UUID here, before its first mount: clones must not
+// all share their template's.
 func (h *hostFS) prepare(device string) (string, error) {
 	f, err := os.OpenFile(device, os.O_RDWR|unix.O_EXCL, 0)
 	if err != nil {
@@ -121,6 +151,9 @@ func (h *hostFS) prepare(device string) (string, error) {
 		return "", fmt.Errorf("probe %s: %w", device, err)
 	}
 	switch {
+	case info.Unfinished:
+		// blkid would call it xfs, and the kernel refuses to mount it.
+		return "", nil
 	case info.Type == "":
 		existing, err := h.mounter.GetDiskFormat(device)
 		if err != nil {
@@ -156,29 +189,128 @@ func (h *hostFS) FSType(device string) (string, error) {
 	}
 	info, err := fsprobe.Probe(f)
 	f.Close()
-	if err != nil || info.Type != "" {
+	if err != nil || info.Type != "" || info.Unfinished {
 		return info.Type, err
 	}
 	return h.mounter.GetDiskFormat(device)
 }
 
-func (h *hostFS) Mount(ctx context.Context, source, target, fstype string, options []string) error {
+func (h *hostFS) Mount(ctx context.Context, device string, target *safepath.Path, fstype string, options []string) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return sysMount(source, target, fstype, options)
+	f, err := target.Open()
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return sysMount(device, f, fstype, options)
 }
 
-func (h *hostFS) Unmount(ctx context.Context, path string) error {
+func (h *hostFS) BindMount(ctx context.Context, source, target *safepath.Path, readOnly bool) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return mount.CleanupMountPoint(path, h.mounter, true)
+	src, err := source.Open()
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	if root, _, err := mountRoot(src); err != nil || !root {
+		return fmt.Errorf("bind %s: not a mount point (%v)", source, err)
+	}
+	dst, err := target.Open()
+	if err != nil {
+		return err
+	}
+	defer dst.Close()
+	return sysBind(src, "", dst, readOnly)
 }
 
-func (h *hostFS) MountRefs(path string) ([]string, error) { return h.mounter.GetMountRefs(path) }
+func (h *hostFS) BindDevice(ctx context.Context, device string, target *safepath.Path, readOnly bool) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	dst, err := target.Open()
+	if err != nil {
+		return err
+	}
+	defer dst.Close()
+	return sysBind(nil, device, dst, readOnly)
+}
 
-func (h *hostFS) Resize(ctx context.Context, device, path, fstype string) error {
+// Unmount unmounts the name in its opened parent directory, not following
+// a link there (UMOUNT_NOFOLLOW), and not lazily: a mount still in use
+// stays and is an error (EBUSY). A descriptor of the mount itself would
+// hold it busy, so none is open at the umount2.
+func (h *hostFS) Unmount(ctx context.Context, p *safepath.Path) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	mounted, err := h.IsMountPoint(p)
+	if err != nil || !mounted {
+		return err
+	}
+	if err := unix.Unmount(p.InParent(), unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("umount %s: %w", p, err)
+	}
+	return nil
+}
+
+func (h *hostFS) MountRefs(p *safepath.Path) ([]string, error) {
+	e, ok, err := mountEntry(p)
+	if err != nil || !ok {
+		return nil, err
+	}
+	mis, err := mount.ParseMountInfo("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	var refs []string
+	for _, mi := range mis {
+		if mi.ID != e.ID && mi.Major == e.Major && mi.Minor == e.Minor && mi.Root == e.Root {
+			refs = append(refs, mi.MountPoint)
+		}
+	}
+	return refs, nil
+}
+
+func (h *hostFS) DeviceRefs(device string) ([]string, error) { return h.mounter.GetMountRefs(device) }
+
+// ShowsDevice compares device numbers: a filesystem's files carry its
+// block device's number as st_dev, a bound device node its own as
+// st_rdev. No path string is compared, so a kubelet directory reached
+// through a link reads the same.
+func (h *hostFS) ShowsDevice(p *safepath.Path, device string) (bool, error) {
+	var dst unix.Stat_t
+	if err := unix.Stat(device, &dst); err != nil {
+		return false, fmt.Errorf("stat %s: %w", device, err)
+	}
+	if dst.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return false, fmt.Errorf("%s is not a block device", device)
+	}
+	f, err := p.Open()
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	if root, _, err := mountRoot(f); err != nil || !root {
+		return false, err
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return false, fmt.Errorf("stat %s: %w", p, err)
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFBLK {
+		return st.Rdev == dst.Rdev, nil
+	}
+	return st.Dev == dst.Rdev, nil
+}
+
+func (h *hostFS) Resize(ctx context.Context, device string, p *safepath.Path, fstype string) error {
 	if full, err := fills(device); err == nil && full {
 		return nil // nothing to grow: spare the exec
 	}
@@ -186,7 +318,14 @@ func (h *hostFS) Resize(ctx context.Context, device, path, fstype string) error 
 	case "ext4", "ext3", "ext2":
 		return run(ctx, "resize2fs", device)
 	case "xfs":
-		return run(ctx, "xfs_growfs", path)
+		// xfs_growfs takes the mount point's path; it gets the directory
+		// opened beneath the kubelet directory, as its descriptor 3.
+		f, err := p.Open()
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		return runFiles(ctx, []*os.File{f}, "xfs_growfs", "/proc/self/fd/3")
 	}
 	return fmt.Errorf("cannot resize a %q filesystem", fstype)
 }
@@ -210,10 +349,15 @@ func fills(device string) (bool, error) {
 	return int64(devBytes)-info.SizeBytes < info.BlockSize, nil
 }
 
-func (h *hostFS) Stats(path string) (Stats, error) {
-	var s unix.Statfs_t
-	if err := unix.Statfs(path, &s); err != nil {
+func (h *hostFS) Stats(p *safepath.Path) (Stats, error) {
+	f, err := p.Open()
+	if err != nil {
 		return Stats{}, err
+	}
+	defer f.Close()
+	var s unix.Statfs_t
+	if err := unix.Fstatfs(int(f.Fd()), &s); err != nil {
+		return Stats{}, fmt.Errorf("statfs %s: %w", p, err)
 	}
 	bs := int64(s.Bsize)
 	st := Stats{

@@ -3,8 +3,8 @@ package csi
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 
@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/csi-dmthin/csi-dmthin/internal/safepath"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -35,22 +36,6 @@ func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRe
 	return &csi.NodeGetCapabilitiesResponse{Capabilities: caps}, nil
 }
 
-// kubeletPath checks that a path the CO gave is absolute and inside the
-// kubelet directory: nothing else is ever mounted over or removed.
-func (d *Driver) kubeletPath(field, p string) (string, error) {
-	if p == "" {
-		return "", invalid("%s is required", field)
-	}
-	if !filepath.IsAbs(p) {
-		return "", invalid("%s %q is not absolute", field, p)
-	}
-	c := filepath.Clean(p)
-	if !strings.HasPrefix(c, d.kubeletDir+string(filepath.Separator)) {
-		return "", invalid("%s %q is outside the kubelet directory %s", field, p, d.kubeletDir)
-	}
-	return c, nil
-}
-
 // required checks that fields (name, value pairs) are set. A handler calls
 // it before it parses or looks anything up: a request missing a field is
 // InvalidArgument whatever else is wrong with it.
@@ -63,17 +48,24 @@ func required(fieldValues ...string) error {
 	return nil
 }
 
-// volumePath checks the volume_path of NodeGetVolumeStats and
+// volumePath resolves the volume_path of NodeGetVolumeStats and
 // NodeExpandVolume. Nothing is mounted or removed there, so a path that
-// cannot hold one of our volumes (relative, or outside the kubelet
-// directory) is NotFound, the spec's code for "no such volume at that
-// path"; it is never looked at.
-func (d *Driver) volumePath(p string) (string, error) {
-	c, err := d.kubeletPath("volume_path", p)
-	if err != nil {
-		return "", notFound("%s", status.Convert(err).Message())
+// cannot hold one of our volumes (relative, outside the kubelet directory,
+// missing) is NotFound, the spec's code for "no such volume at that path"
+// (csi-sanity sends "some/path"); one through a symbolic link is
+// InvalidArgument, as everywhere.
+func (d *Driver) volumePath(p string) (*safepath.Path, error) {
+	if err := d.checkPath("volume_path", p); err != nil {
+		return nil, notFound("%s", status.Convert(err).Message())
 	}
-	return c, nil
+	vp, err := d.lookup("volume_path", p)
+	if err != nil {
+		return nil, err
+	}
+	if vp == nil {
+		return nil, notFound("volume_path %s does not exist", quoted(p))
+	}
+	return vp, nil
 }
 
 // lockVolume parses a volume_id, takes its lock and looks the volume up:
@@ -135,14 +127,14 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
-	staging, err := d.kubeletPath("staging_target_path", req.GetStagingTargetPath())
-	if err != nil {
+	staging := req.GetStagingTargetPath()
+	if err := d.checkPath("staging_target_path", staging); err != nil {
 		return nil, err
 	}
 	if err := checkCapability("volume_capability", req.GetVolumeCapability()); err != nil {
 		return nil, err
 	}
-	id, _, unlock, err := d.lockVolume(req.GetVolumeId())
+	id, v, unlock, err := d.lockVolume(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -157,24 +149,57 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	}
 	fsType := fsTypeOf(req.GetVolumeCapability(), req.GetVolumeContext())
 	log := klog.FromContext(ctx)
-	mounted, err := d.fs.IsMountPoint(staging)
+	sp, err := d.lookup("staging_target_path", staging)
 	if err != nil {
-		return nil, toStatus(err, "check staging_target_path %s", staging)
+		return nil, err
 	}
-	if mounted {
-		// Staged already, or something else is mounted there. Decided
-		// before activating, so a refused request changes nothing.
-		src, err := d.fs.MountedDevice(staging)
+	if sp != nil {
+		defer sp.Close()
+		mounted, err := d.fs.IsMountPoint(sp)
 		if err != nil {
-			return nil, toStatus(err, "check staging_target_path %s", staging)
+			return nil, pathError("staging_target_path", staging, err)
 		}
-		device, err := pool.DevicePath(id.name)
-		if err != nil || (src != device && !sameDevice(src, device)) {
-			return nil, status.Errorf(codes.AlreadyExists, "staging_target_path %s has %s mounted, not volume %s", staging, src, id)
+		if mounted {
+			// Staged already, or something else is mounted there. Decided
+			// before activating, so a refused request changes nothing.
+			if err := d.showsVolume("staging_target_path", staging, sp, id); status.Code(err) == codes.FailedPrecondition {
+				src, _ := d.fs.MountedDevice(sp)
+				return nil, status.Errorf(codes.AlreadyExists, "staging_target_path %s has %s mounted, not volume %s", sp, src, id)
+			} else if err != nil {
+				return nil, err
+			}
+			return &csi.NodeStageVolumeResponse{}, nil
 		}
-		return &csi.NodeStageVolumeResponse{}, nil
 	}
+
+	// From here on a failure puts back what the call changed: the device
+	// it activated (deactivated again, so the pool does not record it
+	// active and bring it back at every start) and the directories it
+	// made. A device active before (published as block elsewhere, or
+	// recorded active) stays so.
+	_, inactive := pool.DevicePath(id.name)
+	wasActive := v.Active || inactive == nil
+	var undo []func()
+	staged := false
+	defer func() {
+		if staged {
+			return
+		}
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+	}()
 	device, err := pool.Activate(ctx, id.name)
+	if !wasActive {
+		// Even when the activation itself failed half way; and with the
+		// caller's context cancelled (the mkfs it killed is why we are
+		// here), so without its cancellation.
+		undo = append(undo, func() {
+			if err := pool.Deactivate(context.WithoutCancel(ctx), id.name); err != nil {
+				log.Error(err, "Deactivating the volume of a failed stage failed", "volume", id)
+			}
+		})
+	}
 	if err != nil {
 		return nil, toStatus(err, "activate %s", id)
 	}
@@ -182,16 +207,28 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return nil, toStatus(err, "format volume %s", id)
 	}
-	if err := os.MkdirAll(staging, 0o750); err != nil {
-		return nil, toStatus(err, "make staging_target_path")
+	rmdirs, err := d.makeDirs("staging_target_path", staging)
+	if err != nil {
+		return nil, err
 	}
-	if err := d.fs.Mount(ctx, device, staging, fsType, mountOptions(req.GetVolumeCapability(), fsType)); err != nil {
-		return nil, toStatus(err, "mount volume %s at %s", id, staging)
+	undo = append(undo, rmdirs)
+	if sp == nil {
+		if sp, err = d.mustLookup("staging_target_path", staging); err != nil {
+			return nil, err
+		}
+		defer sp.Close()
 	}
+	if err := d.fs.Mount(ctx, device, sp, fsType, mountOptions(req.GetVolumeCapability(), fsType)); err != nil {
+		if errors.Is(err, ErrMountOption) {
+			return nil, invalid("volume_capability.mount.mount_flags: %v", err)
+		}
+		return nil, pathError("staging_target_path", staging, fmt.Errorf("mount volume %s: %w", id, err))
+	}
+	staged = true
 	if !formatted {
 		// The device may have grown while it was not staged (offline
 		// expansion): grow the filesystem with it.
-		if err := d.fs.Resize(ctx, device, staging, fsType); err != nil {
+		if err := d.fs.Resize(ctx, device, sp, fsType); err != nil {
 			log.Error(err, "Growing the filesystem at stage failed; NodeExpandVolume will retry", "volume", id)
 		}
 	}
@@ -199,19 +236,12 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	return &csi.NodeStageVolumeResponse{}, nil
 }
 
-// sameDevice compares two device paths by what they point at.
-func sameDevice(a, b string) bool {
-	ra, err1 := filepath.EvalSymlinks(a)
-	rb, err2 := filepath.EvalSymlinks(b)
-	return err1 == nil && err2 == nil && ra == rb
-}
-
 func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
 	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
-	staging, err := d.kubeletPath("staging_target_path", req.GetStagingTargetPath())
-	if err != nil {
+	staging := req.GetStagingTargetPath()
+	if err := d.checkPath("staging_target_path", staging); err != nil {
 		return nil, err
 	}
 	id, unlock, err := d.lockID(req.GetVolumeId())
@@ -226,9 +256,16 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 			device = node
 		}
 	}
-	mounted, err := d.fs.IsMountPoint(staging)
+	sp, err := d.lookup("staging_target_path", staging)
 	if err != nil {
-		return nil, toStatus(err, "check staging_target_path %s", staging)
+		return nil, err
+	}
+	mounted := false
+	if sp != nil {
+		defer sp.Close()
+		if mounted, err = d.fs.IsMountPoint(sp); err != nil {
+			return nil, pathError("staging_target_path", staging, err)
+		}
 	}
 	// Nothing is changed while the volume is in use: whatever is mounted at
 	// staging_target_path must be this volume, and it must not be published
@@ -236,31 +273,35 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	// bind mount still holds, but a raw block volume's bind mount (of its
 	// device node) holds nothing open, and the device would go from under
 	// the pod using it.
-	var shows []string
+	var refs []string
 	if mounted {
-		src, err := d.fs.MountedDevice(staging)
-		if err != nil {
-			return nil, toStatus(err, "check staging_target_path %s", staging)
+		if err := d.showsVolume("staging_target_path", staging, sp, id); status.Code(err) == codes.FailedPrecondition {
+			src, _ := d.fs.MountedDevice(sp)
+			return nil, status.Errorf(codes.FailedPrecondition, "staging_target_path %s has %s mounted, not volume %s", sp, src, id)
+		} else if err != nil {
+			return nil, err
 		}
-		if device == "" || (src != device && !sameDevice(src, device)) {
-			return nil, status.Errorf(codes.FailedPrecondition, "staging_target_path %s has %s mounted, not volume %s", staging, src, id)
+		if refs, err = d.fs.MountRefs(sp); err != nil {
+			return nil, toStatus(err, "find where %s is published", id)
 		}
-		shows = append(shows, staging)
 	}
 	if device != "" {
-		shows = append(shows, device)
-	}
-	for _, p := range shows {
-		refs, err := d.fs.MountRefs(p)
+		r, err := d.fs.DeviceRefs(device)
 		if err != nil {
 			return nil, toStatus(err, "find where %s is published", id)
 		}
-		if len(refs) > 0 {
-			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is still published at %s", id, strings.Join(refs, ", "))
-		}
+		refs = append(refs, r...)
 	}
-	if err := d.fs.Unmount(ctx, staging); err != nil {
-		return nil, toStatus(err, "unmount %s", staging)
+	if len(refs) > 0 {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is still published at %s", id, strings.Join(refs, ", "))
+	}
+	if sp != nil {
+		if err := d.fs.Unmount(ctx, sp); err != nil {
+			return nil, pathError("staging_target_path", staging, fmt.Errorf("unmount: %w", err))
+		}
+		if err := sp.Remove(); err != nil {
+			return nil, pathError("staging_target_path", staging, err)
+		}
 	}
 	if poolErr != nil {
 		return &csi.NodeUnstageVolumeResponse{}, nil
@@ -275,86 +316,207 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
-	target, err := d.kubeletPath("target_path", req.GetTargetPath())
-	if err != nil {
+	target, staging := req.GetTargetPath(), req.GetStagingTargetPath()
+	if err := d.checkPath("target_path", target); err != nil {
 		return nil, err
 	}
-	staging, err := d.kubeletPath("staging_target_path", req.GetStagingTargetPath())
-	if err != nil {
+	if err := d.checkPath("staging_target_path", staging); err != nil {
 		return nil, err
 	}
 	if err := checkCapability("volume_capability", req.GetVolumeCapability()); err != nil {
 		return nil, err
 	}
-	id, _, unlock, err := d.lockVolume(req.GetVolumeId())
+	id, v, unlock, err := d.lockVolume(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	if mounted, err := d.fs.IsMountPoint(target); err != nil {
-		return nil, toStatus(err, "check target_path %s", target)
-	} else if mounted {
-		return &csi.NodePublishVolumeResponse{}, nil
+	log := klog.FromContext(ctx)
+	tp, err := d.lookup("target_path", target)
+	if err != nil {
+		return nil, err
 	}
-	opts := []string{"bind"}
-	if req.GetReadonly() {
-		opts = append(opts, "ro")
-	}
-	block := req.GetVolumeCapability().GetBlock() != nil
-	// What target will show: the device node, or the staged filesystem.
-	source := staging
-	if block {
-		pool, _ := d.pool(id.pool)
-		if source, err = pool.Activate(ctx, id.name); err != nil {
-			return nil, toStatus(err, "activate %s", id)
+	if tp != nil {
+		defer tp.Close()
+		if mounted, err := d.fs.IsMountPoint(tp); err != nil {
+			return nil, pathError("target_path", target, err)
+		} else if mounted {
+			// Published already, or something else is mounted there.
+			if err := d.showsVolume("target_path", target, tp, id); status.Code(err) == codes.FailedPrecondition {
+				return nil, status.Errorf(codes.AlreadyExists, "%s", status.Convert(err).Message())
+			} else if err != nil {
+				return nil, err
+			}
+			return &csi.NodePublishVolumeResponse{}, nil
 		}
-	} else if mounted, err := d.fs.IsMountPoint(staging); err != nil || !mounted {
-		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged at %s", id, staging)
+	}
+	// Staged already, or looked up now: the staged filesystem, or a block
+	// volume's device node.
+	block := req.GetVolumeCapability().GetBlock() != nil
+	var sp *safepath.Path
+	var device string
+	if !block {
+		if sp, err = d.lookup("staging_target_path", staging); err != nil {
+			return nil, err
+		}
+		if sp == nil {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged at %s", id, quoted(staging))
+		}
+		defer sp.Close()
+		if mounted, err := d.fs.IsMountPoint(sp); err != nil {
+			return nil, pathError("staging_target_path", staging, err)
+		} else if !mounted {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged at %s", id, sp)
+		}
 	}
 	if req.GetVolumeCapability().GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER {
 		// The spec: a SINGLE_NODE_SINGLE_WRITER volume published at another
 		// target is FailedPrecondition. The mount table says where it is.
-		refs, err := d.fs.MountRefs(source)
-		if err != nil {
+		var refs []string
+		if block {
+			if node, err := d.activeDevice(id); err == nil {
+				refs, err = d.fs.DeviceRefs(node)
+				if err != nil {
+					return nil, toStatus(err, "find where %s is published", id)
+				}
+			}
+		} else if refs, err = d.fs.MountRefs(sp); err != nil {
 			return nil, toStatus(err, "find where %s is published", id)
 		}
 		if len(refs) > 0 {
 			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is SINGLE_NODE_SINGLE_WRITER and already published at %s", id, strings.Join(refs, ", "))
 		}
 	}
+
+	// From here on a failure puts back what the call changed.
+	var undo []func()
+	published := false
+	defer func() {
+		if published {
+			return
+		}
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+	}()
 	if block {
-		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
-			return nil, toStatus(err, "make the target's directory")
+		pool, _ := d.pool(id.pool)
+		_, inactive := pool.DevicePath(id.name)
+		wasActive := v.Active || inactive == nil
+		if device, err = pool.Activate(ctx, id.name); !wasActive {
+			undo = append(undo, func() {
+				if err := pool.Deactivate(context.WithoutCancel(ctx), id.name); err != nil {
+					log.Error(err, "Deactivating the volume of a failed publish failed", "volume", id)
+				}
+			})
 		}
-		f, err := os.OpenFile(target, os.O_CREATE, 0o640)
 		if err != nil {
-			return nil, toStatus(err, "make target_path %s", target)
+			return nil, toStatus(err, "activate %s", id)
 		}
-		f.Close()
-	} else if err := os.MkdirAll(target, 0o750); err != nil {
-		return nil, toStatus(err, "make target_path %s", target)
+		if dir := d.parentDir(target); dir != "" {
+			rmdirs, err := d.makeDirs("target_path", dir)
+			if err != nil {
+				return nil, err
+			}
+			undo = append(undo, rmdirs)
+		}
+	} else {
+		rmdirs, err := d.makeDirs("target_path", target)
+		if err != nil {
+			return nil, err
+		}
+		undo = append(undo, rmdirs)
 	}
-	if err := d.fs.Mount(ctx, source, target, "", opts); err != nil {
-		return nil, toStatus(err, "bind %s at %s", source, target)
+	if tp == nil {
+		if tp, err = d.mustLookup("target_path", target); err != nil {
+			return nil, err
+		}
+		defer tp.Close()
 	}
+	if block {
+		made, err := tp.CreateFile(0o640)
+		if err != nil {
+			return nil, pathError("target_path", target, err)
+		}
+		if made {
+			undo = append(undo, func() {
+				// Looked up again: tp is closed by the time undo runs.
+				if err := d.root().Remove(target); err != nil {
+					log.Error(err, "Removing the target of a failed publish failed", "path", target)
+				}
+			})
+		}
+		err = d.fs.BindDevice(ctx, device, tp, req.GetReadonly())
+		if err != nil {
+			return nil, pathError("target_path", target, fmt.Errorf("bind %s: %w", device, err))
+		}
+	} else if err := d.fs.BindMount(ctx, sp, tp, req.GetReadonly()); err != nil {
+		return nil, pathError("target_path", target, fmt.Errorf("bind %s: %w", sp, err))
+	}
+	published = true
 	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// showsVolume checks that the mount at p (the field's path) shows volume
+// id: its filesystem, or its device node; FailedPrecondition otherwise.
+func (d *Driver) showsVolume(field, path string, p *safepath.Path, id objectID) error {
+	device, err := d.activeDevice(id)
+	if err != nil {
+		return status.Errorf(codes.FailedPrecondition, "%s %s has something mounted, and volume %s is not active", field, p, id)
+	}
+	shows, err := d.fs.ShowsDevice(p, device)
+	if err != nil {
+		return pathError(field, path, err)
+	}
+	if !shows {
+		return status.Errorf(codes.FailedPrecondition, "%s %s has something mounted that is not volume %s", field, p, id)
+	}
+	return nil
+}
+
+// activeDevice returns the device node of an active volume.
+func (d *Driver) activeDevice(id objectID) (string, error) {
+	pool, err := d.pool(id.pool)
+	if err != nil {
+		return "", err
+	}
+	return pool.DevicePath(id.name)
 }
 
 func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
 	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
-	target, err := d.kubeletPath("target_path", req.GetTargetPath())
-	if err != nil {
+	target := req.GetTargetPath()
+	if err := d.checkPath("target_path", target); err != nil {
 		return nil, err
 	}
-	_, unlock, err := d.lockID(req.GetVolumeId())
+	id, unlock, err := d.lockID(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	if err := d.fs.Unmount(ctx, target); err != nil {
-		return nil, toStatus(err, "unmount %s", target)
+	tp, err := d.lookup("target_path", target)
+	if err != nil || tp == nil {
+		return &csi.NodeUnpublishVolumeResponse{}, err
+	}
+	defer tp.Close()
+	mounted, err := d.fs.IsMountPoint(tp)
+	if err != nil {
+		return nil, pathError("target_path", target, err)
+	}
+	if _, poolErr := d.pool(id.pool); mounted && poolErr == nil {
+		// Only this volume is unmounted: another one's publish, or
+		// anything else, stays.
+		if err := d.showsVolume("target_path", target, tp, id); err != nil {
+			return nil, err
+		}
+	}
+	if err := d.fs.Unmount(ctx, tp); err != nil {
+		return nil, pathError("target_path", target, fmt.Errorf("unmount: %w", err))
+	}
+	if err := tp.Remove(); err != nil {
+		return nil, pathError("target_path", target, err)
 	}
 	return &csi.NodeUnpublishVolumeResponse{}, nil
 }
@@ -371,30 +533,31 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if err != nil {
 		return nil, err
 	}
-	path, err := d.volumePath(req.GetVolumePath())
+	vp, err := d.volumePath(req.GetVolumePath())
 	if err != nil {
 		return nil, err
 	}
-	fi, err := os.Stat(path)
+	defer vp.Close()
+	fi, err := vp.Stat()
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, notFound("volume_path %s does not exist", path)
+		return nil, notFound("volume_path %s does not exist", vp)
 	}
 	if err != nil {
-		return nil, toStatus(err, "stat volume_path")
+		return nil, pathError("volume_path", req.GetVolumePath(), err)
 	}
 	// Only a mount point is a volume: statfs of a plain directory would
 	// report the filesystem under it.
-	if mounted, err := d.fs.IsMountPoint(path); err != nil {
-		return nil, toStatus(err, "check volume_path %s", path)
+	if mounted, err := d.fs.IsMountPoint(vp); err != nil {
+		return nil, pathError("volume_path", req.GetVolumePath(), err)
 	} else if !mounted {
-		return nil, notFound("volume_path %s is not a mounted volume", path)
+		return nil, notFound("volume_path %s is not a mounted volume", vp)
 	}
 	if !fi.IsDir() {
 		return &csi.NodeGetVolumeStatsResponse{Usage: []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: v.SizeBytes}}}, nil
 	}
-	st, err := d.fs.Stats(path)
+	st, err := d.fs.Stats(vp)
 	if err != nil {
-		return nil, toStatus(err, "statfs %s", path)
+		return nil, toStatus(err, "statfs %s", vp)
 	}
 	return &csi.NodeGetVolumeStatsResponse{Usage: []*csi.VolumeUsage{
 		{Unit: csi.VolumeUsage_BYTES, Total: st.TotalBytes, Available: st.AvailableBytes, Used: st.UsedBytes},
@@ -411,21 +574,25 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 			return nil, err
 		}
 	}
+	if err := checkCapacityRange(req.GetCapacityRange()); err != nil {
+		return nil, err
+	}
 	id, v, unlock, err := d.lockVolume(req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	path, err := d.volumePath(req.GetVolumePath())
+	vp, err := d.volumePath(req.GetVolumePath())
 	if err != nil {
 		return nil, err
 	}
-	fi, err := os.Stat(path)
+	defer vp.Close()
+	fi, err := vp.Stat()
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, notFound("volume_path %s does not exist", path)
+		return nil, notFound("volume_path %s does not exist", vp)
 	}
 	if err != nil {
-		return nil, toStatus(err, "stat volume_path")
+		return nil, pathError("volume_path", req.GetVolumePath(), err)
 	}
 	size := v.SizeBytes
 	if req.GetCapacityRange() != nil {
@@ -450,13 +617,28 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if err != nil {
 		return nil, toStatus(err, "probe %s", device)
 	}
-	if err := d.fs.Resize(ctx, device, path, fsType); err != nil {
+	if err := d.fs.Resize(ctx, device, vp, fsType); err != nil {
 		return nil, toStatus(err, "grow the filesystem of %s", id)
 	}
 	return &csi.NodeExpandVolumeResponse{CapacityBytes: v.SizeBytes}, nil
 }
 
 func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHealthRequest) (*csi.NodeGetVolumeHealthResponse, error) {
+	if err := required("volume_id", req.GetVolumeId()); err != nil {
+		return nil, err
+	}
+	paths := []struct{ field, path string }{
+		{"volume_publish_path", req.GetVolumePublishPath()},
+		{"staging_target_path", req.GetStagingTargetPath()},
+	}
+	for _, p := range paths {
+		if p.path == "" {
+			continue
+		}
+		if err := d.checkPath(p.field, p.path); err != nil {
+			return nil, err
+		}
+	}
 	id, err := mustParseID("volume_id", req.GetVolumeId())
 	if err != nil {
 		return nil, err
@@ -466,12 +648,25 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 	}
 	pool, _ := d.pool(id.pool)
 	h := poolHealth(pool)
-	for field, p := range map[string]string{"volume_publish_path": req.GetVolumePublishPath(), "staging_target_path": req.GetStagingTargetPath()} {
-		if p == "" {
+	for _, p := range paths {
+		if p.path == "" {
 			continue
 		}
-		if _, err := os.Stat(p); err != nil {
-			h = append(h, entry(csi.VolumeHealthErrorType_INACCESSIBLE, "PathMissing", field+" "+p+": "+err.Error()))
+		sp, err := d.lookup(p.field, p.path)
+		if err != nil {
+			return nil, err
+		}
+		if sp == nil {
+			err = os.ErrNotExist
+		} else {
+			_, err = sp.Stat()
+			sp.Close()
+		}
+		switch {
+		case errors.Is(err, safepath.ErrSymlink):
+			return nil, pathError(p.field, p.path, err)
+		case err != nil:
+			h = append(h, entry(csi.VolumeHealthErrorType_INACCESSIBLE, "PathMissing", p.field+" "+quoted(p.path)+": "+err.Error()))
 		}
 	}
 	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: &csi.VolumeHealth{VolumeId: id.String(), HealthStatuses: h}}, nil

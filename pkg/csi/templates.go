@@ -22,10 +22,18 @@ import (
 // gives that filesystem its own UUID before the first mount (FS.Format).
 //
 // The first volume of a size is made empty and formatted at stage as
-// before; that request starts the template's build in the background, so
-// the volumes after it are fast. Templates are not volumes: ListVolumes
-// does not show them, the overprovisioning limit does not count them, and
-// only the blocks mkfs wrote use the pool, once for all clones.
+// before; once the pool has admitted it (CreateVolume succeeded), the
+// template's build starts in the background, so the volumes after it are
+// fast. A size no volume was admitted for never gets a template: a refused
+// CreateVolume of a petabyte must not leave a petabyte filesystem's
+// metadata behind, nor push out a template in use. Templates are not
+// volumes: ListVolumes does not show them, and only the blocks mkfs wrote
+// use the pool, once for all clones (pkg/thinpool decides how they count
+// against its limits).
+//
+// A template is pinned from the lookup that finds it until the Clone of
+// it is done, and while it is being built; eviction passes over pinned
+// ones, so a template is never deleted from under a Clone.
 
 // DefaultTemplates is how many templates a pool keeps; the least recently
 // used one goes to make room for a new size.
@@ -57,14 +65,24 @@ type templates struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	// All by "<pool>/<name>".
 	mu       sync.Mutex
-	building map[string]bool      // "<pool>/<name>"
-	used     map[string]time.Time // "<pool>/<name>": last clone made from it
+	building map[string]bool
+	used     map[string]time.Time // last lookup that found it
+	pins     map[string]int       // lookups whose Clone is not done yet
+	evicting map[string]bool      // being deleted: no new pins
+	// serial, by pool name: one build at a time per pool, so that the
+	// room each makes is counted with the others' templates sealed.
+	serial map[string]*sync.Mutex
 }
 
 func newTemplates(max int, fs FS) *templates {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &templates{max: max, fs: fs, ctx: ctx, cancel: cancel, building: map[string]bool{}, used: map[string]time.Time{}}
+	return &templates{
+		max: max, fs: fs, ctx: ctx, cancel: cancel,
+		building: map[string]bool{}, used: map[string]time.Time{}, pins: map[string]int{}, evicting: map[string]bool{},
+		serial: map[string]*sync.Mutex{},
+	}
 }
 
 // stop cancels the builds in progress and waits for them; a cancelled
@@ -75,27 +93,50 @@ func (t *templates) stop() {
 }
 
 // lookup returns the sealed template for fsType and sizeBytes in pool, ""
-// when there is none; then it starts building one unless build is false.
-func (t *templates) lookup(pool Pool, fsType string, sizeBytes int64, build bool) string {
+// when there is none, and a release func to call once the Clone of it is
+// done (always non-nil): until then the template is pinned, and no
+// eviction deletes it.
+func (t *templates) lookup(pool Pool, fsType string, sizeBytes int64) (string, func()) {
 	if t.max <= 0 || !supportedFS[fsType] {
-		return ""
+		return "", func() {}
 	}
 	name := templateName(fsType, sizeBytes)
-	if v, err := pool.Get(name); err == nil && v.Kind == thinpool.KindTemplate && v.Sealed {
-		t.mu.Lock()
-		t.used[pool.Name()+"/"+name] = time.Now()
+	key := pool.Name() + "/" + name
+	t.mu.Lock()
+	if t.evicting[key] {
 		t.mu.Unlock()
-		return name
+		return "", func() {}
 	}
-	if build {
-		t.build(pool, name, fsType, sizeBytes)
+	t.pins[key]++
+	t.mu.Unlock()
+	var once sync.Once
+	release := func() {
+		once.Do(func() {
+			t.mu.Lock()
+			defer t.mu.Unlock()
+			if t.pins[key]--; t.pins[key] <= 0 {
+				delete(t.pins, key)
+			}
+		})
 	}
-	return ""
+	if v, err := pool.Get(name); err != nil || v.Kind != thinpool.KindTemplate || !v.Sealed {
+		release()
+		return "", func() {}
+	}
+	t.mu.Lock()
+	t.used[key] = time.Now()
+	t.mu.Unlock()
+	return name, release
 }
 
-// build makes the template name in the background, unless it is being
-// made already.
-func (t *templates) build(pool Pool, name, fsType string, sizeBytes int64) {
+// build makes the template for fsType and sizeBytes in the background,
+// unless it is being made already. The caller has just had a volume of
+// that size admitted by the pool.
+func (t *templates) build(pool Pool, fsType string, sizeBytes int64) {
+	if t.max <= 0 || !supportedFS[fsType] {
+		return
+	}
+	name := templateName(fsType, sizeBytes)
 	key := pool.Name() + "/" + name
 	t.mu.Lock()
 	if t.building[key] || t.ctx.Err() != nil {
@@ -103,6 +144,11 @@ func (t *templates) build(pool Pool, name, fsType string, sizeBytes int64) {
 		return
 	}
 	t.building[key] = true
+	serial := t.serial[pool.Name()]
+	if serial == nil {
+		serial = &sync.Mutex{}
+		t.serial[pool.Name()] = serial
+	}
 	t.wg.Add(1)
 	t.mu.Unlock()
 	go func() {
@@ -112,6 +158,8 @@ func (t *templates) build(pool Pool, name, fsType string, sizeBytes int64) {
 			delete(t.building, key)
 			t.mu.Unlock()
 		}()
+		serial.Lock()
+		defer serial.Unlock()
 		ctx, cancel := context.WithTimeout(t.ctx, buildTimeout)
 		defer cancel()
 		log := klog.Background().WithValues("pool", pool.Name(), "template", name)
@@ -120,8 +168,10 @@ func (t *templates) build(pool Pool, name, fsType string, sizeBytes int64) {
 			log.Error(err, "Building a formatted template failed; volumes of this size are formatted at stage")
 			// Whatever is left is unsealed, never cloned, and deleted here
 			// or when the pool next opens.
-			if derr := pool.Delete(context.Background(), name); derr != nil {
-				log.Error(derr, "Deleting the failed template failed")
+			if _, gerr := pool.Get(name); gerr == nil {
+				if derr := pool.Delete(context.Background(), name); derr != nil {
+					log.Error(derr, "Deleting the failed template failed")
+				}
 			}
 			return
 		}
@@ -130,16 +180,21 @@ func (t *templates) build(pool Pool, name, fsType string, sizeBytes int64) {
 }
 
 func (t *templates) make(ctx context.Context, pool Pool, name, fsType string, sizeBytes int64) error {
-	if err := t.evict(ctx, pool); err != nil {
-		return err
-	}
-	if v, err := pool.Get(name); err == nil && !v.Sealed {
+	if v, err := pool.Get(name); err == nil {
+		if v.Sealed {
+			return nil // made meanwhile
+		}
 		// Left by a build that failed half way: start again.
 		if err := pool.Delete(ctx, name); err != nil {
 			return err
 		}
 	}
+	// Made before making room: a template the pool refuses costs no
+	// other template its place.
 	if _, err := pool.CreateTemplate(ctx, name, sizeBytes); err != nil {
+		return err
+	}
+	if err := t.evict(ctx, pool); err != nil {
 		return err
 	}
 	device, err := pool.Activate(ctx, name)
@@ -161,8 +216,9 @@ func (t *templates) make(ctx context.Context, pool Pool, name, fsType string, si
 	return pool.SealTemplate(ctx, name)
 }
 
-// evict deletes the least recently used templates of pool until there is
-// room for one more.
+// evict deletes the least recently used sealed templates of pool until
+// there is room for one more, passing over pinned ones; when the pinned
+// ones alone fill the pool's share, there is no room (an error).
 func (t *templates) evict(ctx context.Context, pool Pool) error {
 	var have []thinpool.Volume
 	for _, v := range pool.List() {
@@ -170,24 +226,47 @@ func (t *templates) evict(ctx context.Context, pool Pool) error {
 			have = append(have, v)
 		}
 	}
-	if len(have) < t.max {
+	excess := len(have) - t.max + 1
+	if excess <= 0 {
 		return nil
 	}
+	key := func(v thinpool.Volume) string { return pool.Name() + "/" + v.Name }
 	t.mu.Lock()
 	last := func(v thinpool.Volume) time.Time {
-		if at, ok := t.used[pool.Name()+"/"+v.Name]; ok {
+		if at, ok := t.used[key(v)]; ok {
 			return at
 		}
 		return v.CreatedAt
 	}
 	sort.Slice(have, func(i, j int) bool { return last(have[i]).Before(last(have[j])) })
+	var victims []thinpool.Volume
+	for _, v := range have {
+		if len(victims) == excess {
+			break
+		}
+		if t.pins[key(v)] > 0 || t.building[key(v)] || t.evicting[key(v)] {
+			continue
+		}
+		t.evicting[key(v)] = true
+		victims = append(victims, v)
+	}
 	t.mu.Unlock()
-	for _, v := range have[:len(have)-t.max+1] {
+	defer func() {
+		t.mu.Lock()
+		for _, v := range victims {
+			delete(t.evicting, key(v))
+		}
+		t.mu.Unlock()
+	}()
+	if len(victims) < excess {
+		return fmt.Errorf("no room for another template: %d of the %d are in use", len(have)-len(victims), len(have))
+	}
+	for _, v := range victims {
 		if err := pool.Delete(ctx, v.Name); err != nil {
 			return fmt.Errorf("make room: delete template %s: %w", v.Name, err)
 		}
 		t.mu.Lock()
-		delete(t.used, pool.Name()+"/"+v.Name)
+		delete(t.used, key(v))
 		t.mu.Unlock()
 	}
 	return nil

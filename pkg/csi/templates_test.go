@@ -158,3 +158,61 @@ func TestTemplatesOff(t *testing.T) {
 		}
 	}
 }
+
+// A template is built only for a size a volume was admitted for: a
+// CreateVolume the pool refuses for lack of space (a petabyte, say) starts
+// no build, leaves no template and evicts none, however full the
+// templates are.
+func TestTemplatesAfterAdmission(t *testing.T) {
+	e := newDriverEnvTemplates(t, 2)
+	a, b := templateName("ext4", testVolBytes), templateName("ext4", 2*testVolBytes)
+	createFS(t, e, "a", testVolBytes, fsCap)
+	createFS(t, e, "b", 2*testVolBytes, fsCap)
+	waitTemplates(t, e, a, b)
+	before := e.pools[testPool].List()
+	for _, size := range []int64{1 << 50, 100 * testPoolBytes} {
+		for _, c := range []*csi.VolumeCapability{fsCap, mountCap("xfs", rwo)} {
+			_, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{
+				Name: "huge", CapacityRange: &csi.CapacityRange{RequiredBytes: size},
+				VolumeCapabilities: []*csi.VolumeCapability{c},
+			})
+			wantCode(t, err, codes.ResourceExhausted)
+		}
+	}
+	waitTemplates(t, e, a, b) // and for any build the refusals started
+	if after := e.pools[testPool].List(); !slices.Equal(after, before) {
+		t.Errorf("refused CreateVolumes changed the pool:\nbefore %+v\nafter  %+v", before, after)
+	}
+	if n := e.fs.mkfs["ext4"] + e.fs.mkfs["xfs"]; n != 2 {
+		t.Errorf("%d mkfs in all, want the 2 for the admitted sizes", n)
+	}
+}
+
+// A template pinned between its lookup and the Clone of it is never
+// evicted: a build that needs its place gives up instead, and takes it once
+// the Clone is done.
+func TestTemplatePinned(t *testing.T) {
+	e := newDriverEnvTemplates(t, 1)
+	a, b := templateName("ext4", testVolBytes), templateName("ext4", 2*testVolBytes)
+	createFS(t, e, "a", testVolBytes, fsCap)
+	waitTemplates(t, e, a)
+	got, release := e.d.templates.lookup(e.pools[testPool], "ext4", testVolBytes)
+	if got != a {
+		t.Fatalf("lookup = %q, want %s", got, a)
+	}
+	createFS(t, e, "b", 2*testVolBytes, fsCap) // builds b, which needs a's place
+	waitTemplates(t, e, a)
+	for _, v := range e.pools[testPool].List() {
+		if v.Name == b {
+			t.Errorf("the build that found no room left %+v", v)
+		}
+	}
+	// Cloned while pinned: still there.
+	if v, err := e.pools[testPool].Clone(t.Context(), "clone", a, testVolBytes); err != nil || v.Source != a {
+		t.Fatalf("Clone of the pinned template: %+v, %v", v, err)
+	}
+	release()
+	release() // twice is once
+	createFS(t, e, "b2", 2*testVolBytes, fsCap)
+	waitTemplates(t, e, b)
+}
