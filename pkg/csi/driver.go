@@ -33,6 +33,9 @@ type Pool interface {
 	SealTemplate(ctx context.Context, name string) error
 	ZeroesNewBlocks() bool
 	Snapshot(ctx context.Context, name, source string) (*thinpool.Volume, error)
+	SnapshotGroup(ctx context.Context, group string, members []thinpool.GroupMember) ([]*thinpool.Volume, error)
+	// GroupSnapshots returns a group's snapshots; ErrNotFound for none.
+	GroupSnapshots(group string) ([]thinpool.Volume, error)
 	Clone(ctx context.Context, name, source string, sizeBytes int64) (*thinpool.Volume, error)
 	Delete(ctx context.Context, name string) error
 	Grow(ctx context.Context, name string, sizeBytes int64) (*thinpool.Volume, error)
@@ -72,11 +75,13 @@ type Options struct {
 	Events EventSink
 }
 
-// Driver serves the three CSI services.
+// Driver serves the CSI services: Identity, Controller, Node and
+// GroupController.
 type Driver struct {
 	csi.UnimplementedIdentityServer
 	csi.UnimplementedControllerServer
 	csi.UnimplementedNodeServer
+	csi.UnimplementedGroupControllerServer
 
 	name, version, nodeID string
 	pools                 map[string]Pool
@@ -164,6 +169,7 @@ func (d *Driver) ServeListener(l net.Listener) error {
 	csi.RegisterIdentityServer(srv, d)
 	csi.RegisterControllerServer(srv, d)
 	csi.RegisterNodeServer(srv, d)
+	csi.RegisterGroupControllerServer(srv, d)
 	d.mu.Lock()
 	if d.stopped {
 		// Stop came first (a signal during start-up): serving now would
