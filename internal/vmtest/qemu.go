@@ -180,15 +180,13 @@ func run(ctx context.Context, s Spec, hooks *runHooks) (*Result, error) {
 	}
 
 	// Two cores, and a TCG guest keeps both busy: one VM at a time.
-	vmLock := filepath.Join(cache, "vm.lock")
-	// The notice goes to stderr, not Output: Output is the payload's alone.
-	unlock, err := lockFile(ctx, vmLock, func() {
-		_, _ = fmt.Fprintf(os.Stderr, "vmtest: waiting for another process's VM to finish (lock %s)\n", vmLock)
-	})
-	if err != nil {
-		return nil, err
+	if ctx.Value(vmLockHeld{}) == nil {
+		unlock, err := lockVM(ctx, cache)
+		if err != nil {
+			return nil, err
+		}
+		defer unlock()
 	}
-	defer unlock()
 
 	res := &Result{Prepare: time.Since(start)}
 	err = boot(ctx, qemu, k, initrd, filepath.Join(tmp, "payload.sock"), nonce, &s, res, hooks)
@@ -197,6 +195,36 @@ func run(ctx context.Context, s Spec, hooks *runHooks) (*Result, error) {
 		return nil, err
 	}
 	return res, nil
+}
+
+// vmLockHeld is the context key HoldVM sets.
+type vmLockHeld struct{}
+
+// HoldVM takes the machine-wide VM lock (Run takes it for each VM) for a
+// caller that runs VMs one after another, boots of the same disks between
+// power cuts say, and wants no other process's VM in between: its time is
+// then its own, and it is not starved by waiting for the lock again before
+// each boot. Run with the returned context does not take the lock; it must
+// be one Run at a time. unlock releases the lock.
+func HoldVM(ctx context.Context) (context.Context, func(), error) {
+	cache, err := CacheDir()
+	if err != nil {
+		return nil, nil, err
+	}
+	unlock, err := lockVM(ctx, cache)
+	if err != nil {
+		return nil, nil, err
+	}
+	return context.WithValue(ctx, vmLockHeld{}, true), unlock, nil
+}
+
+// lockVM waits for the VM lock in the cache directory.
+func lockVM(ctx context.Context, cache string) (func(), error) {
+	vmLock := filepath.Join(cache, "vm.lock")
+	// The notice goes to stderr, not Output: Output is the payload's alone.
+	return lockFile(ctx, vmLock, func() {
+		_, _ = fmt.Fprintf(os.Stderr, "vmtest: waiting for another process's VM to finish (lock %s)\n", vmLock)
+	})
 }
 
 func lookPathQEMU() (string, error) {
