@@ -93,6 +93,7 @@ func TestPowerCutGuest(t *testing.T) {
 		t.FailNow()
 	}
 	if settle != "" {
+		settle = pcSeal(settle)
 		emit(t, "%s", settle)
 		if err := m.feed(settle); err != nil {
 			t.Fatal(err)
@@ -108,17 +109,47 @@ func TestPowerCutGuest(t *testing.T) {
 	emit(t, "%sworkload", pcLinePrefix)
 	rng := rand.New(rand.NewPCG(seed, uint64(boot)))
 	deadline := time.Now().Add(maxWork)
+	// Now and then the workload holds an active volume open, as a mount
+	// would: deactivating it is then refused, and deleting it leaves a
+	// tombstone until the last close (the next operation, or Open after a
+	// cut, finishes the delete).
+	var held *os.File
+	heldName := ""
+	defer func() {
+		if held != nil {
+			held.Close()
+		}
+	}()
 	for time.Now().Before(deadline) {
-		o := pcChoose(m, rng)
-		emit(t, "%s", o.beginLine())
-		if err := m.feed(o.beginLine()); err != nil {
+		switch {
+		case held != nil && rng.IntN(8) == 0:
+			held.Close()
+			held, heldName = nil, ""
+			emit(t, "%srelease", pcLinePrefix)
+		case held == nil && rng.IntN(8) == 0:
+			if n := pcPickActive(m, rng); n != "" {
+				node, err := p.DevicePath(n)
+				if err != nil {
+					t.Fatalf("hold %s: %v", n, err)
+				}
+				if held, err = os.Open(node); err != nil {
+					t.Fatalf("hold %s: %v", n, err)
+				}
+				heldName = n
+				emit(t, "%shold %s", pcLinePrefix, n)
+			}
+		}
+		o := pcChoose(m, rng, heldName)
+		begin := pcSeal(o.beginLine())
+		emit(t, "%s", begin)
+		if err := m.feed(begin); err != nil {
 			t.Fatal(err)
 		}
 		if err := pcDo(p, m, o); err != nil {
 			emit(t, "%sFAILED %s: %v", pcLinePrefix, o, err)
 			t.Fatalf("operation %s: %v", o, err)
 		}
-		ack := fmt.Sprintf("%sack %d", pcLinePrefix, o.N)
+		ack := pcSeal(fmt.Sprintf("%sack %d", pcLinePrefix, o.N))
 		emit(t, "%s", ack)
 		if err := m.feed(ack); err != nil {
 			t.Fatal(err)
@@ -295,14 +326,35 @@ func pcObserve(t *testing.T, p *Pool, k *HostKernel, writers map[int]string) (ma
 	return got, problems
 }
 
+// pcPickActive picks an active volume, or "" if there is none.
+func pcPickActive(m *pcModel, rng *rand.Rand) string {
+	var active []string
+	for n, v := range m.vols {
+		if v.Active {
+			active = append(active, n)
+		}
+	}
+	if len(active) == 0 {
+		return ""
+	}
+	sort.Strings(active)
+	return active[rng.IntN(len(active))]
+}
+
 // pcChoose picks the next operation, at random among those that fit the
-// promised state.
-func pcChoose(m *pcModel, rng *rand.Rand) pcOp {
-	var names, active, inactive, growable []string
+// promised state. held is a volume held open, which is not deactivated.
+func pcChoose(m *pcModel, rng *rand.Rand, held string) pcOp {
+	if _, ok := m.vols[held]; !ok {
+		held = "" // deleted while held: a tombstone until it is released
+	}
+	var names, active, deactivatable, inactive, growable []string
 	for n, v := range m.vols {
 		names = append(names, n)
 		if v.Active {
 			active = append(active, n)
+			if n != held {
+				deactivatable = append(deactivatable, n)
+			}
 		} else {
 			inactive = append(inactive, n)
 		}
@@ -310,7 +362,7 @@ func pcChoose(m *pcModel, rng *rand.Rand) pcOp {
 			growable = append(growable, n)
 		}
 	}
-	for _, s := range [][]string{names, active, inactive, growable} {
+	for _, s := range [][]string{names, active, deactivatable, inactive, growable} {
 		sort.Strings(s)
 	}
 	pick := func(s []string) string { return s[rng.IntN(len(s))] }
@@ -331,7 +383,13 @@ func pcChoose(m *pcModel, rng *rand.Rand) pcOp {
 		w["activate"] = 3
 	}
 	if len(active) > 0 {
-		w["deactivate"], w["write"] = 1, 8
+		w["write"] = 8
+	}
+	if len(deactivatable) > 0 {
+		w["deactivate"] = 1
+	}
+	if held != "" {
+		w["delete"]++ // of the held one, now and then
 	}
 	if len(growable) > 0 {
 		w["grow"] = 1
@@ -362,10 +420,13 @@ func pcChoose(m *pcModel, rng *rand.Rand) pcOp {
 		o.Size = m.vols[o.Source].Size + 4*mib*int64(rng.IntN(2))
 	case "delete":
 		o.Name = pick(names)
+		if held != "" && rng.IntN(3) == 0 {
+			o.Name = held
+		}
 	case "activate":
 		o.Name = pick(inactive)
 	case "deactivate":
-		o.Name = pick(active)
+		o.Name = pick(deactivatable)
 	case "grow":
 		o.Name = pick(growable)
 		o.Size = m.vols[o.Name].Size + 4*mib

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"hash/crc32"
 	"hash/fnv"
 	"sort"
 	"strconv"
@@ -32,6 +33,10 @@ import (
 //
 //	PC settle <n> done|undone
 //	PC settle <n> torn <hex mask of the slot's new blocks>
+//
+// Each of these lines ends in " ~" and the CRC-32 of what precedes it, so
+// that a line damaged on its way fails the replay rather than changing the
+// promise.
 
 const (
 	pcSlots         = 8        // data slots per volume
@@ -172,8 +177,30 @@ func isPCLogLine(l string) bool {
 	return false
 }
 
-// feed applies one log line.
-func (m *pcModel) feed(line string) error {
+// pcSeal appends the checksum to a log line.
+func pcSeal(line string) string {
+	return fmt.Sprintf("%s ~%08x", line, crc32.ChecksumIEEE([]byte(line)))
+}
+
+// pcUnseal checks and strips a log line's checksum.
+func pcUnseal(sealed string) (string, error) {
+	i := strings.LastIndex(sealed, " ~")
+	if i < 0 {
+		return "", fmt.Errorf("no checksum")
+	}
+	line := sealed[:i]
+	if sealed[i+2:] != fmt.Sprintf("%08x", crc32.ChecksumIEEE([]byte(line))) {
+		return "", fmt.Errorf("bad checksum")
+	}
+	return line, nil
+}
+
+// feed applies one (sealed) log line.
+func (m *pcModel) feed(sealed string) error {
+	line, err := pcUnseal(sealed)
+	if err != nil {
+		return err
+	}
 	f := strings.Fields(strings.TrimPrefix(line, pcLinePrefix))
 	if len(f) < 2 || !strings.HasPrefix(line, pcLinePrefix) {
 		return fmt.Errorf("not a log line")
