@@ -80,7 +80,8 @@ func TestPowerCutGuest(t *testing.T) {
 		emit(t, "%sLOST the pool does not open: %v", pcLinePrefix, err)
 		t.Fatalf("open: %v", err)
 	}
-	emit(t, "%sopen ok", pcLinePrefix)
+	opened := time.Now()
+	emit(t, "%sopen ok took=%v", pcLinePrefix, opened.Sub(start).Round(time.Millisecond))
 
 	got, problems := pcObserve(t, p, k, m.writers)
 	settle, diff := m.judge(got)
@@ -99,7 +100,7 @@ func TestPowerCutGuest(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	emit(t, "%sverify ok volumes=%d acked=%d took=%v", pcLinePrefix, len(got), m.acked+m.settledDone+m.settledTorn, time.Since(start).Round(time.Millisecond))
+	emit(t, "%sverify ok volumes=%d acked=%d took=%v (open %v)", pcLinePrefix, len(got), m.acked+m.settledDone+m.settledTorn, time.Since(start).Round(time.Millisecond), opened.Sub(start).Round(time.Millisecond))
 
 	if final {
 		pcTeardown(t, p, k)

@@ -254,8 +254,8 @@ func (b *pcBoot) Write(p []byte) (int, error) {
 	case isPCLogLine(l):
 		r.log = append(r.log, l)
 		pending := r.model.pending
-		if strings.HasPrefix(l, pcLinePrefix+"settle ") && pending != nil {
-			b.settled = fmt.Sprintf("; operation %s %s", pending, strings.Join(strings.Fields(l)[3:], " "))
+		if line, err := pcUnseal(l); err == nil && strings.HasPrefix(line, pcLinePrefix+"settle ") && pending != nil {
+			b.settled = fmt.Sprintf("; operation %s in flight at the cut: %s", pending, strings.Join(strings.Fields(line)[3:], " "))
 		}
 		if strings.HasPrefix(l, pcLinePrefix+"begin ") {
 			b.began++
@@ -275,7 +275,7 @@ func (b *pcBoot) Write(p []byte) (int, error) {
 		for n := range r.model.liveWrites() {
 			r.writes[n] = true
 		}
-	case l == pcLinePrefix+"open ok":
+	case strings.HasPrefix(l, pcLinePrefix+"open ok"):
 		r.poolMade = true
 	case l == pcLinePrefix+"final ok":
 		b.finalOK = true
