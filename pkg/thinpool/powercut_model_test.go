@@ -274,19 +274,33 @@ func (m *pcModel) apply(o pcOp, vols map[string]pcVol, mask uint16) (map[string]
 		}
 		return nil
 	}
-	var err error
-	switch o.Verb {
-	case "create", "snapshot", "clone":
-		err = needs(!exists, o.Name+" exists")
-	default:
-		err = needs(exists, o.Name+" does not exist")
-	}
-	if err != nil {
-		return nil, err
-	}
 	out := make(map[string]pcVol, len(vols)+1)
 	for k, x := range vols {
 		out[k] = x
+	}
+	// A create, snapshot or clone of a name that exists is a retry, as a
+	// CO retries a call it got no answer to: it must find what it would
+	// make, and changes nothing. So is a delete of what is gone.
+	switch {
+	case (o.Verb == "create" || o.Verb == "snapshot" || o.Verb == "clone") && exists:
+		without := make(map[string]pcVol, len(vols))
+		for k, x := range vols {
+			if k != o.Name {
+				without[k] = x
+			}
+		}
+		made, err := m.apply(o, without, mask)
+		if err != nil {
+			return nil, err
+		}
+		if w := made[o.Name]; w.Kind != v.Kind || w.Size != v.Size || w.Source != v.Source {
+			return nil, fmt.Errorf("%s exists as a %s of %d bytes from %q; %s makes a %s of %d bytes from %q", o.Name, v.Kind, v.Size, v.Source, o.Verb, w.Kind, w.Size, w.Source)
+		}
+		return out, nil
+	case o.Verb == "delete" && !exists:
+		return out, nil
+	case !exists && o.Verb != "create" && o.Verb != "snapshot" && o.Verb != "clone":
+		return nil, fmt.Errorf("%s does not exist", o.Name)
 	}
 	switch o.Verb {
 	case "create":

@@ -275,6 +275,8 @@ func (b *pcBoot) Write(p []byte) (int, error) {
 		for n := range r.model.liveWrites() {
 			r.writes[n] = true
 		}
+	case l == pcLinePrefix+"retry":
+		b.settled += ", retried"
 	case strings.HasPrefix(l, pcLinePrefix+"open ok"):
 		r.poolMade = true
 	case l == pcLinePrefix+"final ok":
@@ -403,7 +405,9 @@ func TestPowerCutModel(t *testing.T) {
 		{"wrong number", []string{"PC begin 10 delete v1"}},
 		{"ack of another", []string{"PC begin 9 delete v1", "PC ack 8"}},
 		{"ack with nothing pending", []string{"PC ack 9"}},
-		{"create of an existing name", []string{"PC begin 9 create v1 8388608"}},
+		{"create of an existing name, another size", []string{"PC begin 9 create v1 16777216"}},
+		{"snapshot of an existing name, another source", []string{"PC begin 9 snapshot c6 v1"}},
+		{"grow of a deleted volume", []string{"PC begin 9 grow s4 16777216"}},
 		{"write to an inactive volume", []string{"PC begin 9 write c6 0"}},
 		{"snapshot of nothing", []string{"PC begin 9 snapshot s9 gone"}},
 		{"clone smaller than its source", []string{"PC begin 9 clone c9 c6 8388608"}},
@@ -416,6 +420,24 @@ func TestPowerCutModel(t *testing.T) {
 	} {
 		if _, err := replayPC(append(append([]string(nil), base...), seal(tc.more...)...)); err == nil {
 			t.Errorf("%s: replay accepted %q", tc.name, tc.more)
+		}
+	}
+
+	// Retries: a create, snapshot or clone that finds what it would make,
+	// a delete of what is gone. They change nothing.
+	for _, more := range [][]string{
+		{"PC begin 9 create v1 8388608", "PC ack 9"},
+		{"PC begin 9 delete s4", "PC ack 9"},
+		{"PC begin 9 snapshot s9 v1", "PC ack 9", "PC begin 10 snapshot s9 v1", "PC ack 10"},
+		{"PC begin 9 clone c9 v1 16777216", "PC ack 9", "PC begin 10 clone c9 v1 16777216", "PC settle 10 done"},
+	} {
+		r, err := replayPC(append(append([]string(nil), base...), seal(more...)...))
+		if err != nil {
+			t.Errorf("retry %q: %v", more, err)
+			continue
+		}
+		if want := 2 + len(more)/4; len(r.vols) != want {
+			t.Errorf("retry %q: %d volumes, want %d", more, len(r.vols), want)
 		}
 	}
 
