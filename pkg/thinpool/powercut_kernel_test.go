@@ -296,12 +296,16 @@ func pcObserve(t *testing.T, p *Pool, k *HostKernel, writers map[int]string) (ma
 	}
 
 	got := map[string]pcVol{}
+	buf, free, err := alignedBuf(pcSlotBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer free()
 	names := make([]string, 0, len(vols))
 	for n := range vols {
 		names = append(names, n)
 	}
 	sort.Strings(names)
-	buf := make([]byte, pcSlotBytes)
 	for _, n := range names {
 		v := vols[n]
 		if v.Deleting || v.Kind == KindTemplate {
@@ -324,13 +328,12 @@ func pcObserve(t *testing.T, p *Pool, k *HostKernel, writers map[int]string) (ma
 		} else if _, size, err := k.BlockDevice(node); err != nil || size != v.SizeBytes {
 			bad("lost", "%s: its active device has %d bytes (%v), the record %d", n, size, err, v.SizeBytes)
 		}
-		for slot := 0; slot < pcSlots; slot++ {
-			if err := k.ReadBlockAt(node, int64(slot)*pcSlotStride, buf); err != nil {
-				t.Fatalf("read %s slot %d: %v", n, slot, err)
-			}
+		if err := pcReadSlots(node, buf, func(slot int, data []byte) {
 			for b := 0; b < pcBlocksPerSlot; b++ {
-				g.Blocks[slot*pcBlocksPerSlot+b] = pcIdentify(buf[b*pcBlockBytes:(b+1)*pcBlockBytes], slot, b, writers)
+				g.Blocks[slot*pcBlocksPerSlot+b] = pcIdentify(data[b*pcBlockBytes:(b+1)*pcBlockBytes], slot, b, writers)
 			}
+		}); err != nil {
+			t.Fatalf("read %s: %v", n, err)
 		}
 		if temp {
 			if err := p.removeDM(n, false); err != nil {
@@ -355,6 +358,24 @@ func pcPickActive(m *pcModel, rng *rand.Rand) string {
 	}
 	sort.Strings(active)
 	return active[rng.IntN(len(active))]
+}
+
+// pcReadSlots reads every slot of the device at node with O_DIRECT (what
+// is on the disk, not in the page cache) into buf, an aligned buffer, and
+// hands each to got.
+func pcReadSlots(node string, buf []byte, got func(slot int, data []byte)) error {
+	f, err := os.OpenFile(node, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	for slot := 0; slot < pcSlots; slot++ {
+		if _, err := f.ReadAt(buf, int64(slot)*pcSlotStride); err != nil {
+			return fmt.Errorf("slot %d: %w", slot, err)
+		}
+		got(slot, buf)
+	}
+	return nil
 }
 
 // pcChoose picks the next operation, at random among those that fit the
