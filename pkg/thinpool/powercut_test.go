@@ -27,14 +27,13 @@ import (
 // powercut_model_test.go for the log, powercut_kernel_test.go for the
 // guest). What a cut does and does not model: vmtest's diskCacheMode.
 
-// Knobs, read on the host.
+// Knobs, read on the host: pcEnvCuts, the number of power cuts (default
+// pcDefaultCuts; a final clean boot follows them), and pcEnvSeed, which
+// fixes the random seed (printed by every run) to replay a run's workload
+// and cut delays; where in an operation a cut lands still varies.
 const (
-	// pcEnvCuts is the number of power cuts (default pcDefaultCuts); a
-	// final clean boot follows them.
 	pcEnvCuts     = "CSI_DMTHIN_POWERCUT_CUTS"
 	pcDefaultCuts = 20
-	// pcEnvSeed (shared with the guest) fixes the random seed, to replay a
-	// run's workload; the cut moments are random in time and stay so.
 )
 
 // When the power goes: a random moment of the workload, and now and then
@@ -53,6 +52,15 @@ const (
 	pcGuestLog   = "/powercut/log"
 )
 
+// TestPowerCut runs the power cuts. A cycle (boot, open and check, work,
+// cut) takes about 12 s under TCG, so 20 cuts take about 4 minutes, and
+// more than go test's default 10-minute timeout when the VM lock is
+// contended:
+//
+//	go test -count=1 -timeout 30m -run '^TestPowerCut$' -v ./pkg/thinpool
+//	CSI_DMTHIN_POWERCUT_CUTS=200 go test -count=1 -timeout 120m -run '^TestPowerCut$' -v ./pkg/thinpool
+//
+// Like TestVM it fails, not skips, under CI=true when no VM can be had.
 func TestPowerCut(t *testing.T) {
 	cuts := pcDefaultCuts
 	if s := os.Getenv(pcEnvCuts); s != "" {
