@@ -118,3 +118,28 @@ func TestNewestCachedKernel(t *testing.T) {
 		t.Errorf("newest = %+v", k)
 	}
 }
+
+// TestHoldVM: HoldVM takes the same lock Run takes, and marks the context
+// so that Run does not wait for it again.
+func TestHoldVM(t *testing.T) {
+	cache := t.TempDir()
+	t.Setenv("CSI_DMTHIN_CACHE", cache)
+	ctx, unlock, err := HoldVM(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ctx.Value(vmLockHeld{}) == nil {
+		t.Error("the context does not say the lock is held")
+	}
+	short, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if _, err := lockVM(short, cache); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("the VM lock while HoldVM holds it: %v, want deadline exceeded", err)
+	}
+	unlock()
+	u, err := lockVM(context.Background(), cache)
+	if err != nil {
+		t.Fatalf("the VM lock after HoldVM released it: %v", err)
+	}
+	u()
+}

@@ -17,9 +17,16 @@
 //   - The VM: Run boots qemu under TCG, streams the payload's output from a
 //     second serial port, reads its exit status from a marker line, and
 //     always kills qemu before returning (qemu.go).
+//   - Disks and power cuts: host raw images attached as virtio-blk disks
+//     with serials (Spec.Disks, disks.go, where the cache mode and what a
+//     cut models are written down); Spec.Cut kills qemu without a shutdown
+//     and Run reports the cut; Emit, in the guest, returns once a line has
+//     reached the host, so what the host saw is what the guest acknowledged
+//     (emit.go).
 //   - Go tests: RunPackageTests builds a package's test binary with the
-//     vmtest build tag and runs it in the VM on behalf of a host test
-//     (gotest.go).
+//     vmtest build tag and runs it in the VM on behalf of a host test;
+//     PackageTest builds it for a host test that runs the VM itself, boot
+//     after boot (gotest.go).
 //   - The cache directory and its locks (cache.go): one lock serializes
 //     kernel downloads, one initramfs builds, and one VM runs across all
 //     processes, since a TCG guest saturates the machine's two cores.

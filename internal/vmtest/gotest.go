@@ -117,21 +117,63 @@ func RunPackageTests(t *testing.T, opts ...Option) {
 	if InGuest() {
 		t.Skip("already inside the VM")
 	}
-	spec := Spec{}
-	for _, o := range opts {
-		o(&spec)
-	}
-
 	ctx := t.Context()
 	if d, ok := t.Deadline(); ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithDeadline(ctx, d.Add(-reportMargin))
 		defer cancel()
 	}
+	spec := packageSpec(ctx, t, guestTestArgs(ctx), opts)
+	spec.Output = &testLogWriter{t: t}
+
+	res, err := Run(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("vm: boot %v, total %v (prepare %v)", res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond), res.Prepare.Round(time.Millisecond))
+	if res.ExitCode != 0 {
+		msg := fmt.Sprintf("tests in the VM failed: exit status %d", res.ExitCode)
+		if c := kernelMessages(res.Console); c != "" {
+			msg += "\nlast kernel console lines:\n" + tailLines(c, 20)
+		}
+		t.Error(msg)
+	}
+}
+
+// PackageTest is RunPackageTests for a host test that runs the VM itself:
+// several boots of it, power cuts (Spec.Disks, Spec.Cut). It checks the VM
+// can be had (skipping t, or failing it when CI=true, as RunPackageTests
+// does), builds the calling package's test binary with the vmtest tag once,
+// and returns a Spec that runs it, with testdata/ in its working directory,
+// as `<binary> -test.v -test.run=<run> -test.timeout=<what t has left>`
+// and opts applied. The caller sets Output and the rest, and calls Run as
+// often as it likes.
+func PackageTest(t *testing.T, run string, opts ...Option) Spec {
+	t.Helper()
+	if InGuest() {
+		t.Fatal("vmtest: PackageTest called inside the VM")
+	}
+	ctx := t.Context()
+	args := []string{"-test.v", "-test.run=" + run}
+	if d, ok := t.Deadline(); ok {
+		if left := time.Until(d) - reportMargin; left > 0 {
+			args = append(args, "-test.timeout="+left.Round(time.Second).String())
+		}
+	}
+	return packageSpec(ctx, t, args, opts)
+}
+
+// packageSpec checks the prerequisites, builds the package's test binary
+// and returns the Spec that runs it with args and then opts' arguments.
+func packageSpec(ctx context.Context, t *testing.T, args []string, opts []Option) Spec {
+	t.Helper()
+	spec := Spec{}
+	for _, o := range opts {
+		o(&spec)
+	}
 	if err := checkPrerequisites(ctx); err != nil {
 		unavailable(t, err)
 	}
-
 	dir, err := os.Getwd()
 	if err != nil {
 		t.Fatal(err)
@@ -148,21 +190,8 @@ func RunPackageTests(t *testing.T, opts ...Option) {
 	if err := addTestdata(&spec, dir); err != nil {
 		t.Fatal(err)
 	}
-	spec.Args = append(guestTestArgs(ctx), spec.Args...)
-	spec.Output = &testLogWriter{t: t}
-
-	res, err := Run(ctx, spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("vm: boot %v, total %v (prepare %v)", res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond), res.Prepare.Round(time.Millisecond))
-	if res.ExitCode != 0 {
-		msg := fmt.Sprintf("tests in the VM failed: exit status %d", res.ExitCode)
-		if c := kernelMessages(res.Console); c != "" {
-			msg += "\nlast kernel console lines:\n" + tailLines(c, 20)
-		}
-		t.Error(msg)
-	}
+	spec.Args = append(args, spec.Args...)
+	return spec
 }
 
 // kernelMessages returns the console without what every boot prints (the
@@ -180,6 +209,15 @@ func kernelMessages(console string) string {
 		keep = append(keep, l)
 	}
 	return strings.Join(keep, "\n")
+}
+
+// Unavailable skips t, or fails it when CI=true, because something the VM
+// tests need (err says what) is missing, with instructions to install it.
+// A host test that drives the VM needs it only for what PackageTest does
+// not check itself, such as a host tool that prepares a disk image.
+func Unavailable(t testing.TB, err error) {
+	t.Helper()
+	unavailable(t, err)
 }
 
 // unavailable skips t, or fails it when CI=true, because no VM can be had.

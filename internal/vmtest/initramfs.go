@@ -399,6 +399,7 @@ func checkGuestPath(g string) error {
 func runScript(s *Spec, nonce string) (string, error) {
 	var b strings.Builder
 	fmt.Fprintf(&b, "VMTEST_NONCE=%s\nVMTEST_DIR=%s\n", shellQuote(nonce), shellQuote(s.Dir))
+	b.WriteString(diskWaitScript(len(s.Disks)))
 	for _, kv := range s.Env {
 		k, _, ok := strings.Cut(kv, "=")
 		if !ok || !validEnvName(k) {

@@ -49,14 +49,32 @@ type Spec struct {
 	CPUs int
 	// Output receives the payload's combined stdout and stderr while the VM
 	// runs, one Write call per line (newline included), from one goroutine
-	// at a time. nil discards it.
+	// at a time, as each line arrives: nothing is held back for a buffer to
+	// fill. nil discards it.
 	Output io.Writer
+	// Disks are attached as virtio-blk disks in this order (vda, vdb, ...),
+	// each with its serial; see Disk and diskCacheMode. With disks, the
+	// virtio modules load too, and the payload starts once they are there.
+	Disks []Disk
+	// Cut, when closed while the VM runs, cuts its power: qemu is killed
+	// with SIGKILL at once, with no shutdown and no sync in the guest (see
+	// diskCacheMode for what that models). Run then returns a Result with
+	// Cut set, not an error. Output still gets every whole line that left
+	// the guest before the cut, and never a line the guest did not finish;
+	// a payload that prints with Emit knows the host has those lines. A
+	// Output.Write may close Cut, to cut the power on a line. Closing it
+	// after the payload exited changes nothing.
+	Cut <-chan struct{}
 }
 
-// Result is the outcome of a run in which the payload ran to completion.
+// Result is the outcome of a run in which the payload ran to completion, or
+// whose power Spec.Cut cut.
 type Result struct {
-	ExitCode int    // the payload's exit status (128+n if killed by signal n)
-	Console  string // the kernel console (ttyS0, loglevel=3)
+	ExitCode int // the payload's exit status (128+n if killed by signal n)
+	// Cut says the power was cut (Spec.Cut) before the payload exited;
+	// ExitCode is then 0 and means nothing.
+	Cut     bool
+	Console string // the kernel console (ttyS0, loglevel=3)
 	// Prepare is the time spent before qemu started: kernel, initramfs,
 	// waiting for the VM lock.
 	Prepare time.Duration
@@ -86,8 +104,9 @@ const kernelCmdline = "console=ttyS0 panic=-1 loglevel=3 mitigations=off"
 // VM off and returns the payload's exit status. VM runs are serialized
 // across processes by a lock in the cache directory.
 //
-// An error means the payload did not run to completion: no exit marker came
-// back (boot failure, kernel panic, ctx cancelled or its deadline passed).
+// An error means the payload did not run to completion and its power was
+// not cut: no exit marker came back (boot failure, kernel panic, ctx
+// cancelled or its deadline passed).
 // Such errors carry the console's last lines. qemu never outlives Run.
 func Run(ctx context.Context, s Spec) (*Result, error) {
 	return run(ctx, s, nil)
@@ -106,6 +125,10 @@ func run(ctx context.Context, s Spec, hooks *runHooks) (*Result, error) {
 	if s.Modules == nil {
 		s.Modules = DefaultModules
 	}
+	if err := checkDisks(s.Disks); err != nil {
+		return nil, err
+	}
+	s.Modules = withDiskModules(s.Modules, s.Disks)
 	if s.MemoryMiB <= 0 {
 		s.MemoryMiB = defaultMemoryMiB
 	}
@@ -157,15 +180,13 @@ func run(ctx context.Context, s Spec, hooks *runHooks) (*Result, error) {
 	}
 
 	// Two cores, and a TCG guest keeps both busy: one VM at a time.
-	vmLock := filepath.Join(cache, "vm.lock")
-	// The notice goes to stderr, not Output: Output is the payload's alone.
-	unlock, err := lockFile(ctx, vmLock, func() {
-		_, _ = fmt.Fprintf(os.Stderr, "vmtest: waiting for another process's VM to finish (lock %s)\n", vmLock)
-	})
-	if err != nil {
-		return nil, err
+	if ctx.Value(vmLockHeld{}) == nil {
+		unlock, err := lockVM(ctx, cache)
+		if err != nil {
+			return nil, err
+		}
+		defer unlock()
 	}
-	defer unlock()
 
 	res := &Result{Prepare: time.Since(start)}
 	err = boot(ctx, qemu, k, initrd, filepath.Join(tmp, "payload.sock"), nonce, &s, res, hooks)
@@ -174,6 +195,36 @@ func run(ctx context.Context, s Spec, hooks *runHooks) (*Result, error) {
 		return nil, err
 	}
 	return res, nil
+}
+
+// vmLockHeld is the context key HoldVM sets.
+type vmLockHeld struct{}
+
+// HoldVM takes the machine-wide VM lock (Run takes it for each VM) for a
+// caller that runs VMs one after another, boots of the same disks between
+// power cuts say, and wants no other process's VM in between: its time is
+// then its own, and it is not starved by waiting for the lock again before
+// each boot. Run with the returned context does not take the lock; it must
+// be one Run at a time. unlock releases the lock.
+func HoldVM(ctx context.Context) (context.Context, func(), error) {
+	cache, err := CacheDir()
+	if err != nil {
+		return nil, nil, err
+	}
+	unlock, err := lockVM(ctx, cache)
+	if err != nil {
+		return nil, nil, err
+	}
+	return context.WithValue(ctx, vmLockHeld{}, true), unlock, nil
+}
+
+// lockVM waits for the VM lock in the cache directory.
+func lockVM(ctx context.Context, cache string) (func(), error) {
+	vmLock := filepath.Join(cache, "vm.lock")
+	// The notice goes to stderr, not Output: Output is the payload's alone.
+	return lockFile(ctx, vmLock, func() {
+		_, _ = fmt.Fprintf(os.Stderr, "vmtest: waiting for another process's VM to finish (lock %s)\n", vmLock)
+	})
 }
 
 func lookPathQEMU() (string, error) {
@@ -195,9 +246,9 @@ func newNonce() (string, error) {
 // qemuArgs is the command line. The console (ttyS0) goes to qemu's stdout;
 // the payload's port (ttyS1) to a unix socket that Run listens on. There is
 // no network device, no display and no monitor; -no-reboot turns the guest's
-// poweroff, reboot or panic into qemu's exit.
+// poweroff, reboot or panic into qemu's exit. Disks follow (diskArgs).
 func qemuArgs(k *Kernel, initrd, sock string, s *Spec) []string {
-	return []string{
+	args := []string{
 		"-machine", "pc", "-cpu", "max",
 		"-m", strconv.Itoa(s.MemoryMiB), "-smp", strconv.Itoa(s.CPUs),
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-nic", "none",
@@ -207,6 +258,7 @@ func qemuArgs(k *Kernel, initrd, sock string, s *Spec) []string {
 		"-kernel", kernelImage(k), "-initrd", initrd,
 		"-append", kernelCmdline,
 	}
+	return append(args, diskArgs(s.Disks)...)
 }
 
 // kernelImage is what qemu boots: the PVH image when there is one.
@@ -257,8 +309,10 @@ func boot(ctx context.Context, qemu string, k *Kernel, initrd, sock, nonce strin
 	var (
 		waitErr  error
 		cause    error
+		cut      bool
 		grace    <-chan time.Time
 		exitSeen = pr.exitSeen
+		cutReq   = s.Cut
 	)
 wait:
 	for {
@@ -267,11 +321,21 @@ wait:
 			break wait
 		case <-exitSeen:
 			exitSeen = nil
+			cutReq = nil // the payload is done: nothing left to cut
 			grace = time.After(shutdownGrace)
 		case <-grace:
 			// The payload finished; the guest just failed to power off.
 			_ = cmd.Process.Kill()
 			grace = nil
+		case <-cutReq:
+			// The power cut: SIGKILL, so neither qemu nor the guest gets
+			// to flush or sync anything. The reader goes on to the end of
+			// what qemu had written to the socket.
+			pr.cutPower()
+			_ = cmd.Process.Kill()
+			waitErr = <-exited
+			cut = true
+			break wait
 		case <-ctx.Done():
 			cause = context.Cause(ctx)
 			_ = cmd.Process.Kill()
@@ -289,6 +353,10 @@ wait:
 	code, ok := pr.result()
 	if ok {
 		res.ExitCode = code
+		return nil
+	}
+	if cut {
+		res.Cut = true
 		return nil
 	}
 	var why string
@@ -317,6 +385,20 @@ type portReader struct {
 	startAt  time.Time
 	exitCode int
 	exitOK   bool
+	cut      bool // the power was cut: a last line without its newline is cut off too
+}
+
+// cutPower tells the reader that the power is being cut, before qemu dies.
+func (p *portReader) cutPower() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.cut = true
+}
+
+func (p *portReader) wasCut() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cut
 }
 
 func (p *portReader) startTime() time.Time {
@@ -331,7 +413,9 @@ func (p *portReader) result() (int, bool) {
 	return p.exitCode, p.exitOK
 }
 
-// serve accepts qemu's connection and reads it until qemu closes it.
+// serve accepts qemu's connection and reads it until qemu closes it. Each
+// line goes out as soon as its newline arrives: the buffered reader returns
+// what the socket has, it does not wait to fill up.
 func (p *portReader) serve(ln net.Listener) {
 	conn, err := ln.Accept()
 	if err != nil {
@@ -342,6 +426,11 @@ func (p *portReader) serve(ln net.Listener) {
 	startSeen := false
 	for {
 		line, err := br.ReadString('\n')
+		if err != nil && line != "" && p.wasCut() {
+			// The end of the stream with no newline: the power went in the
+			// middle of the line, which the guest never finished.
+			return
+		}
 		if line != "" {
 			startSeen = p.line(strings.TrimRight(line, "\r\n"), startSeen)
 		}

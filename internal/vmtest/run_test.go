@@ -1,11 +1,13 @@
 package vmtest
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"syscall"
@@ -234,5 +236,59 @@ func TestRunKernelPanic(t *testing.T) {
 	t.Logf("error, as expected: %v", err)
 	if !strings.Contains(err.Error(), "without the payload's exit marker") || !strings.Contains(err.Error(), "Kernel panic") {
 		t.Errorf("error = %v", err)
+	}
+}
+
+// TestRunPowerCut writes to a disk, fsyncs, has the power cut on the line
+// that says so, and boots again on the same disk: the fsync'd data is
+// there, what was only in the guest's page cache is not, the disks came in
+// the Spec's order with their serials, and the cut is a Result, not an
+// error.
+func TestRunPowerCut(t *testing.T) {
+	payload := requireVM(t)
+	dir := t.TempDir()
+	var disks []Disk
+	for _, name := range []string{"first", "second"} {
+		p := filepath.Join(dir, name+".img")
+		if err := os.WriteFile(p, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(p, 4<<20); err != nil {
+			t.Fatal(err)
+		}
+		disks = append(disks, Disk{Path: p, Serial: "vmtest-" + name})
+	}
+	cut := make(chan struct{})
+	rec := &lineRecorder{t: t, onLine: func(l string) {
+		if strings.HasPrefix(l, "synced ") {
+			close(cut)
+		}
+	}}
+	res, err := Run(t.Context(), Spec{Payload: payload, Args: []string{"disk-write", "vmtest-second"}, Modules: []string{}, Disks: disks, Cut: cut, Output: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := rec.get()
+	want := []string{"disk vda=vmtest-first", "disk vdb=vmtest-second", "synced /dev/vdb"}
+	if !res.Cut || !reflect.DeepEqual(got, want) {
+		t.Fatalf("cut %v, lines %q; want a cut after %q\nconsole:\n%s", res.Cut, got, want, res.Console)
+	}
+	t.Logf("cut after boot %v, total %v", res.Boot, res.Total)
+
+	rec = &lineRecorder{t: t}
+	res, err = Run(t.Context(), Spec{Payload: payload, Args: []string{"disk-read", "vmtest-second"}, Modules: []string{}, Disks: disks, Output: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Cut || res.ExitCode != 0 {
+		t.Errorf("read back: cut %v, exit %d, output %q", res.Cut, res.ExitCode, rec.get())
+	}
+	// The first disk was never written.
+	b, err := os.ReadFile(disks[0].Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(b, make([]byte, len(b))) {
+		t.Error("the disk nobody wrote to is not all zeros")
 	}
 }

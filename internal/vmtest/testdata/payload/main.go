@@ -9,6 +9,15 @@
 //	panic      crash the kernel through /proc/sysrq-trigger
 //	orphan     leave a child running that holds stdout open, and exit 0
 //	env        print the environment, the working directory and the args
+//	disk-write SERIAL
+//	           list the virtio disks (vdX=serial), write a pattern at the
+//	           start of the disk with that serial and fsync it, write
+//	           another at 1 MiB without fsync (periodic writeback is off,
+//	           so it stays in the page cache), print "synced" with Emit and
+//	           wait for the power cut
+//	disk-read SERIAL
+//	           after the cut: exit 0 if the fsync'd pattern is there and
+//	           the unsynced one was lost with the page cache, 1 otherwise
 package main
 
 import (
@@ -16,9 +25,12 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/csi-dmthin/csi-dmthin/internal/vmtest"
 )
 
 func main() {
@@ -96,8 +108,94 @@ func main() {
 		for _, kv := range os.Environ() {
 			fmt.Println("env=" + kv)
 		}
+	case "disk-write":
+		if err := diskWrite(os.Args[2]); err != nil {
+			fmt.Println(err)
+			os.Exit(1)
+		}
+		for {
+			time.Sleep(time.Hour)
+		}
+	case "disk-read":
+		if err := diskRead(os.Args[2]); err != nil {
+			fmt.Println(err)
+			os.Exit(1)
+		}
+		fmt.Println("read back ok")
 	default:
 		fmt.Fprintln(os.Stderr, "unknown mode", os.Args[1])
 		os.Exit(2)
 	}
+}
+
+const (
+	syncedOff   = 0
+	unsyncedOff = 1 << 20
+	patternLen  = 64 << 10
+)
+
+func diskPattern(seed byte) []byte {
+	b := make([]byte, patternLen)
+	for i := range b {
+		b[i] = seed + byte(i%253)
+	}
+	return b
+}
+
+func diskWrite(serial string) error {
+	serials, _ := filepath.Glob("/sys/block/vd*/serial")
+	for _, p := range serials {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		if err := vmtest.Emit("disk " + filepath.Base(filepath.Dir(p)) + "=" + strings.TrimSpace(string(b))); err != nil {
+			return err
+		}
+	}
+	// No periodic writeback: what is not fsync'd stays in the page cache.
+	for f, v := range map[string]string{"dirty_writeback_centisecs": "0", "dirty_expire_centisecs": "360000"} {
+		if err := os.WriteFile("/proc/sys/vm/"+f, []byte(v), 0); err != nil {
+			return err
+		}
+	}
+	dev, err := vmtest.DiskBySerial(serial)
+	if err != nil {
+		return err
+	}
+	f, err := os.OpenFile(dev, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteAt(diskPattern(1), syncedOff); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if _, err := f.WriteAt(diskPattern(2), unsyncedOff); err != nil {
+		return err
+	}
+	return vmtest.Emit("synced " + dev)
+}
+
+func diskRead(serial string) error {
+	dev, err := vmtest.DiskBySerial(serial)
+	if err != nil {
+		return err
+	}
+	b, err := os.ReadFile(dev)
+	if err != nil {
+		return err
+	}
+	if len(b) < unsyncedOff+patternLen {
+		return fmt.Errorf("%s holds %d bytes", dev, len(b))
+	}
+	if !bytes.Equal(b[syncedOff:syncedOff+patternLen], diskPattern(1)) {
+		return fmt.Errorf("%s: the fsync'd pattern is not there", dev)
+	}
+	if !bytes.Equal(b[unsyncedOff:unsyncedOff+patternLen], make([]byte, patternLen)) {
+		return fmt.Errorf("%s: the pattern that was never fsync'd survived the power cut", dev)
+	}
+	return nil
 }
