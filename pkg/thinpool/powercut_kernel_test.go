@@ -321,7 +321,7 @@ func pcObserve(t *testing.T, p *Pool, k *HostKernel, writers map[int]string) (ma
 		if err != nil {
 			// Inactive: a dm device for reading only, which no record
 			// mentions and which goes again below.
-			if node, err = p.activateDM(&v); err != nil {
+			if node, _, err = p.activateDM(&v); err != nil {
 				t.Fatalf("activate %s to read it: %v", n, err)
 			}
 			temp = true
