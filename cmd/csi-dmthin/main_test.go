@@ -23,6 +23,14 @@ const (
 	childArgsEnv = "CSI_DMTHIN_TEST_CHILD_ARGS"
 )
 
+// The SIGKILL test's knobs (kill_kernel_test.go), which TestVM passes to
+// the guest: how many times the server is killed (default 100), and the
+// seed of its random choices (default: the time; the test logs it).
+const (
+	killsEnv    = "CSI_DMTHIN_KILLS"
+	killSeedEnv = "CSI_DMTHIN_KILL_SEED"
+)
+
 func TestMain(m *testing.M) {
 	switch role := os.Getenv(childRoleEnv); role {
 	case "":
