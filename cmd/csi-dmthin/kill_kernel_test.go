@@ -413,7 +413,17 @@ func (r *killRun) diagnose(op *kOp) string {
 			continue
 		}
 		buf := make([]byte, 4096)
-		f, err := os.Open("/dev/mapper/dmthin-" + o.pool + "-" + o.name)
+		info, err := r.k.InfoByName("dmthin-" + o.pool + "-" + o.name)
+		if err != nil {
+			fmt.Fprintf(&b, "\n\t%s: %v", o.id, err)
+			continue
+		}
+		node, err := r.k.DeviceNode(info.Dev) // no udev in the VM: no /dev/mapper links
+		if err != nil {
+			fmt.Fprintf(&b, "\n\t%s: %v", o.id, err)
+			continue
+		}
+		f, err := os.Open(node)
 		if err != nil {
 			fmt.Fprintf(&b, "\n\t%s: %v", o.id, err)
 			continue
