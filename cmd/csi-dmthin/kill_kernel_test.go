@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -54,7 +55,8 @@ const (
 	defaultKills = 100
 	workers      = 3
 	// maxRunBeforeKill bounds how long the client drives a server before
-	// it is killed; the kill comes at a uniformly random moment in it.
+	// it is killed (twice that with templates on); the kill comes at a
+	// uniformly random moment in it.
 	maxRunBeforeKill = 1500 * time.Millisecond
 	// startupKillOneIn: one start in this many is killed before it is
 	// ready (opening and recovering the pools, reconciling devices).
@@ -98,6 +100,8 @@ type killRun struct {
 	starts                                          int
 	empty                                           map[string]devmapper.ThinPoolStatus
 
+	failedMu                          sync.Mutex
+	failedNames                       []string // of the objects of failed calls
 	inFlight                          atomic.Int64
 	byKindMu                          sync.Mutex
 	byKind                            map[string]*[2]int // call kind: OK, interrupted
@@ -127,7 +131,10 @@ func newKillRun(t *testing.T, k *thinpool.HostKernel, seed int64) *killRun {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("the server's log: its starts and failed calls:\n%s\nits last lines:\n%s", grepLog(r.logLoc, 300), tail(r.logLoc, 60))
+			r.failedMu.Lock()
+			names := r.failedNames
+			r.failedMu.Unlock()
+			t.Logf("the server's log: its starts, failed calls and lines on %s:\n%s\nits last lines:\n%s", names, grepLog(r.logLoc, names, 400), tail(r.logLoc, 40))
 		}
 		// A failed run leaves volumes staged: unmount them, or their
 		// devices cannot go.
@@ -177,7 +184,12 @@ func (r *killRun) run(kills int) {
 				r.work(s, stop)
 			}()
 		}
-		time.Sleep(time.Duration(r.rng.Int63n(int64(maxRunBeforeKill))))
+		window := maxRunBeforeKill
+		if s.templates > 0 {
+			// Longer, so templates get built (an mkfs each) and cloned.
+			window *= 2
+		}
+		time.Sleep(time.Duration(r.rng.Int63n(int64(window))))
 		close(stop)
 		if r.inFlight.Load() > 0 {
 			r.killsMidCall++
@@ -407,6 +419,11 @@ func (r *killRun) work(s *killServer, stop <-chan struct{}) {
 // diagnose describes what the volumes of a failed call hold: the start of
 // their devices, as the driver's probe reads it.
 func (r *killRun) diagnose(op *kOp) string {
+	r.failedMu.Lock()
+	for _, o := range op.objs {
+		r.failedNames = append(r.failedNames, o.name)
+	}
+	r.failedMu.Unlock()
 	var b strings.Builder
 	for _, o := range op.objs {
 		if o.snap {
@@ -423,6 +440,7 @@ func (r *killRun) diagnose(op *kOp) string {
 			fmt.Fprintf(&b, "\n\t%s: %v", o.id, err)
 			continue
 		}
+		fmt.Fprintf(&b, "\n\t%s is %s (%s): open count %d, deferred remove %v, suspended %v; %s", o.id, node, info.Dev, info.OpenCount, info.DeferredRemove, info.Suspended, whoHolds(info.Dev))
 		f, err := os.Open(node)
 		if err != nil {
 			fmt.Fprintf(&b, "\n\t%s: %v", o.id, err)
@@ -446,6 +464,40 @@ func (r *killRun) diagnose(op *kOp) string {
 		}
 	}
 	return b.String()
+}
+
+// whoHolds says what has dev open: mounts of it, its holders in sysfs, and
+// processes with a descriptor on it.
+func whoHolds(dev devmapper.Dev) string {
+	var out []string
+	for mp, d := range mountinfo() {
+		if d == dev.String() {
+			out = append(out, "mounted at "+mp)
+		}
+	}
+	if hs, err := os.ReadDir(fmt.Sprintf("/sys/dev/block/%s/holders", dev)); err == nil {
+		for _, h := range hs {
+			out = append(out, "held by "+h.Name())
+		}
+	}
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		if _, err := strconv.Atoi(p.Name()); err != nil {
+			continue
+		}
+		fds, _ := os.ReadDir(filepath.Join("/proc", p.Name(), "fd"))
+		for _, fd := range fds {
+			var st unix.Stat_t
+			if unix.Stat(filepath.Join("/proc", p.Name(), "fd", fd.Name()), &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK && devmapper.Dev(st.Rdev) == dev {
+				comm, _ := os.ReadFile(filepath.Join("/proc", p.Name(), "comm"))
+				out = append(out, fmt.Sprintf("open in pid %s (%s)", p.Name(), strings.TrimSpace(string(comm))))
+			}
+		}
+	}
+	if len(out) == 0 {
+		return "no mount, holder or process has it open"
+	}
+	return strings.Join(out, ", ")
 }
 
 // count notes a call's outcome (0: OK, 1: interrupted) by its kind.
@@ -516,16 +568,20 @@ func (r *killRun) deleteAll(s *killServer) {
 	}
 }
 
-// grepLog returns the last n lines of the log that start a server or
-// report a failed call.
-func grepLog(path string, n int) string {
+// grepLog returns the last n lines of the log that start a server, report
+// a failed call or name one of the objects.
+func grepLog(path string, names []string, n int) string {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return err.Error()
 	}
 	var keep []string
 	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "=== start") || strings.Contains(l, `"Call failed"`) || strings.HasPrefix(l, "E") {
+		match := strings.HasPrefix(l, "=== start") || strings.Contains(l, `"Call failed"`) || strings.HasPrefix(l, "E")
+		for _, name := range names {
+			match = match || nameRE(name).MatchString(l)
+		}
+		if match {
 			keep = append(keep, l)
 		}
 	}
@@ -533,6 +589,11 @@ func grepLog(path string, n int) string {
 		keep = keep[len(keep)-n:]
 	}
 	return strings.Join(keep, "\n")
+}
+
+// nameRE matches an object's name and not a longer one (vol-13, not vol-132).
+func nameRE(name string) *regexp.Regexp {
+	return regexp.MustCompile(`/` + regexp.QuoteMeta(name) + `\b`)
 }
 
 func tail(path string, n int) string {
