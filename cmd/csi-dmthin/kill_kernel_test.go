@@ -400,6 +400,11 @@ func (r *killRun) work(s *killServer, stop <-chan struct{}) {
 		cancel()
 		r.inFlight.Add(-1)
 		r.calls.Add(1)
+		outcome := "OK"
+		if err != nil {
+			outcome = err.Error()
+		}
+		r.m.note(op, r.starts, outcome)
 		switch {
 		case err == nil:
 			r.count(op, 0)
@@ -425,6 +430,7 @@ func (r *killRun) diagnose(op *kOp) string {
 	}
 	r.failedMu.Unlock()
 	var b strings.Builder
+	b.WriteString(r.m.history(op))
 	for _, o := range op.objs {
 		if o.snap {
 			continue
@@ -494,10 +500,35 @@ func whoHolds(dev devmapper.Dev) string {
 			}
 		}
 	}
+	// A filesystem the kernel still has on it, mounted or not (a detached
+	// mount keeps its superblock).
+	for _, fs := range []string{"ext4", "xfs"} {
+		if name, err := sysfsName(dev); err == nil {
+			if _, err := os.Stat(filepath.Join("/sys/fs", fs, name)); err == nil {
+				out = append(out, "an "+fs+" superblock is alive on it (/sys/fs/"+fs+"/"+name+")")
+			}
+		}
+	}
+	self, _ := os.Readlink("/proc/self/ns/mnt")
+	for _, p := range procs {
+		if ns, err := os.Readlink(filepath.Join("/proc", p.Name(), "ns/mnt")); err == nil && ns != self {
+			comm, _ := os.ReadFile(filepath.Join("/proc", p.Name(), "comm"))
+			out = append(out, fmt.Sprintf("pid %s (%s) is in another mount namespace", p.Name(), strings.TrimSpace(string(comm))))
+		}
+	}
 	if len(out) == 0 {
-		return "no mount, holder or process has it open"
+		return "no mount, holder, filesystem or process has it open"
 	}
 	return strings.Join(out, ", ")
+}
+
+// sysfsName is the kernel's name of a block device (dm-3).
+func sysfsName(dev devmapper.Dev) (string, error) {
+	l, err := os.Readlink(fmt.Sprintf("/sys/dev/block/%s", dev))
+	if err != nil {
+		return "", err
+	}
+	return filepath.Base(l), nil
 }
 
 // count notes a call's outcome (0: OK, 1: interrupted) by its kind.
@@ -523,6 +554,11 @@ func (r *killRun) retryInterrupted(s *killServer) {
 		cancel()
 		r.calls.Add(1)
 		r.retried.Add(1)
+		outcome := "retry OK"
+		if err != nil {
+			outcome = "retry: " + err.Error()
+		}
+		r.m.note(op, r.starts, outcome)
 		if err != nil {
 			r.t.Errorf("retry of the interrupted %s (start %d, --templates-per-pool=%d): %v%s", op.what, r.starts, s.templates, err, r.diagnose(op))
 		}

@@ -8,6 +8,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 
 	csi "github.com/container-storage-interface/spec/lib/go/csi"
@@ -41,6 +42,7 @@ type kObj struct {
 	grownBytes     int64
 	state          objState
 	busy           bool
+	history        []string // the calls on it and their outcomes, for a failure's report
 }
 
 // kOp is one call: call makes one attempt and, on OK, checks the answer and
@@ -203,6 +205,29 @@ func (m *model) pick() *kOp {
 		n -= c.weight
 	}
 	panic("unreachable")
+}
+
+// note adds a call's outcome to the history of the objects it was on.
+func (m *model) note(op *kOp, start int, outcome string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, o := range op.objs {
+		o.history = append(o.history, fmt.Sprintf("start %d: %s: %s", start, op.what, outcome))
+	}
+}
+
+// history returns the calls on the objects of op.
+func (m *model) history(op *kOp) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var b strings.Builder
+	for _, o := range op.objs {
+		fmt.Fprintf(&b, "\n\tcalls on %s:", o.id)
+		for _, h := range o.history {
+			b.WriteString("\n\t\t" + h)
+		}
+	}
+	return b.String()
 }
 
 // done records that op answered (OK, or not to be retried).
