@@ -511,6 +511,9 @@ func whoHolds(dev devmapper.Dev) string {
 	}
 	self, _ := os.Readlink("/proc/self/ns/mnt")
 	for _, p := range procs {
+		if cmdline, _ := os.ReadFile(filepath.Join("/proc", p.Name(), "cmdline")); len(cmdline) == 0 {
+			continue // a kernel thread (kdevtmpfs has its own namespace)
+		}
 		if ns, err := os.Readlink(filepath.Join("/proc", p.Name(), "ns/mnt")); err == nil && ns != self {
 			comm, _ := os.ReadFile(filepath.Join("/proc", p.Name(), "comm"))
 			out = append(out, fmt.Sprintf("pid %s (%s) is in another mount namespace", p.Name(), strings.TrimSpace(string(comm))))
