@@ -136,8 +136,15 @@ func newKillRun(t *testing.T, k *thinpool.HostKernel, seed int64) *killRun {
 			r.failedMu.Unlock()
 			t.Logf("the server's log: its starts, failed calls and lines on %s:\n%s\nits last lines:\n%s", names, grepLog(r.logLoc, names, 400), tail(r.logLoc, 40))
 		}
-		// A failed run leaves volumes staged: unmount them, or their
-		// devices cannot go.
+		// A failed run leaves volumes staged, maybe suspended by a killed
+		// snapshot: resume and unmount them, or their devices cannot go.
+		if list, err := k.List(); err == nil {
+			for _, d := range list {
+				if info, err := k.Info(d.Dev); err == nil && info.Suspended && strings.HasPrefix(d.Name, "dmthin-kill-") {
+					_ = k.Resume(d.Dev)
+				}
+			}
+		}
 		for _, p := range mountsUnder(r.kubeletDir) {
 			if err := unix.Unmount(p, 0); err != nil {
 				t.Errorf("unmount %s: %v", p, err)
@@ -194,8 +201,9 @@ func (r *killRun) run(kills int) {
 		if r.inFlight.Load() > 0 {
 			r.killsMidCall++
 		}
-		r.kill(s)
+		r.killOnly(s)
 		wg.Wait()
+		_ = s.conn.Close()
 		r.kills++
 		if r.kills%10 == 0 {
 			t.Logf("%d kills, %d calls, %v", r.kills, r.calls.Load(), time.Since(start).Round(time.Second))
@@ -321,8 +329,15 @@ func (r *killRun) ready(s *killServer) bool {
 }
 
 // kill SIGKILLs s's process group and waits until every process of it is
-// gone: none may hold a device or a mount when the next server starts.
+// gone: none may hold a device or a mount when the next server starts. The
+// client connection stays open until the calls in flight have seen the
+// kill (Unavailable), then closes.
 func (r *killRun) kill(s *killServer) {
+	r.killOnly(s)
+	_ = s.conn.Close()
+}
+
+func (r *killRun) killOnly(s *killServer) {
 	s.killed.Store(true)
 	pgid := s.cmd.Process.Pid
 	if err := syscall.Kill(-pgid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
@@ -336,7 +351,6 @@ func (r *killRun) kill(s *killServer) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	_ = s.conn.Close()
 }
 
 // groupAlive reports whether a process of group pgid (other than a zombie,
