@@ -257,6 +257,7 @@ func TestDefaultRender(t *testing.T) {
 		"--kubelet-endpoint=/var/lib/kubelet/plugins/dmthin.csi.dmthin.io/csi.sock",
 		"--kube-api=true",
 		"--pool-full-percent=90",
+		"--shutdown-timeout=20s",
 		"-v=2",
 	}
 	if !slices.Equal(drv.Args, wantDriverArgs) {

@@ -34,7 +34,21 @@ type volumeReport struct {
 	thinpool.Volume
 }
 
-func startAdmin(path string, pools map[string]*thinpool.Pool) (io.Closer, error) {
+// adminPool is what the admin socket reads of a pool; *thinpool.Pool is one.
+type adminPool interface {
+	Usage() (thinpool.Usage, error)
+	List() []thinpool.Volume
+}
+
+// adminServer serves the admin socket.
+type adminServer struct {
+	srv   *http.Server
+	l     net.Listener
+	calls gate
+}
+
+// listenAdmin makes the admin socket; serve serves it.
+func listenAdmin(path string, pools map[string]adminPool) (*adminServer, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, err
 	}
@@ -76,9 +90,19 @@ func startAdmin(path string, pools map[string]*thinpool.Pool) (io.Closer, error)
 		}
 		_ = json.NewEncoder(w).Encode(out)
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() { _ = srv.Serve(l) }()
-	return srv, nil
+	a := &adminServer{l: l}
+	a.srv = &http.Server{Handler: a.calls.wrap(mux), ReadHeaderTimeout: 5 * time.Second}
+	return a, nil
+}
+
+// serve serves until shutdown.
+func (a *adminServer) serve() { _ = a.srv.Serve(a.l) }
+
+// shutdown stops serving and returns once no request is in progress: none
+// reads a pool after it. Safe before serve and more than once.
+func (a *adminServer) shutdown() {
+	stopHTTP(a.srv, &a.calls)
+	_ = a.l.Close()
 }
 
 func adminGet(sock, path string, into any) error {

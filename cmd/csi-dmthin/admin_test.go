@@ -29,11 +29,19 @@ func TestAdminSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	sock := adminSocket(filepath.Join(dir, "state"))
-	srv, err := startAdmin(sock, map[string]*thinpool.Pool{"demo": p})
+	srv, err := listenAdmin(sock, map[string]adminPool{"demo": p})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer srv.Close()
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		srv.serve()
+	}()
+	defer func() {
+		srv.shutdown()
+		<-served
+	}()
 	fi, err := os.Stat(sock)
 	if err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("admin socket %v, %v: want mode 0600", fi, err)
@@ -62,7 +70,7 @@ func TestAdminSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	// With no driver running, they say so.
-	srv.Close()
+	srv.shutdown()
 	if err := poolStatus([]string{"--state-dir", filepath.Join(dir, "state")}); err == nil {
 		t.Fatal("pool status without a driver succeeded")
 	}

@@ -169,15 +169,15 @@ func (k *kubeSide) eventSink() csi.EventSink {
 }
 
 // start runs everything in the background until stop; a failure that
-// should end the process goes to errc.
-func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]kube.UsageSource, errc chan<- error) error {
+// should end the process goes to fail.
+func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]kube.UsageSource, fail func(error)) error {
 	ctx, k.cancel = context.WithCancel(ctx)
 	if k.reg != nil {
 		k.wg.Add(1)
 		go func() {
 			defer k.wg.Done()
 			if err := k.reg.Serve(k.flags.registrationDir); err != nil {
-				errc <- fmt.Errorf("kubelet registration: %w", err)
+				fail(fmt.Errorf("kubelet registration: %w", err))
 			}
 		}()
 	}
@@ -204,7 +204,7 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 		go func() {
 			defer k.wg.Done()
 			if err := adopter.Run(ctx, 1); err != nil && ctx.Err() == nil {
-				errc <- err
+				fail(err)
 			}
 		}()
 	}
@@ -216,7 +216,7 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 	go func() {
 		defer k.wg.Done()
 		if err := p.Run(ctx, 2); err != nil && ctx.Err() == nil {
-			errc <- err
+			fail(err)
 		}
 	}()
 	go func() {
@@ -232,6 +232,14 @@ func (k *kubeSide) healthy() error {
 		return nil
 	}
 	return k.reg.Healthy()
+}
+
+// deregister removes the registration socket, so the kubelet stops
+// calling the driver. Safe to call more than once, and before start.
+func (k *kubeSide) deregister() {
+	if k != nil && k.reg != nil {
+		k.reg.Stop()
+	}
 }
 
 // stop removes the registration socket (the kubelet then deregisters the

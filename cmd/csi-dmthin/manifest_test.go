@@ -4,6 +4,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
 	"sigs.k8s.io/yaml"
@@ -46,6 +47,17 @@ func TestManifestArgsParse(t *testing.T) {
 			}
 			if *f.nodeID != "$(NODE_NAME)" {
 				t.Errorf("node id %q, want the downward API's NODE_NAME", *f.nodeID)
+			}
+			// The kubelet SIGKILLs the driver at the end of the grace
+			// period: the calls' time must end well before, leaving time
+			// to stop the rest and close the pools (their servers' own
+			// shutdown takes up to httpShutdownTimeout).
+			grace := time.Duration(30) * time.Second // the API's default
+			if p := ds.Spec.Template.Spec.TerminationGracePeriodSeconds; p != nil {
+				grace = time.Duration(*p) * time.Second
+			}
+			if *f.shutdownTimeout+2*httpShutdownTimeout > grace {
+				t.Errorf("--shutdown-timeout=%v leaves under %v of the %v grace period for the rest of the shutdown", *f.shutdownTimeout, 2*httpShutdownTimeout, grace)
 			}
 		}
 	}

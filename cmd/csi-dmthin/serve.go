@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -26,12 +27,17 @@ import (
 const (
 	defaultStateDir = "/var/lib/csi-dmthin"
 	reapInterval    = time.Minute
+	// defaultShutdownTimeout is how long calls in progress get at SIGTERM;
+	// it must stay under the pod's terminationGracePeriodSeconds (the
+	// chart's 30), which also has to cover the rest of the shutdown.
+	defaultShutdownTimeout = 20 * time.Second
 )
 
 // serveFlags are serve's flags.
 type serveFlags struct {
 	endpoint, nodeID, driverName, config, stateDir, kubeletDir, metricsAddr *string
 	templates                                                               *int
+	shutdownTimeout                                                         *time.Duration
 	kube                                                                    *kubeFlags
 }
 
@@ -40,15 +46,57 @@ func newServeFlags() (*flag.FlagSet, *serveFlags) {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	klog.InitFlags(fs)
 	return fs, &serveFlags{
-		endpoint:    fs.String("endpoint", "unix:///csi/csi.sock", "CSI endpoint (unix socket)"),
-		nodeID:      fs.String("node-id", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME)"),
-		driverName:  fs.String("driver-name", csi.DefaultDriverName, "CSI driver name"),
-		config:      fs.String("config", "/etc/csi-dmthin/pools.yaml", "pools configuration file"),
-		stateDir:    fs.String("state-dir", defaultStateDir, "where pool records live (not on a pool) and admin.sock"),
-		kubeletDir:  fs.String("kubelet-dir", "/var/lib/kubelet", "kubelet's root directory; nothing outside it is mounted over or removed"),
-		metricsAddr: fs.String("metrics-address", ":9808", "address for /metrics, /livez and /healthz; empty turns it off"),
-		templates:   fs.Int("templates-per-pool", csi.DefaultTemplates, "formatted templates each pool keeps, so new filesystem volumes need no mkfs; 0 turns them off"),
-		kube:        addKubeFlags(fs),
+		endpoint:        fs.String("endpoint", "unix:///csi/csi.sock", "CSI endpoint (unix socket)"),
+		nodeID:          fs.String("node-id", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME)"),
+		driverName:      fs.String("driver-name", csi.DefaultDriverName, "CSI driver name"),
+		config:          fs.String("config", "/etc/csi-dmthin/pools.yaml", "pools configuration file"),
+		stateDir:        fs.String("state-dir", defaultStateDir, "where pool records live (not on a pool), admin.sock and the lock that keeps a second driver off the node"),
+		kubeletDir:      fs.String("kubelet-dir", "/var/lib/kubelet", "kubelet's root directory; nothing outside it is mounted over or removed"),
+		metricsAddr:     fs.String("metrics-address", ":9808", "address for /metrics, /livez and /healthz; empty turns it off"),
+		templates:       fs.Int("templates-per-pool", csi.DefaultTemplates, "formatted templates each pool keeps, so new filesystem volumes need no mkfs; 0 turns them off"),
+		shutdownTimeout: fs.Duration("shutdown-timeout", defaultShutdownTimeout, "at SIGTERM, how long calls in progress may take before they are cancelled; keep it well under the pod's terminationGracePeriodSeconds"),
+		kube:            addKubeFlags(fs),
+	}
+}
+
+// servedPool is what serve needs of an open pool; *thinpool.Pool is one.
+type servedPool interface {
+	csi.Pool
+	Reap(ctx context.Context) error
+	Close() error
+}
+
+var _ servedPool = (*thinpool.Pool)(nil)
+
+// serveEnv is what serve takes from the host: the real kernel, pools and
+// filesystem tools; host tests give it a fake kernel.
+type serveEnv struct {
+	kernel       func() (thinpool.Kernel, error)
+	openPool     func(ctx context.Context, cfg thinpool.Config, k thinpool.Kernel) (servedPool, error)
+	fs           csi.FS
+	reapInterval time.Duration
+	interceptors []grpc.UnaryServerInterceptor // after the metrics one
+	serving      func()                        // called once everything runs
+}
+
+func hostServeEnv() serveEnv {
+	return serveEnv{
+		kernel: func() (thinpool.Kernel, error) {
+			k, err := thinpool.NewHostKernel()
+			if err != nil {
+				return nil, err
+			}
+			return k, nil
+		},
+		openPool: func(ctx context.Context, cfg thinpool.Config, k thinpool.Kernel) (servedPool, error) {
+			p, err := thinpool.Open(ctx, cfg, k)
+			if err != nil {
+				return nil, err
+			}
+			return p, nil
+		},
+		fs:           csi.NewHostFS(),
+		reapInterval: reapInterval,
 	}
 }
 
@@ -57,28 +105,58 @@ func serve(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	endpoint, nodeID, driverName, config, stateDir := f.endpoint, f.nodeID, f.driverName, f.config, f.stateDir
-	kubeletDir, metricsAddr, templates, kf := f.kubeletDir, f.metricsAddr, f.templates, f.kube
-	if *nodeID == "" {
-		return errors.New("--node-id (or $NODE_NAME) is required")
-	}
-	cfgs, defPool, err := loadConfig(*config, *stateDir)
-	if err != nil {
-		return err
+	if fs.NArg() != 0 {
+		return fmt.Errorf("serve takes flags only, not %q", fs.Args())
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	return run(ctx, f, hostServeEnv())
+}
 
-	k, err := thinpool.NewHostKernel()
+// run serves until ctx is done (SIGTERM) or a part fails, then shuts down
+// in this order: no new calls (the kubelet registration goes, the CSI
+// server stops accepting); the calls in progress get --shutdown-timeout,
+// then are cancelled and awaited; then everything in the background is
+// cancelled and joined (the reaper, the Kubernetes side, the metrics and
+// admin servers; Shutdown joined the template builds); then the pools
+// close; the state directory's lock goes last. Devices and mounts are left
+// as they are: the next start takes them over.
+func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
+	if *f.nodeID == "" {
+		return errors.New("--node-id (or $NODE_NAME) is required")
+	}
+	if *f.shutdownTimeout <= 0 {
+		return fmt.Errorf("--shutdown-timeout=%v: want a positive duration", *f.shutdownTimeout)
+	}
+	// Before anything on the host is touched (sockets, /dev/mapper/control,
+	// pools): a second driver on this node stops here.
+	lock, err := lockStateDir(*f.stateDir)
+	if err != nil {
+		return err
+	}
+	defer lock.release() // last of all
+
+	cfgs, defPool, err := loadConfig(*f.config, *f.stateDir)
+	if err != nil {
+		return err
+	}
+	recorded, err := recordedPools(*f.stateDir)
+	if err != nil {
+		return err
+	}
+	for _, n := range recorded {
+		if _, ok := cfgs[n]; !ok {
+			klog.InfoS("A pool recorded on this node is not configured: deletes of its volumes and snapshots are refused until it is", "pool", n)
+		}
+	}
+	k, err := env.kernel()
 	if err != nil {
 		return fmt.Errorf("device-mapper: %w", err)
 	}
-	pools := map[string]*thinpool.Pool{}
-	defer func() {
-		for _, p := range pools {
-			p.Close()
-		}
-	}()
+	pools := map[string]servedPool{}
+	// Deferred before anything that uses the pools starts: it runs after
+	// the shutdown below has joined all of it.
+	defer closePools(pools)
 	names := make([]string, 0, len(cfgs))
 	for n := range cfgs {
 		names = append(names, n)
@@ -86,7 +164,7 @@ func serve(args []string) error {
 	sort.Strings(names)
 	for _, n := range names {
 		start := time.Now()
-		p, err := thinpool.Open(ctx, cfgs[n], k)
+		p, err := env.openPool(ctx, cfgs[n], k)
 		if err != nil {
 			return err
 		}
@@ -94,6 +172,12 @@ func serve(args []string) error {
 		u, _ := p.Usage()
 		klog.InfoS("Opened pool", "pool", n, "duration", time.Since(start), "volumes", u.Volumes, "snapshots", u.Snapshots, "dataUsedBytes", u.DataUsedBytes, "dataBytes", u.DataBytes)
 	}
+
+	// What runs in the background uses bg, not ctx: at SIGTERM it must
+	// keep working (Events for the calls that finish) until the CSI server
+	// has stopped.
+	bg, cancelBG := context.WithCancel(context.Background())
+	defer cancelBG()
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -107,114 +191,158 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
-	ks, err := newKubeSide(ctx, kf, *driverName, *kubeletDir, *nodeID)
+	ks, err := newKubeSide(bg, f.kube, *f.driverName, *f.kubeletDir, *f.nodeID)
 	if err != nil {
 		return err
 	}
-	defer ks.stop()
+	defer ks.stop() // on the way out of a failed start; a no-op after the shutdown
 	drvPools := map[string]csi.Pool{}
+	adminPools := map[string]adminPool{}
+	usage := map[string]kube.UsageSource{}
 	for n, p := range pools {
-		drvPools[n] = p
+		drvPools[n], adminPools[n], usage[n] = p, p, p
 	}
 	d, err := csi.New(csi.Options{
-		Name: *driverName, Version: version, NodeID: *nodeID,
-		Pools: drvPools, DefaultPool: defPool, KubeletDir: *kubeletDir,
-		FS: csi.NewHostFS(), Interceptors: []grpc.UnaryServerInterceptor{m.UnaryServerInterceptor()},
-		Templates: templatesOption(*templates),
+		Name: *f.driverName, Version: version, NodeID: *f.nodeID,
+		Pools: drvPools, DefaultPool: defPool, RecordedPools: recorded, KubeletDir: *f.kubeletDir,
+		FS: env.fs, Interceptors: append([]grpc.UnaryServerInterceptor{m.UnaryServerInterceptor()}, env.interceptors...),
+		Templates: templatesOption(*f.templates),
 		Events:    ks.eventSink(),
 	})
 	if err != nil {
 		return err
 	}
-
-	var wg sync.WaitGroup
-	errc := make(chan error, 5)
-	admin, err := startAdmin(adminSocket(*stateDir), pools)
+	admin, err := listenAdmin(adminSocket(*f.stateDir), adminPools)
 	if err != nil {
 		return err
 	}
-	defer admin.Close()
+	defer admin.shutdown() // likewise
 	var metricsSrv *http.Server
-	if *metricsAddr != "" {
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", csi.Handler(reg))
-		// /livez is for the kubelet's liveness probe: the process serves.
-		// A restart would not mend an unhealthy pool (it needs thin_check
-		// or more space), so /healthz, which reports one, is for readiness
-		// and for people, not for restarting the driver.
-		mux.HandleFunc("/livez", func(w http.ResponseWriter, r *http.Request) {
-			fmt.Fprintln(w, "ok")
-		})
-		mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
-			if _, err := d.Probe(r.Context(), nil); err != nil {
-				http.Error(w, err.Error(), http.StatusServiceUnavailable)
-				return
-			}
-			if err := ks.healthy(); err != nil {
-				http.Error(w, err.Error(), http.StatusServiceUnavailable)
-				return
-			}
-			fmt.Fprintln(w, "ok")
-		})
-		metricsSrv = &http.Server{Addr: *metricsAddr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	var metricsL net.Listener
+	var metricsCalls gate
+	if *f.metricsAddr != "" {
+		if metricsL, err = net.Listen("tcp", *f.metricsAddr); err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
+		defer metricsL.Close()
+		metricsSrv = &http.Server{Handler: metricsCalls.wrap(metricsMux(reg, d, ks)), ReadHeaderTimeout: 10 * time.Second}
+	}
+
+	// Nothing below fails before the shutdown; a part that fails later
+	// reports to fail, and the first report shuts everything down.
+	failc := make(chan error, 1)
+	fail := func(err error) {
+		select {
+		case failc <- err:
+		default:
+			klog.ErrorS(err, "Failed while shutting down")
+		}
+	}
+	var wg sync.WaitGroup
+	goJoined := func(f func()) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := metricsSrv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				errc <- fmt.Errorf("metrics: %w", err)
-			}
+			f()
 		}()
 	}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		if err := d.Serve(*endpoint); err != nil {
-			errc <- fmt.Errorf("csi: %w", err)
-		}
-	}()
-	usage := map[string]kube.UsageSource{}
-	for n, p := range pools {
-		usage[n] = p
-	}
-	if err := ks.start(ctx, d, usage, errc); err != nil {
-		errc <- fmt.Errorf("kubernetes: %w", err) // shut down below like any failure
-	}
-	go func() {
-		// Deletes that waited for a device's last close.
-		t := time.NewTicker(reapInterval)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				for n, p := range pools {
-					if err := p.Reap(ctx); err != nil {
-						klog.ErrorS(err, "Finishing pending deletes failed", "pool", n)
-					}
-				}
+	goJoined(admin.serve)
+	if metricsSrv != nil {
+		goJoined(func() {
+			if err := metricsSrv.Serve(metricsL); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				fail(fmt.Errorf("metrics: %w", err))
 			}
+		})
+	}
+	goJoined(func() {
+		if err := d.Serve(*f.endpoint); err != nil {
+			fail(fmt.Errorf("csi: %w", err))
 		}
-	}()
+	})
+	if err := ks.start(bg, d, usage, fail); err != nil {
+		fail(fmt.Errorf("kubernetes: %w", err)) // shut down below like any failure
+	}
+	goJoined(func() { reapPeriodically(bg, env.reapInterval, pools) })
+	if env.serving != nil {
+		env.serving()
+	}
 
 	select {
 	case <-ctx.Done():
-		klog.InfoS("Shutting down: mounted volumes stay mounted and working")
-	case err = <-errc:
+		klog.InfoS("Shutting down: mounted volumes stay mounted and working", "shutdownTimeout", *f.shutdownTimeout)
+	case err = <-failc:
+		klog.ErrorS(err, "Shutting down after a failure")
 	}
-	// Deregister from the kubelet and stop the controllers; stop taking
-	// calls, let the ones in progress finish, then close the pools'
-	// records. Devices and mounts are left as they are: the next start
-	// takes them over.
+	start := time.Now()
+	ks.deregister()
+	sctx, cancel := context.WithTimeout(context.Background(), *f.shutdownTimeout)
+	d.Shutdown(sctx)
+	cancel()
+	cancelBG()
 	ks.stop()
-	d.Stop()
+	admin.shutdown()
 	if metricsSrv != nil {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_ = metricsSrv.Shutdown(sctx)
-		cancel()
+		stopHTTP(metricsSrv, &metricsCalls)
 	}
 	wg.Wait()
+	klog.InfoS("Stopped; closing the pools' records", "duration", time.Since(start))
 	return err
+}
+
+// metricsMux serves /metrics, /livez and /healthz.
+func metricsMux(reg *prometheus.Registry, d *csi.Driver, ks *kubeSide) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", csi.Handler(reg))
+	// /livez is for the kubelet's liveness probe: the process serves.
+	// A restart would not mend an unhealthy pool (it needs thin_check
+	// or more space), so /healthz, which reports one, is for readiness
+	// and for people, not for restarting the driver.
+	mux.HandleFunc("/livez", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		if _, err := d.Probe(r.Context(), nil); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		if err := ks.healthy(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	return mux
+}
+
+// reapPeriodically finishes, every interval until ctx is done, the deletes
+// that waited for a device's last close.
+func reapPeriodically(ctx context.Context, interval time.Duration, pools map[string]servedPool) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			for n, p := range pools {
+				if ctx.Err() != nil {
+					return
+				}
+				if err := p.Reap(ctx); err != nil && ctx.Err() == nil {
+					klog.ErrorS(err, "Finishing pending deletes failed", "pool", n)
+				}
+			}
+		}
+	}
+}
+
+// closePools closes the pools' records.
+func closePools(pools map[string]servedPool) {
+	for n, p := range pools {
+		if err := p.Close(); err != nil {
+			klog.ErrorS(err, "Closing the pool's records failed", "pool", n)
+		}
+	}
 }
 
 // templatesOption maps the flag, where 0 means none, onto csi.Options,

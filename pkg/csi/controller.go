@@ -302,8 +302,11 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 }
 
 // deleteObject deletes a volume or a snapshot by ID. An ID that is not ours,
-// or names a pool or an object that does not exist, is success: deleting
-// what does not exist succeeds. An ID of the other kind is NotFound.
+// or names a pool that was never on this node or an object that does not
+// exist, is success: deleting what does not exist succeeds. An ID of the
+// other kind is NotFound. An ID in a pool recorded on this node but not
+// configured is FailedPrecondition: its device may well exist, out of
+// reach until the pool is configured again, and success would leak it.
 func (d *Driver) deleteObject(ctx context.Context, field, s string, kind thinpool.Kind) error {
 	if s == "" {
 		return invalid("%s is required", field)
@@ -314,6 +317,9 @@ func (d *Driver) deleteObject(ctx context.Context, field, s string, kind thinpoo
 	}
 	pool, err := d.pool(id.pool)
 	if err != nil {
+		if d.unconfigured[id.pool] {
+			return status.Errorf(codes.FailedPrecondition, "%s %s: pool %s is recorded on node %s but not configured: its %ss cannot be deleted until it is configured again", field, s, id.pool, d.nodeID, kind)
+		}
 		return nil
 	}
 	unlock, err := d.locks.lock(id.String())

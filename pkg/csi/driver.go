@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	csi "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
@@ -60,6 +61,12 @@ type Options struct {
 	// name none (default: the only pool, or the first by name).
 	Pools       map[string]Pool
 	DefaultPool string
+	// RecordedPools names every pool whose records are on this node (each
+	// pool ever created here), configured or not. A delete naming one that
+	// is not in Pools is refused with FailedPrecondition: its devices still
+	// exist, and reporting them deleted would leak them. A pool in neither
+	// list was never here, and deleting in it succeeds.
+	RecordedPools []string
 	// KubeletDir bounds every path the node service mounts or removes
 	// (default /var/lib/kubelet).
 	KubeletDir string
@@ -86,6 +93,7 @@ type Driver struct {
 	name, version, nodeID string
 	pools                 map[string]Pool
 	defaultPool           string
+	unconfigured          map[string]bool // recorded on this node, not in pools
 	kubeletDir            string
 	fs                    FS
 	templates             *templates
@@ -136,9 +144,15 @@ func New(o Options) (*Driver, error) {
 	case o.Templates < 0:
 		o.Templates = 0
 	}
+	unconfigured := map[string]bool{}
+	for _, n := range o.RecordedPools {
+		if _, ok := o.Pools[n]; !ok {
+			unconfigured[n] = true
+		}
+	}
 	return &Driver{
 		name: o.Name, version: o.Version, nodeID: o.NodeID,
-		pools: o.Pools, defaultPool: o.DefaultPool, kubeletDir: filepath.Clean(kd),
+		pools: o.Pools, defaultPool: o.DefaultPool, unconfigured: unconfigured, kubeletDir: filepath.Clean(kd),
 		fs: o.FS, templates: newTemplates(o.Templates, o.FS), interceptors: o.Interceptors, events: o.Events,
 	}, nil
 }
@@ -184,16 +198,37 @@ func (d *Driver) ServeListener(l net.Listener) error {
 	return srv.Serve(l)
 }
 
-// Stop stops serving, letting calls in progress finish; a ServeListener
-// that has not started serving yet returns at once. Pools are closed by
-// whoever opened them; mounted volumes stay mounted and working.
-func (d *Driver) Stop() {
+// Stop stops serving, letting calls in progress finish however long they
+// take; see Shutdown.
+func (d *Driver) Stop() { d.Shutdown(context.Background()) }
+
+// Shutdown stops serving: no new connection or call is taken, and the
+// calls in progress may finish until ctx is done. Then they are cancelled
+// and Shutdown waits for their handlers to return, and for the template
+// builds, which it cancels too. When it returns, nothing the driver
+// started uses a pool any more: the pools' owner may close them. A
+// ServeListener that has not started serving yet returns at once. Mounted
+// volumes stay mounted and working.
+func (d *Driver) Shutdown(ctx context.Context) {
 	d.mu.Lock()
 	d.stopped = true
 	srv := d.srv
 	d.mu.Unlock()
 	if srv != nil {
-		srv.GracefulStop()
+		graceful := make(chan struct{})
+		go func() {
+			srv.GracefulStop()
+			close(graceful)
+		}()
+		select {
+		case <-graceful:
+		case <-ctx.Done():
+			start := time.Now()
+			klog.InfoS("Calls still in progress at the shutdown deadline: cancelling them")
+			srv.Stop() // cancels them
+			<-graceful // GracefulStop returns once every handler has
+			klog.InfoS("Cancelled calls returned", "duration", time.Since(start))
+		}
 	}
 	d.templates.stop()
 }
