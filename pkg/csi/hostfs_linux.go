@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 	mount "k8s.io/mount-utils"
@@ -141,14 +142,9 @@ func (h *hostFS) Format(ctx context.Context, device, fstype string, opts FormatO
 // clone) gets its own UUID here, before its first mount: clones must not
 // all share their template's.
 func (h *hostFS) prepare(device string) (string, error) {
-	f, err := os.OpenFile(device, os.O_RDWR|unix.O_EXCL, 0)
+	info, err := probeExclusive(device)
 	if err != nil {
-		return "", fmt.Errorf("open %s: %w", device, err)
-	}
-	defer f.Close()
-	info, err := fsprobe.Probe(f)
-	if err != nil {
-		return "", fmt.Errorf("probe %s: %w", device, err)
+		return "", err
 	}
 	switch {
 	case info.Unfinished:
@@ -160,12 +156,34 @@ func (h *hostFS) prepare(device string) (string, error) {
 			return "", fmt.Errorf("probe %s: %w", device, err)
 		}
 		return existing, nil
-	case info.NeverMounted && info.UUIDChangeable:
-		if _, err := fsprobe.NewExtUUID(f); err != nil {
-			return "", fmt.Errorf("new filesystem UUID on %s: %w", device, err)
-		}
 	}
 	return info.Type, nil
+}
+
+// probeExclusive reads device's superblock with the device open for
+// exclusive use (so nothing that has it mounted or open is touched), and
+// gives a never-mounted ext4 its own UUID. No process is forked while the
+// device is open: a child forked by another call would hold a copy of the
+// exclusive open until it execs, and the mount that follows the probe
+// would fail with EBUSY (the SIGKILL test of serve met it).
+func probeExclusive(device string) (fsprobe.Info, error) {
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
+	f, err := os.OpenFile(device, os.O_RDWR|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fsprobe.Info{}, fmt.Errorf("open %s: %w", device, err)
+	}
+	defer f.Close()
+	info, err := fsprobe.Probe(f)
+	if err != nil {
+		return fsprobe.Info{}, fmt.Errorf("probe %s: %w", device, err)
+	}
+	if !info.Unfinished && info.NeverMounted && info.UUIDChangeable {
+		if _, err := fsprobe.NewExtUUID(f); err != nil {
+			return fsprobe.Info{}, fmt.Errorf("new filesystem UUID on %s: %w", device, err)
+		}
+	}
+	return info, nil
 }
 
 // prezeroedOK reports whether this mkfs.ext4 knows assume_storage_prezeroed
