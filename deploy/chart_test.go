@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	groupv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumegroupsnapshot/v1"
 	snapshotv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumesnapshot/v1"
 	"helm.sh/helm/v3/pkg/chartutil"
 	"helm.sh/helm/v3/pkg/lint"
@@ -544,6 +545,10 @@ func TestFullValues(t *testing.T) {
 		t.Errorf("VolumeSnapshotClass %+v", v)
 	}
 
+	if g := ofKind[*groupv1.VolumeGroupSnapshotClass](docs); len(g) != 0 {
+		t.Errorf("%d VolumeGroupSnapshotClasses without the group snapshot API", len(g))
+	}
+
 	svcs := ofKind[*corev1.Service](docs)
 	sms := ofKind[*serviceMonitor](docs)
 	if len(svcs) != 1 || len(sms) != 1 {
@@ -659,8 +664,11 @@ func TestRBACLeastPrivilege(t *testing.T) {
 				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumes", "watch", true},
 				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumes", "update", false},
 				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshotcontents", "list", true},
-				// ... and labels pre-provisioned contents for its snapshotter.
+				// ... and labels pre-provisioned contents for its snapshotter,
+				// and group snapshot contents.
 				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshotcontents", "patch", true},
+				{"ClusterRole/csi-dmthin-driver", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "patch", true},
+				{"ClusterRole/csi-dmthin-driver", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "delete", false},
 				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshotcontents", "delete", false},
 				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshots", "patch", false},
 				{"ClusterRole/csi-dmthin-driver", "", "nodes", "get", true},
@@ -678,6 +686,10 @@ func TestRBACLeastPrivilege(t *testing.T) {
 				{"Role/csi-dmthin-provisioner", "", "pods", "list", false},
 				// The snapshotter in node mode: no leases.
 				{"ClusterRole/csi-dmthin-snapshotter", "snapshot.storage.k8s.io", "volumesnapshotcontents/status", "patch", true},
+				// It cuts group snapshots and makes their members' contents.
+				{"ClusterRole/csi-dmthin-snapshotter", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status", "patch", true},
+				{"ClusterRole/csi-dmthin-snapshotter", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", "watch", true},
+				{"ClusterRole/csi-dmthin-snapshotter", "snapshot.storage.k8s.io", "volumesnapshotcontents", "create", true},
 				{"ClusterRole/csi-dmthin-snapshotter", "coordination.k8s.io", "leases", "create", false},
 				// The resizer: elected, and patches claim status.
 				{"Role/csi-dmthin-resizer", "coordination.k8s.io", "leases", "update", true},
@@ -780,22 +792,26 @@ const manifestsHeader = `# Generated from charts/csi-dmthin with its default val
 `
 
 // defaultManifests is deploy/kubernetes as the default render makes it: the
-// VolumeSnapshotClass in a file of its own, since it applies only where the
-// snapshot CRDs are installed.
+// VolumeSnapshotClass and the VolumeGroupSnapshotClass in files of their
+// own, since they apply only where their CRDs are installed.
 func defaultManifests(t *testing.T) map[string][]byte {
 	t.Helper()
-	docs := objects(t, render(t, nil, capabilities(t, snapshotAPI)))
-	var main, snap bytes.Buffer
+	docs := objects(t, render(t, nil, capabilities(t, snapshotAPI, groupAPI)))
+	var main, snap, group bytes.Buffer
 	main.WriteString(manifestsHeader)
 	snap.WriteString(manifestsHeader + "# Needs the snapshot CRDs (snapshot.storage.k8s.io/v1) and a snapshot-controller\n# run with --enable-distributed-snapshotting.\n")
+	group.WriteString(manifestsHeader + "# Needs the group snapshot CRDs (groupsnapshot.storage.k8s.io/v1) as well.\n")
 	for _, d := range docs {
 		b := &main
-		if d.kind == "VolumeSnapshotClass" {
+		switch d.kind {
+		case "VolumeSnapshotClass":
 			b = &snap
+		case "VolumeGroupSnapshotClass":
+			b = &group
 		}
 		b.WriteString("---\n# Source: " + d.source + "\n" + strings.TrimLeft(stripLeadingComments(d.yaml), "\n"))
 	}
-	return map[string][]byte{"csi-dmthin.yaml": main.Bytes(), "volumesnapshotclass.yaml": snap.Bytes()}
+	return map[string][]byte{"csi-dmthin.yaml": main.Bytes(), "volumesnapshotclass.yaml": snap.Bytes(), "volumegroupsnapshotclass.yaml": group.Bytes()}
 }
 
 // stripLeadingComments drops the template's comment lines above the object
@@ -855,4 +871,20 @@ func decodePools(t *testing.T, s string) poolsFile {
 		t.Fatalf("pools.yaml: %v\n%s", err, s)
 	}
 	return pc
+}
+
+// TestGroupSnapshotClass: with the group snapshot API, the default values
+// give one VolumeGroupSnapshotClass of the driver; a default one is
+// annotated so.
+func TestGroupSnapshotClass(t *testing.T) {
+	docs := objects(t, render(t, nil, capabilities(t, snapshotAPI, groupAPI)))
+	g := ofKind[*groupv1.VolumeGroupSnapshotClass](docs)
+	if len(g) != 1 || g[0].Name != "csi-dmthin" || g[0].Driver != "dmthin.csi.dmthin.io" || g[0].DeletionPolicy != snapshotv1.VolumeSnapshotContentDelete || len(g[0].Annotations) != 0 {
+		t.Fatalf("VolumeGroupSnapshotClasses %+v", g)
+	}
+	vals := map[string]any{"volumeGroupSnapshotClasses": []any{map[string]any{"name": "db", "isDefaultClass": true, "deletionPolicy": "Retain"}}}
+	g = ofKind[*groupv1.VolumeGroupSnapshotClass](objects(t, render(t, vals, capabilities(t, snapshotAPI, groupAPI))))
+	if len(g) != 1 || g[0].DeletionPolicy != snapshotv1.VolumeSnapshotContentRetain || g[0].Annotations["groupsnapshot.storage.kubernetes.io/is-default-class"] != "true" {
+		t.Fatalf("a default, retained class: %+v", g)
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	groupv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumegroupsnapshot/v1"
 	snapshotv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumesnapshot/v1"
 	"helm.sh/helm/v3/pkg/chart"
 	"helm.sh/helm/v3/pkg/chart/loader"
@@ -27,6 +28,7 @@ const (
 	releaseNS     = "kube-system"
 	kubeVersion   = "v1.37.2"
 	snapshotAPI   = "snapshot.storage.k8s.io/v1"
+	groupAPI      = "groupsnapshot.storage.k8s.io/v1"
 	monitoringAPI = "monitoring.coreos.com/v1"
 )
 
@@ -80,6 +82,7 @@ func newObject(apiVersion, kind string) (any, error) {
 		"rbac.authorization.k8s.io/v1/Role":               func() any { return &rbacv1.Role{} },
 		"rbac.authorization.k8s.io/v1/RoleBinding":        func() any { return &rbacv1.RoleBinding{} },
 		snapshotAPI + "/VolumeSnapshotClass":              func() any { return &snapshotv1.VolumeSnapshotClass{} },
+		groupAPI + "/VolumeGroupSnapshotClass":            func() any { return &groupv1.VolumeGroupSnapshotClass{} },
 		monitoringAPI + "/ServiceMonitor":                 func() any { return &serviceMonitor{} },
 	}
 	f, ok := types[apiVersion+"/"+kind]

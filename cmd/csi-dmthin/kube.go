@@ -68,6 +68,7 @@ type kubeSide struct {
 	stopRecorder func()
 	core         informers.SharedInformerFactory
 	snapInf      snapinformers.SharedInformerFactory
+	groupAPI     bool // groupsnapshot.storage.k8s.io/v1 is served
 	sink         *kube.PVCEvents
 
 	cancel   context.CancelFunc
@@ -118,6 +119,12 @@ func newKubeSide(ctx context.Context, f *kubeFlags, driverName, kubeletDir, node
 			return nil, fmt.Errorf("snapshot client: %w", err)
 		}
 		k.snapInf = snapinformers.NewSharedInformerFactory(k.snaps, informerResync)
+		if k.groupAPI, err = hasAPI(k.client, "groupsnapshot.storage.k8s.io/v1", "volumegroupsnapshotcontents"); err != nil {
+			return nil, err
+		}
+		if !k.groupAPI {
+			klog.InfoS("The group snapshot API (groupsnapshot.storage.k8s.io/v1) is not installed: group snapshot contents are not labelled for this node's csi-snapshotter until the driver restarts after it is")
+		}
 	} else {
 		klog.InfoS("The snapshot API (snapshot.storage.k8s.io/v1) is not installed: restores from VolumeSnapshots are not steered to their node until the driver restarts after it is")
 	}
@@ -145,18 +152,29 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 // hasSnapshotAPI reports whether the VolumeSnapshot CRDs are installed: the
 // informers would wait forever for a resource that does not exist.
 func hasSnapshotAPI(client kubernetes.Interface) (bool, error) {
-	rl, err := client.Discovery().ServerResourcesForGroupVersion("snapshot.storage.k8s.io/v1")
+	return hasAPI(client, "snapshot.storage.k8s.io/v1", "volumesnapshots", "volumesnapshotcontents")
+}
+
+// hasAPI reports whether the API server serves every one of resources in
+// groupVersion.
+func hasAPI(client kubernetes.Interface, groupVersion string, resources ...string) (bool, error) {
+	rl, err := client.Discovery().ServerResourcesForGroupVersion(groupVersion)
 	if apierrors.IsNotFound(err) {
 		return false, nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("looking for the snapshot API: %w", err)
+		return false, fmt.Errorf("looking for the %s API: %w", groupVersion, err)
 	}
 	var names []string
 	for _, r := range rl.APIResources {
 		names = append(names, r.Name)
 	}
-	return slices.Contains(names, "volumesnapshots") && slices.Contains(names, "volumesnapshotcontents"), nil
+	for _, r := range resources {
+		if !slices.Contains(names, r) {
+			return false, nil
+		}
+	}
+	return true, nil
 }
 
 // eventSink is the driver's csi.EventSink: nil (a nil interface, not a nil
@@ -204,6 +222,21 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 		go func() {
 			defer k.wg.Done()
 			if err := adopter.Run(ctx, 1); err != nil && ctx.Err() == nil {
+				fail(err)
+			}
+		}()
+	}
+	if k.groupAPI {
+		groups, err := kube.NewGroupAdopter(kube.GroupAdopterOptions{
+			DriverName: k.driverName, NodeName: k.node, Owner: d, Client: k.snaps, Recorder: k.recorder, Informers: k.snapInf,
+		})
+		if err != nil {
+			return err
+		}
+		k.wg.Add(1)
+		go func() {
+			defer k.wg.Done()
+			if err := groups.Run(ctx, 1); err != nil && ctx.Err() == nil {
 				fail(err)
 			}
 		}()

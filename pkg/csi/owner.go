@@ -17,6 +17,21 @@ func (d *Driver) HasVolume(id string) bool { return d.has(id, thinpool.KindVolum
 // HasSnapshot reports whether id is a snapshot in one of this node's pools.
 func (d *Driver) HasSnapshot(id string) bool { return d.has(id, thinpool.KindSnapshot) }
 
+// HasGroupSnapshot reports whether id is a group snapshot in one of this
+// node's pools.
+func (d *Driver) HasGroupSnapshot(s string) bool {
+	id, ok := parseID(s)
+	if !ok {
+		return false
+	}
+	p, ok := d.pools[id.pool]
+	if !ok {
+		return false
+	}
+	_, err := p.GroupSnapshots(id.name)
+	return err == nil
+}
+
 func (d *Driver) has(s string, kind thinpool.Kind) bool {
 	id, ok := parseID(s)
 	if !ok {

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	groupv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumegroupsnapshot/v1"
 	snapv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumesnapshot/v1"
 	snapfake "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned/fake"
 	snapinformers "github.com/kubernetes-csi/external-snapshotter/client/v8/informers/externalversions"
@@ -123,6 +124,8 @@ func (c *cluster) create(t *testing.T, objs ...runtime.Object) {
 			_, err = c.snap.SnapshotV1().VolumeSnapshots(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
 		case *snapv1.VolumeSnapshotContent:
 			_, err = c.snap.SnapshotV1().VolumeSnapshotContents().Create(ctx, o, metav1.CreateOptions{})
+		case *groupv1.VolumeGroupSnapshotContent:
+			_, err = c.snap.GroupsnapshotV1().VolumeGroupSnapshotContents().Create(ctx, o, metav1.CreateOptions{})
 		default:
 			t.Fatalf("create %T", o)
 		}
@@ -137,19 +140,31 @@ type fakeOwner struct {
 	mu        sync.Mutex
 	volumes   map[string]bool
 	snapshots map[string]bool
+	groups    map[string]bool
 	room      error // what RoomFor says for anything held
 }
 
+// owning holds ids: group snapshots when they say "group", snapshots when
+// they say "snap", else volumes.
 func owning(ids ...string) *fakeOwner {
-	o := &fakeOwner{volumes: map[string]bool{}, snapshots: map[string]bool{}}
+	o := &fakeOwner{volumes: map[string]bool{}, snapshots: map[string]bool{}, groups: map[string]bool{}}
 	for _, id := range ids {
-		if strings.Contains(id, "snap") {
+		switch {
+		case strings.Contains(id, "group"):
+			o.groups[id] = true
+		case strings.Contains(id, "snap"):
 			o.snapshots[id] = true
-		} else {
+		default:
 			o.volumes[id] = true
 		}
 	}
 	return o
+}
+
+func (o *fakeOwner) HasGroupSnapshot(id string) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.groups[id]
 }
 
 func (o *fakeOwner) HasVolume(id string) bool {
