@@ -62,7 +62,13 @@ const (
 	maxStartupKillWait = time.Second
 	callTimeout        = 3 * time.Minute
 	readyTimeout       = 2 * time.Minute
-	killPoolBytes      = 2 << 30
+	// killPoolBytes: the pools' loop files live on the guest's /tmp, a
+	// tmpfs of half its memory (2 GiB of 4). dm-thin hands out blocks it
+	// has never used before it reuses freed ones, so over a long run each
+	// file fills to its full size whatever the volumes hold; two pools
+	// larger than the tmpfs ran it out of space at about 75 kills, and
+	// every thin device then failed its writes with EIO.
+	killPoolBytes = 768 << 20
 )
 
 func TestKillServeKernel(t *testing.T) {

@@ -24,7 +24,7 @@ import (
 func TestVM(t *testing.T) {
 	opts := []vmtest.Option{
 		vmtest.WithTools("mount", "umount", "blkid", "mkfs.ext4", "mkfs.xfs", "resize2fs", "xfs_growfs", "e2fsck", "fsck"),
-		vmtest.WithMemoryMiB(3072),
+		vmtest.WithMemoryMiB(4096),
 	}
 	for _, name := range []string{killsEnv, killSeedEnv} {
 		if v, ok := os.LookupEnv(name); ok {
