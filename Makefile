@@ -6,7 +6,7 @@ BIN      := bin
 TIMEOUT  ?= 60m
 GOFILES   = $(shell find . -name '*.go' -not -path './.cache/*' -not -path './bin/*')
 
-.PHONY: all build test test-unit test-vm bench lint fmt demo deps fuzz clean e2e e2e-full e2e-deps e2e-build e2e-tools-tidy image manifests
+.PHONY: all build test test-unit test-vm test-faults bench lint fmt demo deps fuzz clean e2e e2e-full e2e-deps e2e-build e2e-tools-tidy image manifests
 
 all: build
 
@@ -35,9 +35,19 @@ test: deps lint
 test-unit:
 	$(GO) test -race -skip '^TestVM$$|^TestPowerCut$$' ./...
 
-# Kernel tests only, in the VM, with their output.
+# Kernel tests only, in the VM, with their output (the power cuts too).
 test-vm: deps
-	$(GO) test -v -run '^TestVM$$' -timeout $(TIMEOUT) ./...
+	$(GO) test -v -run '^TestVM$$|^TestPowerCut$$' -timeout $(TIMEOUT) ./...
+
+# The long fault runs that make test keeps short: the real kernel's whole
+# fault matrix (four errnos) and a second crash at every step of every
+# recovery; 200 power cuts; 1000 SIGKILLs of serve. About three hours under
+# TCG.
+FAULTS_TIMEOUT ?= 150m
+test-faults: deps
+	CSI_DMTHIN_FAULTS=full $(GO) test -count=1 -v -run '^TestVM$$' -timeout $(FAULTS_TIMEOUT) ./pkg/thinpool
+	CSI_DMTHIN_POWERCUT_CUTS=200 $(GO) test -count=1 -v -run '^TestPowerCut$$' -timeout $(FAULTS_TIMEOUT) ./pkg/thinpool
+	CSI_DMTHIN_KILLS=1000 $(GO) test -count=1 -v -run '^TestVM$$' -timeout $(FAULTS_TIMEOUT) ./cmd/csi-dmthin
 
 # A short run of every fuzz target (go test -fuzz takes one target at a time).
 FUZZTIME ?= 10s
