@@ -137,7 +137,7 @@ func TestFaultSweepFake(t *testing.T) {
 	skipInGuest(t)
 	matrix := runFaultSweep(t, newFakeEnv, faultErrnos)
 	matrix = append(matrix, runPersistentFaults(t, newFakeEnv)...)
-	checkFaultMatrix(t, matrix, 400)
+	checkFaultMatrix(t, matrix, 950)
 }
 
 func TestIdentityFake(t *testing.T) { runIdentityScenarios(t, newFakeEnv) }

@@ -149,9 +149,9 @@ func TestCrashRecoveryKernel(t *testing.T) {
 // runs it with EIO alone (every call, before and after); make test-faults
 // (CSI_DMTHIN_FAULTS=full) with the four errnos of the host's sweep.
 func TestFaultSweepKernel(t *testing.T) {
-	errnos, min := []unix.Errno{unix.EIO}, 120
+	errnos, min := []unix.Errno{unix.EIO}, 280
 	if os.Getenv("CSI_DMTHIN_FAULTS") == "full" {
-		errnos, min = faultErrnos, 400
+		errnos, min = faultErrnos, 800
 	}
 	matrix := runFaultSweep(t, newKernelEnv, errnos)
 	matrix = append(matrix, runPersistentFaults(t, newKernelEnv)...)
