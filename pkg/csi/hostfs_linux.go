@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 	mount "k8s.io/mount-utils"
@@ -269,11 +270,31 @@ func (h *hostFS) Unmount(ctx context.Context, p *safepath.Path) error {
 	if err != nil || !mounted {
 		return err
 	}
-	if err := unix.Unmount(p.InParent(), unix.UMOUNT_NOFOLLOW); err != nil && !errors.Is(err, unix.EINVAL) {
+	// A child another call forked while this process held a descriptor of
+	// the mount (mounting it, say) holds a copy until it execs, and the
+	// kernel calls the mount busy meanwhile: a short wait tells that from
+	// a mount in use.
+	deadline := time.Now().Add(unmountBusyWait)
+	for {
+		err := unix.Unmount(p.InParent(), unix.UMOUNT_NOFOLLOW)
+		switch {
+		case err == nil, errors.Is(err, unix.EINVAL):
+			return nil
+		case errors.Is(err, unix.EBUSY) && time.Now().Before(deadline):
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(20 * time.Millisecond):
+			}
+			continue
+		}
 		return fmt.Errorf("umount %s: %w", p, err)
 	}
-	return nil
 }
+
+// unmountBusyWait is how long Unmount retries a mount the kernel calls
+// busy before it says so.
+const unmountBusyWait = time.Second
 
 func (h *hostFS) MountRefs(p *safepath.Path) ([]string, error) {
 	e, ok, err := mountEntry(p)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -152,6 +153,10 @@ func fsContext(device, fstype string, params []string) (int, error) {
 // sysMount mounts the filesystem of fstype on device onto target (an
 // O_PATH descriptor of a directory), like mount(8) -t fstype -o options.
 func sysMount(device string, target *os.File, fstype string, options []string) error {
+	// No fork while the new mount has a descriptor here: a child would
+	// hold a copy until it execs, and keep the mount busy meanwhile.
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
 	attrs, params := mountArgs(options)
 	fd, err := fsContext(device, fstype, params)
 	if err != nil {
@@ -205,6 +210,8 @@ func mountsPlain(device, fstype string) bool {
 // attached, so it is never writable; it keeps the source mount's other
 // per-mount flags.
 func sysBind(source *os.File, device string, target *os.File, readOnly bool) error {
+	syscall.ForkLock.RLock() // as in sysMount
+	defer syscall.ForkLock.RUnlock()
 	var tree int
 	var err error
 	name := device
