@@ -218,13 +218,7 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 		if err != nil {
 			return err
 		}
-		k.wg.Add(1)
-		go func() {
-			defer k.wg.Done()
-			if err := adopter.Run(ctx, 1); err != nil && ctx.Err() == nil {
-				fail(err)
-			}
-		}()
+		k.run(ctx, fail, adopter.Run)
 	}
 	if k.groupAPI {
 		groups, err := kube.NewGroupAdopter(kube.GroupAdopterOptions{
@@ -233,13 +227,7 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 		if err != nil {
 			return err
 		}
-		k.wg.Add(1)
-		go func() {
-			defer k.wg.Done()
-			if err := groups.Run(ctx, 1); err != nil && ctx.Err() == nil {
-				fail(err)
-			}
-		}()
+		k.run(ctx, fail, groups.Run)
 	}
 	k.core.Start(ctx.Done())
 	if k.snapInf != nil {
@@ -257,6 +245,18 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 		kube.NewPoolWatcher(k.node, pools, k.flags.poolFullPercent, k.recorder).Run(ctx, k.flags.poolCheckInterval)
 	}()
 	return nil
+}
+
+// run runs a controller with one worker until ctx is done, joined by
+// stop; its failure before then goes to fail.
+func (k *kubeSide) run(ctx context.Context, fail func(error), controller func(context.Context, int) error) {
+	k.wg.Add(1)
+	go func() {
+		defer k.wg.Done()
+		if err := controller(ctx, 1); err != nil && ctx.Err() == nil {
+			fail(err)
+		}
+	}()
 }
 
 // healthy fails when the kubelet refused our registration.

@@ -20,11 +20,7 @@ func (d *Driver) HasSnapshot(id string) bool { return d.has(id, thinpool.KindSna
 // HasGroupSnapshot reports whether id is a group snapshot in one of this
 // node's pools.
 func (d *Driver) HasGroupSnapshot(s string) bool {
-	id, ok := parseID(s)
-	if !ok {
-		return false
-	}
-	p, ok := d.pools[id.pool]
+	p, id, ok := d.localPool(s)
 	if !ok {
 		return false
 	}
@@ -33,16 +29,22 @@ func (d *Driver) HasGroupSnapshot(s string) bool {
 }
 
 func (d *Driver) has(s string, kind thinpool.Kind) bool {
-	id, ok := parseID(s)
-	if !ok {
-		return false
-	}
-	p, ok := d.pools[id.pool]
+	p, id, ok := d.localPool(s)
 	if !ok {
 		return false
 	}
 	v, err := p.Get(id.name)
 	return err == nil && v.Kind == kind
+}
+
+// localPool parses an ID and finds its pool on this node.
+func (d *Driver) localPool(s string) (Pool, objectID, bool) {
+	id, ok := parseID(s)
+	if !ok {
+		return nil, id, false
+	}
+	p, ok := d.pools[id.pool]
+	return p, id, ok
 }
 
 // RoomFor returns nil when the pool holding sourceID (a volume or snapshot

@@ -126,23 +126,37 @@ func (a *Adopter) sync(ctx context.Context, name string) (retry bool, err error)
 	default:
 		return false, nil
 	}
-	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{
-		"resourceVersion": vsc.ResourceVersion,
-		"labels":          map[string]string{LabelManagedBy: a.node},
-	}})
-	if err != nil {
-		return false, err
-	}
-	_, err = a.client.SnapshotV1().VolumeSnapshotContents().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{})
-	switch {
-	case apierrors.IsConflict(err):
-		return true, nil
-	case apierrors.IsNotFound(err):
-		return false, nil
-	case err != nil:
-		return false, err
+	labelled, retry, err := labelForNode(ctx, a.node, vsc.ResourceVersion, func(ctx context.Context, patch []byte) error {
+		_, err := a.client.SnapshotV1().VolumeSnapshotContents().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{})
+		return err
+	})
+	if !labelled {
+		return retry, err
 	}
 	klog.FromContext(ctx).Info("Labelled a snapshot content for this node's csi-snapshotter: the node holds its source", "content", name, what, id)
 	a.recorder.Eventf(vsc, corev1.EventTypeNormal, ReasonAdopted, "node %s holds %s %s; labelled %s=%s so that node's csi-snapshotter manages this content", a.node, what, id, LabelManagedBy, a.node)
 	return false, nil
+}
+
+// labelForNode sets the managed-by label to node through patch, with the
+// resourceVersion the object was read at: an object that changed meanwhile
+// is read again (retry), one that is gone is left alone.
+func labelForNode(ctx context.Context, node, resourceVersion string, patch func(context.Context, []byte) error) (labelled, retry bool, err error) {
+	data, err := json.Marshal(map[string]any{"metadata": map[string]any{
+		"resourceVersion": resourceVersion,
+		"labels":          map[string]string{LabelManagedBy: node},
+	}})
+	if err != nil {
+		return false, false, err
+	}
+	err = patch(ctx, data)
+	switch {
+	case apierrors.IsConflict(err):
+		return false, true, nil
+	case apierrors.IsNotFound(err):
+		return false, false, nil
+	case err != nil:
+		return false, false, err
+	}
+	return true, false, nil
 }

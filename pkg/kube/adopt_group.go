@@ -2,7 +2,6 @@ package kube
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"strings"
 	"sync"
@@ -169,21 +168,12 @@ func (a *GroupAdopter) sync(ctx context.Context, name string) (retry bool, err e
 	if !ok {
 		return false, nil // another node's, or nobody's
 	}
-	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{
-		"resourceVersion": c.ResourceVersion,
-		"labels":          map[string]string{LabelManagedBy: a.node},
-	}})
-	if err != nil {
-		return false, err
-	}
-	_, err = a.client.GroupsnapshotV1().VolumeGroupSnapshotContents().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{})
-	switch {
-	case apierrors.IsConflict(err):
-		return true, nil
-	case apierrors.IsNotFound(err):
-		return false, nil
-	case err != nil:
-		return false, err
+	labelled, retry, err := labelForNode(ctx, a.node, c.ResourceVersion, func(ctx context.Context, patch []byte) error {
+		_, err := a.client.GroupsnapshotV1().VolumeGroupSnapshotContents().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{})
+		return err
+	})
+	if !labelled {
+		return retry, err
 	}
 	klog.FromContext(ctx).Info("Labelled a group snapshot content for this node's csi-snapshotter: the node holds what it is of", "content", name, "of", what)
 	a.recorder.Eventf(c, corev1.EventTypeNormal, ReasonGroupAdopted, "node %s holds %s; labelled %s=%s so that node's csi-snapshotter manages this content", a.node, what, LabelManagedBy, a.node)
