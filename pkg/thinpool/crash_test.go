@@ -126,7 +126,12 @@ func afterCrash(t *testing.T, e env, op faultOp, cfg Config, release func()) {
 	p := openPool(t, e, cfg)
 	defer teardown(t, e, p)
 	defer release()
-	checkInvariants(t, e, p)
+	if !op.plantsOrphan {
+		// An operation that meets a thin id the test planted is checked
+		// after the retry below: until one meets it, that id is the
+		// test's, known to nobody.
+		checkInvariants(t, e, p)
+	}
 	if got := e.read(t, p, "base", 0, len(faultData)); !bytes.Equal(got, faultData) {
 		t.Fatal("committed data lost")
 	}

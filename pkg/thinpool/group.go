@@ -55,32 +55,120 @@ func (p *Pool) SnapshotGroup(ctx context.Context, group string, members []GroupM
 		defer p.volLocks.Lock(k)()
 	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	srcs, sizeBytes, existing, err := p.checkGroup(ctx, group, members)
+	if err != nil || existing != nil {
+		p.mu.Unlock()
+		return existing, err
+	}
+	// Every active source is suspended (flushed, its filesystem frozen)
+	// before the first snapshot and resumed after the last, holding the
+	// volumes' locks but not the pool's, as for one snapshot (newDevice).
+	var origins []devmapper.Dev
+	for _, src := range srcs {
+		dev, active, err := p.activeDevice(src.Name)
+		if err != nil {
+			p.mu.Unlock()
+			return nil, err
+		}
+		if active {
+			origins = append(origins, dev)
+			p.suspending[dev] = true
+		}
+	}
+	underLock := p.suspendUnderPoolLock
+	if !underLock {
+		p.mu.Unlock()
+	}
+	suspended := 0
+	resumeAll := func() error {
+		var errs []error
+		for _, d := range slices.Backward(origins[:suspended]) {
+			if err := p.k.Resume(d); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		if !underLock {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+		}
+		for _, d := range origins {
+			delete(p.suspending, d)
+		}
+		if err := errors.Join(errs...); err != nil {
+			if ferr := p.fail(fmt.Errorf("resume the origins of group %s: %w", group, err)); ferr != nil {
+				return ferr
+			}
+		}
+		suspended = 0
+		return nil
+	}
+	defer func() {
+		_ = resumeAll()
+		if underLock {
+			p.mu.Unlock()
+		}
+	}()
+	for _, d := range origins {
+		// Counted before the call: a suspend that failed may have
+		// suspended, and the resume is harmless if not.
+		suspended++
+		if err := p.k.Suspend(d, 0); err != nil {
+			return nil, fmt.Errorf("group %s: suspend an origin: %w", group, err)
+		}
+	}
+	p.step("group:suspended")
+	got, err := func() ([]*Volume, error) {
+		if !underLock {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+		}
+		// Only the members' names were locked meanwhile: look again.
+		srcs, sizeBytes, existing, err = p.checkGroup(ctx, group, members)
+		if err != nil || existing != nil {
+			return existing, err
+		}
+		return p.groupLocked(group, members, srcs, sizeBytes)
+	}()
+	if rerr := resumeAll(); rerr != nil {
+		return nil, rerr
+	}
+	return got, err
+}
+
+// checkGroup checks a group's request against the pool as it is: the
+// sources, a group made already (returned as existing), admission. The
+// caller holds p.mu.
+func (p *Pool) checkGroup(ctx context.Context, group string, members []GroupMember) (srcs []*Volume, sizeBytes int64, existing []*Volume, err error) {
 	if err := p.usable(); err != nil {
-		return nil, err
+		return nil, 0, nil, err
 	}
 	if err := p.reapLocked(); err != nil {
-		return nil, err
+		return nil, 0, nil, err
 	}
-	srcs := make([]*Volume, len(members))
-	var sizeBytes int64
+	srcs = make([]*Volume, len(members))
 	for i, m := range members {
 		src := p.vols[m.Source]
 		if src == nil || src.Deleting || src.Kind != KindVolume {
-			return nil, fmt.Errorf("%w: source %s of group %s is not a volume", ErrNotFound, m.Source, group)
+			return nil, 0, nil, fmt.Errorf("%w: source %s of group %s is not a volume", ErrNotFound, m.Source, group)
 		}
 		srcs[i] = src
 		sizeBytes += src.SizeBytes
 	}
 	if existing, err := p.existingGroup(group, members); existing != nil || err != nil {
-		return existing, err
+		return srcs, sizeBytes, existing, err
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, err
+		return nil, 0, nil, err
 	}
 	if err := p.admit(sizeBytes, KindSnapshot); err != nil {
-		return nil, fmt.Errorf("group %s: %w", group, err)
+		return nil, 0, nil, fmt.Errorf("group %s: %w", group, err)
 	}
+	return srcs, sizeBytes, nil, nil
+}
+
+// groupLocked makes the group's snapshots, its active sources suspended:
+// intent, create_snap each, commit. The caller holds p.mu.
+func (p *Pool) groupLocked(group string, members []GroupMember, srcs []*Volume, sizeBytes int64) ([]*Volume, error) {
 	in := &intent{Op: opGroup, TID: p.tid + 1, Group: make([]groupMember, len(members))}
 	now := time.Now().UTC()
 	// Ids are taken all at once, so the intent names every device it may
@@ -114,7 +202,7 @@ func (p *Pool) SnapshotGroup(ctx context.Context, group string, members []GroupM
 		}
 		return out, true
 	}
-	if err := p.groupMessages(in, srcs); err != nil {
+	if err := p.groupMessages(in); err != nil {
 		// Some members may have been made: the recovery deletes them.
 		err = p.poolError("group snapshot "+group, err)
 		if ferr := p.fail(err); ferr != nil {
@@ -163,38 +251,11 @@ func (p *Pool) existingGroup(group string, members []GroupMember) ([]*Volume, er
 	return out, nil
 }
 
-// groupMessages suspends every active source, sends create_snap for each
-// member, and resumes the sources whatever happens. An id found taken by a
-// device no record owns (EEXIST) is recorded as suspect and replaced in the
-// intent by a new one, and that member's snapshot made again.
-func (p *Pool) groupMessages(in *intent, srcs []*Volume) (err error) {
-	var suspended []devmapper.Dev
-	defer func() {
-		for _, d := range slices.Backward(suspended) {
-			if rerr := p.k.Resume(d); rerr != nil && err == nil {
-				err = fmt.Errorf("resume an origin: %w", rerr)
-			}
-		}
-	}()
-	for _, src := range srcs {
-		info, err := p.k.InfoByName(p.volDMName(src.Name))
-		if errors.Is(err, unix.ENXIO) {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("look up the origin %s: %w", src.Name, err)
-		}
-		if !info.LiveTable {
-			continue
-		}
-		// Listed before the call: a suspend that failed may have
-		// suspended, and the resume is harmless if not.
-		suspended = append(suspended, info.Dev)
-		if err := p.k.Suspend(info.Dev, 0); err != nil {
-			return fmt.Errorf("suspend the origin %s: %w", src.Name, err)
-		}
-	}
-	p.step("group:suspended")
+// groupMessages sends create_snap for each member (the caller suspended
+// the active sources). An id found taken by a device no record owns
+// (EEXIST) is recorded as suspect and replaced in the intent by a new one,
+// and that member's snapshot made again.
+func (p *Pool) groupMessages(in *intent) error {
 	for i := 0; i < len(in.Group); i++ {
 		m := &in.Group[i]
 		for attempt := 0; ; attempt++ {

@@ -157,44 +157,131 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 		defer p.volLocks.Lock(k)()
 	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	src, sizeBytes, existing, err := p.checkNew(ctx, name, source, sizeBytes, kind)
+	if err != nil || existing != nil {
+		p.mu.Unlock()
+		return existing, err
+	}
+	if src == nil || p.suspendUnderPoolLock {
+		defer p.mu.Unlock()
+		return p.createLocked(ctx, name, source, src, sizeBytes, kind, false)
+	}
+	// A snapshot of an active origin: the origin is suspended (its writes
+	// flushed and its filesystem frozen, which can take long) holding only
+	// the two volumes' locks, so that reading the pool's usage, metrics,
+	// capacity and changes of other volumes go on meanwhile; the pool's
+	// lock is taken again for the intent, the message and the commit.
+	origin, active, err := p.activeDevice(src.Name)
+	if err != nil || !active {
+		defer p.mu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+		return p.createLocked(ctx, name, source, src, sizeBytes, kind, false)
+	}
+	p.suspending[origin] = true // the recovery of another change leaves it be
+	p.mu.Unlock()
+	resumed := false
+	resume := func() error {
+		if resumed {
+			return nil
+		}
+		resumed = true
+		err := p.k.Resume(origin)
+		p.mu.Lock()
+		delete(p.suspending, origin)
+		if err != nil {
+			err = fmt.Errorf("resume the origin %s: %w", source, err)
+			if ferr := p.fail(err); ferr != nil {
+				err = ferr
+			} else {
+				err = nil // the recovery resumed it
+			}
+		}
+		p.mu.Unlock()
+		return err
+	}
+	defer func() { _ = resume() }()
+	if err := p.k.Suspend(origin, 0); err != nil {
+		// It may have suspended before it failed: resumed on the way out.
+		return nil, fmt.Errorf("snapshot %s: suspend the origin %s: %w", name, source, err)
+	}
+	p.step("snapshot:suspended")
+	v, err := func() (*Volume, error) {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		// Only the two names were locked meanwhile: look again.
+		src, sizeBytes, existing, err := p.checkNew(ctx, name, source, sizeBytes, kind)
+		if err != nil || existing != nil {
+			return existing, err
+		}
+		return p.createLocked(ctx, name, source, src, sizeBytes, kind, true)
+	}()
+	if rerr := resume(); rerr != nil {
+		return nil, rerr
+	}
+	return v, err
+}
+
+// activeDevice returns the dm device of an active volume.
+func (p *Pool) activeDevice(name string) (devmapper.Dev, bool, error) {
+	info, err := p.k.InfoByName(p.volDMName(name))
+	switch {
+	case errors.Is(err, unix.ENXIO):
+		return 0, false, nil
+	case err != nil:
+		return 0, false, fmt.Errorf("look up %s: %w", name, err)
+	}
+	return info.Dev, info.LiveTable, nil
+}
+
+// checkNew checks a new device's request against the pool as it is: the
+// source, the size, a device of the name made already (returned as
+// existing, for a repeated request), admission. The caller holds p.mu.
+func (p *Pool) checkNew(ctx context.Context, name, source string, sizeBytes int64, kind Kind) (src *Volume, size int64, existing *Volume, err error) {
 	if err := p.usable(); err != nil {
-		return nil, err
+		return nil, 0, nil, err
 	}
 	if err := p.reapLocked(); err != nil {
-		return nil, err
+		return nil, 0, nil, err
 	}
-	var src *Volume
 	if source != "" {
 		src = p.vols[source]
 		if src == nil || src.Deleting {
-			return nil, fmt.Errorf("%w: source %s", ErrNotFound, source)
+			return nil, 0, nil, fmt.Errorf("%w: source %s", ErrNotFound, source)
 		}
 		if src.Kind == KindTemplate && (!src.Sealed || kind != KindVolume) {
 			// An unsealed template is still being written; a snapshot of a
 			// template would be a template nobody seals.
-			return nil, fmt.Errorf("%w: source %s is a template that is not sealed, or the copy is not a volume", ErrInvalid, source)
+			return nil, 0, nil, fmt.Errorf("%w: source %s is a template that is not sealed, or the copy is not a volume", ErrInvalid, source)
 		}
 		if sizeBytes == 0 {
 			sizeBytes = src.SizeBytes
 		}
 		if sizeBytes < src.SizeBytes {
-			return nil, fmt.Errorf("%w: %s of %d bytes cannot hold its source %s of %d bytes", ErrInvalid, name, sizeBytes, source, src.SizeBytes)
+			return nil, 0, nil, fmt.Errorf("%w: %s of %d bytes cannot hold its source %s of %d bytes", ErrInvalid, name, sizeBytes, source, src.SizeBytes)
 		}
 	}
 	if v := p.vols[name]; v != nil {
 		if v.Deleting || v.Kind != kind || v.Source != source || v.SizeBytes != sizeBytes {
-			return nil, fmt.Errorf("%w: %s exists as a %s of %d bytes from %q", ErrAlreadyExists, name, v.Kind, v.SizeBytes, v.Source)
+			return nil, 0, nil, fmt.Errorf("%w: %s exists as a %s of %d bytes from %q", ErrAlreadyExists, name, v.Kind, v.SizeBytes, v.Source)
 		}
 		c := *v
-		return &c, nil
+		return src, sizeBytes, &c, nil
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, err
+		return nil, 0, nil, err
 	}
 	if err := p.admit(sizeBytes, kind); err != nil {
-		return nil, fmt.Errorf("volume %s: %w", name, err)
+		return nil, 0, nil, fmt.Errorf("volume %s: %w", name, err)
 	}
+	return src, sizeBytes, nil, nil
+}
+
+// createLocked makes the device: intent, message, commit. originSuspended
+// says the caller suspended an active source already. The caller holds
+// p.mu.
+func (p *Pool) createLocked(ctx context.Context, name, source string, src *Volume, sizeBytes int64, kind Kind, originSuspended bool) (*Volume, error) {
 	v := &Volume{Name: name, SizeBytes: sizeBytes, Kind: kind, Source: source, CreatedAt: time.Now().UTC()}
 	in := &intent{Op: opCreate, TID: p.tid + 1}
 	if src != nil {
@@ -221,9 +308,12 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 		}
 		p.nextID = next
 		p.step(string(in.Op) + ":intent")
-		if src != nil {
+		switch {
+		case src != nil && originSuspended:
+			err = p.k.Message(p.dev, devmapper.CreateSnap{DeviceID: id, OriginID: src.DeviceID})
+		case src != nil:
 			err = p.snapshotMessage(src, id)
-		} else {
+		default:
 			err = p.k.Message(p.dev, devmapper.CreateThin{DeviceID: id})
 		}
 		if errors.Is(err, unix.EEXIST) && attempt < 16 {

@@ -47,6 +47,12 @@ type Pool struct {
 	// recordsSuspect: a records write failed since the last rewrite, so
 	// recovery rewrites them whole.
 	recordsSuspect bool
+	// suspending holds the origins that snapshots in progress suspended
+	// outside p.mu; a recovery meanwhile resumes every other device.
+	suspending map[devmapper.Dev]bool
+	// suspendUnderPoolLock: suspend origins holding p.mu, as before
+	// snapshots suspended outside it (SuspendUnderPoolLock).
+	suspendUnderPoolLock bool
 
 	volLocks keyedMutex
 
@@ -57,6 +63,12 @@ type Pool struct {
 
 // Option configures Open.
 type Option func(*Pool)
+
+// SuspendUnderPoolLock makes snapshots suspend their origin holding the
+// pool's lock, as csi-dmthin did before 2026-11-30, so that reading the
+// pool's usage waits for the origin's flush. It exists for the benchmark
+// that measures what that cost; nothing else should use it.
+func SuspendUnderPoolLock() Option { return func(p *Pool) { p.suspendUnderPoolLock = true } }
 
 // dm names and UUIDs. Every dm UUID of the pool starts with
 // devmapper.UUIDPrefix + identity + "-".
@@ -89,7 +101,7 @@ func Open(ctx context.Context, cfg Config, k Kernel, opts ...Option) (*Pool, err
 	if err != nil {
 		return nil, fmt.Errorf("pool %s: %w", cfg.Name, err)
 	}
-	p := &Pool{cfg: cfg, k: k, st: st}
+	p := &Pool{cfg: cfg, k: k, st: st, suspending: map[devmapper.Dev]bool{}}
 	for _, o := range opts {
 		o(p)
 	}
@@ -702,6 +714,9 @@ func (p *Pool) resumeSuspended() error {
 	for _, e := range list {
 		if !strings.HasPrefix(e.UUID, p.uuidPrefix()) {
 			continue
+		}
+		if p.suspending[e.Dev] {
+			continue // its snapshot resumes it
 		}
 		info, err := p.k.Info(e.Dev)
 		if err != nil || !info.Suspended {
