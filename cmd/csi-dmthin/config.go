@@ -355,3 +355,19 @@ func configCheck(args []string) error {
 	}
 	return nil
 }
+
+// defaultLowWater puts the low water mark of every pool that names none
+// (and has no autoExtend, which sets its own) where the Node's
+// nearly-full warning is: the kernel's event then wakes the warning, the
+// ThinPool status and the capacity at once, instead of at the next poll.
+func defaultLowWater(nc *nodeConfig, fullPercent float64) {
+	if fullPercent <= 0 || fullPercent >= 100 {
+		return
+	}
+	for n, c := range nc.pools {
+		if c.LowWaterBlocks == 0 && c.LowWaterPercent == 0 {
+			c.LowWaterPercent = 100 - fullPercent
+			nc.pools[n] = c
+		}
+	}
+}

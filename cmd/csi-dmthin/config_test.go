@@ -243,3 +243,31 @@ func TestSelftest(t *testing.T) {
 		t.Fatal("a changed byte verified")
 	}
 }
+
+// A pool's low water mark defaults to where the Node's nearly-full warning
+// is; one the pools file gives, or autoExtend sets, stays.
+func TestDefaultLowWater(t *testing.T) {
+	nc, err := loadNodeConfig(writeConfig(t, `pools:
+- name: plain
+  dataFile: /p.data
+- name: given
+  dataFile: /g.data
+  lowWaterMark: 1Gi
+- name: auto
+  dataFile: /a.data
+  autoExtend: {thresholdPercent: 70, maxDataFileSize: 1Ti}
+`), "/state")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defaultLowWater(nc, 85)
+	if p := nc.pools["plain"]; p.LowWaterPercent != 15 {
+		t.Errorf("plain: %v%%, want 15%%", p.LowWaterPercent)
+	}
+	if g := nc.pools["given"]; g.LowWaterPercent != 0 || g.LowWaterBlocks != 16384 {
+		t.Errorf("given: %+v", g)
+	}
+	if a := nc.pools["auto"]; a.LowWaterPercent != 30 {
+		t.Errorf("auto: %v%%, want 30%%", a.LowWaterPercent)
+	}
+}

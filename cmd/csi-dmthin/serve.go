@@ -137,6 +137,7 @@ func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
 	if err != nil {
 		return err
 	}
+	defaultLowWater(nc, f.kube.poolFullPercent)
 	cfgs, defPool := nc.pools, nc.defaultPool
 	// Before anything on the host is touched (sockets, /dev/mapper/control,
 	// pools): a second driver on this node stops here.
