@@ -90,8 +90,8 @@ func TestThinPoolCRDMatchesTypes(t *testing.T) {
 		Spec:       kube.ThinPoolSpec{NodeName: "n", Pool: "p", Driver: "d"},
 		Status: kube.ThinPoolStatus{
 			Health: "Healthy", Message: "m", Mode: "rw",
-			Data:     kube.SpaceStatus{Size: q, Used: q, UsedPercent: 1},
-			Metadata: kube.SpaceStatus{Size: q, Used: q, UsedPercent: 1},
+			Data:        kube.SpaceStatus{Size: q, Used: q, UsedPercent: 1},
+			Metadata:    kube.SpaceStatus{Size: q, Used: q, UsedPercent: 1},
 			Provisioned: q, Available: q, Overprovisioning: "1.00", OverprovisionLimit: "10.00",
 			Volumes: 1, Snapshots: 1, Templates: 1,
 			LastEvent:     &kube.PoolEvent{Time: now, Reason: "LowWater", Message: "m"},
