@@ -969,8 +969,35 @@ func defaultManifests(t *testing.T) map[string][]byte {
 		}
 		b.WriteString("---\n# Source: " + d.source + "\n" + strings.TrimLeft(stripLeadingComments(d.yaml), "\n"))
 	}
-	return map[string][]byte{"csi-dmthin.yaml": main.Bytes(), "volumesnapshotclass.yaml": snap.Bytes()}
+	// The node parts: one nodePools entry with devices to fill in, on the
+	// nodes labelled for it, so that applying it unchanged starts nothing.
+	var node bytes.Buffer
+	node.WriteString(nodeExampleHeader)
+	for _, d := range objects(t, render(t, mustYAML(t, nodeExampleValues), capabilities(t, snapshotAPI))) {
+		if d.kind == "DaemonSet" || d.kind == "ConfigMap" {
+			node.WriteString("---\n# Source: " + d.source + "\n" + strings.TrimLeft(stripLeadingComments(d.yaml), "\n"))
+		}
+	}
+	return map[string][]byte{"csi-dmthin.yaml": main.Bytes(), "volumesnapshotclass.yaml": snap.Bytes(), "node-example.yaml": node.Bytes()}
 }
+
+// nodeExampleValues render deploy/kubernetes/node-example.yaml.
+const nodeExampleValues = `nodePools:
+  - name: example
+    nodeSelector: {dmthin.io/example-pool: "true"}
+    defaultPool: fast
+    pools:
+      - name: fast
+        dataDevice: /dev/disk/by-id/CHANGE-ME-data
+        metadataDevice: /dev/disk/by-id/CHANGE-ME-metadata
+`
+
+const nodeExampleHeader = `# Generated from charts/csi-dmthin by ` + "`make manifests`" + ` with one nodePools
+# entry (nodeExampleValues in deploy/chart_test.go): the node parts for one
+# group of nodes. Copy it, put your devices in pools.yaml (csi-dmthin config
+# check checks a pools file), apply it after csi-dmthin.yaml, then label the
+# nodes: kubectl label node <node> dmthin.io/example-pool=true
+`
 
 // stripLeadingComments drops the template's comment lines above the object
 // (they explain the template, and the Source line replaces them).
