@@ -88,7 +88,15 @@ type poolWriteState struct {
 	growth   *PoolGrowth
 	pending  bool // a write is due but was throttled or failed
 	lastFail string
+	// failures in a row, and when to try again after the last: a writer
+	// that keeps failing (RBAC, the API server away) backs off to one try
+	// every thinPoolMaxBackoff instead of one a second.
+	failures int
+	retryAt  time.Time
 }
+
+// thinPoolMaxBackoff bounds the wait between retries of a failing write.
+const thinPoolMaxBackoff = 5 * time.Minute
 
 // NewThinPoolWriter checks o.
 func NewThinPoolWriter(o ThinPoolWriterOptions) (*ThinPoolWriter, error) {
@@ -175,11 +183,12 @@ func (w *ThinPoolWriter) names() []string {
 }
 
 func (w *ThinPoolWriter) pendingNames() []string {
+	now := w.o.Now()
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	var out []string
 	for n, s := range w.state {
-		if s.pending {
+		if s.pending && !now.Before(s.retryAt) {
 			out = append(out, n)
 		}
 	}
@@ -287,13 +296,16 @@ func (w *ThinPoolWriter) syncPool(ctx context.Context, name string) {
 	status.UpdateTime = metav1.NewTime(now)
 	if err := w.write(ctx, name, st, &status); err != nil {
 		st.pending = true
+		st.failures++
+		backoff := min(thinPoolRetick<<min(st.failures-1, 16), thinPoolMaxBackoff)
+		st.retryAt = now.Add(backoff)
 		if msg := err.Error(); msg != st.lastFail {
-			logger.Error(err, "Writing the pool's ThinPool status failed; will retry")
+			logger.Error(err, "Writing the pool's ThinPool status failed; will retry", "retryIn", backoff)
 			st.lastFail = msg
 		}
 		return
 	}
-	st.pending, st.lastFail = false, ""
+	st.pending, st.lastFail, st.failures, st.retryAt = false, "", 0, time.Time{}
 	st.written, st.at = &status, now
 }
 

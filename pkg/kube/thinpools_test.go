@@ -274,3 +274,37 @@ func TestThinPoolName(t *testing.T) {
 		t.Error("node label values")
 	}
 }
+
+// A write that keeps failing is retried less and less often.
+func TestThinPoolWriterBacksOff(t *testing.T) {
+	ctx := context.Background()
+	cl := newThinPoolCluster(t)
+	var attempts int
+	cl.dyn.PrependReactor("create", "thinpools", func(k8stesting.Action) (bool, runtime.Object, error) {
+		attempts++
+		return true, nil, apierrors.NewForbidden(ThinPoolGVR.GroupResource(), "x", nil)
+	})
+	src := &fakeUsage{}
+	src.set(used(10, 10), nil)
+	clk := &clock{now: time.Unix(1000, 0)}
+	w, err := NewThinPoolWriter(ThinPoolWriterOptions{Client: cl.dyn, Driver: driverName, Node: nodeA, Pools: map[string]UsageSource{"p": src}, QPS: 1000, Burst: 1000, Now: clk.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.sync(ctx, w.names())
+	// Once a second for 10 minutes: with backoff, a handful of tries.
+	for range 600 {
+		clk.add(time.Second)
+		w.sync(ctx, w.pendingNames())
+	}
+	if attempts < 5 || attempts > 15 {
+		t.Errorf("%d attempts in 10 minutes of failures, want a handful (1 s doubling to 5 min)", attempts)
+	}
+	// Once it succeeds, the next change is written at once.
+	cl.dyn.ReactionChain = cl.dyn.ReactionChain[1:]
+	clk.add(thinPoolMaxBackoff)
+	w.sync(ctx, w.pendingNames())
+	if cl.writes("node-a.p") != 1 {
+		t.Fatalf("%d writes after the failures ended", cl.writes("node-a.p"))
+	}
+}
