@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -166,6 +167,65 @@ func runGrowScenarios(t *testing.T, newEnv func(t *testing.T) env) {
 		if u, _ := p.Usage(); u.DataBytes != 16<<20 {
 			t.Errorf("a refused grow grew the pool: %+v", u)
 		}
+	})
+
+	// Offline takes the pool's devices away for thin_check, refusing while
+	// a volume is open; the next Open brings back what was active.
+	t.Run("OfflineAndBack", func(t *testing.T) {
+		e := newEnv(t)
+		cfg := testConfig(t, "offline", 32<<20)
+		p := openPool(t, e, cfg)
+		if _, err := p.CreateVolume(ctx, "v", 8<<20); err != nil {
+			t.Fatal(err)
+		}
+		data := pattern(8, 64<<10)
+		if err := e.write(t, p, "v", 0, data); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.CreateVolume(ctx, "idle", 8<<20); err != nil {
+			t.Fatal(err)
+		}
+		release := e.hold(t, p, "v")
+		if err := p.Offline(ctx); !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), p.volDMName("v")) {
+			t.Fatalf("offline with an open volume: %v", err)
+		}
+		if _, err := p.Usage(); err != nil {
+			t.Fatalf("a refused offline closed the pool: %v", err)
+		}
+		release()
+		if err := p.Offline(ctx); err != nil {
+			t.Fatal(err)
+		}
+		list, err := e.kernel().List()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range list {
+			if strings.HasPrefix(d.UUID, p.uuidPrefix()) {
+				t.Errorf("dm device %s left after offline", d.Name)
+			}
+		}
+		if _, err := p.Usage(); !errors.Is(err, ErrClosed) {
+			t.Errorf("usage of an offline pool: %v", err)
+		}
+		if _, err := p.CreateVolume(ctx, "late", 1<<20); !errors.Is(err, ErrClosed) {
+			t.Errorf("a change to an offline pool: %v", err)
+		}
+		if err := p.Offline(ctx); !errors.Is(err, ErrClosed) {
+			t.Errorf("a second offline: %v", err)
+		}
+		p = openPool(t, e, cfg)
+		defer teardown(t, e, p)
+		if _, err := p.DevicePath("v"); err != nil {
+			t.Errorf("the active volume did not come back: %v", err)
+		}
+		if _, err := p.DevicePath("idle"); err == nil {
+			t.Error("an inactive volume was activated")
+		}
+		if got := e.read(t, p, "v", 0, len(data)); !bytes.Equal(got, data) {
+			t.Error("data lost over offline and back")
+		}
+		checkInvariants(t, e, p)
 	})
 
 	// The kernel's low-water event wakes WaitEvent at once.
