@@ -89,7 +89,7 @@ done; sleep 100000`, true))
 		t.Error("no PoolOutOfDataSpace Event on the Node")
 	}
 	start := time.Now()
-	grow, err := c.Kubectl(testCtx, "-n", driverNamespace, "exec", driverPod(kc), "-c", "csi-dmthin", "--",
+	grow, err := c.Kubectl(testCtx, "-n", driverNamespace, "exec", nodeDriverPod(kc), "-c", "csi-dmthin", "--",
 		"csi-dmthin", "pool", "grow", "small", "--data-file-size=2Gi")
 	if err != nil {
 		t.Fatalf("pool grow: %v\n%s", err, grow)
@@ -127,4 +127,16 @@ func TestOperateHelmTest(t *testing.T) {
 		t.Errorf("helm test passed without the verify pod's log:\n%s", out)
 	}
 	t.Logf("helm test took %v:\n%s", time.Since(start).Round(time.Second), out)
+}
+
+// nodeDriverPod is the driver's pod on the node: its component is "node"
+// (the chart's helm test pods carry the same name label).
+func nodeDriverPod(k *k) string {
+	k.t.Helper()
+	out, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "get", "pods", "-l", "app.kubernetes.io/name=csi-dmthin,app.kubernetes.io/component=node",
+		"--field-selector", "spec.nodeName="+cluster.NodeName, "-o", "jsonpath={.items[0].metadata.name}")
+	if err != nil || len(out) == 0 {
+		k.t.Fatalf("no driver pod: %v", err)
+	}
+	return string(out)
 }
