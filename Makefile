@@ -6,7 +6,7 @@ BIN      := bin
 TIMEOUT  ?= 60m
 GOFILES   = $(shell find . -name '*.go' -not -path './.cache/*' -not -path './bin/*')
 
-.PHONY: all build test test-unit test-vm test-faults bench lint fmt demo deps fuzz clean e2e e2e-full e2e-deps e2e-build e2e-tools-tidy image manifests
+.PHONY: all build test test-unit test-vm test-faults bench lint fmt demo deps fuzz clean e2e e2e-full e2e-deps e2e-build e2e-tools-tidy image image-archive manifests
 
 all: build
 
@@ -82,6 +82,13 @@ image:
 		echo "make image: needs docker or podman (neither is on PATH); set CONTAINER_ENGINE=/path/to/one" >&2; exit 1; \
 	fi
 	$(CONTAINER_ENGINE) build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+
+# The same image as an OCI archive, without docker or podman: the packages
+# of hack/runtime-packages.txt (apt-get download) and the static binary,
+# written in Go. Air-gapped nodes load it with
+# `ctr -n k8s.io images import $(BIN)/csi-dmthin-$(VERSION).oci.tar`.
+image-archive:
+	$(GO) run ./hack/image-archive -version $(VERSION) -ref $(IMAGE) -out $(BIN)/csi-dmthin-$(VERSION).oci.tar
 
 # deploy/kubernetes/ is the chart rendered with its default values; the deploy
 # package's test fails when the two differ, and -update rewrites the files.

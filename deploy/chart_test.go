@@ -2,6 +2,7 @@ package deploy
 
 import (
 	"bytes"
+	"encoding/json"
 	"flag"
 	"os"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	storagev1 "k8s.io/api/storage/v1"
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"sigs.k8s.io/yaml"
 )
 
@@ -70,6 +72,12 @@ node:
   resources: {requests: {cpu: 50m, memory: 64Mi}, limits: {memory: 256Mi}}
   priorityClassName: storage-critical
   podAnnotations: {example.org/scrape: "true"}
+  extraArgs: [--thinpool-min-interval=5m]
+  extraEnv: [{name: GODEBUG, value: madvdontneed=1}]
+  extraVolumes: [{name: pool-disk, hostPath: {path: /mnt/pools, type: Directory}}]
+  extraVolumeMounts: [{name: pool-disk, mountPath: /mnt/pools}]
+thinPools:
+  installCRD: false
 metrics:
   enabled: true
   port: 9900
@@ -77,6 +85,26 @@ metrics:
     enabled: true
     interval: 15s
     labels: {release: prometheus}
+  podMonitor:
+    enabled: true
+    interval: 20s
+    labels: {release: prometheus}
+  prometheusRule:
+    enabled: true
+    labels: {release: prometheus}
+    dataWarningPercent: 75
+    dataCriticalPercent: 85
+    metadataWarningPercent: 60
+    metadataCriticalPercent: 70
+    for: 2m
+  dashboard:
+    enabled: true
+    labels: {grafana_dashboard: "1", example.org/team: storage}
+    namespace: monitoring
+test:
+  enabled: true
+  image: {registry: unused.example.invalid, repository: tools/selftest, tag: t1, pullPolicy: Always}
+  size: 128Mi
 nodePools:
   - name: nvme
     nodeSelector: {storage: nvme}
@@ -183,20 +211,27 @@ func hostPath(pod corev1.PodSpec, name string) string {
 	return ""
 }
 
+// loopPool is one nodePools entry with a loop-file pool, the least a node
+// needs to run the driver.
+const loopPool = `nodePools: [{name: default, defaultPool: default, pools: [{name: default, dataFile: /var/lib/csi-dmthin/default.data, dataFileSize: 20Gi}]}]`
+
 // TestDefaultRender checks the objects `helm install` creates with the
-// default values on a cluster without the snapshot CRDs.
+// default values on a cluster without the snapshot CRDs: the cluster-wide
+// ones, and no node pod until a pool is named; and then the node pods with
+// a pool named and every other value at its default.
 func TestDefaultRender(t *testing.T) {
-	docs := objects(t, render(t, nil, capabilities(t)))
+	files := render(t, nil, capabilities(t))
+	docs := objects(t, files)
 
 	var got []string
 	for _, d := range docs {
 		got = append(got, d.kind+"/"+d.name)
 	}
 	want := []string{
-		"ConfigMap/csi-dmthin-pools-default",
 		"CSIDriver/dmthin.csi.dmthin.io",
-		"DaemonSet/csi-dmthin-node-default",
+		"CustomResourceDefinition/thinpools.dmthin.io",
 		"ClusterRole/csi-dmthin-driver", "ClusterRoleBinding/csi-dmthin-driver",
+		"Role/csi-dmthin-driver", "RoleBinding/csi-dmthin-driver",
 		"ClusterRole/csi-dmthin-provisioner", "ClusterRoleBinding/csi-dmthin-provisioner",
 		"Role/csi-dmthin-provisioner", "RoleBinding/csi-dmthin-provisioner",
 		"ClusterRole/csi-dmthin-resizer", "ClusterRoleBinding/csi-dmthin-resizer",
@@ -208,7 +243,10 @@ func TestDefaultRender(t *testing.T) {
 	slices.Sort(got)
 	slices.Sort(want)
 	if !slices.Equal(got, want) {
-		t.Errorf("objects:\n got %q\nwant %q\n(no VolumeSnapshotClass without the snapshot API, no metrics Service by default)", got, want)
+		t.Errorf("objects:\n got %q\nwant %q\n(no pool, so no DaemonSet, unless one is named; no VolumeSnapshotClass without the snapshot API, no metrics Service by default)", got, want)
+	}
+	if notes := files["csi-dmthin/templates/NOTES.txt"]; !strings.Contains(notes, "NO POOLS ARE CONFIGURED") || !strings.Contains(notes, "nodePools:") {
+		t.Errorf("NOTES.txt without pools does not say what to configure:\n%s", notes)
 	}
 
 	d := ofKind[*storagev1.CSIDriver](docs)[0]
@@ -221,6 +259,22 @@ func TestDefaultRender(t *testing.T) {
 		t.Errorf("CSIDriver spec: %+v", d.Spec)
 	}
 
+	sc := ofKind[*storagev1.StorageClass](docs)[0]
+	if sc.Provisioner != "dmthin.csi.dmthin.io" ||
+		sc.VolumeBindingMode == nil || *sc.VolumeBindingMode != storagev1.VolumeBindingWaitForFirstConsumer ||
+		sc.AllowVolumeExpansion == nil || !*sc.AllowVolumeExpansion ||
+		sc.ReclaimPolicy == nil || *sc.ReclaimPolicy != corev1.PersistentVolumeReclaimDelete {
+		t.Errorf("StorageClass %+v", sc)
+	}
+	if want := map[string]string{"csi.storage.k8s.io/fstype": "ext4"}; !mapsEqual(sc.Parameters, want) {
+		t.Errorf("StorageClass parameters %v, want %v", sc.Parameters, want)
+	}
+	if len(sc.Annotations) != 0 {
+		t.Errorf("StorageClass annotations %v: it is not the default class by default", sc.Annotations)
+	}
+
+	// The node pods, once a pool is named.
+	docs = objects(t, render(t, mustYAML(t, loopPool), capabilities(t)))
 	ds := ofKind[*appsv1.DaemonSet](docs)[0]
 	pod := ds.Spec.Template.Spec
 	var names []string
@@ -263,9 +317,6 @@ func TestDefaultRender(t *testing.T) {
 	}
 	if !slices.Equal(drv.Args, wantDriverArgs) {
 		t.Errorf("driver args\n got %q\nwant %q", drv.Args, wantDriverArgs)
-	}
-	if drv.Image != "localhost/csi-dmthin:"+loadChart(t).Metadata.AppVersion {
-		t.Errorf("driver image %q: want the chart's appVersion", drv.Image)
 	}
 	if drv.SecurityContext == nil || drv.SecurityContext.Privileged == nil || !*drv.SecurityContext.Privileged {
 		t.Error("driver is not privileged")
@@ -343,28 +394,25 @@ func TestDefaultRender(t *testing.T) {
 			t.Errorf("%s: sidecars run unprivileged without privilege escalation: %+v", c.Name, sc)
 		}
 	}
-	for _, c := range []struct{ name, image string }{
-		{"csi-provisioner", "localhost/sig-storage/csi-provisioner:v6.4.0"},
-		{"csi-snapshotter", "localhost/sig-storage/csi-snapshotter:v8.7.0"},
-		{"csi-resizer", "localhost/sig-storage/csi-resizer:v2.3.0"},
+	// The sidecars come from the Kubernetes project's registry, at the
+	// pinned versions; every container asks for resources (no pod is
+	// BestEffort, which is evicted first).
+	for _, c := range []struct{ name, image, cpu string }{
+		{"csi-dmthin", "localhost/csi-dmthin:" + loadChart(t).Metadata.AppVersion, "20m"},
+		{"csi-provisioner", "registry.k8s.io/sig-storage/csi-provisioner:v6.4.0", "10m"},
+		{"csi-snapshotter", "registry.k8s.io/sig-storage/csi-snapshotter:v8.7.0", "10m"},
+		{"csi-resizer", "registry.k8s.io/sig-storage/csi-resizer:v2.3.0", "10m"},
 	} {
-		if got := container(t, pod, c.name).Image; got != c.image {
-			t.Errorf("%s image %q, want %q", c.name, got, c.image)
+		ctr := container(t, pod, c.name)
+		if ctr.Image != c.image {
+			t.Errorf("%s image %q, want %q", c.name, ctr.Image, c.image)
+		}
+		if cpu, mem := ctr.Resources.Requests[corev1.ResourceCPU], ctr.Resources.Requests[corev1.ResourceMemory]; cpu.String() != c.cpu || mem.IsZero() {
+			t.Errorf("%s requests %v, want cpu %s and some memory", c.name, ctr.Resources.Requests, c.cpu)
 		}
 	}
-
-	sc := ofKind[*storagev1.StorageClass](docs)[0]
-	if sc.Provisioner != "dmthin.csi.dmthin.io" ||
-		sc.VolumeBindingMode == nil || *sc.VolumeBindingMode != storagev1.VolumeBindingWaitForFirstConsumer ||
-		sc.AllowVolumeExpansion == nil || !*sc.AllowVolumeExpansion ||
-		sc.ReclaimPolicy == nil || *sc.ReclaimPolicy != corev1.PersistentVolumeReclaimDelete {
-		t.Errorf("StorageClass %+v", sc)
-	}
-	if want := map[string]string{"csi.storage.k8s.io/fstype": "ext4"}; !mapsEqual(sc.Parameters, want) {
-		t.Errorf("StorageClass parameters %v, want %v", sc.Parameters, want)
-	}
-	if len(sc.Annotations) != 0 {
-		t.Errorf("StorageClass annotations %v: it is not the default class by default", sc.Annotations)
+	if !hasEnvFromField(drv, "NAMESPACE", "metadata.namespace") {
+		t.Error("driver has no NAMESPACE, where its node's CSIStorageCapacity objects are")
 	}
 
 	cm := ofKind[*corev1.ConfigMap](docs)[0]
@@ -574,18 +622,130 @@ func TestFullValues(t *testing.T) {
 	if notes := files["csi-dmthin/templates/NOTES.txt"]; !strings.Contains(notes, "VolumeSnapshotClasses thin-snap thin-snap-delete were created") {
 		t.Errorf("NOTES.txt does not report the snapshot classes:\n%s", notes)
 	}
+
+	// node.extra*: flags, environment, volumes of the driver.
+	for _, ds := range dss {
+		pod := ds.Spec.Template.Spec
+		drv := container(t, pod, "csi-dmthin")
+		wantArgs(t, drv, "--thinpool-min-interval=5m")
+		if !slices.ContainsFunc(drv.Env, func(e corev1.EnvVar) bool { return e.Name == "GODEBUG" && e.Value == "madvdontneed=1" }) {
+			t.Errorf("%s: extraEnv missing: %+v", ds.Name, drv.Env)
+		}
+		if m := mount(drv, "pool-disk"); m == nil || m.MountPath != "/mnt/pools" || hostPath(pod, "pool-disk") != "/mnt/pools" {
+			t.Errorf("%s: extraVolumes/extraVolumeMounts missing", ds.Name)
+		}
+	}
+	if crds := ofKind[*apiextensionsv1.CustomResourceDefinition](docs); len(crds) != 0 {
+		t.Errorf("thinPools.installCRD false, yet %d CRDs", len(crds))
+	}
+	// A PodMonitor that selects the node pods with no Service between.
+	pms := ofKind[*podMonitor](docs)
+	if len(pms) != 1 {
+		t.Fatalf("%d PodMonitors, want 1", len(pms))
+	}
+	for k, v := range pms[0].Spec.Selector.MatchLabels {
+		if dss[0].Spec.Template.Labels[k] != v || dss[1].Spec.Template.Labels[k] != v {
+			t.Errorf("PodMonitor selector %s=%s misses the node pods", k, v)
+		}
+	}
+	if e := pms[0].Spec.PodMetricsEndpoints; len(e) != 1 || e[0].Port != "metrics" || e[0].Interval != "20s" || pms[0].Labels["release"] != "prometheus" ||
+		pms[0].Spec.JobLabel != "app.kubernetes.io/name" || dss[0].Spec.Template.Labels[pms[0].Spec.JobLabel] != "csi-dmthin" {
+		t.Errorf("PodMonitor %+v", pms[0])
+	}
+	rules := ofKind[*prometheusRule](docs)
+	if len(rules) != 1 || rules[0].Labels["release"] != "prometheus" {
+		t.Fatalf("PrometheusRules %+v", rules)
+	}
+	thresholds := map[string]string{"CSIDmthinPoolDataFilling": "> 75", "CSIDmthinPoolDataFull": "> 85", "CSIDmthinPoolMetadataFilling": "> 60", "CSIDmthinPoolMetadataFull": "> 70"}
+	for _, g := range rules[0].Spec.Groups {
+		for _, r := range g.Rules {
+			if th, ok := thresholds[r.Alert]; ok {
+				if !strings.HasSuffix(r.Expr, th) || r.For != "2m" {
+					t.Errorf("alert %s: %q for %s, want the threshold %q for 2m", r.Alert, r.Expr, r.For, th)
+				}
+				delete(thresholds, r.Alert)
+			}
+		}
+	}
+	if len(thresholds) != 0 {
+		t.Errorf("alerts missing: %v", thresholds)
+	}
+	var dash *corev1.ConfigMap
+	for _, cm := range ofKind[*corev1.ConfigMap](docs) {
+		if cm.Name == "csi-dmthin-dashboard" {
+			dash = cm
+		}
+	}
+	if dash == nil || dash.Namespace != "monitoring" || dash.Labels["grafana_dashboard"] != "1" || dash.Labels["example.org/team"] != "storage" || !json.Valid([]byte(dash.Data["csi-dmthin.json"])) {
+		t.Fatalf("dashboard ConfigMap %+v", dash)
+	}
+
+	// The helm test: written, snapshotted, restored and verified with the
+	// test image, at the test size, with the first classes.
+	tests := testObjects(t, files)
+	pods := ofKind[*corev1.Pod](tests)
+	pvcs := ofKind[*corev1.PersistentVolumeClaim](tests)
+	snaps := ofKind[*snapshotv1.VolumeSnapshot](tests)
+	if len(pods) != 2 || len(pvcs) != 2 || len(snaps) != 1 {
+		t.Fatalf("helm test objects: %d pods, %d PVCs, %d snapshots", len(pods), len(pvcs), len(snaps))
+	}
+	for _, p := range pods {
+		c := p.Spec.Containers[0]
+		if c.Image != "images.example.invalid:5000/mirror/tools/selftest:t1" || c.ImagePullPolicy != corev1.PullAlways {
+			t.Errorf("test pod %s image %q %s", p.Name, c.Image, c.ImagePullPolicy)
+		}
+		if len(p.Spec.ImagePullSecrets) != 1 {
+			t.Errorf("test pod %s: no pull secret", p.Name)
+		}
+	}
+	for _, c := range pvcs {
+		if q := c.Spec.Resources.Requests[corev1.ResourceStorage]; q.String() != "128Mi" || *c.Spec.StorageClassName != "fast-xfs" {
+			t.Errorf("test PVC %s: %v of %s", c.Name, q, *c.Spec.StorageClassName)
+		}
+	}
+	if cls := snaps[0].Spec.VolumeSnapshotClassName; cls == nil || *cls != "thin-snap" {
+		t.Errorf("test snapshot class %v", cls)
+	}
+}
+
+// nameOverride and fullnameOverride name every object.
+func TestNameOverrides(t *testing.T) {
+	for _, tc := range []struct {
+		values, ds, sa, label string
+	}{
+		{`{nameOverride: blocks}`, "csi-dmthin-blocks-node-default", "csi-dmthin-blocks", "blocks"},
+		{`{fullnameOverride: storage}`, "storage-node-default", "storage", "csi-dmthin"},
+	} {
+		vals := mustYAML(t, loopPool)
+		for k, v := range mustYAML(t, tc.values) {
+			vals[k] = v
+		}
+		docs := objects(t, render(t, vals, capabilities(t)))
+		ds := ofKind[*appsv1.DaemonSet](docs)[0]
+		if ds.Name != tc.ds || ds.Spec.Template.Spec.ServiceAccountName != tc.sa || ds.Spec.Template.Labels["app.kubernetes.io/name"] != tc.label {
+			t.Errorf("%s: DaemonSet %s, service account %s, name label %q", tc.values, ds.Name, ds.Spec.Template.Spec.ServiceAccountName, ds.Spec.Template.Labels["app.kubernetes.io/name"])
+		}
+		for _, d := range docs {
+			if d.kind != "CSIDriver" && d.kind != "StorageClass" && d.kind != "CustomResourceDefinition" && !strings.HasPrefix(d.name, tc.sa) {
+				t.Errorf("%s: %s %s is not named after %s", tc.values, d.kind, d.name, tc.sa)
+			}
+		}
+	}
 }
 
 // TestNotesWithoutSnapshotAPI: the operator is told the snapshot CRDs and
 // controller are missing, and what to check next.
 func TestNotesWithoutSnapshotAPI(t *testing.T) {
-	notes := render(t, nil, capabilities(t))["csi-dmthin/templates/NOTES.txt"]
+	notes := render(t, mustYAML(t, loopPool), capabilities(t))["csi-dmthin/templates/NOTES.txt"]
 	for _, want := range []string{
 		"snapshot.storage.k8s.io/v1 API is NOT present",
 		"--enable-distributed-snapshotting",
 		"kubectl get csistoragecapacities",
+		"kubectl get thinpools",
 		"csi-dmthin pool status",
+		"csi-dmthin pool grow",
 		"# default: pools default",
+		"helm test csi-dmthin",
 	} {
 		if !strings.Contains(notes, want) {
 			t.Errorf("NOTES.txt lacks %q:\n%s", want, notes)
@@ -675,6 +835,14 @@ func TestRBACLeastPrivilege(t *testing.T) {
 				{"ClusterRole/csi-dmthin-driver", "", "nodes", "list", false},
 				{"ClusterRole/csi-dmthin-driver", "", "events", "create", true},
 				{"ClusterRole/csi-dmthin-driver", "events.k8s.io", "events", "patch", true},
+				// ... keeps its node's ThinPools (status through the
+				// subresource only) and refreshes its node's capacity.
+				{"ClusterRole/csi-dmthin-driver", "dmthin.io", "thinpools", "create", true},
+				{"ClusterRole/csi-dmthin-driver", "dmthin.io", "thinpools", "update", false},
+				{"ClusterRole/csi-dmthin-driver", "dmthin.io", "thinpools/status", "patch", true},
+				{"Role/csi-dmthin-driver", "storage.k8s.io", "csistoragecapacities", "update", true},
+				{"Role/csi-dmthin-driver", "storage.k8s.io", "csistoragecapacities", "create", false},
+				{"ClusterRole/csi-dmthin-driver", "storage.k8s.io", "csistoragecapacities", "update", false},
 				// The provisioner makes and deletes PVs and publishes capacity
 				// in the release namespace only.
 				{"ClusterRole/csi-dmthin-provisioner", "", "persistentvolumes", "create", true},
@@ -727,7 +895,13 @@ func TestSchemaRejectsBadValues(t *testing.T) {
 		{"a pool with no data", `nodePools: [{name: a, pools: [{name: p}]}]`, "oneOf"},
 		{"a bad pool name", `nodePools: [{name: a, pools: [{name: Fast, dataFile: /x}]}]`, "name"},
 		{"a bad size", `nodePools: [{name: a, pools: [{name: p, dataFile: /x, dataFileSize: 20GB}]}]`, "dataFileSize"},
-		{"no nodePools", `nodePools: []`, "nodePools"},
+		{"no nodePools", `nodePools: []`, ""},
+		{"a parent chart's global", `global: {storageClass: fast, imagePullSecrets: [x]}`, ""},
+		{"an autoExtend without its maximum", `nodePools: [{name: a, pools: [{name: p, dataFile: /x, autoExtend: {thresholdPercent: 80}}]}]`, "maxDataFileSize"},
+		{"a percentage low water mark", `nodePools: [{name: a, pools: [{name: p, dataFile: /x, lowWaterMark: "10%"}]}]`, ""},
+		{"a decimal size", `nodePools: [{name: a, pools: [{name: p, dataFile: /x, dataFileSize: 20G}]}]`, ""},
+		{"a bad alert threshold", `metrics: {prometheusRule: {dataWarningPercent: 120}}`, "dataWarningPercent"},
+		{"an extra env without a name", `node: {extraEnv: [{value: x}]}`, "name"},
 		{"a relative kubeletDir", `kubeletDir: var/lib/kubelet`, "kubeletDir"},
 		{"poolFullPercent over 100", `node: {poolFullPercent: 120}`, "poolFullPercent"},
 		{"a fractional poolFullPercent", `node: {poolFullPercent: 85.5}`, "poolFullPercent"},
@@ -811,8 +985,35 @@ func defaultManifests(t *testing.T) map[string][]byte {
 		}
 		b.WriteString("---\n# Source: " + d.source + "\n" + strings.TrimLeft(stripLeadingComments(d.yaml), "\n"))
 	}
-	return map[string][]byte{"csi-dmthin.yaml": main.Bytes(), "volumesnapshotclass.yaml": snap.Bytes(), "volumegroupsnapshotclass.yaml": group.Bytes()}
+	// The node parts: one nodePools entry with devices to fill in, on the
+	// nodes labelled for it, so that applying it unchanged starts nothing.
+	var node bytes.Buffer
+	node.WriteString(nodeExampleHeader)
+	for _, d := range objects(t, render(t, mustYAML(t, nodeExampleValues), capabilities(t, snapshotAPI))) {
+		if d.kind == "DaemonSet" || d.kind == "ConfigMap" {
+			node.WriteString("---\n# Source: " + d.source + "\n" + strings.TrimLeft(stripLeadingComments(d.yaml), "\n"))
+		}
+	}
+	return map[string][]byte{"csi-dmthin.yaml": main.Bytes(), "volumesnapshotclass.yaml": snap.Bytes(), "volumegroupsnapshotclass.yaml": group.Bytes(), "node-example.yaml": node.Bytes()}
 }
+
+// nodeExampleValues render deploy/kubernetes/node-example.yaml.
+const nodeExampleValues = `nodePools:
+  - name: example
+    nodeSelector: {dmthin.io/example-pool: "true"}
+    defaultPool: fast
+    pools:
+      - name: fast
+        dataDevice: /dev/disk/by-id/CHANGE-ME-data
+        metadataDevice: /dev/disk/by-id/CHANGE-ME-metadata
+`
+
+const nodeExampleHeader = `# Generated from charts/csi-dmthin by ` + "`make manifests`" + ` with one nodePools
+# entry (nodeExampleValues in deploy/chart_test.go): the node parts for one
+# group of nodes. Copy it, put your devices in pools.yaml (csi-dmthin config
+# check checks a pools file), apply it after csi-dmthin.yaml, then label the
+# nodes: kubectl label node <node> dmthin.io/example-pool=true
+`
 
 // stripLeadingComments drops the template's comment lines above the object
 // (they explain the template, and the Source line replaces them).

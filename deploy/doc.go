@@ -4,8 +4,10 @@
 //
 // The tests render the chart in-process with Helm's own packages, decode every
 // object strictly into its Kubernetes API type (an unknown or misplaced field
-// fails), run Helm's linter and the chart's values schema, and keep
-// deploy/kubernetes byte for byte equal to the default render
+// fails), run Helm's linter and the chart's values schema, check the ThinPool
+// CRD against the driver's Go types and the alert rules and dashboard queries
+// (parsed by Prometheus's own PromQL parser) against the metrics the driver
+// registers, and keep deploy/kubernetes byte for byte equal to the render
 // (`make manifests` or `go test ./deploy -update` rewrites it).
 //
 // The package has no non-test code: it must not be imported, and nothing in

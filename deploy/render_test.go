@@ -18,6 +18,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	storagev1 "k8s.io/api/storage/v1"
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 )
@@ -50,19 +51,61 @@ type serviceMonitor struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata"`
 	Spec              struct {
+		JobLabel          string               `json:"jobLabel"`
 		Selector          metav1.LabelSelector `json:"selector"`
 		NamespaceSelector struct {
 			MatchNames []string `json:"matchNames"`
 		} `json:"namespaceSelector"`
 		Endpoints []struct {
-			Port        string `json:"port"`
-			Path        string `json:"path"`
-			Interval    string `json:"interval"`
-			Relabelings []struct {
-				SourceLabels []string `json:"sourceLabels"`
-				TargetLabel  string   `json:"targetLabel"`
-			} `json:"relabelings"`
+			Port        string       `json:"port"`
+			Path        string       `json:"path"`
+			Interval    string       `json:"interval"`
+			Relabelings []relabeling `json:"relabelings"`
 		} `json:"endpoints"`
+	} `json:"spec"`
+}
+
+// relabeling is one of a monitor's relabelings.
+type relabeling struct {
+	SourceLabels []string `json:"sourceLabels"`
+	TargetLabel  string   `json:"targetLabel"`
+}
+
+// podMonitor mirrors the fields of prometheus-operator's PodMonitor that
+// the chart writes.
+type podMonitor struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		JobLabel          string               `json:"jobLabel"`
+		Selector          metav1.LabelSelector `json:"selector"`
+		NamespaceSelector struct {
+			MatchNames []string `json:"matchNames"`
+		} `json:"namespaceSelector"`
+		PodMetricsEndpoints []struct {
+			Port        string       `json:"port"`
+			Path        string       `json:"path"`
+			Interval    string       `json:"interval"`
+			Relabelings []relabeling `json:"relabelings"`
+		} `json:"podMetricsEndpoints"`
+	} `json:"spec"`
+}
+
+// prometheusRule mirrors prometheus-operator's PrometheusRule.
+type prometheusRule struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		Groups []struct {
+			Name  string `json:"name"`
+			Rules []struct {
+				Alert       string            `json:"alert"`
+				Expr        string            `json:"expr"`
+				For         string            `json:"for"`
+				Labels      map[string]string `json:"labels"`
+				Annotations map[string]string `json:"annotations"`
+			} `json:"rules"`
+		} `json:"groups"`
 	} `json:"spec"`
 }
 
@@ -71,19 +114,25 @@ type serviceMonitor struct {
 // know is a kind nobody reviewed.
 func newObject(apiVersion, kind string) (any, error) {
 	types := map[string]func() any{
-		"v1/ServiceAccount":                               func() any { return &corev1.ServiceAccount{} },
-		"v1/ConfigMap":                                    func() any { return &corev1.ConfigMap{} },
-		"v1/Service":                                      func() any { return &corev1.Service{} },
-		"apps/v1/DaemonSet":                               func() any { return &appsv1.DaemonSet{} },
-		"storage.k8s.io/v1/CSIDriver":                     func() any { return &storagev1.CSIDriver{} },
-		"storage.k8s.io/v1/StorageClass":                  func() any { return &storagev1.StorageClass{} },
-		"rbac.authorization.k8s.io/v1/ClusterRole":        func() any { return &rbacv1.ClusterRole{} },
-		"rbac.authorization.k8s.io/v1/ClusterRoleBinding": func() any { return &rbacv1.ClusterRoleBinding{} },
-		"rbac.authorization.k8s.io/v1/Role":               func() any { return &rbacv1.Role{} },
-		"rbac.authorization.k8s.io/v1/RoleBinding":        func() any { return &rbacv1.RoleBinding{} },
-		snapshotAPI + "/VolumeSnapshotClass":              func() any { return &snapshotv1.VolumeSnapshotClass{} },
-		groupAPI + "/VolumeGroupSnapshotClass":            func() any { return &groupv1.VolumeGroupSnapshotClass{} },
-		monitoringAPI + "/ServiceMonitor":                 func() any { return &serviceMonitor{} },
+		"v1/ServiceAccount":                                func() any { return &corev1.ServiceAccount{} },
+		"v1/ConfigMap":                                     func() any { return &corev1.ConfigMap{} },
+		"v1/Service":                                       func() any { return &corev1.Service{} },
+		"apps/v1/DaemonSet":                                func() any { return &appsv1.DaemonSet{} },
+		"storage.k8s.io/v1/CSIDriver":                      func() any { return &storagev1.CSIDriver{} },
+		"storage.k8s.io/v1/StorageClass":                   func() any { return &storagev1.StorageClass{} },
+		"rbac.authorization.k8s.io/v1/ClusterRole":         func() any { return &rbacv1.ClusterRole{} },
+		"rbac.authorization.k8s.io/v1/ClusterRoleBinding":  func() any { return &rbacv1.ClusterRoleBinding{} },
+		"rbac.authorization.k8s.io/v1/Role":                func() any { return &rbacv1.Role{} },
+		"rbac.authorization.k8s.io/v1/RoleBinding":         func() any { return &rbacv1.RoleBinding{} },
+		snapshotAPI + "/VolumeSnapshotClass":               func() any { return &snapshotv1.VolumeSnapshotClass{} },
+		groupAPI + "/VolumeGroupSnapshotClass":             func() any { return &groupv1.VolumeGroupSnapshotClass{} },
+		snapshotAPI + "/VolumeSnapshot":                    func() any { return &snapshotv1.VolumeSnapshot{} },
+		monitoringAPI + "/ServiceMonitor":                  func() any { return &serviceMonitor{} },
+		monitoringAPI + "/PodMonitor":                      func() any { return &podMonitor{} },
+		monitoringAPI + "/PrometheusRule":                  func() any { return &prometheusRule{} },
+		"apiextensions.k8s.io/v1/CustomResourceDefinition": func() any { return &apiextensionsv1.CustomResourceDefinition{} },
+		"v1/Pod":                   func() any { return &corev1.Pod{} },
+		"v1/PersistentVolumeClaim": func() any { return &corev1.PersistentVolumeClaim{} },
 	}
 	f, ok := types[apiVersion+"/"+kind]
 	if !ok {
@@ -137,13 +186,27 @@ func render(t *testing.T, vals map[string]any, caps *chartutil.Capabilities) map
 
 var docSep = regexp.MustCompile(`(?m)^---\s*$`)
 
-// objects splits the rendered templates into documents (in template path
-// order, then document order) and strictly decodes each into its type.
+// objects splits the rendered templates, all but the helm test's, into
+// documents (in template path order, then document order) and strictly
+// decodes each into its type.
 func objects(t *testing.T, files map[string]string) []doc {
+	t.Helper()
+	return objectsOf(t, files, func(n string) bool { return !isTestTemplate(n) })
+}
+
+// testObjects are the helm test's objects (templates/tests/).
+func testObjects(t *testing.T, files map[string]string) []doc {
+	t.Helper()
+	return objectsOf(t, files, isTestTemplate)
+}
+
+func isTestTemplate(name string) bool { return strings.Contains(name, "/templates/tests/") }
+
+func objectsOf(t *testing.T, files map[string]string, keep func(string) bool) []doc {
 	t.Helper()
 	var names []string
 	for n := range files {
-		if path.Ext(n) == ".yaml" {
+		if path.Ext(n) == ".yaml" && keep(n) {
 			names = append(names, n)
 		}
 	}

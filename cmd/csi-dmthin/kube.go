@@ -5,14 +5,17 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"sync"
 	"time"
 
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	snapclient "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned"
 	snapinformers "github.com/kubernetes-csi/external-snapshotter/client/v8/informers/externalversions"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -40,6 +43,9 @@ type kubeFlags struct {
 	kubeconfig        string
 	poolFullPercent   float64
 	poolCheckInterval time.Duration
+	thinPools         bool
+	thinPoolInterval  time.Duration
+	capacityNamespace string
 }
 
 func addKubeFlags(fs *flag.FlagSet) *kubeFlags {
@@ -49,7 +55,10 @@ func addKubeFlags(fs *flag.FlagSet) *kubeFlags {
 	fs.BoolVar(&k.kubeAPI, "kube-api", false, "talk to the Kubernetes API: steer restores and clones to their source's node and write Events")
 	fs.StringVar(&k.kubeconfig, "kubeconfig", "", "kubeconfig file for --kube-api (default: the in-cluster service account)")
 	fs.Float64Var(&k.poolFullPercent, "pool-full-percent", 90, "with --kube-api, warn on the Node when a pool's data or metadata use reaches this percentage")
-	fs.DurationVar(&k.poolCheckInterval, "pool-check-interval", 30*time.Second, "with --kube-api, how often pools are checked for the Node's Events")
+	fs.DurationVar(&k.poolCheckInterval, "pool-check-interval", 30*time.Second, "how often pools are checked (Events, ThinPool status, autoExtend) besides at once on the kernel's events")
+	fs.BoolVar(&k.thinPools, "thinpools", true, "with --kube-api, keep a ThinPool object per pool (kubectl get thinpools) when its CRD (dmthin.io/v1alpha1) is installed")
+	fs.DurationVar(&k.thinPoolInterval, "thinpool-min-interval", time.Minute, "with --thinpools, the least time between two writes of a pool's ThinPool status when only its use changed; state changes are written at once")
+	fs.StringVar(&k.capacityNamespace, "capacity-namespace", os.Getenv("NAMESPACE"), "with --kube-api, the namespace of this node's CSIStorageCapacity objects (the provisioner's NAMESPACE): they are rewritten at once when a pool's kernel raises an event; empty turns it off (default $NAMESPACE)")
 	return k
 }
 
@@ -63,6 +72,7 @@ type kubeSide struct {
 
 	// With --kube-api:
 	client       kubernetes.Interface
+	dyn          dynamic.Interface    // nil without the ThinPool API or --thinpools
 	snaps        snapclient.Interface // nil when the snapshot API is not installed
 	recorder     record.EventRecorder
 	stopRecorder func()
@@ -84,6 +94,9 @@ func newKubeSide(ctx context.Context, f *kubeFlags, driverName, kubeletDir, node
 	}
 	if f.poolCheckInterval <= 0 {
 		return nil, fmt.Errorf("--pool-check-interval=%v: want a positive duration", f.poolCheckInterval)
+	}
+	if f.thinPoolInterval < 0 {
+		return nil, fmt.Errorf("--thinpool-min-interval=%v: want a positive duration", f.thinPoolInterval)
 	}
 	if f.kubeconfig != "" && !f.kubeAPI {
 		return nil, errors.New("--kubeconfig needs --kube-api")
@@ -127,6 +140,19 @@ func newKubeSide(ctx context.Context, f *kubeFlags, driverName, kubeletDir, node
 		}
 	} else {
 		klog.InfoS("The snapshot API (snapshot.storage.k8s.io/v1) is not installed: restores from VolumeSnapshots are not steered to their node until the driver restarts after it is")
+	}
+	if f.thinPools {
+		has, err := hasThinPoolAPI(k.client)
+		if err != nil {
+			return nil, err
+		}
+		if has {
+			if k.dyn, err = dynamic.NewForConfig(cfg); err != nil {
+				return nil, fmt.Errorf("dynamic client: %w", err)
+			}
+		} else {
+			klog.InfoS("The ThinPool API (dmthin.io/v1alpha1) is not installed: no ThinPool objects are kept until the driver restarts after it is")
+		}
 	}
 	k.recorder, k.stopRecorder = kube.NewRecorder(ctx, k.client, node)
 	k.core = informers.NewSharedInformerFactory(k.client, informerResync)
@@ -177,6 +203,45 @@ func hasAPI(client kubernetes.Interface, groupVersion string, resources ...strin
 	return true, nil
 }
 
+// hasThinPoolAPI reports whether the ThinPool CRD is installed.
+func hasThinPoolAPI(client kubernetes.Interface) (bool, error) {
+	rl, err := client.Discovery().ServerResourcesForGroupVersion(kube.ThinPoolGVR.GroupVersion().String())
+	if apierrors.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("looking for the ThinPool API: %w", err)
+	}
+	for _, r := range rl.APIResources {
+		if r.Name == kube.ThinPoolGVR.Resource {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// driverCapacity is the driver's GetCapacity as kube.CapacitySource.
+type driverCapacity struct {
+	d    *csi.Driver
+	node string
+}
+
+func (c driverCapacity) Capacity(ctx context.Context, params map[string]string) (int64, *int64, error) {
+	resp, err := c.d.GetCapacity(ctx, &csipb.GetCapacityRequest{
+		Parameters:         params,
+		AccessibleTopology: &csipb.Topology{Segments: map[string]string{csi.TopologyKey: c.node}},
+	})
+	if err != nil {
+		return 0, nil, err
+	}
+	var maxSize *int64
+	if m := resp.GetMaximumVolumeSize(); m != nil {
+		v := m.GetValue()
+		maxSize = &v
+	}
+	return resp.GetAvailableCapacity(), maxSize, nil
+}
+
 // eventSink is the driver's csi.EventSink: nil (a nil interface, not a nil
 // pointer in one) without --kube-api.
 func (k *kubeSide) eventSink() csi.EventSink {
@@ -187,8 +252,9 @@ func (k *kubeSide) eventSink() csi.EventSink {
 }
 
 // start runs everything in the background until stop; a failure that
-// should end the process goes to fail.
-func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]kube.UsageSource, fail func(error)) error {
+// should end the process goes to fail. What reports on the pools listens
+// to mon, which wakes it on the pools' kernel events.
+func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]kube.UsageSource, recorded []string, mon *poolMonitor, fail func(error)) error {
 	ctx, k.cancel = context.WithCancel(ctx)
 	if k.reg != nil {
 		k.wg.Add(1)
@@ -233,6 +299,8 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 	if k.snapInf != nil {
 		k.snapInf.Start(ctx.Done())
 	}
+	watcher := kube.NewPoolWatcher(k.node, pools, k.flags.poolFullPercent, k.recorder)
+	mon.listen(func(pool string, _ bool) { watcher.Wake(pool) })
 	k.wg.Add(2)
 	go func() {
 		defer k.wg.Done()
@@ -242,8 +310,41 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 	}()
 	go func() {
 		defer k.wg.Done()
-		kube.NewPoolWatcher(k.node, pools, k.flags.poolFullPercent, k.recorder).Run(ctx, k.flags.poolCheckInterval)
+		watcher.Run(ctx, k.flags.poolCheckInterval)
 	}()
+	if k.dyn != nil {
+		var unconfigured []string
+		for _, n := range recorded {
+			if _, ok := pools[n]; !ok {
+				unconfigured = append(unconfigured, n)
+			}
+		}
+		w, err := kube.NewThinPoolWriter(kube.ThinPoolWriterOptions{
+			Client: k.dyn, Core: k.client, Driver: k.driverName, Node: k.node, Version: version,
+			Pools: pools, Unconfigured: unconfigured, MinInterval: k.flags.thinPoolInterval,
+		})
+		if err != nil {
+			return err
+		}
+		mon.listen(w.Wake)
+		k.wg.Add(1)
+		go func() {
+			defer k.wg.Done()
+			w.Run(ctx, k.flags.poolCheckInterval)
+		}()
+	}
+	if k.flags.capacityNamespace != "" {
+		r, err := kube.NewCapacityRefresher(k.client, k.flags.capacityNamespace, k.driverName, k.node, driverCapacity{d: d, node: k.node})
+		if err != nil {
+			return err
+		}
+		mon.listen(func(pool string, _ bool) { r.Wake(pool) })
+		k.wg.Add(1)
+		go func() {
+			defer k.wg.Done()
+			r.Run(ctx)
+		}()
+	}
 	return nil
 }
 

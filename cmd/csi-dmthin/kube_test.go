@@ -81,7 +81,7 @@ func TestKubeSideRegistersWithTheKubelet(t *testing.T) {
 		t.Fatal(err)
 	}
 	errc := make(chan error, 1)
-	if err := ks.start(t.Context(), nil, nil, func(err error) { errc <- err }); err != nil {
+	if err := ks.start(t.Context(), nil, nil, nil, newPoolMonitor(nil, nil, time.Second), func(err error) { errc <- err }); err != nil {
 		t.Fatal(err)
 	}
 	sock := registration.SocketPath(dir, csi.DefaultDriverName)
@@ -160,7 +160,7 @@ current-context: x
 	if ks.eventSink() == nil {
 		t.Error("no event sink with --kube-api")
 	}
-	if err := ks.start(ctx, &csi.Driver{}, map[string]kube.UsageSource{}, func(err error) { t.Errorf("kube side failed: %v", err) }); err != nil {
+	if err := ks.start(ctx, &csi.Driver{}, map[string]kube.UsageSource{}, nil, newPoolMonitor(nil, nil, time.Second), func(err error) { t.Errorf("kube side failed: %v", err) }); err != nil {
 		t.Fatal(err)
 	}
 	done := make(chan struct{})

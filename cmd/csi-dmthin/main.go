@@ -3,14 +3,19 @@
 // plus the subcommands an operator reaches with `kubectl exec`.
 //
 //	csi-dmthin serve --node-id=$(NODE_NAME) --config=/etc/csi-dmthin/pools.yaml
+//	csi-dmthin config check --config=/etc/csi-dmthin/pools.yaml
 //	csi-dmthin pool status
+//	csi-dmthin pool grow POOL [--data-file-size=40Gi]
+//	csi-dmthin pool offline POOL
 //	csi-dmthin volume list
 //	csi-dmthin version
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 
 	"k8s.io/klog/v2"
@@ -19,54 +24,95 @@ import (
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
-func usage() {
-	fmt.Fprint(os.Stderr, `usage: csi-dmthin <command> [flags]
+const usageText = `usage: csi-dmthin <command> [flags]
 
 commands:
   serve          serve the CSI services on this node's pools
+  config check   check a pools file (every problem at once), without the kernel
   pool status    show each pool's space, health and counts (asks the running driver)
+  pool grow      grow a pool online onto larger devices or files (asks the running driver)
+  pool offline   take a pool away from the running driver, for thin_check or thin_repair
   volume list    list the volumes and snapshots (asks the running driver)
   version        print the version
 
 Run 'csi-dmthin <command> -h' for a command's flags.
-`)
+`
+
+// usageError is a mistake on the command line: exit status 2.
+type usageError struct{ error }
+
+func (e usageError) Unwrap() error { return e.error }
+
+// newFlagSet is a subcommand's flag set: -h prints its flags and succeeds.
+func newFlagSet(name string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: csi-dmthin %s [flags]\n\nflags:\n", name)
+		fs.PrintDefaults()
+	}
+	return fs
 }
 
 func main() {
-	if len(os.Args) < 2 {
-		usage()
-		os.Exit(2)
+	os.Exit(mainStatus(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// mainStatus runs the command in args and returns the exit status: 0 on
+// success and for -h, 2 for a mistake on the command line, 1 otherwise.
+func mainStatus(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usageText)
+		return 2
+	}
+	sub := ""
+	if len(args) > 1 {
+		sub = args[1]
 	}
 	var err error
-	switch cmd := os.Args[1]; {
+	switch cmd := args[0]; {
 	case cmd == "serve":
-		err = serve(os.Args[2:])
-	case cmd == "pool" && len(os.Args) > 2 && os.Args[2] == "status":
-		err = poolStatus(os.Args[3:])
-	case cmd == "volume" && len(os.Args) > 2 && os.Args[2] == "list":
-		err = volumeList(os.Args[3:])
+		err = serve(args[1:])
+	case cmd == "config" && sub == "check":
+		err = configCheck(args[2:])
+	case cmd == "pool" && sub == "status":
+		err = poolStatus(args[2:])
+	case cmd == "pool" && sub == "grow":
+		err = poolGrow(args[2:])
+	case cmd == "pool" && sub == "offline":
+		err = poolOffline(args[2:])
+	case cmd == "volume" && sub == "list":
+		err = volumeList(args[2:])
+	case cmd == "selftest":
+		err = selftest(args[1:])
 	case cmd == "version":
-		fmt.Println("csi-dmthin", version)
+		fmt.Fprintln(stdout, "csi-dmthin", version)
 	case cmd == "-h" || cmd == "--help" || cmd == "help":
-		usage()
+		fmt.Fprint(stdout, usageText)
 	default:
-		fmt.Fprintf(os.Stderr, "csi-dmthin: unknown command %q\n", cmd)
-		usage()
-		os.Exit(2)
+		fmt.Fprintf(stderr, "csi-dmthin: unknown command %q\n%s", cmd, usageText)
+		return 2
 	}
-	if err != nil {
+	var ue usageError
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.As(err, &ue):
+		fmt.Fprintln(stderr, "csi-dmthin:", err)
+		return 2
+	default:
 		klog.Flush()
-		fmt.Fprintln(os.Stderr, "csi-dmthin:", err)
-		os.Exit(1)
+		fmt.Fprintln(stderr, "csi-dmthin:", err)
+		return 1
 	}
 }
 
-// adminFlags are the flags of the subcommands that ask the running driver.
-func adminFlags(name string, args []string) (string, error) {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+// adminFlags are the flags of the subcommands that ask the running driver;
+// it returns the admin socket and the arguments after the flags.
+func adminFlags(name string, args []string) (string, []string, error) {
+	fs := newFlagSet(name)
 	stateDir := fs.String("state-dir", defaultStateDir, "the driver's state directory (holds admin.sock)")
 	if err := fs.Parse(args); err != nil {
-		return "", err
+		return "", nil, err
 	}
-	return adminSocket(*stateDir), nil
+	return adminSocket(*stateDir), fs.Args(), nil
 }

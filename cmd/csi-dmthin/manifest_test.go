@@ -7,19 +7,31 @@ import (
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/yaml"
 )
 
-// The shipped manifests (the chart's default render) start the driver with
-// flags this binary knows: a flag renamed on one side only would crash-loop
-// every node pod.
+// The shipped manifests (the chart's render of a nodePools entry) start
+// the driver with flags this binary knows, and give it a pools file it
+// reads: a flag or field renamed on one side only would crash-loop every
+// node pod.
 func TestManifestArgsParse(t *testing.T) {
-	b, err := os.ReadFile("../../deploy/kubernetes/csi-dmthin.yaml")
+	b, err := os.ReadFile("../../deploy/kubernetes/node-example.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
 	found := 0
 	for _, doc := range strings.Split(string(b), "\n---\n") {
+		if strings.Contains(doc, "kind: ConfigMap") {
+			var cm corev1.ConfigMap
+			if err := yaml.Unmarshal([]byte(doc), &cm); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := loadNodeConfig(writeConfig(t, cm.Data["pools.yaml"]), "/var/lib/csi-dmthin"); err != nil {
+				t.Errorf("the manifest's pools.yaml: %v", err)
+			}
+			continue
+		}
 		if !strings.Contains(doc, "kind: DaemonSet") {
 			continue
 		}

@@ -62,6 +62,9 @@ func newServeFlags() (*flag.FlagSet, *serveFlags) {
 // servedPool is what serve needs of an open pool; *thinpool.Pool is one.
 type servedPool interface {
 	csi.Pool
+	adminPool
+	monitoredPool
+	ConfiguredGrowth() thinpool.GrowRequest
 	Reap(ctx context.Context) error
 	Close() error
 }
@@ -128,6 +131,14 @@ func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
 	if *f.shutdownTimeout <= 0 {
 		return fmt.Errorf("--shutdown-timeout=%v: want a positive duration", *f.shutdownTimeout)
 	}
+	// The pools file first, every problem at once (as `config check`
+	// reports them), before anything on the host is opened.
+	nc, err := loadNodeConfig(*f.config, *f.stateDir)
+	if err != nil {
+		return err
+	}
+	defaultLowWater(nc, f.kube.poolFullPercent)
+	cfgs, defPool := nc.pools, nc.defaultPool
 	// Before anything on the host is touched (sockets, /dev/mapper/control,
 	// pools): a second driver on this node stops here.
 	lock, err := lockStateDir(*f.stateDir)
@@ -136,10 +147,6 @@ func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
 	}
 	defer lock.release() // last of all
 
-	cfgs, defPool, err := loadConfig(*f.config, *f.stateDir)
-	if err != nil {
-		return err
-	}
 	recorded, err := recordedPools(*f.stateDir)
 	if err != nil {
 		return err
@@ -162,6 +169,7 @@ func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
 		names = append(names, n)
 	}
 	sort.Strings(names)
+	var grewAtStart []string
 	for _, n := range names {
 		start := time.Now()
 		p, err := env.openPool(ctx, cfgs[n], k)
@@ -171,6 +179,9 @@ func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
 		pools[n] = p
 		u, _ := p.Usage()
 		klog.InfoS("Opened pool", "pool", n, "duration", time.Since(start), "volumes", u.Volumes, "snapshots", u.Snapshots, "dataUsedBytes", u.DataUsedBytes, "dataBytes", u.DataBytes)
+		if growAtStart(ctx, n, p) {
+			grewAtStart = append(grewAtStart, n)
+		}
 	}
 
 	// What runs in the background uses bg, not ctx: at SIGTERM it must
@@ -191,6 +202,23 @@ func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
 	if err != nil {
 		return err
 	}
+	if err := csi.RegisterBuildInfo(reg, version); err != nil {
+		return err
+	}
+	for _, n := range grewAtStart {
+		m.PoolGrown(n, csi.GrowTriggerStartup)
+	}
+	monPools := map[string]monitoredPool{}
+	for n, p := range pools {
+		monPools[n] = p
+	}
+	mon := newPoolMonitor(monPools, nc.autoExtend, f.kube.poolCheckInterval)
+	mon.grown = func(pool string) { m.PoolGrown(pool, csi.GrowTriggerAutoExtend) }
+	mon.listen(func(pool string, kernelEvent bool) {
+		if kernelEvent {
+			m.PoolEvent(pool, time.Now())
+		}
+	})
 	ks, err := newKubeSide(bg, f.kube, *f.driverName, *f.kubeletDir, *f.nodeID)
 	if err != nil {
 		return err
@@ -212,7 +240,12 @@ func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
 	if err != nil {
 		return err
 	}
-	admin, err := listenAdmin(adminSocket(*f.stateDir), adminPools)
+	admin, err := listenAdmin(adminSocket(*f.stateDir), adminPools, func(pool string, grew bool) {
+		if grew {
+			m.PoolGrown(pool, csi.GrowTriggerAdmin)
+		}
+		mon.changed(pool, false)
+	})
 	if err != nil {
 		return err
 	}
@@ -259,10 +292,11 @@ func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
 			fail(fmt.Errorf("csi: %w", err))
 		}
 	})
-	if err := ks.start(bg, d, usage, fail); err != nil {
+	if err := ks.start(bg, d, usage, recorded, mon, fail); err != nil {
 		fail(fmt.Errorf("kubernetes: %w", err)) // shut down below like any failure
 	}
 	goJoined(func() { reapPeriodically(bg, env.reapInterval, pools) })
+	goJoined(func() { mon.run(bg) })
 	if env.serving != nil {
 		env.serving()
 	}
@@ -352,4 +386,26 @@ func templatesOption(n int) int {
 		return -1
 	}
 	return n
+}
+
+// growAtStart grows a pool whose devices are larger than its table (grown
+// while the driver was away: the kernel keeps the old table over a driver
+// restart) or whose pools file now gives its loop files larger sizes. A
+// failure is logged, not fatal: the pool serves at its old size.
+func growAtStart(ctx context.Context, name string, p servedPool) bool {
+	start := time.Now()
+	g, err := p.GrowPool(ctx, p.ConfiguredGrowth())
+	if err != nil {
+		klog.ErrorS(err, "Growing the pool to its devices' or configured size failed; it serves at its old size", "pool", name)
+		return false
+	}
+	if g.Deferred != "" {
+		klog.InfoS("Part of the pool's growth is deferred", "pool", name, "reason", g.Deferred)
+	}
+	if !g.Grew() {
+		return false
+	}
+	klog.InfoS("Grew pool at start-up", "pool", name, "dataBytesBefore", g.DataBytesBefore, "dataBytes", g.DataBytes,
+		"metadataBytesBefore", g.MetadataBytesBefore, "metadataBytes", g.MetadataBytes, "duration", time.Since(start))
+	return true
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"runtime"
 	"strings"
 	"time"
 
@@ -43,7 +44,17 @@ type Metrics struct {
 	duration   *prometheus.HistogramVec // method
 	inFlight   *prometheus.GaugeVec     // method
 	pools      *poolCollector
+	events     *prometheus.CounterVec // pool
+	lastEvent  *prometheus.GaugeVec   // pool
+	grown      *prometheus.CounterVec // pool, trigger
 }
+
+// Triggers of a pool's growth (csi_dmthin_pool_grown_total's label).
+const (
+	GrowTriggerAdmin      = "admin"      // csi-dmthin pool grow
+	GrowTriggerStartup    = "startup"    // serve found larger devices or configured sizes
+	GrowTriggerAutoExtend = "autoextend" // a loop-file pool's autoExtend
+)
 
 // NewMetrics registers the driver's collectors on reg. pools is called at
 // every scrape and returns the node's pools by name (it may return
@@ -75,9 +86,27 @@ func NewMetrics(reg prometheus.Registerer, pools func() map[string]UsageSource) 
 			Help:      "CSI calls being served now, by CSI method.",
 		}, []string{"method"}),
 		pools: newPoolCollector(pools),
+		events: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: metricsNamespace,
+			Subsystem: "pool",
+			Name:      "events_total",
+			Help:      "Events the pool's kernel raised (low water mark passed, metadata threshold passed, mode changed), as the driver saw them.",
+		}, []string{"pool"}),
+		lastEvent: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: metricsNamespace,
+			Subsystem: "pool",
+			Name:      "last_event_timestamp_seconds",
+			Help:      "Unix time at which the driver saw the pool's last kernel event.",
+		}, []string{"pool"}),
+		grown: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: metricsNamespace,
+			Subsystem: "pool",
+			Name:      "grown_total",
+			Help:      "Times the pool grew, by what grew it: admin (csi-dmthin pool grow), startup, autoextend.",
+		}, []string{"pool", "trigger"}),
 	}
 	var done []prometheus.Collector
-	for _, c := range []prometheus.Collector{m.operations, m.duration, m.inFlight, m.pools} {
+	for _, c := range []prometheus.Collector{m.operations, m.duration, m.inFlight, m.pools, m.events, m.lastEvent, m.grown} {
 		if err := reg.Register(c); err != nil {
 			// Leave reg as it was, so a caller can retry or use another.
 			for _, d := range done {
@@ -88,6 +117,35 @@ func NewMetrics(reg prometheus.Registerer, pools func() map[string]UsageSource) 
 		done = append(done, c)
 	}
 	return m, nil
+}
+
+// PoolEvent counts a kernel event of pool, seen at t.
+func (m *Metrics) PoolEvent(pool string, t time.Time) {
+	m.events.WithLabelValues(pool).Inc()
+	m.lastEvent.WithLabelValues(pool).Set(float64(t.UnixNano()) / 1e9)
+}
+
+// PoolGrown counts a growth of pool; trigger is one of the GrowTrigger
+// values.
+func (m *Metrics) PoolGrown(pool, trigger string) {
+	m.grown.WithLabelValues(pool, trigger).Inc()
+}
+
+// RegisterBuildInfo registers csi_dmthin_build_info: 1, labelled with the
+// driver's version and the Go version it was built with, so a dashboard
+// can show what runs where and an alert can tell two versions apart.
+func RegisterBuildInfo(reg prometheus.Registerer, version string) error {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace:   metricsNamespace,
+		Name:        "build_info",
+		Help:        "Always 1; the labels say which csi-dmthin version runs, built with which Go.",
+		ConstLabels: prometheus.Labels{"version": version, "goversion": runtime.Version()},
+	})
+	g.Set(1)
+	if err := reg.Register(g); err != nil {
+		return fmt.Errorf("metrics: register build_info: %w", err)
+	}
+	return nil
 }
 
 // UnaryServerInterceptor times every CSI call and counts it by method and
@@ -128,6 +186,7 @@ type poolCollector struct {
 	provisioned, overprovisioning, limit           *prometheus.Desc
 	available, volumes, snapshots                  *prometheus.Desc
 	healthy, needsCheck, outOfDataSpace, fenced    *prometheus.Desc
+	readOnly, failed, templates                    *prometheus.Desc
 
 	// usageErrors lives in the collector, not beside it, so a scrape that
 	// sees a failure also reports the incremented count.
@@ -156,6 +215,9 @@ func newPoolCollector(pools func() map[string]UsageSource) *poolCollector {
 		needsCheck:       desc("needs_check", "1 when the kernel has flagged the pool's metadata as needing thin_check, else 0."),
 		outOfDataSpace:   desc("out_of_data_space", "1 when the pool is in out_of_data_space mode (writes to unallocated blocks are queued or fail), else 0."),
 		fenced:           desc("fenced", "1 when a failed step left the pool refusing changes until it recovers (each later call retries the recovery), else 0."),
+		readOnly:         desc("read_only", "1 when the pool is in read-only mode (out of metadata space, or after a metadata error; with needs_check 1 it needs thin_check), else 0."),
+		failed:           desc("failed", "1 when the pool has failed (no I/O to its volumes at all), else 0."),
+		templates:        desc("templates", "Number of formatted templates in the pool (not counted as volumes)."),
 		usageErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: metricsNamespace,
 			Subsystem: "pool",
@@ -172,6 +234,7 @@ func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 		c.provisioned, c.overprovisioning, c.limit,
 		c.available, c.volumes, c.snapshots,
 		c.healthy, c.needsCheck, c.outOfDataSpace, c.fenced,
+		c.readOnly, c.failed, c.templates,
 	} {
 		ch <- d
 	}
@@ -223,6 +286,9 @@ func (c *poolCollector) collectUsage(ch chan<- prometheus.Metric, name string, u
 	c.gauge(ch, c.needsCheck, boolValue(u.NeedsCheck), name)
 	c.gauge(ch, c.outOfDataSpace, boolValue(u.Mode == devmapper.PoolOutOfDataSpace), name)
 	c.gauge(ch, c.fenced, boolValue(u.Fenced != ""), name)
+	c.gauge(ch, c.readOnly, boolValue(!u.Failed && u.Mode == devmapper.PoolReadOnly), name)
+	c.gauge(ch, c.failed, boolValue(u.Failed), name)
+	c.gauge(ch, c.templates, float64(u.Templates), name)
 }
 
 // gauge sends one gauge sample for pool. A pool name that is not a valid

@@ -9,12 +9,20 @@
 //     gone, or this node cannot take the new volume, it puts one Warning
 //     Event on the PVC, from one node only (speaker.go).
 //   - poolevents.go watches this node's pools and puts Events on the Node
-//     when one nears full or fails, and again when it recovers.
+//     when one nears full, fails or grows, and again when it recovers; Wake
+//     makes it look at once (the driver calls it on the pool's kernel
+//     events).
+//   - thinpools.go keeps one ThinPool object (dmthin.io/v1alpha1, cluster
+//     scoped, thinpool_types.go) per pool of this node current: the
+//     cluster's view of every pool, written only on change and rate-limited.
+//   - capacity.go rewrites this node's CSIStorageCapacity objects at once
+//     when a pool's kernel raises an event, between the provisioner's polls.
 //   - events.go makes the event recorder and turns the driver's no-space
 //     refusals into Events on the PVC.
 //
 // It reads Kubernetes objects through informers and writes only the
-// selected-node annotation and Events. It never changes a pool: what it
+// selected-node annotation, Events, its node's ThinPools and the capacity
+// values of its node's CSIStorageCapacity objects. It never changes a pool: what it
 // needs of the driver it asks through Owner and UsageSource, which answer
 // from this node alone. Registration with the kubelet is in the
 // registration subpackage, which needs no API server.

@@ -4,9 +4,11 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
@@ -33,6 +35,7 @@ const (
 	ReasonPoolUnreadable = "PoolStatusUnreadable"
 	ReasonPoolFenced     = "PoolFenced"  // Warning
 	ReasonPoolHealthy    = "PoolHealthy" // Normal
+	ReasonPoolGrown      = "PoolGrown"   // Normal
 )
 
 const (
@@ -53,11 +56,15 @@ type PoolWatcher struct {
 	fullPercent float64
 	recorder    record.EventRecorder
 	state       map[string]poolState
+	wake        *waker
 }
 
 type poolState struct {
 	full   bool
 	health string // "" when healthy, else the Warning's reason
+	// dataBytes and metadataBytes are the sizes last seen, so that a
+	// pool that grew is told once (0: not seen yet).
+	dataBytes, metadataBytes int64
 }
 
 // NewPoolWatcher watches pools (by name) of node. fullPercent <= 0 means
@@ -66,22 +73,34 @@ func NewPoolWatcher(node string, pools map[string]UsageSource, fullPercent float
 	if fullPercent <= 0 {
 		fullPercent = defaultFullPercent
 	}
-	return &PoolWatcher{node: node, pools: pools, fullPercent: fullPercent, recorder: recorder, state: map[string]poolState{}}
+	return &PoolWatcher{node: node, pools: pools, fullPercent: fullPercent, recorder: recorder, state: map[string]poolState{}, wake: newWaker()}
 }
 
-// Run checks every interval (30s when <= 0) until ctx is done.
+// Wake makes Run check the pool now: its kernel raised an event, or it
+// grew. It never blocks.
+func (w *PoolWatcher) Wake(pool string) { w.wake.wake(pool) }
+
+// Run checks every pool every interval (30s when <= 0), and a pool at
+// once when Wake names it, until ctx is done.
 func (w *PoolWatcher) Run(ctx context.Context, interval time.Duration) {
 	if interval <= 0 {
 		interval = defaultCheckInterval
 	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	w.Check(ctx)
 	for {
-		w.Check(ctx)
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			w.Check(ctx)
+		case <-w.wake.c:
+			for _, n := range w.wake.take() {
+				if _, ok := w.pools[n]; ok {
+					w.checkPool(ctx, n)
+				}
+			}
 		}
 	}
 }
@@ -141,6 +160,12 @@ func (w *PoolWatcher) checkPool(ctx context.Context, name string) {
 	// drops a little under it, so a pool hovering at the line does not
 	// repeat itself at every check.
 	if err == nil && !u.Failed && u.DataBytes > 0 && u.MetadataBytes > 0 {
+		if prev.dataBytes > 0 && (u.DataBytes > prev.dataBytes || u.MetadataBytes > prev.metadataBytes) {
+			logger.Info("Pool grew", "dataBytes", u.DataBytes, "metadataBytes", u.MetadataBytes)
+			w.recorder.Eventf(w.nodeRef(), corev1.EventTypeNormal, ReasonPoolGrown,
+				"pool %s grew: data %s -> %s, metadata %s -> %s", name, sizeString(prev.dataBytes), sizeString(u.DataBytes), sizeString(prev.metadataBytes), sizeString(u.MetadataBytes))
+		}
+		cur.dataBytes, cur.metadataBytes = u.DataBytes, u.MetadataBytes
 		data := 100 * float64(u.DataUsedBytes) / float64(u.DataBytes)
 		meta := 100 * float64(u.MetadataUsedBytes) / float64(u.MetadataBytes)
 		use := max(data, meta)
@@ -158,4 +183,40 @@ func (w *PoolWatcher) checkPool(ctx context.Context, name string) {
 		}
 	}
 	w.state[name] = cur
+}
+
+// sizeString prints bytes as a binary quantity (20Gi, 1536Mi).
+func sizeString(b int64) string { return resource.NewQuantity(b, resource.BinarySI).String() }
+
+// waker collects the names of pools to look at now, and signals c once
+// for any number of them; wake never blocks.
+type waker struct {
+	mu    sync.Mutex
+	names map[string]bool
+	c     chan struct{}
+}
+
+func newWaker() *waker { return &waker{names: map[string]bool{}, c: make(chan struct{}, 1)} }
+
+func (w *waker) wake(name string) {
+	w.mu.Lock()
+	w.names[name] = true
+	w.mu.Unlock()
+	select {
+	case w.c <- struct{}{}:
+	default:
+	}
+}
+
+// take returns the names woken since the last take, sorted.
+func (w *waker) take() []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	out := make([]string, 0, len(w.names))
+	for n := range w.names {
+		out = append(out, n)
+	}
+	clear(w.names)
+	sort.Strings(out)
+	return out
 }

@@ -1,10 +1,12 @@
 package kube
 
 import (
+	"context"
 	"errors"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
@@ -89,6 +91,11 @@ func TestPoolEvents(t *testing.T) {
 			{err: errors.New("ioctl: no such device"), want: []string{"Warning PoolStatusUnreadable"}},
 			{u: used(10, 10), want: []string{"Normal PoolHealthy"}},
 		}},
+		{"a pool that grows is said once", []step{
+			{u: used(95, 10), want: []string{"Warning PoolNearlyFull"}},
+			{u: doubled(used(95, 10)), want: []string{"Normal PoolGrown", "Normal PoolSpaceRecovered"}},
+			{u: doubled(used(95, 10))},
+		}},
 		{"a failed full pool keeps its full state", []step{
 			{u: used(95, 10), want: []string{"Warning PoolNearlyFull"}},
 			{u: failed, want: []string{"Warning PoolFailed"}},
@@ -133,5 +140,41 @@ func TestPoolEventsPerPool(t *testing.T) {
 	got := rec.take()
 	if len(got) != 2 || !strings.Contains(got[0], "pool alpha") || !strings.Contains(got[1], "pool beta") {
 		t.Errorf("events = %q, want alpha's then beta's PoolNearlyFull", got)
+	}
+}
+
+// doubled is u on a data device twice as large.
+func doubled(u thinpool.Usage) thinpool.Usage {
+	u.DataBytes *= 2
+	return u
+}
+
+// Wake checks a pool at once, without waiting for the poll.
+func TestPoolWatcherWake(t *testing.T) {
+	pool := &fakeUsage{}
+	pool.set(used(10, 10), nil)
+	rec := &eventLog{}
+	w := NewPoolWatcher(nodeA, map[string]UsageSource{"alpha": pool}, 90, rec)
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { w.Run(ctx, time.Hour); close(done) }()
+	defer func() { cancel(); <-done }()
+	time.Sleep(50 * time.Millisecond) // the first check, at start
+	pool.set(used(95, 10), nil)
+	start := time.Now()
+	w.Wake("alpha")
+	w.Wake("not-a-pool")
+	for {
+		if got := rec.take(); len(got) > 0 {
+			if len(got) != 1 || !strings.Contains(got[0], "PoolNearlyFull") {
+				t.Fatalf("events %q", got)
+			}
+			t.Logf("Event %v after the wake", time.Since(start))
+			return
+		}
+		if time.Since(start) > 5*time.Second {
+			t.Fatal("no Event after the wake")
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }

@@ -1,7 +1,9 @@
 package thinpool
 
 import (
+	"errors"
 	"fmt"
+	"path/filepath"
 	"regexp"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
@@ -33,8 +35,10 @@ type Config struct {
 	// 128 (64 KiB, the default) to 2097152, a multiple of 128.
 	BlockSectors uint32
 	// LowWaterBlocks raises a kernel event when free data blocks fall under
-	// it; default 1% of the data blocks.
-	LowWaterBlocks uint64
+	// it. When it is 0, the mark is LowWaterPercent of the data blocks
+	// (default 1%), worked out again whenever the pool grows.
+	LowWaterBlocks  uint64
+	LowWaterPercent float64
 	// SkipBlockZeroing makes first writes to new blocks faster, but a new
 	// volume may then show data a deleted volume left in a block it reuses,
 	// wherever it has not written the whole block itself. Leave it off on any
@@ -66,48 +70,131 @@ var poolNameRE = regexp.MustCompile(`^[a-z][a-z0-9-]{0,31}$`)
 const (
 	defaultMinFreePercent     = 10
 	defaultOverprovisionRatio = 10
+	defaultLowWaterPercent    = 1
 )
 
-func (c *Config) validate() error {
+// FieldError is one problem with one field of a Config. Field is the
+// Config field's name in lowerCamel case ("dataFileBytes"); Err wraps
+// ErrInvalid.
+type FieldError struct {
+	Field string
+	Err   error
+}
+
+func (e *FieldError) Error() string { return e.Field + ": " + e.Err.Error() }
+func (e *FieldError) Unwrap() error { return e.Err }
+
+// Check returns every problem with c that can be found without the kernel
+// or the devices: each a *FieldError, in field order; none when c is valid
+// (zero values stand for their defaults). Open runs it first.
+func (c Config) Check() []error {
+	var errs []error
+	bad := func(field, format string, a ...any) {
+		errs = append(errs, &FieldError{Field: field, Err: fmt.Errorf("%w: "+format, append([]any{ErrInvalid}, a...)...)})
+	}
 	if !poolNameRE.MatchString(c.Name) {
-		return fmt.Errorf("%w: pool name %q: want 1 to 32 of [a-z0-9-] starting with a letter", ErrInvalid, c.Name)
+		bad("name", "%q: want 1 to 32 of [a-z0-9-] starting with a letter", c.Name)
 	}
 	if c.StateDir == "" {
-		return fmt.Errorf("%w: pool %s: state directory is empty", ErrInvalid, c.Name)
+		bad("stateDir", "empty")
 	}
 	devs := c.DataDevice != "" || c.MetadataDevice != ""
 	files := c.DataFile != "" || c.MetadataFile != ""
 	switch {
 	case devs && files:
-		return fmt.Errorf("%w: pool %s: give either devices or loop files, not both", ErrInvalid, c.Name)
-	case devs && (c.DataDevice == "" || c.MetadataDevice == ""):
-		return fmt.Errorf("%w: pool %s: needs both a data and a metadata device", ErrInvalid, c.Name)
-	case files && (c.DataFile == "" || c.MetadataFile == ""):
-		return fmt.Errorf("%w: pool %s: needs both a data and a metadata file", ErrInvalid, c.Name)
+		bad("dataDevice", "give either devices or loop files, not both")
+	case devs && c.DataDevice == "":
+		bad("dataDevice", "missing: a pool on devices needs a data and a metadata device")
+	case devs && c.MetadataDevice == "":
+		bad("metadataDevice", "missing: a pool on devices needs a data and a metadata device")
+	case files && c.DataFile == "":
+		bad("dataFile", "missing: a loop-file pool needs a data file")
+	case files && c.MetadataFile == "":
+		bad("metadataFile", "missing: a loop-file pool needs a metadata file")
 	case !devs && !files:
-		return fmt.Errorf("%w: pool %s: no data and metadata devices or files", ErrInvalid, c.Name)
+		bad("dataDevice", "no data and metadata devices or files")
 	}
-	if c.DataFileBytes < 0 || c.MetadataFileBytes < 0 {
-		return fmt.Errorf("%w: pool %s: negative file size", ErrInvalid, c.Name)
+	for _, p := range []struct{ field, path string }{
+		{"dataDevice", c.DataDevice}, {"metadataDevice", c.MetadataDevice},
+		{"dataFile", c.DataFile}, {"metadataFile", c.MetadataFile},
+	} {
+		if p.path != "" && !filepath.IsAbs(p.path) {
+			bad(p.field, "%q is not an absolute path", p.path)
+		}
+	}
+	switch {
+	case c.DataDevice != "" && c.DataDevice == c.MetadataDevice:
+		bad("metadataDevice", "%s is the data device too: the pool needs two devices", c.MetadataDevice)
+	case c.DataFile != "" && filepath.Clean(c.DataFile) == filepath.Clean(c.MetadataFile):
+		bad("metadataFile", "%s is the data file too", c.MetadataFile)
+	}
+	if c.DataFileBytes < 0 {
+		bad("dataFileBytes", "negative")
+	}
+	if c.MetadataFileBytes < 0 {
+		bad("metadataFileBytes", "negative")
+	}
+	if devs && (c.DataFileBytes != 0 || c.MetadataFileBytes != 0) {
+		bad("dataFileBytes", "file sizes are for loop-file pools; a device's size is the device's")
+	}
+	if bs := c.BlockSectors; bs != 0 {
+		if err := (devmapper.ThinPoolParams{MetadataDev: 1, DataDev: 1, BlockSectors: bs}).Validate(); err != nil {
+			bad("blockSectors", "%d sectors (%d bytes): want 64 KiB to 1 GiB in multiples of 64 KiB", bs, int64(bs)*devmapper.SectorSize)
+		}
+	}
+	if c.LowWaterBlocks != 0 && c.LowWaterPercent != 0 {
+		bad("lowWaterPercent", "give the low water mark in blocks or as a percentage, not both")
+	}
+	if c.LowWaterPercent < 0 || c.LowWaterPercent >= 100 {
+		bad("lowWaterPercent", "%v%%: want more than 0 and less than 100", c.LowWaterPercent)
+	}
+	for _, f := range []struct {
+		field string
+		v     float64
+	}{{"minFreeDataPercent", c.MinFreeDataPercent}, {"minFreeMetadataPercent", c.MinFreeMetadataPercent}} {
+		if f.v < 0 || f.v >= 100 {
+			bad(f.field, "%v%%: want 0 to 100 (0 means %d)", f.v, defaultMinFreePercent)
+		}
+	}
+	return errs
+}
+
+// validate checks c and fills in the defaults; the first problem is the
+// error, naming the pool.
+func (c *Config) validate() error {
+	if errs := c.Check(); len(errs) > 0 {
+		var fe *FieldError
+		if errors.As(errs[0], &fe) && fe.Field == "name" {
+			return fmt.Errorf("pool name: %w", fe.Err)
+		}
+		return fmt.Errorf("pool %s: %w", c.Name, errs[0])
 	}
 	if c.BlockSectors == 0 {
 		c.BlockSectors = 128
 	}
-	if err := (devmapper.ThinPoolParams{MetadataDev: 1, DataDev: 1, BlockSectors: c.BlockSectors}).Validate(); err != nil {
-		return fmt.Errorf("%w: pool %s: %v", ErrInvalid, c.Name, err)
-	}
 	for _, p := range []*float64{&c.MinFreeDataPercent, &c.MinFreeMetadataPercent} {
 		if *p == 0 {
 			*p = defaultMinFreePercent
-		}
-		if *p < 0 || *p >= 100 {
-			return fmt.Errorf("%w: pool %s: free-space floor %v%% must be 0 to 100", ErrInvalid, c.Name, *p)
 		}
 	}
 	if c.OverprovisionRatio == 0 {
 		c.OverprovisionRatio = defaultOverprovisionRatio
 	}
 	return nil
+}
+
+// lowWaterBlocks is the pool's low water mark for a data device of
+// dataBlocks blocks: LowWaterBlocks, or LowWaterPercent of the blocks
+// (default 1%), at least 1.
+func (c *Config) lowWaterBlocks(dataBlocks uint64) uint64 {
+	if c.LowWaterBlocks != 0 {
+		return c.LowWaterBlocks
+	}
+	pct := c.LowWaterPercent
+	if pct == 0 {
+		pct = defaultLowWaterPercent
+	}
+	return max(uint64(float64(dataBlocks)*pct/100), 1)
 }
 
 // MetadataBytesFor sizes a metadata device for a data device, following the

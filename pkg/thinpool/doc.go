@@ -26,4 +26,15 @@
 // Activation state is not transactional: Open reconciles it with the kernel
 // (resumes devices left suspended, removes our devices without a table or
 // without a record, reactivates volumes that should be active).
+//
+// # Operating a pool
+//
+// GrowPool (grow.go) grows the pool online onto larger data and metadata
+// devices, extending a loop-file pool's files first; the larger sizes are
+// recorded before the table is reloaded, and a pool whose devices are
+// larger than its table is grown by the next GrowPool, so nothing a crash
+// interrupts needs undoing. WaitEvent (events.go) waits for the kernel's
+// events on the pool (its low water mark, its metadata threshold, a change
+// of mode) without holding the pool's lock. Offline (offline.go) removes
+// the pool's devices and closes its records for thin_check and thin_repair.
 package thinpool

@@ -29,7 +29,8 @@ import (
 //     is loaded, gone when no table refers to it), its modes (rw,
 //     out_of_data_space, read-only, fail) and how they change, every message
 //     with its errno, status lines, growth of the data and metadata devices
-//     on resume, the low-water and mode-change events (EventNr).
+//     on resume, the low-water and mode-change events (EventNr), which
+//     WaitEvent waits for.
 //   - pool metadata as it is kept on the metadata device: thin ids, their
 //     block mappings with shared blocks reference-counted (a snapshot shares
 //     its origin's blocks, a write to a shared block moves it), the
@@ -73,6 +74,8 @@ type FakeKernel struct {
 	blocks map[devmapper.Dev]*fakeBlock // disks and attached loop devices
 	files  map[string]*fakeStore        // loop files' content, by absolute path
 	disks  uint32                       // disks added, for their minors
+	// events is closed, and replaced, at every dm event: WaitEvent's wake-up.
+	events chan struct{}
 }
 
 var _ Kernel = (*FakeKernel)(nil)
@@ -84,6 +87,7 @@ func NewFakeKernel() *FakeKernel {
 		pools:  map[devmapper.Dev]*fakePool{},
 		blocks: map[devmapper.Dev]*fakeBlock{},
 		files:  map[string]*fakeStore{},
+		events: make(chan struct{}),
 	}
 }
 
@@ -209,6 +213,7 @@ func (f *FakeKernel) info(d *fakeDM) devmapper.DeviceInfo {
 func (f *FakeKernel) event(dev devmapper.Dev) {
 	if d := f.dms[dev]; d != nil {
 		d.eventNr++
+		f.wakeWaiters()
 	}
 }
 
@@ -443,6 +448,7 @@ func (f *FakeKernel) removeDM(d *fakeDM) {
 	delete(f.dms, d.dev)
 	f.dropTable(d.live)
 	f.dropTable(d.inactive)
+	f.wakeWaiters() // a waiter on it finds it gone
 }
 
 // suspend suspends d; a pool suspends its thins with it.
@@ -674,6 +680,7 @@ func (f *FakeKernel) Reboot() {
 	defer f.mu.Unlock()
 	f.dms = map[devmapper.Dev]*fakeDM{}
 	f.pools = map[devmapper.Dev]*fakePool{}
+	f.wakeWaiters()
 	for dev, b := range f.blocks {
 		if b.loop {
 			delete(f.blocks, dev)

@@ -424,6 +424,19 @@ func faultOps() []faultOp {
 				return func() {}
 			},
 			check: checkGroup},
+		{name: "grow-pool", run: on(func(p *Pool) error {
+			_, err := p.GrowPool(ctx, GrowRequest{DataFileBytes: 96 << 20, MetadataFileBytes: 24 << 20})
+			return err
+		}),
+			check: func(t *testing.T, e env, p *Pool) {
+				u, err := p.Usage()
+				if err != nil || u.DataBytes != 96<<20 || u.MetadataBytes != 24<<20 || !u.Healthy() {
+					t.Errorf("after growing the pool: %+v, %v", u, err)
+				}
+				if err := e.write(t, p, "base", 4<<20, faultData); err != nil {
+					t.Errorf("write after growing: %v", err)
+				}
+			}},
 		{name: "create-pool", newPool: true,
 			run: func(t *testing.T, e env, _ *Pool, f *faults, cfg Config) (*Pool, error) {
 				return Open(ctx, cfg, e.kernel(), withFaults(f))

@@ -268,10 +268,7 @@ func sparseFile(path string, size int64) error {
 
 func (p *Pool) poolParams(data, meta devmapper.Dev, dataBytes int64) (devmapper.ThinPoolParams, uint64) {
 	blocks := uint64(dataBytes) / (uint64(p.rec.BlockSectors) * devmapper.SectorSize)
-	low := p.cfg.LowWaterBlocks
-	if low == 0 {
-		low = max(blocks/100, 1)
-	}
+	low := p.cfg.lowWaterBlocks(blocks)
 	return devmapper.ThinPoolParams{
 		MetadataDev: meta, DataDev: data, BlockSectors: p.rec.BlockSectors, LowWaterBlocks: low,
 		Features: devmapper.ThinPoolFeatures{SkipBlockZeroing: p.rec.SkipBlockZeroing, ErrorIfNoSpace: !p.cfg.QueueIfNoSpace},
