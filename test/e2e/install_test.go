@@ -62,11 +62,23 @@ func installDriver(ctx context.Context, c *cluster.Cluster, art *artifacts) erro
 		return err
 	}
 	fmt.Fprintf(os.Stderr, "e2e: helm install --wait took %s\n", time.Since(start).Round(time.Second))
-	// The driver registers with the kubelet itself; CSINode lists it then.
-	return poll(ctx, 2*time.Minute, func() (bool, error) {
-		out, err := c.Kubectl(ctx, "get", "csinode", cluster.NodeName, "-o", "jsonpath={.spec.drivers[*].name}")
-		return err == nil && strings.Contains(string(out), driverName), nil
-	})
+	// The driver registers with each kubelet itself; CSINode lists it then.
+	return waitRegistered(ctx, c, c.NodeNames()...)
+}
+
+// waitRegistered waits until the driver is in the CSINode of every named
+// node.
+func waitRegistered(ctx context.Context, c *cluster.Cluster, nodes ...string) error {
+	for _, n := range nodes {
+		err := poll(ctx, 2*time.Minute, func() (bool, error) {
+			out, err := c.Kubectl(ctx, "get", "csinode", n, "-o", "jsonpath={.spec.drivers[*].name}")
+			return err == nil && strings.Contains(string(out), driverName), nil
+		})
+		if err != nil {
+			return fmt.Errorf("driver not registered on %s: %w", n, err)
+		}
+	}
+	return nil
 }
 
 // poll calls f every second until it reports done, fails, or timeout passes.
