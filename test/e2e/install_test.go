@@ -21,11 +21,16 @@ const (
 	driverName    = "dmthin.csi.dmthin.io"
 )
 
+// valuesFile is what helm install is given besides the image tag: a second,
+// small pool and its class for the capacity scenarios, and a faster
+// capacity poll.
+const valuesFile = "testdata/values-e2e.yaml"
+
 // installDriver does what an operator does: the snapshot CRDs and a
 // snapshot-controller with distributed snapshotting (on the host side, like
 // the rest of the control plane), then `helm install` of charts/csi-dmthin
-// with only the image tag overridden, and waits for the driver to register
-// with the kubelet.
+// with the image tag and valuesFile, and waits for the driver to register
+// with every kubelet.
 func installDriver(ctx context.Context, c *cluster.Cluster, art *artifacts) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
@@ -53,10 +58,14 @@ func installDriver(ctx context.Context, c *cluster.Cluster, art *artifacts) erro
 	if err := checkDriverFlags(ctx, c, art); err != nil {
 		return err
 	}
+	values, err := filepath.Abs(valuesFile)
+	if err != nil {
+		return err
+	}
 	start := time.Now()
-	_, err := cluster.Output(ctx, c.Bin("helm"), "install", "csi-dmthin", filepath.Join(art.Repo, "charts", "csi-dmthin"),
+	_, err = cluster.Output(ctx, c.Bin("helm"), "install", "csi-dmthin", filepath.Join(art.Repo, "charts", "csi-dmthin"),
 		"--kubeconfig", c.Kubeconfig, "--namespace", driverNamespace, "--create-namespace",
-		"--set", "image.tag="+driverTag,
+		"--set", "image.tag="+driverTag, "-f", values,
 		"--wait", "--timeout", "6m")
 	if err != nil {
 		return err
@@ -109,7 +118,7 @@ func poll(ctx context.Context, timeout time.Duration, f func() (bool, error)) er
 // rather than as a crash-looping pod after helm's whole --wait.
 func checkDriverFlags(ctx context.Context, c *cluster.Cluster, art *artifacts) error {
 	rendered, err := cluster.Output(ctx, c.Bin("helm"), "template", "csi-dmthin", filepath.Join(art.Repo, "charts", "csi-dmthin"),
-		"--namespace", driverNamespace, "--set", "image.tag="+driverTag, "--kube-version", testArtVersion())
+		"--namespace", driverNamespace, "--set", "image.tag="+driverTag, "-f", valuesFile, "--kube-version", testArtVersion())
 	if err != nil {
 		return err
 	}
@@ -137,3 +146,6 @@ func checkDriverFlags(ctx context.Context, c *cluster.Cluster, art *artifacts) e
 	}
 	return nil
 }
+
+// smallClass is valuesFile's class on each node's small pool.
+const smallClass = "csi-dmthin-small"
