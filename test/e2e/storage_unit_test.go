@@ -143,7 +143,7 @@ func TestParseGinkgoReport(t *testing.T) {
 		t.Errorf("not selected %q, other %d; want the Disruptive spec and 1", res.NotSelected, res.Other)
 	}
 	md := res.markdown("fast", 0)
-	for _, want := range []string{"| 2 | 2 | 2 | 1 |", "- 2: Driver d doesn't support N nodes", "- 1: restarts or stops kubelet"} {
+	for _, want := range []string{"| 2 | 2 | 2 | 1 |", "- 2: Driver d doesn't support N nodes", "- 1: stops and starts kubelet over SSH"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("summary lacks %q:\n%s", want, md)
 		}
