@@ -21,9 +21,15 @@ const storageEnv = "CSI_DMTHIN_E2E_STORAGE"
 
 // storageSelection is one way to run the suite.
 type storageSelection struct {
+	// suites, when set, are the only test suites run (provisioning,
+	// snapshottable, ...: the word after the test pattern in a spec's name).
+	suites  []string
 	skip    string        // ginkgo --skip, on the spec's full text
 	procs   int           // parallel ginkgo processes
 	timeout time.Duration // ginkgo --timeout for the whole run
+	// leftOut says where the specs this selection leaves out (other than
+	// the not applicable ones) are run.
+	leftOut string
 }
 
 // notApplicable are the specs no run selects, and why. They need what this
@@ -42,7 +48,7 @@ var notApplicable = []struct {
 var storageSelections = map[string]storageSelection{
 	// Neither Slow nor Serial: the set CSI projects run on every change,
 	// snapshot and XFS specs included.
-	"fast": {skip: `\[(Slow|Serial)\]`, procs: 4, timeout: 45 * time.Minute},
+	"fast": {skip: `\[(Slow|Serial)\]`, procs: 4, timeout: 45 * time.Minute, leftOut: "left to `make e2e-full` (Slow or Serial)"},
 	// Everything applicable, Slow and Serial included.
 	"full": {procs: 3, timeout: 2 * time.Hour},
 }
@@ -57,6 +63,20 @@ func storageSet() string {
 	default:
 		return s
 	}
+}
+
+// focusPattern is the ginkgo --focus of a selection: External Storage, and
+// only its suites when it names some.
+func (s storageSelection) focusPattern() string {
+	if len(s.suites) == 0 {
+		return `External.Storage`
+	}
+	return `External.Storage .*\[Testpattern: [^]]*\] (` + strings.Join(s.suites, "|") + `) `
+}
+
+// selected reports whether the selection runs the spec of that full name.
+func (s storageSelection) selected(name string) bool {
+	return regexp.MustCompile(s.focusPattern()).MatchString(name) && !regexp.MustCompile(s.skipPattern()).MatchString(name)
 }
 
 // skipPattern is the ginkgo --skip of a selection: its own pattern and the
@@ -100,7 +120,7 @@ func TestExternalStorage(t *testing.T) {
 	report := filepath.Join(dir, "report.json")
 	args := []string{
 		"--procs", fmt.Sprint(sel.procs), "--timeout", sel.timeout.String(),
-		"--focus", `External.Storage`, "--skip", sel.skipPattern(),
+		"--focus", sel.focusPattern(), "--skip", sel.skipPattern(),
 		"--json-report", report, "--no-color", "--silence-skips",
 		c.Bin("e2e.test"), "--",
 		"--kubeconfig", c.Kubeconfig, "--kubectl-path", c.Bin("kubectl"),
@@ -123,11 +143,11 @@ func TestExternalStorage(t *testing.T) {
 	if err != nil {
 		t.Fatalf("ginkgo wrote no report (%v): %v; its output is in %s", runErr, err, p.Log)
 	}
-	res, err := parseGinkgoReport(data, regexp.MustCompile(sel.skipPattern()))
+	res, err := parseGinkgoReport(data, sel.selected)
 	if err != nil {
 		t.Fatal(err)
 	}
-	summary := res.markdown(name, took)
+	summary := res.markdown(name, took, sel.leftOut)
 	_ = os.WriteFile(filepath.Join(testArt.RunDir, "storage-summary.md"), []byte(summary), 0o644)
 	t.Log("\n" + summary)
 	for _, f := range res.Failed {
@@ -189,8 +209,9 @@ type ginkgoSpec struct {
 // parseGinkgoReport counts a ginkgo --json-report. Suite-level nodes
 // (BeforeSuite and the like) count only when they fail; a spec that was
 // skipped with no message was filtered out, by our skip pattern when its
-// name matches notSelected, else by the focus.
-func parseGinkgoReport(data []byte, notSelected *regexp.Regexp) (*storageResult, error) {
+// name is an External Storage spec the selection does not run, else by
+// the binary's own focus.
+func parseGinkgoReport(data []byte, selected func(name string) bool) (*storageResult, error) {
 	var reports []struct{ SpecReports []ginkgoSpec }
 	if err := json.Unmarshal(data, &reports); err != nil {
 		return nil, fmt.Errorf("ginkgo report: %w", err)
@@ -215,7 +236,7 @@ func parseGinkgoReport(data []byte, notSelected *regexp.Regexp) (*storageResult,
 				case s.Failure.Message != "":
 					reason := skipReason(s.Failure.Message)
 					res.Skipped[reason] = append(res.Skipped[reason], name)
-				case strings.Contains(name, "External Storage") && notSelected.MatchString(name):
+				case strings.Contains(name, "External Storage") && !selected(name):
 					res.NotSelected = append(res.NotSelected, name)
 				default:
 					res.Other++
@@ -251,7 +272,7 @@ func firstLines(s string, n int) string {
 
 // markdown is the summary: counts, then every skip reason with its specs,
 // then what was not selected and why.
-func (r *storageResult) markdown(set string, took time.Duration) string {
+func (r *storageResult) markdown(set string, took time.Duration, leftOut string) string {
 	var b strings.Builder
 	skipped := 0
 	for _, specs := range r.Skipped {
@@ -283,7 +304,7 @@ func (r *storageResult) markdown(set string, took time.Duration) string {
 		b.WriteString("### Not selected\n\n")
 		counted := map[string]int{}
 		for _, name := range r.NotSelected {
-			why := "left to `make e2e-full` (Slow or Serial)"
+			why := leftOut
 			for _, n := range notApplicable {
 				if n.pattern.MatchString(name) {
 					why = n.why
