@@ -224,11 +224,8 @@ func (k *k) powerCut(lost, kept string) {
 		k.t.Fatal(err)
 	}
 	k.t.Logf("%s powered off after %d synced lines", lost, synced)
-	// Whatever needs power from the other node is unaffected.
+	// What runs on the other node carries on.
 	k.run("exec", "steady", "--", "sh", "-c", "echo during >>/data/file && sync /data/file")
-	k.apply(pvcYAML("during", "1Gi", "Filesystem", "") + "---\n" + podYAML("during", "during", "echo new >/data/file && sync && sleep 100000", false))
-	k.waitPodReady("during")
-	k.placement("during", "during", kept)
 	k.eventually(3*time.Minute, lost+" NotReady", func() string {
 		if s := k.run("get", "node", lost, "-o", `jsonpath={.status.conditions[?(@.type=="Ready")].status}`); s != "True" {
 			return ""
@@ -236,6 +233,11 @@ func (k *k) powerCut(lost, kept string) {
 		return "still Ready"
 	})
 	k.t.Logf("%s NotReady %s after the cut", lost, time.Since(cut).Round(time.Second))
+	// And new volumes are made there, while the scheduler keeps off the
+	// lost node.
+	k.apply(pvcYAML("during", "1Gi", "Filesystem", "") + "---\n" + podYAML("during", "during", "echo new >/data/file && sync && sleep 100000", false))
+	k.waitPodReady("during")
+	k.placement("during", "during", kept)
 	// The pod on the lost node is deleted (it cannot end by itself there)
 	// and made again without a node: its volume holds it to lost.
 	k.run("delete", "pod", "writer", "--force", "--grace-period=0")
