@@ -153,10 +153,10 @@ func TestParseGinkgoReport(t *testing.T) {
 	}
 }
 
-// The selections skip what is not applicable, and the fast one also what
-// is Slow or Serial.
+// The selections skip what is not applicable, and the parallel one also
+// what is Slow or Serial.
 func TestStorageSelections(t *testing.T) {
-	fast := regexp.MustCompile(storageSelections["fast"].skipPattern())
+	fast := regexp.MustCompile(storageSelections["parallel"].skipPattern())
 	full := regexp.MustCompile(storageSelections["full"].skipPattern())
 	for name, want := range map[string][2]bool{ // skipped by fast, by full
 		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] volumes should store data":                                     {false, false},
@@ -168,7 +168,7 @@ func TestStorageSelections(t *testing.T) {
 		"External Storage [Driver: d] seLinux [Feature:SELinux] should mount":                                                         {true, true},
 	} {
 		if got := [2]bool{fast.MatchString(name), full.MatchString(name)}; got != want {
-			t.Errorf("%s: skipped by fast, full = %v, want %v", name, got, want)
+			t.Errorf("%s: skipped by parallel, full = %v, want %v", name, got, want)
 		}
 	}
 }
@@ -186,6 +186,22 @@ func TestStorageSelectionSuites(t *testing.T) {
 		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] disruptive [Disruptive] topology should":                           false,
 	} {
 		if got := sel.selected(name); got != want {
+			t.Errorf("%s: selected %v, want %v", name, got, want)
+		}
+	}
+}
+
+// make test's set runs the topology and capacity suites, nothing else.
+func TestFastStorageSet(t *testing.T) {
+	fast := storageSelections["fast"]
+	for name, want := range map[string]bool{
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (delayed binding)] topology should provision a volume and schedule a pod with AllowedTopologies": true,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (default fs)] capacity provides storage capacity information":                                    true,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (default fs)] provisioning should provision storage with pvc data source":                        false,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] volumes should store data":                                                               false,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (delayed binding)] topology should fail to schedule a pod [Slow]":                                false,
+	} {
+		if got := fast.selected(name); got != want {
 			t.Errorf("%s: selected %v, want %v", name, got, want)
 		}
 	}
