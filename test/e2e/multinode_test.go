@@ -158,9 +158,12 @@ func TestMultiNode(t *testing.T) {
 			"---\n" + podYAML("full-restore", "full-restore", "sleep 100000", false))
 		k.waitWarning("full-restore", b, start)
 		k.nothingMade("full-restore")
+		// The restore claim first: the snapshot-controller keeps a
+		// snapshot that a pending claim is restored from.
 		k.run("delete", "pod", "full-restore", "full-src", "--wait=true", "--timeout=2m")
+		k.run("delete", "pvc", "full-restore", "--wait=true", "--timeout=1m")
 		k.run("delete", "volumesnapshot", "full-snap", "--wait=true", "--timeout=1m")
-		k.run("delete", "pvc", "full-restore", "full-src", "--wait=true", "--timeout=1m")
+		k.run("delete", "pvc", "full-src", "--wait=true", "--timeout=1m")
 		k.waitNoPVFor("full-restore", "full-src")
 	})
 
