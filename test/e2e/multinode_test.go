@@ -139,7 +139,7 @@ func TestMultiNode(t *testing.T) {
 			k.t.Fatalf("cap-3 got PV %s, with no room on any node", pv)
 		}
 		k.run("delete", "pod", "cap-1", "cap-2", "cap-3", "--wait=true", "--timeout=2m")
-		k.run("delete", "pvc", "cap-1", "cap-2", "cap-3", "--wait=true", "--timeout=1m")
+		k.run("delete", "pvc", "cap-1", "cap-2", "cap-3", "--wait=true", "--timeout=2m")
 		k.waitNoPVFor("cap-1", "cap-2", "cap-3")
 	})
 
@@ -160,10 +160,12 @@ func TestMultiNode(t *testing.T) {
 		k.nothingMade("full-restore")
 		// The restore claim first: the snapshot-controller keeps a
 		// snapshot that a pending claim is restored from.
+		// A snapshot's deletion waits for its content's, by the node's
+		// csi-snapshotter: over a minute under TCG.
 		k.run("delete", "pod", "full-restore", "full-src", "--wait=true", "--timeout=2m")
-		k.run("delete", "pvc", "full-restore", "--wait=true", "--timeout=1m")
-		k.run("delete", "volumesnapshot", "full-snap", "--wait=true", "--timeout=1m")
-		k.run("delete", "pvc", "full-src", "--wait=true", "--timeout=1m")
+		k.run("delete", "pvc", "full-restore", "--wait=true", "--timeout=2m")
+		k.run("delete", "volumesnapshot", "full-snap", "--wait=true", "--timeout=4m")
+		k.run("delete", "pvc", "full-src", "--wait=true", "--timeout=2m")
 		k.waitNoPVFor("full-restore", "full-src")
 	})
 
