@@ -33,6 +33,16 @@ func TestMultiNode(t *testing.T) {
 	a, b := nodes[0], nodes[1]
 	kc := &k{t: t, c: c, ctx: ctx, ns: "e2e-multinode"}
 	kc.run("create", "namespace", kc.ns)
+	// Whatever happens, nothing of this test outlives it: the chains after
+	// it count every PV and thin device in the cluster.
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(testCtx, 5*time.Minute)
+		defer cancel()
+		_, _ = c.Kubectl(ctx, "uncordon", a)
+		if _, err := c.Kubectl(ctx, "delete", "namespace", kc.ns, "--wait=true", "--timeout=5m"); err != nil {
+			t.Errorf("deleting namespace %s: %v", kc.ns, err)
+		}
+	})
 	step := stepper(t, c, ctx, kc.ns)
 
 	// Sources on B and on A: a default that happened to pick one node
@@ -189,8 +199,6 @@ func TestMultiNode(t *testing.T) {
 	step("PowerCutOnOneNode", func(k *k) {
 		k.powerCut(a, b)
 	})
-
-	kc.run("delete", "namespace", kc.ns, "--wait=false")
 }
 
 // powerCut cuts lost's power while a pod there writes with fsync, and
