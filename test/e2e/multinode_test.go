@@ -236,6 +236,15 @@ func (k *k) powerCut(lost, kept string) {
 	if err := k.c.PowerOff(lost); err != nil {
 		k.t.Fatal(err)
 	}
+	// A failure below must not leave the node off for the tests after.
+	off := true
+	defer func() {
+		if off {
+			if err := k.c.PowerOn(k.ctx, lost); err != nil {
+				k.t.Errorf("powering %s on again: %v", lost, err)
+			}
+		}
+	}()
 	k.t.Logf("%s powered off after %d synced lines", lost, synced)
 	// What runs on the other node carries on.
 	k.run("exec", "steady", "--", "sh", "-c", "echo during >>/data/file && sync /data/file")
@@ -280,6 +289,7 @@ func (k *k) powerCut(lost, kept string) {
 	if got, want := k.pvNames(), append(slices.Clone(pvsBefore), during); !sameSet(got, want) {
 		k.t.Fatalf("PVs while %s is off: %v, want %v (the ones before and the new one on %s)", lost, got, want, kept)
 	}
+	off = false
 	if err := k.c.PowerOn(k.ctx, lost); err != nil {
 		k.t.Fatal(err)
 	}
