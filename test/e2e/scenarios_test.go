@@ -126,14 +126,7 @@ func TestScenarios(t *testing.T) {
 	kc.run("create", "namespace", kc.ns)
 	var sourceNode string // where the first volume went
 
-	step := func(name string, f func(k *k)) {
-		start := time.Now()
-		ok := t.Run(name, func(t *testing.T) { f(&k{t: t, c: c, ctx: ctx, ns: kc.ns}) })
-		t.Logf("%s: %s", name, time.Since(start).Round(100*time.Millisecond))
-		if !ok {
-			t.FailNow()
-		}
-	}
+	step := stepper(t, c, ctx, kc.ns)
 
 	step("WFFCPodWrites", func(k *k) {
 		k.apply(pvcYAML("data", "1Gi", "Filesystem", ""))
