@@ -270,9 +270,11 @@ func (k *k) powerCut(lost, kept string) {
 		return ""
 	})
 	k.apply(podYAML("writer", "writer", "sleep 100000", false))
+	// The scheduler's words for a bound volume on another node
+	// (volumebinding's ErrReasonNodeConflict).
 	k.eventually(2*time.Minute, "the writer unschedulable, for its volume's node", func() string {
 		out := k.run("get", "pod", "writer", "-o", `jsonpath={.status.phase} {.status.conditions[?(@.type=="PodScheduled")].reason}: {.status.conditions[?(@.type=="PodScheduled")].message}`)
-		if strings.HasPrefix(out, "Pending Unschedulable") && strings.Contains(out, "volume node affinity conflict") {
+		if strings.HasPrefix(out, "Pending Unschedulable") && strings.Contains(out, "didn't match PersistentVolume's node affinity") {
 			return ""
 		}
 		return out
