@@ -95,19 +95,20 @@ image-archive:
 manifests:
 	$(GO) test ./deploy -run '^TestManifestsMatchDefaultRender$$' -update
 
-# The end-to-end test: a Kubernetes cluster (control plane on the host, the
-# node in a qemu VM) inside a network namespace with only loopback, the chart
-# installed, the scenarios of test/e2e and the fast set of Kubernetes'
-# external storage suite. Needs root. e2e-build first builds Kubernetes, the
-# sidecars and the suite from the Go module proxy and the node image (all
-# cached afterwards), outside the test's timeout.
+# The end-to-end test: a Kubernetes cluster (control plane on the host, two
+# nodes in qemu VMs) inside a network namespace with only loopback and the
+# nodes' bridge, the chart installed, the scenarios of test/e2e (the two-node
+# ones too) and the topology and capacity suites of Kubernetes' external
+# storage suite. Needs root. e2e-build first builds Kubernetes, the sidecars
+# and the suite from the Go module proxy and the node image (all cached
+# afterwards), outside the test's timeout.
 E2E_TIMEOUT ?= 60m
 e2e: e2e-build
 	CSI_DMTHIN_E2E=1 $(GO) test -count=1 -v -timeout $(E2E_TIMEOUT) ./test/e2e/
 
 # The same with every applicable spec of Kubernetes' external storage suite,
-# the Slow and Serial ones too (make e2e runs the fast set).
-E2E_FULL_TIMEOUT ?= 150m
+# the Slow and Serial ones too (test/e2e/README.md says which run where).
+E2E_FULL_TIMEOUT ?= 240m
 e2e-full: e2e-build
 	CSI_DMTHIN_E2E=1 CSI_DMTHIN_E2E_STORAGE=full $(GO) test -count=1 -v -timeout $(E2E_FULL_TIMEOUT) ./test/e2e/
 

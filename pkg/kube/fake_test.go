@@ -118,6 +118,8 @@ func (c *cluster) create(t *testing.T, objs ...runtime.Object) {
 			_, err = c.core.CoreV1().PersistentVolumeClaims(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
 		case *corev1.PersistentVolume:
 			_, err = c.core.CoreV1().PersistentVolumes().Create(ctx, o, metav1.CreateOptions{})
+		case *corev1.Node:
+			_, err = c.core.CoreV1().Nodes().Create(ctx, o, metav1.CreateOptions{})
 		case *storagev1.StorageClass:
 			_, err = c.core.StorageV1().StorageClasses().Create(ctx, o, metav1.CreateOptions{})
 		case *snapv1.VolumeSnapshot:

@@ -40,7 +40,12 @@ const (
 	ReasonSourceMissing       = "RestoreSourceMissing" // Warning: the source is not where its records say
 	ReasonSourceNodeFull      = "SourceNodeFull"       // Warning: the source's pool has no room for the new volume
 	ReasonSourcePoolUnhealthy = "SourcePoolUnhealthy"  // Warning: the source's pool is failed or read-only
+	ReasonSourceNodeCordoned  = "SourceNodeCordoned"   // Warning: the source's node takes no new pods
 )
+
+// cordonRecheck is how often a restore waiting for its cordoned source node
+// looks again: an uncordon changes a Node, which placement does not watch.
+const cordonRecheck = 15 * time.Second
 
 const snapshotGroup = "snapshot.storage.k8s.io"
 
@@ -246,13 +251,39 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 		p.warnOnce(ctx, pvc, reason, fmt.Sprintf("%s is on node %s, which cannot take the new volume: %v", src.what, p.node, err))
 		return true, nil
 	}
+	// A cordoned node takes no new pods, so a volume made there now could
+	// not be used; and it is often on its way out. Say so, make nothing,
+	// and look again: an uncordon is not an event this controller sees.
+	if cordoned, err := p.cordoned(ctx); err != nil {
+		return false, err
+	} else if cordoned {
+		p.warnOnce(ctx, pvc, ReasonSourceNodeCordoned, fmt.Sprintf("%s is on node %s, which is cordoned (unschedulable): the new volume can only be made there, and waits until the node takes pods again", src.what, p.node))
+		p.queue.AddAfter(key, cordonRecheck)
+		return false, nil
+	}
 	return p.selectNode(ctx, pvc, src)
 }
 
-// candidate reports whether pvc is a pending, unplaced, WaitForFirstConsumer
-// PVC of our driver.
+// cordoned reports whether this node is marked unschedulable.
+func (p *Placement) cordoned(ctx context.Context) (bool, error) {
+	n, err := p.client.CoreV1().Nodes().Get(ctx, p.node, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return false, nil // not registered (yet): nothing says it is cordoned
+	}
+	if err != nil {
+		return false, err
+	}
+	return n.Spec.Unschedulable, nil
+}
+
+// candidate reports whether pvc is a pending WaitForFirstConsumer PVC of
+// our driver that is not placed on this node yet. One the scheduler placed
+// on another node is a candidate too: the scheduler knows nothing of data
+// sources, and when it gets to a restore's pod before the source's node
+// sets the annotation, it picks any node with room; only the source's node
+// can make the volume, so that node corrects the choice (see sync).
 func (p *Placement) candidate(pvc *corev1.PersistentVolumeClaim) bool {
-	if pvc.DeletionTimestamp != nil || pvc.Spec.VolumeName != "" || pvc.Annotations[AnnSelectedNode] != "" {
+	if pvc.DeletionTimestamp != nil || pvc.Spec.VolumeName != "" || pvc.Annotations[AnnSelectedNode] == p.node {
 		return false
 	}
 	if ph := pvc.Status.Phase; ph != "" && ph != corev1.ClaimPending {
@@ -380,6 +411,7 @@ func (p *Placement) selectNode(ctx context.Context, pvc *corev1.PersistentVolume
 	if upd.Annotations == nil {
 		upd.Annotations = map[string]string{}
 	}
+	previous := upd.Annotations[AnnSelectedNode]
 	upd.Annotations[AnnSelectedNode] = p.node
 	delete(upd.Annotations, p.warningMark()) // the source is back
 	_, err := p.client.CoreV1().PersistentVolumeClaims(pvc.Namespace).Update(ctx, upd, metav1.UpdateOptions{})
@@ -388,8 +420,8 @@ func (p *Placement) selectNode(ctx context.Context, pvc *corev1.PersistentVolume
 		if gerr != nil {
 			return false, gerr
 		}
-		if n := fresh.Annotations[AnnSelectedNode]; n != "" {
-			logger.V(2).Info("PVC was placed by someone else", "pvc", klog.KObj(pvc), "node", n)
+		if n := fresh.Annotations[AnnSelectedNode]; n == p.node || fresh.Spec.VolumeName != "" {
+			logger.V(2).Info("PVC was placed meanwhile", "pvc", klog.KObj(pvc), "node", n)
 			return false, nil
 		}
 		logger.V(2).Info("PVC changed while placing it; looking again", "pvc", klog.KObj(pvc))
@@ -399,8 +431,12 @@ func (p *Placement) selectNode(ctx context.Context, pvc *corev1.PersistentVolume
 		return false, err
 	}
 	p.wrote(pvc)
-	logger.Info("Selected this node for a restore or clone: it holds the source", "pvc", klog.KObj(pvc), "source", src.what, "id", src.id)
-	p.recorder.Eventf(pvc, corev1.EventTypeNormal, ReasonSourceNode, "node %s holds %s (%s); selected it for the new volume", p.node, src.what, src.id)
+	logger.Info("Selected this node for a restore or clone: it holds the source", "pvc", klog.KObj(pvc), "source", src.what, "id", src.id, "replaced", previous)
+	if previous != "" {
+		p.recorder.Eventf(pvc, corev1.EventTypeNormal, ReasonSourceNode, "node %s holds %s (%s); selected it for the new volume in place of node %s, which does not", p.node, src.what, src.id, previous)
+	} else {
+		p.recorder.Eventf(pvc, corev1.EventTypeNormal, ReasonSourceNode, "node %s holds %s (%s); selected it for the new volume", p.node, src.what, src.id)
+	}
 	p.forget(pvc.UID)
 	return false, nil
 }

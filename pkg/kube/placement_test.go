@@ -268,7 +268,7 @@ func TestSourceNodeFull(t *testing.T) {
 
 func TestPVCsPlacementLeavesAlone(t *testing.T) {
 	placed := claim("placed", wffc.Name, fromSnapshot("snap-1"))
-	placed.Annotations = map[string]string{AnnSelectedNode: nodeB}
+	placed.Annotations = map[string]string{AnnSelectedNode: nodeA}
 	bound := claim("bound", wffc.Name, fromSnapshot("snap-1"))
 	bound.Status.Phase = corev1.ClaimBound
 	bound.Spec.VolumeName = "pv-x"
@@ -299,7 +299,7 @@ func TestPVCsPlacementLeavesAlone(t *testing.T) {
 	}
 }
 
-func TestConflictRereadsAndDoesNotWriteTwice(t *testing.T) {
+func TestConflictRereadsAndLooksAgain(t *testing.T) {
 	c := newCluster(t)
 	c.create(t, wffc, snapshot("snap-1", "content-1", true), content("content-1", "snap-1", "alpha/snap-1", nodeA),
 		claim("restore", wffc.Name, fromSnapshot("snap-1")))
@@ -333,22 +333,26 @@ func TestConflictRereadsAndDoesNotWriteTwice(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if retry {
-		t.Error("retry asked after someone else placed the PVC")
+	// node-a's write was refused; node-c does not hold the source, so
+	// node-a looks again rather than leave the claim where it cannot be
+	// made...
+	if !retry {
+		t.Error("no retry after another node, without the source, placed the PVC")
 	}
 	if got := c.pvc(t, "restore").Annotations[AnnSelectedNode]; got != "node-c" {
 		t.Errorf("selected-node = %q, want the other writer's node-c", got)
 	}
-	// One update went out from node-a, and it was refused.
 	if n := c.pvcUpdates(); n != 1 {
 		t.Errorf("%d PVC updates, want 1 (node-a's, refused)", n)
 	}
-	// Once its cache catches up node-a leaves the PVC alone.
+	// ... and then moves it, once.
 	a.sync(t, c, "restore")
-	if n := c.pvcUpdates(); n != 1 {
-		t.Errorf("%d PVC updates after a second look, want still 1", n)
+	if got := c.pvc(t, "restore").Annotations[AnnSelectedNode]; got != nodeA {
+		t.Errorf("selected-node = %q, want %q", got, nodeA)
 	}
-	wantNoEvents(t, a)
+	if n := c.pvcUpdates(); n != 2 {
+		t.Errorf("%d PVC updates, want 2", n)
+	}
 }
 
 func TestNoSpaceEventOnThePVC(t *testing.T) {
@@ -368,5 +372,64 @@ func TestNoSpaceEventOnThePVC(t *testing.T) {
 	if ev[0] != "Warning "+ReasonNoSpace+" PersistentVolumeClaim/db/data@uid-data: node node-a, pool alpha: no space" ||
 		ev[1] != "Warning "+ReasonNoSpace+" PersistentVolumeClaim/db/not-cached@: node node-a, pool alpha: no space" {
 		t.Errorf("events = %q", ev)
+	}
+}
+
+// The scheduler knows nothing of data sources: when it reaches a restore's
+// pod first, it selects any node with room. The node that holds the source
+// moves the claim to itself; the others leave it be.
+func TestRestorePlacedElsewhereMovesToTheSource(t *testing.T) {
+	c := newCluster(t)
+	pvc := claim("restore", wffc.Name, fromSnapshot("snap-1"))
+	pvc.Annotations = map[string]string{AnnSelectedNode: nodeB}
+	c.create(t, wffc, snapshot("snap-1", "content-1", true), content("content-1", "snap-1", "alpha/snap-1", nodeA), pvc)
+	a := startNode(t, c, nodeA, owning("alpha/snap-1"), false)
+	b := startNode(t, c, nodeB, owning(), false)
+	if b.sync(t, c, "restore") {
+		t.Error("node-b asked to retry")
+	}
+	if got := c.pvc(t, "restore").Annotations[AnnSelectedNode]; got != nodeB {
+		t.Fatalf("selected-node = %q after node-b's look, want it left at %q", got, nodeB)
+	}
+	if a.sync(t, c, "restore") {
+		t.Error("node-a asked to retry after placing")
+	}
+	if got := c.pvc(t, "restore").Annotations[AnnSelectedNode]; got != nodeA {
+		t.Fatalf("selected-node = %q, want %q", got, nodeA)
+	}
+	if ev := a.events(); len(ev) != 1 || count(ev, "Normal "+ReasonSourceNode) != 1 || !strings.Contains(ev[0], "in place of node "+nodeB) {
+		t.Errorf("node-a events = %q, want one %s saying it replaced %s", ev, ReasonSourceNode, nodeB)
+	}
+	wantNoEvents(t, b)
+	a.sync(t, c, "restore")
+	if n := c.pvcUpdates(); n != 1 {
+		t.Errorf("%d PVC updates, want 1", n)
+	}
+}
+
+// A cordoned source node: a Warning that names it, nothing selected, and
+// the claim placed once the node is uncordoned.
+func TestRestoreWaitsForCordonedSourceNode(t *testing.T) {
+	c := newCluster(t)
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeA}, Spec: corev1.NodeSpec{Unschedulable: true}}
+	c.create(t, wffc, node, snapshot("snap-1", "content-1", true), content("content-1", "snap-1", "alpha/snap-1", nodeA),
+		claim("restore", wffc.Name, fromSnapshot("snap-1")))
+	a := startNode(t, c, nodeA, owning("alpha/snap-1"), false)
+	for range 2 {
+		a.sync(t, c, "restore")
+	}
+	if got, ok := c.pvc(t, "restore").Annotations[AnnSelectedNode]; ok {
+		t.Fatalf("selected-node = %q on a cordoned node", got)
+	}
+	if ev := a.events(); len(ev) != 1 || count(ev, "Warning "+ReasonSourceNodeCordoned) != 1 || !strings.Contains(ev[0], nodeA) {
+		t.Errorf("events = %q, want one %s naming %s", ev, ReasonSourceNodeCordoned, nodeA)
+	}
+	node.Spec.Unschedulable = false
+	if _, err := c.core.CoreV1().Nodes().Update(context.Background(), node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	a.sync(t, c, "restore")
+	if got := c.pvc(t, "restore").Annotations[AnnSelectedNode]; got != nodeA {
+		t.Errorf("selected-node = %q after the uncordon, want %q", got, nodeA)
 	}
 }

@@ -9,17 +9,27 @@ import (
 	"github.com/csi-dmthin/csi-dmthin/test/e2e/cluster"
 )
 
-// TestNodeReady checks the node registered with the version we built.
+// TestNodeReady checks that every node registered, at the address the
+// harness gave it, with the version we built.
 func TestNodeReady(t *testing.T) {
 	c := requireCluster(t)
 	ctx, cancel := context.WithTimeout(testCtx, time.Minute)
 	defer cancel()
-	out, err := c.Kubectl(ctx, "get", "node", cluster.NodeName, "-o", "jsonpath={.status.nodeInfo.kubeletVersion}")
-	if err != nil {
-		t.Fatal(err)
+	if len(c.Nodes) < 2 {
+		t.Errorf("%d nodes, want at least 2", len(c.Nodes))
 	}
-	if want := testArtVersion(); !strings.HasPrefix(string(out), want) {
-		t.Errorf("kubelet version %q, want %q", out, want)
+	for _, n := range c.Nodes {
+		out, err := c.Kubectl(ctx, "get", "node", n.Name, "-o", `jsonpath={.status.nodeInfo.kubeletVersion} {.status.addresses[?(@.type=="InternalIP")].address}`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		version, ip, _ := strings.Cut(string(out), " ")
+		if want := testArtVersion(); !strings.HasPrefix(version, want) {
+			t.Errorf("%s: kubelet version %q, want %q", n.Name, version, want)
+		}
+		if ip != n.IP {
+			t.Errorf("%s: InternalIP %q, want %q", n.Name, ip, n.IP)
+		}
 	}
 }
 

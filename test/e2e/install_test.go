@@ -21,11 +21,18 @@ const (
 	driverName    = "dmthin.csi.dmthin.io"
 )
 
+// valuesFile is what helm install is given besides the image tag: the
+// images from the nodes' own store, the pools (the class csi-dmthin's, a
+// small one for the capacity scenarios and a tiny one to fill by writing)
+// and their classes, and a faster capacity poll. The deploy package's
+// TestE2EValues checks its images against the harness's.
+const valuesFile = "../../charts/csi-dmthin/ci/e2e-values.yaml"
+
 // installDriver does what an operator does: the snapshot CRDs and a
 // snapshot-controller with distributed snapshotting (on the host side, like
 // the rest of the control plane), then `helm install` of charts/csi-dmthin
-// with only the image tag overridden, and waits for the driver to register
-// with the kubelet.
+// with the image tag and valuesFile, and waits for the driver to register
+// with every kubelet.
 func installDriver(ctx context.Context, c *cluster.Cluster, art *artifacts) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
@@ -53,20 +60,36 @@ func installDriver(ctx context.Context, c *cluster.Cluster, art *artifacts) erro
 	if err := checkDriverFlags(ctx, c, art); err != nil {
 		return err
 	}
+	values, err := filepath.Abs(valuesFile)
+	if err != nil {
+		return err
+	}
 	start := time.Now()
-	_, err := cluster.Output(ctx, c.Bin("helm"), "install", "csi-dmthin", filepath.Join(art.Repo, "charts", "csi-dmthin"),
+	_, err = cluster.Output(ctx, c.Bin("helm"), "install", "csi-dmthin", filepath.Join(art.Repo, "charts", "csi-dmthin"),
 		"--kubeconfig", c.Kubeconfig, "--namespace", driverNamespace, "--create-namespace",
-		"--set", "image.tag="+driverTag,
+		"--set", "image.tag="+driverTag, "-f", values,
 		"--wait", "--timeout", "6m")
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(os.Stderr, "e2e: helm install --wait took %s\n", time.Since(start).Round(time.Second))
-	// The driver registers with the kubelet itself; CSINode lists it then.
-	return poll(ctx, 2*time.Minute, func() (bool, error) {
-		out, err := c.Kubectl(ctx, "get", "csinode", cluster.NodeName, "-o", "jsonpath={.spec.drivers[*].name}")
-		return err == nil && strings.Contains(string(out), driverName), nil
-	})
+	// The driver registers with each kubelet itself; CSINode lists it then.
+	return waitRegistered(ctx, c, c.NodeNames()...)
+}
+
+// waitRegistered waits until the driver is in the CSINode of every named
+// node.
+func waitRegistered(ctx context.Context, c *cluster.Cluster, nodes ...string) error {
+	for _, n := range nodes {
+		err := poll(ctx, 2*time.Minute, func() (bool, error) {
+			out, err := c.Kubectl(ctx, "get", "csinode", n, "-o", "jsonpath={.spec.drivers[*].name}")
+			return err == nil && strings.Contains(string(out), driverName), nil
+		})
+		if err != nil {
+			return fmt.Errorf("driver not registered on %s: %w", n, err)
+		}
+	}
+	return nil
 }
 
 // poll calls f every second until it reports done, fails, or timeout passes.
@@ -97,7 +120,7 @@ func poll(ctx context.Context, timeout time.Duration, f func() (bool, error)) er
 // rather than as a crash-looping pod after helm's whole --wait.
 func checkDriverFlags(ctx context.Context, c *cluster.Cluster, art *artifacts) error {
 	rendered, err := cluster.Output(ctx, c.Bin("helm"), "template", "csi-dmthin", filepath.Join(art.Repo, "charts", "csi-dmthin"),
-		"--namespace", driverNamespace, "--set", "image.tag="+driverTag, "--kube-version", testArtVersion())
+		"--namespace", driverNamespace, "--set", "image.tag="+driverTag, "-f", valuesFile, "--kube-version", testArtVersion())
 	if err != nil {
 		return err
 	}
@@ -125,3 +148,9 @@ func checkDriverFlags(ctx context.Context, c *cluster.Cluster, art *artifacts) e
 	}
 	return nil
 }
+
+// valuesFile's classes on each node's small and tiny pools.
+const (
+	smallClass = "csi-dmthin-small"
+	tinyClass  = "csi-dmthin-tiny"
+)

@@ -31,7 +31,10 @@ type artifacts struct {
 	Tools  *cluster.Tools
 	Image  *cluster.NodeImage
 	Images []string
-	Driver string // driver image reference
+	// ImagesDisk is containerd's root with Images imported, which every
+	// node mounts (through its own overlay).
+	ImagesDisk string
+	Driver     string // driver image reference
 	// DriverBinary is the host path of the csi-dmthin binary in the image.
 	DriverBinary string
 	Repo         string
@@ -103,26 +106,34 @@ func inside(ctx context.Context, m *testing.M) (code int) {
 	testCtx = ctx
 	start := time.Now()
 	c, err := cluster.Start(ctx, cluster.Config{
-		RunDir: art.RunDir, Tools: art.Tools, Image: art.Image, Images: art.Images,
+		RunDir: art.RunDir, Tools: art.Tools, Image: art.Image, ImagesDisk: art.ImagesDisk,
 		Log: os.Stderr,
 	})
 	defer func() {
+		if c == nil {
+			return
+		}
 		for _, line := range c.Stop() {
 			fmt.Fprintln(os.Stderr, "e2e: stop:", line)
 		}
 		if code != 0 {
 			cluster.TailLogs(os.Stderr, art.RunDir, 40)
 		}
-		for _, o := range must(filepath.Glob(filepath.Join(art.RunDir, "overlay-*.qcow2"))) {
-			_ = os.Remove(o)
+		c.RemoveDisks()
+		fmt.Fprintf(os.Stderr, "e2e: timings: %v\n", art.Timings)
+		for _, n := range c.Nodes {
+			fmt.Fprintf(os.Stderr, "e2e: %s: %d boot(s), last Ready in %s, failed boots: %q\n", n.Name, n.Boots, n.Ready.Round(time.Second), n.BootFailures)
 		}
-		fmt.Fprintf(os.Stderr, "e2e: timings: %v; node boots: %d, failed boots: %q\n", art.Timings, c.Boots, c.BootFailures)
 	}()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "e2e: FAIL: cluster start:", err)
 		return 1
 	}
 	art.Timings["cluster-start"] = time.Since(start).Round(time.Second).String()
+	art.Timings["nodes-ready"] = c.NodesReady.Round(time.Second).String()
+	for _, n := range c.Nodes {
+		art.Timings["ready-"+n.Name] = n.Ready.Round(time.Second).String()
+	}
 	testCluster = c
 	if !clusterOnly() {
 		start = time.Now()
@@ -159,5 +170,3 @@ func requireDriver(t *testing.T) *cluster.Cluster {
 	}
 	return c
 }
-
-func must[T any](v T, _ error) T { return v }

@@ -12,29 +12,31 @@ import (
 // Operating pools on the cluster, as an operator does: every node's pools
 // in `kubectl get thinpools`, a pool that a pod fills and the operator
 // grows while the pod goes on writing, and `helm test`.
-//
-// These need the chart installed with charts/csi-dmthin/ci/e2e-values.yaml
-// (the chart's defaults name no pool and pull the sidecars from
-// registry.k8s.io), which gives each node the small pool and the
-// csi-dmthin-small class used here.
+// They use valuesFile's pools (default, small, tiny) and the class
+// csi-dmthin-tiny.
 
-const smallClass = "csi-dmthin-small"
+// driverPodSelector selects the driver's node pods (the chart's helm test
+// pods carry the same name label, with another component).
+const driverPodSelector = "app.kubernetes.io/name=csi-dmthin,app.kubernetes.io/component=node"
 
 func TestOperateThinPools(t *testing.T) {
 	c := requireDriver(t)
 	kc := &k{t: t, c: c, ctx: testCtx, ns: driverNamespace}
-	for _, pool := range []string{"default", "small"} {
-		name := cluster.NodeName + "." + pool
-		kc.eventually(2*time.Minute, "ThinPool "+name, func() string {
-			out, err := kc.try("get", "thinpool", name, "-o", "jsonpath={.spec.nodeName} {.spec.pool} {.status.health} {.status.data.size}")
-			if err != nil {
-				return err.Error()
-			}
-			if f := strings.Fields(out); len(f) != 4 || f[0] != cluster.NodeName || f[1] != pool || f[2] != "Healthy" {
-				return out
-			}
-			return ""
-		})
+	pools := []string{"default", "small", "tiny"}
+	for _, node := range c.NodeNames() {
+		for _, pool := range pools {
+			name := node + "." + pool
+			kc.eventually(2*time.Minute, "ThinPool "+name, func() string {
+				out, err := kc.try("get", "thinpool", name, "-o", "jsonpath={.spec.nodeName} {.spec.pool} {.status.health} {.status.data.size}")
+				if err != nil {
+					return err.Error()
+				}
+				if f := strings.Fields(out); len(f) != 4 || f[0] != node || f[1] != pool || f[2] != "Healthy" {
+					return out
+				}
+				return ""
+			})
+		}
 	}
 	table := kc.run("get", "thinpools")
 	for _, col := range []string{"NODE", "POOL", "HEALTH", "DATA", "DATA%", "META%", "PROVISIONED", "VOLUMES", "SNAPSHOTS"} {
@@ -42,13 +44,15 @@ func TestOperateThinPools(t *testing.T) {
 			t.Errorf("kubectl get thinpools has no %s column:\n%s", col, table)
 		}
 	}
-	if out := kc.run("get", "thinpools", "--field-selector", "spec.nodeName="+cluster.NodeName, "-o", "name"); strings.Count(out, "\n")+1 != 2 {
-		t.Errorf("thinpools of node %s: %q", cluster.NodeName, out)
+	for _, node := range c.NodeNames() {
+		if out := kc.run("get", "thinpools", "--field-selector", "spec.nodeName="+node, "-o", "name"); strings.Count(out, "\n")+1 != len(pools) {
+			t.Errorf("thinpools of node %s: %q, want %d", node, out, len(pools))
+		}
 	}
 	t.Logf("kubectl get thinpools -o wide:\n%s", kc.run("get", "thinpools", "-o", "wide"))
 }
 
-// A pod writes a raw block volume of the small pool until the pool is out
+// A pod writes a raw block volume of the tiny pool until the pool is out
 // of data space and its writes fail; the operator sees it (ThinPool, Node
 // Event), grows the pool with `csi-dmthin pool grow`, and the pod's writes
 // succeed again, on the same volume, without a restart.
@@ -65,7 +69,7 @@ spec:
   accessModes: [ReadWriteOnce]
   volumeMode: Block
   resources: {requests: {storage: 1Gi}}
-`, smallClass))
+`, tinyClass))
 	// 1 MiB at a time; a failed write is retried at the same offset, so the
 	// log shows when writes succeed again.
 	kc.apply(podYAML("filler", "fill", `i=0; while [ $i -lt 1000 ]; do
@@ -78,19 +82,20 @@ done; sleep 100000`, true))
 		}
 		return "no failed write yet"
 	})
-	name := cluster.NodeName + ".small"
+	node := kc.run("get", "pod", "filler", "-o", "jsonpath={.spec.nodeName}")
+	name := node + ".tiny"
 	kc.eventually(time.Minute, "ThinPool says out of data space", func() string {
 		if h, _ := kc.try("get", "thinpool", name, "-o", "jsonpath={.status.health}"); h != "OutOfDataSpace" {
 			return h
 		}
 		return ""
 	})
-	if ev, _ := kc.try("get", "events", "-A", "--field-selector", "involvedObject.kind=Node,reason=PoolOutOfDataSpace", "-o", "name"); ev == "" {
-		t.Error("no PoolOutOfDataSpace Event on the Node")
+	if ev, _ := kc.try("get", "events", "-A", "--field-selector", "involvedObject.kind=Node,involvedObject.name="+node+",reason=PoolOutOfDataSpace", "-o", "name"); ev == "" {
+		t.Errorf("no PoolOutOfDataSpace Event on the Node %s", node)
 	}
 	start := time.Now()
-	grow, err := c.Kubectl(testCtx, "-n", driverNamespace, "exec", nodeDriverPod(kc), "-c", "csi-dmthin", "--",
-		"csi-dmthin", "pool", "grow", "small", "--data-file-size=2Gi")
+	grow, err := c.Kubectl(testCtx, "-n", driverNamespace, "exec", driverPodOn(kc, node), "-c", "csi-dmthin", "--",
+		"csi-dmthin", "pool", "grow", "tiny", "--data-file-size=2Gi")
 	if err != nil {
 		t.Fatalf("pool grow: %v\n%s", err, grow)
 	}
@@ -127,16 +132,4 @@ func TestOperateHelmTest(t *testing.T) {
 		t.Errorf("helm test passed without the verify pod's log:\n%s", out)
 	}
 	t.Logf("helm test took %v:\n%s", time.Since(start).Round(time.Second), out)
-}
-
-// nodeDriverPod is the driver's pod on the node: its component is "node"
-// (the chart's helm test pods carry the same name label).
-func nodeDriverPod(k *k) string {
-	k.t.Helper()
-	out, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "get", "pods", "-l", "app.kubernetes.io/name=csi-dmthin,app.kubernetes.io/component=node",
-		"--field-selector", "spec.nodeName="+cluster.NodeName, "-o", "jsonpath={.items[0].metadata.name}")
-	if err != nil || len(out) == 0 {
-		k.t.Fatalf("no driver pod: %v", err)
-	}
-	return string(out)
 }

@@ -82,5 +82,11 @@ func prepare(ctx context.Context) (*artifacts, error) {
 	}); err != nil {
 		return nil, err
 	}
+	if err := step("images-disk", func() (err error) {
+		art.ImagesDisk, err = cluster.BuildImagesDisk(ctx, art.Tools, art.Images, os.Stderr)
+		return err
+	}); err != nil {
+		return nil, err
+	}
 	return art, nil
 }

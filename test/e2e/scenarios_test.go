@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"cmp"
 	"context"
+	"encoding/json"
 	"fmt"
 	"strconv"
 	"strings"
@@ -122,15 +124,9 @@ func TestScenarios(t *testing.T) {
 	defer cancel()
 	kc := &k{t: t, c: c, ctx: ctx, ns: "e2e-scenarios"}
 	kc.run("create", "namespace", kc.ns)
+	var sourceNode string // where the first volume went
 
-	step := func(name string, f func(k *k)) {
-		start := time.Now()
-		ok := t.Run(name, func(t *testing.T) { f(&k{t: t, c: c, ctx: ctx, ns: kc.ns}) })
-		t.Logf("%s: %s", name, time.Since(start).Round(100*time.Millisecond))
-		if !ok {
-			t.FailNow()
-		}
-	}
+	step := stepper(t, c, ctx, kc.ns)
 
 	step("WFFCPodWrites", func(k *k) {
 		k.apply(pvcYAML("data", "1Gi", "Filesystem", ""))
@@ -144,9 +140,8 @@ func TestScenarios(t *testing.T) {
 		if got := k.run("exec", "writer", "--", "cat", "/data/file"); got != "hello-dmthin" {
 			k.t.Fatalf("read back %q", got)
 		}
-		if node := k.run("get", "pvc", "data", "-o", `jsonpath={.metadata.annotations.volume\.kubernetes\.io/selected-node}`); node != cluster.NodeName {
-			k.t.Errorf("selected-node %q", node)
-		}
+		// The volume went where the scheduler put the pod.
+		sourceNode = k.placement("data", "writer", "")
 	})
 
 	step("Snapshot", func(k *k) {
@@ -169,29 +164,25 @@ spec:
 	step("RestoreOnSourceNode", func(k *k) {
 		// Overwrite the source first: the restore must have the old data.
 		k.run("exec", "writer", "--", "sh", "-c", "echo changed >/data/file && sync")
+		// The claim and its pod together, as a user applies them: no
+		// affinity written, the pod could run on any node.
 		k.apply(pvcYAML("restored", "1Gi", "Filesystem", `  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: snap}
-`))
-		k.apply(podYAML("restore-reader", "restored", "sleep 100000", false))
+`) + "---\n" + podYAML("restore-reader", "restored", "sleep 100000", false))
 		k.waitPodReady("restore-reader")
 		if got := k.run("exec", "restore-reader", "--", "cat", "/data/file"); got != "hello-dmthin" {
 			k.t.Fatalf("restored volume has %q, want the snapshot's hello-dmthin", got)
 		}
-		// No affinity was written by this test; the PV's node affinity says
-		// where the volume is. With one node this is necessarily the source
-		// node: the multi-node case is not covered here.
-		if node := k.run("get", "pod", "restore-reader", "-o", "jsonpath={.spec.nodeName}"); node != cluster.NodeName {
-			k.t.Errorf("restore pod on %q", node)
-		}
+		k.placement("restored", "restore-reader", sourceNode)
 	})
 
 	step("Clone", func(k *k) {
 		k.apply(pvcYAML("clone", "1Gi", "Filesystem", `  dataSource: {kind: PersistentVolumeClaim, name: data}
-`))
-		k.apply(podYAML("clone-reader", "clone", "sleep 100000", false))
+`) + "---\n" + podYAML("clone-reader", "clone", "sleep 100000", false))
 		k.waitPodReady("clone-reader")
 		if got := k.run("exec", "clone-reader", "--", "cat", "/data/file"); got != "changed" {
 			k.t.Fatalf("clone has %q, want the source's current 'changed'", got)
 		}
+		k.placement("clone", "clone-reader", sourceNode)
 	})
 
 	step("OnlineExpansion", func(k *k) {
@@ -286,39 +277,17 @@ spec:
 			}
 			return ""
 		})
-		pod := driverPod(k)
-		k.eventually(time.Minute, "no thin device in the pool", func() string {
-			list, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "exec", pod, "-c", "csi-dmthin", "--", "csi-dmthin", "volume", "list")
-			if err != nil {
-				return err.Error()
-			}
-			dm, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "exec", pod, "-c", "csi-dmthin", "--", "dmsetup", "ls", "--target", "thin")
-			if err != nil && !strings.Contains(err.Error(), "No devices found") {
-				return err.Error()
-			}
-			if strings.Contains(string(dm), "(") {
-				return "active thin devices:\n" + string(dm)
-			}
-			// Formatted templates stay by design (pkg/csi/templates.go):
-			// inactive, not volumes. Anything else is a leak.
-			for _, line := range strings.Split(strings.TrimSpace(string(list)), "\n")[1:] {
-				f := strings.Fields(line)
-				if len(f) == 0 {
-					continue
-				}
-				if len(f) != 8 || f[1] != "template" || f[6] != "false" {
-					return "volume list:\n" + string(list)
-				}
-			}
-			return ""
-		})
+		for _, node := range k.c.NodeNames() {
+			k.noThinDevice(node)
+		}
 	})
 	step("DriverRestartKeepsMounts", func(k *k) {
 		// Its own volume: the steps before have deleted theirs.
 		k.apply(pvcYAML("survivor", "64Mi", "Filesystem", ""))
 		k.apply(podYAML("survivor", "survivor", "echo changed >/data/file && sync && sleep 100000", false))
 		k.waitPodReady("survivor")
-		old := driverPod(k)
+		node := k.run("get", "pod", "survivor", "-o", "jsonpath={.spec.nodeName}")
+		old := driverPodOn(k, node)
 		if _, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "delete", "pod", old, "--wait=false"); err != nil {
 			k.t.Fatal(err)
 		}
@@ -329,7 +298,8 @@ spec:
 			time.Sleep(2 * time.Second)
 		}
 		k.eventually(4*time.Minute, "driver pod replaced and Ready", func() string {
-			out, _ := k.c.Kubectl(k.ctx, "-n", driverNamespace, "get", "pods", "-l", "app.kubernetes.io/name=csi-dmthin",
+			out, _ := k.c.Kubectl(k.ctx, "-n", driverNamespace, "get", "pods", "-l", driverPodSelector,
+				"--field-selector", "spec.nodeName="+node,
 				"-o", `jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status} {end}`)
 			for _, f := range strings.Fields(string(out)) {
 				name, ready, _ := strings.Cut(f, "=")
@@ -343,14 +313,15 @@ spec:
 		// that cannot take its pool back crash-loops after a first Ready).
 		time.Sleep(30 * time.Second)
 		state := k.c.Kubectl
-		out, err := state(k.ctx, "-n", driverNamespace, "get", "pods", "-l", "app.kubernetes.io/name=csi-dmthin",
+		out, err := state(k.ctx, "-n", driverNamespace, "get", "pods", "-l", driverPodSelector,
+			"--field-selector", "spec.nodeName="+node,
 			"-o", `jsonpath={range .items[*].status.containerStatuses[*]}{.name}={.restartCount},{.ready} {end}`)
 		if err != nil {
 			k.t.Fatal(err)
 		}
 		for _, f := range strings.Fields(string(out)) {
 			if !strings.HasSuffix(f, "=0,true") {
-				logs, _ := state(k.ctx, "-n", driverNamespace, "logs", driverPod(k), "-c", "csi-dmthin", "--previous", "--tail=5")
+				logs, _ := state(k.ctx, "-n", driverNamespace, "logs", driverPodOn(k, node), "-c", "csi-dmthin", "--previous", "--tail=5")
 				k.t.Fatalf("driver pod after the restart: %s (want every container ready with 0 restarts); driver's last log:\n%s", out, logs)
 			}
 		}
@@ -378,12 +349,83 @@ func dfKiB(k *k, pod string) int64 {
 	return n
 }
 
-// driverPod returns the name of the driver's pod on the node.
-func driverPod(k *k) string {
+// driverPodOn returns the name of the driver's pod on node.
+func driverPodOn(k *k, node string) string {
 	k.t.Helper()
-	out, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "get", "pods", "-l", "app.kubernetes.io/name=csi-dmthin", "-o", "jsonpath={.items[0].metadata.name}")
+	out, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "get", "pods", "-l", driverPodSelector,
+		"--field-selector", "spec.nodeName="+node, "-o", "jsonpath={.items[0].metadata.name}")
 	if err != nil || len(out) == 0 {
-		k.t.Fatalf("no driver pod: %v", err)
+		k.t.Fatalf("no driver pod on %s: %v", node, err)
 	}
 	return string(out)
 }
+
+// noThinDevice waits until the driver on node lists no volume but its
+// inactive formatted templates, and the node has no active thin device.
+func (k *k) noThinDevice(node string) {
+	k.t.Helper()
+	pod := driverPodOn(k, node)
+	k.eventually(time.Minute, "no thin device in the pool of "+node, func() string {
+		list, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "exec", pod, "-c", "csi-dmthin", "--", "csi-dmthin", "volume", "list")
+		if err != nil {
+			return err.Error()
+		}
+		dm, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "exec", pod, "-c", "csi-dmthin", "--", "dmsetup", "ls", "--target", "thin")
+		if err != nil && !strings.Contains(err.Error(), "No devices found") {
+			return err.Error()
+		}
+		if strings.Contains(string(dm), "(") {
+			return "active thin devices:\n" + string(dm)
+		}
+		// Formatted templates stay by design (pkg/csi/templates.go):
+		// inactive, not volumes. Anything else is a leak.
+		for _, line := range strings.Split(strings.TrimSpace(string(list)), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) == 0 {
+				continue
+			}
+			if len(f) != 8 || f[1] != "template" || f[6] != "false" {
+				return "volume list:\n" + string(list)
+			}
+		}
+		return ""
+	})
+}
+
+// placement checks where a claim's volume and its pod went: the PVC's
+// selected node, the node its PV's affinity names and the pod's node must
+// be one node, and want when want is not empty. It returns that node.
+func (k *k) placement(pvc, pod, want string) string {
+	k.t.Helper()
+	selected := k.run("get", "pvc", pvc, "-o", `jsonpath={.metadata.annotations.volume\.kubernetes\.io/selected-node}`)
+	pv := k.run("get", "pvc", pvc, "-o", "jsonpath={.spec.volumeName}")
+	if pv == "" {
+		k.t.Fatalf("PVC %s is not bound", pvc)
+	}
+	pvNode := k.pvNode(pv)
+	podNode := k.run("get", "pod", pod, "-o", "jsonpath={.spec.nodeName}")
+	if selected != podNode || pvNode != podNode || (want != "" && podNode != want) {
+		k.t.Fatalf("PVC %s: selected node %q, its PV %s on %q, pod %s on %q; want all on %q", pvc, selected, pv, pvNode, pod, podNode, cmp.Or(want, podNode))
+	}
+	k.t.Logf("PVC %s and pod %s on %s", pvc, pod, podNode)
+	return podNode
+}
+
+// pvNode returns the node a PV's required node affinity names on the
+// driver's topology key.
+func (k *k) pvNode(pv string) string {
+	k.t.Helper()
+	out, err := k.c.Kubectl(k.ctx, "get", "pv", pv, "-o",
+		`jsonpath={.spec.nodeAffinity.required.nodeSelectorTerms[*].matchExpressions[?(@.key=="`+topologyKey+`")].values}`)
+	if err != nil {
+		k.t.Fatal(err)
+	}
+	var values []string
+	if err := json.Unmarshal(out, &values); err != nil || len(values) != 1 {
+		k.t.Fatalf("PV %s: node affinity on %s is %q, want one node (%v)", pv, topologyKey, out, err)
+	}
+	return values[0]
+}
+
+// topologyKey is the driver's topology label: one value per node.
+const topologyKey = "topology.dmthin.csi.dmthin.io/node"

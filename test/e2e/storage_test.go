@@ -16,14 +16,21 @@ import (
 
 // storageEnv picks the part of Kubernetes' external storage suite that
 // TestExternalStorage runs: "fast" (the default: what `make test` runs),
-// "full" (`make e2e-full`) or "off".
+// "parallel" (every spec neither Slow nor Serial), "full" (`make e2e-full`)
+// or "off".
 const storageEnv = "CSI_DMTHIN_E2E_STORAGE"
 
 // storageSelection is one way to run the suite.
 type storageSelection struct {
+	// suites, when set, are the only test suites run (provisioning,
+	// snapshottable, ...: the word after the test pattern in a spec's name).
+	suites  []string
 	skip    string        // ginkgo --skip, on the spec's full text
 	procs   int           // parallel ginkgo processes
 	timeout time.Duration // ginkgo --timeout for the whole run
+	// leftOut says where the specs this selection leaves out (other than
+	// the not applicable ones) are run.
+	leftOut string
 }
 
 // notApplicable are the specs no run selects, and why. They need what this
@@ -33,17 +40,26 @@ var notApplicable = []struct {
 	pattern *regexp.Regexp
 	why     string
 }{
-	{regexp.MustCompile(`\[Disruptive\]`), "restarts or stops kubelet on the node through systemd; the e2e node starts kubelet from its own init"},
+	{regexp.MustCompile(`\[Disruptive\]`), "stops and starts kubelet over SSH with systemctl (KubeletCommand in the suite's storage utils); the e2e nodes run neither sshd nor systemd: kubelet is started by the node's own init"},
 	{regexp.MustCompile(`\[Feature:VolumeAttributesClass\]`), "needs ModifyVolume; csi-dmthin has no volume attributes to change (a thin volume has no performance tiers)"},
 	{regexp.MustCompile(`\[Feature:SELinux\]`), "needs a node that enforces SELinux; Debian's kernel boots without it"},
+	{regexp.MustCompile(`should provision storage with any volume data source`), "runs the hello-populator and volume-data-source-validator images, which the harness does not build; it tests Kubernetes' volume populators (a populator copies into a volume the driver provisions like any other), not a path of the driver's own"},
 }
 
 var storageSelections = map[string]storageSelection{
+	// What make test runs: the suites that only several nodes can fail
+	// (topology: a class's allowed topologies against the pod's node;
+	// capacity: CSIStorageCapacity per node). Each costs under two
+	// minutes. Restores and clones across nodes are TestMultiNode's; the
+	// rest proves what one node proves too, at two to five minutes a spec
+	// under TCG, and is left to make e2e-full (see README.md).
+	"fast": {suites: []string{"capacity", "topology"}, skip: `\[(Slow|Serial)\]`, procs: 2, timeout: 30 * time.Minute,
+		leftOut: "left to `make e2e-full` (the suites or Slow and Serial specs `make test` does not run)"},
 	// Neither Slow nor Serial: the set CSI projects run on every change,
 	// snapshot and XFS specs included.
-	"fast": {skip: `\[(Slow|Serial)\]`, procs: 4, timeout: 45 * time.Minute},
+	"parallel": {skip: `\[(Slow|Serial)\]`, procs: 4, timeout: 90 * time.Minute, leftOut: "left to `make e2e-full` (Slow or Serial)"},
 	// Everything applicable, Slow and Serial included.
-	"full": {procs: 3, timeout: 2 * time.Hour},
+	"full": {procs: 4, timeout: 3 * time.Hour},
 }
 
 // storageSet returns the selected set's name, or "" for none.
@@ -56,6 +72,20 @@ func storageSet() string {
 	default:
 		return s
 	}
+}
+
+// focusPattern is the ginkgo --focus of a selection: External Storage, and
+// only its suites when it names some.
+func (s storageSelection) focusPattern() string {
+	if len(s.suites) == 0 {
+		return `External.Storage`
+	}
+	return `External.Storage .*\[Testpattern: [^]]*\] (` + strings.Join(s.suites, "|") + `) `
+}
+
+// selected reports whether the selection runs the spec of that full name.
+func (s storageSelection) selected(name string) bool {
+	return regexp.MustCompile(s.focusPattern()).MatchString(name) && !regexp.MustCompile(s.skipPattern()).MatchString(name)
 }
 
 // skipPattern is the ginkgo --skip of a selection: its own pattern and the
@@ -86,7 +116,7 @@ func TestExternalStorage(t *testing.T) {
 	}
 	sel, ok := storageSelections[name]
 	if !ok {
-		t.Fatalf("%s=%q: want fast, full or off", storageEnv, name)
+		t.Fatalf("%s=%q: want fast, parallel, full or off", storageEnv, name)
 	}
 	dir := filepath.Join(testArt.RunDir, "storage")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -99,7 +129,7 @@ func TestExternalStorage(t *testing.T) {
 	report := filepath.Join(dir, "report.json")
 	args := []string{
 		"--procs", fmt.Sprint(sel.procs), "--timeout", sel.timeout.String(),
-		"--focus", `External.Storage`, "--skip", sel.skipPattern(),
+		"--focus", sel.focusPattern(), "--skip", sel.skipPattern(),
 		"--json-report", report, "--no-color", "--silence-skips",
 		c.Bin("e2e.test"), "--",
 		"--kubeconfig", c.Kubeconfig, "--kubectl-path", c.Bin("kubectl"),
@@ -122,11 +152,11 @@ func TestExternalStorage(t *testing.T) {
 	if err != nil {
 		t.Fatalf("ginkgo wrote no report (%v): %v; its output is in %s", runErr, err, p.Log)
 	}
-	res, err := parseGinkgoReport(data, regexp.MustCompile(sel.skipPattern()))
+	res, err := parseGinkgoReport(data, sel.selected)
 	if err != nil {
 		t.Fatal(err)
 	}
-	summary := res.markdown(name, took)
+	summary := res.markdown(name, took, sel.leftOut)
 	_ = os.WriteFile(filepath.Join(testArt.RunDir, "storage-summary.md"), []byte(summary), 0o644)
 	t.Log("\n" + summary)
 	for _, f := range res.Failed {
@@ -188,8 +218,9 @@ type ginkgoSpec struct {
 // parseGinkgoReport counts a ginkgo --json-report. Suite-level nodes
 // (BeforeSuite and the like) count only when they fail; a spec that was
 // skipped with no message was filtered out, by our skip pattern when its
-// name matches notSelected, else by the focus.
-func parseGinkgoReport(data []byte, notSelected *regexp.Regexp) (*storageResult, error) {
+// name is an External Storage spec the selection does not run, else by
+// the binary's own focus.
+func parseGinkgoReport(data []byte, selected func(name string) bool) (*storageResult, error) {
 	var reports []struct{ SpecReports []ginkgoSpec }
 	if err := json.Unmarshal(data, &reports); err != nil {
 		return nil, fmt.Errorf("ginkgo report: %w", err)
@@ -214,7 +245,7 @@ func parseGinkgoReport(data []byte, notSelected *regexp.Regexp) (*storageResult,
 				case s.Failure.Message != "":
 					reason := skipReason(s.Failure.Message)
 					res.Skipped[reason] = append(res.Skipped[reason], name)
-				case strings.Contains(name, "External Storage") && notSelected.MatchString(name):
+				case strings.Contains(name, "External Storage") && !selected(name):
 					res.NotSelected = append(res.NotSelected, name)
 				default:
 					res.Other++
@@ -250,7 +281,7 @@ func firstLines(s string, n int) string {
 
 // markdown is the summary: counts, then every skip reason with its specs,
 // then what was not selected and why.
-func (r *storageResult) markdown(set string, took time.Duration) string {
+func (r *storageResult) markdown(set string, took time.Duration, leftOut string) string {
 	var b strings.Builder
 	skipped := 0
 	for _, specs := range r.Skipped {
@@ -282,7 +313,7 @@ func (r *storageResult) markdown(set string, took time.Duration) string {
 		b.WriteString("### Not selected\n\n")
 		counted := map[string]int{}
 		for _, name := range r.NotSelected {
-			why := "left to `make e2e-full` (Slow or Serial)"
+			why := leftOut
 			for _, n := range notApplicable {
 				if n.pattern.MatchString(name) {
 					why = n.why

@@ -123,7 +123,7 @@ func TestParseGinkgoReport(t *testing.T) {
  {"LeafNodeType": "SynchronizedBeforeSuite", "State": "passed"},
  {"LeafNodeType": "ReportAfterSuite", "State": "timedout", "Failure": {"Message": "suite timeout"}}
 ]}]`
-	res, err := parseGinkgoReport([]byte(report), regexp.MustCompile(`\[Disruptive\]`))
+	res, err := parseGinkgoReport([]byte(report), func(name string) bool { return !strings.Contains(name, "[Disruptive]") })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,21 +142,21 @@ func TestParseGinkgoReport(t *testing.T) {
 	if len(res.NotSelected) != 1 || res.Other != 1 {
 		t.Errorf("not selected %q, other %d; want the Disruptive spec and 1", res.NotSelected, res.Other)
 	}
-	md := res.markdown("fast", 0)
-	for _, want := range []string{"| 2 | 2 | 2 | 1 |", "- 2: Driver d doesn't support N nodes", "- 1: restarts or stops kubelet"} {
+	md := res.markdown("fast", 0, "left out")
+	for _, want := range []string{"| 2 | 2 | 2 | 1 |", "- 2: Driver d doesn't support N nodes", "- 1: stops and starts kubelet over SSH"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("summary lacks %q:\n%s", want, md)
 		}
 	}
-	if _, err := parseGinkgoReport([]byte(`[]`), regexp.MustCompile(`x`)); err == nil {
+	if _, err := parseGinkgoReport([]byte(`[]`), func(string) bool { return true }); err == nil {
 		t.Error("an empty report parsed")
 	}
 }
 
-// The selections skip what is not applicable, and the fast one also what
-// is Slow or Serial.
+// The selections skip what is not applicable, and the parallel one also
+// what is Slow or Serial.
 func TestStorageSelections(t *testing.T) {
-	fast := regexp.MustCompile(storageSelections["fast"].skipPattern())
+	fast := regexp.MustCompile(storageSelections["parallel"].skipPattern())
 	full := regexp.MustCompile(storageSelections["full"].skipPattern())
 	for name, want := range map[string][2]bool{ // skipped by fast, by full
 		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] volumes should store data":                                     {false, false},
@@ -168,7 +168,41 @@ func TestStorageSelections(t *testing.T) {
 		"External Storage [Driver: d] seLinux [Feature:SELinux] should mount":                                                         {true, true},
 	} {
 		if got := [2]bool{fast.MatchString(name), full.MatchString(name)}; got != want {
-			t.Errorf("%s: skipped by fast, full = %v, want %v", name, got, want)
+			t.Errorf("%s: skipped by parallel, full = %v, want %v", name, got, want)
+		}
+	}
+}
+
+// A selection that names suites runs only those, and still skips what its
+// skip pattern and the not applicable ones say.
+func TestStorageSelectionSuites(t *testing.T) {
+	sel := storageSelection{suites: []string{"provisioning", "topology"}, skip: `\[Slow\]`}
+	for name, want := range map[string]bool{
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] provisioning should provision storage with pvc data source":        true,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (delayed binding)] topology should provision a volume and schedule a pod":  true,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] provisioning should provision storage with pvc data source [Slow]": false,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] volumes should store data":                                         false,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] subPath should support existing directory provisioning":            false,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] disruptive [Disruptive] topology should":                           false,
+	} {
+		if got := sel.selected(name); got != want {
+			t.Errorf("%s: selected %v, want %v", name, got, want)
+		}
+	}
+}
+
+// make test's set runs the topology and capacity suites, nothing else.
+func TestFastStorageSet(t *testing.T) {
+	fast := storageSelections["fast"]
+	for name, want := range map[string]bool{
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (delayed binding)] topology should provision a volume and schedule a pod with AllowedTopologies": true,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (default fs)] capacity provides storage capacity information":                                    true,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (default fs)] provisioning should provision storage with pvc data source":                        false,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] volumes should store data":                                                               false,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (delayed binding)] topology should fail to schedule a pod [Slow]":                                false,
+	} {
+		if got := fast.selected(name); got != want {
+			t.Errorf("%s: selected %v, want %v", name, got, want)
 		}
 	}
 }

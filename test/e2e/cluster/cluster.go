@@ -12,17 +12,23 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 )
 
 // Config says where a cluster runs from.
 type Config struct {
-	RunDir string // everything of this run: logs, pki, the node's share, etcd
+	RunDir string // everything of this run: logs, pki, the nodes' shares and disks, etcd
 	Tools  *Tools
 	Image  *NodeImage
-	// Images are docker-archive tarballs the node imports into containerd
-	// before it starts the kubelet.
-	Images []string
+	// ImagesDisk is containerd's root with every image imported
+	// (BuildImagesDisk); each node mounts an overlay of it.
+	ImagesDisk string
+	// Nodes is the number of worker nodes (default 2), each a qemu VM with
+	// NodeCPUs (default 2) and NodeMemoryMiB (default 4096).
+	Nodes         int
+	NodeCPUs      int
+	NodeMemoryMiB int
 	// ReadyTimeout bounds one boot from qemu's start to node Ready.
 	ReadyTimeout time.Duration
 	Log          io.Writer // progress lines
@@ -35,37 +41,97 @@ type Cluster struct {
 	Kubeconfig string // admin kubeconfig on the host
 	LogDir     string
 	pki        pkiFiles
-	share      string // the node's 9p share
-	qemu       *Proc
-	// Boots counts node boots, failed ones included; BootFailures says why
-	// each failed one was retried.
-	Boots        int
-	BootFailures []string
+	Nodes      []*NodeVM
 	// Timings of the start-up phases.
 	ControlPlaneUp time.Duration
-	NodeReady      time.Duration
+	NodesReady     time.Duration // from the first qemu start until every node is Ready
 }
 
-// Start starts the control plane and boots the node, and returns once the
-// node is Ready. The caller must call Stop, also when Start fails (then with
-// the returned non-nil Cluster).
+// NodeVM is one node of a running cluster: its identity, its share and its
+// disks (kept for the whole run, so a node powered off boots again on the
+// same ones) and its current qemu.
+type NodeVM struct {
+	Node
+	share string // its 9p share
+	dir   string // its disks
+	mu    sync.Mutex
+	qemu  *Proc
+	// bootID is the node's boot id as its kubelet last reported it Ready.
+	bootID string
+	// Boots counts this node's boots, failed ones included; BootFailures
+	// says why each failed one was retried.
+	Boots        int
+	BootFailures []string
+	// Ready is the last boot's time from qemu's start to node Ready.
+	Ready time.Duration
+}
+
+// Node returns the named node, or nil.
+func (c *Cluster) Node(name string) *NodeVM {
+	for _, n := range c.Nodes {
+		if n.Name == name {
+			return n
+		}
+	}
+	return nil
+}
+
+// NodeNames returns the nodes' names in order.
+func (c *Cluster) NodeNames() []string {
+	var names []string
+	for _, n := range c.Nodes {
+		names = append(names, n.Name)
+	}
+	return names
+}
+
+func (c *Cluster) nodeSpecs() []Node {
+	var specs []Node
+	for _, n := range c.Nodes {
+		specs = append(specs, n.Node)
+	}
+	return specs
+}
+
+// Start starts the control plane and boots the nodes, all at once, and
+// returns once every node is Ready. The caller must call Stop, also when
+// Start fails (then with the returned non-nil Cluster).
 func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	if cfg.ReadyTimeout == 0 {
 		cfg.ReadyTimeout = 4 * time.Minute
 	}
+	if cfg.Nodes == 0 {
+		cfg.Nodes = 2
+	}
+	if cfg.NodeCPUs == 0 {
+		cfg.NodeCPUs = 2
+	}
+	if cfg.NodeMemoryMiB == 0 {
+		cfg.NodeMemoryMiB = 4096
+	}
 	if cfg.Log == nil {
 		cfg.Log = io.Discard
+	}
+	if cfg.Nodes < 1 || cfg.Nodes > MaxNodes {
+		return nil, fmt.Errorf("cluster: %d nodes: want 1 to %d", cfg.Nodes, MaxNodes)
 	}
 	logDir := filepath.Join(cfg.RunDir, "logs")
 	procs, err := NewProcs(logDir)
 	if err != nil {
 		return nil, err
 	}
-	c := &Cluster{cfg: cfg, Procs: procs, LogDir: logDir, share: filepath.Join(cfg.RunDir, "node")}
+	c := &Cluster{cfg: cfg, Procs: procs, LogDir: logDir}
+	for _, spec := range NodeSpecs(cfg.Nodes) {
+		dir := filepath.Join(cfg.RunDir, "nodes", spec.Name)
+		c.Nodes = append(c.Nodes, &NodeVM{Node: spec, share: filepath.Join(dir, "share"), dir: dir})
+	}
 	if err := PrepareIsolatedNetns(ctx); err != nil {
 		return c, err
 	}
-	if c.pki, err = writePKI(filepath.Join(c.share, "pki")); err != nil {
+	if err := SetupNodeLinks(ctx, c.nodeSpecs()); err != nil {
+		return c, err
+	}
+	if c.pki, err = writePKI(filepath.Join(cfg.RunDir, "pki"), c.nodeSpecs()); err != nil {
 		return c, err
 	}
 	start := time.Now()
@@ -74,24 +140,88 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	}
 	c.ControlPlaneUp = time.Since(start)
 	fmt.Fprintf(cfg.Log, "e2e: control plane up in %s\n", c.ControlPlaneUp.Round(time.Millisecond))
-	if err := c.writeNodeShare(); err != nil {
+	for _, n := range c.Nodes {
+		if err := c.writeNodeShare(n); err != nil {
+			return c, err
+		}
+	}
+	// The nodes boot side by side; each failed boot is retried once from
+	// fresh disks.
+	start = time.Now()
+	errs := make([]error, len(c.Nodes))
+	var wg sync.WaitGroup
+	for i, n := range c.Nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for attempt := 1; ; attempt++ {
+				err := c.bootNode(ctx, n, true)
+				if err == nil {
+					fmt.Fprintf(cfg.Log, "e2e: %s Ready in %s (boot %d)\n", n.Name, n.Ready.Round(time.Millisecond), attempt)
+					return
+				}
+				n.mu.Lock()
+				n.BootFailures = append(n.BootFailures, err.Error())
+				n.mu.Unlock()
+				fmt.Fprintf(cfg.Log, "e2e: %s: boot %d failed: %v\n", n.Name, attempt, err)
+				if attempt == 2 || ctx.Err() != nil {
+					errs[i] = fmt.Errorf("cluster: %s not Ready after %d boots: %w", n.Name, attempt, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
 		return c, err
 	}
-	start = time.Now()
-	for attempt := 1; ; attempt++ {
-		err := c.bootNode(ctx, attempt)
-		if err == nil {
-			break
-		}
-		c.BootFailures = append(c.BootFailures, err.Error())
-		fmt.Fprintf(cfg.Log, "e2e: boot %d failed: %v\n", attempt, err)
-		if attempt == 2 || ctx.Err() != nil {
-			return c, fmt.Errorf("cluster: node not Ready after %d boots: %w", attempt, err)
+	c.NodesReady = time.Since(start)
+	fmt.Fprintf(cfg.Log, "e2e: %d nodes Ready in %s\n", len(c.Nodes), c.NodesReady.Round(time.Millisecond))
+	return c, nil
+}
+
+// PowerOff cuts a node's power: its qemu is killed (SIGKILL, by its pid),
+// with no shutdown of the guest. What the guest had not written to its
+// disks is lost; the disks stay for PowerOn.
+func (c *Cluster) PowerOff(name string) error {
+	n := c.Node(name)
+	if n == nil {
+		return fmt.Errorf("cluster: no node %q", name)
+	}
+	n.mu.Lock()
+	q := n.qemu
+	n.mu.Unlock()
+	if q == nil {
+		return fmt.Errorf("cluster: %s has no qemu", name)
+	}
+	if done, _ := q.Exited(); done {
+		return fmt.Errorf("cluster: %s is already off", name)
+	}
+	if err := q.Cmd.Process.Kill(); err != nil {
+		return err
+	}
+	<-q.done
+	return nil
+}
+
+// PowerOn boots a node that PowerOff stopped, on the same disks, and waits
+// until it is Ready from this new boot.
+func (c *Cluster) PowerOn(ctx context.Context, name string) error {
+	n := c.Node(name)
+	if n == nil {
+		return fmt.Errorf("cluster: no node %q", name)
+	}
+	return c.bootNode(ctx, n, false)
+}
+
+// RemoveDisks deletes every node's disks (gigabytes of overlays and data
+// files); only after Stop.
+func (c *Cluster) RemoveDisks() {
+	for _, n := range c.Nodes {
+		for _, d := range []string{n.rootDisk(), n.imagesDisk(), n.dataDisk()} {
+			_ = os.Remove(d)
 		}
 	}
-	c.NodeReady = time.Since(start)
-	fmt.Fprintf(cfg.Log, "e2e: node Ready in %s (%d boot(s))\n", c.NodeReady.Round(time.Millisecond), c.Boots)
-	return c, nil
 }
 
 // Stop stops every process by its pid and reports how each ended.
@@ -118,7 +248,9 @@ func (c *Cluster) startControlPlane(ctx context.Context) error {
 	}
 	if _, err := c.Procs.Start("kube-apiserver", c.Bin("kube-apiserver"),
 		"--etcd-servers=http://127.0.0.1:2379",
-		"--bind-address=127.0.0.1", "--secure-port=6443", "--advertise-address="+GatewayIP,
+		// On every address of the namespace: lo for the host side,
+		// the bridge for the nodes. The namespace has no other.
+		"--bind-address=0.0.0.0", "--secure-port=6443", "--advertise-address="+GatewayIP,
 		"--tls-cert-file="+p.path("apiserver.crt"), "--tls-private-key-file="+p.path("apiserver.key"),
 		"--client-ca-file="+p.path("ca.crt"),
 		"--service-account-key-file="+p.path("sa.pub"), "--service-account-signing-key-file="+p.path("sa.key"),
@@ -231,26 +363,30 @@ func (c *Cluster) KubectlStdin(ctx context.Context, stdin string, args ...string
 	return out, nil
 }
 
-// nodeReady asks the apiserver whether the node is Ready.
-func (c *Cluster) nodeReady(ctx context.Context) (bool, error) {
-	out, err := c.Kubectl(ctx, "get", "node", NodeName, "-o", "json")
+// nodeReady asks the apiserver whether the named node is Ready, and the
+// boot id its kubelet reported.
+func (c *Cluster) nodeReady(ctx context.Context, name string) (bootID string, ready bool, err error) {
+	out, err := c.Kubectl(ctx, "get", "node", name, "-o", "json")
 	if err != nil {
-		return false, err
+		return "", false, err
 	}
 	var n struct {
 		Status struct {
 			Conditions []struct{ Type, Status string }
+			NodeInfo   struct {
+				BootID string `json:"bootID"`
+			} `json:"nodeInfo"`
 		}
 	}
 	if err := json.Unmarshal(out, &n); err != nil {
-		return false, err
+		return "", false, err
 	}
 	for _, cond := range n.Status.Conditions {
 		if cond.Type == "Ready" {
-			return cond.Status == "True", nil
+			return n.Status.NodeInfo.BootID, cond.Status == "True", nil
 		}
 	}
-	return false, nil
+	return n.Status.NodeInfo.BootID, false, nil
 }
 
 // errSoftLockup marks a boot whose console shows the guest kernel stalling.

@@ -5,6 +5,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha256"
+	"debug/elf"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -457,8 +458,11 @@ func mainBinDir() (string, error) {
 	return filepath.Join(cache, "e2e", "main-bin"), nil
 }
 
-// busyboxImage is the host's static busybox with a link for every applet,
-// and /bin/sh as its entry point.
+// busyboxImage is the host's static busybox with a link for every applet
+// but dd, the host's GNU dd with the libraries it loads, and /bin/sh as its
+// entry point. GNU dd because the storage suite's block specs write with
+// oflag=nocache, which busybox's dd refuses (the suite's own busybox image
+// knows it).
 func busyboxImage(ctx context.Context, ref string) (Image, error) {
 	applets, err := output(ctx, "", "/bin/busybox", "--list")
 	if err != nil {
@@ -466,11 +470,79 @@ func busyboxImage(ctx context.Context, ref string) (Image, error) {
 	}
 	links := map[string]string{}
 	for _, a := range strings.Fields(string(applets)) {
-		if a != "busybox" {
+		if a != "busybox" && a != "dd" {
 			links["/bin/"+a] = "busybox"
 		}
 	}
-	return Image{Ref: ref, Files: map[string]string{"/bin/busybox": "/bin/busybox"}, Links: links, Entrypoint: []string{"/bin/sh"}}, nil
+	files := map[string]string{"/bin/busybox": "/bin/busybox"}
+	dd, err := exec.LookPath("dd")
+	if err != nil {
+		return Image{}, fmt.Errorf("GNU dd (coreutils): %w", err)
+	}
+	libs, err := elfLibraries(dd)
+	if err != nil {
+		return Image{}, err
+	}
+	maps.Copy(files, libs)
+	files["/bin/dd"] = dd
+	return Image{Ref: ref, Files: files, Links: links, Entrypoint: []string{"/bin/sh"}}, nil
+}
+
+// libraryDirs are where the host's shared libraries are (Debian's
+// multiarch layout, and the loader's).
+var libraryDirs = []string{"/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"}
+
+// elfLibraries returns what a dynamically linked host program needs to run
+// in an image: its interpreter, at the path the program names, and every
+// library it loads, directly or through another, under
+// /lib/x86_64-linux-gnu; as image path -> host path.
+func elfLibraries(program string) (map[string]string, error) {
+	files := map[string]string{}
+	queue := []string{program}
+	for len(queue) > 0 {
+		path := queue[0]
+		queue = queue[1:]
+		f, err := elf.Open(path)
+		if err != nil {
+			return nil, fmt.Errorf("cluster: %s: %w", path, err)
+		}
+		for _, p := range f.Progs {
+			if p.Type != elf.PT_INTERP {
+				continue
+			}
+			b := make([]byte, p.Filesz)
+			if _, err := p.ReadAt(b, 0); err != nil {
+				_ = f.Close()
+				return nil, fmt.Errorf("cluster: %s: interpreter: %w", path, err)
+			}
+			interp := strings.TrimRight(string(b), "\x00")
+			files[interp] = interp
+		}
+		needed, err := f.ImportedLibraries()
+		_ = f.Close()
+		if err != nil {
+			return nil, fmt.Errorf("cluster: %s: %w", path, err)
+		}
+		for _, lib := range needed {
+			dst := "/lib/x86_64-linux-gnu/" + lib
+			if _, done := files[dst]; done {
+				continue
+			}
+			var found string
+			for _, d := range libraryDirs {
+				if _, err := os.Stat(filepath.Join(d, lib)); err == nil {
+					found = filepath.Join(d, lib)
+					break
+				}
+			}
+			if found == "" {
+				return nil, fmt.Errorf("cluster: %s needs %s, which is in none of %v", path, lib, libraryDirs)
+			}
+			files[dst] = found
+			queue = append(queue, found)
+		}
+	}
+	return files, nil
 }
 
 // BuildImages writes the pause, driver and sidecar images, named as the

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -156,5 +157,30 @@ func TestStorageSuiteImages(t *testing.T) {
 	}
 	if _, err := StorageSuiteImages(context.Background(), &Tools{Bin: bin}); err == nil || !strings.Contains(err.Error(), "registry") {
 		t.Errorf("an unknown role: %v", err)
+	}
+}
+
+// TestBusyboxImageHasGNUdd checks that the test image carries GNU dd, not
+// busybox's, with the loader and libraries it needs, so oflag=nocache works.
+func TestBusyboxImageHasGNUdd(t *testing.T) {
+	if _, err := os.Stat("/bin/busybox"); err != nil {
+		t.Skip("no /bin/busybox (busybox-static)")
+	}
+	img, err := busyboxImage(context.Background(), "localhost/test/busybox:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := img.Links["/bin/dd"]; ok {
+		t.Fatal("/bin/dd is busybox's applet")
+	}
+	dd := img.Files["/bin/dd"]
+	if out, err := exec.Command(dd, "--version").Output(); err != nil || !strings.Contains(string(out), "(coreutils)") {
+		t.Fatalf("/bin/dd is %s: %q %v, want GNU coreutils' dd", dd, out, err)
+	}
+	if img.Files["/lib64/ld-linux-x86-64.so.2"] == "" || img.Files["/lib/x86_64-linux-gnu/libc.so.6"] == "" {
+		t.Errorf("no loader or libc in %v", img.Files)
+	}
+	if img.Links["/bin/sh"] != "busybox" {
+		t.Errorf("/bin/sh -> %q", img.Links["/bin/sh"])
 	}
 }

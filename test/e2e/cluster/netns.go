@@ -73,9 +73,9 @@ func RunInNetns(ctx context.Context, runDir string) (int, error) {
 
 // PrepareIsolatedNetns verifies that the current network namespace has no
 // interface but lo and no route out, proves it by failing to reach an
-// outside address, and only then sets lo up with the node's address (which
-// qemu's port forward to the kubelet binds). It refuses (returns an error)
-// on any sign of a way out.
+// outside address, and only then sets lo up. It refuses (returns an error)
+// on any sign of a way out. The links to the nodes come after it, from
+// SetupNodeLinks.
 func PrepareIsolatedNetns(ctx context.Context) error {
 	if !InIsolatedNetns() {
 		return errors.New("cluster: not in the harness's network namespace")
@@ -95,8 +95,12 @@ func PrepareIsolatedNetns(ctx context.Context) error {
 	if err := checkNoRoutes(); err != nil {
 		return err
 	}
-	// A positive check as well: an address outside (TEST-NET-1, RFC 5737)
-	// must be unreachable, not merely slow.
+	return checkOutsideUnreachable(ctx)
+}
+
+// checkOutsideUnreachable dials an address outside (TEST-NET-1, RFC 5737):
+// it must be unreachable, not merely slow.
+func checkOutsideUnreachable(ctx context.Context) error {
 	d := net.Dialer{Timeout: 2 * time.Second}
 	conn, err := d.DialContext(ctx, "tcp", "192.0.2.1:443")
 	if err == nil {
@@ -106,15 +110,85 @@ func PrepareIsolatedNetns(ctx context.Context) error {
 	if !errors.Is(err, syscall.ENETUNREACH) {
 		return fmt.Errorf("cluster: dialing an outside address failed with %v, want 'network is unreachable': refusing to start", err)
 	}
-	// The node's address on lo: qemu's hostfwd binds 10.0.2.15:10250 here
-	// for the apiserver to reach the kubelet. qemu passes a non-loopback
-	// source address through to the guest, which then sees packets from its
-	// own address and drops them, so answers to that address must leave
-	// from 127.0.0.1.
-	if err := run(ctx, "", "ip", "addr", "add", NodeIP+"/32", "dev", "lo"); err != nil {
+	return nil
+}
+
+// BridgeName is the namespace's bridge that every node's tap joins.
+const BridgeName = "e2e-br0"
+
+// SetupNodeLinks makes the nodes' network inside the namespace, after
+// PrepareIsolatedNetns: a bridge holding GatewayIP on NodeSubnet and one tap
+// per node on it, which that node's qemu opens. Nothing routes anywhere
+// else: forwarding is off, IPv6 stays off on the new links, and the checks
+// run again afterwards, now allowing exactly these links and the one
+// subnet route they bring, and still requiring that an outside address is
+// unreachable.
+func SetupNodeLinks(ctx context.Context, nodes []Node) error {
+	if !InIsolatedNetns() {
+		return errors.New("cluster: not in the harness's network namespace")
+	}
+	for _, f := range []struct{ path, value string }{
+		{"/proc/sys/net/ipv4/ip_forward", "0"},
+		{"/proc/sys/net/ipv6/conf/default/disable_ipv6", "1"},
+	} {
+		if err := os.WriteFile(f.path, []byte(f.value), 0o644); err != nil {
+			return fmt.Errorf("cluster: %s: %w", f.path, err)
+		}
+	}
+	cmds := [][]string{
+		{"link", "add", BridgeName, "type", "bridge"},
+		{"addr", "add", GatewayIP + "/24", "dev", BridgeName},
+	}
+	for _, n := range nodes {
+		cmds = append(cmds,
+			[]string{"tuntap", "add", "dev", n.Tap, "mode", "tap"},
+			[]string{"link", "set", n.Tap, "master", BridgeName},
+			[]string{"link", "set", n.Tap, "up"},
+		)
+	}
+	cmds = append(cmds, []string{"link", "set", BridgeName, "up"})
+	for _, args := range cmds {
+		if err := run(ctx, "", "ip", args...); err != nil {
+			return err
+		}
+	}
+	return checkOnlyNodeLinks(ctx, nodes)
+}
+
+// checkOnlyNodeLinks is the isolation check once the node links exist:
+// interfaces lo, the bridge and the nodes' taps only; IPv4 routes only the
+// node subnet on the bridge, without a gateway; no IPv6 route off lo; an
+// outside address unreachable.
+func checkOnlyNodeLinks(ctx context.Context, nodes []Node) error {
+	allowed := map[string]bool{"lo": true, BridgeName: true}
+	for _, n := range nodes {
+		allowed[n.Tap] = true
+	}
+	ifs, err := net.Interfaces()
+	if err != nil {
 		return err
 	}
-	return run(ctx, "", "ip", "route", "replace", "local", NodeIP, "dev", "lo", "table", "local", "proto", "kernel", "scope", "host", "src", "127.0.0.1")
+	for _, i := range ifs {
+		if !allowed[i.Name] {
+			return fmt.Errorf("cluster: network namespace has interface %q besides lo and the node links: refusing to start", i.Name)
+		}
+	}
+	data, err := os.ReadFile("/proc/net/route")
+	if err != nil {
+		return err
+	}
+	// Iface Destination Gateway Flags ... Mask, addresses in host byte
+	// order as hex: 10.0.2.0/24 reads 0002000A / 00FFFFFF.
+	for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 8 || f[0] != BridgeName || f[1] != "0002000A" || f[2] != "00000000" || f[7] != "00FFFFFF" {
+			return fmt.Errorf("cluster: network namespace has an IPv4 route other than %s on %s (%s): refusing to start", NodeSubnet, BridgeName, line)
+		}
+	}
+	if err := checkNoIPv6Routes(); err != nil {
+		return err
+	}
+	return checkOutsideUnreachable(ctx)
 }
 
 // checkNoRoutes reads the main IPv4 and all IPv6 routes and fails on any
@@ -133,6 +207,11 @@ func checkNoRoutes() error {
 			return fmt.Errorf("cluster: network namespace has an IPv4 route (%s): refusing to start", sc.Text())
 		}
 	}
+	return checkNoIPv6Routes()
+}
+
+// checkNoIPv6Routes fails on any IPv6 route through an interface but lo.
+func checkNoIPv6Routes() error {
 	if data, err := os.ReadFile("/proc/net/ipv6_route"); err == nil {
 		for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n") {
 			fields := strings.Fields(line)

@@ -13,20 +13,58 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 )
 
-// Addresses of the cluster, fixed by qemu's user networking: the guest is
-// 10.0.2.15 and reaches the namespace's loopback as 10.0.2.2.
+// Addresses of the cluster. The nodes and the namespace share one bridge
+// that the harness makes inside the namespace (netns.go): the namespace is
+// 10.0.2.2 on it, node i is 10.0.2.(10+i), and node i's pods are
+// 10.244.i.0/24.
 const (
-	NodeName          = "e2e-node"       // the one node, in the VM
-	APIServerHostPort = "127.0.0.1:6443" // where the apiserver listens, in the namespace
-	GatewayIP         = "10.0.2.2"       // the apiserver as the node sees it
-	NodeIP            = "10.0.2.15"
+	APIServerHostPort = "127.0.0.1:6443" // where host-side clients reach the apiserver
+	GatewayIP         = "10.0.2.2"       // the namespace on the bridge: the apiserver as the nodes see it
+	NodeSubnet        = "10.0.2.0/24"
 	ServiceIP         = "10.96.0.1" // the kubernetes Service's ClusterIP
 	ServiceCIDR       = "10.96.0.0/16"
-	PodCIDR           = "10.244.0.0/24"
+	ClusterCIDR       = "10.244.0.0/16" // every node's pod range
 )
+
+// Node is one worker node's identity: its name, addresses and the
+// namespace-side tap of its network card.
+type Node struct {
+	Index   int    // 1, 2, ...
+	Name    string // e2e-node-1, ...
+	IP      string // on the bridge
+	PodCIDR string // its pods' addresses
+	MAC     string
+	Tap     string // the tap device in the namespace, a port of the bridge
+}
+
+// MaxNodes bounds the node count: the addresses and names below have room
+// for no more, and two cores have no room for more VMs anyway.
+const MaxNodes = 8
+
+// NodeSpec returns node i's identity (1 <= i <= MaxNodes).
+func NodeSpec(i int) Node {
+	return Node{
+		Index:   i,
+		Name:    fmt.Sprintf("e2e-node-%d", i),
+		IP:      fmt.Sprintf("10.0.2.%d", 10+i),
+		PodCIDR: fmt.Sprintf("10.244.%d.0/24", i),
+		MAC:     fmt.Sprintf("52:54:00:e2:e0:%02x", i),
+		Tap:     fmt.Sprintf("e2e-tap%d", i),
+	}
+}
+
+// NodeSpecs returns the identities of n nodes.
+func NodeSpecs(n int) []Node {
+	nodes := make([]Node, n)
+	for i := range nodes {
+		nodes[i] = NodeSpec(i + 1)
+	}
+	return nodes
+}
 
 // pkiFiles are the certificates and keys the cluster runs with, all signed by
 // one CA generated for the run (ECDSA P-256; the service-account key is RSA,
@@ -56,15 +94,23 @@ var clusterCerts = []certSpec{
 	{name: "admin", cn: "e2e-admin", orgs: []string{"system:masters"}, client: true},
 	{name: "controller-manager", cn: "system:kube-controller-manager", client: true},
 	{name: "scheduler", cn: "system:kube-scheduler", client: true},
-	{name: "kubelet", cn: "system:node:" + NodeName, orgs: []string{"system:nodes"}, client: true},
-	{name: "kubelet-serving", cn: NodeName, server: true, ips: []string{NodeIP}, dns: []string{NodeName}},
 	{name: "kube-proxy", cn: "system:kube-proxy", client: true},
 	{name: "snapshot-controller", cn: "e2e-snapshot-controller", orgs: []string{"system:masters"}, client: true},
 }
 
-// writePKI generates the CA, every leaf in clusterCerts and the service
-// account key pair into dir.
-func writePKI(dir string) (pkiFiles, error) {
+// nodeCerts are each node's own: its kubelet's client certificate (the Node
+// authorizer knows a node by its CN) and serving certificate (the apiserver
+// dials the kubelet at the node's address).
+func nodeCerts(n Node) []certSpec {
+	return []certSpec{
+		{name: "kubelet-" + n.Name, cn: "system:node:" + n.Name, orgs: []string{"system:nodes"}, client: true},
+		{name: "kubelet-serving-" + n.Name, cn: n.Name, server: true, ips: []string{n.IP}, dns: []string{n.Name}},
+	}
+}
+
+// writePKI generates the CA, every leaf in clusterCerts and nodes' own, and
+// the service account key pair into dir.
+func writePKI(dir string, nodes []Node) (pkiFiles, error) {
 	p := pkiFiles{dir: dir}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return p, err
@@ -97,7 +143,11 @@ func writePKI(dir string) (pkiFiles, error) {
 	if err := writeECKey(p.path("ca.key"), caKey); err != nil {
 		return p, err
 	}
-	for i, c := range clusterCerts {
+	certs := slices.Clone(clusterCerts)
+	for _, n := range nodes {
+		certs = append(certs, nodeCerts(n)...)
+	}
+	for i, c := range certs {
 		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 		if err != nil {
 			return p, err

@@ -162,7 +162,7 @@ func buildRootImage(ctx context.Context, dir, suite string, k *vmtest.Kernel, ou
 	if err := os.WriteFile(filepath.Join(rootfs, "etc", "resolv.conf"), nil, 0o644); err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(rootfs, "etc", "hostname"), []byte(NodeName+"\n"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(rootfs, "etc", "hostname"), []byte("e2e-node\n"), 0o644); err != nil {
 		return err
 	}
 	_ = os.RemoveAll(filepath.Join(rootfs, "var", "cache", "apt", "archives"))
