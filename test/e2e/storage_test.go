@@ -31,7 +31,18 @@ type storageSelection struct {
 	// leftOut says where the specs this selection leaves out (other than
 	// the not applicable ones) are run.
 	leftOut string
+	// oneNode: every node but the first is cordoned while it runs.
+	oneNode bool
+	// then names the selection run after this one, in the same test.
+	then string
 }
+
+// groupSuite is the suite of group snapshots. Its StatefulSet of three
+// replicas has no node preference, so the scheduler spreads the pods and
+// their WaitForFirstConsumer volumes over the nodes, and a group of volumes
+// on several nodes is refused by design (one group is one pool's single
+// commit). It runs in its own selection, with one node schedulable.
+const groupSuite = "volumegroupsnapshottable"
 
 // notApplicable are the specs no run selects, and why. They need what this
 // cluster or driver lacks by design, so selecting them would report the
@@ -57,9 +68,14 @@ var storageSelections = map[string]storageSelection{
 		leftOut: "left to `make e2e-full` (the suites or Slow and Serial specs `make test` does not run)"},
 	// Neither Slow nor Serial: the set CSI projects run on every change,
 	// snapshot and XFS specs included.
-	"parallel": {skip: `\[(Slow|Serial)\]`, procs: 4, timeout: 90 * time.Minute, leftOut: "left to `make e2e-full` (Slow or Serial)"},
+	"parallel": {skip: `\[(Slow|Serial)\]|` + groupSuite + ` `, procs: 4, timeout: 90 * time.Minute,
+		leftOut: "left to `make e2e-full` (Slow or Serial), or to the group set that runs next (" + groupSuite + ")", then: "group"},
 	// Everything applicable, Slow and Serial included.
-	"full": {procs: 4, timeout: 3 * time.Hour},
+	"full": {skip: groupSuite + ` `, procs: 4, timeout: 3 * time.Hour,
+		leftOut: "the group set runs them next (" + groupSuite + ", on one node)", then: "group"},
+	// The group snapshot suite, on one schedulable node (groupSuite).
+	"group": {suites: []string{groupSuite}, procs: 2, timeout: 40 * time.Minute, oneNode: true,
+		leftOut: "run by the other sets"},
 }
 
 // storageSet returns the selected set's name, or "" for none.
@@ -106,7 +122,7 @@ func (s storageSelection) skipPattern() string {
 // against the installed driver, as CSI projects do: ginkgo in parallel,
 // focus "External.Storage", the driver described by testdata/testdriver.yaml.
 // Every selected spec must pass or be skipped by the suite itself; the
-// summary (also written to storage-summary.md in the run directory) counts
+// summary (also written to storage-summary-<set>.md in the run directory) counts
 // passes, failures and skips with the suite's reason for each skip.
 func TestExternalStorage(t *testing.T) {
 	c := requireDriver(t)
@@ -114,11 +130,29 @@ func TestExternalStorage(t *testing.T) {
 	if name == "" {
 		t.Skipf("%s=off", storageEnv)
 	}
-	sel, ok := storageSelections[name]
-	if !ok {
-		t.Fatalf("%s=%q: want fast, parallel, full or off", storageEnv, name)
+	if _, ok := storageSelections[name]; !ok {
+		t.Fatalf("%s=%q: want fast, parallel, full, group or off", storageEnv, name)
 	}
-	dir := filepath.Join(testArt.RunDir, "storage")
+	for name != "" {
+		sel := storageSelections[name]
+		t.Run(name, func(t *testing.T) { runStorage(t, c, name, sel) })
+		name = sel.then
+	}
+}
+
+// runStorage runs one selection of the suite and counts its report.
+func runStorage(t *testing.T, c *cluster.Cluster, name string, sel storageSelection) {
+	if sel.oneNode {
+		nodes := c.NodeNames()
+		for _, n := range nodes[1:] {
+			if _, err := c.Kubectl(testCtx, "cordon", n); err != nil {
+				t.Fatal(err)
+			}
+			defer c.Kubectl(testCtx, "uncordon", n)
+		}
+		t.Logf("storage suite (%s): only %s schedulable", name, nodes[0])
+	}
+	dir := filepath.Join(testArt.RunDir, "storage-"+name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -140,13 +174,13 @@ func TestExternalStorage(t *testing.T) {
 	start := time.Now()
 	// Started like every other process of the run, so it and its parallel
 	// test processes are stopped by pid when the run ends or is cut short.
-	p, err := c.Procs.Start("storage-suite", c.Bin("ginkgo"), args...)
+	p, err := c.Procs.Start("storage-suite-"+name, c.Bin("ginkgo"), args...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	runErr := waitWithProgress(t, p, start)
 	took := time.Since(start).Round(time.Second)
-	testArt.Timings["storage-suite"] = took.String()
+	testArt.Timings["storage-suite-"+name] = took.String()
 
 	data, err := os.ReadFile(report)
 	if err != nil {
@@ -157,7 +191,7 @@ func TestExternalStorage(t *testing.T) {
 		t.Fatal(err)
 	}
 	summary := res.markdown(name, took, sel.leftOut)
-	_ = os.WriteFile(filepath.Join(testArt.RunDir, "storage-summary.md"), []byte(summary), 0o644)
+	_ = os.WriteFile(filepath.Join(testArt.RunDir, "storage-summary-"+name+".md"), []byte(summary), 0o644)
 	t.Log("\n" + summary)
 	for _, f := range res.Failed {
 		t.Errorf("FAILED %s\n%s", f.Name, f.Message)

@@ -29,9 +29,10 @@ var suiteCapabilities = []string{
 // testDriverFile is the part of the suite's driver definition we write; the
 // strict decode below refuses any key not declared here.
 type testDriverFile struct {
-	StorageClass  struct{ FromExistingClassName string }
-	SnapshotClass struct{ FromExistingClassName string }
-	DriverInfo    struct {
+	StorageClass       struct{ FromExistingClassName string }
+	SnapshotClass      struct{ FromExistingClassName string }
+	GroupSnapshotClass struct{ FromExistingClassName string }
+	DriverInfo         struct {
 		Name               string
 		SupportedSizeRange struct{ Min, Max string }
 		SupportedFsType    map[string]struct{}
@@ -65,9 +66,10 @@ func TestTestDriverFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	var chart struct {
-		DriverName            string
-		StorageClasses        []struct{ Name, FsType string }
-		VolumeSnapshotClasses []struct{ Name string }
+		DriverName                 string
+		StorageClasses             []struct{ Name, FsType string }
+		VolumeSnapshotClasses      []struct{ Name string }
+		VolumeGroupSnapshotClasses []struct{ Name string }
 	}
 	if err := yaml.Unmarshal(values, &chart); err != nil {
 		t.Fatal(err)
@@ -81,6 +83,9 @@ func TestTestDriverFile(t *testing.T) {
 	if len(chart.VolumeSnapshotClasses) == 0 || d.SnapshotClass.FromExistingClassName != chart.VolumeSnapshotClasses[0].Name {
 		t.Errorf("SnapshotClass.FromExistingClassName %q is not the chart's first class %+v", d.SnapshotClass.FromExistingClassName, chart.VolumeSnapshotClasses)
 	}
+	if len(chart.VolumeGroupSnapshotClasses) == 0 || d.GroupSnapshotClass.FromExistingClassName != chart.VolumeGroupSnapshotClasses[0].Name {
+		t.Errorf("GroupSnapshotClass.FromExistingClassName %q is not the chart's first class %+v", d.GroupSnapshotClass.FromExistingClassName, chart.VolumeGroupSnapshotClasses)
+	}
 	if !reflect.DeepEqual(d.DriverInfo.TopologyKeys, []string{csi.TopologyKey}) || d.DriverInfo.NumAllowedTopologies != 1 {
 		t.Errorf("topology %v x%d, want [%s] x1", d.DriverInfo.TopologyKeys, d.DriverInfo.NumAllowedTopologies, csi.TopologyKey)
 	}
@@ -92,12 +97,12 @@ func TestTestDriverFile(t *testing.T) {
 	// What csi-dmthin does, declared; what it does not, left out.
 	for _, c := range []string{"persistence", "block", "fsGroup", "exec", "snapshotDataSource", "pvcDataSource",
 		"multipods", "controllerExpansion", "nodeExpansion", "onlineExpansion", "offlineExpansion",
-		"topology", "singleNodeVolume", "capacity", "readWriteOncePod"} {
+		"topology", "singleNodeVolume", "capacity", "readWriteOncePod", "groupSnapshot"} {
 		if !d.DriverInfo.Capabilities[c] {
 			t.Errorf("capability %s is not declared", c)
 		}
 	}
-	for _, c := range []string{"RWX", "capReadOnlyMany", "volumeMountGroup", "groupSnapshot", "snapshotMetadata", "FSResizeFromSourceNotSupported"} {
+	for _, c := range []string{"RWX", "capReadOnlyMany", "volumeMountGroup", "snapshotMetadata", "FSResizeFromSourceNotSupported"} {
 		if d.DriverInfo.Capabilities[c] {
 			t.Errorf("capability %s is declared, but csi-dmthin does not have it", c)
 		}
@@ -166,6 +171,7 @@ func TestStorageSelections(t *testing.T) {
 		"External Storage [Driver: d] volume-modify [Feature:VolumeAttributesClass] should modify":                                    {true, true},
 		"External Storage [Driver: d] snapshottable [Feature:VolumeSnapshotDataSource] should restore":                                {false, false},
 		"External Storage [Driver: d] seLinux [Feature:SELinux] should mount":                                                         {true, true},
+		"External Storage [Driver: d] [Testpattern:  (delete policy)] volumegroupsnapshottable [Feature:volumegroupsnapshot] should":  {true, true},
 	} {
 		if got := [2]bool{fast.MatchString(name), full.MatchString(name)}; got != want {
 			t.Errorf("%s: skipped by parallel, full = %v, want %v", name, got, want)
@@ -186,6 +192,25 @@ func TestStorageSelectionSuites(t *testing.T) {
 		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] disruptive [Disruptive] topology should":                           false,
 	} {
 		if got := sel.selected(name); got != want {
+			t.Errorf("%s: selected %v, want %v", name, got, want)
+		}
+	}
+}
+
+// The group set runs the group snapshot suite alone, on one schedulable
+// node, after the parallel and full sets, which leave it to it.
+func TestGroupStorageSet(t *testing.T) {
+	group := storageSelections["group"]
+	if !group.oneNode || group.then != "" || storageSelections["full"].then != "group" || storageSelections["parallel"].then != "group" {
+		t.Errorf("group %+v; full then %q, parallel then %q", group, storageSelections["full"].then, storageSelections["parallel"].then)
+	}
+	for name, want := range map[string]bool{
+		"External Storage [Driver: d] [Testpattern:  (delete policy)] volumegroupsnapshottable [Feature:volumegroupsnapshot] VolumeGroupSnapshottable  should create snapshots": true,
+		"External Storage [Driver: d] [Testpattern: Pre-provisioned VolumeGroupSnapshot (retain policy)] volumegroupsnapshottable [Feature:volumegroupsnapshot] should":         true,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] volumes should store data":                                                                               false,
+		"External Storage [Driver: d] [Testpattern: Dynamic Snapshot (delete policy)] snapshottable [Feature:VolumeSnapshotDataSource] should":                                  false,
+	} {
+		if got := group.selected(name); got != want {
 			t.Errorf("%s: selected %v, want %v", name, got, want)
 		}
 	}
