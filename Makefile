@@ -6,7 +6,7 @@ BIN      := bin
 TIMEOUT  ?= 60m
 GOFILES   = $(shell find . -name '*.go' -not -path './.cache/*' -not -path './bin/*')
 
-.PHONY: all build test test-unit test-vm test-faults bench lint fmt demo deps fuzz clean e2e e2e-full e2e-deps e2e-build e2e-tools-tidy image image-archive manifests
+.PHONY: all build test test-unit test-vm test-faults bench bench-group lint fmt demo deps fuzz clean e2e e2e-full e2e-deps e2e-build e2e-tools-tidy image image-archive manifests
 
 all: build
 
@@ -63,6 +63,11 @@ bench: deps
 	$(GO) test -run '^$$' -bench . -benchmem ./pkg/...
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/dmthin-bench ./cmd/dmthin-bench
 	$(BIN)/dmthin-bench
+
+# Only the group snapshot table (README: Group snapshots), one VM run.
+bench-group: deps
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/dmthin-bench ./cmd/dmthin-bench
+	$(BIN)/dmthin-bench -only group -n 10
 
 demo: deps
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/dmthin-demo ./cmd/dmthin-demo

@@ -260,7 +260,10 @@ func runGuest(n int, openSizes []int) error {
 	if err := csiBench(n); err != nil {
 		return err
 	}
-	return poolBench(n, openSizes)
+	if err := poolBench(n, openSizes); err != nil {
+		return err
+	}
+	return groupBench(n, groupSizes)
 }
 
 func cell(s sample) string {

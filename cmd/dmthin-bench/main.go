@@ -30,10 +30,22 @@ func main() {
 	guest := flag.Bool("guest", false, "run the measurements here (inside the VM); set by the host side")
 	iterations := flag.Int("n", 20, "iterations of each operation")
 	openMax := flag.Int("open", 10000, "largest pool to time opening (1000 and this many volumes)")
+	only := flag.String("only", "", `run one part only: "group" (group snapshots)`)
 	flag.Parse()
+	if *only != "" && *only != "group" {
+		fmt.Fprintln(os.Stderr, `dmthin-bench: -only takes "group"`)
+		os.Exit(2)
+	}
 	if *iterations < 3 {
 		fmt.Fprintln(os.Stderr, "dmthin-bench: -n must be at least 3")
 		os.Exit(2)
+	}
+	if *guest && *only == "group" {
+		if err := groupBench(*iterations, groupSizes); err != nil {
+			fmt.Fprintln(os.Stderr, "dmthin-bench:", err)
+			os.Exit(1)
+		}
+		return
 	}
 	if *guest {
 		sizes := []int{1000}
@@ -46,13 +58,13 @@ func main() {
 		}
 		return
 	}
-	if err := runHost(*iterations, *openMax); err != nil {
+	if err := runHost(*iterations, *openMax, *only); err != nil {
 		fmt.Fprintln(os.Stderr, "dmthin-bench:", err)
 		os.Exit(1)
 	}
 }
 
-func runHost(n, openMax int) error {
+func runHost(n, openMax int, only string) error {
 	exe, err := os.Executable()
 	if err != nil {
 		return err
@@ -67,7 +79,7 @@ func runHost(n, openMax int) error {
 	fmt.Fprintln(os.Stderr, "dmthin-bench: booting the VM (Debian's kernel under TCG); the table follows")
 	res, err := vmtest.Run(ctx, vmtest.Spec{
 		Payload: exe,
-		Args:    []string{"-guest", "-n", strconv.Itoa(n)},
+		Args:    []string{"-guest", "-n", strconv.Itoa(n), "-only", only},
 		Tools:   []string{"dmsetup", "lvm", "mount", "umount", "blkid", "mkfs.ext4", "resize2fs", "e2fsck", "fsck", "fsck.ext4"},
 		// lvm2 checks for the snapshot target even for thin snapshots.
 		Modules:   append(append([]string(nil), vmtest.DefaultModules...), "dm-snapshot"),
