@@ -2,7 +2,10 @@ package kube
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 
@@ -28,7 +31,14 @@ const (
 	// ReasonGroupSpansNodes (Warning): the group's volumes are not all on
 	// this node, which holds the first of them; no node can take it.
 	ReasonGroupSpansNodes = "GroupSnapshotSpansNodes"
+	// ReasonGroupClassNotForNode (Warning): the content names a class that
+	// no node's csi-snapshotter sees; the node's own class would work.
+	ReasonGroupClassNotForNode = "GroupSnapshotClassNotForNode"
 )
+
+// LabelGroupClassOf names, on a node's copy of a VolumeGroupSnapshotClass,
+// the class it was copied from.
+const LabelGroupClassOf = "dmthin.io/group-class-of"
 
 // GroupOwner answers, from this node's pools alone, whether the node holds
 // volumes and group snapshots (*csi.Driver is one).
@@ -48,13 +58,25 @@ type GroupOwner interface {
 // pool holds every volume of the group (or the pre-provisioned group
 // snapshot) labels the content; a group of volumes on several nodes is
 // labelled by none, and its VolumeGroupSnapshot says why (an Event).
+//
+// It also keeps this node's copy of each of the driver's group snapshot
+// classes. The csi-snapshotter (as of v8.7.0) in node deployment reads
+// VolumeGroupSnapshotClasses through the same label-filtered informer as
+// the contents, so it sees only the classes labelled managed-by its node:
+// with a class labelled for none, no group snapshot is ever taken ("class
+// not found"). A class can carry one node's label, and a group is of one
+// node's volumes anyway, so each node keeps "<class>-<node>", labelled for
+// itself and owned by its Node object (deleted with it); a
+// VolumeGroupSnapshot names the class of its volumes' node.
 type GroupAdopter struct {
 	driver, node string
+	nodeUID      types.UID
 	owner        GroupOwner
 	client       snapclient.Interface
 	recorder     record.EventRecorder
 	contents     grouplisters.VolumeGroupSnapshotContentLister
-	synced       cache.InformerSynced
+	classes      grouplisters.VolumeGroupSnapshotClassLister
+	synced       []cache.InformerSynced
 	queue        workqueue.TypedRateLimitingInterface[string]
 
 	mu     sync.Mutex
@@ -65,9 +87,12 @@ type GroupAdopter struct {
 type GroupAdopterOptions struct {
 	DriverName string
 	NodeName   string
-	Owner      GroupOwner
-	Client     snapclient.Interface
-	Recorder   record.EventRecorder
+	// NodeUID, when known, makes the node's Node object the owner of the
+	// node's group snapshot classes.
+	NodeUID  types.UID
+	Owner    GroupOwner
+	Client   snapclient.Interface
+	Recorder record.EventRecorder
 	// Informers is the snapshot informer factory, for a cluster that
 	// serves the groupsnapshot.storage.k8s.io/v1 API; whoever made it
 	// starts it (after NewGroupAdopter).
@@ -82,9 +107,10 @@ func NewGroupAdopter(o GroupAdopterOptions) (*GroupAdopter, error) {
 		return nil, errors.New("kube: the group content adopter needs a driver name, node name, owner, snapshot client, recorder and informers")
 	}
 	inf := o.Informers.Groupsnapshot().V1().VolumeGroupSnapshotContents()
+	cls := o.Informers.Groupsnapshot().V1().VolumeGroupSnapshotClasses()
 	a := &GroupAdopter{
-		driver: o.DriverName, node: o.NodeName, owner: o.Owner, client: o.Client, recorder: o.Recorder,
-		contents: inf.Lister(), synced: inf.Informer().HasSynced,
+		driver: o.DriverName, node: o.NodeName, nodeUID: o.NodeUID, owner: o.Owner, client: o.Client, recorder: o.Recorder,
+		contents: inf.Lister(), classes: cls.Lister(), synced: []cache.InformerSynced{inf.Informer().HasSynced, cls.Informer().HasSynced},
 		queue:  newQueue("csi-dmthin-group-adopter", o.RateLimiter),
 		warned: map[types.UID]bool{},
 	}
@@ -97,7 +123,91 @@ func NewGroupAdopter(o GroupAdopterOptions) (*GroupAdopter, error) {
 		AddFunc:    add,
 		UpdateFunc: func(_, obj any) { add(obj) },
 	})
+	if err != nil {
+		return nil, err
+	}
+	// A class of the driver labelled for no node is one to copy; a copy of
+	// this node's that goes away is made again.
+	addClass := func(obj any) {
+		c, ok := obj.(*groupv1.VolumeGroupSnapshotClass)
+		switch {
+		case !ok || c.Driver != a.driver:
+		case c.Labels[LabelManagedBy] == "":
+			a.queue.Add(classKey + c.Name)
+		case c.Labels[LabelManagedBy] == a.node && c.Labels[LabelGroupClassOf] != "":
+			a.queue.Add(classKey + c.Labels[LabelGroupClassOf])
+		}
+	}
+	_, err = cls.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    addClass,
+		UpdateFunc: func(_, obj any) { addClass(obj) },
+		DeleteFunc: func(obj any) {
+			if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = d.Obj
+			}
+			addClass(obj)
+		},
+	})
 	return a, err
+}
+
+// classKey prefixes the queue's class keys; a content's name cannot hold
+// a slash.
+const classKey = "class/"
+
+// NodeGroupClassName is the name of a node's copy of a group snapshot
+// class: "<class>-<node>", or, past the 253 characters a name may have,
+// cut and ended with a hash of the whole.
+func NodeGroupClassName(class, node string) string {
+	name := class + "-" + node
+	if len(name) <= 253 {
+		return name
+	}
+	sum := sha256.Sum256([]byte(name))
+	return name[:253-17] + "-" + hex.EncodeToString(sum[:8])
+}
+
+// syncClass makes this node's copy of the class when it is missing. A copy
+// that exists is left as it is (the class's parameters cannot change).
+func (a *GroupAdopter) syncClass(ctx context.Context, name string) (retry bool, err error) {
+	c, err := a.classes.Get(name)
+	if apierrors.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if c.Driver != a.driver || c.Labels[LabelManagedBy] != "" {
+		return false, nil
+	}
+	copyName := NodeGroupClassName(name, a.node)
+	if _, err := a.classes.Get(copyName); err == nil {
+		return false, nil
+	}
+	cp := &groupv1.VolumeGroupSnapshotClass{
+		ObjectMeta: metav1.ObjectMeta{
+			Name:   copyName,
+			Labels: map[string]string{LabelManagedBy: a.node, LabelGroupClassOf: name},
+			Annotations: map[string]string{
+				"dmthin.io/description": "Group snapshots of volumes on node " + a.node + ", as class " + name + " (csi-dmthin keeps it)",
+			},
+		},
+		Driver:         c.Driver,
+		Parameters:     c.Parameters,
+		DeletionPolicy: c.DeletionPolicy,
+	}
+	if a.nodeUID != "" {
+		cp.OwnerReferences = []metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: a.node, UID: a.nodeUID}}
+	}
+	_, err = a.client.GroupsnapshotV1().VolumeGroupSnapshotClasses().Create(ctx, cp, metav1.CreateOptions{})
+	if apierrors.IsAlreadyExists(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("group snapshot class %s for node %s: %w", copyName, a.node, err)
+	}
+	klog.FromContext(ctx).Info("Made this node's group snapshot class, which its csi-snapshotter can see", "class", copyName, "from", name)
+	return false, nil
 }
 
 func (a *GroupAdopter) unclaimed(c *groupv1.VolumeGroupSnapshotContent) bool {
@@ -107,7 +217,13 @@ func (a *GroupAdopter) unclaimed(c *groupv1.VolumeGroupSnapshotContent) bool {
 // Run labels contents with workers goroutines until ctx is done. The
 // informer factory must have been started.
 func (a *GroupAdopter) Run(ctx context.Context, workers int) error {
-	w := &worker{name: "group-adopter", what: "group snapshot content", queue: a.queue, synced: []cache.InformerSynced{a.synced}, sync: a.sync}
+	sync := func(ctx context.Context, key string) (bool, error) {
+		if name, ok := strings.CutPrefix(key, classKey); ok {
+			return a.syncClass(ctx, name)
+		}
+		return a.sync(ctx, key)
+	}
+	w := &worker{name: "group-adopter", what: "group snapshot content or class", queue: a.queue, synced: a.synced, sync: sync}
 	return w.run(ctx, workers, func(logger klog.Logger) {
 		logger.Info("Labelling group snapshot contents of this node's volumes for its csi-snapshotter", "node", a.node)
 	})
@@ -177,5 +293,12 @@ func (a *GroupAdopter) sync(ctx context.Context, name string) (retry bool, err e
 	}
 	klog.FromContext(ctx).Info("Labelled a group snapshot content for this node's csi-snapshotter: the node holds what it is of", "content", name, "of", what)
 	a.recorder.Eventf(c, corev1.EventTypeNormal, ReasonGroupAdopted, "node %s holds %s; labelled %s=%s so that node's csi-snapshotter manages this content", a.node, what, LabelManagedBy, a.node)
+	if class := c.Spec.VolumeGroupSnapshotClassName; class != nil && *class != "" {
+		if cl, err := a.classes.Get(*class); err == nil && cl.Labels[LabelManagedBy] != a.node {
+			a.recorder.Eventf(c, corev1.EventTypeWarning, ReasonGroupClassNotForNode,
+				"class %s is not labelled %s=%s, and node %s's csi-snapshotter sees only the group snapshot classes labelled for it: this group snapshot waits; take it again with class %s",
+				*class, LabelManagedBy, a.node, a.node, NodeGroupClassName(*class, a.node))
+		}
+	}
 	return false, nil
 }

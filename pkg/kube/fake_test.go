@@ -128,6 +128,8 @@ func (c *cluster) create(t *testing.T, objs ...runtime.Object) {
 			_, err = c.snap.SnapshotV1().VolumeSnapshotContents().Create(ctx, o, metav1.CreateOptions{})
 		case *groupv1.VolumeGroupSnapshotContent:
 			_, err = c.snap.GroupsnapshotV1().VolumeGroupSnapshotContents().Create(ctx, o, metav1.CreateOptions{})
+		case *groupv1.VolumeGroupSnapshotClass:
+			_, err = c.snap.GroupsnapshotV1().VolumeGroupSnapshotClasses().Create(ctx, o, metav1.CreateOptions{})
 		default:
 			t.Fatalf("create %T", o)
 		}

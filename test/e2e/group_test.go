@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/csi-dmthin/csi-dmthin/pkg/kube"
 	"github.com/csi-dmthin/csi-dmthin/test/e2e/cluster"
 )
 
@@ -50,14 +51,24 @@ n=0; while true; do n=$((n+1)); echo $n >> /a/seq; echo $n >> /b/seq; done`))
 		return ""
 	})
 
+	// The node's own class, which its driver keeps: the node's
+	// csi-snapshotter sees only the classes labelled for it.
+	class := kube.NodeGroupClassName("csi-dmthin", node)
+	kc.eventually(time.Minute, "class "+class, func() string {
+		out, err := kc.try("get", "volumegroupsnapshotclass", class, "-o", `jsonpath={.metadata.labels.snapshot\.storage\.kubernetes\.io/managed-by}`)
+		if err != nil || out != node {
+			return fmt.Sprintf("%q %v", out, err)
+		}
+		return ""
+	})
 	start := time.Now()
-	kc.apply(`apiVersion: groupsnapshot.storage.k8s.io/v1
+	kc.apply(fmt.Sprintf(`apiVersion: groupsnapshot.storage.k8s.io/v1
 kind: VolumeGroupSnapshot
 metadata: {name: g1}
 spec:
-  volumeGroupSnapshotClassName: csi-dmthin
+  volumeGroupSnapshotClassName: %s
   source: {selector: {matchLabels: {group: g1}}}
-`)
+`, class))
 	kc.eventually(5*time.Minute, "VolumeGroupSnapshot g1 readyToUse", func() string {
 		out, _ := kc.try("get", "volumegroupsnapshot", "g1", "-o", "jsonpath={.status.readyToUse} {.status.error.message}")
 		if strings.HasPrefix(out, "true") {
