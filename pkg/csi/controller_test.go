@@ -375,8 +375,15 @@ func TestGetCapacity(t *testing.T) {
 	if after := capacity(&csi.GetCapacityRequest{}); after != testPoolBytes-4*testVolBytes || after >= before {
 		t.Errorf("capacity %d after 4 volumes, %d before; want %d", after, before, testPoolBytes-4*testVolBytes)
 	}
-	if other := capacity(&csi.GetCapacityRequest{Parameters: map[string]string{ParamPool: otherPool}}); other != before {
-		t.Errorf("capacity of the untouched pool %s = %d, want %d", otherPool, other, before)
+	// The other pool keeps the default limit: what it allows, more than
+	// its free data (a thin volume may be larger than the pool).
+	otherUsage, err := e.pools[otherPool].Usage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := int64(float64(otherUsage.DataBytes) * otherUsage.OverprovisionRatio)
+	if other := capacity(&csi.GetCapacityRequest{Parameters: map[string]string{ParamPool: otherPool}}); other != want || other <= otherUsage.DataBytes {
+		t.Errorf("capacity of the untouched pool %s = %d, want %d (%gx its %d bytes)", otherPool, other, want, otherUsage.OverprovisionRatio, otherUsage.DataBytes)
 	}
 	for name, topo := range map[string]*csi.Topology{
 		"other node":  {Segments: map[string]string{TopologyKey: "node-b"}},

@@ -21,9 +21,11 @@ type Usage struct {
 	TemplateBytes int64
 	// OverprovisionRatio is the configured limit (negative: none).
 	OverprovisionRatio float64
-	// AvailableBytes is the capacity to report to a scheduler: the smaller
-	// of the free data above the floor and what the overprovisioning limit
-	// still allows; 0 whenever admission would refuse a new volume.
+	// AvailableBytes is the capacity to report to a scheduler: the largest
+	// volume admission takes now. With an overprovisioning limit that is
+	// what the limit still allows (a thin volume may be larger than the
+	// free data: that is what the limit is for); without one, the free
+	// data above the floor. 0 whenever admission would refuse any volume.
 	AvailableBytes int64
 	Volumes        int
 	Snapshots      int
@@ -91,7 +93,7 @@ func (p *Pool) usage() (Usage, error) {
 	case p.cfg.OverprovisionRatio < 0:
 		u.AvailableBytes = freeData
 	default:
-		u.AvailableBytes = max(0, min(freeData, p.headroom(u)))
+		u.AvailableBytes = max(0, p.headroom(u))
 	}
 	return u, nil
 }

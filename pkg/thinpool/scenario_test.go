@@ -527,8 +527,10 @@ func runScenarios(t *testing.T, newEnv func(t *testing.T) env) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if u.AvailableBytes <= 0 || u.AvailableBytes > u.DataBytes {
-			t.Fatalf("capacity %+v", u)
+		// What the ratio allows, more than the free data: a thin volume
+		// may be larger than the pool while the limit holds.
+		if u.AvailableBytes != 2*u.DataBytes-u.ProvisionedBytes-u.TemplateBytes {
+			t.Fatalf("capacity %+v, want twice the data less what is provisioned", u)
 		}
 		if _, err := p.CreateVolume(ctx, "big", 100<<20); err != nil {
 			t.Fatalf("overprovisioned within the ratio: %v", err)
@@ -540,8 +542,16 @@ func runScenarios(t *testing.T, newEnv func(t *testing.T) env) {
 			t.Fatal("a refused volume was recorded")
 		}
 		u2, _ := p.Usage()
-		if u2.AvailableBytes >= u.AvailableBytes {
-			t.Errorf("capacity did not drop: %d then %d", u.AvailableBytes, u2.AvailableBytes)
+		if u2.AvailableBytes != u.AvailableBytes-100<<20 {
+			t.Errorf("capacity %d then %d, want it 100 MiB less", u.AvailableBytes, u2.AvailableBytes)
+		}
+		// The largest volume reported is one admission takes, and one byte
+		// more is refused.
+		if _, err := p.CreateVolume(ctx, "too-big", u2.AvailableBytes+1); !errors.Is(err, ErrNoSpace) {
+			t.Errorf("one byte past the reported capacity: %v", err)
+		}
+		if _, err := p.CreateVolume(ctx, "just-fits", u2.AvailableBytes); err != nil {
+			t.Errorf("the reported capacity: %v", err)
 		}
 		checkInvariants(t, e, p)
 	})
