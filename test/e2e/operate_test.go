@@ -123,8 +123,11 @@ done; sleep 100000`, true))
 func TestOperateHelmTest(t *testing.T) {
 	c := requireDriver(t)
 	start := time.Now()
-	out, err := cluster.Output(testCtx, c.Bin("helm"), "test", "csi-dmthin", "--kubeconfig", c.Kubeconfig,
-		"--namespace", driverNamespace, "--timeout", "6m", "--logs")
+	// The chart's test pods have their logs printed by helm itself (their
+	// hook-output-log-policy): --logs would take every test hook, the
+	// claims and the snapshot too, for a pod, and fail.
+	out, err := cluster.CombinedOutput(testCtx, c.Bin("helm"), "test", "csi-dmthin", "--kubeconfig", c.Kubeconfig,
+		"--namespace", driverNamespace, "--timeout", "6m")
 	if err != nil {
 		t.Fatalf("helm test: %v\n%s", err, out)
 	}
