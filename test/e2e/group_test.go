@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/kube"
-	"github.com/csi-dmthin/csi-dmthin/test/e2e/cluster"
 )
 
 // TestGroupSnapshot takes a VolumeGroupSnapshot of two volumes while a pod
@@ -143,20 +142,6 @@ spec:
 
 // twoVolumePod is a pod with claim a at /a and claim b at /b.
 func twoVolumePod(name, a, b, script string) string {
-	return fmt.Sprintf(`apiVersion: v1
-kind: Pod
-metadata: {name: %s}
-spec:
-  automountServiceAccountToken: false
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: c
-    image: %s
-    imagePullPolicy: Never
-    command: ["/bin/sh", "-c", %q]
-    volumeMounts: [{name: a, mountPath: /a}, {name: b, mountPath: /b}]
-  volumes:
-  - {name: a, persistentVolumeClaim: {claimName: %s}}
-  - {name: b, persistentVolumeClaim: {claimName: %s}}
-`, name, cluster.BusyboxImage, script, a, b)
+	return podWithVolumes(name, script, `volumeMounts: [{name: a, mountPath: /a}, {name: b, mountPath: /b}]`,
+		fmt.Sprintf(`[{name: a, persistentVolumeClaim: {claimName: %s}}, {name: b, persistentVolumeClaim: {claimName: %s}}]`, a, b))
 }

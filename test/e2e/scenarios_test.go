@@ -92,10 +92,16 @@ spec:
 }
 
 func podYAML(name, claim, script string, block bool) string {
-	vol := `    volumeMounts: [{name: v, mountPath: /data}]`
+	vol := `volumeMounts: [{name: v, mountPath: /data}]`
 	if block {
-		vol = `    volumeDevices: [{name: v, devicePath: /dev/xvda}]`
+		vol = `volumeDevices: [{name: v, devicePath: /dev/xvda}]`
 	}
+	return podWithVolumes(name, script, vol, fmt.Sprintf(`[{name: v, persistentVolumeClaim: {claimName: %s}}]`, claim))
+}
+
+// podWithVolumes is a busybox pod running script, with the container's
+// volume lines (volumeMounts or volumeDevices) and the pod's volumes list.
+func podWithVolumes(name, script, containerVolumes, volumes string) string {
 	return fmt.Sprintf(`apiVersion: v1
 kind: Pod
 metadata: {name: %s}
@@ -107,9 +113,9 @@ spec:
     image: %s
     imagePullPolicy: Never
     command: ["/bin/sh", "-c", %q]
-%s
-  volumes: [{name: v, persistentVolumeClaim: {claimName: %s}}]
-`, name, cluster.BusyboxImage, script, vol, claim)
+    %s
+  volumes: %s
+`, name, cluster.BusyboxImage, script, containerVolumes, volumes)
 }
 
 // TestScenarios walks the life of volumes as a user sees it, each step
