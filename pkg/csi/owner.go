@@ -53,9 +53,10 @@ func (d *Driver) localPool(s string) (Pool, objectID, bool) {
 // ErrNoSpace that says why. CreateVolume makes a clone at least as large as
 // its source, and so does this check.
 //
-// It repeats thinpool's admission from the pool's Usage: AvailableBytes is
-// 0 exactly when the pool is unhealthy or under a free-space floor, and the
-// overprovisioning limit is checked against the new size. The answer can be
+// It answers from the pool's Usage, whose AvailableBytes is thinpool's own
+// admission: 0 exactly when the pool is unhealthy or under a free-space
+// floor, else (with an overprovisioning limit) the largest volume the limit
+// takes, templates counted. The answer can be
 // stale by the time the volume is created; CreateVolume's own admission
 // stays the authority.
 func (d *Driver) RoomFor(sourceID string, sizeBytes int64) error {
@@ -85,9 +86,10 @@ func (d *Driver) RoomFor(sourceID string, sizeBytes int64) error {
 	case u.AvailableBytes <= 0:
 		return fmt.Errorf("pool %s on node %s is under its free-space floor (%s of %s data used): %w",
 			id.pool, d.nodeID, fmtBytes(u.DataUsedBytes), fmtBytes(u.DataBytes), thinpool.ErrNoSpace)
-	case u.OverprovisionRatio >= 0 && float64(u.ProvisionedBytes+size) > float64(u.DataBytes)*u.OverprovisionRatio:
-		return fmt.Errorf("pool %s on node %s: %s provisioned plus %s would pass %.1f times its %s: %w",
-			id.pool, d.nodeID, fmtBytes(u.ProvisionedBytes), fmtBytes(size), u.OverprovisionRatio, fmtBytes(u.DataBytes), thinpool.ErrNoSpace)
+	case u.OverprovisionRatio >= 0 && size > u.AvailableBytes:
+		// AvailableBytes is the largest volume the pool's admission takes.
+		return fmt.Errorf("pool %s on node %s: %s provisioned (templates included) plus %s would pass %.1f times its %s: %w",
+			id.pool, d.nodeID, fmtBytes(u.ProvisionedBytes+u.TemplateBytes), fmtBytes(size), u.OverprovisionRatio, fmtBytes(u.DataBytes), thinpool.ErrNoSpace)
 	}
 	return nil
 }

@@ -63,6 +63,38 @@ func TestRoomFor(t *testing.T) {
 	}
 }
 
+// RoomFor and the pool's admission agree at the boundary, templates
+// counted: what RoomFor says fits is admitted, one byte more is refused by
+// both.
+func TestRoomForAgreesWithAdmission(t *testing.T) {
+	e := newDriverEnv(t, func(c *thinpool.Config) { c.DataFileBytes = 64 << 20; c.OverprovisionRatio = 1 })
+	vol := e.createVolume("pvc-1").GetVolumeId()
+	p := e.pools[testPool]
+	if _, err := p.CreateTemplate(t.Context(), "t1", 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	u, err := p.Usage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	limit := u.AvailableBytes
+	if limit <= 0 || limit != int64(float64(u.DataBytes)*u.OverprovisionRatio)-u.ProvisionedBytes-u.TemplateBytes {
+		t.Fatalf("usage %+v", u)
+	}
+	if err := e.d.RoomFor(vol, limit+1); !errors.Is(err, thinpool.ErrNoSpace) {
+		t.Errorf("RoomFor one byte past the limit: %v", err)
+	}
+	if _, err := p.CreateVolume(t.Context(), "past", limit+1); !errors.Is(err, thinpool.ErrNoSpace) {
+		t.Errorf("admission one byte past the limit: %v", err)
+	}
+	if err := e.d.RoomFor(vol, limit); err != nil {
+		t.Errorf("RoomFor at the limit: %v", err)
+	}
+	if _, err := p.Clone(t.Context(), "at", "pvc-1", limit); err != nil {
+		t.Errorf("admission at the limit: %v", err)
+	}
+}
+
 // recordingSink is an EventSink that keeps what it was told.
 type recordingSink struct {
 	mu  sync.Mutex
