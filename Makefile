@@ -26,17 +26,9 @@ fmt:
 
 # Everything: vet, the host tests under the race detector, the kernel
 # tests, which each package's TestVM runs in a qemu VM on Debian's kernel,
-# and then the end-to-end test on a real Kubernetes (make e2e). The e2e
-# builds (Kubernetes, the sidecars, the node image; niced, and nothing to do
-# once cached) run beside the Go tests, whose VMs take one at a time; their
-# output follows the tests'.
+# and then the end-to-end test on a real Kubernetes (make e2e).
 test: deps lint
-	@mkdir -p $(BIN); \
-	$(MAKE) --no-print-directory e2e-build >$(BIN)/e2e-build.log 2>&1 & build=$$!; \
-	$(GO) test -race -count=1 -timeout $(TIMEOUT) ./...; tests=$$?; \
-	wait $$build; built=$$?; \
-	echo "--- make e2e-build (beside the tests), exit $$built:"; cat $(BIN)/e2e-build.log; \
-	[ $$tests -eq 0 ] && [ $$built -eq 0 ]
+	$(GO) test -race -count=1 -timeout $(TIMEOUT) ./...
 	$(MAKE) e2e
 
 # Host tests only (no VM).
