@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -126,18 +127,33 @@ func (s storageSelection) skipPattern() string {
 // passes, failures and skips with the suite's reason for each skip.
 func TestExternalStorage(t *testing.T) {
 	c := requireDriver(t)
-	name := storageSet()
-	if name == "" {
+	set := storageSet()
+	if set == "" {
 		t.Skipf("%s=off", storageEnv)
 	}
-	if _, ok := storageSelections[name]; !ok {
-		t.Fatalf("%s=%q: want fast, parallel, full, group or off", storageEnv, name)
+	names, err := storageRuns(set)
+	if err != nil {
+		t.Fatal(err)
 	}
-	for name != "" {
-		sel := storageSelections[name]
-		t.Run(name, func(t *testing.T) { runStorage(t, c, name, sel) })
-		name = sel.then
+	for _, name := range names {
+		t.Run(name, func(t *testing.T) { runStorage(t, c, name, storageSelections[name]) })
 	}
+}
+
+// storageRuns lists the selections a set runs, in order: each named one
+// (several joined by "+", e.g. "fast+group") followed by the ones it says
+// run after it.
+func storageRuns(set string) ([]string, error) {
+	var names []string
+	for _, name := range strings.Split(set, "+") {
+		if _, ok := storageSelections[name]; !ok {
+			return nil, fmt.Errorf("%s=%q: want fast, parallel, full, group or off, or several joined by +", storageEnv, set)
+		}
+		for ; name != "" && !slices.Contains(names, name); name = storageSelections[name].then {
+			names = append(names, name)
+		}
+	}
+	return names, nil
 }
 
 // runStorage runs one selection of the suite and counts its report.

@@ -233,3 +233,24 @@ func TestFastStorageSet(t *testing.T) {
 		}
 	}
 }
+
+// A set names one selection or several joined by "+", each followed by
+// the ones it says run after it, none twice.
+func TestStorageRuns(t *testing.T) {
+	for set, want := range map[string][]string{
+		"fast":       {"fast"},
+		"full":       {"full", "group"},
+		"fast+group": {"fast", "group"},
+		"full+group": {"full", "group"},
+		"group":      {"group"},
+	} {
+		if got, err := storageRuns(set); err != nil || !slices.Equal(got, want) {
+			t.Errorf("%s: %v, %v; want %v", set, got, err, want)
+		}
+	}
+	for _, bad := range []string{"fastest", "fast+", "+group"} {
+		if _, err := storageRuns(bad); err == nil {
+			t.Errorf("%s accepted", bad)
+		}
+	}
+}
