@@ -34,8 +34,6 @@ type storageSelection struct {
 	leftOut string
 	// oneNode: every node but the first is cordoned while it runs.
 	oneNode bool
-	// then names the selection run after this one, in the same test.
-	then string
 }
 
 // groupSuite is the suite of group snapshots. Its StatefulSet of three
@@ -70,10 +68,10 @@ var storageSelections = map[string]storageSelection{
 	// Neither Slow nor Serial: the set CSI projects run on every change,
 	// snapshot and XFS specs included.
 	"parallel": {skip: `\[(Slow|Serial)\]|` + groupSuite + ` `, procs: 4, timeout: 90 * time.Minute,
-		leftOut: "left to `make e2e-full` (Slow or Serial), or to the group set that runs next (" + groupSuite + ")", then: "group"},
+		leftOut: "left to `make e2e-full` (Slow or Serial), or to the group set (" + groupSuite + ")"},
 	// Everything applicable, Slow and Serial included.
 	"full": {skip: groupSuite + ` `, procs: 4, timeout: 3 * time.Hour,
-		leftOut: "the group set runs them next (" + groupSuite + ", on one node)", then: "group"},
+		leftOut: "left to the group set (" + groupSuite + ", on one node)"},
 	// The group snapshot suite, on one schedulable node (groupSuite).
 	"group": {suites: []string{groupSuite}, procs: 2, timeout: 40 * time.Minute, oneNode: true,
 		leftOut: "run by the other sets"},
@@ -140,17 +138,13 @@ func TestExternalStorage(t *testing.T) {
 	}
 }
 
-// storageRuns lists the selections a set runs, in order: each named one
-// (several joined by "+", e.g. "fast+group") followed by the ones it says
-// run after it.
+// storageRuns lists the selections a set runs, in order: one name, or
+// several joined by "+" (e.g. "fast+group").
 func storageRuns(set string) ([]string, error) {
-	var names []string
-	for _, name := range strings.Split(set, "+") {
-		if _, ok := storageSelections[name]; !ok {
-			return nil, fmt.Errorf("%s=%q: want fast, parallel, full, group or off, or several joined by +", storageEnv, set)
-		}
-		for ; name != "" && !slices.Contains(names, name); name = storageSelections[name].then {
-			names = append(names, name)
+	names := strings.Split(set, "+")
+	for i, name := range names {
+		if _, ok := storageSelections[name]; !ok || slices.Contains(names[:i], name) {
+			return nil, fmt.Errorf("%s=%q: want fast, parallel, full, group or off, or several of them joined by +", storageEnv, set)
 		}
 	}
 	return names, nil
