@@ -15,8 +15,6 @@ import (
 	snapclient "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned"
 	snapinformers "github.com/kubernetes-csi/external-snapshotter/client/v8/informers/externalversions"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
@@ -289,16 +287,8 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 		k.run(ctx, fail, adopter.Run)
 	}
 	if k.groupAPI {
-		// The Node owns the node's group snapshot classes, so they go
-		// with it; without it (not readable yet) they stay.
-		var nodeUID types.UID
-		if n, err := k.client.CoreV1().Nodes().Get(ctx, k.node, metav1.GetOptions{}); err == nil {
-			nodeUID = n.UID
-		} else {
-			klog.InfoS("Cannot read this node's Node: its group snapshot classes get no owner", "node", k.node, "err", err)
-		}
 		groups, err := kube.NewGroupAdopter(kube.GroupAdopterOptions{
-			DriverName: k.driverName, NodeName: k.node, NodeUID: nodeUID, Owner: d, Client: k.snaps, Recorder: k.recorder, Informers: k.snapInf,
+			DriverName: k.driverName, NodeName: k.node, Owner: d, Client: k.snaps, Recorder: k.recorder, Informers: k.snapInf,
 		})
 		if err != nil {
 			return err

@@ -2,10 +2,7 @@ package kube
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
-	"fmt"
 	"strings"
 	"sync"
 
@@ -31,14 +28,10 @@ const (
 	// ReasonGroupSpansNodes (Warning): the group's volumes are not all on
 	// this node, which holds the first of them; no node can take it.
 	ReasonGroupSpansNodes = "GroupSnapshotSpansNodes"
-	// ReasonGroupClassNotForNode (Warning): the content names a class that
-	// no node's csi-snapshotter sees; the node's own class would work.
-	ReasonGroupClassNotForNode = "GroupSnapshotClassNotForNode"
+	// ReasonGroupClassClaimed (Normal): this node labelled the content's
+	// group snapshot class for itself, so its csi-snapshotter can read it.
+	ReasonGroupClassClaimed = "GroupSnapshotClassClaimed"
 )
-
-// LabelGroupClassOf names, on a node's copy of a VolumeGroupSnapshotClass,
-// the class it was copied from.
-const LabelGroupClassOf = "dmthin.io/group-class-of"
 
 // GroupOwner answers, from this node's pools alone, whether the node holds
 // volumes and group snapshots (*csi.Driver is one).
@@ -59,18 +52,18 @@ type GroupOwner interface {
 // snapshot) labels the content; a group of volumes on several nodes is
 // labelled by none, and its VolumeGroupSnapshot says why (an Event).
 //
-// It also keeps this node's copy of each of the driver's group snapshot
-// classes. The csi-snapshotter (as of v8.7.0) in node deployment reads
-// VolumeGroupSnapshotClasses through the same label-filtered informer as
-// the contents, so it sees only the classes labelled managed-by its node:
-// with a class labelled for none, no group snapshot is ever taken ("class
-// not found"). A class can carry one node's label, and a group is of one
-// node's volumes anyway, so each node keeps "<class>-<node>", labelled for
-// itself and owned by its Node object (deleted with it); a
-// VolumeGroupSnapshot names the class of its volumes' node.
+// It also hands the content's class to the node. The csi-snapshotter (as
+// of v8.7.0) in node deployment reads VolumeGroupSnapshotClasses through
+// the same label-filtered informer as the contents, so it sees only the
+// classes labelled managed-by its node: with the class labelled for none,
+// or for another node, the group snapshot is never taken ("class not
+// found"). While a content of this node's is not ready, the node labels
+// its class for itself. A class carries one node's label at a time: two
+// nodes taking group snapshots of one class at once take turns (each
+// sidecar retries with its back-off), and a node whose content is ready
+// needs the class no more (deletion does not read it).
 type GroupAdopter struct {
 	driver, node string
-	nodeUID      types.UID
 	owner        GroupOwner
 	client       snapclient.Interface
 	recorder     record.EventRecorder
@@ -87,12 +80,9 @@ type GroupAdopter struct {
 type GroupAdopterOptions struct {
 	DriverName string
 	NodeName   string
-	// NodeUID, when known, makes the node's Node object the owner of the
-	// node's group snapshot classes.
-	NodeUID  types.UID
-	Owner    GroupOwner
-	Client   snapclient.Interface
-	Recorder record.EventRecorder
+	Owner      GroupOwner
+	Client     snapclient.Interface
+	Recorder   record.EventRecorder
 	// Informers is the snapshot informer factory, for a cluster that
 	// serves the groupsnapshot.storage.k8s.io/v1 API; whoever made it
 	// starts it (after NewGroupAdopter).
@@ -109,13 +99,13 @@ func NewGroupAdopter(o GroupAdopterOptions) (*GroupAdopter, error) {
 	inf := o.Informers.Groupsnapshot().V1().VolumeGroupSnapshotContents()
 	cls := o.Informers.Groupsnapshot().V1().VolumeGroupSnapshotClasses()
 	a := &GroupAdopter{
-		driver: o.DriverName, node: o.NodeName, nodeUID: o.NodeUID, owner: o.Owner, client: o.Client, recorder: o.Recorder,
+		driver: o.DriverName, node: o.NodeName, owner: o.Owner, client: o.Client, recorder: o.Recorder,
 		contents: inf.Lister(), classes: cls.Lister(), synced: []cache.InformerSynced{inf.Informer().HasSynced, cls.Informer().HasSynced},
 		queue:  newQueue("csi-dmthin-group-adopter", o.RateLimiter),
 		warned: map[types.UID]bool{},
 	}
 	add := func(obj any) {
-		if c, ok := obj.(*groupv1.VolumeGroupSnapshotContent); ok && a.unclaimed(c) {
+		if c, ok := obj.(*groupv1.VolumeGroupSnapshotContent); ok && (a.unclaimed(c) || a.needsClass(c)) {
 			a.queue.Add(c.Name)
 		}
 	}
@@ -123,107 +113,30 @@ func NewGroupAdopter(o GroupAdopterOptions) (*GroupAdopter, error) {
 		AddFunc:    add,
 		UpdateFunc: func(_, obj any) { add(obj) },
 	})
-	if err != nil {
-		return nil, err
-	}
-	// A class of the driver labelled for no node is one to copy; a copy of
-	// this node's that goes away is made again.
-	addClass := func(obj any) {
-		c, ok := obj.(*groupv1.VolumeGroupSnapshotClass)
-		switch {
-		case !ok || c.Driver != a.driver:
-		case c.Labels[LabelManagedBy] == "":
-			a.queue.Add(classKey + c.Name)
-		case c.Labels[LabelManagedBy] == a.node && c.Labels[LabelGroupClassOf] != "":
-			a.queue.Add(classKey + c.Labels[LabelGroupClassOf])
-		}
-	}
-	_, err = cls.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    addClass,
-		UpdateFunc: func(_, obj any) { addClass(obj) },
-		DeleteFunc: func(obj any) {
-			if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
-				obj = d.Obj
-			}
-			addClass(obj)
-		},
-	})
 	return a, err
-}
-
-// classKey prefixes the queue's class keys; a content's name cannot hold
-// a slash.
-const classKey = "class/"
-
-// NodeGroupClassName is the name of a node's copy of a group snapshot
-// class: "<class>-<node>", or, past the 253 characters a name may have,
-// cut and ended with a hash of the whole.
-func NodeGroupClassName(class, node string) string {
-	name := class + "-" + node
-	if len(name) <= 253 {
-		return name
-	}
-	sum := sha256.Sum256([]byte(name))
-	return name[:253-17] + "-" + hex.EncodeToString(sum[:8])
-}
-
-// syncClass makes this node's copy of the class when it is missing. A copy
-// that exists is left as it is (the class's parameters cannot change).
-func (a *GroupAdopter) syncClass(ctx context.Context, name string) (retry bool, err error) {
-	c, err := a.classes.Get(name)
-	if apierrors.IsNotFound(err) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	if c.Driver != a.driver || c.Labels[LabelManagedBy] != "" {
-		return false, nil
-	}
-	copyName := NodeGroupClassName(name, a.node)
-	if _, err := a.classes.Get(copyName); err == nil {
-		return false, nil
-	}
-	cp := &groupv1.VolumeGroupSnapshotClass{
-		ObjectMeta: metav1.ObjectMeta{
-			Name:   copyName,
-			Labels: map[string]string{LabelManagedBy: a.node, LabelGroupClassOf: name},
-			Annotations: map[string]string{
-				"dmthin.io/description": "Group snapshots of volumes on node " + a.node + ", as class " + name + " (csi-dmthin keeps it)",
-			},
-		},
-		Driver:         c.Driver,
-		Parameters:     c.Parameters,
-		DeletionPolicy: c.DeletionPolicy,
-	}
-	if a.nodeUID != "" {
-		cp.OwnerReferences = []metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: a.node, UID: a.nodeUID}}
-	}
-	_, err = a.client.GroupsnapshotV1().VolumeGroupSnapshotClasses().Create(ctx, cp, metav1.CreateOptions{})
-	if apierrors.IsAlreadyExists(err) {
-		return false, nil
-	}
-	if err != nil {
-		return false, fmt.Errorf("group snapshot class %s for node %s: %w", copyName, a.node, err)
-	}
-	klog.FromContext(ctx).Info("Made this node's group snapshot class, which its csi-snapshotter can see", "class", copyName, "from", name)
-	return false, nil
 }
 
 func (a *GroupAdopter) unclaimed(c *groupv1.VolumeGroupSnapshotContent) bool {
 	return c.Spec.Driver == a.driver && c.Labels[LabelManagedBy] == ""
 }
 
+// needsClass reports whether the content is this node's, not ready yet,
+// and names a class: its sidecar must be able to read that class.
+func (a *GroupAdopter) needsClass(c *groupv1.VolumeGroupSnapshotContent) bool {
+	if c.Spec.Driver != a.driver || c.Labels[LabelManagedBy] != a.node || c.DeletionTimestamp != nil {
+		return false
+	}
+	if st := c.Status; st != nil && st.ReadyToUse != nil && *st.ReadyToUse {
+		return false
+	}
+	cl := c.Spec.VolumeGroupSnapshotClassName
+	return cl != nil && *cl != ""
+}
+
 // Run labels contents with workers goroutines until ctx is done. The
 // informer factory must have been started.
 func (a *GroupAdopter) Run(ctx context.Context, workers int) error {
-	sync := func(ctx context.Context, key string) (bool, error) {
-		if name, ok := strings.CutPrefix(key, classKey); ok {
-			return a.syncClass(ctx, name)
-		}
-		return a.sync(ctx, key)
-	}
-	w := &worker{name: "group-adopter", what: "group snapshot content or class", queue: a.queue, synced: a.synced, sync: sync}
+	w := &worker{name: "group-adopter", what: "group snapshot content", queue: a.queue, synced: a.synced, sync: a.sync}
 	return w.run(ctx, workers, func(logger klog.Logger) {
 		logger.Info("Labelling group snapshot contents of this node's volumes for its csi-snapshotter", "node", a.node)
 	})
@@ -266,6 +179,9 @@ func (a *GroupAdopter) sync(ctx context.Context, name string) (retry bool, err e
 	if err != nil {
 		return false, err
 	}
+	if a.needsClass(c) {
+		return a.claimClass(ctx, c)
+	}
 	if !a.unclaimed(c) {
 		return false, nil
 	}
@@ -284,6 +200,13 @@ func (a *GroupAdopter) sync(ctx context.Context, name string) (retry bool, err e
 	if !ok {
 		return false, nil // another node's, or nobody's
 	}
+	// The class first, so that the sidecar can read it when it sees the
+	// content.
+	if cl := c.Spec.VolumeGroupSnapshotClassName; cl != nil && *cl != "" {
+		if retry, err := a.claimClass(ctx, c); err != nil || retry {
+			return retry, err
+		}
+	}
 	labelled, retry, err := labelForNode(ctx, a.node, c.ResourceVersion, func(ctx context.Context, patch []byte) error {
 		_, err := a.client.GroupsnapshotV1().VolumeGroupSnapshotContents().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{})
 		return err
@@ -293,12 +216,33 @@ func (a *GroupAdopter) sync(ctx context.Context, name string) (retry bool, err e
 	}
 	klog.FromContext(ctx).Info("Labelled a group snapshot content for this node's csi-snapshotter: the node holds what it is of", "content", name, "of", what)
 	a.recorder.Eventf(c, corev1.EventTypeNormal, ReasonGroupAdopted, "node %s holds %s; labelled %s=%s so that node's csi-snapshotter manages this content", a.node, what, LabelManagedBy, a.node)
-	if class := c.Spec.VolumeGroupSnapshotClassName; class != nil && *class != "" {
-		if cl, err := a.classes.Get(*class); err == nil && cl.Labels[LabelManagedBy] != a.node {
-			a.recorder.Eventf(c, corev1.EventTypeWarning, ReasonGroupClassNotForNode,
-				"class %s is not labelled %s=%s, and node %s's csi-snapshotter sees only the group snapshot classes labelled for it: this group snapshot waits; take it again with class %s",
-				*class, LabelManagedBy, a.node, a.node, NodeGroupClassName(*class, a.node))
-		}
+	return false, nil
+}
+
+// claimClass labels the content's class for this node when it is labelled
+// for none or another, so that this node's csi-snapshotter can read it.
+// The patch carries the resourceVersion read.
+func (a *GroupAdopter) claimClass(ctx context.Context, c *groupv1.VolumeGroupSnapshotContent) (retry bool, err error) {
+	name := *c.Spec.VolumeGroupSnapshotClassName
+	cl, err := a.classes.Get(name)
+	if apierrors.IsNotFound(err) {
+		return false, nil // the snapshot-controller says so on the group
 	}
+	if err != nil {
+		return false, err
+	}
+	if cl.Driver != a.driver || cl.Labels[LabelManagedBy] == a.node {
+		return false, nil
+	}
+	from := cl.Labels[LabelManagedBy]
+	labelled, retry, err := labelForNode(ctx, a.node, cl.ResourceVersion, func(ctx context.Context, patch []byte) error {
+		_, err := a.client.GroupsnapshotV1().VolumeGroupSnapshotClasses().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{})
+		return err
+	})
+	if !labelled {
+		return retry, err
+	}
+	klog.FromContext(ctx).Info("Labelled a group snapshot class for this node's csi-snapshotter, which reads only the classes labelled for its node", "class", name, "content", c.Name, "from", from)
+	a.recorder.Eventf(c, corev1.EventTypeNormal, ReasonGroupClassClaimed, "labelled class %s %s=%s (was %q): node %s's csi-snapshotter reads only the group snapshot classes labelled for it", name, LabelManagedBy, a.node, from, a.node)
 	return false, nil
 }

@@ -34,15 +34,10 @@ type groupAdopterNode struct {
 
 func startGroupAdopter(t *testing.T, c *cluster, name string, owner GroupOwner) *groupAdopterNode {
 	t.Helper()
-	return startGroupAdopterWithUID(t, c, name, "", owner)
-}
-
-func startGroupAdopterWithUID(t *testing.T, c *cluster, name string, uid types.UID, owner GroupOwner) *groupAdopterNode {
-	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	inf := snapinformers.NewSharedInformerFactory(c.snap, 0)
 	rec := &eventLog{}
-	a, err := NewGroupAdopter(GroupAdopterOptions{DriverName: driverName, NodeName: name, NodeUID: uid, Owner: owner, Client: c.snap, Recorder: rec, Informers: inf})
+	a, err := NewGroupAdopter(GroupAdopterOptions{DriverName: driverName, NodeName: name, Owner: owner, Client: c.snap, Recorder: rec, Informers: inf})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,26 +57,6 @@ func (n *groupAdopterNode) sync(t *testing.T, name string) {
 	})
 	if _, err := n.a.sync(context.Background(), name); err != nil {
 		t.Fatal(err)
-	}
-}
-
-func (n *groupAdopterNode) syncClass(t *testing.T, name string) {
-	t.Helper()
-	eventually(t, "the class in the cache", func() bool {
-		_, err := n.a.classes.Get(name)
-		return err == nil
-	})
-	if _, err := n.a.syncClass(context.Background(), name); err != nil {
-		t.Fatal(err)
-	}
-	// What it made is in its cache before the next sync looks.
-	if cp := NodeGroupClassName(name, n.a.node); cp != name {
-		if c, _ := n.a.classes.Get(name); c != nil && c.Driver == n.a.driver && c.Labels[LabelManagedBy] == "" {
-			eventually(t, "the copy in the cache", func() bool {
-				_, err := n.a.classes.Get(cp)
-				return err == nil
-			})
-		}
 	}
 }
 
@@ -148,117 +123,108 @@ func TestGroupAdopterGroupAcrossNodes(t *testing.T) {
 	}
 }
 
+// The node that takes a group snapshot labels its class for itself first
+// (its csi-snapshotter reads only the classes labelled for its node), then
+// the content; another node holding the class is taken over while this
+// node's content is not ready; a ready content, another driver's class or
+// a missing class are left alone.
+func TestGroupAdopterClaimsTheClass(t *testing.T) {
+	c := newCluster(t)
+	shared, theirs, missing := "csi-dmthin", "their-class", "gone"
+	first := groupContent("first", "alpha/pvc-data")
+	first.Spec.VolumeGroupSnapshotClassName = &shared
+	foreign := groupContent("foreign-class", "alpha/pvc-log")
+	foreign.Spec.VolumeGroupSnapshotClassName = &theirs
+	lost := groupContent("missing-class", "alpha/pvc-x")
+	lost.Spec.VolumeGroupSnapshotClassName = &missing
+	c.create(t, groupClass(shared, driverName, nil), groupClass(theirs, "other.csi.example", nil), first, foreign, lost)
+	a := startGroupAdopter(t, c, nodeA, owning("alpha/pvc-data", "alpha/pvc-log", "alpha/pvc-x", "alpha/pvc-y"))
+	a.classesCached(t, shared, theirs)
+	for _, name := range []string{"first", "foreign-class", "missing-class"} {
+		a.sync(t, name)
+	}
+	if got := c.groupClassLabel(t, shared); got != nodeA {
+		t.Errorf("class %s labelled %q, want %q", shared, got, nodeA)
+	}
+	if got := c.groupClassLabel(t, theirs); got != "" {
+		t.Errorf("another driver's class labelled %q", got)
+	}
+	for _, name := range []string{"first", "foreign-class", "missing-class"} {
+		if got := c.groupContentLabel(t, name); got != nodeA {
+			t.Errorf("%s labelled %q", name, got)
+		}
+	}
+	ev := a.rec.take()
+	if len(ev) != 4 || !strings.HasPrefix(ev[0], "Normal "+ReasonGroupClassClaimed) || !strings.Contains(ev[0], shared) {
+		t.Errorf("events %q, want the class claimed first, then three adoptions", ev)
+	}
+
+	// Node b takes a group of its own with the same class: the class goes
+	// to b, and comes back to a only for a content of a's that is not
+	// ready.
+	second := groupContent("second", "beta/pvc-1")
+	second.Spec.VolumeGroupSnapshotClassName = &shared
+	c.create(t, second)
+	b := startGroupAdopter(t, c, nodeB, owning("beta/pvc-1"))
+	b.classesCached(t, shared)
+	b.sync(t, "second")
+	if got := c.groupClassLabel(t, shared); got != nodeB {
+		t.Errorf("class %s labelled %q after node-b's group, want %q", shared, got, nodeB)
+	}
+	eventually(t, "the class change in node-a's cache", func() bool {
+		got, err := a.a.classes.Get(shared)
+		return err == nil && got.Labels[LabelManagedBy] == nodeB
+	})
+	ready := true
+	done, err := c.snap.GroupsnapshotV1().VolumeGroupSnapshotContents().Get(context.Background(), "first", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done.Status = &groupv1.VolumeGroupSnapshotContentStatus{ReadyToUse: &ready}
+	if _, err := c.snap.GroupsnapshotV1().VolumeGroupSnapshotContents().UpdateStatus(context.Background(), done, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the ready content in node-a's cache", func() bool {
+		got, err := a.a.contents.Get("first")
+		return err == nil && got.Status != nil
+	})
+	a.sync(t, "first")
+	if got := c.groupClassLabel(t, shared); got != nodeB {
+		t.Errorf("a ready content took the class back: labelled %q", got)
+	}
+	third := groupContent("third", "alpha/pvc-y")
+	third.Spec.VolumeGroupSnapshotClassName = &shared
+	third.Labels = map[string]string{LabelManagedBy: nodeA}
+	c.create(t, third)
+	a.sync(t, "third")
+	if got := c.groupClassLabel(t, shared); got != nodeA {
+		t.Errorf("class %s labelled %q after node-a's unready content, want %q", shared, got, nodeA)
+	}
+}
+
 func groupClass(name, driver string, labels map[string]string) *groupv1.VolumeGroupSnapshotClass {
 	return &groupv1.VolumeGroupSnapshotClass{
 		ObjectMeta:     metav1.ObjectMeta{Name: name, Labels: labels},
 		Driver:         driver,
-		Parameters:     map[string]string{"k": "v"},
-		DeletionPolicy: "Retain",
+		DeletionPolicy: "Delete",
 	}
 }
 
-func (c *cluster) groupClassNames(t *testing.T) map[string]*groupv1.VolumeGroupSnapshotClass {
+func (c *cluster) groupClassLabel(t *testing.T, name string) string {
 	t.Helper()
-	l, err := c.snap.GroupsnapshotV1().VolumeGroupSnapshotClasses().List(context.Background(), metav1.ListOptions{})
+	g, err := c.snap.GroupsnapshotV1().VolumeGroupSnapshotClasses().Get(context.Background(), name, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := map[string]*groupv1.VolumeGroupSnapshotClass{}
-	for i := range l.Items {
-		m[l.Items[i].Name] = &l.Items[i]
-	}
-	return m
+	return g.Labels[LabelManagedBy]
 }
 
-// Each node keeps its own copy of the driver's unlabelled group snapshot
-// classes, labelled for itself (the only classes its csi-snapshotter
-// sees), owned by its Node; another driver's class and a copy are not
-// copied; a copy deleted is made again.
-func TestGroupAdopterKeepsNodeClasses(t *testing.T) {
-	c := newCluster(t)
-	c.create(t, groupClass("csi-dmthin", driverName, nil), groupClass("theirs", "other.csi.example", nil),
-		groupClass("pinned", driverName, map[string]string{LabelManagedBy: "node-z"}))
-	a := startGroupAdopterWithUID(t, c, nodeA, "uid-node-a", owning())
-	b := startGroupAdopter(t, c, nodeB, owning())
-	for _, n := range []*groupAdopterNode{a, b} {
-		for _, name := range []string{"csi-dmthin", "theirs", "pinned"} {
-			n.syncClass(t, name)
-		}
+func (n *groupAdopterNode) classesCached(t *testing.T, names ...string) {
+	t.Helper()
+	for _, name := range names {
+		eventually(t, "class "+name+" in the cache", func() bool {
+			_, err := n.a.classes.Get(name)
+			return err == nil
+		})
 	}
-	got := c.groupClassNames(t)
-	if len(got) != 5 {
-		t.Errorf("classes %v, want the three and one copy per node", keys(got))
-	}
-	for node, uid := range map[string]string{nodeA: "uid-node-a", nodeB: ""} {
-		cp := got["csi-dmthin-"+node]
-		if cp == nil {
-			t.Fatalf("no class csi-dmthin-%s in %v", node, keys(got))
-		}
-		if cp.Labels[LabelManagedBy] != node || cp.Labels[LabelGroupClassOf] != "csi-dmthin" || cp.Driver != driverName ||
-			cp.DeletionPolicy != "Retain" || cp.Parameters["k"] != "v" {
-			t.Errorf("copy for %s: %+v", node, cp)
-		}
-		if owners := cp.OwnerReferences; uid == "" && len(owners) != 0 || uid != "" && (len(owners) != 1 || owners[0].Kind != "Node" || owners[0].Name != node || string(owners[0].UID) != uid) {
-			t.Errorf("copy for %s owned by %+v", node, owners)
-		}
-	}
-	// Deleted, it comes back; already there, nothing is written.
-	if err := c.snap.GroupsnapshotV1().VolumeGroupSnapshotClasses().Delete(context.Background(), "csi-dmthin-"+nodeA, metav1.DeleteOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, "the copy gone from the cache", func() bool {
-		_, err := a.a.classes.Get("csi-dmthin-" + nodeA)
-		return err != nil
-	})
-	creates := countActions(c.snap.Actions(), "create", "volumegroupsnapshotclasses")
-	a.syncClass(t, "csi-dmthin")
-	b.syncClass(t, "csi-dmthin")
-	if n := countActions(c.snap.Actions(), "create", "volumegroupsnapshotclasses") - creates; n != 1 {
-		t.Errorf("%d creates after the copy was deleted, want 1 (node-a's)", n)
-	}
-	if _, ok := c.groupClassNames(t)["csi-dmthin-"+nodeA]; !ok {
-		t.Error("node-a's copy not made again")
-	}
-}
-
-// A content of this node's volumes that names a class labelled for no node
-// (or another) is labelled, and a Warning names the class that works.
-func TestGroupAdopterWarnsOfClassNotForNode(t *testing.T) {
-	c := newCluster(t)
-	shared, own := "csi-dmthin", "csi-dmthin-"+nodeA
-	wrong := groupContent("wrong-class", "alpha/pvc-data")
-	wrong.Spec.VolumeGroupSnapshotClassName = &shared
-	right := groupContent("right-class", "alpha/pvc-log")
-	right.Spec.VolumeGroupSnapshotClassName = &own
-	c.create(t, groupClass(shared, driverName, nil), groupClass(own, driverName, map[string]string{LabelManagedBy: nodeA}), wrong, right)
-	a := startGroupAdopter(t, c, nodeA, owning("alpha/pvc-data", "alpha/pvc-log"))
-	a.sync(t, "wrong-class")
-	ev := a.rec.take()
-	if len(ev) != 2 || !strings.HasPrefix(ev[1], "Warning "+ReasonGroupClassNotForNode) || !strings.Contains(ev[1], own) {
-		t.Errorf("events %q, want the adoption and a %s naming %s", ev, ReasonGroupClassNotForNode, own)
-	}
-	a.sync(t, "right-class")
-	if ev := a.rec.take(); len(ev) != 1 || !strings.HasPrefix(ev[0], "Normal "+ReasonGroupAdopted) {
-		t.Errorf("events %q, want the adoption only", ev)
-	}
-}
-
-// A copy's name is "<class>-<node>", never longer than a name may be.
-func TestNodeGroupClassName(t *testing.T) {
-	if got := NodeGroupClassName("csi-dmthin", "node-a"); got != "csi-dmthin-node-a" {
-		t.Errorf("got %q", got)
-	}
-	long := strings.Repeat("n", 250)
-	a, b := NodeGroupClassName("csi-dmthin", long), NodeGroupClassName("csi-dmthin", long+"x")
-	if len(a) != 253 || len(b) != 253 || a == b {
-		t.Errorf("long names %d %d, equal %v", len(a), len(b), a == b)
-	}
-}
-
-func keys[V any](m map[string]V) []string {
-	var out []string
-	for k := range m {
-		out = append(out, k)
-	}
-	return out
 }

@@ -7,8 +7,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/csi-dmthin/csi-dmthin/pkg/kube"
 )
 
 // TestGroupSnapshot takes a VolumeGroupSnapshot of two volumes while a pod
@@ -50,16 +48,7 @@ n=0; while true; do n=$((n+1)); echo $n >> /a/seq; echo $n >> /b/seq; done`))
 		return ""
 	})
 
-	// The node's own class, which its driver keeps: the node's
-	// csi-snapshotter sees only the classes labelled for it.
-	class := kube.NodeGroupClassName("csi-dmthin", node)
-	kc.eventually(time.Minute, "class "+class, func() string {
-		out, err := kc.try("get", "volumegroupsnapshotclass", class, "-o", `jsonpath={.metadata.labels.snapshot\.storage\.kubernetes\.io/managed-by}`)
-		if err != nil || out != node {
-			return fmt.Sprintf("%q %v", out, err)
-		}
-		return ""
-	})
+	class := "csi-dmthin"
 	start := time.Now()
 	kc.apply(fmt.Sprintf(`apiVersion: groupsnapshot.storage.k8s.io/v1
 kind: VolumeGroupSnapshot
@@ -77,6 +66,9 @@ spec:
 	})
 	t.Logf("VolumeGroupSnapshot g1 of 2 volumes on %s ready in %s", node, time.Since(start).Round(100*time.Millisecond))
 	content := kc.run("get", "volumegroupsnapshot", "g1", "-o", "jsonpath={.status.boundVolumeGroupSnapshotContentName}")
+	if label, _ := kc.try("get", "volumegroupsnapshotclass", class, "-o", `jsonpath={.metadata.labels.snapshot\.storage\.kubernetes\.io/managed-by}`); label != node {
+		t.Errorf("VolumeGroupSnapshotClass %s is labelled for %q, want the node that took the group, %s", class, label, node)
+	}
 	if label, _ := kc.try("get", "volumegroupsnapshotcontent", content, "-o", `jsonpath={.metadata.labels.snapshot\.storage\.kubernetes\.io/managed-by}`); label != node {
 		t.Errorf("VolumeGroupSnapshotContent %s is labelled for %q, want the volumes' node %s", content, label, node)
 	}

@@ -12,8 +12,6 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
-	"github.com/csi-dmthin/csi-dmthin/pkg/kube"
-	"github.com/csi-dmthin/csi-dmthin/test/e2e/cluster"
 )
 
 // suiteCapabilities are the capability names Kubernetes v1.37's storage
@@ -85,8 +83,8 @@ func TestTestDriverFile(t *testing.T) {
 	if len(chart.VolumeSnapshotClasses) == 0 || d.SnapshotClass.FromExistingClassName != chart.VolumeSnapshotClasses[0].Name {
 		t.Errorf("SnapshotClass.FromExistingClassName %q is not the chart's first class %+v", d.SnapshotClass.FromExistingClassName, chart.VolumeSnapshotClasses)
 	}
-	if len(chart.VolumeGroupSnapshotClasses) == 0 || d.GroupSnapshotClass.FromExistingClassName != kube.NodeGroupClassName(chart.VolumeGroupSnapshotClasses[0].Name, cluster.NodeSpec(1).Name) {
-		t.Errorf("GroupSnapshotClass.FromExistingClassName %q is not the first node's copy of the chart's first class %+v", d.GroupSnapshotClass.FromExistingClassName, chart.VolumeGroupSnapshotClasses)
+	if len(chart.VolumeGroupSnapshotClasses) == 0 || d.GroupSnapshotClass.FromExistingClassName != chart.VolumeGroupSnapshotClasses[0].Name {
+		t.Errorf("GroupSnapshotClass.FromExistingClassName %q is not the chart's first class %+v", d.GroupSnapshotClass.FromExistingClassName, chart.VolumeGroupSnapshotClasses)
 	}
 	if !reflect.DeepEqual(d.DriverInfo.TopologyKeys, []string{csi.TopologyKey}) || d.DriverInfo.NumAllowedTopologies != 1 {
 		t.Errorf("topology %v x%d, want [%s] x1", d.DriverInfo.TopologyKeys, d.DriverInfo.NumAllowedTopologies, csi.TopologyKey)
