@@ -42,7 +42,10 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 		return nil, invalid("source_volume_ids is required")
 	}
 	for k := range req.GetParameters() {
-		if !strings.HasPrefix(k, csiParamPrefix) {
+		// deletionPolicy: Kubernetes' storage suite writes the class's
+		// policy into its parameters too; it is the class's business, and
+		// nothing for the driver to do.
+		if !strings.HasPrefix(k, csiParamPrefix) && k != "deletionPolicy" {
 			return nil, invalid("parameters.%s: group snapshots take no parameters", k)
 		}
 	}

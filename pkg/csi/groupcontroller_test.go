@@ -87,6 +87,12 @@ func TestGroupSnapshots(t *testing.T) {
 	if _, err := e.pools[testPool].GroupSnapshots("g2"); err == nil {
 		t.Fatal("a refused group left snapshots")
 	}
+	// The class's deletionPolicy, which Kubernetes' storage suite also
+	// writes into the parameters, is no parameter of the driver's: taken.
+	withPolicy, err := e.d.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "g3", SourceVolumeIds: sources, Parameters: map[string]string{"deletionPolicy": "Retain"}})
+	if err != nil || len(withPolicy.GetGroupSnapshot().GetSnapshots()) != len(sources) {
+		t.Fatalf("a group with the parameter deletionPolicy: %v, %v", withPolicy, err)
+	}
 
 	// Delete: a list that does not hold every member is refused; then the
 	// group goes, and deleting it again, or a group never made, is OK.
