@@ -19,10 +19,16 @@
 //     when a pool's kernel raises an event, between the provisioner's polls.
 //   - events.go makes the event recorder and turns the driver's no-space
 //     refusals into Events on the PVC.
+//   - adopt.go and adopt_group.go label, for this node's csi-snapshotter
+//     (distributed snapshotting), the snapshot contents and group snapshot
+//     contents of what this node holds, which the snapshot-controller
+//     leaves unlabelled, and the class of a group snapshot this node is
+//     taking (the sidecar reads only classes labelled for its node).
 //
 // It reads Kubernetes objects through informers and writes only the
-// selected-node annotation, Events, its node's ThinPools and the capacity
-// values of its node's CSIStorageCapacity objects. It never changes a pool: what it
+// selected-node annotation, Events, its node's ThinPools, the capacity
+// values of its node's CSIStorageCapacity objects, and the managed-by
+// label of snapshot contents and group snapshot classes. It never changes a pool: what it
 // needs of the driver it asks through Owner and UsageSource, which answer
 // from this node alone. Registration with the kubelet is in the
 // registration subpackage, which needs no API server.
