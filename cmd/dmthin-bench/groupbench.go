@@ -139,13 +139,14 @@ func startWriter(node string, span int64) (*writer, error) {
 	if err != nil {
 		return nil, err
 	}
-	buf, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	buf, free, err := directBuffer(4096)
 	if err != nil {
 		f.Close()
 		return nil, err
 	}
 	for off := int64(0); off < span; off += 4096 {
 		if _, err := f.WriteAt(buf, off); err != nil {
+			free()
 			f.Close()
 			return nil, err
 		}
@@ -153,7 +154,7 @@ func startWriter(node string, span int64) (*writer, error) {
 	w := &writer{done: make(chan struct{}), err: make(chan error, 1)}
 	go func() {
 		defer f.Close()
-		defer unix.Munmap(buf)
+		defer free()
 		var off int64
 		for {
 			select {

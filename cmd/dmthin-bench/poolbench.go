@@ -149,11 +149,11 @@ func touchEveryBlock(node string, size, block int64) error {
 		return err
 	}
 	defer f.Close()
-	buf, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	buf, free, err := directBuffer(4096)
 	if err != nil {
 		return err
 	}
-	defer unix.Munmap(buf)
+	defer free()
 	for i := range buf {
 		buf[i] = byte(i) | 1
 	}
@@ -163,4 +163,14 @@ func touchEveryBlock(node string, size, block int64) error {
 		}
 	}
 	return f.Sync()
+}
+
+// directBuffer is a page-aligned buffer of size bytes for O_DIRECT I/O,
+// and the function that frees it.
+func directBuffer(size int) ([]byte, func(), error) {
+	buf, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		return nil, nil, err
+	}
+	return buf, func() { _ = unix.Munmap(buf) }, nil
 }
