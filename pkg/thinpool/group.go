@@ -72,56 +72,17 @@ func (p *Pool) SnapshotGroup(ctx context.Context, group string, members []GroupM
 		}
 		if active {
 			origins = append(origins, dev)
-			p.suspending[dev] = true
 		}
 	}
-	underLock := p.suspendUnderPoolLock
-	if !underLock {
-		p.mu.Unlock()
-	}
-	suspended := 0
-	resumeAll := func() error {
-		var errs []error
-		for _, d := range slices.Backward(origins[:suspended]) {
-			if err := p.k.Resume(d); err != nil {
-				errs = append(errs, err)
-			}
-		}
-		if !underLock {
-			p.mu.Lock()
-			defer p.mu.Unlock()
-		}
-		for _, d := range origins {
-			delete(p.suspending, d)
-		}
-		if err := errors.Join(errs...); err != nil {
-			if ferr := p.fail(fmt.Errorf("resume the origins of group %s: %w", group, err)); ferr != nil {
-				return ferr
-			}
-		}
-		suspended = 0
-		return nil
-	}
-	defer func() {
-		_ = resumeAll()
-		if underLock {
-			p.mu.Unlock()
-		}
-	}()
-	for _, d := range origins {
-		// Counted before the call: a suspend that failed may have
-		// suspended, and the resume is harmless if not.
-		suspended++
-		if err := p.k.Suspend(d, 0); err != nil {
-			return nil, fmt.Errorf("group %s: suspend an origin: %w", group, err)
-		}
+	resume, err := p.suspendOrigins(origins, "the origins of group "+group)
+	defer func() { _ = resume() }()
+	if err != nil {
+		return nil, fmt.Errorf("group %s: %w", group, err)
 	}
 	p.step("group:suspended")
 	got, err := func() ([]*Volume, error) {
-		if !underLock {
-			p.mu.Lock()
-			defer p.mu.Unlock()
-		}
+		p.mu.Lock()
+		defer p.mu.Unlock()
 		// Only the members' names were locked meanwhile: look again.
 		srcs, sizeBytes, existing, err = p.checkGroup(ctx, group, members)
 		if err != nil || existing != nil {
@@ -129,7 +90,7 @@ func (p *Pool) SnapshotGroup(ctx context.Context, group string, members []GroupM
 		}
 		return p.groupLocked(group, members, srcs, sizeBytes)
 	}()
-	if rerr := resumeAll(); rerr != nil {
+	if rerr := resume(); rerr != nil {
 		return nil, rerr
 	}
 	return got, err

@@ -162,49 +162,27 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 		p.mu.Unlock()
 		return existing, err
 	}
-	if src == nil || p.suspendUnderPoolLock {
+	if src == nil {
 		defer p.mu.Unlock()
-		return p.createLocked(ctx, name, source, src, sizeBytes, kind, false)
+		return p.createLocked(ctx, name, source, src, sizeBytes, kind)
 	}
-	// A snapshot of an active origin: the origin is suspended (its writes
-	// flushed and its filesystem frozen, which can take long) holding only
-	// the two volumes' locks, so that reading the pool's usage, metrics,
-	// capacity and changes of other volumes go on meanwhile; the pool's
-	// lock is taken again for the intent, the message and the commit.
+	// A snapshot: an active origin is suspended (its writes flushed and its
+	// filesystem frozen, which can take long) holding only the two
+	// volumes' locks, so that reading the pool's usage, metrics, capacity
+	// and changes of other volumes go on meanwhile; the pool's lock is
+	// taken again for the intent, the message and the commit.
 	origin, active, err := p.activeDevice(src.Name)
 	if err != nil || !active {
 		defer p.mu.Unlock()
 		if err != nil {
 			return nil, err
 		}
-		return p.createLocked(ctx, name, source, src, sizeBytes, kind, false)
+		return p.createLocked(ctx, name, source, src, sizeBytes, kind)
 	}
-	p.suspending[origin] = true // the recovery of another change leaves it be
-	p.mu.Unlock()
-	resumed := false
-	resume := func() error {
-		if resumed {
-			return nil
-		}
-		resumed = true
-		err := p.k.Resume(origin)
-		p.mu.Lock()
-		delete(p.suspending, origin)
-		if err != nil {
-			err = fmt.Errorf("resume the origin %s: %w", source, err)
-			if ferr := p.fail(err); ferr != nil {
-				err = ferr
-			} else {
-				err = nil // the recovery resumed it
-			}
-		}
-		p.mu.Unlock()
-		return err
-	}
+	resume, err := p.suspendOrigins([]devmapper.Dev{origin}, "the origin "+source)
 	defer func() { _ = resume() }()
-	if err := p.k.Suspend(origin, 0); err != nil {
-		// It may have suspended before it failed: resumed on the way out.
-		return nil, fmt.Errorf("snapshot %s: suspend the origin %s: %w", name, source, err)
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %s: %w", name, err)
 	}
 	p.step("snapshot:suspended")
 	v, err := func() (*Volume, error) {
@@ -215,12 +193,58 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 		if err != nil || existing != nil {
 			return existing, err
 		}
-		return p.createLocked(ctx, name, source, src, sizeBytes, kind, true)
+		return p.createLocked(ctx, name, source, src, sizeBytes, kind)
 	}()
 	if rerr := resume(); rerr != nil {
 		return nil, rerr
 	}
 	return v, err
+}
+
+// suspendOrigins suspends the active origins of a snapshot or a group,
+// named by what, without the pool's lock: the caller holds p.mu, which is
+// released here, and takes it again for its intent, messages and commit.
+// The origins are marked so that a recovery meanwhile leaves them
+// suspended. resume resumes them (the ones a failed suspend reached too),
+// unmarks them under p.mu, and fences the pool if a resume failed (the
+// recovery resumes them; its error, if it fails, is returned); it returns
+// with p.mu released, and a second call does nothing.
+func (p *Pool) suspendOrigins(origins []devmapper.Dev, what string) (resume func() error, err error) {
+	for _, d := range origins {
+		p.suspending[d] = true
+	}
+	p.mu.Unlock()
+	suspended, done := 0, false
+	resume = func() error {
+		if done {
+			return nil
+		}
+		done = true
+		var errs []error
+		for _, d := range slices.Backward(origins[:suspended]) {
+			if err := p.k.Resume(d); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, d := range origins {
+			delete(p.suspending, d)
+		}
+		if err := errors.Join(errs...); err != nil {
+			return p.fail(fmt.Errorf("resume %s: %w", what, err))
+		}
+		return nil
+	}
+	for _, d := range origins {
+		// Counted before the call: a suspend that failed may have
+		// suspended, and the resume is harmless if not.
+		suspended++
+		if err := p.k.Suspend(d, 0); err != nil {
+			return resume, fmt.Errorf("suspend %s: %w", what, err)
+		}
+	}
+	return resume, nil
 }
 
 // activeDevice returns the dm device of an active volume.
@@ -278,10 +302,11 @@ func (p *Pool) checkNew(ctx context.Context, name, source string, sizeBytes int6
 	return src, sizeBytes, nil, nil
 }
 
-// createLocked makes the device: intent, message, commit. originSuspended
+// createLocked makes the device: intent, message, commit; an active
+// source was suspended by the caller (newDevice).
 // says the caller suspended an active source already. The caller holds
 // p.mu.
-func (p *Pool) createLocked(ctx context.Context, name, source string, src *Volume, sizeBytes int64, kind Kind, originSuspended bool) (*Volume, error) {
+func (p *Pool) createLocked(ctx context.Context, name, source string, src *Volume, sizeBytes int64, kind Kind) (*Volume, error) {
 	v := &Volume{Name: name, SizeBytes: sizeBytes, Kind: kind, Source: source, CreatedAt: time.Now().UTC()}
 	in := &intent{Op: opCreate, TID: p.tid + 1}
 	if src != nil {
@@ -308,12 +333,9 @@ func (p *Pool) createLocked(ctx context.Context, name, source string, src *Volum
 		}
 		p.nextID = next
 		p.step(string(in.Op) + ":intent")
-		switch {
-		case src != nil && originSuspended:
+		if src != nil {
 			err = p.k.Message(p.dev, devmapper.CreateSnap{DeviceID: id, OriginID: src.DeviceID})
-		case src != nil:
-			err = p.snapshotMessage(src, id)
-		default:
+		} else {
 			err = p.k.Message(p.dev, devmapper.CreateThin{DeviceID: id})
 		}
 		if errors.Is(err, unix.EEXIST) && attempt < 16 {
@@ -356,29 +378,6 @@ func (p *Pool) createLocked(ctx context.Context, name, source string, src *Volum
 	}
 	got, _ := made()
 	return got, nil
-}
-
-// snapshotMessage sends create_snap, suspending an active origin around it.
-// The origin is resumed whatever happens, a failed suspend included (it may
-// have suspended before it failed); a resume that fails leaves it for the
-// recovery to resume.
-func (p *Pool) snapshotMessage(src *Volume, id uint32) (err error) {
-	info, err := p.k.InfoByName(p.volDMName(src.Name))
-	if err != nil && !errors.Is(err, unix.ENXIO) {
-		return fmt.Errorf("look up the origin %s: %w", src.Name, err)
-	}
-	if err == nil && info.LiveTable {
-		defer func() {
-			if rerr := p.k.Resume(info.Dev); rerr != nil && err == nil {
-				err = fmt.Errorf("resume the origin %s: %w", src.Name, rerr)
-			}
-		}()
-		if err := p.k.Suspend(info.Dev, 0); err != nil {
-			return fmt.Errorf("suspend the origin %s: %w", src.Name, err)
-		}
-		p.step("snapshot:suspended")
-	}
-	return p.k.Message(p.dev, devmapper.CreateSnap{DeviceID: id, OriginID: src.DeviceID})
 }
 
 // commit advances the transaction id (the commit point) and records the

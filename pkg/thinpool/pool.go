@@ -50,9 +50,6 @@ type Pool struct {
 	// suspending holds the origins that snapshots in progress suspended
 	// outside p.mu; a recovery meanwhile resumes every other device.
 	suspending map[devmapper.Dev]bool
-	// suspendUnderPoolLock: suspend origins holding p.mu, as before
-	// snapshots suspended outside it (SuspendUnderPoolLock).
-	suspendUnderPoolLock bool
 
 	volLocks keyedMutex
 
@@ -63,12 +60,6 @@ type Pool struct {
 
 // Option configures Open.
 type Option func(*Pool)
-
-// SuspendUnderPoolLock makes snapshots suspend their origin holding the
-// pool's lock, as csi-dmthin did before 2026-11-30, so that reading the
-// pool's usage waits for the origin's flush. It exists for the benchmark
-// that measures what that cost; nothing else should use it.
-func SuspendUnderPoolLock() Option { return func(p *Pool) { p.suspendUnderPoolLock = true } }
 
 // dm names and UUIDs. Every dm UUID of the pool starts with
 // devmapper.UUIDPrefix + identity + "-".
