@@ -50,7 +50,7 @@ import (
 // finishing behind the next server's back.
 
 const (
-	defaultKills = 100
+	defaultKills = 30
 	workers      = 3
 	// maxRunBeforeKill bounds how long the client drives a server before
 	// it is killed (twice that with templates on); the kill comes at a

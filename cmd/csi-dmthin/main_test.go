@@ -24,7 +24,7 @@ const (
 )
 
 // The SIGKILL test's knobs (kill_kernel_test.go), which TestVM passes to
-// the guest: how many times the server is killed (default 100), and the
+// the guest: how many times the server is killed (default 30), and the
 // seed of its random choices (default: the time; the test logs it).
 const (
 	killsEnv    = "CSI_DMTHIN_KILLS"

@@ -16,7 +16,7 @@ import (
 // TestVM runs the kernel tests of kill_kernel_test.go (build tag vmtest)
 // in a qemu VM: the real `csi-dmthin serve`, SIGKILLed and restarted over
 // pools on loop files, with the host's mount, mkfs and resize tools.
-// CSI_DMTHIN_KILLS (default 100) and CSI_DMTHIN_KILL_SEED pass through;
+// CSI_DMTHIN_KILLS (default 30) and CSI_DMTHIN_KILL_SEED pass through;
 // with more kills, give go test a -timeout to match (about 4 s a kill).
 //
 // Unless the outer -run picks guest tests itself (-run 'TestVM/Kill'), only
