@@ -168,15 +168,14 @@ func TestMultiNode(t *testing.T) {
 			"---\n" + podYAML("full-restore", "full-restore", "sleep 100000", false))
 		k.waitWarning("full-restore", b, start)
 		k.nothingMade("full-restore")
-		// The restore claim first: the snapshot-controller keeps a
-		// snapshot that a pending claim is restored from.
-		// A snapshot's deletion waits for its content's, by the node's
-		// csi-snapshotter: over a minute under TCG.
-		k.run("delete", "pod", "full-restore", "full-src", "--wait=true", "--timeout=2m")
-		k.run("delete", "pvc", "full-restore", "--wait=true", "--timeout=2m")
-		k.run("delete", "volumesnapshot", "full-snap", "--wait=true", "--timeout=4m")
-		k.run("delete", "pvc", "full-src", "--wait=true", "--timeout=2m")
-		k.waitNoPVFor("full-restore", "full-src")
+		// Deleted without waiting: a snapshot's deletion waits for its
+		// content's, by the node's csi-snapshotter, and for the pending
+		// claim restored from it (the snapshot-controller keeps the
+		// snapshot until then): minutes under TCG, which the steps below
+		// overlap. NothingLeftBehind checks it all went.
+		k.run("delete", "pod", "full-restore", "full-src", "--wait=false")
+		k.run("delete", "pvc", "full-restore", "full-src", "--wait=false")
+		k.run("delete", "volumesnapshot", "full-snap", "--wait=false")
 	})
 
 	step("RestoreWaitsForCordonedSourceNode", func(k *k) {
@@ -198,6 +197,32 @@ func TestMultiNode(t *testing.T) {
 
 	step("PowerCutOnOneNode", func(k *k) {
 		k.powerCut(a, b)
+	})
+
+	step("NothingLeftBehind", func(k *k) {
+		// What RestoreRefusedWhenSourcePoolIsFull deleted in the
+		// background: the snapshot, its content and both volumes.
+		k.eventually(5*time.Minute, "snapshot full-snap and its content deleted", func() string {
+			out, err := k.try("get", "volumesnapshot", "full-snap", "-o", "name")
+			switch {
+			case err == nil:
+				return out + " still there"
+			case !strings.Contains(err.Error()+out, "NotFound"):
+				return err.Error()
+			}
+			contents, err := k.c.Kubectl(k.ctx, "get", "volumesnapshotcontents", "-o",
+				`jsonpath={range .items[?(@.spec.volumeSnapshotRef.name=="full-snap")]}{.metadata.name} {.spec.volumeSnapshotRef.namespace}{"\n"}{end}`)
+			if err != nil {
+				return err.Error()
+			}
+			for _, l := range strings.Split(strings.TrimSpace(string(contents)), "\n") {
+				if name, ns, _ := strings.Cut(l, " "); ns == k.ns {
+					return "content " + name + " still there"
+				}
+			}
+			return ""
+		})
+		k.waitNoPVFor("full-restore", "full-src")
 	})
 }
 
