@@ -17,7 +17,6 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -155,7 +154,7 @@ func (e *driverEnv) createSnapshot(name, source string) *csi.Snapshot {
 }
 
 // dev returns the dm device of an active volume, by ID.
-func (e *driverEnv) dev(volumeID string) devmapper.Dev {
+func (e *driverEnv) dev(volumeID string) thinpool.Dev {
 	e.t.Helper()
 	pool, name, _ := strings.Cut(volumeID, "/")
 	info, err := e.k.InfoByName("dmthin-" + pool + "-" + name)

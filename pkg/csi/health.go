@@ -5,7 +5,7 @@ import (
 
 	csi "github.com/container-storage-interface/spec/lib/go/csi"
 
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
 // A thin volume's health is its pool's: the pool failing, turning read-only
@@ -29,9 +29,9 @@ func poolHealth(p Pool) []*csi.VolumeHealth_VolumeHealthEntry {
 		return []*csi.VolumeHealth_VolumeHealthEntry{entry(csi.VolumeHealthErrorType_INACCESSIBLE, "PoolFailed", "the thin pool has failed; repair it with thin_check/thin_repair")}
 	case u.NeedsCheck:
 		return []*csi.VolumeHealth_VolumeHealthEntry{entry(csi.VolumeHealthErrorType_DEGRADED, "PoolNeedsCheck", "the thin pool's metadata needs a check (thin_check); the pool is read-only")}
-	case u.Mode == devmapper.PoolReadOnly:
+	case u.Mode == thinpool.ModeReadOnly:
 		return []*csi.VolumeHealth_VolumeHealthEntry{entry(csi.VolumeHealthErrorType_DEGRADED, "PoolReadOnly", "the thin pool is read-only")}
-	case u.Mode == devmapper.PoolOutOfDataSpace:
+	case u.Mode == thinpool.ModeOutOfDataSpace:
 		return []*csi.VolumeHealth_VolumeHealthEntry{entry(csi.VolumeHealthErrorType_DEGRADED, "PoolOutOfDataSpace", "the thin pool is out of data space: writes to unallocated blocks fail")}
 	}
 	return nil

@@ -7,6 +7,21 @@ import (
 	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 )
 
+// Mode is the pool's operating mode as the kernel reports it in the pool's
+// status. It is pkg/thinpool's own type so that callers read a pool's mode
+// without importing pkg/devmapper; the values are the kernel's words.
+type Mode string
+
+const (
+	ModeReadWrite Mode = Mode(devmapper.PoolReadWrite)
+	// ModeReadOnly: metadata problems (out of metadata space, an error,
+	// needs_check), or the pool was made read-only.
+	ModeReadOnly Mode = Mode(devmapper.PoolReadOnly)
+	// ModeOutOfDataSpace: writes to unallocated blocks fail (or queue)
+	// until the pool grows or blocks are freed.
+	ModeOutOfDataSpace Mode = Mode(devmapper.PoolOutOfDataSpace)
+)
+
 // Usage is the pool's use of space and what it can still take.
 type Usage struct {
 	DataBytes         int64
@@ -32,7 +47,7 @@ type Usage struct {
 	Templates      int
 
 	TransactionID uint64
-	Mode          devmapper.PoolMode
+	Mode          Mode
 	NeedsCheck    bool
 	Failed        bool
 	// Fenced, when not empty, says why the pool refuses changes until it
@@ -42,7 +57,7 @@ type Usage struct {
 
 // Healthy reports whether the pool accepts changes.
 func (u Usage) Healthy() bool {
-	return !u.Failed && !u.NeedsCheck && u.Mode != devmapper.PoolReadOnly && u.Fenced == ""
+	return !u.Failed && !u.NeedsCheck && u.Mode != ModeReadOnly && u.Fenced == ""
 }
 
 // Usage reads the pool's status (without forcing a metadata commit) and
@@ -61,7 +76,7 @@ func (p *Pool) usage() (Usage, error) {
 	if err != nil {
 		return Usage{}, err
 	}
-	u := Usage{OverprovisionRatio: p.cfg.OverprovisionRatio, Failed: ps.Fail || ps.Error, TransactionID: ps.TransactionID, Mode: ps.Mode, NeedsCheck: ps.NeedsCheck}
+	u := Usage{OverprovisionRatio: p.cfg.OverprovisionRatio, Failed: ps.Fail || ps.Error, TransactionID: ps.TransactionID, Mode: Mode(ps.Mode), NeedsCheck: ps.NeedsCheck}
 	if p.fenced != nil {
 		u.Fenced = p.fenced.Error()
 	}
@@ -88,7 +103,7 @@ func (p *Pool) usage() (Usage, error) {
 
 	freeData, freeMeta := p.freeAboveFloors(u)
 	switch {
-	case !u.Healthy() || ps.Mode == devmapper.PoolOutOfDataSpace || freeData <= 0 || freeMeta <= 0:
+	case !u.Healthy() || u.Mode == ModeOutOfDataSpace || freeData <= 0 || freeMeta <= 0:
 		u.AvailableBytes = 0
 	case p.cfg.OverprovisionRatio < 0:
 		u.AvailableBytes = freeData
@@ -129,7 +144,7 @@ func (p *Pool) admit(sizeBytes int64, kind Kind) error {
 	}
 	freeData, freeMeta := p.freeAboveFloors(u)
 	switch {
-	case u.Mode == devmapper.PoolOutOfDataSpace:
+	case u.Mode == ModeOutOfDataSpace:
 		return fmt.Errorf("%w: the pool is out of data space", ErrNoSpace)
 	case freeData <= 0:
 		return fmt.Errorf("%w: %d of %d data bytes free, at or under the %.0f%% floor", ErrNoSpace, u.DataBytes-u.DataUsedBytes, u.DataBytes, p.cfg.MinFreeDataPercent)

@@ -65,6 +65,9 @@ type Config struct {
 	OverprovisionRatio     float64
 }
 
+// SectorSize is the unit of BlockSectors (and of every dm size): 512 bytes.
+const SectorSize = devmapper.SectorSize
+
 var poolNameRE = regexp.MustCompile(`^[a-z][a-z0-9-]{0,31}$`)
 
 const (

@@ -590,7 +590,7 @@ func runScenarios(t *testing.T, newEnv func(t *testing.T) env) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if u.DataBytes != 64<<20 || u.AvailableBytes <= 0 || u.Mode != devmapper.PoolReadWrite {
+		if u.DataBytes != 64<<20 || u.AvailableBytes <= 0 || u.Mode != ModeReadWrite {
 			t.Fatalf("after growing the data device: %+v", u)
 		}
 		if err := e.write(t, p, "hog", 32<<20, pattern(2, 64<<10)); err != nil {
