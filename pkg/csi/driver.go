@@ -48,6 +48,11 @@ type Pool interface {
 	Get(name string) (*thinpool.Volume, error)
 	List() []thinpool.Volume
 	Usage() (thinpool.Usage, error)
+	// Admit answers, changing nothing, whether the pool would now take a
+	// new device of kind and sizeBytes: the pool's own admission, which
+	// this package never repeats. ErrNoSpace, ErrPoolUnhealthy or
+	// ErrClosed when not.
+	Admit(sizeBytes int64, kind thinpool.Kind) error
 }
 
 var _ Pool = (*thinpool.Pool)(nil)

@@ -61,6 +61,18 @@ func TestRoomFor(t *testing.T) {
 			t.Errorf("%s: RoomFor(%q, %d) = %v, want %v", c.name, c.id, c.size, err, c.wantErr)
 		}
 	}
+	// A refusal is the pool's own: it names the pool and the reason.
+	if err := e.d.RoomFor(snap, 33<<20); err == nil || !strings.Contains(err.Error(), "pool "+testPool+": ") || !strings.Contains(err.Error(), "would pass 1 times") {
+		t.Errorf("RoomFor over the ratio: %v, want the pool and the reason", err)
+	}
+	// A closed pool (the driver stopping) takes nothing.
+	other := e.createVolumeIn(otherPool, "pvc-2")
+	if err := e.pools[otherPool].Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.d.RoomFor(other, 1<<20); !errors.Is(err, thinpool.ErrPoolUnhealthy) || !strings.Contains(err.Error(), "pool "+otherPool) {
+		t.Errorf("RoomFor in a closed pool: %v, want ErrPoolUnhealthy naming %s", err, otherPool)
+	}
 }
 
 // RoomFor and the pool's admission agree at the boundary, templates
