@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -105,23 +105,23 @@ func loopPoolConfig(dir, name string, dataBytes int64) thinpool.Config {
 	}
 }
 
-func mountCap(fsType string, mode csi.VolumeCapability_AccessMode_Mode) *csi.VolumeCapability {
-	return &csi.VolumeCapability{
-		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: fsType}},
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: mode},
+func mountCap(fsType string, mode csipb.VolumeCapability_AccessMode_Mode) *csipb.VolumeCapability {
+	return &csipb.VolumeCapability{
+		AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{FsType: fsType}},
+		AccessMode: &csipb.VolumeCapability_AccessMode{Mode: mode},
 	}
 }
 
-func blockCap(mode csi.VolumeCapability_AccessMode_Mode) *csi.VolumeCapability {
-	return &csi.VolumeCapability{
-		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: mode},
+func blockCap(mode csipb.VolumeCapability_AccessMode_Mode) *csipb.VolumeCapability {
+	return &csipb.VolumeCapability{
+		AccessType: &csipb.VolumeCapability_Block{Block: &csipb.VolumeCapability_BlockVolume{}},
+		AccessMode: &csipb.VolumeCapability_AccessMode{Mode: mode},
 	}
 }
 
 const (
-	rwo = csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER
-	rox = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+	rwo = csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER
+	rox = csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
 )
 
 var fsCap = mountCap("", rwo)
@@ -132,11 +132,11 @@ func (e *driverEnv) path(elem ...string) string {
 }
 
 // createVolume makes a volume of testVolBytes in the default pool.
-func (e *driverEnv) createVolume(name string) *csi.Volume {
+func (e *driverEnv) createVolume(name string) *csipb.Volume {
 	e.t.Helper()
-	resp, err := e.d.CreateVolume(e.t.Context(), &csi.CreateVolumeRequest{
-		Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes},
-		VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+	resp, err := e.d.CreateVolume(e.t.Context(), &csipb.CreateVolumeRequest{
+		Name: name, CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes},
+		VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
 	})
 	if err != nil {
 		e.t.Fatalf("CreateVolume %s: %v", name, err)
@@ -144,9 +144,9 @@ func (e *driverEnv) createVolume(name string) *csi.Volume {
 	return resp.GetVolume()
 }
 
-func (e *driverEnv) createSnapshot(name, source string) *csi.Snapshot {
+func (e *driverEnv) createSnapshot(name, source string) *csipb.Snapshot {
 	e.t.Helper()
-	resp, err := e.d.CreateSnapshot(e.t.Context(), &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: source})
+	resp, err := e.d.CreateSnapshot(e.t.Context(), &csipb.CreateSnapshotRequest{Name: name, SourceVolumeId: source})
 	if err != nil {
 		e.t.Fatalf("CreateSnapshot %s: %v", name, err)
 	}
@@ -261,127 +261,127 @@ func TestRequiredFields(t *testing.T) {
 	e := newDriverEnv(t)
 	vol := e.createVolume("vol").GetVolumeId()
 	staging, target := e.path("staging", "vol"), e.path("pods", "p1", "vol")
-	noAccessType := &csi.VolumeCapability{AccessMode: &csi.VolumeCapability_AccessMode{Mode: rwo}}
-	noMode := &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}}}
-	caps := []*csi.VolumeCapability{fsCap}
+	noAccessType := &csipb.VolumeCapability{AccessMode: &csipb.VolumeCapability_AccessMode{Mode: rwo}}
+	noMode := &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}}}
+	caps := []*csipb.VolumeCapability{fsCap}
 	type R = badCase
 	cases := []badCase{
 		R{"CreateVolume/name", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{VolumeCapabilities: caps}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{VolumeCapabilities: caps}))
 		}, codes.InvalidArgument, []string{"name"}},
 		R{"CreateVolume/name too long", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: strings.Repeat("n", 129), VolumeCapabilities: caps}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: strings.Repeat("n", 129), VolumeCapabilities: caps}))
 		}, codes.InvalidArgument, []string{"name"}},
 		R{"CreateVolume/volume_capabilities", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new"}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new"}))
 		}, codes.InvalidArgument, []string{"volume_capabilities"}},
 		R{"CreateVolume/access_mode", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csi.VolumeCapability{noMode}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{noMode}}))
 		}, codes.InvalidArgument, []string{"volume_capabilities[0].access_mode"}},
 		R{"CreateVolume/access_type", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csi.VolumeCapability{noAccessType}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{noAccessType}}))
 		}, codes.InvalidArgument, []string{"volume_capabilities[0]", "mount or block"}},
 		R{"CreateVolume/snapshot_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps,
-				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{}}}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps,
+				VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Snapshot{Snapshot: &csipb.VolumeContentSource_SnapshotSource{}}}}))
 		}, codes.InvalidArgument, []string{"volume_content_source.snapshot.snapshot_id"}},
 		R{"CreateVolume/source volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps,
-				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{}}}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps,
+				VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{}}}}))
 		}, codes.InvalidArgument, []string{"volume_content_source.volume.volume_id"}},
 		R{"DeleteVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{}))
+			return ignore(d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{}))
 		}, codes.InvalidArgument, []string{"volume_id"}},
 		R{"ValidateVolumeCapabilities/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeCapabilities: caps}))
+			return ignore(d.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeCapabilities: caps}))
 		}, codes.InvalidArgument, []string{"volume_id"}},
 		R{"ValidateVolumeCapabilities/volume_capabilities", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: vol}))
+			return ignore(d.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: vol}))
 		}, codes.InvalidArgument, []string{"volume_capabilities"}},
 		// A missing field is InvalidArgument even when the ID is not ours.
 		R{"ValidateVolumeCapabilities/volume_capabilities, bad ID", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: "not-an-id"}))
+			return ignore(d.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: "not-an-id"}))
 		}, codes.InvalidArgument, []string{"volume_capabilities"}},
 		R{"NodeStageVolume/staging_target_path, bad ID", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: "not-an-id", VolumeCapability: fsCap}))
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "not-an-id", VolumeCapability: fsCap}))
 		}, codes.InvalidArgument, []string{"staging_target_path"}},
 		R{"NodePublishVolume/volume_capability, bad ID", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: "not-an-id", TargetPath: target, StagingTargetPath: staging}))
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "not-an-id", TargetPath: target, StagingTargetPath: staging}))
 		}, codes.InvalidArgument, []string{"volume_capability"}},
 		R{"NodeGetVolumeStats/volume_path, bad ID", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: "not-an-id"}))
+			return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: "not-an-id"}))
 		}, codes.InvalidArgument, []string{"volume_path"}},
 		R{"ControllerGetVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{}))
+			return ignore(d.ControllerGetVolume(ctx, &csipb.ControllerGetVolumeRequest{}))
 		}, codes.InvalidArgument, []string{"volume_id"}},
 		R{"ControllerGetVolumeHealth/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{}))
+			return ignore(d.ControllerGetVolumeHealth(ctx, &csipb.ControllerGetVolumeHealthRequest{}))
 		}, codes.InvalidArgument, []string{"volume_id"}},
 		R{"CreateSnapshot/name", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: vol}))
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{SourceVolumeId: vol}))
 		}, codes.InvalidArgument, []string{"name"}},
 		R{"CreateSnapshot/source_volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap"}))
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "snap"}))
 		}, codes.InvalidArgument, []string{"source_volume_id"}},
 		R{"DeleteSnapshot/snapshot_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{}))
+			return ignore(d.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{}))
 		}, codes.InvalidArgument, []string{"snapshot_id"}},
 		R{"GetSnapshot/snapshot_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.GetSnapshot(ctx, &csi.GetSnapshotRequest{}))
+			return ignore(d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{}))
 		}, codes.InvalidArgument, []string{"snapshot_id"}},
 		R{"NodeStageVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{StagingTargetPath: staging, VolumeCapability: fsCap}))
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{StagingTargetPath: staging, VolumeCapability: fsCap}))
 		}, codes.InvalidArgument, []string{"volume_id"}},
 		R{"NodeStageVolume/staging_target_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, VolumeCapability: fsCap}))
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, VolumeCapability: fsCap}))
 		}, codes.InvalidArgument, []string{"staging_target_path"}},
 		R{"NodeStageVolume/volume_capability", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging}))
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging}))
 		}, codes.InvalidArgument, []string{"volume_capability"}},
 		R{"NodeStageVolume/access_mode", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: noMode}))
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: noMode}))
 		}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
 		R{"NodeUnstageVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{StagingTargetPath: staging}))
+			return ignore(d.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{StagingTargetPath: staging}))
 		}, codes.InvalidArgument, []string{"volume_id"}},
 		R{"NodeUnstageVolume/staging_target_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: vol}))
+			return ignore(d.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: vol}))
 		}, codes.InvalidArgument, []string{"staging_target_path"}},
 		R{"NodePublishVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{TargetPath: target, StagingTargetPath: staging, VolumeCapability: fsCap}))
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{TargetPath: target, StagingTargetPath: staging, VolumeCapability: fsCap}))
 		}, codes.InvalidArgument, []string{"volume_id"}},
 		R{"NodePublishVolume/target_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: fsCap}))
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: fsCap}))
 		}, codes.InvalidArgument, []string{"target_path"}},
 		R{"NodePublishVolume/staging_target_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, TargetPath: target, VolumeCapability: fsCap}))
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: target, VolumeCapability: fsCap}))
 		}, codes.InvalidArgument, []string{"staging_target_path"}},
 		R{"NodePublishVolume/volume_capability", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, TargetPath: target, StagingTargetPath: staging}))
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: target, StagingTargetPath: staging}))
 		}, codes.InvalidArgument, []string{"volume_capability"}},
 		R{"NodeUnpublishVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{TargetPath: target}))
+			return ignore(d.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{TargetPath: target}))
 		}, codes.InvalidArgument, []string{"volume_id"}},
 		R{"NodeUnpublishVolume/target_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: vol}))
+			return ignore(d.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: vol}))
 		}, codes.InvalidArgument, []string{"target_path"}},
 		R{"NodeGetVolumeStats/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumePath: target}))
+			return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumePath: target}))
 		}, codes.InvalidArgument, []string{"volume_id"}},
 		R{"NodeGetVolumeStats/volume_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol}))
+			return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: vol}))
 		}, codes.InvalidArgument, []string{"volume_path"}},
 		R{"NodeExpandVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumePath: target}))
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumePath: target}))
 		}, codes.InvalidArgument, []string{"volume_id"}},
 		R{"NodeExpandVolume/volume_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol}))
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol}))
 		}, codes.InvalidArgument, []string{"volume_path"}},
 		R{"NodeExpandVolume/access_mode", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, VolumeCapability: noMode}))
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, VolumeCapability: noMode}))
 		}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
 		R{"NodeGetVolumeHealth/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{}))
+			return ignore(d.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{}))
 		}, codes.InvalidArgument, []string{"volume_id"}},
 	}
 	runBadCases(t, e, cases)
@@ -407,75 +407,75 @@ func TestUnknownIDs(t *testing.T) {
 	for what, id := range ids {
 		cases = append(cases,
 			badCase{"ControllerGetVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: id}))
+				return ignore(d.ControllerGetVolume(ctx, &csipb.ControllerGetVolumeRequest{VolumeId: id}))
 			}, codes.NotFound, nil},
 			badCase{"ValidateVolumeCapabilities/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: id, VolumeCapabilities: []*csi.VolumeCapability{fsCap}}))
+				return ignore(d.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: id, VolumeCapabilities: []*csipb.VolumeCapability{fsCap}}))
 			}, codes.NotFound, nil},
 			badCase{"ControllerGetVolumeHealth/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: id}))
+				return ignore(d.ControllerGetVolumeHealth(ctx, &csipb.ControllerGetVolumeHealthRequest{VolumeId: id}))
 			}, codes.NotFound, nil},
 			badCase{"CreateSnapshot/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: id}))
+				return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "s2", SourceVolumeId: id}))
 			}, codes.NotFound, nil},
 			badCase{"CreateVolume from snapshot/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-					VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: id}}}}))
+				return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+					VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Snapshot{Snapshot: &csipb.VolumeContentSource_SnapshotSource{SnapshotId: id}}}}))
 			}, codes.NotFound, nil},
 			badCase{"CreateVolume from volume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-					VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: id}}}}))
+				return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+					VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: id}}}}))
 			}, codes.NotFound, nil},
 			badCase{"GetSnapshot/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: id}))
+				return ignore(d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{SnapshotId: id}))
 			}, codes.NotFound, nil},
 			badCase{"NodeStageVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: fsCap}))
+				return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: fsCap}))
 			}, codes.NotFound, nil},
 			badCase{"NodePublishVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: fsCap}))
+				return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: fsCap}))
 			}, codes.NotFound, nil},
 			badCase{"NodeGetVolumeStats/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target}))
+				return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target}))
 			}, codes.NotFound, nil},
 			badCase{"NodeExpandVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target}))
+				return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target}))
 			}, codes.NotFound, nil},
 			badCase{"NodeGetVolumeHealth/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id}))
+				return ignore(d.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{VolumeId: id}))
 			}, codes.NotFound, nil},
 			// Deleting what does not exist succeeds.
 			badCase{"DeleteVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}))
+				return ignore(d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: id}))
 			}, codes.OK, nil},
 			badCase{"DeleteSnapshot/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: id}))
+				return ignore(d.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: id}))
 			}, codes.OK, nil},
 		)
 	}
 	// A snapshot is not a volume, nor the other way round.
 	cases = append(cases,
 		badCase{"ControllerGetVolume/a snapshot", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: snap}))
+			return ignore(d.ControllerGetVolume(ctx, &csipb.ControllerGetVolumeRequest{VolumeId: snap}))
 		}, codes.NotFound, []string{"snapshot"}},
 		badCase{"NodeStageVolume/a snapshot", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: snap, StagingTargetPath: staging, VolumeCapability: fsCap}))
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: snap, StagingTargetPath: staging, VolumeCapability: fsCap}))
 		}, codes.NotFound, []string{"snapshot"}},
 		badCase{"CreateSnapshot/of a snapshot", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: snap}))
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "s2", SourceVolumeId: snap}))
 		}, codes.NotFound, []string{"snapshot"}},
 		badCase{"CreateVolume/volume source is a snapshot", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: snap}}}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+				VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: snap}}}}))
 		}, codes.NotFound, nil},
 		badCase{"GetSnapshot/a volume", func(ctx context.Context, d *Driver) error {
-			return ignore(d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: vol}))
+			return ignore(d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{SnapshotId: vol}))
 		}, codes.NotFound, []string{"volume"}},
 		badCase{"DeleteVolume/a snapshot", func(ctx context.Context, d *Driver) error {
-			return ignore(d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: snap}))
+			return ignore(d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: snap}))
 		}, codes.NotFound, []string{"snapshot"}},
 		badCase{"DeleteSnapshot/a volume", func(ctx context.Context, d *Driver) error {
-			return ignore(d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: vol}))
+			return ignore(d.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: vol}))
 		}, codes.NotFound, []string{"volume"}},
 	)
 	runBadCases(t, e, cases)
@@ -484,35 +484,35 @@ func TestUnknownIDs(t *testing.T) {
 func TestParameters(t *testing.T) {
 	e := newDriverEnv(t)
 	vol := e.createVolume("vol").GetVolumeId()
-	caps := []*csi.VolumeCapability{fsCap}
+	caps := []*csipb.VolumeCapability{fsCap}
 	runBadCases(t, e, []badCase{
 		{"CreateVolume/unknown", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{"thinness": "very"}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{"thinness": "very"}}))
 		}, codes.InvalidArgument, []string{"parameters.thinness"}},
 		{"CreateVolume/fsType", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{ParamFSType: "btrfs"}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{ParamFSType: "btrfs"}}))
 		}, codes.InvalidArgument, []string{"parameters.fsType", "btrfs"}},
 		{"CreateVolume/pool", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{ParamPool: "gamma"}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{ParamPool: "gamma"}}))
 		}, codes.InvalidArgument, []string{"parameters.pool", "gamma"}},
 		{"CreateVolume/capability fs_type", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csi.VolumeCapability{mountCap("ntfs", rwo)}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{mountCap("ntfs", rwo)}}))
 		}, codes.InvalidArgument, []string{"volume_capabilities[0].mount.fs_type", "ntfs"}},
 		{"GetCapacity/unknown", func(ctx context.Context, d *Driver) error {
-			return ignore(d.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: map[string]string{"thinness": "very"}}))
+			return ignore(d.GetCapacity(ctx, &csipb.GetCapacityRequest{Parameters: map[string]string{"thinness": "very"}}))
 		}, codes.InvalidArgument, []string{"parameters.thinness"}},
 		{"GetCapacity/pool", func(ctx context.Context, d *Driver) error {
-			return ignore(d.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: map[string]string{ParamPool: "gamma"}}))
+			return ignore(d.GetCapacity(ctx, &csipb.GetCapacityRequest{Parameters: map[string]string{ParamPool: "gamma"}}))
 		}, codes.InvalidArgument, []string{"parameters.pool"}},
 		{"CreateSnapshot/unknown", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap", SourceVolumeId: vol, Parameters: map[string]string{"retain": "yes"}}))
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "snap", SourceVolumeId: vol, Parameters: map[string]string{"retain": "yes"}}))
 		}, codes.InvalidArgument, []string{"parameters.retain"}},
 	})
 
 	// The provisioner's extra metadata is accepted and ignored, and the
 	// pool and fsType parameters are honoured.
-	resp, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{
-		Name: "in-beta", VolumeCapabilities: caps, CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes},
+	resp, err := e.d.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{
+		Name: "in-beta", VolumeCapabilities: caps, CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes},
 		Parameters: map[string]string{ParamPool: otherPool, ParamFSType: "xfs", "csi.storage.k8s.io/pvc/name": "data"},
 	})
 	if err != nil {
@@ -527,17 +527,17 @@ func TestParameters(t *testing.T) {
 
 	// ValidateVolumeCapabilities answers with a message, not an error, for
 	// what it cannot confirm.
-	for name, req := range map[string]*csi.ValidateVolumeCapabilitiesRequest{
+	for name, req := range map[string]*csipb.ValidateVolumeCapabilitiesRequest{
 		"parameter":  {VolumeId: vol, VolumeCapabilities: caps, Parameters: map[string]string{"thinness": "very"}},
-		"multi-node": {VolumeId: vol, VolumeCapabilities: []*csi.VolumeCapability{mountCap("", csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)}},
-		"fs_type":    {VolumeId: vol, VolumeCapabilities: []*csi.VolumeCapability{mountCap("zfs", rwo)}},
+		"multi-node": {VolumeId: vol, VolumeCapabilities: []*csipb.VolumeCapability{mountCap("", csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)}},
+		"fs_type":    {VolumeId: vol, VolumeCapabilities: []*csipb.VolumeCapability{mountCap("zfs", rwo)}},
 	} {
 		resp, err := e.d.ValidateVolumeCapabilities(t.Context(), req)
 		if err != nil || resp.GetConfirmed() != nil || resp.GetMessage() == "" {
 			t.Errorf("%s: confirmed %v, message %q, err %v", name, resp.GetConfirmed(), resp.GetMessage(), err)
 		}
 	}
-	resp2, err := e.d.ValidateVolumeCapabilities(t.Context(), &csi.ValidateVolumeCapabilitiesRequest{VolumeId: vol, VolumeCapabilities: []*csi.VolumeCapability{fsCap, blockCap(rox)}})
+	resp2, err := e.d.ValidateVolumeCapabilities(t.Context(), &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: vol, VolumeCapabilities: []*csipb.VolumeCapability{fsCap, blockCap(rox)}})
 	if err != nil || resp2.GetConfirmed() == nil {
 		t.Errorf("supported capabilities not confirmed: %v, %v", resp2, err)
 	}
@@ -559,28 +559,28 @@ func TestPathsOutsideKubeletDir(t *testing.T) {
 	for what, p := range bad {
 		cases = append(cases,
 			badCase{"NodeStageVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: p, VolumeCapability: fsCap}))
+				return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: p, VolumeCapability: fsCap}))
 			}, codes.InvalidArgument, []string{"staging_target_path"}},
 			badCase{"NodeUnstageVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: vol, StagingTargetPath: p}))
+				return ignore(d.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: vol, StagingTargetPath: p}))
 			}, codes.InvalidArgument, []string{"staging_target_path"}},
 			badCase{"NodePublishVolume target/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, TargetPath: p, StagingTargetPath: good, VolumeCapability: fsCap}))
+				return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: p, StagingTargetPath: good, VolumeCapability: fsCap}))
 			}, codes.InvalidArgument, []string{"target_path"}},
 			badCase{"NodePublishVolume staging/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, TargetPath: good, StagingTargetPath: p, VolumeCapability: fsCap}))
+				return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: good, StagingTargetPath: p, VolumeCapability: fsCap}))
 			}, codes.InvalidArgument, []string{"staging_target_path"}},
 			badCase{"NodeUnpublishVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: p}))
+				return ignore(d.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: p}))
 			}, codes.InvalidArgument, []string{"target_path"}},
 			// volume_path is only looked at, and a path that cannot hold a
 			// volume is the spec's NotFound (csi-sanity sends "some/path").
 			badCase{"NodeGetVolumeStats/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: p}))
+				return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: p}))
 			}, codes.NotFound, []string{"volume_path"}},
 			badCase{"NodeExpandVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: p,
-					CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * testVolBytes}}))
+				return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: p,
+					CapacityRange: &csipb.CapacityRange{RequiredBytes: 2 * testVolBytes}}))
 			}, codes.NotFound, []string{"volume_path"}},
 		)
 	}
@@ -595,23 +595,23 @@ func TestMultiNodeAccessModes(t *testing.T) {
 	vol := e.createVolume("vol").GetVolumeId()
 	staging, target := e.path("staging", "vol"), e.path("pods", "p", "vol")
 	var cases []badCase
-	for _, m := range []csi.VolumeCapability_AccessMode_Mode{
-		csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY,
-		csi.VolumeCapability_AccessMode_MULTI_NODE_SINGLE_WRITER,
-		csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER,
-		csi.VolumeCapability_AccessMode_UNKNOWN,
+	for _, m := range []csipb.VolumeCapability_AccessMode_Mode{
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY,
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_SINGLE_WRITER,
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER,
+		csipb.VolumeCapability_AccessMode_UNKNOWN,
 	} {
-		for kind, c := range map[string]*csi.VolumeCapability{"mount": mountCap("", m), "block": blockCap(m)} {
+		for kind, c := range map[string]*csipb.VolumeCapability{"mount": mountCap("", m), "block": blockCap(m)} {
 			name := m.String() + "/" + kind
 			cases = append(cases,
 				badCase{"CreateVolume/" + name, func(ctx context.Context, d *Driver) error {
-					return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csi.VolumeCapability{fsCap, c}}))
+					return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{fsCap, c}}))
 				}, codes.InvalidArgument, []string{"volume_capabilities[1].access_mode", m.String()}},
 				badCase{"NodeStageVolume/" + name, func(ctx context.Context, d *Driver) error {
-					return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: c}))
+					return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: c}))
 				}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
 				badCase{"NodePublishVolume/" + name, func(ctx context.Context, d *Driver) error {
-					return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c}))
+					return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c}))
 				}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
 			)
 		}
@@ -620,7 +620,7 @@ func TestMultiNodeAccessModes(t *testing.T) {
 
 	// GetCapacity for a capability the driver cannot serve is 0, not an
 	// error (the CO asks per StorageClass).
-	resp, err := e.d.GetCapacity(t.Context(), &csi.GetCapacityRequest{VolumeCapabilities: []*csi.VolumeCapability{mountCap("", csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)}})
+	resp, err := e.d.GetCapacity(t.Context(), &csipb.GetCapacityRequest{VolumeCapabilities: []*csipb.VolumeCapability{mountCap("", csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)}})
 	if err != nil || resp.GetAvailableCapacity() != 0 {
 		t.Errorf("GetCapacity for MULTI_NODE: %v, %v", resp, err)
 	}
@@ -657,15 +657,15 @@ func TestConcurrentCallsAborted(t *testing.T) {
 		"NodeUnstageVolume":   func() error { return e.unstage(vol, staging) },
 		"NodeUnpublishVolume": func() error { return e.unpublish(vol, e.path("pods", "p", "vol")) },
 		"NodeExpandVolume": func() error {
-			return ignore(e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: staging}))
+			return ignore(e.d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: staging}))
 		},
-		"DeleteVolume": func() error { return ignore(e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: vol})) },
+		"DeleteVolume": func() error { return ignore(e.d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: vol})) },
 		"CreateSnapshot": func() error {
-			return ignore(e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol}))
+			return ignore(e.d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol}))
 		},
 		"CreateVolume clone": func() error {
-			return ignore(e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "c", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: vol}}}}))
+			return ignore(e.d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "c", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+				VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: vol}}}}))
 		},
 	}
 	for name, call := range others {
@@ -687,14 +687,14 @@ func TestConcurrentCallsAborted(t *testing.T) {
 }
 
 func TestStripSecrets(t *testing.T) {
-	req := &csi.CreateVolumeRequest{
+	req := &csipb.CreateVolumeRequest{
 		Name:               "pvc-1",
 		Parameters:         map[string]string{"pool": "alpha"},
 		Secrets:            map[string]string{"password": "hunter2"},
-		VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+		VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
 	}
 	orig := proto.Clone(req)
-	got, ok := stripSecrets(req).(*csi.CreateVolumeRequest)
+	got, ok := stripSecrets(req).(*csipb.CreateVolumeRequest)
 	if !ok {
 		t.Fatalf("stripSecrets returned %T", stripSecrets(req))
 	}
@@ -712,10 +712,10 @@ func TestStripSecrets(t *testing.T) {
 	}
 
 	for name, m := range map[string]proto.Message{
-		"NodeStageVolume":   &csi.NodeStageVolumeRequest{VolumeId: "a/b", Secrets: map[string]string{"k": "hunter2"}, VolumeContext: map[string]string{"c": "d"}},
-		"NodePublishVolume": &csi.NodePublishVolumeRequest{VolumeId: "a/b", Secrets: map[string]string{"k": "hunter2"}},
-		"CreateSnapshot":    &csi.CreateSnapshotRequest{Name: "s", Secrets: map[string]string{"k": "hunter2"}},
-		"NodeExpandVolume":  &csi.NodeExpandVolumeRequest{VolumeId: "a/b", Secrets: map[string]string{"k": "hunter2"}},
+		"NodeStageVolume":   &csipb.NodeStageVolumeRequest{VolumeId: "a/b", Secrets: map[string]string{"k": "hunter2"}, VolumeContext: map[string]string{"c": "d"}},
+		"NodePublishVolume": &csipb.NodePublishVolumeRequest{VolumeId: "a/b", Secrets: map[string]string{"k": "hunter2"}},
+		"CreateSnapshot":    &csipb.CreateSnapshotRequest{Name: "s", Secrets: map[string]string{"k": "hunter2"}},
+		"NodeExpandVolume":  &csipb.NodeExpandVolumeRequest{VolumeId: "a/b", Secrets: map[string]string{"k": "hunter2"}},
 	} {
 		before := proto.Clone(m)
 		out := fmt.Sprint(stripSecrets(m))

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 )
 
@@ -16,23 +16,23 @@ import (
 // through gRPC.
 
 // stage and publish helpers
-func (e *driverEnv) stage(vol, staging string, c *csi.VolumeCapability, volCtx map[string]string) error {
-	_, err := e.d.NodeStageVolume(e.t.Context(), &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: c, VolumeContext: volCtx})
+func (e *driverEnv) stage(vol, staging string, c *csipb.VolumeCapability, volCtx map[string]string) error {
+	_, err := e.d.NodeStageVolume(e.t.Context(), &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: c, VolumeContext: volCtx})
 	return err
 }
 
-func (e *driverEnv) publish(vol, staging, target string, c *csi.VolumeCapability, readonly bool) error {
-	_, err := e.d.NodePublishVolume(e.t.Context(), &csi.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c, Readonly: readonly})
+func (e *driverEnv) publish(vol, staging, target string, c *csipb.VolumeCapability, readonly bool) error {
+	_, err := e.d.NodePublishVolume(e.t.Context(), &csipb.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c, Readonly: readonly})
 	return err
 }
 
 func (e *driverEnv) unpublish(vol, target string) error {
-	_, err := e.d.NodeUnpublishVolume(e.t.Context(), &csi.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: target})
+	_, err := e.d.NodeUnpublishVolume(e.t.Context(), &csipb.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: target})
 	return err
 }
 
 func (e *driverEnv) unstage(vol, staging string) error {
-	_, err := e.d.NodeUnstageVolume(e.t.Context(), &csi.NodeUnstageVolumeRequest{VolumeId: vol, StagingTargetPath: staging})
+	_, err := e.d.NodeUnstageVolume(e.t.Context(), &csipb.NodeUnstageVolumeRequest{VolumeId: vol, StagingTargetPath: staging})
 	return err
 }
 
@@ -138,7 +138,7 @@ func TestNodeMountLifecycle(t *testing.T) {
 				t.Errorf("mounts after a refused stage: %v", mp)
 			}
 			mustOK(t, "unstage", e.unstage(vol, staging))
-			if _, err := e.d.DeleteVolume(t.Context(), &csi.DeleteVolumeRequest{VolumeId: vol}); err != nil {
+			if _, err := e.d.DeleteVolume(t.Context(), &csipb.DeleteVolumeRequest{VolumeId: vol}); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -147,8 +147,8 @@ func TestNodeMountLifecycle(t *testing.T) {
 
 func TestNodeFSTypeFromContext(t *testing.T) {
 	e := newDriverEnv(t)
-	resp, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{Name: "x", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-		CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes}, Parameters: map[string]string{ParamFSType: "xfs"}})
+	resp, err := e.d.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{Name: "x", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes}, Parameters: map[string]string{ParamFSType: "xfs"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -218,13 +218,13 @@ func TestSingleWriterPublish(t *testing.T) {
 	e := newDriverEnv(t)
 	for _, kind := range []string{"mount", "block"} {
 		t.Run(kind, func(t *testing.T) {
-			capOf := func(m csi.VolumeCapability_AccessMode_Mode) *csi.VolumeCapability {
+			capOf := func(m csipb.VolumeCapability_AccessMode_Mode) *csipb.VolumeCapability {
 				if kind == "block" {
 					return blockCap(m)
 				}
 				return mountCap("", m)
 			}
-			single := capOf(csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER)
+			single := capOf(csipb.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER)
 			vol := e.createVolume("single-" + kind).GetVolumeId()
 			staging := e.path("staging", kind)
 			first, second := e.path("pods", "p1", kind), e.path("pods", "p2", kind)
@@ -240,7 +240,7 @@ func TestSingleWriterPublish(t *testing.T) {
 			mustOK(t, "unpublish", e.unpublish(vol, first))
 			mustOK(t, "publish elsewhere", e.publish(vol, staging, second, single, false))
 			// Other modes share.
-			multi := capOf(csi.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER)
+			multi := capOf(csipb.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER)
 			mustOK(t, "publish multi-writer beside it", e.publish(vol, staging, first, multi, false))
 			mustOK(t, "unpublish", e.unpublish(vol, first))
 			mustOK(t, "unpublish", e.unpublish(vol, second))
@@ -255,8 +255,8 @@ func TestNodeExpandVolume(t *testing.T) {
 	vol, staging, target := e.mounted("vol")
 	device := e.fs.mountTable()[staging].Source
 
-	resp, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, StagingTargetPath: staging,
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 3 * testVolBytes}, VolumeCapability: fsCap})
+	resp, err := e.d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, StagingTargetPath: staging,
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: 3 * testVolBytes}, VolumeCapability: fsCap})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -269,27 +269,27 @@ func TestNodeExpandVolume(t *testing.T) {
 	if _, size, _ := e.fs.filesystem(device); size != 3*testVolBytes {
 		t.Errorf("filesystem is %d bytes, want %d", size, 3*testVolBytes)
 	}
-	stats, err := e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: target})
+	stats, err := e.d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: target})
 	if err != nil || stats.GetUsage()[0].GetTotal() != 3*testVolBytes {
 		t.Errorf("stats after expansion %v, %v", stats, err)
 	}
 	// Repeating, or asking for less, changes nothing.
-	resp, err = e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes}})
+	resp, err = e.d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes}})
 	if err != nil || resp.GetCapacityBytes() != 3*testVolBytes {
 		t.Errorf("shrink request: %v, %v", resp, err)
 	}
 	runBadCases(t, e, []badCase{
 		{"over the limit", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target,
-				CapacityRange: &csi.CapacityRange{RequiredBytes: 4 * testVolBytes, LimitBytes: 2 * testVolBytes}}))
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target,
+				CapacityRange: &csipb.CapacityRange{RequiredBytes: 4 * testVolBytes, LimitBytes: 2 * testVolBytes}}))
 		}, codes.OutOfRange, nil},
 		{"missing path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: e.path("pods", "gone"),
-				CapacityRange: &csi.CapacityRange{RequiredBytes: 4 * testVolBytes}}))
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: e.path("pods", "gone"),
+				CapacityRange: &csipb.CapacityRange{RequiredBytes: 4 * testVolBytes}}))
 		}, codes.NotFound, []string{"volume_path"}},
 		{"no room", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target,
-				CapacityRange: &csi.CapacityRange{RequiredBytes: 100 * testPoolBytes}}))
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target,
+				CapacityRange: &csipb.CapacityRange{RequiredBytes: 100 * testPoolBytes}}))
 		}, codes.ResourceExhausted, nil},
 	})
 
@@ -298,15 +298,15 @@ func TestNodeExpandVolume(t *testing.T) {
 	bstaging, btarget := e.path("staging", "blk"), e.path("pods", "p", "blk")
 	mustOK(t, "stage block", e.stage(bvol, bstaging, blockCap(rwo), nil))
 	mustOK(t, "publish block", e.publish(bvol, bstaging, btarget, blockCap(rwo), false))
-	resp, err = e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: bvol, VolumePath: btarget,
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * testVolBytes}, VolumeCapability: blockCap(rwo)})
+	resp, err = e.d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: bvol, VolumePath: btarget,
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: 2 * testVolBytes}, VolumeCapability: blockCap(rwo)})
 	if err != nil || resp.GetCapacityBytes() != 2*testVolBytes {
 		t.Fatalf("block expand: %v, %v", resp, err)
 	}
 	if _, size, err := e.k.BlockDevice(e.fs.mountTable()[btarget].Source); err != nil || size != 2*testVolBytes {
 		t.Errorf("block device is %d bytes (%v), want %d", size, err, 2*testVolBytes)
 	}
-	stats, err = e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: bvol, VolumePath: btarget})
+	stats, err = e.d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: bvol, VolumePath: btarget})
 	if err != nil || len(stats.GetUsage()) != 1 || stats.GetUsage()[0].GetTotal() != 2*testVolBytes {
 		t.Errorf("block stats %v, %v", stats, err)
 	}
@@ -315,16 +315,16 @@ func TestNodeExpandVolume(t *testing.T) {
 func TestNodeGetVolumeStats(t *testing.T) {
 	e := newDriverEnv(t)
 	vol, _, target := e.mounted("vol")
-	resp, err := e.d.NodeGetVolumeStats(t.Context(), &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: target})
+	resp, err := e.d.NodeGetVolumeStats(t.Context(), &csipb.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: target})
 	if err != nil {
 		t.Fatal(err)
 	}
-	var bytesUsage, inodes *csi.VolumeUsage
+	var bytesUsage, inodes *csipb.VolumeUsage
 	for _, u := range resp.GetUsage() {
 		switch u.GetUnit() {
-		case csi.VolumeUsage_BYTES:
+		case csipb.VolumeUsage_BYTES:
 			bytesUsage = u
-		case csi.VolumeUsage_INODES:
+		case csipb.VolumeUsage_INODES:
 			inodes = u
 		}
 	}
@@ -341,10 +341,10 @@ func TestNodeGetVolumeStats(t *testing.T) {
 	}
 	runBadCases(t, e, []badCase{
 		{"missing path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: e.path("pods", "gone")}))
+			return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: e.path("pods", "gone")}))
 		}, codes.NotFound, []string{"volume_path"}},
 		{"not mounted", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: plain}))
+			return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: plain}))
 		}, codes.NotFound, []string{"volume_path"}},
 	})
 }
@@ -359,27 +359,27 @@ func TestVolumeHealth(t *testing.T) {
 	check := func() health {
 		t.Helper()
 		var h health
-		reasons := func(es []*csi.VolumeHealth_VolumeHealthEntry) []string {
+		reasons := func(es []*csipb.VolumeHealth_VolumeHealthEntry) []string {
 			var out []string
 			for _, en := range es {
 				out = append(out, en.GetStatus().String()+":"+en.GetReason())
 			}
 			return out
 		}
-		c, err := e.d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: vol})
+		c, err := e.d.ControllerGetVolumeHealth(ctx, &csipb.ControllerGetVolumeHealthRequest{VolumeId: vol})
 		mustOK(t, "ControllerGetVolumeHealth", err)
 		h.ctrl = reasons(c.GetVolumeHealth().GetHealthStatuses())
-		l, err := e.d.ControllerListVolumeHealth(ctx, &csi.ControllerListVolumeHealthRequest{})
+		l, err := e.d.ControllerListVolumeHealth(ctx, &csipb.ControllerListVolumeHealthRequest{})
 		mustOK(t, "ControllerListVolumeHealth", err)
 		for _, en := range l.GetEntries() {
 			for _, r := range reasons(en.GetHealthStatuses()) {
 				h.list = append(h.list, en.GetVolumeId()+"="+r)
 			}
 		}
-		n, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: vol, VolumePublishPath: target, StagingTargetPath: staging})
+		n, err := e.d.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{VolumeId: vol, VolumePublishPath: target, StagingTargetPath: staging})
 		mustOK(t, "NodeGetVolumeHealth", err)
 		h.node = reasons(n.GetVolumeHealth().GetHealthStatuses())
-		s, err := e.d.NodeGetStorageHealth(ctx, &csi.NodeGetStorageHealthRequest{})
+		s, err := e.d.NodeGetStorageHealth(ctx, &csipb.NodeGetStorageHealthRequest{})
 		mustOK(t, "NodeGetStorageHealth", err)
 		for _, b := range s.GetBackendHealth() {
 			h.storage = append(h.storage, b.GetStatus().String()+":"+b.GetReason())
@@ -389,12 +389,12 @@ func TestVolumeHealth(t *testing.T) {
 	if h := check(); h.ctrl != nil || h.list != nil || h.node != nil || h.storage != nil {
 		t.Errorf("healthy pool reports %+v", h)
 	}
-	if _, err := e.d.Probe(ctx, &csi.ProbeRequest{}); err != nil {
+	if _, err := e.d.Probe(ctx, &csipb.ProbeRequest{}); err != nil {
 		t.Errorf("Probe of a healthy driver: %v", err)
 	}
 
 	// A missing published path is the volume's own problem.
-	n, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: vol, VolumePublishPath: e.path("pods", "gone")})
+	n, err := e.d.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{VolumeId: vol, VolumePublishPath: e.path("pods", "gone")})
 	if err != nil || len(n.GetVolumeHealth().GetHealthStatuses()) != 1 || n.GetVolumeHealth().GetHealthStatuses()[0].GetReason() != "PathMissing" {
 		t.Errorf("missing path health %v, %v", n, err)
 	}
@@ -417,11 +417,11 @@ func TestVolumeHealth(t *testing.T) {
 	if !slices.Equal(h.storage, []string{"STORAGE_DEGRADED:PoolNeedsCheck"}) {
 		t.Errorf("storage health %v", h.storage)
 	}
-	_, err = e.d.Probe(ctx, &csi.ProbeRequest{})
+	_, err = e.d.Probe(ctx, &csipb.ProbeRequest{})
 	wantCode(t, err, codes.FailedPrecondition, testPool)
 
 	// A needs_check pool refuses changes, as Unavailable.
-	_, err = e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "refused", VolumeCapabilities: []*csi.VolumeCapability{fsCap}})
+	_, err = e.d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "refused", VolumeCapabilities: []*csipb.VolumeCapability{fsCap}})
 	wantCode(t, err, codes.Unavailable)
 	// The mounts keep working: unpublish and unstage need no pool change.
 	mustOK(t, "unpublish", e.unpublish(vol, target))

@@ -6,7 +6,7 @@ import (
 	"sync"
 	"testing"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
@@ -124,8 +124,8 @@ func TestNoSpaceReachesEventSink(t *testing.T) {
 	sink := &recordingSink{}
 	e.d.events = sink
 	mk := func(name string, size int64, params map[string]string) error {
-		_, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{Name: name, Parameters: params,
-			VolumeCapabilities: []*csi.VolumeCapability{fsCap}, CapacityRange: &csi.CapacityRange{RequiredBytes: size}})
+		_, err := e.d.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{Name: name, Parameters: params,
+			VolumeCapabilities: []*csipb.VolumeCapability{fsCap}, CapacityRange: &csipb.CapacityRange{RequiredBytes: size}})
 		return err
 	}
 	pvc := map[string]string{ParamPVCName: "data", ParamPVCNamespace: "db"}
@@ -136,8 +136,8 @@ func TestNoSpaceReachesEventSink(t *testing.T) {
 	// Without the provisioner's metadata there is no PVC to tell.
 	wantCode(t, mk("too-much-2", 32<<20, nil), codes.ResourceExhausted)
 	// ResourceExhausted for the wrong node is not a lack of space.
-	_, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{Name: "elsewhere", Parameters: pvc, VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-		AccessibilityRequirements: &csi.TopologyRequirement{Requisite: []*csi.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}}}})
+	_, err := e.d.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{Name: "elsewhere", Parameters: pvc, VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+		AccessibilityRequirements: &csipb.TopologyRequirement{Requisite: []*csipb.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}}}})
 	wantCode(t, err, codes.ResourceExhausted)
 
 	sink.mu.Lock()
