@@ -427,3 +427,233 @@ func TestCreateVolumeSizesXFSAndClones(t *testing.T) {
 		t.Errorf("clone without a size has %d bytes, want its source's %d", got, 64<<20)
 	}
 }
+
+// A request missing a field the spec requires is InvalidArgument naming
+// the field, and changes nothing.
+func TestControllerRequiredFields(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	noAccessType := &csipb.VolumeCapability{AccessMode: &csipb.VolumeCapability_AccessMode{Mode: rwo}}
+	noMode := &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}}}
+	caps := []*csipb.VolumeCapability{fsCap}
+	type R = badCase
+	cases := []badCase{
+		R{"CreateVolume/name", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{VolumeCapabilities: caps}))
+		}, codes.InvalidArgument, []string{"name"}},
+		R{"CreateVolume/name too long", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: strings.Repeat("n", 129), VolumeCapabilities: caps}))
+		}, codes.InvalidArgument, []string{"name"}},
+		R{"CreateVolume/volume_capabilities", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new"}))
+		}, codes.InvalidArgument, []string{"volume_capabilities"}},
+		R{"CreateVolume/access_mode", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{noMode}}))
+		}, codes.InvalidArgument, []string{"volume_capabilities[0].access_mode"}},
+		R{"CreateVolume/access_type", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{noAccessType}}))
+		}, codes.InvalidArgument, []string{"volume_capabilities[0]", "mount or block"}},
+		R{"CreateVolume/snapshot_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps,
+				VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Snapshot{Snapshot: &csipb.VolumeContentSource_SnapshotSource{}}}}))
+		}, codes.InvalidArgument, []string{"volume_content_source.snapshot.snapshot_id"}},
+		R{"CreateVolume/source volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps,
+				VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{}}}}))
+		}, codes.InvalidArgument, []string{"volume_content_source.volume.volume_id"}},
+		R{"DeleteVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"ValidateVolumeCapabilities/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeCapabilities: caps}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"ValidateVolumeCapabilities/volume_capabilities", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: vol}))
+		}, codes.InvalidArgument, []string{"volume_capabilities"}},
+		// A missing field is InvalidArgument even when the ID is not ours.
+		R{"ValidateVolumeCapabilities/volume_capabilities, bad ID", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: "not-an-id"}))
+		}, codes.InvalidArgument, []string{"volume_capabilities"}},
+		R{"ControllerGetVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ControllerGetVolume(ctx, &csipb.ControllerGetVolumeRequest{}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"ControllerGetVolumeHealth/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ControllerGetVolumeHealth(ctx, &csipb.ControllerGetVolumeHealthRequest{}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"CreateSnapshot/name", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{SourceVolumeId: vol}))
+		}, codes.InvalidArgument, []string{"name"}},
+		R{"CreateSnapshot/source_volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "snap"}))
+		}, codes.InvalidArgument, []string{"source_volume_id"}},
+		R{"DeleteSnapshot/snapshot_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{}))
+		}, codes.InvalidArgument, []string{"snapshot_id"}},
+		R{"GetSnapshot/snapshot_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{}))
+		}, codes.InvalidArgument, []string{"snapshot_id"}},
+	}
+	runBadCases(t, e, cases)
+}
+
+func TestControllerUnknownIDs(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	snap := e.createSnapshot("snap", vol).GetSnapshotId()
+	ids := map[string]string{
+		"malformed":    "not-an-id",
+		"empty name":   testPool + "/",
+		"bad pool":     "Pool!/vol",
+		"unknown pool": "gamma/vol",
+		"unknown name": testPool + "/missing",
+		"nested":       testPool + "/a/b",
+	}
+	var cases []badCase
+	for what, id := range ids {
+		cases = append(cases,
+			badCase{"ControllerGetVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.ControllerGetVolume(ctx, &csipb.ControllerGetVolumeRequest{VolumeId: id}))
+			}, codes.NotFound, nil},
+			badCase{"ValidateVolumeCapabilities/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: id, VolumeCapabilities: []*csipb.VolumeCapability{fsCap}}))
+			}, codes.NotFound, nil},
+			badCase{"ControllerGetVolumeHealth/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.ControllerGetVolumeHealth(ctx, &csipb.ControllerGetVolumeHealthRequest{VolumeId: id}))
+			}, codes.NotFound, nil},
+			badCase{"CreateSnapshot/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "s2", SourceVolumeId: id}))
+			}, codes.NotFound, nil},
+			badCase{"CreateVolume from snapshot/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+					VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Snapshot{Snapshot: &csipb.VolumeContentSource_SnapshotSource{SnapshotId: id}}}}))
+			}, codes.NotFound, nil},
+			badCase{"CreateVolume from volume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+					VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: id}}}}))
+			}, codes.NotFound, nil},
+			badCase{"GetSnapshot/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{SnapshotId: id}))
+			}, codes.NotFound, nil},
+			// Deleting what does not exist succeeds.
+			badCase{"DeleteVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: id}))
+			}, codes.OK, nil},
+			badCase{"DeleteSnapshot/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: id}))
+			}, codes.OK, nil},
+		)
+	}
+	// A snapshot is not a volume, nor the other way round.
+	cases = append(cases,
+		badCase{"ControllerGetVolume/a snapshot", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ControllerGetVolume(ctx, &csipb.ControllerGetVolumeRequest{VolumeId: snap}))
+		}, codes.NotFound, []string{"snapshot"}},
+		badCase{"CreateSnapshot/of a snapshot", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "s2", SourceVolumeId: snap}))
+		}, codes.NotFound, []string{"snapshot"}},
+		badCase{"CreateVolume/volume source is a snapshot", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+				VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: snap}}}}))
+		}, codes.NotFound, nil},
+		badCase{"GetSnapshot/a volume", func(ctx context.Context, d *Driver) error {
+			return ignore(d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{SnapshotId: vol}))
+		}, codes.NotFound, []string{"volume"}},
+		badCase{"DeleteVolume/a snapshot", func(ctx context.Context, d *Driver) error {
+			return ignore(d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: snap}))
+		}, codes.NotFound, []string{"snapshot"}},
+		badCase{"DeleteSnapshot/a volume", func(ctx context.Context, d *Driver) error {
+			return ignore(d.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: vol}))
+		}, codes.NotFound, []string{"volume"}},
+	)
+	runBadCases(t, e, cases)
+}
+
+func TestParameters(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	caps := []*csipb.VolumeCapability{fsCap}
+	runBadCases(t, e, []badCase{
+		{"CreateVolume/unknown", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{"thinness": "very"}}))
+		}, codes.InvalidArgument, []string{"parameters.thinness"}},
+		{"CreateVolume/fsType", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{ParamFSType: "btrfs"}}))
+		}, codes.InvalidArgument, []string{"parameters.fsType", "btrfs"}},
+		{"CreateVolume/pool", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{ParamPool: "gamma"}}))
+		}, codes.InvalidArgument, []string{"parameters.pool", "gamma"}},
+		{"CreateVolume/capability fs_type", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{mountCap("ntfs", rwo)}}))
+		}, codes.InvalidArgument, []string{"volume_capabilities[0].mount.fs_type", "ntfs"}},
+		{"GetCapacity/unknown", func(ctx context.Context, d *Driver) error {
+			return ignore(d.GetCapacity(ctx, &csipb.GetCapacityRequest{Parameters: map[string]string{"thinness": "very"}}))
+		}, codes.InvalidArgument, []string{"parameters.thinness"}},
+		{"GetCapacity/pool", func(ctx context.Context, d *Driver) error {
+			return ignore(d.GetCapacity(ctx, &csipb.GetCapacityRequest{Parameters: map[string]string{ParamPool: "gamma"}}))
+		}, codes.InvalidArgument, []string{"parameters.pool"}},
+		{"CreateSnapshot/unknown", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "snap", SourceVolumeId: vol, Parameters: map[string]string{"retain": "yes"}}))
+		}, codes.InvalidArgument, []string{"parameters.retain"}},
+	})
+
+	// The provisioner's extra metadata is accepted and ignored, and the
+	// pool and fsType parameters are honoured.
+	resp, err := e.d.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{
+		Name: "in-beta", VolumeCapabilities: caps, CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes},
+		Parameters: map[string]string{ParamPool: otherPool, ParamFSType: "xfs", "csi.storage.k8s.io/pvc/name": "data"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := resp.GetVolume(); got.GetVolumeId() != otherPool+"/in-beta" || got.GetVolumeContext()[ParamFSType] != "xfs" || got.GetVolumeContext()[ParamPool] != otherPool {
+		t.Errorf("volume %v", got)
+	}
+	if _, err := e.pools[otherPool].Get("in-beta"); err != nil {
+		t.Errorf("not in pool %s: %v", otherPool, err)
+	}
+
+	// ValidateVolumeCapabilities answers with a message, not an error, for
+	// what it cannot confirm.
+	for name, req := range map[string]*csipb.ValidateVolumeCapabilitiesRequest{
+		"parameter":  {VolumeId: vol, VolumeCapabilities: caps, Parameters: map[string]string{"thinness": "very"}},
+		"multi-node": {VolumeId: vol, VolumeCapabilities: []*csipb.VolumeCapability{mountCap("", csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)}},
+		"fs_type":    {VolumeId: vol, VolumeCapabilities: []*csipb.VolumeCapability{mountCap("zfs", rwo)}},
+	} {
+		resp, err := e.d.ValidateVolumeCapabilities(t.Context(), req)
+		if err != nil || resp.GetConfirmed() != nil || resp.GetMessage() == "" {
+			t.Errorf("%s: confirmed %v, message %q, err %v", name, resp.GetConfirmed(), resp.GetMessage(), err)
+		}
+	}
+	resp2, err := e.d.ValidateVolumeCapabilities(t.Context(), &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: vol, VolumeCapabilities: []*csipb.VolumeCapability{fsCap, blockCap(rox)}})
+	if err != nil || resp2.GetConfirmed() == nil {
+		t.Errorf("supported capabilities not confirmed: %v, %v", resp2, err)
+	}
+}
+
+func TestControllerMultiNodeAccessModes(t *testing.T) {
+	e := newDriverEnv(t)
+	var cases []badCase
+	for _, m := range []csipb.VolumeCapability_AccessMode_Mode{
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY,
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_SINGLE_WRITER,
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER,
+		csipb.VolumeCapability_AccessMode_UNKNOWN,
+	} {
+		for kind, c := range map[string]*csipb.VolumeCapability{"mount": mountCap("", m), "block": blockCap(m)} {
+			name := m.String() + "/" + kind
+			cases = append(cases,
+				badCase{"CreateVolume/" + name, func(ctx context.Context, d *Driver) error {
+					return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{fsCap, c}}))
+				}, codes.InvalidArgument, []string{"volume_capabilities[1].access_mode", m.String()}},
+			)
+		}
+	}
+	runBadCases(t, e, cases)
+
+	// GetCapacity for a capability the driver cannot serve is 0, not an
+	// error (the CO asks per StorageClass).
+	resp, err := e.d.GetCapacity(t.Context(), &csipb.GetCapacityRequest{VolumeCapabilities: []*csipb.VolumeCapability{mountCap("", csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)}})
+	if err != nil || resp.GetAvailableCapacity() != 0 {
+		t.Errorf("GetCapacity for MULTI_NODE: %v, %v", resp, err)
+	}
+}

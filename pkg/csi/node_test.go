@@ -3,6 +3,7 @@ package csi
 import (
 	"context"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -433,4 +434,199 @@ func TestVolumeHealth(t *testing.T) {
 	if h := check(); !slices.Equal(h.ctrl, []string{"INACCESSIBLE:PoolFailed"}) || !slices.Equal(h.storage, []string{"STORAGE_UNREACHABLE:PoolFailed"}) {
 		t.Errorf("health of a failed pool: %+v", h)
 	}
+}
+
+// A request missing a field the spec requires is InvalidArgument naming
+// the field, and changes nothing.
+func TestNodeRequiredFields(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	staging, target := e.path("staging", "vol"), e.path("pods", "p1", "vol")
+	noMode := &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}}}
+	type R = badCase
+	cases := []badCase{
+		// A missing field is InvalidArgument even when the ID is not ours.
+		R{"NodeStageVolume/staging_target_path, bad ID", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "not-an-id", VolumeCapability: fsCap}))
+		}, codes.InvalidArgument, []string{"staging_target_path"}},
+		R{"NodePublishVolume/volume_capability, bad ID", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "not-an-id", TargetPath: target, StagingTargetPath: staging}))
+		}, codes.InvalidArgument, []string{"volume_capability"}},
+		R{"NodeGetVolumeStats/volume_path, bad ID", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: "not-an-id"}))
+		}, codes.InvalidArgument, []string{"volume_path"}},
+		R{"NodeStageVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{StagingTargetPath: staging, VolumeCapability: fsCap}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"NodeStageVolume/staging_target_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, VolumeCapability: fsCap}))
+		}, codes.InvalidArgument, []string{"staging_target_path"}},
+		R{"NodeStageVolume/volume_capability", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging}))
+		}, codes.InvalidArgument, []string{"volume_capability"}},
+		R{"NodeStageVolume/access_mode", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: noMode}))
+		}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
+		R{"NodeUnstageVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{StagingTargetPath: staging}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"NodeUnstageVolume/staging_target_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: vol}))
+		}, codes.InvalidArgument, []string{"staging_target_path"}},
+		R{"NodePublishVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{TargetPath: target, StagingTargetPath: staging, VolumeCapability: fsCap}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"NodePublishVolume/target_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: fsCap}))
+		}, codes.InvalidArgument, []string{"target_path"}},
+		R{"NodePublishVolume/staging_target_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: target, VolumeCapability: fsCap}))
+		}, codes.InvalidArgument, []string{"staging_target_path"}},
+		R{"NodePublishVolume/volume_capability", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: target, StagingTargetPath: staging}))
+		}, codes.InvalidArgument, []string{"volume_capability"}},
+		R{"NodeUnpublishVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{TargetPath: target}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"NodeUnpublishVolume/target_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: vol}))
+		}, codes.InvalidArgument, []string{"target_path"}},
+		R{"NodeGetVolumeStats/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumePath: target}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"NodeGetVolumeStats/volume_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: vol}))
+		}, codes.InvalidArgument, []string{"volume_path"}},
+		R{"NodeExpandVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumePath: target}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"NodeExpandVolume/volume_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol}))
+		}, codes.InvalidArgument, []string{"volume_path"}},
+		R{"NodeExpandVolume/access_mode", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, VolumeCapability: noMode}))
+		}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
+		R{"NodeGetVolumeHealth/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+	}
+	runBadCases(t, e, cases)
+}
+
+func TestNodeUnknownIDs(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	snap := e.createSnapshot("snap", vol).GetSnapshotId()
+	staging, target := e.path("staging", "x"), e.path("pods", "p1", "x")
+	if err := os.MkdirAll(target, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	ids := map[string]string{
+		"malformed":    "not-an-id",
+		"empty name":   testPool + "/",
+		"bad pool":     "Pool!/vol",
+		"unknown pool": "gamma/vol",
+		"unknown name": testPool + "/missing",
+		"nested":       testPool + "/a/b",
+	}
+	var cases []badCase
+	for what, id := range ids {
+		cases = append(cases,
+			badCase{"NodeStageVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: fsCap}))
+			}, codes.NotFound, nil},
+			badCase{"NodePublishVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: fsCap}))
+			}, codes.NotFound, nil},
+			badCase{"NodeGetVolumeStats/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target}))
+			}, codes.NotFound, nil},
+			badCase{"NodeExpandVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target}))
+			}, codes.NotFound, nil},
+			badCase{"NodeGetVolumeHealth/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{VolumeId: id}))
+			}, codes.NotFound, nil},
+		)
+	}
+	// A snapshot is not a volume, nor the other way round.
+	cases = append(cases,
+		badCase{"NodeStageVolume/a snapshot", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: snap, StagingTargetPath: staging, VolumeCapability: fsCap}))
+		}, codes.NotFound, []string{"snapshot"}},
+	)
+	runBadCases(t, e, cases)
+}
+
+func TestPathsOutsideKubeletDir(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	outside := t.TempDir() // exists, and must stay untouched
+	good := e.path("pods", "p", "vol")
+	bad := map[string]string{
+		"elsewhere":   filepath.Join(outside, "x"),
+		"dot-dot":     e.kubeletDir + "/../" + filepath.Base(outside) + "/x",
+		"relative":    "pods/p/vol",
+		"kubelet dir": e.kubeletDir,
+		"prefix":      e.kubeletDir + "-other/x",
+	}
+	var cases []badCase
+	for what, p := range bad {
+		cases = append(cases,
+			badCase{"NodeStageVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: p, VolumeCapability: fsCap}))
+			}, codes.InvalidArgument, []string{"staging_target_path"}},
+			badCase{"NodeUnstageVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: vol, StagingTargetPath: p}))
+			}, codes.InvalidArgument, []string{"staging_target_path"}},
+			badCase{"NodePublishVolume target/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: p, StagingTargetPath: good, VolumeCapability: fsCap}))
+			}, codes.InvalidArgument, []string{"target_path"}},
+			badCase{"NodePublishVolume staging/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: good, StagingTargetPath: p, VolumeCapability: fsCap}))
+			}, codes.InvalidArgument, []string{"staging_target_path"}},
+			badCase{"NodeUnpublishVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: p}))
+			}, codes.InvalidArgument, []string{"target_path"}},
+			// volume_path is only looked at, and a path that cannot hold a
+			// volume is the spec's NotFound (csi-sanity sends "some/path").
+			badCase{"NodeGetVolumeStats/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: p}))
+			}, codes.NotFound, []string{"volume_path"}},
+			badCase{"NodeExpandVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: p,
+					CapacityRange: &csipb.CapacityRange{RequiredBytes: 2 * testVolBytes}}))
+			}, codes.NotFound, []string{"volume_path"}},
+		)
+	}
+	runBadCases(t, e, cases)
+	if entries, err := os.ReadDir(outside); err != nil || len(entries) != 0 {
+		t.Errorf("outside directory touched: %v, %v", entries, err)
+	}
+}
+
+func TestNodeMultiNodeAccessModes(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	staging, target := e.path("staging", "vol"), e.path("pods", "p", "vol")
+	var cases []badCase
+	for _, m := range []csipb.VolumeCapability_AccessMode_Mode{
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY,
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_SINGLE_WRITER,
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER,
+		csipb.VolumeCapability_AccessMode_UNKNOWN,
+	} {
+		for kind, c := range map[string]*csipb.VolumeCapability{"mount": mountCap("", m), "block": blockCap(m)} {
+			name := m.String() + "/" + kind
+			cases = append(cases,
+				badCase{"NodeStageVolume/" + name, func(ctx context.Context, d *Driver) error {
+					return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: c}))
+				}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
+				badCase{"NodePublishVolume/" + name, func(ctx context.Context, d *Driver) error {
+					return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c}))
+				}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
+			)
+		}
+	}
+	runBadCases(t, e, cases)
 }
