@@ -26,7 +26,6 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/kube"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
@@ -154,7 +153,7 @@ var targetLabels = []string{"job", "instance", "node", "namespace", "pod", "cont
 func driverMetrics(t *testing.T) map[string]family {
 	t.Helper()
 	reg := prometheus.NewRegistry()
-	full := thinpool.Usage{DataBytes: 1, DataUsedBytes: 1, MetadataBytes: 1, MetadataUsedBytes: 1, OverprovisionRatio: 10, Mode: devmapper.PoolReadWrite}
+	full := thinpool.Usage{DataBytes: 1, DataUsedBytes: 1, MetadataBytes: 1, MetadataUsedBytes: 1, OverprovisionRatio: 10, Mode: thinpool.ModeReadWrite}
 	m, err := csi.NewMetrics(reg, func() map[string]csi.UsageSource {
 		return map[string]csi.UsageSource{"p": usageOf(full), "broken": usageOf(thinpool.Usage{})}
 	})

@@ -14,7 +14,6 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	"sigs.k8s.io/yaml"
 
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -233,19 +232,19 @@ func loadNodeConfig(path, stateDir string) (*nodeConfig, error) {
 		}
 		c.DataFileBytes = size("dataFileSize", p.DataFileSize)
 		c.MetadataFileBytes = size("metadataFileSize", p.MetadataFileSize)
-		if n := size("blockSize", p.BlockSize); n%devmapper.SectorSize != 0 {
+		if n := size("blockSize", p.BlockSize); n%thinpool.SectorSize != 0 {
 			bad("%s: %d is not a whole number of 512-byte sectors", field("blockSize"), n)
-		} else if n/devmapper.SectorSize > 1<<32-1 {
+		} else if n/thinpool.SectorSize > 1<<32-1 {
 			bad("%s: %d bytes is too large", field("blockSize"), n)
 		} else {
-			c.BlockSectors = uint32(n / devmapper.SectorSize)
+			c.BlockSectors = uint32(n / thinpool.SectorSize)
 		}
 		if pct, isPct, err := p.LowWaterMark.percent(); err != nil {
 			bad("%s: %v", field("lowWaterMark"), err)
 		} else if isPct {
 			c.LowWaterPercent = pct
 		} else if n := size("lowWaterMark", p.LowWaterMark); n > 0 {
-			bs := int64(c.BlockSectors) * devmapper.SectorSize
+			bs := int64(c.BlockSectors) * thinpool.SectorSize
 			if bs == 0 {
 				bs = 64 << 10
 			}

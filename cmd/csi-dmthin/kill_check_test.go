@@ -9,7 +9,7 @@ import (
 	"strings"
 	"time"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
@@ -29,21 +29,21 @@ func (r *killRun) check(s *killServer, when string) {
 	r.checks++
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	vresp, err := s.c.ListVolumes(ctx, &csi.ListVolumesRequest{})
+	vresp, err := s.c.ListVolumes(ctx, &csipb.ListVolumesRequest{})
 	if err != nil {
 		t.Errorf("%s: ListVolumes: %v", when, err)
 		return
 	}
-	sresp, err := s.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{})
+	sresp, err := s.c.ListSnapshots(ctx, &csipb.ListSnapshotsRequest{})
 	if err != nil {
 		t.Errorf("%s: ListSnapshots: %v", when, err)
 		return
 	}
-	vols := map[string]*csi.Volume{}
+	vols := map[string]*csipb.Volume{}
 	for _, e := range vresp.GetEntries() {
 		vols[e.GetVolume().GetVolumeId()] = e.GetVolume()
 	}
-	snaps := map[string]*csi.Snapshot{}
+	snaps := map[string]*csipb.Snapshot{}
 	for _, e := range sresp.GetEntries() {
 		snaps[e.GetSnapshot().GetSnapshotId()] = e.GetSnapshot()
 	}
@@ -81,7 +81,7 @@ func (r *killRun) check(s *killServer, when string) {
 		if o.state != live {
 			continue
 		}
-		if g, err := s.c.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: o.id}); err != nil || g.GetVolume().GetCapacityBytes() != o.size {
+		if g, err := s.c.ControllerGetVolume(ctx, &csipb.ControllerGetVolumeRequest{VolumeId: o.id}); err != nil || g.GetVolume().GetCapacityBytes() != o.size {
 			t.Errorf("%s: ControllerGetVolume %s: %v bytes, %v; want %d", when, o.id, g.GetVolume().GetCapacityBytes(), err, o.size)
 		}
 		r.checkMount(when, o, mounts)

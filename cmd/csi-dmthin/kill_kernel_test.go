@@ -21,7 +21,7 @@ import (
 	"testing"
 	"time"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
@@ -301,7 +301,7 @@ func (r *killRun) start() *killServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.c = killClient{csi.NewIdentityClient(s.conn), csi.NewControllerClient(s.conn), csi.NewNodeClient(s.conn)}
+	s.c = killClient{csipb.NewIdentityClient(s.conn), csipb.NewControllerClient(s.conn), csipb.NewNodeClient(s.conn)}
 	return s
 }
 
@@ -310,7 +310,7 @@ func (r *killRun) ready(s *killServer) bool {
 	deadline := time.Now().Add(readyTimeout)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		_, err := s.c.Probe(ctx, &csi.ProbeRequest{})
+		_, err := s.c.Probe(ctx, &csipb.ProbeRequest{})
 		cancel()
 		if err == nil {
 			r.readyTotal += time.Since(s.started)
@@ -501,10 +501,10 @@ func (r *killRun) deleteAll(s *killServer) {
 	r.check(s, "after deleting everything")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if vols, err := s.c.ListVolumes(ctx, &csi.ListVolumesRequest{}); err != nil || len(vols.GetEntries()) != 0 {
+	if vols, err := s.c.ListVolumes(ctx, &csipb.ListVolumesRequest{}); err != nil || len(vols.GetEntries()) != 0 {
 		r.t.Errorf("ListVolumes after deleting everything: %v, %v", vols.GetEntries(), err)
 	}
-	if snaps, err := s.c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{}); err != nil || len(snaps.GetEntries()) != 0 {
+	if snaps, err := s.c.ListSnapshots(ctx, &csipb.ListSnapshotsRequest{}); err != nil || len(snaps.GetEntries()) != 0 {
 		r.t.Errorf("ListSnapshots after deleting everything: %v, %v", snaps.GetEntries(), err)
 	}
 	if m := mountsUnder(r.kubeletDir); len(m) != 0 {

@@ -11,10 +11,10 @@ import (
 	"strings"
 	"sync"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 
-	csidrv "github.com/csi-dmthin/csi-dmthin/pkg/csi"
+	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
 )
 
 // The SIGKILL test's model of what the driver has said: every object a call
@@ -54,9 +54,9 @@ type kOp struct {
 }
 
 type killClient struct {
-	csi.IdentityClient
-	csi.ControllerClient
-	csi.NodeClient
+	csipb.IdentityClient
+	csipb.ControllerClient
+	csipb.NodeClient
 }
 
 type model struct {
@@ -85,10 +85,10 @@ var (
 	xfsSizes  = []int64{300 << 20, 316 << 20} // mkfs.xfs makes nothing under 300 MiB
 )
 
-func mountCap(fsType string) *csi.VolumeCapability {
-	return &csi.VolumeCapability{
-		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: fsType}},
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+func mountCap(fsType string) *csipb.VolumeCapability {
+	return &csipb.VolumeCapability{
+		AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{FsType: fsType}},
+		AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
 	}
 }
 
@@ -257,10 +257,10 @@ func (m *model) takePending() []*kOp {
 
 func (m *model) createVolume(pool, fsType string, size int64, src *kObj) *kOp {
 	o := m.newObj(pool, false, fsType)
-	req := &csi.CreateVolumeRequest{
-		Name: o.name, Parameters: map[string]string{csidrv.ParamPool: pool},
-		CapacityRange:      &csi.CapacityRange{RequiredBytes: size},
-		VolumeCapabilities: []*csi.VolumeCapability{mountCap(fsType)},
+	req := &csipb.CreateVolumeRequest{
+		Name: o.name, Parameters: map[string]string{csi.ParamPool: pool},
+		CapacityRange:      &csipb.CapacityRange{RequiredBytes: size},
+		VolumeCapabilities: []*csipb.VolumeCapability{mountCap(fsType)},
 	}
 	what, objs := "CreateVolume "+o.id, []*kObj{o}
 	if src != nil {
@@ -268,10 +268,10 @@ func (m *model) createVolume(pool, fsType string, size int64, src *kObj) *kOp {
 		objs = append(objs, src)
 		if src.snap {
 			what += " from snapshot " + src.id
-			req.VolumeContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: src.id}}}
+			req.VolumeContentSource = &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Snapshot{Snapshot: &csipb.VolumeContentSource_SnapshotSource{SnapshotId: src.id}}}
 		} else {
 			what += " from volume " + src.id
-			req.VolumeContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: src.id}}}
+			req.VolumeContentSource = &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: src.id}}}
 		}
 	}
 	return &kOp{what: what, objs: objs, call: func(ctx context.Context, c killClient) error {
@@ -295,7 +295,7 @@ func (m *model) createVolume(pool, fsType string, size int64, src *kObj) *kOp {
 func (m *model) createSnapshot(pool string, src *kObj) *kOp {
 	o := m.newObj(pool, true, src.fsType)
 	o.source = src.id
-	req := &csi.CreateSnapshotRequest{Name: o.name, SourceVolumeId: src.id}
+	req := &csipb.CreateSnapshotRequest{Name: o.name, SourceVolumeId: src.id}
 	size := src.size // src is busy: it cannot grow meanwhile
 	return &kOp{what: "CreateSnapshot " + o.id + " of " + src.id, objs: []*kObj{o, src}, call: func(ctx context.Context, c killClient) error {
 		m.mu.Lock()
@@ -320,9 +320,9 @@ func (m *model) createSnapshot(pool string, src *kObj) *kOp {
 func markerFile(o *kObj) string { return filepath.Join(o.staging, "marker") }
 
 func (m *model) stage(o *kObj) *kOp {
-	req := &csi.NodeStageVolumeRequest{
+	req := &csipb.NodeStageVolumeRequest{
 		VolumeId: o.id, StagingTargetPath: o.staging, VolumeCapability: mountCap(o.fsType),
-		VolumeContext: map[string]string{csidrv.ParamPool: o.pool, csidrv.ParamFSType: o.fsType},
+		VolumeContext: map[string]string{csi.ParamPool: o.pool, csi.ParamFSType: o.fsType},
 	}
 	return &kOp{what: "NodeStageVolume " + o.id + " (" + o.fsType + ")", objs: []*kObj{o}, call: func(ctx context.Context, c killClient) error {
 		if _, err := c.NodeStageVolume(ctx, req); err != nil {
@@ -340,9 +340,9 @@ func (m *model) stage(o *kObj) *kOp {
 
 func (m *model) expand(o *kObj) *kOp {
 	want := o.size + expandStepBytes
-	req := &csi.NodeExpandVolumeRequest{
+	req := &csipb.NodeExpandVolumeRequest{
 		VolumeId: o.id, VolumePath: o.staging, VolumeCapability: mountCap(o.fsType),
-		CapacityRange: &csi.CapacityRange{RequiredBytes: want},
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: want},
 	}
 	before, err := fsBytes(o.staging)
 	return &kOp{what: fmt.Sprintf("NodeExpandVolume %s (%s) to %d bytes", o.id, o.fsType, want), objs: []*kObj{o}, call: func(ctx context.Context, c killClient) error {
@@ -374,7 +374,7 @@ func (m *model) expand(o *kObj) *kOp {
 }
 
 func (m *model) unstage(o *kObj) *kOp {
-	req := &csi.NodeUnstageVolumeRequest{VolumeId: o.id, StagingTargetPath: o.staging}
+	req := &csipb.NodeUnstageVolumeRequest{VolumeId: o.id, StagingTargetPath: o.staging}
 	return &kOp{what: "NodeUnstageVolume " + o.id, objs: []*kObj{o}, call: func(ctx context.Context, c killClient) error {
 		if _, err := c.NodeUnstageVolume(ctx, req); err != nil {
 			return err
@@ -390,9 +390,9 @@ func (m *model) deleteObj(o *kObj) *kOp {
 	return &kOp{what: "Delete " + o.id, objs: []*kObj{o}, call: func(ctx context.Context, c killClient) error {
 		var err error
 		if o.snap {
-			_, err = c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: o.id})
+			_, err = c.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: o.id})
 		} else {
-			_, err = c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: o.id})
+			_, err = c.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: o.id})
 		}
 		if err != nil {
 			return err

@@ -18,13 +18,13 @@ import (
 	"testing"
 	"time"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
-	csidrv "github.com/csi-dmthin/csi-dmthin/pkg/csi"
+	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
 	"github.com/csi-dmthin/csi-dmthin/pkg/kube/registration"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
@@ -89,8 +89,8 @@ type serving struct {
 }
 
 type kernelClients struct {
-	csi.IdentityClient
-	csi.ControllerClient
+	csipb.IdentityClient
+	csipb.ControllerClient
 }
 
 // start runs serve in the background until it is up, and stops it at the
@@ -121,10 +121,10 @@ func (s *serveSetup) start(f *serveFlags, env serveEnv) *serving {
 	r.c = s.dial()
 	// The sockets come up in the background: wait for the CSI one to answer
 	// and the registration one to be there.
-	regSock := registration.SocketPath(s.regDir, csidrv.DefaultDriverName)
+	regSock := registration.SocketPath(s.regDir, csi.DefaultDriverName)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		_, err := r.c.GetPluginInfo(s.t.Context(), &csi.GetPluginInfoRequest{})
+		_, err := r.c.GetPluginInfo(s.t.Context(), &csipb.GetPluginInfoRequest{})
 		_, regErr := os.Stat(regSock)
 		if err == nil && regErr == nil {
 			break
@@ -158,7 +158,7 @@ func (s *serveSetup) dial() kernelClients {
 		s.t.Fatal(err)
 	}
 	s.t.Cleanup(func() { _ = conn.Close() })
-	return kernelClients{csi.NewIdentityClient(conn), csi.NewControllerClient(conn)}
+	return kernelClients{csipb.NewIdentityClient(conn), csipb.NewControllerClient(conn)}
 }
 
 // A second serve on the node, even with the same sockets, fails before it
@@ -166,7 +166,7 @@ func (s *serveSetup) dial() kernelClients {
 func TestServeSecondInstanceRefused(t *testing.T) {
 	s := newServeSetup(t)
 	first := s.start(s.flags([]string{"fast"}), s.env())
-	regSock := registration.SocketPath(s.regDir, csidrv.DefaultDriverName)
+	regSock := registration.SocketPath(s.regDir, csi.DefaultDriverName)
 	inodes := func() map[string]uint64 {
 		out := map[string]uint64{}
 		for _, p := range []string{s.csiSock, regSock, adminSocket(s.stateDir)} {
@@ -206,7 +206,7 @@ func TestServeSecondInstanceRefused(t *testing.T) {
 	if after := inodes(); !mapsEqual(before, after) {
 		t.Errorf("the second serve replaced sockets: before %v, after %v", before, after)
 	}
-	if _, err := first.c.GetPluginInfo(t.Context(), &csi.GetPluginInfoRequest{}); err != nil {
+	if _, err := first.c.GetPluginInfo(t.Context(), &csipb.GetPluginInfoRequest{}); err != nil {
 		t.Errorf("the first serve after the second's attempt: %v", err)
 	}
 
@@ -277,18 +277,18 @@ func TestServeRecordedPoolRefusesDeletes(t *testing.T) {
 	s := newServeSetup(t)
 	both := s.flags([]string{"fast", "old"})
 	r := s.start(both, s.env())
-	vol, err := r.c.CreateVolume(t.Context(), &csi.CreateVolumeRequest{
-		Name: "pvc-1", Parameters: map[string]string{csidrv.ParamPool: "old"}, CapacityRange: &csi.CapacityRange{RequiredBytes: 8 << 20},
-		VolumeCapabilities: []*csi.VolumeCapability{{
-			AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
-			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	vol, err := r.c.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{
+		Name: "pvc-1", Parameters: map[string]string{csi.ParamPool: "old"}, CapacityRange: &csipb.CapacityRange{RequiredBytes: 8 << 20},
+		VolumeCapabilities: []*csipb.VolumeCapability{{
+			AccessType: &csipb.VolumeCapability_Block{Block: &csipb.VolumeCapability_BlockVolume{}},
+			AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
 		}},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	id := vol.GetVolume().GetVolumeId()
-	snap, err := r.c.CreateSnapshot(t.Context(), &csi.CreateSnapshotRequest{Name: "snap-1", SourceVolumeId: id})
+	snap, err := r.c.CreateSnapshot(t.Context(), &csipb.CreateSnapshotRequest{Name: "snap-1", SourceVolumeId: id})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -297,26 +297,26 @@ func TestServeRecordedPoolRefusesDeletes(t *testing.T) {
 	}
 
 	r = s.start(s.flags([]string{"fast"}), s.env())
-	_, err = r.c.DeleteVolume(t.Context(), &csi.DeleteVolumeRequest{VolumeId: id})
+	_, err = r.c.DeleteVolume(t.Context(), &csipb.DeleteVolumeRequest{VolumeId: id})
 	wantStatus(t, err, codes.FailedPrecondition, "volume_id "+id, "pool old is recorded on node node-a but not configured")
-	_, err = r.c.DeleteSnapshot(t.Context(), &csi.DeleteSnapshotRequest{SnapshotId: snap.GetSnapshot().GetSnapshotId()})
+	_, err = r.c.DeleteSnapshot(t.Context(), &csipb.DeleteSnapshotRequest{SnapshotId: snap.GetSnapshot().GetSnapshotId()})
 	wantStatus(t, err, codes.FailedPrecondition, "snapshot_id "+snap.GetSnapshot().GetSnapshotId(), "pool old is recorded")
-	_, err = r.c.DeleteVolume(t.Context(), &csi.DeleteVolumeRequest{VolumeId: "never/pvc-1"})
+	_, err = r.c.DeleteVolume(t.Context(), &csipb.DeleteVolumeRequest{VolumeId: "never/pvc-1"})
 	wantStatus(t, err, codes.OK)
-	_, err = r.c.DeleteVolume(t.Context(), &csi.DeleteVolumeRequest{VolumeId: "fast/pvc-1"})
+	_, err = r.c.DeleteVolume(t.Context(), &csipb.DeleteVolumeRequest{VolumeId: "fast/pvc-1"})
 	wantStatus(t, err, codes.OK)
 	if err := r.wait(t); err != nil {
 		t.Fatal(err)
 	}
 
 	r = s.start(both, s.env())
-	if _, err := r.c.DeleteSnapshot(t.Context(), &csi.DeleteSnapshotRequest{SnapshotId: snap.GetSnapshot().GetSnapshotId()}); err != nil {
+	if _, err := r.c.DeleteSnapshot(t.Context(), &csipb.DeleteSnapshotRequest{SnapshotId: snap.GetSnapshot().GetSnapshotId()}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.c.DeleteVolume(t.Context(), &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+	if _, err := r.c.DeleteVolume(t.Context(), &csipb.DeleteVolumeRequest{VolumeId: id}); err != nil {
 		t.Fatal(err)
 	}
-	list, err := r.c.ListVolumes(t.Context(), &csi.ListVolumesRequest{})
+	list, err := r.c.ListVolumes(t.Context(), &csipb.ListVolumesRequest{})
 	if err != nil || len(list.GetEntries()) != 0 {
 		t.Errorf("volumes after the deletes: %v, %v", list.GetEntries(), err)
 	}
@@ -354,7 +354,7 @@ func TestServeShutdownOrder(t *testing.T) {
 	}
 	entered := make(chan struct{})
 	env.interceptors = []grpc.UnaryServerInterceptor{func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-		if info.FullMethod != csi.Controller_ListVolumes_FullMethodName {
+		if info.FullMethod != csipb.Controller_ListVolumes_FullMethodName {
 			return h(ctx, req)
 		}
 		close(entered)
@@ -370,7 +370,7 @@ func TestServeShutdownOrder(t *testing.T) {
 
 	called := make(chan error, 1)
 	go func() {
-		_, err := r.c.ListVolumes(context.Background(), &csi.ListVolumesRequest{})
+		_, err := r.c.ListVolumes(context.Background(), &csipb.ListVolumesRequest{})
 		called <- err
 	}()
 	<-entered
@@ -447,7 +447,7 @@ func TestServeShutdownOrder(t *testing.T) {
 	if n := strings.Count(strings.Join(events, "\n"), "close "); n != 2 {
 		t.Errorf("%d pools closed, want 2: %q", n, events)
 	}
-	for _, p := range []string{s.csiSock, adminSocket(s.stateDir), registration.SocketPath(s.regDir, csidrv.DefaultDriverName)} {
+	for _, p := range []string{s.csiSock, adminSocket(s.stateDir), registration.SocketPath(s.regDir, csi.DefaultDriverName)} {
 		if _, err := os.Stat(p); err == nil {
 			t.Errorf("%s is left after the shutdown", p)
 		}

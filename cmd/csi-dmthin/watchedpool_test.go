@@ -147,4 +147,9 @@ func (w *watchedPool) Usage() (thinpool.Usage, error) {
 	return w.Pool.Usage()
 }
 
+func (w *watchedPool) Admit(sizeBytes int64, kind thinpool.Kind) error {
+	defer w.use("Admit")()
+	return w.Pool.Admit(sizeBytes, kind)
+}
+
 var _ servedPool = (*watchedPool)(nil)

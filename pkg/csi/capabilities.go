@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"strings"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 )
 
 // Filesystems the node can make and grow.
@@ -15,7 +15,7 @@ const defaultFS = "ext4"
 // checkCapabilities validates volume capabilities: single-node access modes
 // only (a volume lives on one node's pool), mount with a supported
 // filesystem, or block.
-func checkCapabilities(field string, caps []*csi.VolumeCapability) error {
+func checkCapabilities(field string, caps []*csipb.VolumeCapability) error {
 	if len(caps) == 0 {
 		return invalid("%s is required", field)
 	}
@@ -27,7 +27,7 @@ func checkCapabilities(field string, caps []*csi.VolumeCapability) error {
 	return nil
 }
 
-func checkCapability(field string, c *csi.VolumeCapability) error {
+func checkCapability(field string, c *csipb.VolumeCapability) error {
 	if c == nil {
 		return invalid("%s is required", field)
 	}
@@ -35,10 +35,10 @@ func checkCapability(field string, c *csi.VolumeCapability) error {
 		return invalid("%s.access_mode is required", field)
 	}
 	switch m := c.GetAccessMode().GetMode(); m {
-	case csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER,
-		csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY,
-		csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER,
-		csi.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER:
+	case csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER,
+		csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY,
+		csipb.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER,
+		csipb.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER:
 	default:
 		return invalid("%s.access_mode %s: a csi-dmthin volume lives on one node", field, m)
 	}

@@ -8,7 +8,7 @@ import (
 	"strconv"
 	"strings"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -38,7 +38,7 @@ const (
 
 // usesFS reports whether a volume with these capabilities (and fsType
 // parameter) gets a filesystem of type fs.
-func usesFS(caps []*csi.VolumeCapability, fsParam, fs string) bool {
+func usesFS(caps []*csipb.VolumeCapability, fsParam, fs string) bool {
 	for _, c := range caps {
 		if m := c.GetMount(); m != nil && (m.GetFsType() == fs || (m.GetFsType() == "" && fsParam == fs)) {
 			return true
@@ -47,24 +47,24 @@ func usesFS(caps []*csi.VolumeCapability, fsParam, fs string) bool {
 	return false
 }
 
-func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
-	var caps []*csi.ControllerServiceCapability
-	for _, t := range []csi.ControllerServiceCapability_RPC_Type{
-		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
-		csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
-		csi.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
-		csi.ControllerServiceCapability_RPC_GET_SNAPSHOT,
-		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
-		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
-		csi.ControllerServiceCapability_RPC_CLONE_VOLUME,
-		csi.ControllerServiceCapability_RPC_GET_VOLUME,
-		csi.ControllerServiceCapability_RPC_GET_VOLUME_HEALTH,
-		csi.ControllerServiceCapability_RPC_LIST_VOLUME_HEALTH,
-		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+func (d *Driver) ControllerGetCapabilities(context.Context, *csipb.ControllerGetCapabilitiesRequest) (*csipb.ControllerGetCapabilitiesResponse, error) {
+	var caps []*csipb.ControllerServiceCapability
+	for _, t := range []csipb.ControllerServiceCapability_RPC_Type{
+		csipb.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
+		csipb.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
+		csipb.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+		csipb.ControllerServiceCapability_RPC_GET_SNAPSHOT,
+		csipb.ControllerServiceCapability_RPC_LIST_VOLUMES,
+		csipb.ControllerServiceCapability_RPC_GET_CAPACITY,
+		csipb.ControllerServiceCapability_RPC_CLONE_VOLUME,
+		csipb.ControllerServiceCapability_RPC_GET_VOLUME,
+		csipb.ControllerServiceCapability_RPC_GET_VOLUME_HEALTH,
+		csipb.ControllerServiceCapability_RPC_LIST_VOLUME_HEALTH,
+		csipb.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
 	} {
-		caps = append(caps, &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}})
+		caps = append(caps, &csipb.ControllerServiceCapability{Type: &csipb.ControllerServiceCapability_Rpc{Rpc: &csipb.ControllerServiceCapability_RPC{Type: t}}})
 	}
-	return &csi.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
+	return &csipb.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
 }
 
 type createParams struct {
@@ -95,7 +95,7 @@ func parseParams(params map[string]string) (createParams, error) {
 // bytes (InvalidArgument), no required size over maxVolumeBytes
 // (OutOfRange). A larger limit is no limit, and is taken as the largest
 // size.
-func checkCapacityRange(r *csi.CapacityRange) error {
+func checkCapacityRange(r *csipb.CapacityRange) error {
 	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
 	switch {
 	case req < 0:
@@ -110,7 +110,7 @@ func checkCapacityRange(r *csi.CapacityRange) error {
 
 // volumeSize picks the size for a capacity range: the required bytes (or
 // the default), rounded up to 4 KiB, and within the limit.
-func volumeSize(r *csi.CapacityRange, minBytes int64) (int64, error) {
+func volumeSize(r *csipb.CapacityRange, minBytes int64) (int64, error) {
 	if err := checkCapacityRange(r); err != nil {
 		return 0, err
 	}
@@ -137,13 +137,13 @@ func volumeSize(r *csi.CapacityRange, minBytes int64) (int64, error) {
 }
 
 // fits reports whether an existing size satisfies a capacity range.
-func fits(size int64, r *csi.CapacityRange) bool {
+func fits(size int64, r *csipb.CapacityRange) bool {
 	return size >= r.GetRequiredBytes() && (r.GetLimitBytes() == 0 || size <= r.GetLimitBytes())
 }
 
 // checkTopology refuses a request whose requisite topology excludes this
 // node. ResourceExhausted makes the external-provisioner try another node.
-func (d *Driver) checkTopology(req *csi.TopologyRequirement) error {
+func (d *Driver) checkTopology(req *csipb.TopologyRequirement) error {
 	if len(req.GetRequisite()) == 0 {
 		return nil
 	}
@@ -155,21 +155,21 @@ func (d *Driver) checkTopology(req *csi.TopologyRequirement) error {
 	return status.Errorf(codes.ResourceExhausted, "accessibility_requirements.requisite does not include node %s, where this controller's pools are", d.nodeID)
 }
 
-func (d *Driver) volumeFor(pool Pool, v *thinpool.Volume, fsType string, src *csi.VolumeContentSource) *csi.Volume {
+func (d *Driver) volumeFor(pool Pool, v *thinpool.Volume, fsType string, src *csipb.VolumeContentSource) *csipb.Volume {
 	ctx := map[string]string{ParamPool: pool.Name()}
 	if fsType != "" {
 		ctx[ParamFSType] = fsType
 	}
-	return &csi.Volume{
+	return &csipb.Volume{
 		VolumeId:           objectID{pool.Name(), v.Name}.String(),
 		CapacityBytes:      v.SizeBytes,
 		VolumeContext:      ctx,
 		ContentSource:      src,
-		AccessibleTopology: []*csi.Topology{d.topology()},
+		AccessibleTopology: []*csipb.Topology{d.topology()},
 	}
 }
 
-func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
+func (d *Driver) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRequest) (*csipb.CreateVolumeResponse, error) {
 	if err := checkName("name", req.GetName()); err != nil {
 		return nil, err
 	}
@@ -238,7 +238,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	var size int64
 	if source != nil && req.GetCapacityRange().GetRequiredBytes() == 0 {
 		// A clone or restore without a size takes its source's.
-		size, err = volumeSize(&csi.CapacityRange{RequiredBytes: max(source.SizeBytes, minBytes), LimitBytes: req.GetCapacityRange().GetLimitBytes()}, 0)
+		size, err = volumeSize(&csipb.CapacityRange{RequiredBytes: max(source.SizeBytes, minBytes), LimitBytes: req.GetCapacityRange().GetLimitBytes()}, 0)
 	} else {
 		if source != nil {
 			minBytes = max(minBytes, source.SizeBytes)
@@ -259,7 +259,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		if v.Kind != thinpool.KindVolume || !fits(v.SizeBytes, req.GetCapacityRange()) || (source != nil && v.Source != source.Name) || (source == nil && v.Source != "" && !isTemplateName(v.Source)) {
 			return nil, status.Errorf(codes.AlreadyExists, "volume %q exists with a different size or source (%s from %q)", req.GetName(), fmtBytes(v.SizeBytes), v.Source)
 		}
-		return &csi.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, src)}, nil
+		return &csipb.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, src)}, nil
 	}
 	var v *thinpool.Volume
 	switch tmplFS := templateFS(req.GetVolumeCapabilities(), params.fsType); {
@@ -291,14 +291,14 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, d.reportNoSpace(req, pool.Name(), toStatus(err, "create volume %q", req.GetName()))
 	}
 	klog.FromContext(ctx).Info("Created volume", "volume", objectID{pool.Name(), name}, "bytes", v.SizeBytes, "source", sourceID, "template", isTemplateName(v.Source))
-	return &csi.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, src)}, nil
+	return &csipb.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, src)}, nil
 }
 
-func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
+func (d *Driver) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRequest) (*csipb.DeleteVolumeResponse, error) {
 	if err := d.deleteObject(ctx, "volume_id", req.GetVolumeId(), thinpool.KindVolume); err != nil {
 		return nil, err
 	}
-	return &csi.DeleteVolumeResponse{}, nil
+	return &csipb.DeleteVolumeResponse{}, nil
 }
 
 // deleteObject deletes a volume or a snapshot by ID. An ID that is not ours,
@@ -343,7 +343,7 @@ func (d *Driver) deleteObject(ctx context.Context, field, s string, kind thinpoo
 	return nil
 }
 
-func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
+func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csipb.ValidateVolumeCapabilitiesRequest) (*csipb.ValidateVolumeCapabilitiesResponse, error) {
 	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
@@ -358,12 +358,12 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 		return nil, err
 	}
 	if _, err := parseParams(req.GetParameters()); err != nil {
-		return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+		return &csipb.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
 	}
 	if err := checkCapabilities("volume_capabilities", req.GetVolumeCapabilities()); err != nil {
-		return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+		return &csipb.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
 	}
-	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{
+	return &csipb.ValidateVolumeCapabilitiesResponse{Confirmed: &csipb.ValidateVolumeCapabilitiesResponse_Confirmed{
 		VolumeContext: req.GetVolumeContext(), VolumeCapabilities: req.GetVolumeCapabilities(), Parameters: req.GetParameters(),
 	}}, nil
 }
@@ -384,7 +384,7 @@ func (d *Driver) getVolume(id objectID) (*thinpool.Volume, error) {
 	return v, nil
 }
 
-func (d *Driver) ControllerGetVolume(ctx context.Context, req *csi.ControllerGetVolumeRequest) (*csi.ControllerGetVolumeResponse, error) {
+func (d *Driver) ControllerGetVolume(ctx context.Context, req *csipb.ControllerGetVolumeRequest) (*csipb.ControllerGetVolumeResponse, error) {
 	id, err := mustParseID("volume_id", req.GetVolumeId())
 	if err != nil {
 		return nil, err
@@ -394,9 +394,9 @@ func (d *Driver) ControllerGetVolume(ctx context.Context, req *csi.ControllerGet
 		return nil, err
 	}
 	pool, _ := d.pool(id.pool)
-	return &csi.ControllerGetVolumeResponse{
+	return &csipb.ControllerGetVolumeResponse{
 		Volume: d.volumeFor(pool, v, "", nil),
-		Status: &csi.ControllerGetVolumeResponse_VolumeStatus{},
+		Status: &csipb.ControllerGetVolumeResponse_VolumeStatus{},
 	}, nil
 }
 
@@ -450,30 +450,30 @@ func (d *Driver) all(kind thinpool.Kind) []struct {
 	return out
 }
 
-func (d *Driver) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+func (d *Driver) ListVolumes(ctx context.Context, req *csipb.ListVolumesRequest) (*csipb.ListVolumesResponse, error) {
 	items, next, err := page(d.all(thinpool.KindVolume), req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
 		return nil, err
 	}
-	resp := &csi.ListVolumesResponse{NextToken: next}
+	resp := &csipb.ListVolumesResponse{NextToken: next}
 	for _, it := range items {
 		v := it.v
-		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{
+		resp.Entries = append(resp.Entries, &csipb.ListVolumesResponse_Entry{
 			Volume: d.volumeFor(it.pool, &v, "", nil),
-			Status: &csi.ListVolumesResponse_VolumeStatus{},
+			Status: &csipb.ListVolumesResponse_VolumeStatus{},
 		})
 	}
 	return resp, nil
 }
 
-func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {
+func (d *Driver) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequest) (*csipb.GetCapacityResponse, error) {
 	for i, c := range req.GetVolumeCapabilities() {
 		if err := checkCapability(fmt.Sprintf("volume_capabilities[%d]", i), c); err != nil {
-			return &csi.GetCapacityResponse{}, nil // nothing of that kind can be made here
+			return &csipb.GetCapacityResponse{}, nil // nothing of that kind can be made here
 		}
 	}
 	if t := req.GetAccessibleTopology(); t != nil && t.GetSegments()[TopologyKey] != d.nodeID {
-		return &csi.GetCapacityResponse{}, nil
+		return &csipb.GetCapacityResponse{}, nil
 	}
 	params, err := parseParams(req.GetParameters())
 	if err != nil {
@@ -487,7 +487,7 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 	if err != nil {
 		return nil, toStatus(err, "pool %s usage", pool.Name())
 	}
-	return &csi.GetCapacityResponse{
+	return &csipb.GetCapacityResponse{
 		AvailableCapacity: u.AvailableBytes,
 		// A thin volume may be larger than the free space; what limits one
 		// volume is the same as what limits their sum.
@@ -496,18 +496,18 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 	}, nil
 }
 
-func (d *Driver) snapshotFor(pool Pool, v *thinpool.Volume) *csi.Snapshot {
-	return &csi.Snapshot{
+func (d *Driver) snapshotFor(pool Pool, v *thinpool.Volume) *csipb.Snapshot {
+	return &csipb.Snapshot{
 		SnapshotId:         objectID{pool.Name(), v.Name}.String(),
 		SourceVolumeId:     objectID{pool.Name(), v.Source}.String(),
 		SizeBytes:          v.SizeBytes,
 		CreationTime:       timestamppb.New(v.CreatedAt),
 		ReadyToUse:         true,
-		AccessibleTopology: []*csi.Topology{d.topology()},
+		AccessibleTopology: []*csipb.Topology{d.topology()},
 	}
 }
 
-func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
+func (d *Driver) CreateSnapshot(ctx context.Context, req *csipb.CreateSnapshotRequest) (*csipb.CreateSnapshotResponse, error) {
 	if err := checkName("name", req.GetName()); err != nil {
 		return nil, err
 	}
@@ -536,24 +536,24 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 		if v.Kind != thinpool.KindSnapshot || v.Source != source.Name {
 			return nil, status.Errorf(codes.AlreadyExists, "snapshot %q exists for another source (%s from %q)", req.GetName(), v.Kind, v.Source)
 		}
-		return &csi.CreateSnapshotResponse{Snapshot: d.snapshotFor(pool, v)}, nil
+		return &csipb.CreateSnapshotResponse{Snapshot: d.snapshotFor(pool, v)}, nil
 	}
 	v, err := pool.Snapshot(ctx, name, source.Name)
 	if err != nil {
 		return nil, toStatus(err, "snapshot %q of %s", req.GetName(), src)
 	}
 	klog.FromContext(ctx).Info("Created snapshot", "snapshot", snapID, "source", src)
-	return &csi.CreateSnapshotResponse{Snapshot: d.snapshotFor(pool, v)}, nil
+	return &csipb.CreateSnapshotResponse{Snapshot: d.snapshotFor(pool, v)}, nil
 }
 
-func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequest) (*csi.DeleteSnapshotResponse, error) {
+func (d *Driver) DeleteSnapshot(ctx context.Context, req *csipb.DeleteSnapshotRequest) (*csipb.DeleteSnapshotResponse, error) {
 	if err := d.deleteObject(ctx, "snapshot_id", req.GetSnapshotId(), thinpool.KindSnapshot); err != nil {
 		return nil, err
 	}
-	return &csi.DeleteSnapshotResponse{}, nil
+	return &csipb.DeleteSnapshotResponse{}, nil
 }
 
-func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsRequest) (*csi.ListSnapshotsResponse, error) {
+func (d *Driver) ListSnapshots(ctx context.Context, req *csipb.ListSnapshotsRequest) (*csipb.ListSnapshotsResponse, error) {
 	all := d.all(thinpool.KindSnapshot)
 	filtered := all[:0:0]
 	for _, it := range all {
@@ -570,15 +570,15 @@ func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsReques
 	if err != nil {
 		return nil, err
 	}
-	resp := &csi.ListSnapshotsResponse{NextToken: next}
+	resp := &csipb.ListSnapshotsResponse{NextToken: next}
 	for _, it := range items {
 		v := it.v
-		resp.Entries = append(resp.Entries, &csi.ListSnapshotsResponse_Entry{Snapshot: d.snapshotFor(it.pool, &v)})
+		resp.Entries = append(resp.Entries, &csipb.ListSnapshotsResponse_Entry{Snapshot: d.snapshotFor(it.pool, &v)})
 	}
 	return resp, nil
 }
 
-func (d *Driver) GetSnapshot(ctx context.Context, req *csi.GetSnapshotRequest) (*csi.GetSnapshotResponse, error) {
+func (d *Driver) GetSnapshot(ctx context.Context, req *csipb.GetSnapshotRequest) (*csipb.GetSnapshotResponse, error) {
 	id, err := mustParseID("snapshot_id", req.GetSnapshotId())
 	if err != nil {
 		return nil, err
@@ -594,5 +594,5 @@ func (d *Driver) GetSnapshot(ctx context.Context, req *csi.GetSnapshotRequest) (
 	if v.Kind != thinpool.KindSnapshot {
 		return nil, notFound("%s is a volume, not a snapshot", id)
 	}
-	return &csi.GetSnapshotResponse{Snapshot: d.snapshotFor(pool, v)}, nil
+	return &csipb.GetSnapshotResponse{Snapshot: d.snapshotFor(pool, v)}, nil
 }

@@ -8,7 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -23,9 +23,9 @@ import (
 func TestCreateVolumeIdempotent(t *testing.T) {
 	e := newDriverEnv(t)
 	ctx := t.Context()
-	req := &csi.CreateVolumeRequest{
-		Name: "pvc-1", CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes},
-		VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+	req := &csipb.CreateVolumeRequest{
+		Name: "pvc-1", CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes},
+		VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
 		Parameters:         map[string]string{ParamFSType: "ext4"},
 	}
 	first, err := e.d.CreateVolume(ctx, req)
@@ -49,8 +49,8 @@ func TestCreateVolumeIdempotent(t *testing.T) {
 		}
 	}
 	// A range the existing volume fits is the same request.
-	fits, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-1", VolumeCapabilities: req.VolumeCapabilities,
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20, LimitBytes: 32 << 20}})
+	fits, err := e.d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "pvc-1", VolumeCapabilities: req.VolumeCapabilities,
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: 1 << 20, LimitBytes: 32 << 20}})
 	if err != nil || fits.GetVolume().GetVolumeId() != v.GetVolumeId() {
 		t.Errorf("a fitting range: %v, %v", fits, err)
 	}
@@ -60,31 +60,31 @@ func TestCreateVolumeIdempotent(t *testing.T) {
 	src := e.createVolume("other").GetVolumeId()
 	runBadCases(t, e, []badCase{
 		{"larger", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-1", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * testVolBytes}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "pvc-1", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: &csipb.CapacityRange{RequiredBytes: 2 * testVolBytes}}))
 		}, codes.AlreadyExists, []string{"pvc-1"}},
 		{"under the limit", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-1", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: &csi.CapacityRange{LimitBytes: testVolBytes / 2}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "pvc-1", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: &csipb.CapacityRange{LimitBytes: testVolBytes / 2}}))
 		}, codes.AlreadyExists, []string{"pvc-1"}},
 		{"with a source", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-1", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: req.CapacityRange,
-				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: src}}}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "pvc-1", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: req.CapacityRange,
+				VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: src}}}}))
 		}, codes.AlreadyExists, []string{"pvc-1"}},
 		{"limit under required", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: &csi.CapacityRange{RequiredBytes: 2 << 20, LimitBytes: 1 << 20}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: &csipb.CapacityRange{RequiredBytes: 2 << 20, LimitBytes: 1 << 20}}))
 		}, codes.OutOfRange, []string{"limit"}},
 		{"negative", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: &csi.CapacityRange{RequiredBytes: -1}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: req.VolumeCapabilities, CapacityRange: &csipb.CapacityRange{RequiredBytes: -1}}))
 		}, codes.InvalidArgument, []string{"capacity_range"}},
 	})
 
 	// Names that are not device names map to one device each, the same
 	// one every time.
 	long := strings.Repeat("ü", 60) // 120 bytes
-	a, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: long, VolumeCapabilities: req.VolumeCapabilities})
+	a, err := e.d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: long, VolumeCapabilities: req.VolumeCapabilities})
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: long, VolumeCapabilities: req.VolumeCapabilities})
+	b, err := e.d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: long, VolumeCapabilities: req.VolumeCapabilities})
 	if err != nil || a.GetVolume().GetVolumeId() != b.GetVolume().GetVolumeId() {
 		t.Errorf("hashed name not idempotent: %v, %v, %v", a, b, err)
 	}
@@ -97,8 +97,8 @@ func TestCreateVolumeNoSpace(t *testing.T) {
 	// 64 MiB of data, at most 1x provisioned, 10% free floor.
 	e := newDriverEnv(t, func(c *thinpool.Config) { c.DataFileBytes = 64 << 20; c.OverprovisionRatio = 1 })
 	ctx := t.Context()
-	mk := func(name string, size int64) (*csi.CreateVolumeResponse, error) {
-		return e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, VolumeCapabilities: []*csi.VolumeCapability{fsCap}, CapacityRange: &csi.CapacityRange{RequiredBytes: size}})
+	mk := func(name string, size int64) (*csipb.CreateVolumeResponse, error) {
+		return e.d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: name, VolumeCapabilities: []*csipb.VolumeCapability{fsCap}, CapacityRange: &csipb.CapacityRange{RequiredBytes: size}})
 	}
 	if _, err := mk("fits", 48<<20); err != nil {
 		t.Fatal(err)
@@ -106,16 +106,16 @@ func TestCreateVolumeNoSpace(t *testing.T) {
 	runBadCases(t, e, []badCase{
 		{"over the ratio", func(ctx context.Context, d *Driver) error { return ignore(mk("too-much", 32<<20)) }, codes.ResourceExhausted, nil},
 		{"other node's topology", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "elsewhere", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-				AccessibilityRequirements: &csi.TopologyRequirement{Requisite: []*csi.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}}}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "elsewhere", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+				AccessibilityRequirements: &csipb.TopologyRequirement{Requisite: []*csipb.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}}}}))
 		}, codes.ResourceExhausted, []string{"requisite", testNode}},
 	})
 	// Requisite topology that includes this node is fine.
-	if _, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "here", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 4 << 20},
-		AccessibilityRequirements: &csi.TopologyRequirement{
-			Requisite: []*csi.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}, {Segments: map[string]string{TopologyKey: testNode}}},
-			Preferred: []*csi.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}},
+	if _, err := e.d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "here", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: 4 << 20},
+		AccessibilityRequirements: &csipb.TopologyRequirement{
+			Requisite: []*csipb.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}, {Segments: map[string]string{TopologyKey: testNode}}},
+			Preferred: []*csipb.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}},
 		}}); err != nil {
 		t.Errorf("requisite including this node: %v", err)
 	}
@@ -134,9 +134,9 @@ func TestCloneAndRestore(t *testing.T) {
 	// The source changes after the snapshot; the snapshot keeps the old data.
 	e.write(src, 1<<20, bytes.Repeat([]byte("changed!"), 1024))
 
-	fromSnap := &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.GetSnapshotId()}}}
-	restored, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restored", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * testVolBytes}, VolumeContentSource: fromSnap})
+	fromSnap := &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Snapshot{Snapshot: &csipb.VolumeContentSource_SnapshotSource{SnapshotId: snap.GetSnapshotId()}}}
+	restored, err := e.d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "restored", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: 2 * testVolBytes}, VolumeContentSource: fromSnap})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,9 +147,9 @@ func TestCloneAndRestore(t *testing.T) {
 		t.Errorf("restored data differs from the snapshot's")
 	}
 
-	fromVol := &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: src}}}
-	cloneReq := &csi.CreateVolumeRequest{Name: "clone", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-		CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes}, VolumeContentSource: fromVol}
+	fromVol := &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: src}}}
+	cloneReq := &csipb.CreateVolumeRequest{Name: "clone", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes}, VolumeContentSource: fromVol}
 	clone, err := e.d.CreateVolume(ctx, cloneReq)
 	if err != nil {
 		t.Fatal(err)
@@ -169,23 +169,23 @@ func TestCloneAndRestore(t *testing.T) {
 	betaVol := e.createVolumeIn(otherPool, "b")
 	runBadCases(t, e, []badCase{
 		{"smaller than the source", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "small", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-				CapacityRange: &csi.CapacityRange{LimitBytes: testVolBytes / 2}, VolumeContentSource: fromSnap}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "small", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+				CapacityRange: &csipb.CapacityRange{LimitBytes: testVolBytes / 2}, VolumeContentSource: fromSnap}))
 		}, codes.OutOfRange, nil},
 		{"source in another pool", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "x", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: betaVol}}}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "x", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+				VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: betaVol}}}}))
 		}, codes.NotFound, []string{otherPool}},
 		{"restore under another name's source", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restored", VolumeCapabilities: []*csi.VolumeCapability{fsCap}, VolumeContentSource: fromVol}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "restored", VolumeCapabilities: []*csipb.VolumeCapability{fsCap}, VolumeContentSource: fromVol}))
 		}, codes.AlreadyExists, nil},
 	})
 }
 
 func (e *driverEnv) createVolumeIn(pool, name string) string {
 	e.t.Helper()
-	resp, err := e.d.CreateVolume(e.t.Context(), &csi.CreateVolumeRequest{Name: name, VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-		CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes}, Parameters: map[string]string{ParamPool: pool}})
+	resp, err := e.d.CreateVolume(e.t.Context(), &csipb.CreateVolumeRequest{Name: name, VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes}, Parameters: map[string]string{ParamPool: pool}})
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -208,36 +208,36 @@ func TestCreateSnapshotIdempotent(t *testing.T) {
 	if !proto.Equal(again, s) {
 		t.Errorf("repeat gave %v, first %v", again, s)
 	}
-	got, err := e.d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: s.GetSnapshotId()})
+	got, err := e.d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{SnapshotId: s.GetSnapshotId()})
 	if err != nil || !proto.Equal(got.GetSnapshot(), s) {
 		t.Errorf("GetSnapshot: %v, %v", got, err)
 	}
 	runBadCases(t, e, []badCase{
 		{"other source", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-1", SourceVolumeId: b}))
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "snap-1", SourceVolumeId: b}))
 		}, codes.AlreadyExists, []string{"snap-1"}},
 		{"a volume's name", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "b", SourceVolumeId: a}))
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "b", SourceVolumeId: a}))
 		}, codes.AlreadyExists, nil},
 		{"volume with a snapshot's name", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "snap-1", VolumeCapabilities: []*csi.VolumeCapability{fsCap}}))
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "snap-1", VolumeCapabilities: []*csipb.VolumeCapability{fsCap}}))
 		}, codes.AlreadyExists, nil},
 	})
 	// Deleting the source leaves the snapshot; deletes are idempotent.
 	for range 2 {
-		if _, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: a}); err != nil {
+		if _, err := e.d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: a}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if _, err := e.d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: s.GetSnapshotId()}); err != nil {
+	if _, err := e.d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{SnapshotId: s.GetSnapshotId()}); err != nil {
 		t.Errorf("snapshot gone with its source: %v", err)
 	}
 	for range 2 {
-		if _, err := e.d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: s.GetSnapshotId()}); err != nil {
+		if _, err := e.d.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: s.GetSnapshotId()}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if _, err := e.d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: s.GetSnapshotId()}); status.Code(err) != codes.NotFound {
+	if _, err := e.d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{SnapshotId: s.GetSnapshotId()}); status.Code(err) != codes.NotFound {
 		t.Errorf("deleted snapshot: %v", err)
 	}
 }
@@ -258,7 +258,7 @@ func TestListPagination(t *testing.T) {
 	var got []string
 	token := ""
 	for pages := 0; ; pages++ {
-		resp, err := e.d.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: 2, StartingToken: token})
+		resp, err := e.d.ListVolumes(ctx, &csipb.ListVolumesRequest{MaxEntries: 2, StartingToken: token})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -283,30 +283,30 @@ func TestListPagination(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Errorf("paged ListVolumes = %v, want %v (snapshots excluded)", got, want)
 	}
-	all, err := e.d.ListVolumes(ctx, &csi.ListVolumesRequest{})
+	all, err := e.d.ListVolumes(ctx, &csipb.ListVolumesRequest{})
 	if err != nil || len(all.GetEntries()) != len(vols) || all.GetNextToken() != "" {
 		t.Errorf("unpaged ListVolumes: %d entries, token %q, %v", len(all.GetEntries()), all.GetNextToken(), err)
 	}
 
 	runBadCases(t, e, []badCase{
 		{"ListVolumes/bad token", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ListVolumes(ctx, &csi.ListVolumesRequest{StartingToken: "invalid-token"}))
+			return ignore(d.ListVolumes(ctx, &csipb.ListVolumesRequest{StartingToken: "invalid-token"}))
 		}, codes.Aborted, []string{"starting_token"}},
 		{"ListVolumes/token past the end", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ListVolumes(ctx, &csi.ListVolumesRequest{StartingToken: "99"}))
+			return ignore(d.ListVolumes(ctx, &csipb.ListVolumesRequest{StartingToken: "99"}))
 		}, codes.Aborted, nil},
 		{"ListVolumes/negative max_entries", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: -1}))
+			return ignore(d.ListVolumes(ctx, &csipb.ListVolumesRequest{MaxEntries: -1}))
 		}, codes.InvalidArgument, []string{"max_entries"}},
 		{"ListSnapshots/bad token", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ListSnapshots(ctx, &csi.ListSnapshotsRequest{StartingToken: "-1"}))
+			return ignore(d.ListSnapshots(ctx, &csipb.ListSnapshotsRequest{StartingToken: "-1"}))
 		}, codes.Aborted, nil},
 		{"ControllerListVolumeHealth/bad token", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ControllerListVolumeHealth(ctx, &csi.ControllerListVolumeHealthRequest{StartingToken: "x"}))
+			return ignore(d.ControllerListVolumeHealth(ctx, &csipb.ControllerListVolumeHealthRequest{StartingToken: "x"}))
 		}, codes.Aborted, nil},
 	})
 
-	listSnaps := func(req *csi.ListSnapshotsRequest) []string {
+	listSnaps := func(req *csipb.ListSnapshotsRequest) []string {
 		t.Helper()
 		var ids []string
 		for {
@@ -323,23 +323,23 @@ func TestListPagination(t *testing.T) {
 			if resp.GetNextToken() == "" {
 				return ids
 			}
-			req = proto.Clone(req).(*csi.ListSnapshotsRequest)
+			req = proto.Clone(req).(*csipb.ListSnapshotsRequest)
 			req.StartingToken = resp.GetNextToken()
 		}
 	}
 	for name, tc := range map[string]struct {
-		req  *csi.ListSnapshotsRequest
+		req  *csipb.ListSnapshotsRequest
 		want []string
 	}{
-		"all, paged":         {&csi.ListSnapshotsRequest{MaxEntries: 1}, []string{testPool + "/s0", testPool + "/s1", testPool + "/s2"}},
-		"by id":              {&csi.ListSnapshotsRequest{SnapshotId: testPool + "/s1"}, []string{testPool + "/s1"}},
-		"by unknown id":      {&csi.ListSnapshotsRequest{SnapshotId: testPool + "/nope"}, nil},
-		"by malformed id":    {&csi.ListSnapshotsRequest{SnapshotId: "nope"}, nil},
-		"by a volume's id":   {&csi.ListSnapshotsRequest{SnapshotId: vols[0]}, nil},
-		"by source":          {&csi.ListSnapshotsRequest{SourceVolumeId: vols[0], MaxEntries: 1}, []string{testPool + "/s0", testPool + "/s1"}},
-		"by source and id":   {&csi.ListSnapshotsRequest{SourceVolumeId: vols[1], SnapshotId: testPool + "/s0"}, nil},
-		"by unknown source":  {&csi.ListSnapshotsRequest{SourceVolumeId: "gamma/v0"}, nil},
-		"by snapless source": {&csi.ListSnapshotsRequest{SourceVolumeId: vols[2]}, nil},
+		"all, paged":         {&csipb.ListSnapshotsRequest{MaxEntries: 1}, []string{testPool + "/s0", testPool + "/s1", testPool + "/s2"}},
+		"by id":              {&csipb.ListSnapshotsRequest{SnapshotId: testPool + "/s1"}, []string{testPool + "/s1"}},
+		"by unknown id":      {&csipb.ListSnapshotsRequest{SnapshotId: testPool + "/nope"}, nil},
+		"by malformed id":    {&csipb.ListSnapshotsRequest{SnapshotId: "nope"}, nil},
+		"by a volume's id":   {&csipb.ListSnapshotsRequest{SnapshotId: vols[0]}, nil},
+		"by source":          {&csipb.ListSnapshotsRequest{SourceVolumeId: vols[0], MaxEntries: 1}, []string{testPool + "/s0", testPool + "/s1"}},
+		"by source and id":   {&csipb.ListSnapshotsRequest{SourceVolumeId: vols[1], SnapshotId: testPool + "/s0"}, nil},
+		"by unknown source":  {&csipb.ListSnapshotsRequest{SourceVolumeId: "gamma/v0"}, nil},
+		"by snapless source": {&csipb.ListSnapshotsRequest{SourceVolumeId: vols[2]}, nil},
 	} {
 		if got := listSnaps(tc.req); !slices.Equal(got, tc.want) {
 			t.Errorf("ListSnapshots %s = %v, want %v", name, got, tc.want)
@@ -350,7 +350,7 @@ func TestListPagination(t *testing.T) {
 func TestGetCapacity(t *testing.T) {
 	e := newDriverEnv(t, func(c *thinpool.Config) { c.OverprovisionRatio = 1 })
 	ctx := t.Context()
-	capacity := func(req *csi.GetCapacityRequest) int64 {
+	capacity := func(req *csipb.GetCapacityRequest) int64 {
 		t.Helper()
 		resp, err := e.d.GetCapacity(ctx, req)
 		if err != nil {
@@ -358,12 +358,12 @@ func TestGetCapacity(t *testing.T) {
 		}
 		return resp.GetAvailableCapacity()
 	}
-	here := &csi.Topology{Segments: map[string]string{TopologyKey: testNode}}
-	before := capacity(&csi.GetCapacityRequest{AccessibleTopology: here, VolumeCapabilities: []*csi.VolumeCapability{fsCap}})
+	here := &csipb.Topology{Segments: map[string]string{TopologyKey: testNode}}
+	before := capacity(&csipb.GetCapacityRequest{AccessibleTopology: here, VolumeCapabilities: []*csipb.VolumeCapability{fsCap}})
 	if before <= 0 {
 		t.Fatalf("capacity of an empty pool: %d", before)
 	}
-	resp, err := e.d.GetCapacity(ctx, &csi.GetCapacityRequest{})
+	resp, err := e.d.GetCapacity(ctx, &csipb.GetCapacityRequest{})
 	if err != nil || resp.GetMinimumVolumeSize().GetValue() != minVolumeBytes || resp.GetMaximumVolumeSize().GetValue() != before {
 		t.Errorf("GetCapacity %v, %v", resp, err)
 	}
@@ -372,7 +372,7 @@ func TestGetCapacity(t *testing.T) {
 	for i := range 4 {
 		e.createVolume(fmt.Sprintf("v%d", i))
 	}
-	if after := capacity(&csi.GetCapacityRequest{}); after != testPoolBytes-4*testVolBytes || after >= before {
+	if after := capacity(&csipb.GetCapacityRequest{}); after != testPoolBytes-4*testVolBytes || after >= before {
 		t.Errorf("capacity %d after 4 volumes, %d before; want %d", after, before, testPoolBytes-4*testVolBytes)
 	}
 	// The other pool keeps the default limit: what it allows, more than
@@ -382,14 +382,14 @@ func TestGetCapacity(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := int64(float64(otherUsage.DataBytes) * otherUsage.OverprovisionRatio)
-	if other := capacity(&csi.GetCapacityRequest{Parameters: map[string]string{ParamPool: otherPool}}); other != want || other <= otherUsage.DataBytes {
+	if other := capacity(&csipb.GetCapacityRequest{Parameters: map[string]string{ParamPool: otherPool}}); other != want || other <= otherUsage.DataBytes {
 		t.Errorf("capacity of the untouched pool %s = %d, want %d (%gx its %d bytes)", otherPool, other, want, otherUsage.OverprovisionRatio, otherUsage.DataBytes)
 	}
-	for name, topo := range map[string]*csi.Topology{
+	for name, topo := range map[string]*csipb.Topology{
 		"other node":  {Segments: map[string]string{TopologyKey: "node-b"}},
 		"no node key": {Segments: map[string]string{"zone": "z1"}},
 	} {
-		if c := capacity(&csi.GetCapacityRequest{AccessibleTopology: topo}); c != 0 {
+		if c := capacity(&csipb.GetCapacityRequest{AccessibleTopology: topo}); c != 0 {
 			t.Errorf("capacity for %s = %d, want 0", name, c)
 		}
 	}
@@ -400,30 +400,260 @@ func TestGetCapacity(t *testing.T) {
 func TestCreateVolumeSizesXFSAndClones(t *testing.T) {
 	d := newDriverEnv(t).d
 	ctx := context.Background()
-	xfsCap := &csi.VolumeCapability{
-		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "xfs"}},
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	xfsCap := &csipb.VolumeCapability{
+		AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{FsType: "xfs"}},
+		AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
 	}
-	r, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "small-xfs", CapacityRange: &csi.CapacityRange{RequiredBytes: 16 << 20}, VolumeCapabilities: []*csi.VolumeCapability{xfsCap}})
+	r, err := d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "small-xfs", CapacityRange: &csipb.CapacityRange{RequiredBytes: 16 << 20}, VolumeCapabilities: []*csipb.VolumeCapability{xfsCap}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got := r.GetVolume().GetCapacityBytes(); got != minXFSBytes {
 		t.Errorf("xfs volume of %d bytes, want %d", got, minXFSBytes)
 	}
-	if _, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "capped-xfs", CapacityRange: &csi.CapacityRange{RequiredBytes: 16 << 20, LimitBytes: 32 << 20}, VolumeCapabilities: []*csi.VolumeCapability{xfsCap}}); status.Code(err) != codes.OutOfRange {
+	if _, err := d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "capped-xfs", CapacityRange: &csipb.CapacityRange{RequiredBytes: 16 << 20, LimitBytes: 32 << 20}, VolumeCapabilities: []*csipb.VolumeCapability{xfsCap}}); status.Code(err) != codes.OutOfRange {
 		t.Errorf("xfs volume under a 32 MiB limit: %v, want OutOfRange", err)
 	}
-	src, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "src", CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20}, VolumeCapabilities: []*csi.VolumeCapability{mountCap("ext4", csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)}})
+	src, err := d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "src", CapacityRange: &csipb.CapacityRange{RequiredBytes: 64 << 20}, VolumeCapabilities: []*csipb.VolumeCapability{mountCap("ext4", csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "clone", VolumeCapabilities: []*csi.VolumeCapability{mountCap("ext4", csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)},
-		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: src.GetVolume().GetVolumeId()}}}})
+	c, err := d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "clone", VolumeCapabilities: []*csipb.VolumeCapability{mountCap("ext4", csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)},
+		VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: src.GetVolume().GetVolumeId()}}}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got := c.GetVolume().GetCapacityBytes(); got != 64<<20 {
 		t.Errorf("clone without a size has %d bytes, want its source's %d", got, 64<<20)
+	}
+}
+
+// A request missing a field the spec requires is InvalidArgument naming
+// the field, and changes nothing.
+func TestControllerRequiredFields(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	noAccessType := &csipb.VolumeCapability{AccessMode: &csipb.VolumeCapability_AccessMode{Mode: rwo}}
+	noMode := &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}}}
+	caps := []*csipb.VolumeCapability{fsCap}
+	type R = badCase
+	cases := []badCase{
+		R{"CreateVolume/name", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{VolumeCapabilities: caps}))
+		}, codes.InvalidArgument, []string{"name"}},
+		R{"CreateVolume/name too long", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: strings.Repeat("n", 129), VolumeCapabilities: caps}))
+		}, codes.InvalidArgument, []string{"name"}},
+		R{"CreateVolume/volume_capabilities", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new"}))
+		}, codes.InvalidArgument, []string{"volume_capabilities"}},
+		R{"CreateVolume/access_mode", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{noMode}}))
+		}, codes.InvalidArgument, []string{"volume_capabilities[0].access_mode"}},
+		R{"CreateVolume/access_type", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{noAccessType}}))
+		}, codes.InvalidArgument, []string{"volume_capabilities[0]", "mount or block"}},
+		R{"CreateVolume/snapshot_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps,
+				VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Snapshot{Snapshot: &csipb.VolumeContentSource_SnapshotSource{}}}}))
+		}, codes.InvalidArgument, []string{"volume_content_source.snapshot.snapshot_id"}},
+		R{"CreateVolume/source volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps,
+				VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{}}}}))
+		}, codes.InvalidArgument, []string{"volume_content_source.volume.volume_id"}},
+		R{"DeleteVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"ValidateVolumeCapabilities/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeCapabilities: caps}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"ValidateVolumeCapabilities/volume_capabilities", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: vol}))
+		}, codes.InvalidArgument, []string{"volume_capabilities"}},
+		// A missing field is InvalidArgument even when the ID is not ours.
+		R{"ValidateVolumeCapabilities/volume_capabilities, bad ID", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: "not-an-id"}))
+		}, codes.InvalidArgument, []string{"volume_capabilities"}},
+		R{"ControllerGetVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ControllerGetVolume(ctx, &csipb.ControllerGetVolumeRequest{}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"ControllerGetVolumeHealth/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ControllerGetVolumeHealth(ctx, &csipb.ControllerGetVolumeHealthRequest{}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"CreateSnapshot/name", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{SourceVolumeId: vol}))
+		}, codes.InvalidArgument, []string{"name"}},
+		R{"CreateSnapshot/source_volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "snap"}))
+		}, codes.InvalidArgument, []string{"source_volume_id"}},
+		R{"DeleteSnapshot/snapshot_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{}))
+		}, codes.InvalidArgument, []string{"snapshot_id"}},
+		R{"GetSnapshot/snapshot_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{}))
+		}, codes.InvalidArgument, []string{"snapshot_id"}},
+	}
+	runBadCases(t, e, cases)
+}
+
+func TestControllerUnknownIDs(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	snap := e.createSnapshot("snap", vol).GetSnapshotId()
+	ids := map[string]string{
+		"malformed":    "not-an-id",
+		"empty name":   testPool + "/",
+		"bad pool":     "Pool!/vol",
+		"unknown pool": "gamma/vol",
+		"unknown name": testPool + "/missing",
+		"nested":       testPool + "/a/b",
+	}
+	var cases []badCase
+	for what, id := range ids {
+		cases = append(cases,
+			badCase{"ControllerGetVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.ControllerGetVolume(ctx, &csipb.ControllerGetVolumeRequest{VolumeId: id}))
+			}, codes.NotFound, nil},
+			badCase{"ValidateVolumeCapabilities/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: id, VolumeCapabilities: []*csipb.VolumeCapability{fsCap}}))
+			}, codes.NotFound, nil},
+			badCase{"ControllerGetVolumeHealth/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.ControllerGetVolumeHealth(ctx, &csipb.ControllerGetVolumeHealthRequest{VolumeId: id}))
+			}, codes.NotFound, nil},
+			badCase{"CreateSnapshot/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "s2", SourceVolumeId: id}))
+			}, codes.NotFound, nil},
+			badCase{"CreateVolume from snapshot/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+					VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Snapshot{Snapshot: &csipb.VolumeContentSource_SnapshotSource{SnapshotId: id}}}}))
+			}, codes.NotFound, nil},
+			badCase{"CreateVolume from volume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+					VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: id}}}}))
+			}, codes.NotFound, nil},
+			badCase{"GetSnapshot/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{SnapshotId: id}))
+			}, codes.NotFound, nil},
+			// Deleting what does not exist succeeds.
+			badCase{"DeleteVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: id}))
+			}, codes.OK, nil},
+			badCase{"DeleteSnapshot/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: id}))
+			}, codes.OK, nil},
+		)
+	}
+	// A snapshot is not a volume, nor the other way round.
+	cases = append(cases,
+		badCase{"ControllerGetVolume/a snapshot", func(ctx context.Context, d *Driver) error {
+			return ignore(d.ControllerGetVolume(ctx, &csipb.ControllerGetVolumeRequest{VolumeId: snap}))
+		}, codes.NotFound, []string{"snapshot"}},
+		badCase{"CreateSnapshot/of a snapshot", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "s2", SourceVolumeId: snap}))
+		}, codes.NotFound, []string{"snapshot"}},
+		badCase{"CreateVolume/volume source is a snapshot", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+				VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: snap}}}}))
+		}, codes.NotFound, nil},
+		badCase{"GetSnapshot/a volume", func(ctx context.Context, d *Driver) error {
+			return ignore(d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{SnapshotId: vol}))
+		}, codes.NotFound, []string{"volume"}},
+		badCase{"DeleteVolume/a snapshot", func(ctx context.Context, d *Driver) error {
+			return ignore(d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: snap}))
+		}, codes.NotFound, []string{"snapshot"}},
+		badCase{"DeleteSnapshot/a volume", func(ctx context.Context, d *Driver) error {
+			return ignore(d.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: vol}))
+		}, codes.NotFound, []string{"volume"}},
+	)
+	runBadCases(t, e, cases)
+}
+
+func TestParameters(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	caps := []*csipb.VolumeCapability{fsCap}
+	runBadCases(t, e, []badCase{
+		{"CreateVolume/unknown", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{"thinness": "very"}}))
+		}, codes.InvalidArgument, []string{"parameters.thinness"}},
+		{"CreateVolume/fsType", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{ParamFSType: "btrfs"}}))
+		}, codes.InvalidArgument, []string{"parameters.fsType", "btrfs"}},
+		{"CreateVolume/pool", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{ParamPool: "gamma"}}))
+		}, codes.InvalidArgument, []string{"parameters.pool", "gamma"}},
+		{"CreateVolume/capability fs_type", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{mountCap("ntfs", rwo)}}))
+		}, codes.InvalidArgument, []string{"volume_capabilities[0].mount.fs_type", "ntfs"}},
+		{"GetCapacity/unknown", func(ctx context.Context, d *Driver) error {
+			return ignore(d.GetCapacity(ctx, &csipb.GetCapacityRequest{Parameters: map[string]string{"thinness": "very"}}))
+		}, codes.InvalidArgument, []string{"parameters.thinness"}},
+		{"GetCapacity/pool", func(ctx context.Context, d *Driver) error {
+			return ignore(d.GetCapacity(ctx, &csipb.GetCapacityRequest{Parameters: map[string]string{ParamPool: "gamma"}}))
+		}, codes.InvalidArgument, []string{"parameters.pool"}},
+		{"CreateSnapshot/unknown", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "snap", SourceVolumeId: vol, Parameters: map[string]string{"retain": "yes"}}))
+		}, codes.InvalidArgument, []string{"parameters.retain"}},
+	})
+
+	// The provisioner's extra metadata is accepted and ignored, and the
+	// pool and fsType parameters are honoured.
+	resp, err := e.d.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{
+		Name: "in-beta", VolumeCapabilities: caps, CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes},
+		Parameters: map[string]string{ParamPool: otherPool, ParamFSType: "xfs", "csi.storage.k8s.io/pvc/name": "data"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := resp.GetVolume(); got.GetVolumeId() != otherPool+"/in-beta" || got.GetVolumeContext()[ParamFSType] != "xfs" || got.GetVolumeContext()[ParamPool] != otherPool {
+		t.Errorf("volume %v", got)
+	}
+	if _, err := e.pools[otherPool].Get("in-beta"); err != nil {
+		t.Errorf("not in pool %s: %v", otherPool, err)
+	}
+
+	// ValidateVolumeCapabilities answers with a message, not an error, for
+	// what it cannot confirm.
+	for name, req := range map[string]*csipb.ValidateVolumeCapabilitiesRequest{
+		"parameter":  {VolumeId: vol, VolumeCapabilities: caps, Parameters: map[string]string{"thinness": "very"}},
+		"multi-node": {VolumeId: vol, VolumeCapabilities: []*csipb.VolumeCapability{mountCap("", csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)}},
+		"fs_type":    {VolumeId: vol, VolumeCapabilities: []*csipb.VolumeCapability{mountCap("zfs", rwo)}},
+	} {
+		resp, err := e.d.ValidateVolumeCapabilities(t.Context(), req)
+		if err != nil || resp.GetConfirmed() != nil || resp.GetMessage() == "" {
+			t.Errorf("%s: confirmed %v, message %q, err %v", name, resp.GetConfirmed(), resp.GetMessage(), err)
+		}
+	}
+	resp2, err := e.d.ValidateVolumeCapabilities(t.Context(), &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: vol, VolumeCapabilities: []*csipb.VolumeCapability{fsCap, blockCap(rox)}})
+	if err != nil || resp2.GetConfirmed() == nil {
+		t.Errorf("supported capabilities not confirmed: %v, %v", resp2, err)
+	}
+}
+
+func TestControllerMultiNodeAccessModes(t *testing.T) {
+	e := newDriverEnv(t)
+	var cases []badCase
+	for _, m := range []csipb.VolumeCapability_AccessMode_Mode{
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY,
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_SINGLE_WRITER,
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER,
+		csipb.VolumeCapability_AccessMode_UNKNOWN,
+	} {
+		for kind, c := range map[string]*csipb.VolumeCapability{"mount": mountCap("", m), "block": blockCap(m)} {
+			name := m.String() + "/" + kind
+			cases = append(cases,
+				badCase{"CreateVolume/" + name, func(ctx context.Context, d *Driver) error {
+					return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{fsCap, c}}))
+				}, codes.InvalidArgument, []string{"volume_capabilities[1].access_mode", m.String()}},
+			)
+		}
+	}
+	runBadCases(t, e, cases)
+
+	// GetCapacity for a capability the driver cannot serve is 0, not an
+	// error (the CO asks per StorageClass).
+	resp, err := e.d.GetCapacity(t.Context(), &csipb.GetCapacityRequest{VolumeCapabilities: []*csipb.VolumeCapability{mountCap("", csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)}})
+	if err != nil || resp.GetAvailableCapacity() != 0 {
+		t.Errorf("GetCapacity for MULTI_NODE: %v, %v", resp, err)
 	}
 }

@@ -8,6 +8,12 @@
 // AlreadyExists for a conflicting one, acts, and maps errors to gRPC codes in
 // one place (errors.go).
 //
+// Capacity and admission are pkg/thinpool's: GetCapacity reports the pool's
+// Usage.AvailableBytes, a refused CreateVolume is the pool's ErrNoSpace
+// (ResourceExhausted), and RoomFor (owner.go) asks Pool.Admit. Nothing here
+// repeats the rule, and nothing here imports pkg/devmapper: a pool's mode
+// is a thinpool.Mode.
+//
 // No path outside the kubelet directory is mounted over, unmounted, made or
 // removed (paths.go): a path a CO gives is checked on its string, then only
 // reached through internal/safepath, resolved beneath the kubelet

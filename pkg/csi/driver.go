@@ -13,7 +13,7 @@ import (
 	"sync"
 	"time"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
 	"k8s.io/klog/v2"
 
@@ -48,6 +48,11 @@ type Pool interface {
 	Get(name string) (*thinpool.Volume, error)
 	List() []thinpool.Volume
 	Usage() (thinpool.Usage, error)
+	// Admit answers, changing nothing, whether the pool would now take a
+	// new device of kind and sizeBytes: the pool's own admission, which
+	// this package never repeats. ErrNoSpace, ErrPoolUnhealthy or
+	// ErrClosed when not.
+	Admit(sizeBytes int64, kind thinpool.Kind) error
 }
 
 var _ Pool = (*thinpool.Pool)(nil)
@@ -85,10 +90,10 @@ type Options struct {
 // Driver serves the CSI services: Identity, Controller, Node and
 // GroupController.
 type Driver struct {
-	csi.UnimplementedIdentityServer
-	csi.UnimplementedControllerServer
-	csi.UnimplementedNodeServer
-	csi.UnimplementedGroupControllerServer
+	csipb.UnimplementedIdentityServer
+	csipb.UnimplementedControllerServer
+	csipb.UnimplementedNodeServer
+	csipb.UnimplementedGroupControllerServer
 
 	name, version, nodeID string
 	pools                 map[string]Pool
@@ -180,10 +185,10 @@ func (d *Driver) Serve(endpoint string) error {
 // ServeListener serves on l until Stop.
 func (d *Driver) ServeListener(l net.Listener) error {
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(append([]grpc.UnaryServerInterceptor{logCalls}, d.interceptors...)...))
-	csi.RegisterIdentityServer(srv, d)
-	csi.RegisterControllerServer(srv, d)
-	csi.RegisterNodeServer(srv, d)
-	csi.RegisterGroupControllerServer(srv, d)
+	csipb.RegisterIdentityServer(srv, d)
+	csipb.RegisterControllerServer(srv, d)
+	csipb.RegisterNodeServer(srv, d)
+	csipb.RegisterGroupControllerServer(srv, d)
 	d.mu.Lock()
 	if d.stopped {
 		// Stop came first (a signal during start-up): serving now would
@@ -259,6 +264,6 @@ func (d *Driver) pool(name string) (Pool, error) {
 	return p, nil
 }
 
-func (d *Driver) topology() *csi.Topology {
-	return &csi.Topology{Segments: map[string]string{TopologyKey: d.nodeID}}
+func (d *Driver) topology() *csipb.Topology {
+	return &csipb.Topology{Segments: map[string]string{TopologyKey: d.nodeID}}
 }

@@ -12,18 +12,21 @@ import (
 	"testing"
 	"time"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
 // The driver over real thinpool.Pools on a FakeKernel and the fake FS, on
 // the host under -race. Handlers are called directly; sanity_test.go goes
 // through gRPC.
+//
+// This file holds what the tests of every service share (driverEnv, the
+// capabilities, badCase) and the tests that span services: the per-ID
+// lock, and Stop. The controller's tables are in controller_test.go, the
+// node's in node_test.go.
 
 const (
 	testNode      = "node-a"
@@ -106,23 +109,23 @@ func loopPoolConfig(dir, name string, dataBytes int64) thinpool.Config {
 	}
 }
 
-func mountCap(fsType string, mode csi.VolumeCapability_AccessMode_Mode) *csi.VolumeCapability {
-	return &csi.VolumeCapability{
-		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: fsType}},
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: mode},
+func mountCap(fsType string, mode csipb.VolumeCapability_AccessMode_Mode) *csipb.VolumeCapability {
+	return &csipb.VolumeCapability{
+		AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{FsType: fsType}},
+		AccessMode: &csipb.VolumeCapability_AccessMode{Mode: mode},
 	}
 }
 
-func blockCap(mode csi.VolumeCapability_AccessMode_Mode) *csi.VolumeCapability {
-	return &csi.VolumeCapability{
-		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: mode},
+func blockCap(mode csipb.VolumeCapability_AccessMode_Mode) *csipb.VolumeCapability {
+	return &csipb.VolumeCapability{
+		AccessType: &csipb.VolumeCapability_Block{Block: &csipb.VolumeCapability_BlockVolume{}},
+		AccessMode: &csipb.VolumeCapability_AccessMode{Mode: mode},
 	}
 }
 
 const (
-	rwo = csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER
-	rox = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+	rwo = csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER
+	rox = csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
 )
 
 var fsCap = mountCap("", rwo)
@@ -133,11 +136,11 @@ func (e *driverEnv) path(elem ...string) string {
 }
 
 // createVolume makes a volume of testVolBytes in the default pool.
-func (e *driverEnv) createVolume(name string) *csi.Volume {
+func (e *driverEnv) createVolume(name string) *csipb.Volume {
 	e.t.Helper()
-	resp, err := e.d.CreateVolume(e.t.Context(), &csi.CreateVolumeRequest{
-		Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes},
-		VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+	resp, err := e.d.CreateVolume(e.t.Context(), &csipb.CreateVolumeRequest{
+		Name: name, CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes},
+		VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
 	})
 	if err != nil {
 		e.t.Fatalf("CreateVolume %s: %v", name, err)
@@ -145,9 +148,9 @@ func (e *driverEnv) createVolume(name string) *csi.Volume {
 	return resp.GetVolume()
 }
 
-func (e *driverEnv) createSnapshot(name, source string) *csi.Snapshot {
+func (e *driverEnv) createSnapshot(name, source string) *csipb.Snapshot {
 	e.t.Helper()
-	resp, err := e.d.CreateSnapshot(e.t.Context(), &csi.CreateSnapshotRequest{Name: name, SourceVolumeId: source})
+	resp, err := e.d.CreateSnapshot(e.t.Context(), &csipb.CreateSnapshotRequest{Name: name, SourceVolumeId: source})
 	if err != nil {
 		e.t.Fatalf("CreateSnapshot %s: %v", name, err)
 	}
@@ -155,7 +158,7 @@ func (e *driverEnv) createSnapshot(name, source string) *csi.Snapshot {
 }
 
 // dev returns the dm device of an active volume, by ID.
-func (e *driverEnv) dev(volumeID string) devmapper.Dev {
+func (e *driverEnv) dev(volumeID string) thinpool.Dev {
 	e.t.Helper()
 	pool, name, _ := strings.Cut(volumeID, "/")
 	info, err := e.k.InfoByName("dmthin-" + pool + "-" + name)
@@ -258,375 +261,6 @@ func runBadCases(t *testing.T, e *driverEnv, cases []badCase) {
 // ignore drops a response, keeping the error.
 func ignore[T any](_ T, err error) error { return err }
 
-func TestRequiredFields(t *testing.T) {
-	e := newDriverEnv(t)
-	vol := e.createVolume("vol").GetVolumeId()
-	staging, target := e.path("staging", "vol"), e.path("pods", "p1", "vol")
-	noAccessType := &csi.VolumeCapability{AccessMode: &csi.VolumeCapability_AccessMode{Mode: rwo}}
-	noMode := &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}}}
-	caps := []*csi.VolumeCapability{fsCap}
-	type R = badCase
-	cases := []badCase{
-		R{"CreateVolume/name", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{VolumeCapabilities: caps}))
-		}, codes.InvalidArgument, []string{"name"}},
-		R{"CreateVolume/name too long", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: strings.Repeat("n", 129), VolumeCapabilities: caps}))
-		}, codes.InvalidArgument, []string{"name"}},
-		R{"CreateVolume/volume_capabilities", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new"}))
-		}, codes.InvalidArgument, []string{"volume_capabilities"}},
-		R{"CreateVolume/access_mode", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csi.VolumeCapability{noMode}}))
-		}, codes.InvalidArgument, []string{"volume_capabilities[0].access_mode"}},
-		R{"CreateVolume/access_type", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csi.VolumeCapability{noAccessType}}))
-		}, codes.InvalidArgument, []string{"volume_capabilities[0]", "mount or block"}},
-		R{"CreateVolume/snapshot_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps,
-				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{}}}}))
-		}, codes.InvalidArgument, []string{"volume_content_source.snapshot.snapshot_id"}},
-		R{"CreateVolume/source volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps,
-				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{}}}}))
-		}, codes.InvalidArgument, []string{"volume_content_source.volume.volume_id"}},
-		R{"DeleteVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{}))
-		}, codes.InvalidArgument, []string{"volume_id"}},
-		R{"ValidateVolumeCapabilities/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeCapabilities: caps}))
-		}, codes.InvalidArgument, []string{"volume_id"}},
-		R{"ValidateVolumeCapabilities/volume_capabilities", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: vol}))
-		}, codes.InvalidArgument, []string{"volume_capabilities"}},
-		// A missing field is InvalidArgument even when the ID is not ours.
-		R{"ValidateVolumeCapabilities/volume_capabilities, bad ID", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: "not-an-id"}))
-		}, codes.InvalidArgument, []string{"volume_capabilities"}},
-		R{"NodeStageVolume/staging_target_path, bad ID", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: "not-an-id", VolumeCapability: fsCap}))
-		}, codes.InvalidArgument, []string{"staging_target_path"}},
-		R{"NodePublishVolume/volume_capability, bad ID", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: "not-an-id", TargetPath: target, StagingTargetPath: staging}))
-		}, codes.InvalidArgument, []string{"volume_capability"}},
-		R{"NodeGetVolumeStats/volume_path, bad ID", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: "not-an-id"}))
-		}, codes.InvalidArgument, []string{"volume_path"}},
-		R{"ControllerGetVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{}))
-		}, codes.InvalidArgument, []string{"volume_id"}},
-		R{"ControllerGetVolumeHealth/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{}))
-		}, codes.InvalidArgument, []string{"volume_id"}},
-		R{"CreateSnapshot/name", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: vol}))
-		}, codes.InvalidArgument, []string{"name"}},
-		R{"CreateSnapshot/source_volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap"}))
-		}, codes.InvalidArgument, []string{"source_volume_id"}},
-		R{"DeleteSnapshot/snapshot_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{}))
-		}, codes.InvalidArgument, []string{"snapshot_id"}},
-		R{"GetSnapshot/snapshot_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.GetSnapshot(ctx, &csi.GetSnapshotRequest{}))
-		}, codes.InvalidArgument, []string{"snapshot_id"}},
-		R{"NodeStageVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{StagingTargetPath: staging, VolumeCapability: fsCap}))
-		}, codes.InvalidArgument, []string{"volume_id"}},
-		R{"NodeStageVolume/staging_target_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, VolumeCapability: fsCap}))
-		}, codes.InvalidArgument, []string{"staging_target_path"}},
-		R{"NodeStageVolume/volume_capability", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging}))
-		}, codes.InvalidArgument, []string{"volume_capability"}},
-		R{"NodeStageVolume/access_mode", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: noMode}))
-		}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
-		R{"NodeUnstageVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{StagingTargetPath: staging}))
-		}, codes.InvalidArgument, []string{"volume_id"}},
-		R{"NodeUnstageVolume/staging_target_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: vol}))
-		}, codes.InvalidArgument, []string{"staging_target_path"}},
-		R{"NodePublishVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{TargetPath: target, StagingTargetPath: staging, VolumeCapability: fsCap}))
-		}, codes.InvalidArgument, []string{"volume_id"}},
-		R{"NodePublishVolume/target_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: fsCap}))
-		}, codes.InvalidArgument, []string{"target_path"}},
-		R{"NodePublishVolume/staging_target_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, TargetPath: target, VolumeCapability: fsCap}))
-		}, codes.InvalidArgument, []string{"staging_target_path"}},
-		R{"NodePublishVolume/volume_capability", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, TargetPath: target, StagingTargetPath: staging}))
-		}, codes.InvalidArgument, []string{"volume_capability"}},
-		R{"NodeUnpublishVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{TargetPath: target}))
-		}, codes.InvalidArgument, []string{"volume_id"}},
-		R{"NodeUnpublishVolume/target_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: vol}))
-		}, codes.InvalidArgument, []string{"target_path"}},
-		R{"NodeGetVolumeStats/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumePath: target}))
-		}, codes.InvalidArgument, []string{"volume_id"}},
-		R{"NodeGetVolumeStats/volume_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol}))
-		}, codes.InvalidArgument, []string{"volume_path"}},
-		R{"NodeExpandVolume/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumePath: target}))
-		}, codes.InvalidArgument, []string{"volume_id"}},
-		R{"NodeExpandVolume/volume_path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol}))
-		}, codes.InvalidArgument, []string{"volume_path"}},
-		R{"NodeExpandVolume/access_mode", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, VolumeCapability: noMode}))
-		}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
-		R{"NodeGetVolumeHealth/volume_id", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{}))
-		}, codes.InvalidArgument, []string{"volume_id"}},
-	}
-	runBadCases(t, e, cases)
-}
-
-func TestUnknownIDs(t *testing.T) {
-	e := newDriverEnv(t)
-	vol := e.createVolume("vol").GetVolumeId()
-	snap := e.createSnapshot("snap", vol).GetSnapshotId()
-	staging, target := e.path("staging", "x"), e.path("pods", "p1", "x")
-	if err := os.MkdirAll(target, 0o750); err != nil {
-		t.Fatal(err)
-	}
-	ids := map[string]string{
-		"malformed":    "not-an-id",
-		"empty name":   testPool + "/",
-		"bad pool":     "Pool!/vol",
-		"unknown pool": "gamma/vol",
-		"unknown name": testPool + "/missing",
-		"nested":       testPool + "/a/b",
-	}
-	var cases []badCase
-	for what, id := range ids {
-		cases = append(cases,
-			badCase{"ControllerGetVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: id}))
-			}, codes.NotFound, nil},
-			badCase{"ValidateVolumeCapabilities/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: id, VolumeCapabilities: []*csi.VolumeCapability{fsCap}}))
-			}, codes.NotFound, nil},
-			badCase{"ControllerGetVolumeHealth/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: id}))
-			}, codes.NotFound, nil},
-			badCase{"CreateSnapshot/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: id}))
-			}, codes.NotFound, nil},
-			badCase{"CreateVolume from snapshot/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-					VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: id}}}}))
-			}, codes.NotFound, nil},
-			badCase{"CreateVolume from volume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-					VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: id}}}}))
-			}, codes.NotFound, nil},
-			badCase{"GetSnapshot/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: id}))
-			}, codes.NotFound, nil},
-			badCase{"NodeStageVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: fsCap}))
-			}, codes.NotFound, nil},
-			badCase{"NodePublishVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: fsCap}))
-			}, codes.NotFound, nil},
-			badCase{"NodeGetVolumeStats/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target}))
-			}, codes.NotFound, nil},
-			badCase{"NodeExpandVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target}))
-			}, codes.NotFound, nil},
-			badCase{"NodeGetVolumeHealth/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id}))
-			}, codes.NotFound, nil},
-			// Deleting what does not exist succeeds.
-			badCase{"DeleteVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}))
-			}, codes.OK, nil},
-			badCase{"DeleteSnapshot/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: id}))
-			}, codes.OK, nil},
-		)
-	}
-	// A snapshot is not a volume, nor the other way round.
-	cases = append(cases,
-		badCase{"ControllerGetVolume/a snapshot", func(ctx context.Context, d *Driver) error {
-			return ignore(d.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: snap}))
-		}, codes.NotFound, []string{"snapshot"}},
-		badCase{"NodeStageVolume/a snapshot", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: snap, StagingTargetPath: staging, VolumeCapability: fsCap}))
-		}, codes.NotFound, []string{"snapshot"}},
-		badCase{"CreateSnapshot/of a snapshot", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: snap}))
-		}, codes.NotFound, []string{"snapshot"}},
-		badCase{"CreateVolume/volume source is a snapshot", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v2", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: snap}}}}))
-		}, codes.NotFound, nil},
-		badCase{"GetSnapshot/a volume", func(ctx context.Context, d *Driver) error {
-			return ignore(d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: vol}))
-		}, codes.NotFound, []string{"volume"}},
-		badCase{"DeleteVolume/a snapshot", func(ctx context.Context, d *Driver) error {
-			return ignore(d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: snap}))
-		}, codes.NotFound, []string{"snapshot"}},
-		badCase{"DeleteSnapshot/a volume", func(ctx context.Context, d *Driver) error {
-			return ignore(d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: vol}))
-		}, codes.NotFound, []string{"volume"}},
-	)
-	runBadCases(t, e, cases)
-}
-
-func TestParameters(t *testing.T) {
-	e := newDriverEnv(t)
-	vol := e.createVolume("vol").GetVolumeId()
-	caps := []*csi.VolumeCapability{fsCap}
-	runBadCases(t, e, []badCase{
-		{"CreateVolume/unknown", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{"thinness": "very"}}))
-		}, codes.InvalidArgument, []string{"parameters.thinness"}},
-		{"CreateVolume/fsType", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{ParamFSType: "btrfs"}}))
-		}, codes.InvalidArgument, []string{"parameters.fsType", "btrfs"}},
-		{"CreateVolume/pool", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{ParamPool: "gamma"}}))
-		}, codes.InvalidArgument, []string{"parameters.pool", "gamma"}},
-		{"CreateVolume/capability fs_type", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csi.VolumeCapability{mountCap("ntfs", rwo)}}))
-		}, codes.InvalidArgument, []string{"volume_capabilities[0].mount.fs_type", "ntfs"}},
-		{"GetCapacity/unknown", func(ctx context.Context, d *Driver) error {
-			return ignore(d.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: map[string]string{"thinness": "very"}}))
-		}, codes.InvalidArgument, []string{"parameters.thinness"}},
-		{"GetCapacity/pool", func(ctx context.Context, d *Driver) error {
-			return ignore(d.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: map[string]string{ParamPool: "gamma"}}))
-		}, codes.InvalidArgument, []string{"parameters.pool"}},
-		{"CreateSnapshot/unknown", func(ctx context.Context, d *Driver) error {
-			return ignore(d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap", SourceVolumeId: vol, Parameters: map[string]string{"retain": "yes"}}))
-		}, codes.InvalidArgument, []string{"parameters.retain"}},
-	})
-
-	// The provisioner's extra metadata is accepted and ignored, and the
-	// pool and fsType parameters are honoured.
-	resp, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{
-		Name: "in-beta", VolumeCapabilities: caps, CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes},
-		Parameters: map[string]string{ParamPool: otherPool, ParamFSType: "xfs", "csi.storage.k8s.io/pvc/name": "data"},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := resp.GetVolume(); got.GetVolumeId() != otherPool+"/in-beta" || got.GetVolumeContext()[ParamFSType] != "xfs" || got.GetVolumeContext()[ParamPool] != otherPool {
-		t.Errorf("volume %v", got)
-	}
-	if _, err := e.pools[otherPool].Get("in-beta"); err != nil {
-		t.Errorf("not in pool %s: %v", otherPool, err)
-	}
-
-	// ValidateVolumeCapabilities answers with a message, not an error, for
-	// what it cannot confirm.
-	for name, req := range map[string]*csi.ValidateVolumeCapabilitiesRequest{
-		"parameter":  {VolumeId: vol, VolumeCapabilities: caps, Parameters: map[string]string{"thinness": "very"}},
-		"multi-node": {VolumeId: vol, VolumeCapabilities: []*csi.VolumeCapability{mountCap("", csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)}},
-		"fs_type":    {VolumeId: vol, VolumeCapabilities: []*csi.VolumeCapability{mountCap("zfs", rwo)}},
-	} {
-		resp, err := e.d.ValidateVolumeCapabilities(t.Context(), req)
-		if err != nil || resp.GetConfirmed() != nil || resp.GetMessage() == "" {
-			t.Errorf("%s: confirmed %v, message %q, err %v", name, resp.GetConfirmed(), resp.GetMessage(), err)
-		}
-	}
-	resp2, err := e.d.ValidateVolumeCapabilities(t.Context(), &csi.ValidateVolumeCapabilitiesRequest{VolumeId: vol, VolumeCapabilities: []*csi.VolumeCapability{fsCap, blockCap(rox)}})
-	if err != nil || resp2.GetConfirmed() == nil {
-		t.Errorf("supported capabilities not confirmed: %v, %v", resp2, err)
-	}
-}
-
-func TestPathsOutsideKubeletDir(t *testing.T) {
-	e := newDriverEnv(t)
-	vol := e.createVolume("vol").GetVolumeId()
-	outside := t.TempDir() // exists, and must stay untouched
-	good := e.path("pods", "p", "vol")
-	bad := map[string]string{
-		"elsewhere":   filepath.Join(outside, "x"),
-		"dot-dot":     e.kubeletDir + "/../" + filepath.Base(outside) + "/x",
-		"relative":    "pods/p/vol",
-		"kubelet dir": e.kubeletDir,
-		"prefix":      e.kubeletDir + "-other/x",
-	}
-	var cases []badCase
-	for what, p := range bad {
-		cases = append(cases,
-			badCase{"NodeStageVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: p, VolumeCapability: fsCap}))
-			}, codes.InvalidArgument, []string{"staging_target_path"}},
-			badCase{"NodeUnstageVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: vol, StagingTargetPath: p}))
-			}, codes.InvalidArgument, []string{"staging_target_path"}},
-			badCase{"NodePublishVolume target/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, TargetPath: p, StagingTargetPath: good, VolumeCapability: fsCap}))
-			}, codes.InvalidArgument, []string{"target_path"}},
-			badCase{"NodePublishVolume staging/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, TargetPath: good, StagingTargetPath: p, VolumeCapability: fsCap}))
-			}, codes.InvalidArgument, []string{"staging_target_path"}},
-			badCase{"NodeUnpublishVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: p}))
-			}, codes.InvalidArgument, []string{"target_path"}},
-			// volume_path is only looked at, and a path that cannot hold a
-			// volume is the spec's NotFound (csi-sanity sends "some/path").
-			badCase{"NodeGetVolumeStats/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: p}))
-			}, codes.NotFound, []string{"volume_path"}},
-			badCase{"NodeExpandVolume/" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: p,
-					CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * testVolBytes}}))
-			}, codes.NotFound, []string{"volume_path"}},
-		)
-	}
-	runBadCases(t, e, cases)
-	if entries, err := os.ReadDir(outside); err != nil || len(entries) != 0 {
-		t.Errorf("outside directory touched: %v, %v", entries, err)
-	}
-}
-
-func TestMultiNodeAccessModes(t *testing.T) {
-	e := newDriverEnv(t)
-	vol := e.createVolume("vol").GetVolumeId()
-	staging, target := e.path("staging", "vol"), e.path("pods", "p", "vol")
-	var cases []badCase
-	for _, m := range []csi.VolumeCapability_AccessMode_Mode{
-		csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY,
-		csi.VolumeCapability_AccessMode_MULTI_NODE_SINGLE_WRITER,
-		csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER,
-		csi.VolumeCapability_AccessMode_UNKNOWN,
-	} {
-		for kind, c := range map[string]*csi.VolumeCapability{"mount": mountCap("", m), "block": blockCap(m)} {
-			name := m.String() + "/" + kind
-			cases = append(cases,
-				badCase{"CreateVolume/" + name, func(ctx context.Context, d *Driver) error {
-					return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csi.VolumeCapability{fsCap, c}}))
-				}, codes.InvalidArgument, []string{"volume_capabilities[1].access_mode", m.String()}},
-				badCase{"NodeStageVolume/" + name, func(ctx context.Context, d *Driver) error {
-					return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: c}))
-				}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
-				badCase{"NodePublishVolume/" + name, func(ctx context.Context, d *Driver) error {
-					return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c}))
-				}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
-			)
-		}
-	}
-	runBadCases(t, e, cases)
-
-	// GetCapacity for a capability the driver cannot serve is 0, not an
-	// error (the CO asks per StorageClass).
-	resp, err := e.d.GetCapacity(t.Context(), &csi.GetCapacityRequest{VolumeCapabilities: []*csi.VolumeCapability{mountCap("", csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)}})
-	if err != nil || resp.GetAvailableCapacity() != 0 {
-		t.Errorf("GetCapacity for MULTI_NODE: %v, %v", resp, err)
-	}
-}
-
 // Concurrent calls on one volume: the second finds the ID locked and gets
 // Aborted at once. The fake FS holds the first call inside Mount until the
 // test lets it go, so the overlap is certain, not a matter of timing.
@@ -658,15 +292,15 @@ func TestConcurrentCallsAborted(t *testing.T) {
 		"NodeUnstageVolume":   func() error { return e.unstage(vol, staging) },
 		"NodeUnpublishVolume": func() error { return e.unpublish(vol, e.path("pods", "p", "vol")) },
 		"NodeExpandVolume": func() error {
-			return ignore(e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: staging}))
+			return ignore(e.d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: staging}))
 		},
-		"DeleteVolume": func() error { return ignore(e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: vol})) },
+		"DeleteVolume": func() error { return ignore(e.d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: vol})) },
 		"CreateSnapshot": func() error {
-			return ignore(e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol}))
+			return ignore(e.d.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol}))
 		},
 		"CreateVolume clone": func() error {
-			return ignore(e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "c", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-				VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: vol}}}}))
+			return ignore(e.d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "c", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+				VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: vol}}}}))
 		},
 	}
 	for name, call := range others {
@@ -685,52 +319,6 @@ func TestConcurrentCallsAborted(t *testing.T) {
 	}
 	// Released: the same calls go through.
 	mustOK(t, "stage again", e.stage(vol, staging, fsCap, nil))
-}
-
-func TestStripSecrets(t *testing.T) {
-	req := &csi.CreateVolumeRequest{
-		Name:               "pvc-1",
-		Parameters:         map[string]string{"pool": "alpha"},
-		Secrets:            map[string]string{"password": "hunter2"},
-		VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-	}
-	orig := proto.Clone(req)
-	got, ok := stripSecrets(req).(*csi.CreateVolumeRequest)
-	if !ok {
-		t.Fatalf("stripSecrets returned %T", stripSecrets(req))
-	}
-	if len(got.GetSecrets()) != 0 {
-		t.Errorf("secrets kept: %v", got.GetSecrets())
-	}
-	if strings.Contains(fmt.Sprint(got), "hunter2") {
-		t.Errorf("the secret is printed: %v", got)
-	}
-	if got.GetName() != "pvc-1" || got.GetParameters()["pool"] != "alpha" || len(got.GetVolumeCapabilities()) != 1 {
-		t.Errorf("other fields lost: %v", got)
-	}
-	if !proto.Equal(req, orig) {
-		t.Errorf("the request was changed: %v", req)
-	}
-
-	for name, m := range map[string]proto.Message{
-		"NodeStageVolume":   &csi.NodeStageVolumeRequest{VolumeId: "a/b", Secrets: map[string]string{"k": "hunter2"}, VolumeContext: map[string]string{"c": "d"}},
-		"NodePublishVolume": &csi.NodePublishVolumeRequest{VolumeId: "a/b", Secrets: map[string]string{"k": "hunter2"}},
-		"CreateSnapshot":    &csi.CreateSnapshotRequest{Name: "s", Secrets: map[string]string{"k": "hunter2"}},
-		"NodeExpandVolume":  &csi.NodeExpandVolumeRequest{VolumeId: "a/b", Secrets: map[string]string{"k": "hunter2"}},
-	} {
-		before := proto.Clone(m)
-		out := fmt.Sprint(stripSecrets(m))
-		if strings.Contains(out, "hunter2") || !strings.Contains(out, "a/b") && name != "CreateSnapshot" {
-			t.Errorf("%s: stripped %s", name, out)
-		}
-		if !proto.Equal(m, before) {
-			t.Errorf("%s: the request was changed", name)
-		}
-	}
-	// Not a message: passed through.
-	if got := stripSecrets("plain"); got != "plain" {
-		t.Errorf("stripSecrets(string) = %v", got)
-	}
 }
 
 // Stop before ServeListener (a signal during start-up) must not leave a

@@ -3,7 +3,7 @@ package csi
 import (
 	"fmt"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -28,7 +28,7 @@ type EventSink interface {
 // reportNoSpace passes a ResourceExhausted refusal of CreateVolume to the
 // event sink, naming the PVC the provisioner put in the parameters, and
 // returns err unchanged.
-func (d *Driver) reportNoSpace(req *csi.CreateVolumeRequest, pool string, err error) error {
+func (d *Driver) reportNoSpace(req *csipb.CreateVolumeRequest, pool string, err error) error {
 	if d.events == nil || status.Code(err) != codes.ResourceExhausted {
 		return err
 	}

@@ -13,7 +13,6 @@ import (
 	"sync"
 
 	"github.com/csi-dmthin/csi-dmthin/internal/safepath"
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -55,7 +54,7 @@ type fakeFS struct {
 
 	mu     sync.Mutex
 	mounts map[string]fakeMount // by clean target path
-	held   map[devmapper.Dev]int
+	held   map[thinpool.Dev]int
 	// mountHook, when set, runs at the start of Mount (outside the lock);
 	// its error fails the mount. Tests use it to hold a call in progress.
 	mountHook func(target string) error
@@ -71,13 +70,13 @@ type fakeMount struct {
 	// device is the block device whose filesystem the mount shows ("" for a
 	// bind of a plain directory or of a device node).
 	device string
-	dev    devmapper.Dev
+	dev    thinpool.Dev
 }
 
 var _ FS = (*fakeFS)(nil)
 
 func newFakeFS(k *thinpool.FakeKernel) *fakeFS {
-	return &fakeFS{k: k, mounts: map[string]fakeMount{}, held: map[devmapper.Dev]int{}, mkfs: map[string]int{}}
+	return &fakeFS{k: k, mounts: map[string]fakeMount{}, held: map[thinpool.Dev]int{}, mkfs: map[string]int{}}
 }
 
 // The fake superblock, in the device's first 512 bytes: a magic, the type
@@ -87,7 +86,7 @@ const (
 	fakeSBBytes = 512
 )
 
-func (f *fakeFS) device(path string) (devmapper.Dev, int64, error) {
+func (f *fakeFS) device(path string) (thinpool.Dev, int64, error) {
 	dev, size, err := f.k.BlockDevice(path)
 	if err != nil {
 		return 0, 0, fmt.Errorf("%s: no such block device: %w", path, err)

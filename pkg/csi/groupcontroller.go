@@ -7,7 +7,7 @@ import (
 	"sort"
 	"strings"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -22,10 +22,10 @@ import (
 // each snapshot's record names its group, so the group needs no record of
 // its own.
 
-func (d *Driver) GroupControllerGetCapabilities(context.Context, *csi.GroupControllerGetCapabilitiesRequest) (*csi.GroupControllerGetCapabilitiesResponse, error) {
-	return &csi.GroupControllerGetCapabilitiesResponse{Capabilities: []*csi.GroupControllerServiceCapability{{
-		Type: &csi.GroupControllerServiceCapability_Rpc{Rpc: &csi.GroupControllerServiceCapability_RPC{
-			Type: csi.GroupControllerServiceCapability_RPC_CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT,
+func (d *Driver) GroupControllerGetCapabilities(context.Context, *csipb.GroupControllerGetCapabilitiesRequest) (*csipb.GroupControllerGetCapabilitiesResponse, error) {
+	return &csipb.GroupControllerGetCapabilitiesResponse{Capabilities: []*csipb.GroupControllerServiceCapability{{
+		Type: &csipb.GroupControllerServiceCapability_Rpc{Rpc: &csipb.GroupControllerServiceCapability_RPC{
+			Type: csipb.GroupControllerServiceCapability_RPC_CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT,
 		}},
 	}}}, nil
 }
@@ -34,7 +34,7 @@ func (d *Driver) GroupControllerGetCapabilities(context.Context, *csi.GroupContr
 // both, so a repeated request finds what the first made.
 func groupMemberName(group, source string) string { return deviceName(group + "-" + source) }
 
-func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateVolumeGroupSnapshotRequest) (*csi.CreateVolumeGroupSnapshotResponse, error) {
+func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csipb.CreateVolumeGroupSnapshotRequest) (*csipb.CreateVolumeGroupSnapshotResponse, error) {
 	if err := checkName("name", req.GetName()); err != nil {
 		return nil, err
 	}
@@ -111,7 +111,7 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 		if !slices.Equal(haveSrc, wantSrc) {
 			return nil, status.Errorf(codes.AlreadyExists, "group snapshot %q exists of %s, not of the volumes asked for", req.GetName(), strings.Join(haveSrc, ", "))
 		}
-		return &csi.CreateVolumeGroupSnapshotResponse{GroupSnapshot: d.groupFor(pool, group, have)}, nil
+		return &csipb.CreateVolumeGroupSnapshotResponse{GroupSnapshot: d.groupFor(pool, group, have)}, nil
 	} else if !errors.Is(err, thinpool.ErrNotFound) {
 		return nil, toStatus(err, "group snapshot %q", req.GetName())
 	}
@@ -124,7 +124,7 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csi.CreateV
 		vols[i] = *v
 	}
 	klog.FromContext(ctx).Info("Created group snapshot", "groupSnapshot", groupID, "snapshots", len(vols))
-	return &csi.CreateVolumeGroupSnapshotResponse{GroupSnapshot: d.groupFor(pool, group, vols)}, nil
+	return &csipb.CreateVolumeGroupSnapshotResponse{GroupSnapshot: d.groupFor(pool, group, vols)}, nil
 }
 
 func poolName(p Pool) string {
@@ -135,8 +135,8 @@ func poolName(p Pool) string {
 }
 
 // groupFor is a group snapshot's CSI form.
-func (d *Driver) groupFor(pool Pool, group string, vols []thinpool.Volume) *csi.VolumeGroupSnapshot {
-	g := &csi.VolumeGroupSnapshot{GroupSnapshotId: objectID{pool.Name(), group}.String(), ReadyToUse: true}
+func (d *Driver) groupFor(pool Pool, group string, vols []thinpool.Volume) *csipb.VolumeGroupSnapshot {
+	g := &csipb.VolumeGroupSnapshot{GroupSnapshotId: objectID{pool.Name(), group}.String(), ReadyToUse: true}
 	for i := range vols {
 		s := d.snapshotFor(pool, &vols[i])
 		s.GroupSnapshotId = g.GroupSnapshotId
@@ -187,7 +187,7 @@ func (d *Driver) lookupGroup(field, s string, snapshotIDs []string, partOK bool)
 	return pool, id.name, vols, nil
 }
 
-func (d *Driver) GetVolumeGroupSnapshot(ctx context.Context, req *csi.GetVolumeGroupSnapshotRequest) (*csi.GetVolumeGroupSnapshotResponse, error) {
+func (d *Driver) GetVolumeGroupSnapshot(ctx context.Context, req *csipb.GetVolumeGroupSnapshotRequest) (*csipb.GetVolumeGroupSnapshotResponse, error) {
 	if err := required("group_snapshot_id", req.GetGroupSnapshotId()); err != nil {
 		return nil, err
 	}
@@ -195,10 +195,10 @@ func (d *Driver) GetVolumeGroupSnapshot(ctx context.Context, req *csi.GetVolumeG
 	if err != nil {
 		return nil, err
 	}
-	return &csi.GetVolumeGroupSnapshotResponse{GroupSnapshot: d.groupFor(pool, group, vols)}, nil
+	return &csipb.GetVolumeGroupSnapshotResponse{GroupSnapshot: d.groupFor(pool, group, vols)}, nil
 }
 
-func (d *Driver) DeleteVolumeGroupSnapshot(ctx context.Context, req *csi.DeleteVolumeGroupSnapshotRequest) (*csi.DeleteVolumeGroupSnapshotResponse, error) {
+func (d *Driver) DeleteVolumeGroupSnapshot(ctx context.Context, req *csipb.DeleteVolumeGroupSnapshotRequest) (*csipb.DeleteVolumeGroupSnapshotResponse, error) {
 	if err := required("group_snapshot_id", req.GetGroupSnapshotId()); err != nil {
 		return nil, err
 	}
@@ -209,7 +209,7 @@ func (d *Driver) DeleteVolumeGroupSnapshot(ctx context.Context, req *csi.DeleteV
 	defer unlock()
 	pool, _, vols, err := d.lookupGroup("group_snapshot_id", req.GetGroupSnapshotId(), req.GetSnapshotIds(), true)
 	if status.Code(err) == codes.NotFound {
-		return &csi.DeleteVolumeGroupSnapshotResponse{}, nil // deleting what is gone
+		return &csipb.DeleteVolumeGroupSnapshotResponse{}, nil // deleting what is gone
 	}
 	if err != nil {
 		return nil, err
@@ -222,5 +222,5 @@ func (d *Driver) DeleteVolumeGroupSnapshot(ctx context.Context, req *csi.DeleteV
 		}
 	}
 	klog.FromContext(ctx).Info("Deleted group snapshot", "groupSnapshot", req.GetGroupSnapshotId(), "snapshots", len(vols))
-	return &csi.DeleteVolumeGroupSnapshotResponse{}, nil
+	return &csipb.DeleteVolumeGroupSnapshotResponse{}, nil
 }

@@ -3,7 +3,7 @@ package csi
 import (
 	"testing"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -12,16 +12,16 @@ func TestGroupSnapshots(t *testing.T) {
 	e := newDriverEnv(t)
 	ctx := t.Context()
 	data, log := e.createVolume("pvc-data"), e.createVolume("pvc-log")
-	other, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{
-		Name: "pvc-other", CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes},
-		VolumeCapabilities: []*csi.VolumeCapability{fsCap}, Parameters: map[string]string{ParamPool: otherPool},
+	other, err := e.d.CreateVolume(ctx, &csipb.CreateVolumeRequest{
+		Name: "pvc-other", CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes},
+		VolumeCapabilities: []*csipb.VolumeCapability{fsCap}, Parameters: map[string]string{ParamPool: otherPool},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	sources := []string{data.VolumeId, log.VolumeId}
 
-	resp, err := e.d.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "groupsnapshot-1", SourceVolumeIds: sources})
+	resp, err := e.d.CreateVolumeGroupSnapshot(ctx, &csipb.CreateVolumeGroupSnapshotRequest{Name: "groupsnapshot-1", SourceVolumeIds: sources})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -37,42 +37,42 @@ func TestGroupSnapshots(t *testing.T) {
 		snapIDs = append(snapIDs, s.GetSnapshotId())
 	}
 	// Repeated: the same group. The same name of other sources: AlreadyExists.
-	again, err := e.d.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "groupsnapshot-1", SourceVolumeIds: []string{log.VolumeId, data.VolumeId}})
+	again, err := e.d.CreateVolumeGroupSnapshot(ctx, &csipb.CreateVolumeGroupSnapshotRequest{Name: "groupsnapshot-1", SourceVolumeIds: []string{log.VolumeId, data.VolumeId}})
 	if err != nil || again.GetGroupSnapshot().GetGroupSnapshotId() != g.GetGroupSnapshotId() || len(again.GetGroupSnapshot().GetSnapshots()) != 2 {
 		t.Fatalf("repeated: %v, %v", again, err)
 	}
-	_, err = e.d.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "groupsnapshot-1", SourceVolumeIds: []string{data.VolumeId}})
+	_, err = e.d.CreateVolumeGroupSnapshot(ctx, &csipb.CreateVolumeGroupSnapshotRequest{Name: "groupsnapshot-1", SourceVolumeIds: []string{data.VolumeId}})
 	wantCode(t, err, codes.AlreadyExists, "groupsnapshot-1")
 
 	// A member restores like any snapshot.
-	if _, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{
-		Name: "pvc-restored", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snapIDs[0]}}},
+	if _, err := e.d.CreateVolume(ctx, &csipb.CreateVolumeRequest{
+		Name: "pvc-restored", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+		VolumeContentSource: &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Snapshot{Snapshot: &csipb.VolumeContentSource_SnapshotSource{SnapshotId: snapIDs[0]}}},
 	}); err != nil {
 		t.Fatalf("restore from a member: %v", err)
 	}
 
-	get, err := e.d.GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: g.GetGroupSnapshotId(), SnapshotIds: snapIDs})
+	get, err := e.d.GetVolumeGroupSnapshot(ctx, &csipb.GetVolumeGroupSnapshotRequest{GroupSnapshotId: g.GetGroupSnapshotId(), SnapshotIds: snapIDs})
 	if err != nil || len(get.GetGroupSnapshot().GetSnapshots()) != 2 {
 		t.Fatalf("get: %v, %v", get, err)
 	}
-	_, err = e.d.GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: g.GetGroupSnapshotId(), SnapshotIds: snapIDs[:1]})
+	_, err = e.d.GetVolumeGroupSnapshot(ctx, &csipb.GetVolumeGroupSnapshotRequest{GroupSnapshotId: g.GetGroupSnapshotId(), SnapshotIds: snapIDs[:1]})
 	wantCode(t, err, codes.InvalidArgument, "snapshot_ids")
 
 	for _, c := range []struct {
 		name string
-		req  *csi.CreateVolumeGroupSnapshotRequest
+		req  *csipb.CreateVolumeGroupSnapshotRequest
 		code codes.Code
 	}{
-		{"no name", &csi.CreateVolumeGroupSnapshotRequest{SourceVolumeIds: sources}, codes.InvalidArgument},
-		{"no sources", &csi.CreateVolumeGroupSnapshotRequest{Name: "g2"}, codes.InvalidArgument},
-		{"a source twice", &csi.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: []string{data.VolumeId, data.VolumeId}}, codes.InvalidArgument},
-		{"an unknown parameter", &csi.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: sources, Parameters: map[string]string{"fast": "yes"}}, codes.InvalidArgument},
-		{"two pools", &csi.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: []string{data.VolumeId, other.GetVolume().GetVolumeId()}}, codes.FailedPrecondition},
-		{"another node's pool", &csi.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: []string{data.VolumeId, "gamma/pvc-x"}}, codes.FailedPrecondition},
-		{"a missing volume", &csi.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: []string{data.VolumeId, testPool + "/pvc-missing"}}, codes.NotFound},
-		{"a snapshot as a source", &csi.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: []string{snapIDs[0]}}, codes.NotFound},
-		{"not an ID", &csi.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: []string{"nonsense"}}, codes.NotFound},
+		{"no name", &csipb.CreateVolumeGroupSnapshotRequest{SourceVolumeIds: sources}, codes.InvalidArgument},
+		{"no sources", &csipb.CreateVolumeGroupSnapshotRequest{Name: "g2"}, codes.InvalidArgument},
+		{"a source twice", &csipb.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: []string{data.VolumeId, data.VolumeId}}, codes.InvalidArgument},
+		{"an unknown parameter", &csipb.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: sources, Parameters: map[string]string{"fast": "yes"}}, codes.InvalidArgument},
+		{"two pools", &csipb.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: []string{data.VolumeId, other.GetVolume().GetVolumeId()}}, codes.FailedPrecondition},
+		{"another node's pool", &csipb.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: []string{data.VolumeId, "gamma/pvc-x"}}, codes.FailedPrecondition},
+		{"a missing volume", &csipb.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: []string{data.VolumeId, testPool + "/pvc-missing"}}, codes.NotFound},
+		{"a snapshot as a source", &csipb.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: []string{snapIDs[0]}}, codes.NotFound},
+		{"not an ID", &csipb.CreateVolumeGroupSnapshotRequest{Name: "g2", SourceVolumeIds: []string{"nonsense"}}, codes.NotFound},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := e.d.CreateVolumeGroupSnapshot(ctx, c.req)
@@ -89,27 +89,27 @@ func TestGroupSnapshots(t *testing.T) {
 	}
 	// The class's deletionPolicy, which Kubernetes' storage suite also
 	// writes into the parameters, is no parameter of the driver's: taken.
-	withPolicy, err := e.d.CreateVolumeGroupSnapshot(ctx, &csi.CreateVolumeGroupSnapshotRequest{Name: "g3", SourceVolumeIds: sources, Parameters: map[string]string{"deletionPolicy": "Retain"}})
+	withPolicy, err := e.d.CreateVolumeGroupSnapshot(ctx, &csipb.CreateVolumeGroupSnapshotRequest{Name: "g3", SourceVolumeIds: sources, Parameters: map[string]string{"deletionPolicy": "Retain"}})
 	if err != nil || len(withPolicy.GetGroupSnapshot().GetSnapshots()) != len(sources) {
 		t.Fatalf("a group with the parameter deletionPolicy: %v, %v", withPolicy, err)
 	}
 
 	// Delete: a list that does not hold every member is refused; then the
 	// group goes, and deleting it again, or a group never made, is OK.
-	_, err = e.d.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g.GetGroupSnapshotId(), SnapshotIds: snapIDs[1:]})
+	_, err = e.d.DeleteVolumeGroupSnapshot(ctx, &csipb.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g.GetGroupSnapshotId(), SnapshotIds: snapIDs[1:]})
 	wantCode(t, err, codes.InvalidArgument, "snapshot_ids")
 	for range 2 {
-		if _, err := e.d.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g.GetGroupSnapshotId(), SnapshotIds: snapIDs}); err != nil {
+		if _, err := e.d.DeleteVolumeGroupSnapshot(ctx, &csipb.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: g.GetGroupSnapshotId(), SnapshotIds: snapIDs}); err != nil {
 			t.Fatalf("delete: %v", err)
 		}
 	}
-	_, err = e.d.GetVolumeGroupSnapshot(ctx, &csi.GetVolumeGroupSnapshotRequest{GroupSnapshotId: g.GetGroupSnapshotId()})
+	_, err = e.d.GetVolumeGroupSnapshot(ctx, &csipb.GetVolumeGroupSnapshotRequest{GroupSnapshotId: g.GetGroupSnapshotId()})
 	wantCode(t, err, codes.NotFound)
-	if _, err := e.d.DeleteVolumeGroupSnapshot(ctx, &csi.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: "gamma/none"}); err != nil {
+	if _, err := e.d.DeleteVolumeGroupSnapshot(ctx, &csipb.DeleteVolumeGroupSnapshotRequest{GroupSnapshotId: "gamma/none"}); err != nil {
 		t.Fatalf("delete of another node's group: %v", err)
 	}
 	for _, id := range snapIDs {
-		if _, err := e.d.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: id}); status.Code(err) != codes.NotFound {
+		if _, err := e.d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{SnapshotId: id}); status.Code(err) != codes.NotFound {
 			t.Errorf("member %s after the group's delete: %v", id, err)
 		}
 	}

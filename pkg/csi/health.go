@@ -3,41 +3,41 @@ package csi
 import (
 	"context"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
 // A thin volume's health is its pool's: the pool failing, turning read-only
 // (needs_check) or running out of data space is what can go wrong with it.
 // CSI 1.13 reports this through the volume-health RPCs.
 
-func entry(s csi.VolumeHealthErrorType, reason, msg string) *csi.VolumeHealth_VolumeHealthEntry {
-	return &csi.VolumeHealth_VolumeHealthEntry{Status: s, Reason: reason, Message: msg}
+func entry(s csipb.VolumeHealthErrorType, reason, msg string) *csipb.VolumeHealth_VolumeHealthEntry {
+	return &csipb.VolumeHealth_VolumeHealthEntry{Status: s, Reason: reason, Message: msg}
 }
 
 // poolHealth returns the health entries every volume of the pool shares;
 // none when all is well.
-func poolHealth(p Pool) []*csi.VolumeHealth_VolumeHealthEntry {
+func poolHealth(p Pool) []*csipb.VolumeHealth_VolumeHealthEntry {
 	u, err := p.Usage()
 	switch {
 	case err != nil:
-		return []*csi.VolumeHealth_VolumeHealthEntry{entry(csi.VolumeHealthErrorType_INACCESSIBLE, "PoolStatusUnreadable", err.Error())}
+		return []*csipb.VolumeHealth_VolumeHealthEntry{entry(csipb.VolumeHealthErrorType_INACCESSIBLE, "PoolStatusUnreadable", err.Error())}
 	case u.Fenced != "":
-		return []*csi.VolumeHealth_VolumeHealthEntry{entry(csi.VolumeHealthErrorType_DEGRADED, "PoolFenced", "a step of a change failed and the pool refuses changes until it has recovered (each later call retries): "+u.Fenced)}
+		return []*csipb.VolumeHealth_VolumeHealthEntry{entry(csipb.VolumeHealthErrorType_DEGRADED, "PoolFenced", "a step of a change failed and the pool refuses changes until it has recovered (each later call retries): "+u.Fenced)}
 	case u.Failed:
-		return []*csi.VolumeHealth_VolumeHealthEntry{entry(csi.VolumeHealthErrorType_INACCESSIBLE, "PoolFailed", "the thin pool has failed; repair it with thin_check/thin_repair")}
+		return []*csipb.VolumeHealth_VolumeHealthEntry{entry(csipb.VolumeHealthErrorType_INACCESSIBLE, "PoolFailed", "the thin pool has failed; repair it with thin_check/thin_repair")}
 	case u.NeedsCheck:
-		return []*csi.VolumeHealth_VolumeHealthEntry{entry(csi.VolumeHealthErrorType_DEGRADED, "PoolNeedsCheck", "the thin pool's metadata needs a check (thin_check); the pool is read-only")}
-	case u.Mode == devmapper.PoolReadOnly:
-		return []*csi.VolumeHealth_VolumeHealthEntry{entry(csi.VolumeHealthErrorType_DEGRADED, "PoolReadOnly", "the thin pool is read-only")}
-	case u.Mode == devmapper.PoolOutOfDataSpace:
-		return []*csi.VolumeHealth_VolumeHealthEntry{entry(csi.VolumeHealthErrorType_DEGRADED, "PoolOutOfDataSpace", "the thin pool is out of data space: writes to unallocated blocks fail")}
+		return []*csipb.VolumeHealth_VolumeHealthEntry{entry(csipb.VolumeHealthErrorType_DEGRADED, "PoolNeedsCheck", "the thin pool's metadata needs a check (thin_check); the pool is read-only")}
+	case u.Mode == thinpool.ModeReadOnly:
+		return []*csipb.VolumeHealth_VolumeHealthEntry{entry(csipb.VolumeHealthErrorType_DEGRADED, "PoolReadOnly", "the thin pool is read-only")}
+	case u.Mode == thinpool.ModeOutOfDataSpace:
+		return []*csipb.VolumeHealth_VolumeHealthEntry{entry(csipb.VolumeHealthErrorType_DEGRADED, "PoolOutOfDataSpace", "the thin pool is out of data space: writes to unallocated blocks fail")}
 	}
 	return nil
 }
 
-func (d *Driver) ControllerGetVolumeHealth(ctx context.Context, req *csi.ControllerGetVolumeHealthRequest) (*csi.ControllerGetVolumeHealthResponse, error) {
+func (d *Driver) ControllerGetVolumeHealth(ctx context.Context, req *csipb.ControllerGetVolumeHealthRequest) (*csipb.ControllerGetVolumeHealthResponse, error) {
 	id, err := mustParseID("volume_id", req.GetVolumeId())
 	if err != nil {
 		return nil, err
@@ -46,23 +46,23 @@ func (d *Driver) ControllerGetVolumeHealth(ctx context.Context, req *csi.Control
 		return nil, err
 	}
 	pool, _ := d.pool(id.pool)
-	return &csi.ControllerGetVolumeHealthResponse{VolumeHealth: &csi.VolumeHealth{VolumeId: id.String(), HealthStatuses: poolHealth(pool)}}, nil
+	return &csipb.ControllerGetVolumeHealthResponse{VolumeHealth: &csipb.VolumeHealth{VolumeId: id.String(), HealthStatuses: poolHealth(pool)}}, nil
 }
 
-func (d *Driver) ControllerListVolumeHealth(ctx context.Context, req *csi.ControllerListVolumeHealthRequest) (*csi.ControllerListVolumeHealthResponse, error) {
+func (d *Driver) ControllerListVolumeHealth(ctx context.Context, req *csipb.ControllerListVolumeHealthRequest) (*csipb.ControllerListVolumeHealthResponse, error) {
 	items, next, err := page(d.all("volume"), req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
 		return nil, err
 	}
-	resp := &csi.ControllerListVolumeHealthResponse{NextToken: next}
-	health := map[string][]*csi.VolumeHealth_VolumeHealthEntry{}
+	resp := &csipb.ControllerListVolumeHealthResponse{NextToken: next}
+	health := map[string][]*csipb.VolumeHealth_VolumeHealthEntry{}
 	for _, it := range items {
 		h, ok := health[it.pool.Name()]
 		if !ok {
 			h = poolHealth(it.pool)
 			health[it.pool.Name()] = h
 		}
-		resp.Entries = append(resp.Entries, &csi.VolumeHealth{VolumeId: objectID{it.pool.Name(), it.v.Name}.String(), HealthStatuses: h})
+		resp.Entries = append(resp.Entries, &csipb.VolumeHealth{VolumeId: objectID{it.pool.Name(), it.v.Name}.String(), HealthStatuses: h})
 	}
 	return resp, nil
 }

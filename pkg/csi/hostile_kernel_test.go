@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -36,9 +36,9 @@ import (
 // compared before and after every request.
 
 type hostileClient struct {
-	csi.IdentityClient
-	csi.ControllerClient
-	csi.NodeClient
+	csipb.IdentityClient
+	csipb.ControllerClient
+	csipb.NodeClient
 }
 
 // hostileReq is one request. call returns the RPC's error; for the few a
@@ -89,17 +89,17 @@ func TestHostileKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = conn.Close() })
-	c := hostileClient{csi.NewIdentityClient(conn), csi.NewControllerClient(conn), csi.NewNodeClient(conn)}
+	c := hostileClient{csipb.NewIdentityClient(conn), csipb.NewControllerClient(conn), csipb.NewNodeClient(conn)}
 
 	// What there is to attack: a filesystem volume staged and published, a
 	// raw block one staged and published, one never staged, a snapshot, a
 	// template.
 	const size = 64 << 20
 	kpath := func(elem ...string) string { return filepath.Join(append([]string{kubelet}, elem...)...) }
-	create := func(name string, cp *csi.VolumeCapability) string {
+	create := func(name string, cp *csipb.VolumeCapability) string {
 		t.Helper()
-		resp, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
-			VolumeCapabilities: []*csi.VolumeCapability{cp}})
+		resp, err := c.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: name, CapacityRange: &csipb.CapacityRange{RequiredBytes: size},
+			VolumeCapabilities: []*csipb.VolumeCapability{cp}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -111,16 +111,16 @@ func TestHostileKernel(t *testing.T) {
 	idleStaging := kpath("plugins", "staging", "idle")
 	for _, s := range []struct {
 		id, staging, target string
-		cp                  *csi.VolumeCapability
+		cp                  *csipb.VolumeCapability
 	}{{vol, volStaging, volTarget, fsCap}, {blk, blkStaging, blkTarget, blockCap(rwo)}} {
-		if _, err := c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging, VolumeCapability: s.cp}); err != nil {
+		if _, err := c.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging, VolumeCapability: s.cp}); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging, TargetPath: s.target, VolumeCapability: s.cp}); err != nil {
+		if _, err := c.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging, TargetPath: s.target, VolumeCapability: s.cp}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	snapResp, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap", SourceVolumeId: vol})
+	snapResp, err := c.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "snap", SourceVolumeId: vol})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,7 +175,7 @@ func TestHostileKernel(t *testing.T) {
 			}
 			t.Errorf("%s %s: %v (%v), want %v", r.rpc, r.what, got, err, r.want)
 		}
-		if _, err := c.Probe(ctx, &csi.ProbeRequest{}); err != nil {
+		if _, err := c.Probe(ctx, &csipb.ProbeRequest{}); err != nil {
 			t.Fatalf("after %s %s the server does not answer Probe: %v", r.rpc, r.what, err)
 		}
 		waitBuilds(t, d)
@@ -224,10 +224,10 @@ func TestHostileKernel(t *testing.T) {
 	// Still whole afterwards: the published volume's data, unpublished
 	// and unstaged normally.
 	for _, s := range []struct{ id, staging, target string }{{vol, volStaging, volTarget}, {blk, blkStaging, blkTarget}} {
-		if _, err := c.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: s.id, TargetPath: s.target}); err != nil {
+		if _, err := c.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: s.id, TargetPath: s.target}); err != nil {
 			t.Errorf("unpublish %s: %v", s.id, err)
 		}
-		if _, err := c.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging}); err != nil {
+		if _, err := c.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: s.id, StagingTargetPath: s.staging}); err != nil {
 			t.Errorf("unstage %s: %v", s.id, err)
 		}
 	}
@@ -256,15 +256,15 @@ func hostileRequests(c hostileClient, e hostileEnv) []hostileReq {
 		reqs = append(reqs, hostileReq{rpc: rpc, what: what, want: want, call: call})
 	}
 	const size = 64 << 20
-	caps := []*csi.VolumeCapability{fsCap}
-	mountFlags := func(fsType string, flags ...string) *csi.VolumeCapability {
+	caps := []*csipb.VolumeCapability{fsCap}
+	mountFlags := func(fsType string, flags ...string) *csipb.VolumeCapability {
 		cp := mountCap(fsType, rwo)
 		cp.GetMount().MountFlags = flags
 		return cp
 	}
 	long := strings.Repeat("n", 10<<10)
 	notOurs := []string{"../" + hostilePool + "/vol", hostilePool + "/../vol", hostilePool + "/a/b", hostilePool + "/x\x00y", "gamma/vol", "/etc/passwd", long}
-	multiNode := mountCap("", csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)
+	multiNode := mountCap("", csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)
 
 	// Paths. lexical: refused on the string (volume_path: NotFound, the
 	// spec's "no volume there"); otherwise through a link (InvalidArgument
@@ -297,100 +297,100 @@ func hostileRequests(c hostileClient, e hostileEnv) []hostileReq {
 			look = codes.NotFound
 		}
 		add("NodeStageVolume", "staging_target_path "+bp.what, codes.InvalidArgument, func(ctx context.Context) error {
-			return ignore(c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: e.idle, StagingTargetPath: bp.path, VolumeCapability: fsCap}))
+			return ignore(c.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: e.idle, StagingTargetPath: bp.path, VolumeCapability: fsCap}))
 		})
 		add("NodeUnstageVolume", "staging_target_path "+bp.what, codes.InvalidArgument, func(ctx context.Context) error {
-			return ignore(c.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: e.vol, StagingTargetPath: bp.path}))
+			return ignore(c.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: e.vol, StagingTargetPath: bp.path}))
 		})
 		add("NodePublishVolume", "target_path "+bp.what, codes.InvalidArgument, func(ctx context.Context) error {
-			return ignore(c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: e.vol, StagingTargetPath: e.volStaging, TargetPath: bp.path, VolumeCapability: fsCap}))
+			return ignore(c.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: e.vol, StagingTargetPath: e.volStaging, TargetPath: bp.path, VolumeCapability: fsCap}))
 		})
 		add("NodePublishVolume", "staging_target_path "+bp.what, codes.InvalidArgument, func(ctx context.Context) error {
-			return ignore(c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: e.vol, StagingTargetPath: bp.path, TargetPath: e.kpath("pods", "p3", "new"), VolumeCapability: fsCap}))
+			return ignore(c.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: e.vol, StagingTargetPath: bp.path, TargetPath: e.kpath("pods", "p3", "new"), VolumeCapability: fsCap}))
 		})
 		add("NodeUnpublishVolume", "target_path "+bp.what, codes.InvalidArgument, func(ctx context.Context) error {
-			return ignore(c.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: e.vol, TargetPath: bp.path}))
+			return ignore(c.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: e.vol, TargetPath: bp.path}))
 		})
 		add("NodeGetVolumeStats", "volume_path "+bp.what, look, func(ctx context.Context) error {
-			return ignore(c.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: e.vol, VolumePath: bp.path}))
+			return ignore(c.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: e.vol, VolumePath: bp.path}))
 		})
 		add("NodeExpandVolume", "volume_path "+bp.what, look, func(ctx context.Context) error {
-			return ignore(c.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: e.vol, VolumePath: bp.path, CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * size}}))
+			return ignore(c.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: e.vol, VolumePath: bp.path, CapacityRange: &csipb.CapacityRange{RequiredBytes: 2 * size}}))
 		})
 		add("NodeGetVolumeHealth", "volume_publish_path "+bp.what, codes.InvalidArgument, func(ctx context.Context) error {
-			return ignore(c.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: e.vol, VolumePublishPath: bp.path}))
+			return ignore(c.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{VolumeId: e.vol, VolumePublishPath: bp.path}))
 		})
 	}
 
 	// CreateVolume.
-	createReq := func(mod func(*csi.CreateVolumeRequest)) func(ctx context.Context) error {
+	createReq := func(mod func(*csipb.CreateVolumeRequest)) func(ctx context.Context) error {
 		return func(ctx context.Context) error {
-			r := &csi.CreateVolumeRequest{Name: "new", CapacityRange: &csi.CapacityRange{RequiredBytes: size}, VolumeCapabilities: caps}
+			r := &csipb.CreateVolumeRequest{Name: "new", CapacityRange: &csipb.CapacityRange{RequiredBytes: size}, VolumeCapabilities: caps}
 			mod(r)
 			return ignore(c.CreateVolume(ctx, r))
 		}
 	}
-	add("CreateVolume", "name 10 KiB", codes.InvalidArgument, createReq(func(r *csi.CreateVolumeRequest) { r.Name = long }))
-	add("CreateVolume", "no name", codes.InvalidArgument, createReq(func(r *csi.CreateVolumeRequest) { r.Name = "" }))
+	add("CreateVolume", "name 10 KiB", codes.InvalidArgument, createReq(func(r *csipb.CreateVolumeRequest) { r.Name = long }))
+	add("CreateVolume", "no name", codes.InvalidArgument, createReq(func(r *csipb.CreateVolumeRequest) { r.Name = "" }))
 	for _, pool := range []string{"../" + hostilePool, "gamma", hostilePool + "/../x", "HOSTILE"} {
-		add("CreateVolume", "parameters.pool "+pool, codes.InvalidArgument, createReq(func(r *csi.CreateVolumeRequest) {
+		add("CreateVolume", "parameters.pool "+pool, codes.InvalidArgument, createReq(func(r *csipb.CreateVolumeRequest) {
 			r.Parameters = map[string]string{ParamPool: pool}
 		}))
 	}
 	for _, fsType := range []string{"ext4 -O ^has_journal", "xfs;reboot", "../../sbin/mkfs.ext4", "btrfs", "ext4\x00"} {
-		add("CreateVolume", "parameters.fsType "+fsType, codes.InvalidArgument, createReq(func(r *csi.CreateVolumeRequest) {
+		add("CreateVolume", "parameters.fsType "+fsType, codes.InvalidArgument, createReq(func(r *csipb.CreateVolumeRequest) {
 			r.Parameters = map[string]string{ParamFSType: fsType}
 		}))
-		add("CreateVolume", "fs_type "+fsType, codes.InvalidArgument, createReq(func(r *csi.CreateVolumeRequest) {
-			r.VolumeCapabilities = []*csi.VolumeCapability{mountCap(fsType, rwo)}
+		add("CreateVolume", "fs_type "+fsType, codes.InvalidArgument, createReq(func(r *csipb.CreateVolumeRequest) {
+			r.VolumeCapabilities = []*csipb.VolumeCapability{mountCap(fsType, rwo)}
 		}))
 	}
-	add("CreateVolume", "unknown parameter", codes.InvalidArgument, createReq(func(r *csi.CreateVolumeRequest) {
+	add("CreateVolume", "unknown parameter", codes.InvalidArgument, createReq(func(r *csipb.CreateVolumeRequest) {
 		r.Parameters = map[string]string{"mkfsOptions": "-E root_owner=0:0"}
 	}))
 	for _, cr := range []struct {
 		what string
-		r    *csi.CapacityRange
+		r    *csipb.CapacityRange
 		want codes.Code
 	}{
-		{"required -1", &csi.CapacityRange{RequiredBytes: -1}, codes.InvalidArgument},
-		{"limit -1", &csi.CapacityRange{LimitBytes: -1}, codes.InvalidArgument},
-		{"required MinInt64", &csi.CapacityRange{RequiredBytes: math.MinInt64}, codes.InvalidArgument},
-		{"required MaxInt64", &csi.CapacityRange{RequiredBytes: math.MaxInt64}, codes.OutOfRange},
-		{"required MaxInt64-4095", &csi.CapacityRange{RequiredBytes: math.MaxInt64 - 4095}, codes.OutOfRange},
-		{"required 2^60+1", &csi.CapacityRange{RequiredBytes: 1<<60 + 1}, codes.OutOfRange},
-		{"required over limit", &csi.CapacityRange{RequiredBytes: 1 << 30, LimitBytes: 1 << 20}, codes.OutOfRange},
-		{"limit under the smallest volume", &csi.CapacityRange{LimitBytes: 4096}, codes.OutOfRange},
-		{"1 PiB", &csi.CapacityRange{RequiredBytes: 1 << 50}, codes.ResourceExhausted},
-		{"2^60", &csi.CapacityRange{RequiredBytes: 1 << 60}, codes.ResourceExhausted},
+		{"required -1", &csipb.CapacityRange{RequiredBytes: -1}, codes.InvalidArgument},
+		{"limit -1", &csipb.CapacityRange{LimitBytes: -1}, codes.InvalidArgument},
+		{"required MinInt64", &csipb.CapacityRange{RequiredBytes: math.MinInt64}, codes.InvalidArgument},
+		{"required MaxInt64", &csipb.CapacityRange{RequiredBytes: math.MaxInt64}, codes.OutOfRange},
+		{"required MaxInt64-4095", &csipb.CapacityRange{RequiredBytes: math.MaxInt64 - 4095}, codes.OutOfRange},
+		{"required 2^60+1", &csipb.CapacityRange{RequiredBytes: 1<<60 + 1}, codes.OutOfRange},
+		{"required over limit", &csipb.CapacityRange{RequiredBytes: 1 << 30, LimitBytes: 1 << 20}, codes.OutOfRange},
+		{"limit under the smallest volume", &csipb.CapacityRange{LimitBytes: 4096}, codes.OutOfRange},
+		{"1 PiB", &csipb.CapacityRange{RequiredBytes: 1 << 50}, codes.ResourceExhausted},
+		{"2^60", &csipb.CapacityRange{RequiredBytes: 1 << 60}, codes.ResourceExhausted},
 	} {
-		add("CreateVolume", "capacity_range "+cr.what, cr.want, createReq(func(r *csi.CreateVolumeRequest) { r.CapacityRange = cr.r }))
+		add("CreateVolume", "capacity_range "+cr.what, cr.want, createReq(func(r *csipb.CreateVolumeRequest) { r.CapacityRange = cr.r }))
 	}
-	add("CreateVolume", "xfs of 1 PiB", codes.ResourceExhausted, createReq(func(r *csi.CreateVolumeRequest) {
-		r.CapacityRange = &csi.CapacityRange{RequiredBytes: 1 << 50}
-		r.VolumeCapabilities = []*csi.VolumeCapability{mountCap("xfs", rwo)}
+	add("CreateVolume", "xfs of 1 PiB", codes.ResourceExhausted, createReq(func(r *csipb.CreateVolumeRequest) {
+		r.CapacityRange = &csipb.CapacityRange{RequiredBytes: 1 << 50}
+		r.VolumeCapabilities = []*csipb.VolumeCapability{mountCap("xfs", rwo)}
 	}))
-	add("CreateVolume", "no capabilities", codes.InvalidArgument, createReq(func(r *csi.CreateVolumeRequest) { r.VolumeCapabilities = nil }))
-	add("CreateVolume", "multi-node", codes.InvalidArgument, createReq(func(r *csi.CreateVolumeRequest) {
-		r.VolumeCapabilities = []*csi.VolumeCapability{multiNode}
+	add("CreateVolume", "no capabilities", codes.InvalidArgument, createReq(func(r *csipb.CreateVolumeRequest) { r.VolumeCapabilities = nil }))
+	add("CreateVolume", "multi-node", codes.InvalidArgument, createReq(func(r *csipb.CreateVolumeRequest) {
+		r.VolumeCapabilities = []*csipb.VolumeCapability{multiNode}
 	}))
-	add("CreateVolume", "no access type", codes.InvalidArgument, createReq(func(r *csi.CreateVolumeRequest) {
-		r.VolumeCapabilities = []*csi.VolumeCapability{{AccessMode: &csi.VolumeCapability_AccessMode{Mode: rwo}}}
+	add("CreateVolume", "no access type", codes.InvalidArgument, createReq(func(r *csipb.CreateVolumeRequest) {
+		r.VolumeCapabilities = []*csipb.VolumeCapability{{AccessMode: &csipb.VolumeCapability_AccessMode{Mode: rwo}}}
 	}))
 	for _, flag := range []string{"noatime,nodev", "bind", "rbind"} {
-		add("CreateVolume", "mount flag "+flag, codes.InvalidArgument, createReq(func(r *csi.CreateVolumeRequest) {
-			r.VolumeCapabilities = []*csi.VolumeCapability{mountFlags("", flag)}
+		add("CreateVolume", "mount flag "+flag, codes.InvalidArgument, createReq(func(r *csipb.CreateVolumeRequest) {
+			r.VolumeCapabilities = []*csipb.VolumeCapability{mountFlags("", flag)}
 		}))
 	}
-	snapSource := func(id string) *csi.VolumeContentSource {
-		return &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: id}}}
+	snapSource := func(id string) *csipb.VolumeContentSource {
+		return &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Snapshot{Snapshot: &csipb.VolumeContentSource_SnapshotSource{SnapshotId: id}}}
 	}
-	volSource := func(id string) *csi.VolumeContentSource {
-		return &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: id}}}
+	volSource := func(id string) *csipb.VolumeContentSource {
+		return &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: id}}}
 	}
 	for _, s := range []struct {
 		what string
-		src  *csi.VolumeContentSource
+		src  *csipb.VolumeContentSource
 		want codes.Code
 	}{
 		{"a volume as the snapshot source", snapSource(e.vol), codes.NotFound},
@@ -401,16 +401,16 @@ func hostileRequests(c hostileClient, e hostileEnv) []hostileReq {
 		{"snapshot in an unknown pool", snapSource("gamma/snap"), codes.NotFound},
 		{"empty snapshot ID", snapSource(""), codes.InvalidArgument},
 	} {
-		add("CreateVolume", "volume_content_source "+s.what, s.want, createReq(func(r *csi.CreateVolumeRequest) { r.VolumeContentSource = s.src }))
+		add("CreateVolume", "volume_content_source "+s.what, s.want, createReq(func(r *csipb.CreateVolumeRequest) { r.VolumeContentSource = s.src }))
 	}
-	add("CreateVolume", "requisite topology of another node", codes.ResourceExhausted, createReq(func(r *csi.CreateVolumeRequest) {
-		r.AccessibilityRequirements = &csi.TopologyRequirement{Requisite: []*csi.Topology{{Segments: map[string]string{TopologyKey: "other-node"}}}}
+	add("CreateVolume", "requisite topology of another node", codes.ResourceExhausted, createReq(func(r *csipb.CreateVolumeRequest) {
+		r.AccessibilityRequirements = &csipb.TopologyRequirement{Requisite: []*csipb.Topology{{Segments: map[string]string{TopologyKey: "other-node"}}}}
 	}))
 	// A CSI name is any string: one with "..", "/" or NUL makes a volume
 	// whose device name is a hash of it, and nothing else.
 	for _, name := range []string{"../../etc/passwd", "a/b/../c", "x\x00y", "/"} {
 		add("CreateVolume", fmt.Sprintf("name %q (accepted, hashed, deleted)", name), codes.OK, func(ctx context.Context) error {
-			resp, err := c.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size}, VolumeCapabilities: caps})
+			resp, err := c.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: name, CapacityRange: &csipb.CapacityRange{RequiredBytes: size}, VolumeCapabilities: caps})
 			if err != nil {
 				return err
 			}
@@ -418,70 +418,70 @@ func hostileRequests(c hostileClient, e hostileEnv) []hostileReq {
 			if !hashedID.MatchString(id) {
 				return status.Errorf(codes.Internal, "name %q made volume %q, not a hashed one", name, id)
 			}
-			_, err = c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id})
+			_, err = c.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: id})
 			return err
 		})
 	}
 
 	// DeleteVolume and the other controller calls.
 	add("DeleteVolume", "no ID", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{}))
+		return ignore(c.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{}))
 	})
 	add("DeleteVolume", "a snapshot", codes.NotFound, func(ctx context.Context) error {
-		return ignore(c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: e.snap}))
+		return ignore(c.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: e.snap}))
 	})
 	add("DeleteVolume", "a template", codes.NotFound, func(ctx context.Context) error {
-		return ignore(c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: e.tmpl}))
+		return ignore(c.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: e.tmpl}))
 	})
 	for _, id := range notOurs {
 		// Deleting what is not there succeeds.
 		add("DeleteVolume", fmt.Sprintf("not ours %.40q (accepted)", id), codes.OK, func(ctx context.Context) error {
-			return ignore(c.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}))
+			return ignore(c.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: id}))
 		})
 		add("ControllerGetVolume", fmt.Sprintf("not ours %.40q", id), codes.NotFound, func(ctx context.Context) error {
-			return ignore(c.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: id}))
+			return ignore(c.ControllerGetVolume(ctx, &csipb.ControllerGetVolumeRequest{VolumeId: id}))
 		})
 		add("NodeStageVolume", fmt.Sprintf("volume_id not ours %.40q", id), codes.NotFound, func(ctx context.Context) error {
-			return ignore(c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: e.idleStaging, VolumeCapability: fsCap}))
+			return ignore(c.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: e.idleStaging, VolumeCapability: fsCap}))
 		})
 		add("GetSnapshot", fmt.Sprintf("not ours %.40q", id), codes.NotFound, func(ctx context.Context) error {
-			return ignore(c.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: id}))
+			return ignore(c.GetSnapshot(ctx, &csipb.GetSnapshotRequest{SnapshotId: id}))
 		})
 	}
 	for _, id := range []string{e.snap, e.tmpl} {
 		add("ControllerGetVolume", "not a volume "+id, codes.NotFound, func(ctx context.Context) error {
-			return ignore(c.ControllerGetVolume(ctx, &csi.ControllerGetVolumeRequest{VolumeId: id}))
+			return ignore(c.ControllerGetVolume(ctx, &csipb.ControllerGetVolumeRequest{VolumeId: id}))
 		})
 		add("ValidateVolumeCapabilities", "not a volume "+id, codes.NotFound, func(ctx context.Context) error {
-			return ignore(c.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: id, VolumeCapabilities: caps}))
+			return ignore(c.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: id, VolumeCapabilities: caps}))
 		})
 		add("ControllerGetVolumeHealth", "not a volume "+id, codes.NotFound, func(ctx context.Context) error {
-			return ignore(c.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: id}))
+			return ignore(c.ControllerGetVolumeHealth(ctx, &csipb.ControllerGetVolumeHealthRequest{VolumeId: id}))
 		})
 		add("NodeStageVolume", "not a volume "+id, codes.NotFound, func(ctx context.Context) error {
-			return ignore(c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: e.idleStaging, VolumeCapability: fsCap}))
+			return ignore(c.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: e.idleStaging, VolumeCapability: fsCap}))
 		})
 		add("NodePublishVolume", "not a volume "+id, codes.NotFound, func(ctx context.Context) error {
-			return ignore(c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: e.volStaging, TargetPath: e.kpath("pods", "p3", "new"), VolumeCapability: fsCap}))
+			return ignore(c.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: e.volStaging, TargetPath: e.kpath("pods", "p3", "new"), VolumeCapability: fsCap}))
 		})
 		add("NodeGetVolumeStats", "not a volume "+id, codes.NotFound, func(ctx context.Context) error {
-			return ignore(c.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: e.volTarget}))
+			return ignore(c.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: e.volTarget}))
 		})
 		add("NodeExpandVolume", "not a volume "+id, codes.NotFound, func(ctx context.Context) error {
-			return ignore(c.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: e.volTarget, CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * size}}))
+			return ignore(c.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: id, VolumePath: e.volTarget, CapacityRange: &csipb.CapacityRange{RequiredBytes: 2 * size}}))
 		})
 		add("CreateSnapshot", "source not a volume "+id, codes.NotFound, func(ctx context.Context) error {
-			return ignore(c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap2", SourceVolumeId: id}))
+			return ignore(c.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "snap2", SourceVolumeId: id}))
 		})
 	}
 	add("ValidateVolumeCapabilities", "no ID", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeCapabilities: caps}))
+		return ignore(c.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeCapabilities: caps}))
 	})
 	add("ValidateVolumeCapabilities", "no capabilities", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: e.vol}))
+		return ignore(c.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: e.vol}))
 	})
 	add("ValidateVolumeCapabilities", "multi-node (answered, not confirmed)", codes.OK, func(ctx context.Context) error {
-		resp, err := c.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: e.vol, VolumeCapabilities: []*csi.VolumeCapability{multiNode}})
+		resp, err := c.ValidateVolumeCapabilities(ctx, &csipb.ValidateVolumeCapabilitiesRequest{VolumeId: e.vol, VolumeCapabilities: []*csipb.VolumeCapability{multiNode}})
 		if err == nil && (resp.GetConfirmed() != nil || resp.GetMessage() == "") {
 			return status.Errorf(codes.Internal, "confirmed a multi-node capability: %v", resp)
 		}
@@ -489,92 +489,92 @@ func hostileRequests(c hostileClient, e hostileEnv) []hostileReq {
 	})
 	for _, token := range []string{"abc", "-1", "99999999999999999999", "1e3"} {
 		add("ListVolumes", "starting_token "+token, codes.Aborted, func(ctx context.Context) error {
-			return ignore(c.ListVolumes(ctx, &csi.ListVolumesRequest{StartingToken: token}))
+			return ignore(c.ListVolumes(ctx, &csipb.ListVolumesRequest{StartingToken: token}))
 		})
 		add("ListSnapshots", "starting_token "+token, codes.Aborted, func(ctx context.Context) error {
-			return ignore(c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{StartingToken: token}))
+			return ignore(c.ListSnapshots(ctx, &csipb.ListSnapshotsRequest{StartingToken: token}))
 		})
 	}
 	add("ListVolumes", "max_entries -1", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: -1}))
+		return ignore(c.ListVolumes(ctx, &csipb.ListVolumesRequest{MaxEntries: -1}))
 	})
 	add("ListSnapshots", "max_entries -1", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.ListSnapshots(ctx, &csi.ListSnapshotsRequest{MaxEntries: -1}))
+		return ignore(c.ListSnapshots(ctx, &csipb.ListSnapshotsRequest{MaxEntries: -1}))
 	})
 	add("ControllerListVolumeHealth", "starting_token abc", codes.Aborted, func(ctx context.Context) error {
-		return ignore(c.ControllerListVolumeHealth(ctx, &csi.ControllerListVolumeHealthRequest{StartingToken: "abc"}))
+		return ignore(c.ControllerListVolumeHealth(ctx, &csipb.ControllerListVolumeHealthRequest{StartingToken: "abc"}))
 	})
 	for _, params := range []map[string]string{{ParamPool: "../x"}, {ParamFSType: "ext4 -F"}, {"mkfsOptions": "x"}} {
 		add("GetCapacity", fmt.Sprintf("parameters %v", params), codes.InvalidArgument, func(ctx context.Context) error {
-			return ignore(c.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: params}))
+			return ignore(c.GetCapacity(ctx, &csipb.GetCapacityRequest{Parameters: params}))
 		})
 	}
 	add("CreateSnapshot", "no name", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{SourceVolumeId: e.vol}))
+		return ignore(c.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{SourceVolumeId: e.vol}))
 	})
 	add("CreateSnapshot", "name 10 KiB", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: long, SourceVolumeId: e.vol}))
+		return ignore(c.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: long, SourceVolumeId: e.vol}))
 	})
 	add("CreateSnapshot", "no source", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap2"}))
+		return ignore(c.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "snap2"}))
 	})
 	add("CreateSnapshot", "parameters", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap2", SourceVolumeId: e.vol, Parameters: map[string]string{"pool": "../x"}}))
+		return ignore(c.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "snap2", SourceVolumeId: e.vol, Parameters: map[string]string{"pool": "../x"}}))
 	})
 	for _, src := range []string{hostilePool + "/../vol", "gamma/vol", "../" + e.vol} {
 		add("CreateSnapshot", "source "+src, codes.NotFound, func(ctx context.Context) error {
-			return ignore(c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap2", SourceVolumeId: src}))
+			return ignore(c.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "snap2", SourceVolumeId: src}))
 		})
 	}
 	add("CreateSnapshot", `name "../snap" (accepted, hashed, deleted)`, codes.OK, func(ctx context.Context) error {
-		resp, err := c.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "../snap", SourceVolumeId: e.vol})
+		resp, err := c.CreateSnapshot(ctx, &csipb.CreateSnapshotRequest{Name: "../snap", SourceVolumeId: e.vol})
 		if err != nil {
 			return err
 		}
 		if id := resp.GetSnapshot().GetSnapshotId(); !hashedID.MatchString(id) {
 			return status.Errorf(codes.Internal, "snapshot %q, not a hashed one", id)
 		}
-		_, err = c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: resp.GetSnapshot().GetSnapshotId()})
+		_, err = c.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: resp.GetSnapshot().GetSnapshotId()})
 		return err
 	})
 	add("DeleteSnapshot", "no ID", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{}))
+		return ignore(c.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{}))
 	})
 	add("DeleteSnapshot", "a volume", codes.NotFound, func(ctx context.Context) error {
-		return ignore(c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: e.vol}))
+		return ignore(c.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: e.vol}))
 	})
 	add("DeleteSnapshot", "a template", codes.NotFound, func(ctx context.Context) error {
-		return ignore(c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: e.tmpl}))
+		return ignore(c.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: e.tmpl}))
 	})
 	add("DeleteSnapshot", "../../x (accepted)", codes.OK, func(ctx context.Context) error {
-		return ignore(c.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: "../../x"}))
+		return ignore(c.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: "../../x"}))
 	})
 	add("GetSnapshot", "a volume", codes.NotFound, func(ctx context.Context) error {
-		return ignore(c.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: e.vol}))
+		return ignore(c.GetSnapshot(ctx, &csipb.GetSnapshotRequest{SnapshotId: e.vol}))
 	})
 	add("ControllerPublishVolume", "not offered", codes.Unimplemented, func(ctx context.Context) error {
-		return ignore(c.ControllerPublishVolume(ctx, &csi.ControllerPublishVolumeRequest{VolumeId: e.vol, NodeId: "other-node", VolumeCapability: fsCap}))
+		return ignore(c.ControllerPublishVolume(ctx, &csipb.ControllerPublishVolumeRequest{VolumeId: e.vol, NodeId: "other-node", VolumeCapability: fsCap}))
 	})
 	add("ControllerUnpublishVolume", "not offered", codes.Unimplemented, func(ctx context.Context) error {
-		return ignore(c.ControllerUnpublishVolume(ctx, &csi.ControllerUnpublishVolumeRequest{VolumeId: e.vol, NodeId: "other-node"}))
+		return ignore(c.ControllerUnpublishVolume(ctx, &csipb.ControllerUnpublishVolumeRequest{VolumeId: e.vol, NodeId: "other-node"}))
 	})
 	add("ControllerModifyVolume", "not offered, parameters", codes.Unimplemented, func(ctx context.Context) error {
-		return ignore(c.ControllerModifyVolume(ctx, &csi.ControllerModifyVolumeRequest{VolumeId: e.vol, MutableParameters: map[string]string{ParamPool: "../x"}}))
+		return ignore(c.ControllerModifyVolume(ctx, &csipb.ControllerModifyVolumeRequest{VolumeId: e.vol, MutableParameters: map[string]string{ParamPool: "../x"}}))
 	})
 	add("ControllerExpandVolume", "not offered, MaxInt64", codes.Unimplemented, func(ctx context.Context) error {
-		return ignore(c.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: e.vol, CapacityRange: &csi.CapacityRange{RequiredBytes: math.MaxInt64}}))
+		return ignore(c.ControllerExpandVolume(ctx, &csipb.ControllerExpandVolumeRequest{VolumeId: e.vol, CapacityRange: &csipb.CapacityRange{RequiredBytes: math.MaxInt64}}))
 	})
 
 	// NodeStageVolume: capabilities and mount flags. The flags validation
 	// refuses come back before anything is done; the kernel's refusals
 	// after idle was activated and formatted, which the call undoes.
-	stageIdle := func(cp *csi.VolumeCapability) func(ctx context.Context) error {
+	stageIdle := func(cp *csipb.VolumeCapability) func(ctx context.Context) error {
 		return func(ctx context.Context) error {
-			return ignore(c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: e.idle, StagingTargetPath: e.idleStaging, VolumeCapability: cp}))
+			return ignore(c.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: e.idle, StagingTargetPath: e.idleStaging, VolumeCapability: cp}))
 		}
 	}
 	add("NodeStageVolume", "no volume_id", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{StagingTargetPath: e.idleStaging, VolumeCapability: fsCap}))
+		return ignore(c.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{StagingTargetPath: e.idleStaging, VolumeCapability: fsCap}))
 	})
 	add("NodeStageVolume", "no capability", codes.InvalidArgument, stageIdle(nil))
 	add("NodeStageVolume", "multi-node", codes.InvalidArgument, stageIdle(multiNode))
@@ -588,14 +588,14 @@ func hostileRequests(c hostileClient, e hostileEnv) []hostileReq {
 		add("NodeStageVolume", fmt.Sprintf("mount_flags %q", flags), codes.InvalidArgument, stageIdle(mountFlags("ext4", flags...)))
 	}
 	add("NodeStageVolume", "an xfs option on ext4", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: e.idle, StagingTargetPath: e.idleStaging,
+		return ignore(c.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: e.idle, StagingTargetPath: e.idleStaging,
 			VolumeCapability: mountFlags("ext4", "logbufs=999")}))
 	})
 	add("NodeStageVolume", "onto another volume's staging mount", codes.AlreadyExists, func(ctx context.Context) error {
-		return ignore(c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: e.idle, StagingTargetPath: e.volStaging, VolumeCapability: fsCap}))
+		return ignore(c.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: e.idle, StagingTargetPath: e.volStaging, VolumeCapability: fsCap}))
 	})
 	add("NodeStageVolume", "volume_context fsType injection (ignored, staged ext4, unstaged)", codes.OK, func(ctx context.Context) error {
-		_, err := c.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: e.idle, StagingTargetPath: e.idleStaging, VolumeCapability: fsCap,
+		_, err := c.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: e.idle, StagingTargetPath: e.idleStaging, VolumeCapability: fsCap,
 			VolumeContext: map[string]string{ParamFSType: "xfs -f; reboot"}})
 		if err != nil {
 			return err
@@ -603,31 +603,31 @@ func hostileRequests(c hostileClient, e hostileEnv) []hostileReq {
 		if got := e.mounted(e.idleStaging); got != "ext4" {
 			return status.Errorf(codes.Internal, "staged as %q", got)
 		}
-		_, err = c.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: e.idle, StagingTargetPath: e.idleStaging})
+		_, err = c.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: e.idle, StagingTargetPath: e.idleStaging})
 		return err
 	})
 	add("NodeUnstageVolume", "while published", codes.FailedPrecondition, func(ctx context.Context) error {
-		return ignore(c.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: e.vol, StagingTargetPath: e.volStaging}))
+		return ignore(c.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: e.vol, StagingTargetPath: e.volStaging}))
 	})
 	add("NodeUnstageVolume", "block while published", codes.FailedPrecondition, func(ctx context.Context) error {
-		return ignore(c.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: e.blk, StagingTargetPath: e.blkStaging}))
+		return ignore(c.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: e.blk, StagingTargetPath: e.blkStaging}))
 	})
 	add("NodeUnstageVolume", "another volume's staging mount", codes.FailedPrecondition, func(ctx context.Context) error {
-		return ignore(c.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: e.idle, StagingTargetPath: e.volStaging}))
+		return ignore(c.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: e.idle, StagingTargetPath: e.volStaging}))
 	})
 	add("NodeUnstageVolume", "volume_id ../x", codes.NotFound, func(ctx context.Context) error {
-		return ignore(c.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: "../x", StagingTargetPath: e.volStaging}))
+		return ignore(c.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: "../x", StagingTargetPath: e.volStaging}))
 	})
 
 	// NodePublishVolume and NodeUnpublishVolume across volumes.
-	publish := func(id, staging, target string, cp *csi.VolumeCapability) func(ctx context.Context) error {
+	publish := func(id, staging, target string, cp *csipb.VolumeCapability) func(ctx context.Context) error {
 		return func(ctx context.Context) error {
-			return ignore(c.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: cp}))
+			return ignore(c.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: cp}))
 		}
 	}
 	unpublish := func(id, target string) func(ctx context.Context) error {
 		return func(ctx context.Context) error {
-			return ignore(c.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}))
+			return ignore(c.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}))
 		}
 	}
 	add("NodePublishVolume", "not staged", codes.FailedPrecondition, publish(e.idle, e.idleStaging, e.kpath("pods", "p3", "idle"), fsCap))
@@ -645,23 +645,23 @@ func hostileRequests(c hostileClient, e hostileEnv) []hostileReq {
 
 	// NodeGetVolumeStats and NodeExpandVolume: IDs and sizes.
 	add("NodeGetVolumeStats", "no volume_path", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: e.vol}))
+		return ignore(c.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: e.vol}))
 	})
 	add("NodeGetVolumeStats", "volume in an unknown pool", codes.NotFound, func(ctx context.Context) error {
-		return ignore(c.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: "gamma/vol", VolumePath: e.volTarget}))
+		return ignore(c.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: "gamma/vol", VolumePath: e.volTarget}))
 	})
 	for _, cr := range []struct {
 		what string
-		r    *csi.CapacityRange
+		r    *csipb.CapacityRange
 		want codes.Code
 	}{
-		{"required MaxInt64", &csi.CapacityRange{RequiredBytes: math.MaxInt64}, codes.OutOfRange},
-		{"required MaxInt64-4095", &csi.CapacityRange{RequiredBytes: math.MaxInt64 - 4095}, codes.OutOfRange},
-		{"required 2^60+1", &csi.CapacityRange{RequiredBytes: 1<<60 + 1}, codes.OutOfRange},
-		{"required -1", &csi.CapacityRange{RequiredBytes: -1}, codes.InvalidArgument},
-		{"limit -1", &csi.CapacityRange{RequiredBytes: 2 * size, LimitBytes: -1}, codes.InvalidArgument},
-		{"required over limit", &csi.CapacityRange{RequiredBytes: 4 * size, LimitBytes: 2 * size}, codes.OutOfRange},
-		{"1 PiB", &csi.CapacityRange{RequiredBytes: 1 << 50}, codes.ResourceExhausted},
+		{"required MaxInt64", &csipb.CapacityRange{RequiredBytes: math.MaxInt64}, codes.OutOfRange},
+		{"required MaxInt64-4095", &csipb.CapacityRange{RequiredBytes: math.MaxInt64 - 4095}, codes.OutOfRange},
+		{"required 2^60+1", &csipb.CapacityRange{RequiredBytes: 1<<60 + 1}, codes.OutOfRange},
+		{"required -1", &csipb.CapacityRange{RequiredBytes: -1}, codes.InvalidArgument},
+		{"limit -1", &csipb.CapacityRange{RequiredBytes: 2 * size, LimitBytes: -1}, codes.InvalidArgument},
+		{"required over limit", &csipb.CapacityRange{RequiredBytes: 4 * size, LimitBytes: 2 * size}, codes.OutOfRange},
+		{"1 PiB", &csipb.CapacityRange{RequiredBytes: 1 << 50}, codes.ResourceExhausted},
 	} {
 		for _, target := range []string{e.volTarget, e.blkTarget} {
 			add("NodeExpandVolume", cr.what+" at "+filepath.Base(target), cr.want, func(ctx context.Context) error {
@@ -669,18 +669,18 @@ func hostileRequests(c hostileClient, e hostileEnv) []hostileReq {
 				if target == e.blkTarget {
 					id = e.blk
 				}
-				return ignore(c.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target, CapacityRange: cr.r}))
+				return ignore(c.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target, CapacityRange: cr.r}))
 			})
 		}
 	}
 	add("NodeExpandVolume", "multi-node", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: e.vol, VolumePath: e.volTarget, VolumeCapability: multiNode, CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * size}}))
+		return ignore(c.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: e.vol, VolumePath: e.volTarget, VolumeCapability: multiNode, CapacityRange: &csipb.CapacityRange{RequiredBytes: 2 * size}}))
 	})
 	add("NodeGetVolumeHealth", "staging_target_path outside", codes.InvalidArgument, func(ctx context.Context) error {
-		return ignore(c.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: e.vol, StagingTargetPath: e.sentinel}))
+		return ignore(c.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{VolumeId: e.vol, StagingTargetPath: e.sentinel}))
 	})
 	add("NodeGetVolumeHealth", "volume_id ../x", codes.NotFound, func(ctx context.Context) error {
-		return ignore(c.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: "../x"}))
+		return ignore(c.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{VolumeId: "../x"}))
 	})
 	return reqs
 }

@@ -15,7 +15,6 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -284,9 +283,9 @@ func (c *poolCollector) collectUsage(ch chan<- prometheus.Metric, name string, u
 	c.gauge(ch, c.snapshots, float64(u.Snapshots), name)
 	c.gauge(ch, c.healthy, boolValue(u.Healthy()), name)
 	c.gauge(ch, c.needsCheck, boolValue(u.NeedsCheck), name)
-	c.gauge(ch, c.outOfDataSpace, boolValue(u.Mode == devmapper.PoolOutOfDataSpace), name)
+	c.gauge(ch, c.outOfDataSpace, boolValue(u.Mode == thinpool.ModeOutOfDataSpace), name)
 	c.gauge(ch, c.fenced, boolValue(u.Fenced != ""), name)
-	c.gauge(ch, c.readOnly, boolValue(!u.Failed && u.Mode == devmapper.PoolReadOnly), name)
+	c.gauge(ch, c.readOnly, boolValue(!u.Failed && u.Mode == thinpool.ModeReadOnly), name)
 	c.gauge(ch, c.failed, boolValue(u.Failed), name)
 	c.gauge(ch, c.templates, float64(u.Templates), name)
 }

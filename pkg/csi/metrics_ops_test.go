@@ -8,7 +8,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -16,7 +15,7 @@ import (
 // kernel events, growth, and which build runs.
 func TestMetricsOperations(t *testing.T) {
 	readOnly := healthyUsage
-	readOnly.Mode = devmapper.PoolReadOnly
+	readOnly.Mode = thinpool.ModeReadOnly
 	failed := thinpool.Usage{OverprovisionRatio: -1, Failed: true}
 	reg, m := newTestMetrics(t, staticPools(map[string]UsageSource{
 		"ro": fakeUsage{u: readOnly}, "dead": fakeUsage{u: failed}, "fast": fakeUsage{u: healthyUsage},

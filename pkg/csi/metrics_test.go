@@ -16,7 +16,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -64,7 +63,7 @@ var healthyUsage = thinpool.Usage{
 	Volumes:            3,
 	Snapshots:          1,
 	TransactionID:      7,
-	Mode:               devmapper.PoolReadWrite,
+	Mode:               thinpool.ModeReadWrite,
 }
 
 var poolMetricNames = []string{
@@ -155,12 +154,12 @@ func staticPools(pools map[string]UsageSource) func() map[string]UsageSource {
 
 func TestMetricsPoolExposition(t *testing.T) {
 	outOfSpace := healthyUsage
-	outOfSpace.Mode = devmapper.PoolOutOfDataSpace
+	outOfSpace.Mode = thinpool.ModeOutOfDataSpace
 	outOfSpace.AvailableBytes = 0
 	outOfSpace.DataUsedBytes = outOfSpace.DataBytes
 
 	needsCheck := healthyUsage
-	needsCheck.Mode = devmapper.PoolReadOnly
+	needsCheck.Mode = thinpool.ModeReadOnly
 	needsCheck.NeedsCheck = true
 	needsCheck.AvailableBytes = 0
 
@@ -171,7 +170,7 @@ func TestMetricsPoolExposition(t *testing.T) {
 	// Failed: the kernel gave no block counts, so thinpool left them 0.
 	failed := thinpool.Usage{ProvisionedBytes: 25 * gib, OverprovisionRatio: -1, Volumes: 3, Snapshots: 1, Failed: true}
 
-	emptyUnlimited := thinpool.Usage{OverprovisionRatio: -1, Mode: devmapper.PoolReadWrite}
+	emptyUnlimited := thinpool.Usage{OverprovisionRatio: -1, Mode: thinpool.ModeReadWrite}
 
 	tests := []struct {
 		name  string

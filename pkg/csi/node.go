@@ -8,7 +8,7 @@ import (
 	"slices"
 	"strings"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
@@ -17,23 +17,23 @@ import (
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
-func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
-	return &csi.NodeGetInfoResponse{NodeId: d.nodeID, AccessibleTopology: d.topology()}, nil
+func (d *Driver) NodeGetInfo(context.Context, *csipb.NodeGetInfoRequest) (*csipb.NodeGetInfoResponse, error) {
+	return &csipb.NodeGetInfoResponse{NodeId: d.nodeID, AccessibleTopology: d.topology()}, nil
 }
 
-func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
-	var caps []*csi.NodeServiceCapability
-	for _, t := range []csi.NodeServiceCapability_RPC_Type{
-		csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
-		csi.NodeServiceCapability_RPC_GET_VOLUME_STATS,
-		csi.NodeServiceCapability_RPC_EXPAND_VOLUME,
-		csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
-		csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH,
-		csi.NodeServiceCapability_RPC_GET_STORAGE_HEALTH,
+func (d *Driver) NodeGetCapabilities(context.Context, *csipb.NodeGetCapabilitiesRequest) (*csipb.NodeGetCapabilitiesResponse, error) {
+	var caps []*csipb.NodeServiceCapability
+	for _, t := range []csipb.NodeServiceCapability_RPC_Type{
+		csipb.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
+		csipb.NodeServiceCapability_RPC_GET_VOLUME_STATS,
+		csipb.NodeServiceCapability_RPC_EXPAND_VOLUME,
+		csipb.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+		csipb.NodeServiceCapability_RPC_GET_VOLUME_HEALTH,
+		csipb.NodeServiceCapability_RPC_GET_STORAGE_HEALTH,
 	} {
-		caps = append(caps, &csi.NodeServiceCapability{Type: &csi.NodeServiceCapability_Rpc{Rpc: &csi.NodeServiceCapability_RPC{Type: t}}})
+		caps = append(caps, &csipb.NodeServiceCapability{Type: &csipb.NodeServiceCapability_Rpc{Rpc: &csipb.NodeServiceCapability_RPC{Type: t}}})
 	}
-	return &csi.NodeGetCapabilitiesResponse{Capabilities: caps}, nil
+	return &csipb.NodeGetCapabilitiesResponse{Capabilities: caps}, nil
 }
 
 // required checks that fields (name, value pairs) are set. A handler calls
@@ -100,20 +100,20 @@ func (d *Driver) lockID(volumeID string) (objectID, func(), error) {
 }
 
 // mountOptions are the filesystem's mount options for a capability.
-func mountOptions(c *csi.VolumeCapability, fsType string) []string {
+func mountOptions(c *csipb.VolumeCapability, fsType string) []string {
 	opts := slices.Clone(c.GetMount().GetMountFlags())
 	if fsType == "xfs" && !slices.Contains(opts, "nouuid") {
 		// A clone or restore shares its source's XFS UUID, and XFS refuses
 		// to mount a second filesystem with a UUID already mounted.
 		opts = append(opts, "nouuid")
 	}
-	if c.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY && !slices.Contains(opts, "ro") {
+	if c.GetAccessMode().GetMode() == csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY && !slices.Contains(opts, "ro") {
 		opts = append(opts, "ro")
 	}
 	return opts
 }
 
-func fsTypeOf(c *csi.VolumeCapability, volCtx map[string]string) string {
+func fsTypeOf(c *csipb.VolumeCapability, volCtx map[string]string) string {
 	if fs := c.GetMount().GetFsType(); fs != "" {
 		return fs
 	}
@@ -123,7 +123,7 @@ func fsTypeOf(c *csi.VolumeCapability, volCtx map[string]string) string {
 	return defaultFS
 }
 
-func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+func (d *Driver) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRequest) (*csipb.NodeStageVolumeResponse, error) {
 	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
@@ -145,7 +145,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		if _, err := pool.Activate(ctx, id.name); err != nil {
 			return nil, toStatus(err, "activate %s", id)
 		}
-		return &csi.NodeStageVolumeResponse{}, nil
+		return &csipb.NodeStageVolumeResponse{}, nil
 	}
 	fsType := fsTypeOf(req.GetVolumeCapability(), req.GetVolumeContext())
 	log := klog.FromContext(ctx)
@@ -168,7 +168,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			} else if err != nil {
 				return nil, err
 			}
-			return &csi.NodeStageVolumeResponse{}, nil
+			return &csipb.NodeStageVolumeResponse{}, nil
 		}
 	}
 
@@ -233,10 +233,10 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		}
 	}
 	log.V(2).Info("Staged volume", "volume", id, "device", device, "fsType", fsType, "formatted", formatted)
-	return &csi.NodeStageVolumeResponse{}, nil
+	return &csipb.NodeStageVolumeResponse{}, nil
 }
 
-func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
+func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolumeRequest) (*csipb.NodeUnstageVolumeResponse, error) {
 	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
@@ -304,15 +304,15 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 		}
 	}
 	if poolErr != nil {
-		return &csi.NodeUnstageVolumeResponse{}, nil
+		return &csipb.NodeUnstageVolumeResponse{}, nil
 	}
 	if err := pool.Deactivate(ctx, id.name); err != nil {
 		return nil, toStatus(err, "deactivate %s", id)
 	}
-	return &csi.NodeUnstageVolumeResponse{}, nil
+	return &csipb.NodeUnstageVolumeResponse{}, nil
 }
 
-func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+func (d *Driver) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolumeRequest) (*csipb.NodePublishVolumeResponse, error) {
 	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
@@ -347,7 +347,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			} else if err != nil {
 				return nil, err
 			}
-			return &csi.NodePublishVolumeResponse{}, nil
+			return &csipb.NodePublishVolumeResponse{}, nil
 		}
 	}
 	// Staged already, or looked up now: the staged filesystem, or a block
@@ -369,7 +369,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged at %s", id, sp)
 		}
 	}
-	if req.GetVolumeCapability().GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER {
+	if req.GetVolumeCapability().GetAccessMode().GetMode() == csipb.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER {
 		// The spec: a SINGLE_NODE_SINGLE_WRITER volume published at another
 		// target is FailedPrecondition. The mount table says where it is.
 		var refs []string
@@ -454,7 +454,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		return nil, pathError("target_path", target, fmt.Errorf("bind %s: %w", sp, err))
 	}
 	published = true
-	return &csi.NodePublishVolumeResponse{}, nil
+	return &csipb.NodePublishVolumeResponse{}, nil
 }
 
 // showsVolume checks that the mount at p (the field's path) shows volume
@@ -483,7 +483,7 @@ func (d *Driver) activeDevice(id objectID) (string, error) {
 	return pool.DevicePath(id.name)
 }
 
-func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
+func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublishVolumeRequest) (*csipb.NodeUnpublishVolumeResponse, error) {
 	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
@@ -498,7 +498,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	defer unlock()
 	tp, err := d.lookup("target_path", target)
 	if err != nil || tp == nil {
-		return &csi.NodeUnpublishVolumeResponse{}, err
+		return &csipb.NodeUnpublishVolumeResponse{}, err
 	}
 	defer tp.Close()
 	mounted, err := d.fs.IsMountPoint(tp)
@@ -518,10 +518,10 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if err := tp.Remove(); err != nil {
 		return nil, pathError("target_path", target, err)
 	}
-	return &csi.NodeUnpublishVolumeResponse{}, nil
+	return &csipb.NodeUnpublishVolumeResponse{}, nil
 }
 
-func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
+func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csipb.NodeGetVolumeStatsRequest) (*csipb.NodeGetVolumeStatsResponse, error) {
 	if err := required("volume_id", req.GetVolumeId(), "volume_path", req.GetVolumePath()); err != nil {
 		return nil, err
 	}
@@ -553,19 +553,19 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 		return nil, notFound("volume_path %s is not a mounted volume", vp)
 	}
 	if !fi.IsDir() {
-		return &csi.NodeGetVolumeStatsResponse{Usage: []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: v.SizeBytes}}}, nil
+		return &csipb.NodeGetVolumeStatsResponse{Usage: []*csipb.VolumeUsage{{Unit: csipb.VolumeUsage_BYTES, Total: v.SizeBytes}}}, nil
 	}
 	st, err := d.fs.Stats(vp)
 	if err != nil {
 		return nil, toStatus(err, "statfs %s", vp)
 	}
-	return &csi.NodeGetVolumeStatsResponse{Usage: []*csi.VolumeUsage{
-		{Unit: csi.VolumeUsage_BYTES, Total: st.TotalBytes, Available: st.AvailableBytes, Used: st.UsedBytes},
-		{Unit: csi.VolumeUsage_INODES, Total: st.TotalInodes, Available: st.FreeInodes, Used: st.UsedInodes},
+	return &csipb.NodeGetVolumeStatsResponse{Usage: []*csipb.VolumeUsage{
+		{Unit: csipb.VolumeUsage_BYTES, Total: st.TotalBytes, Available: st.AvailableBytes, Used: st.UsedBytes},
+		{Unit: csipb.VolumeUsage_INODES, Total: st.TotalInodes, Available: st.FreeInodes, Used: st.UsedInodes},
 	}}, nil
 }
 
-func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
+func (d *Driver) NodeExpandVolume(ctx context.Context, req *csipb.NodeExpandVolumeRequest) (*csipb.NodeExpandVolumeResponse, error) {
 	if err := required("volume_id", req.GetVolumeId(), "volume_path", req.GetVolumePath()); err != nil {
 		return nil, err
 	}
@@ -607,7 +607,7 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 		}
 	}
 	if req.GetVolumeCapability().GetBlock() != nil || !fi.IsDir() {
-		return &csi.NodeExpandVolumeResponse{CapacityBytes: v.SizeBytes}, nil
+		return &csipb.NodeExpandVolumeResponse{CapacityBytes: v.SizeBytes}, nil
 	}
 	device, err := pool.Activate(ctx, id.name)
 	if err != nil {
@@ -620,10 +620,10 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if err := d.fs.Resize(ctx, device, vp, fsType); err != nil {
 		return nil, toStatus(err, "grow the filesystem of %s", id)
 	}
-	return &csi.NodeExpandVolumeResponse{CapacityBytes: v.SizeBytes}, nil
+	return &csipb.NodeExpandVolumeResponse{CapacityBytes: v.SizeBytes}, nil
 }
 
-func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolumeHealthRequest) (*csi.NodeGetVolumeHealthResponse, error) {
+func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csipb.NodeGetVolumeHealthRequest) (*csipb.NodeGetVolumeHealthResponse, error) {
 	if err := required("volume_id", req.GetVolumeId()); err != nil {
 		return nil, err
 	}
@@ -666,21 +666,21 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 		case errors.Is(err, safepath.ErrSymlink):
 			return nil, pathError(p.field, p.path, err)
 		case err != nil:
-			h = append(h, entry(csi.VolumeHealthErrorType_INACCESSIBLE, "PathMissing", p.field+" "+quoted(p.path)+": "+err.Error()))
+			h = append(h, entry(csipb.VolumeHealthErrorType_INACCESSIBLE, "PathMissing", p.field+" "+quoted(p.path)+": "+err.Error()))
 		}
 	}
-	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: &csi.VolumeHealth{VolumeId: id.String(), HealthStatuses: h}}, nil
+	return &csipb.NodeGetVolumeHealthResponse{VolumeHealth: &csipb.VolumeHealth{VolumeId: id.String(), HealthStatuses: h}}, nil
 }
 
-func (d *Driver) NodeGetStorageHealth(ctx context.Context, req *csi.NodeGetStorageHealthRequest) (*csi.NodeGetStorageHealthResponse, error) {
-	resp := &csi.NodeGetStorageHealthResponse{}
+func (d *Driver) NodeGetStorageHealth(ctx context.Context, req *csipb.NodeGetStorageHealthRequest) (*csipb.NodeGetStorageHealthResponse, error) {
+	resp := &csipb.NodeGetStorageHealthResponse{}
 	for _, p := range d.pools {
 		for _, e := range poolHealth(p) {
-			s := csi.StorageHealthErrorType_STORAGE_DEGRADED
-			if e.Status == csi.VolumeHealthErrorType_INACCESSIBLE {
-				s = csi.StorageHealthErrorType_STORAGE_UNREACHABLE
+			s := csipb.StorageHealthErrorType_STORAGE_DEGRADED
+			if e.Status == csipb.VolumeHealthErrorType_INACCESSIBLE {
+				s = csipb.StorageHealthErrorType_STORAGE_UNREACHABLE
 			}
-			resp.BackendHealth = append(resp.BackendHealth, &csi.NodeGetStorageHealthResponse_StorageBackendHealth{
+			resp.BackendHealth = append(resp.BackendHealth, &csipb.NodeGetStorageHealthResponse_StorageBackendHealth{
 				Status: s, Reason: e.Reason, Message: "pool " + p.Name() + ": " + e.Message,
 			})
 		}

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 
 	"github.com/csi-dmthin/csi-dmthin/internal/safepath"
@@ -104,32 +104,32 @@ func TestNodePathsThroughLinks(t *testing.T) {
 		what := strings.TrimPrefix(p, e.kubeletDir)
 		cases = append(cases,
 			badCase{"NodeStageVolume" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: other, StagingTargetPath: p, VolumeCapability: fsCap}))
+				return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: other, StagingTargetPath: p, VolumeCapability: fsCap}))
 			}, codes.InvalidArgument, []string{"staging_target_path"}},
 			badCase{"NodeUnstageVolume" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: other, StagingTargetPath: p}))
+				return ignore(d.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: other, StagingTargetPath: p}))
 			}, codes.InvalidArgument, []string{"staging_target_path"}},
 			badCase{"NodePublishVolume target" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, TargetPath: p, StagingTargetPath: staging, VolumeCapability: fsCap}))
+				return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: p, StagingTargetPath: staging, VolumeCapability: fsCap}))
 			}, codes.InvalidArgument, []string{"target_path"}},
 			badCase{"NodePublishVolume block target" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: blk, TargetPath: p, StagingTargetPath: staging, VolumeCapability: blockCap(rwo)}))
+				return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: blk, TargetPath: p, StagingTargetPath: staging, VolumeCapability: blockCap(rwo)}))
 			}, codes.InvalidArgument, []string{"target_path"}},
 			badCase{"NodePublishVolume staging" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, TargetPath: e.path("pods", "q", "v"), StagingTargetPath: p, VolumeCapability: fsCap}))
+				return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: e.path("pods", "q", "v"), StagingTargetPath: p, VolumeCapability: fsCap}))
 			}, codes.InvalidArgument, []string{"staging_target_path"}},
 			badCase{"NodeUnpublishVolume" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: p}))
+				return ignore(d.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: p}))
 			}, codes.InvalidArgument, []string{"target_path"}},
 			badCase{"NodeGetVolumeStats" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: p}))
+				return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: p}))
 			}, codes.InvalidArgument, []string{"volume_path"}},
 			badCase{"NodeExpandVolume" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: p,
-					CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * testVolBytes}}))
+				return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: p,
+					CapacityRange: &csipb.CapacityRange{RequiredBytes: 2 * testVolBytes}}))
 			}, codes.InvalidArgument, []string{"volume_path"}},
 			badCase{"NodeGetVolumeHealth" + what, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: vol, VolumePublishPath: p}))
+				return ignore(d.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{VolumeId: vol, VolumePublishPath: p}))
 			}, codes.InvalidArgument, []string{"volume_publish_path"}},
 		)
 	}
@@ -180,7 +180,7 @@ func TestStageFailureUndoes(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
 		prepare  func(vol string) // before the stage
-		c        *csi.VolumeCapability
+		c        *csipb.VolumeCapability
 		hook     func(cancel context.CancelFunc) error
 		wantCode codes.Code
 	}{
@@ -190,7 +190,7 @@ func TestStageFailureUndoes(t *testing.T) {
 			mustOK(t, "stage as ext4", e.stage(vol, e.path("s", "first"), fsCap, nil))
 			mustOK(t, "unstage", e.unstage(vol, e.path("s", "first")))
 		}, mountCap("xfs", rwo), nil, codes.Internal},
-		{"option refused", nil, func() *csi.VolumeCapability {
+		{"option refused", nil, func() *csipb.VolumeCapability {
 			c := mountCap("ext4", rwo)
 			c.GetMount().MountFlags = []string{"noatime", "nouuid"}
 			return c
@@ -209,7 +209,7 @@ func TestStageFailureUndoes(t *testing.T) {
 				defer e.fs.setMountHook(nil)
 			}
 			before := e.state()
-			_, err := e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: tc.c})
+			_, err := e.d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: tc.c})
 			wantCode(t, err, tc.wantCode)
 			if active(name) {
 				t.Error("the failed stage left the device active")
@@ -265,7 +265,7 @@ func TestMountFlagsInvalid(t *testing.T) {
 	e := newDriverEnv(t)
 	vol := e.createVolume("vol").GetVolumeId()
 	staging, target := e.path("staging", "vol"), e.path("pods", "p", "vol")
-	withFlags := func(flags ...string) *csi.VolumeCapability {
+	withFlags := func(flags ...string) *csipb.VolumeCapability {
 		c := mountCap("ext4", rwo)
 		c.GetMount().MountFlags = flags
 		return c
@@ -284,16 +284,16 @@ func TestMountFlagsInvalid(t *testing.T) {
 		}
 		cases = append(cases,
 			badCase{"NodeStageVolume/" + name, func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: c}))
+				return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: c}))
 			}, codes.InvalidArgument, []string{"volume_capability.mount.mount_flags"}})
 		if _, params := mountArgs(flags); checkMountFlags("f", flags) != nil || len(params) == 0 {
 			// Refused in validation: by every call taking a capability.
 			cases = append(cases,
 				badCase{"NodePublishVolume/" + name, func(ctx context.Context, d *Driver) error {
-					return ignore(d.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c}))
+					return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c}))
 				}, codes.InvalidArgument, []string{"volume_capability.mount.mount_flags"}},
 				badCase{"CreateVolume/" + name, func(ctx context.Context, d *Driver) error {
-					return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csi.VolumeCapability{c}}))
+					return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{c}}))
 				}, codes.InvalidArgument, []string{"volume_capabilities[0].mount.mount_flags"}})
 		}
 	}
@@ -314,29 +314,29 @@ func TestSizesBounded(t *testing.T) {
 	for _, n := range []int64{math.MaxInt64, math.MaxInt64 - 4095, 1<<60 + 1, 1 << 62} {
 		cases = append(cases,
 			badCase{"CreateVolume/" + strings.TrimSpace(fmtBytes(n)), func(ctx context.Context, d *Driver) error {
-				return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "huge", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-					CapacityRange: &csi.CapacityRange{RequiredBytes: n}}))
+				return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "huge", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+					CapacityRange: &csipb.CapacityRange{RequiredBytes: n}}))
 			}, codes.OutOfRange, []string{"capacity_range.required_bytes"}},
 			badCase{"NodeExpandVolume/" + fmtBytes(n), func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target,
-					CapacityRange: &csi.CapacityRange{RequiredBytes: n}}))
+				return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target,
+					CapacityRange: &csipb.CapacityRange{RequiredBytes: n}}))
 			}, codes.OutOfRange, []string{"capacity_range.required_bytes"}},
 		)
 	}
-	for _, r := range []*csi.CapacityRange{{RequiredBytes: -1}, {LimitBytes: -1}, {RequiredBytes: math.MinInt64}} {
+	for _, r := range []*csipb.CapacityRange{{RequiredBytes: -1}, {LimitBytes: -1}, {RequiredBytes: math.MinInt64}} {
 		cases = append(cases,
 			badCase{"CreateVolume/negative", func(ctx context.Context, d *Driver) error {
-				return ignore(d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "neg", VolumeCapabilities: []*csi.VolumeCapability{fsCap}, CapacityRange: r}))
+				return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "neg", VolumeCapabilities: []*csipb.VolumeCapability{fsCap}, CapacityRange: r}))
 			}, codes.InvalidArgument, []string{"capacity_range"}},
 			badCase{"NodeExpandVolume/negative", func(ctx context.Context, d *Driver) error {
-				return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, CapacityRange: r}))
+				return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, CapacityRange: r}))
 			}, codes.InvalidArgument, []string{"capacity_range"}},
 		)
 	}
 	runBadCases(t, e, cases)
 	// A limit beyond 2^60 is no limit.
-	resp, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{Name: "limited", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-		CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes, LimitBytes: math.MaxInt64}})
+	resp, err := e.d.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{Name: "limited", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes, LimitBytes: math.MaxInt64}})
 	if err != nil || resp.GetVolume().GetCapacityBytes() != testVolBytes {
 		t.Errorf("a huge limit: %v, %v", resp, err)
 	}

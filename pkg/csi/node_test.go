@@ -3,11 +3,12 @@ package csi
 import (
 	"context"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 )
 
@@ -16,23 +17,23 @@ import (
 // through gRPC.
 
 // stage and publish helpers
-func (e *driverEnv) stage(vol, staging string, c *csi.VolumeCapability, volCtx map[string]string) error {
-	_, err := e.d.NodeStageVolume(e.t.Context(), &csi.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: c, VolumeContext: volCtx})
+func (e *driverEnv) stage(vol, staging string, c *csipb.VolumeCapability, volCtx map[string]string) error {
+	_, err := e.d.NodeStageVolume(e.t.Context(), &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: c, VolumeContext: volCtx})
 	return err
 }
 
-func (e *driverEnv) publish(vol, staging, target string, c *csi.VolumeCapability, readonly bool) error {
-	_, err := e.d.NodePublishVolume(e.t.Context(), &csi.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c, Readonly: readonly})
+func (e *driverEnv) publish(vol, staging, target string, c *csipb.VolumeCapability, readonly bool) error {
+	_, err := e.d.NodePublishVolume(e.t.Context(), &csipb.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c, Readonly: readonly})
 	return err
 }
 
 func (e *driverEnv) unpublish(vol, target string) error {
-	_, err := e.d.NodeUnpublishVolume(e.t.Context(), &csi.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: target})
+	_, err := e.d.NodeUnpublishVolume(e.t.Context(), &csipb.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: target})
 	return err
 }
 
 func (e *driverEnv) unstage(vol, staging string) error {
-	_, err := e.d.NodeUnstageVolume(e.t.Context(), &csi.NodeUnstageVolumeRequest{VolumeId: vol, StagingTargetPath: staging})
+	_, err := e.d.NodeUnstageVolume(e.t.Context(), &csipb.NodeUnstageVolumeRequest{VolumeId: vol, StagingTargetPath: staging})
 	return err
 }
 
@@ -138,7 +139,7 @@ func TestNodeMountLifecycle(t *testing.T) {
 				t.Errorf("mounts after a refused stage: %v", mp)
 			}
 			mustOK(t, "unstage", e.unstage(vol, staging))
-			if _, err := e.d.DeleteVolume(t.Context(), &csi.DeleteVolumeRequest{VolumeId: vol}); err != nil {
+			if _, err := e.d.DeleteVolume(t.Context(), &csipb.DeleteVolumeRequest{VolumeId: vol}); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -147,8 +148,8 @@ func TestNodeMountLifecycle(t *testing.T) {
 
 func TestNodeFSTypeFromContext(t *testing.T) {
 	e := newDriverEnv(t)
-	resp, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{Name: "x", VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-		CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes}, Parameters: map[string]string{ParamFSType: "xfs"}})
+	resp, err := e.d.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{Name: "x", VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes}, Parameters: map[string]string{ParamFSType: "xfs"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -218,13 +219,13 @@ func TestSingleWriterPublish(t *testing.T) {
 	e := newDriverEnv(t)
 	for _, kind := range []string{"mount", "block"} {
 		t.Run(kind, func(t *testing.T) {
-			capOf := func(m csi.VolumeCapability_AccessMode_Mode) *csi.VolumeCapability {
+			capOf := func(m csipb.VolumeCapability_AccessMode_Mode) *csipb.VolumeCapability {
 				if kind == "block" {
 					return blockCap(m)
 				}
 				return mountCap("", m)
 			}
-			single := capOf(csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER)
+			single := capOf(csipb.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER)
 			vol := e.createVolume("single-" + kind).GetVolumeId()
 			staging := e.path("staging", kind)
 			first, second := e.path("pods", "p1", kind), e.path("pods", "p2", kind)
@@ -240,7 +241,7 @@ func TestSingleWriterPublish(t *testing.T) {
 			mustOK(t, "unpublish", e.unpublish(vol, first))
 			mustOK(t, "publish elsewhere", e.publish(vol, staging, second, single, false))
 			// Other modes share.
-			multi := capOf(csi.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER)
+			multi := capOf(csipb.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER)
 			mustOK(t, "publish multi-writer beside it", e.publish(vol, staging, first, multi, false))
 			mustOK(t, "unpublish", e.unpublish(vol, first))
 			mustOK(t, "unpublish", e.unpublish(vol, second))
@@ -255,8 +256,8 @@ func TestNodeExpandVolume(t *testing.T) {
 	vol, staging, target := e.mounted("vol")
 	device := e.fs.mountTable()[staging].Source
 
-	resp, err := e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, StagingTargetPath: staging,
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 3 * testVolBytes}, VolumeCapability: fsCap})
+	resp, err := e.d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, StagingTargetPath: staging,
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: 3 * testVolBytes}, VolumeCapability: fsCap})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -269,27 +270,27 @@ func TestNodeExpandVolume(t *testing.T) {
 	if _, size, _ := e.fs.filesystem(device); size != 3*testVolBytes {
 		t.Errorf("filesystem is %d bytes, want %d", size, 3*testVolBytes)
 	}
-	stats, err := e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: target})
+	stats, err := e.d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: target})
 	if err != nil || stats.GetUsage()[0].GetTotal() != 3*testVolBytes {
 		t.Errorf("stats after expansion %v, %v", stats, err)
 	}
 	// Repeating, or asking for less, changes nothing.
-	resp, err = e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, CapacityRange: &csi.CapacityRange{RequiredBytes: testVolBytes}})
+	resp, err = e.d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes}})
 	if err != nil || resp.GetCapacityBytes() != 3*testVolBytes {
 		t.Errorf("shrink request: %v, %v", resp, err)
 	}
 	runBadCases(t, e, []badCase{
 		{"over the limit", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target,
-				CapacityRange: &csi.CapacityRange{RequiredBytes: 4 * testVolBytes, LimitBytes: 2 * testVolBytes}}))
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target,
+				CapacityRange: &csipb.CapacityRange{RequiredBytes: 4 * testVolBytes, LimitBytes: 2 * testVolBytes}}))
 		}, codes.OutOfRange, nil},
 		{"missing path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: e.path("pods", "gone"),
-				CapacityRange: &csi.CapacityRange{RequiredBytes: 4 * testVolBytes}}))
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: e.path("pods", "gone"),
+				CapacityRange: &csipb.CapacityRange{RequiredBytes: 4 * testVolBytes}}))
 		}, codes.NotFound, []string{"volume_path"}},
 		{"no room", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target,
-				CapacityRange: &csi.CapacityRange{RequiredBytes: 100 * testPoolBytes}}))
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target,
+				CapacityRange: &csipb.CapacityRange{RequiredBytes: 100 * testPoolBytes}}))
 		}, codes.ResourceExhausted, nil},
 	})
 
@@ -298,15 +299,15 @@ func TestNodeExpandVolume(t *testing.T) {
 	bstaging, btarget := e.path("staging", "blk"), e.path("pods", "p", "blk")
 	mustOK(t, "stage block", e.stage(bvol, bstaging, blockCap(rwo), nil))
 	mustOK(t, "publish block", e.publish(bvol, bstaging, btarget, blockCap(rwo), false))
-	resp, err = e.d.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: bvol, VolumePath: btarget,
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 2 * testVolBytes}, VolumeCapability: blockCap(rwo)})
+	resp, err = e.d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: bvol, VolumePath: btarget,
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: 2 * testVolBytes}, VolumeCapability: blockCap(rwo)})
 	if err != nil || resp.GetCapacityBytes() != 2*testVolBytes {
 		t.Fatalf("block expand: %v, %v", resp, err)
 	}
 	if _, size, err := e.k.BlockDevice(e.fs.mountTable()[btarget].Source); err != nil || size != 2*testVolBytes {
 		t.Errorf("block device is %d bytes (%v), want %d", size, err, 2*testVolBytes)
 	}
-	stats, err = e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: bvol, VolumePath: btarget})
+	stats, err = e.d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: bvol, VolumePath: btarget})
 	if err != nil || len(stats.GetUsage()) != 1 || stats.GetUsage()[0].GetTotal() != 2*testVolBytes {
 		t.Errorf("block stats %v, %v", stats, err)
 	}
@@ -315,16 +316,16 @@ func TestNodeExpandVolume(t *testing.T) {
 func TestNodeGetVolumeStats(t *testing.T) {
 	e := newDriverEnv(t)
 	vol, _, target := e.mounted("vol")
-	resp, err := e.d.NodeGetVolumeStats(t.Context(), &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: target})
+	resp, err := e.d.NodeGetVolumeStats(t.Context(), &csipb.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: target})
 	if err != nil {
 		t.Fatal(err)
 	}
-	var bytesUsage, inodes *csi.VolumeUsage
+	var bytesUsage, inodes *csipb.VolumeUsage
 	for _, u := range resp.GetUsage() {
 		switch u.GetUnit() {
-		case csi.VolumeUsage_BYTES:
+		case csipb.VolumeUsage_BYTES:
 			bytesUsage = u
-		case csi.VolumeUsage_INODES:
+		case csipb.VolumeUsage_INODES:
 			inodes = u
 		}
 	}
@@ -341,10 +342,10 @@ func TestNodeGetVolumeStats(t *testing.T) {
 	}
 	runBadCases(t, e, []badCase{
 		{"missing path", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: e.path("pods", "gone")}))
+			return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: e.path("pods", "gone")}))
 		}, codes.NotFound, []string{"volume_path"}},
 		{"not mounted", func(ctx context.Context, d *Driver) error {
-			return ignore(d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: plain}))
+			return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: plain}))
 		}, codes.NotFound, []string{"volume_path"}},
 	})
 }
@@ -359,27 +360,27 @@ func TestVolumeHealth(t *testing.T) {
 	check := func() health {
 		t.Helper()
 		var h health
-		reasons := func(es []*csi.VolumeHealth_VolumeHealthEntry) []string {
+		reasons := func(es []*csipb.VolumeHealth_VolumeHealthEntry) []string {
 			var out []string
 			for _, en := range es {
 				out = append(out, en.GetStatus().String()+":"+en.GetReason())
 			}
 			return out
 		}
-		c, err := e.d.ControllerGetVolumeHealth(ctx, &csi.ControllerGetVolumeHealthRequest{VolumeId: vol})
+		c, err := e.d.ControllerGetVolumeHealth(ctx, &csipb.ControllerGetVolumeHealthRequest{VolumeId: vol})
 		mustOK(t, "ControllerGetVolumeHealth", err)
 		h.ctrl = reasons(c.GetVolumeHealth().GetHealthStatuses())
-		l, err := e.d.ControllerListVolumeHealth(ctx, &csi.ControllerListVolumeHealthRequest{})
+		l, err := e.d.ControllerListVolumeHealth(ctx, &csipb.ControllerListVolumeHealthRequest{})
 		mustOK(t, "ControllerListVolumeHealth", err)
 		for _, en := range l.GetEntries() {
 			for _, r := range reasons(en.GetHealthStatuses()) {
 				h.list = append(h.list, en.GetVolumeId()+"="+r)
 			}
 		}
-		n, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: vol, VolumePublishPath: target, StagingTargetPath: staging})
+		n, err := e.d.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{VolumeId: vol, VolumePublishPath: target, StagingTargetPath: staging})
 		mustOK(t, "NodeGetVolumeHealth", err)
 		h.node = reasons(n.GetVolumeHealth().GetHealthStatuses())
-		s, err := e.d.NodeGetStorageHealth(ctx, &csi.NodeGetStorageHealthRequest{})
+		s, err := e.d.NodeGetStorageHealth(ctx, &csipb.NodeGetStorageHealthRequest{})
 		mustOK(t, "NodeGetStorageHealth", err)
 		for _, b := range s.GetBackendHealth() {
 			h.storage = append(h.storage, b.GetStatus().String()+":"+b.GetReason())
@@ -389,12 +390,12 @@ func TestVolumeHealth(t *testing.T) {
 	if h := check(); h.ctrl != nil || h.list != nil || h.node != nil || h.storage != nil {
 		t.Errorf("healthy pool reports %+v", h)
 	}
-	if _, err := e.d.Probe(ctx, &csi.ProbeRequest{}); err != nil {
+	if _, err := e.d.Probe(ctx, &csipb.ProbeRequest{}); err != nil {
 		t.Errorf("Probe of a healthy driver: %v", err)
 	}
 
 	// A missing published path is the volume's own problem.
-	n, err := e.d.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: vol, VolumePublishPath: e.path("pods", "gone")})
+	n, err := e.d.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{VolumeId: vol, VolumePublishPath: e.path("pods", "gone")})
 	if err != nil || len(n.GetVolumeHealth().GetHealthStatuses()) != 1 || n.GetVolumeHealth().GetHealthStatuses()[0].GetReason() != "PathMissing" {
 		t.Errorf("missing path health %v, %v", n, err)
 	}
@@ -417,11 +418,11 @@ func TestVolumeHealth(t *testing.T) {
 	if !slices.Equal(h.storage, []string{"STORAGE_DEGRADED:PoolNeedsCheck"}) {
 		t.Errorf("storage health %v", h.storage)
 	}
-	_, err = e.d.Probe(ctx, &csi.ProbeRequest{})
+	_, err = e.d.Probe(ctx, &csipb.ProbeRequest{})
 	wantCode(t, err, codes.FailedPrecondition, testPool)
 
 	// A needs_check pool refuses changes, as Unavailable.
-	_, err = e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "refused", VolumeCapabilities: []*csi.VolumeCapability{fsCap}})
+	_, err = e.d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "refused", VolumeCapabilities: []*csipb.VolumeCapability{fsCap}})
 	wantCode(t, err, codes.Unavailable)
 	// The mounts keep working: unpublish and unstage need no pool change.
 	mustOK(t, "unpublish", e.unpublish(vol, target))
@@ -433,4 +434,199 @@ func TestVolumeHealth(t *testing.T) {
 	if h := check(); !slices.Equal(h.ctrl, []string{"INACCESSIBLE:PoolFailed"}) || !slices.Equal(h.storage, []string{"STORAGE_UNREACHABLE:PoolFailed"}) {
 		t.Errorf("health of a failed pool: %+v", h)
 	}
+}
+
+// A request missing a field the spec requires is InvalidArgument naming
+// the field, and changes nothing.
+func TestNodeRequiredFields(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	staging, target := e.path("staging", "vol"), e.path("pods", "p1", "vol")
+	noMode := &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}}}
+	type R = badCase
+	cases := []badCase{
+		// A missing field is InvalidArgument even when the ID is not ours.
+		R{"NodeStageVolume/staging_target_path, bad ID", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "not-an-id", VolumeCapability: fsCap}))
+		}, codes.InvalidArgument, []string{"staging_target_path"}},
+		R{"NodePublishVolume/volume_capability, bad ID", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "not-an-id", TargetPath: target, StagingTargetPath: staging}))
+		}, codes.InvalidArgument, []string{"volume_capability"}},
+		R{"NodeGetVolumeStats/volume_path, bad ID", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: "not-an-id"}))
+		}, codes.InvalidArgument, []string{"volume_path"}},
+		R{"NodeStageVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{StagingTargetPath: staging, VolumeCapability: fsCap}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"NodeStageVolume/staging_target_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, VolumeCapability: fsCap}))
+		}, codes.InvalidArgument, []string{"staging_target_path"}},
+		R{"NodeStageVolume/volume_capability", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging}))
+		}, codes.InvalidArgument, []string{"volume_capability"}},
+		R{"NodeStageVolume/access_mode", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: noMode}))
+		}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
+		R{"NodeUnstageVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{StagingTargetPath: staging}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"NodeUnstageVolume/staging_target_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: vol}))
+		}, codes.InvalidArgument, []string{"staging_target_path"}},
+		R{"NodePublishVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{TargetPath: target, StagingTargetPath: staging, VolumeCapability: fsCap}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"NodePublishVolume/target_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: fsCap}))
+		}, codes.InvalidArgument, []string{"target_path"}},
+		R{"NodePublishVolume/staging_target_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: target, VolumeCapability: fsCap}))
+		}, codes.InvalidArgument, []string{"staging_target_path"}},
+		R{"NodePublishVolume/volume_capability", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: target, StagingTargetPath: staging}))
+		}, codes.InvalidArgument, []string{"volume_capability"}},
+		R{"NodeUnpublishVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{TargetPath: target}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"NodeUnpublishVolume/target_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: vol}))
+		}, codes.InvalidArgument, []string{"target_path"}},
+		R{"NodeGetVolumeStats/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumePath: target}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"NodeGetVolumeStats/volume_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: vol}))
+		}, codes.InvalidArgument, []string{"volume_path"}},
+		R{"NodeExpandVolume/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumePath: target}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+		R{"NodeExpandVolume/volume_path", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol}))
+		}, codes.InvalidArgument, []string{"volume_path"}},
+		R{"NodeExpandVolume/access_mode", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: target, VolumeCapability: noMode}))
+		}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
+		R{"NodeGetVolumeHealth/volume_id", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{}))
+		}, codes.InvalidArgument, []string{"volume_id"}},
+	}
+	runBadCases(t, e, cases)
+}
+
+func TestNodeUnknownIDs(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	snap := e.createSnapshot("snap", vol).GetSnapshotId()
+	staging, target := e.path("staging", "x"), e.path("pods", "p1", "x")
+	if err := os.MkdirAll(target, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	ids := map[string]string{
+		"malformed":    "not-an-id",
+		"empty name":   testPool + "/",
+		"bad pool":     "Pool!/vol",
+		"unknown pool": "gamma/vol",
+		"unknown name": testPool + "/missing",
+		"nested":       testPool + "/a/b",
+	}
+	var cases []badCase
+	for what, id := range ids {
+		cases = append(cases,
+			badCase{"NodeStageVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: fsCap}))
+			}, codes.NotFound, nil},
+			badCase{"NodePublishVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: fsCap}))
+			}, codes.NotFound, nil},
+			badCase{"NodeGetVolumeStats/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target}))
+			}, codes.NotFound, nil},
+			badCase{"NodeExpandVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target}))
+			}, codes.NotFound, nil},
+			badCase{"NodeGetVolumeHealth/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{VolumeId: id}))
+			}, codes.NotFound, nil},
+		)
+	}
+	// A snapshot is not a volume, nor the other way round.
+	cases = append(cases,
+		badCase{"NodeStageVolume/a snapshot", func(ctx context.Context, d *Driver) error {
+			return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: snap, StagingTargetPath: staging, VolumeCapability: fsCap}))
+		}, codes.NotFound, []string{"snapshot"}},
+	)
+	runBadCases(t, e, cases)
+}
+
+func TestPathsOutsideKubeletDir(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	outside := t.TempDir() // exists, and must stay untouched
+	good := e.path("pods", "p", "vol")
+	bad := map[string]string{
+		"elsewhere":   filepath.Join(outside, "x"),
+		"dot-dot":     e.kubeletDir + "/../" + filepath.Base(outside) + "/x",
+		"relative":    "pods/p/vol",
+		"kubelet dir": e.kubeletDir,
+		"prefix":      e.kubeletDir + "-other/x",
+	}
+	var cases []badCase
+	for what, p := range bad {
+		cases = append(cases,
+			badCase{"NodeStageVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: p, VolumeCapability: fsCap}))
+			}, codes.InvalidArgument, []string{"staging_target_path"}},
+			badCase{"NodeUnstageVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: vol, StagingTargetPath: p}))
+			}, codes.InvalidArgument, []string{"staging_target_path"}},
+			badCase{"NodePublishVolume target/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: p, StagingTargetPath: good, VolumeCapability: fsCap}))
+			}, codes.InvalidArgument, []string{"target_path"}},
+			badCase{"NodePublishVolume staging/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, TargetPath: good, StagingTargetPath: p, VolumeCapability: fsCap}))
+			}, codes.InvalidArgument, []string{"staging_target_path"}},
+			badCase{"NodeUnpublishVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: vol, TargetPath: p}))
+			}, codes.InvalidArgument, []string{"target_path"}},
+			// volume_path is only looked at, and a path that cannot hold a
+			// volume is the spec's NotFound (csi-sanity sends "some/path").
+			badCase{"NodeGetVolumeStats/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: vol, VolumePath: p}))
+			}, codes.NotFound, []string{"volume_path"}},
+			badCase{"NodeExpandVolume/" + what, func(ctx context.Context, d *Driver) error {
+				return ignore(d.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: vol, VolumePath: p,
+					CapacityRange: &csipb.CapacityRange{RequiredBytes: 2 * testVolBytes}}))
+			}, codes.NotFound, []string{"volume_path"}},
+		)
+	}
+	runBadCases(t, e, cases)
+	if entries, err := os.ReadDir(outside); err != nil || len(entries) != 0 {
+		t.Errorf("outside directory touched: %v, %v", entries, err)
+	}
+}
+
+func TestNodeMultiNodeAccessModes(t *testing.T) {
+	e := newDriverEnv(t)
+	vol := e.createVolume("vol").GetVolumeId()
+	staging, target := e.path("staging", "vol"), e.path("pods", "p", "vol")
+	var cases []badCase
+	for _, m := range []csipb.VolumeCapability_AccessMode_Mode{
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY,
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_SINGLE_WRITER,
+		csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER,
+		csipb.VolumeCapability_AccessMode_UNKNOWN,
+	} {
+		for kind, c := range map[string]*csipb.VolumeCapability{"mount": mountCap("", m), "block": blockCap(m)} {
+			name := m.String() + "/" + kind
+			cases = append(cases,
+				badCase{"NodeStageVolume/" + name, func(ctx context.Context, d *Driver) error {
+					return ignore(d.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: vol, StagingTargetPath: staging, VolumeCapability: c}))
+				}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
+				badCase{"NodePublishVolume/" + name, func(ctx context.Context, d *Driver) error {
+					return ignore(d.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: vol, StagingTargetPath: staging, TargetPath: target, VolumeCapability: c}))
+				}, codes.InvalidArgument, []string{"volume_capability.access_mode"}},
+			)
+		}
+	}
+	runBadCases(t, e, cases)
 }

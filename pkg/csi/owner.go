@@ -50,13 +50,11 @@ func (d *Driver) localPool(s string) (Pool, objectID, bool) {
 // RoomFor returns nil when the pool holding sourceID (a volume or snapshot
 // of this node) would admit a new volume of sizeBytes cloned from it, and
 // otherwise an error wrapping thinpool.ErrNotFound, ErrPoolUnhealthy or
-// ErrNoSpace that says why. CreateVolume makes a clone at least as large as
-// its source, and so does this check.
+// ErrNoSpace that names the pool and says why. CreateVolume makes a clone
+// at least as large as its source, and so does this check.
 //
-// It answers from the pool's Usage, whose AvailableBytes is thinpool's own
-// admission: 0 exactly when the pool is unhealthy or under a free-space
-// floor, else (with an overprovisioning limit) the largest volume the limit
-// takes, templates counted. The answer can be
+// The pool answers (thinpool.Pool.Admit), by the rule its CreateVolume
+// and Clone apply; this package does not repeat it. The answer can be
 // stale by the time the volume is created; CreateVolume's own admission
 // stays the authority.
 func (d *Driver) RoomFor(sourceID string, sizeBytes int64) error {
@@ -69,27 +67,14 @@ func (d *Driver) RoomFor(sourceID string, sizeBytes int64) error {
 		return fmt.Errorf("pool %s is not on node %s: %w", id.pool, d.nodeID, thinpool.ErrNotFound)
 	}
 	src, err := p.Get(id.name)
-	if err != nil {
-		return fmt.Errorf("%s: %w", id, err)
+	if err == nil {
+		err = p.Admit(max(sizeBytes, src.SizeBytes), thinpool.KindVolume)
+	} else {
+		err = fmt.Errorf("%s: %w", id, err)
 	}
-	size := max(sizeBytes, src.SizeBytes)
-	u, err := p.Usage()
-	if err != nil {
-		if errors.Is(err, thinpool.ErrClosed) {
-			return fmt.Errorf("pool %s: %w", id.pool, thinpool.ErrPoolUnhealthy)
-		}
-		return fmt.Errorf("pool %s usage: %w", id.pool, err)
+	if errors.Is(err, thinpool.ErrClosed) {
+		// The driver is stopping: to the caller, a pool that takes nothing.
+		return fmt.Errorf("pool %s is closed: %w", id.pool, thinpool.ErrPoolUnhealthy)
 	}
-	switch {
-	case !u.Healthy():
-		return fmt.Errorf("pool %s on node %s is failed, read-only or needs a check: %w", id.pool, d.nodeID, thinpool.ErrPoolUnhealthy)
-	case u.AvailableBytes <= 0:
-		return fmt.Errorf("pool %s on node %s is under its free-space floor (%s of %s data used): %w",
-			id.pool, d.nodeID, fmtBytes(u.DataUsedBytes), fmtBytes(u.DataBytes), thinpool.ErrNoSpace)
-	case u.OverprovisionRatio >= 0 && size > u.AvailableBytes:
-		// AvailableBytes is the largest volume the pool's admission takes.
-		return fmt.Errorf("pool %s on node %s: %s provisioned (templates included) plus %s would pass %.1f times its %s: %w",
-			id.pool, d.nodeID, fmtBytes(u.ProvisionedBytes+u.TemplateBytes), fmtBytes(size), u.OverprovisionRatio, fmtBytes(u.DataBytes), thinpool.ErrNoSpace)
-	}
-	return nil
+	return err
 }

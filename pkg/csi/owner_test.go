@@ -6,7 +6,7 @@ import (
 	"sync"
 	"testing"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
@@ -61,6 +61,18 @@ func TestRoomFor(t *testing.T) {
 			t.Errorf("%s: RoomFor(%q, %d) = %v, want %v", c.name, c.id, c.size, err, c.wantErr)
 		}
 	}
+	// A refusal is the pool's own: it names the pool and the reason.
+	if err := e.d.RoomFor(snap, 33<<20); err == nil || !strings.Contains(err.Error(), "pool "+testPool+": ") || !strings.Contains(err.Error(), "would pass 1 times") {
+		t.Errorf("RoomFor over the ratio: %v, want the pool and the reason", err)
+	}
+	// A closed pool (the driver stopping) takes nothing.
+	other := e.createVolumeIn(otherPool, "pvc-2")
+	if err := e.pools[otherPool].Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.d.RoomFor(other, 1<<20); !errors.Is(err, thinpool.ErrPoolUnhealthy) || !strings.Contains(err.Error(), "pool "+otherPool) {
+		t.Errorf("RoomFor in a closed pool: %v, want ErrPoolUnhealthy naming %s", err, otherPool)
+	}
 }
 
 // RoomFor and the pool's admission agree at the boundary, templates
@@ -112,8 +124,8 @@ func TestNoSpaceReachesEventSink(t *testing.T) {
 	sink := &recordingSink{}
 	e.d.events = sink
 	mk := func(name string, size int64, params map[string]string) error {
-		_, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{Name: name, Parameters: params,
-			VolumeCapabilities: []*csi.VolumeCapability{fsCap}, CapacityRange: &csi.CapacityRange{RequiredBytes: size}})
+		_, err := e.d.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{Name: name, Parameters: params,
+			VolumeCapabilities: []*csipb.VolumeCapability{fsCap}, CapacityRange: &csipb.CapacityRange{RequiredBytes: size}})
 		return err
 	}
 	pvc := map[string]string{ParamPVCName: "data", ParamPVCNamespace: "db"}
@@ -124,8 +136,8 @@ func TestNoSpaceReachesEventSink(t *testing.T) {
 	// Without the provisioner's metadata there is no PVC to tell.
 	wantCode(t, mk("too-much-2", 32<<20, nil), codes.ResourceExhausted)
 	// ResourceExhausted for the wrong node is not a lack of space.
-	_, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{Name: "elsewhere", Parameters: pvc, VolumeCapabilities: []*csi.VolumeCapability{fsCap},
-		AccessibilityRequirements: &csi.TopologyRequirement{Requisite: []*csi.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}}}})
+	_, err := e.d.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{Name: "elsewhere", Parameters: pvc, VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
+		AccessibilityRequirements: &csipb.TopologyRequirement{Requisite: []*csipb.Topology{{Segments: map[string]string{TopologyKey: "node-b"}}}}})
 	wantCode(t, err, codes.ResourceExhausted)
 
 	sink.mu.Lock()

@@ -11,7 +11,7 @@ import (
 	"sync"
 	"testing"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -119,8 +119,8 @@ func TestSanityKernel(t *testing.T) {
 // kernelClient talks CSI to a driver over its socket, as the kubelet and the
 // sidecars do.
 type kernelClient struct {
-	csi.ControllerClient
-	csi.NodeClient
+	csipb.ControllerClient
+	csipb.NodeClient
 }
 
 func dialDriver(t *testing.T, addr string) kernelClient {
@@ -130,7 +130,7 @@ func dialDriver(t *testing.T, addr string) kernelClient {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = conn.Close() })
-	return kernelClient{csi.NewControllerClient(conn), csi.NewNodeClient(conn)}
+	return kernelClient{csipb.NewControllerClient(conn), csipb.NewNodeClient(conn)}
 }
 
 // A driver restart leaves mounted volumes working: stop the driver, close
@@ -159,25 +159,25 @@ func TestRestartKernel(t *testing.T) {
 
 	type vol struct {
 		id, staging, target string
-		c                   *csi.VolumeCapability
+		c                   *csipb.VolumeCapability
 	}
 	vols := map[string]*vol{
 		"fs":  {c: mountCap("ext4", rwo)},
 		"blk": {c: blockCap(rwo)},
 	}
 	for name, v := range vols {
-		resp, err := c1.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restart-" + name, VolumeCapabilities: []*csi.VolumeCapability{v.c},
-			CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20}})
+		resp, err := c1.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "restart-" + name, VolumeCapabilities: []*csipb.VolumeCapability{v.c},
+			CapacityRange: &csipb.CapacityRange{RequiredBytes: 64 << 20}})
 		if err != nil {
 			t.Fatal(err)
 		}
 		v.id = resp.GetVolume().GetVolumeId()
 		v.staging = filepath.Join(kubeletDir, "plugins", "staging", name)
 		v.target = filepath.Join(kubeletDir, "pods", "p1", name)
-		if _, err := c1.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, VolumeCapability: v.c}); err != nil {
+		if _, err := c1.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, VolumeCapability: v.c}); err != nil {
 			t.Fatalf("stage %s: %v", name, err)
 		}
-		if _, err := c1.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, TargetPath: v.target, VolumeCapability: v.c}); err != nil {
+		if _, err := c1.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, TargetPath: v.target, VolumeCapability: v.c}); err != nil {
 			t.Fatalf("publish %s: %v", name, err)
 		}
 	}
@@ -207,22 +207,22 @@ func TestRestartKernel(t *testing.T) {
 
 	for name, v := range vols {
 		// The new driver finds the volumes staged and published.
-		if _, err := c2.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, VolumeCapability: v.c}); err != nil {
+		if _, err := c2.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, VolumeCapability: v.c}); err != nil {
 			t.Errorf("restage %s: %v", name, err)
 		}
-		if _, err := c2.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, TargetPath: v.target, VolumeCapability: v.c}); err != nil {
+		if _, err := c2.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, TargetPath: v.target, VolumeCapability: v.c}); err != nil {
 			t.Errorf("republish %s: %v", name, err)
 		}
-		if _, err := c2.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: v.id, VolumePath: v.target}); err != nil {
+		if _, err := c2.NodeGetVolumeStats(ctx, &csipb.NodeGetVolumeStatsRequest{VolumeId: v.id, VolumePath: v.target}); err != nil {
 			t.Errorf("stats of %s: %v", name, err)
 		}
-		if _, err := c2.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: v.target}); err != nil {
+		if _, err := c2.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: v.target}); err != nil {
 			t.Errorf("unpublish %s: %v", name, err)
 		}
-		if _, err := c2.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging}); err != nil {
+		if _, err := c2.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging}); err != nil {
 			t.Errorf("unstage %s: %v", name, err)
 		}
-		if _, err := c2.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.id}); err != nil {
+		if _, err := c2.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: v.id}); err != nil {
 			t.Errorf("delete %s: %v", name, err)
 		}
 		for _, p := range []string{v.target, v.staging} {

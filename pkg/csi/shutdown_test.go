@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -36,26 +36,26 @@ func TestDeleteInUnconfiguredPool(t *testing.T) {
 	words := []string{"gone", "recorded on node " + testNode, "not configured"}
 	runBadCases(t, e, []badCase{
 		{"DeleteVolume/recorded pool", func(ctx context.Context, d *Driver) error {
-			return ignore(d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: "gone/pvc-1"}))
+			return ignore(d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: "gone/pvc-1"}))
 		}, codes.FailedPrecondition, append([]string{"volume_id gone/pvc-1"}, words...)},
 		{"DeleteSnapshot/recorded pool", func(ctx context.Context, d *Driver) error {
-			return ignore(d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: "gone/snap-1"}))
+			return ignore(d.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: "gone/snap-1"}))
 		}, codes.FailedPrecondition, append([]string{"snapshot_id gone/snap-1"}, words...)},
 		{"DeleteVolume/never here", func(ctx context.Context, d *Driver) error {
-			return ignore(d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: "never/pvc-1"}))
+			return ignore(d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: "never/pvc-1"}))
 		}, codes.OK, nil},
 		{"DeleteSnapshot/never here", func(ctx context.Context, d *Driver) error {
-			return ignore(d.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: "never/snap-1"}))
+			return ignore(d.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: "never/snap-1"}))
 		}, codes.OK, nil},
 		{"DeleteVolume/configured pool, no such volume", func(ctx context.Context, d *Driver) error {
-			return ignore(d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: testPool + "/missing"}))
+			return ignore(d.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: testPool + "/missing"}))
 		}, codes.OK, nil},
 	})
 	// Recorded pools that are configured delete as ever.
-	if _, err := d.DeleteSnapshot(t.Context(), &csi.DeleteSnapshotRequest{SnapshotId: snap}); err != nil {
+	if _, err := d.DeleteSnapshot(t.Context(), &csipb.DeleteSnapshotRequest{SnapshotId: snap}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := d.DeleteVolume(t.Context(), &csi.DeleteVolumeRequest{VolumeId: vol}); err != nil {
+	if _, err := d.DeleteVolume(t.Context(), &csipb.DeleteVolumeRequest{VolumeId: vol}); err != nil {
 		t.Fatal(err)
 	}
 	if left := e.pools[testPool].List(); len(left) != 0 {
@@ -123,7 +123,7 @@ func shutdownEnv(t *testing.T, b *blockingCall) (*Driver, <-chan error, <-chan e
 	t.Cleanup(func() { _ = conn.Close() })
 	called := make(chan error, 1)
 	go func() {
-		_, err := csi.NewControllerClient(conn).GetCapacity(context.Background(), &csi.GetCapacityRequest{})
+		_, err := csipb.NewControllerClient(conn).GetCapacity(context.Background(), &csipb.GetCapacityRequest{})
 		called <- err
 	}()
 	select {
@@ -137,7 +137,7 @@ func shutdownEnv(t *testing.T, b *blockingCall) (*Driver, <-chan error, <-chan e
 // A call that outlasts the shutdown deadline is cancelled, and Shutdown
 // returns only after its handler has: the pools' owner closes them next.
 func TestShutdownCancelsCallsAtDeadline(t *testing.T) {
-	b := newBlockingCall(csi.Controller_GetCapacity_FullMethodName)
+	b := newBlockingCall(csipb.Controller_GetCapacity_FullMethodName)
 	d, called, served := shutdownEnv(t, b)
 	const deadline = 300 * time.Millisecond
 	ctx, cancel := context.WithTimeout(context.Background(), deadline)
@@ -165,7 +165,7 @@ func TestShutdownCancelsCallsAtDeadline(t *testing.T) {
 // A call that finishes within the deadline gets its answer, and Shutdown
 // does not wait for the deadline.
 func TestShutdownLetsCallsFinish(t *testing.T) {
-	b := newBlockingCall(csi.Controller_GetCapacity_FullMethodName)
+	b := newBlockingCall(csipb.Controller_GetCapacity_FullMethodName)
 	d, called, served := shutdownEnv(t, b)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

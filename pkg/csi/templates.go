@@ -8,7 +8,7 @@ import (
 	"sync"
 	"time"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"k8s.io/klog/v2"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
@@ -274,7 +274,7 @@ func (t *templates) evict(ctx context.Context, pool Pool) error {
 
 // templateFS returns the filesystem type a new volume will be staged with,
 // "" when it may be used as a raw block device (no template then).
-func templateFS(caps []*csi.VolumeCapability, paramFS string) string {
+func templateFS(caps []*csipb.VolumeCapability, paramFS string) string {
 	fsType := ""
 	for _, c := range caps {
 		if c.GetMount() == nil {

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-dmthin/csi-dmthin/internal/fsprobe"
@@ -34,9 +34,9 @@ func TestTemplatesKernel(t *testing.T) {
 	const size = 64 << 20
 	create := func(name string) string {
 		t.Helper()
-		resp, err := c.CreateVolume(t.Context(), &csi.CreateVolumeRequest{
-			Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: size},
-			VolumeCapabilities: []*csi.VolumeCapability{fsCap},
+		resp, err := c.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{
+			Name: name, CapacityRange: &csipb.CapacityRange{RequiredBytes: size},
+			VolumeCapabilities: []*csipb.VolumeCapability{fsCap},
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -62,7 +62,7 @@ func TestTemplatesKernel(t *testing.T) {
 			t.Fatalf("%s: %+v, %v", name, v, err)
 		}
 		staging := filepath.Join(kubeletDir, "staging", name)
-		if _, err := c.NodeStageVolume(t.Context(), &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: fsCap}); err != nil {
+		if _, err := c.NodeStageVolume(t.Context(), &csipb.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: fsCap}); err != nil {
 			t.Fatal(err)
 		}
 		data := bytes.Repeat([]byte{byte(i + 1)}, 1<<20)
@@ -88,7 +88,7 @@ func TestTemplatesKernel(t *testing.T) {
 	// read-write one writes through to the staged filesystem.
 	for _, ro := range []bool{true, false} {
 		target := filepath.Join(kubeletDir, "pods", fmt.Sprint(ro), "mount")
-		if _, err := c.NodePublishVolume(t.Context(), &csi.NodePublishVolumeRequest{
+		if _, err := c.NodePublishVolume(t.Context(), &csipb.NodePublishVolumeRequest{
 			VolumeId: "tmpl/clone-a", StagingTargetPath: filepath.Join(kubeletDir, "staging", "clone-a"),
 			TargetPath: target, VolumeCapability: fsCap, Readonly: ro,
 		}); err != nil {
@@ -101,7 +101,7 @@ func TestTemplatesKernel(t *testing.T) {
 		if !ro && err != nil {
 			t.Errorf("write through a read-write publish: %v", err)
 		}
-		if _, err := c.NodeUnpublishVolume(t.Context(), &csi.NodeUnpublishVolumeRequest{VolumeId: "tmpl/clone-a", TargetPath: target}); err != nil {
+		if _, err := c.NodeUnpublishVolume(t.Context(), &csipb.NodeUnpublishVolumeRequest{VolumeId: "tmpl/clone-a", TargetPath: target}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -117,7 +117,7 @@ func TestTemplatesKernel(t *testing.T) {
 		if got, err := os.ReadFile(filepath.Join(staging, "data")); err != nil || len(got) != 1<<20 {
 			t.Fatalf("%s: read back %d bytes, %v", name, len(got), err)
 		}
-		if _, err := c.NodeUnstageVolume(t.Context(), &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		if _, err := c.NodeUnstageVolume(t.Context(), &csipb.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
 			t.Fatal(err)
 		}
 		dev, err := p.Activate(t.Context(), name)
@@ -132,7 +132,7 @@ func TestTemplatesKernel(t *testing.T) {
 		}
 	}
 	for _, name := range []string{"first", "clone-a", "clone-b"} {
-		if _, err := c.DeleteVolume(t.Context(), &csi.DeleteVolumeRequest{VolumeId: "tmpl/" + name}); err != nil {
+		if _, err := c.DeleteVolume(t.Context(), &csipb.DeleteVolumeRequest{VolumeId: "tmpl/" + name}); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	csi "github.com/container-storage-interface/spec/lib/go/csi"
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
@@ -40,11 +40,11 @@ func waitTemplates(t *testing.T, e *driverEnv, want ...string) {
 
 func volID(name string) string { return testPool + "/" + name }
 
-func createFS(t *testing.T, e *driverEnv, name string, sizeBytes int64, c *csi.VolumeCapability) *thinpool.Volume {
+func createFS(t *testing.T, e *driverEnv, name string, sizeBytes int64, c *csipb.VolumeCapability) *thinpool.Volume {
 	t.Helper()
-	resp, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{
-		Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: sizeBytes},
-		VolumeCapabilities: []*csi.VolumeCapability{c},
+	resp, err := e.d.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{
+		Name: name, CapacityRange: &csipb.CapacityRange{RequiredBytes: sizeBytes},
+		VolumeCapabilities: []*csipb.VolumeCapability{c},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -97,7 +97,7 @@ func TestTemplates(t *testing.T) {
 	}
 
 	// Neither ListVolumes nor a volume call sees templates.
-	list, err := e.d.ListVolumes(t.Context(), &csi.ListVolumesRequest{})
+	list, err := e.d.ListVolumes(t.Context(), &csipb.ListVolumesRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +133,7 @@ func TestTemplates(t *testing.T) {
 		mustOK(t, "unstage "+name, e.unstage(volID(name), e.path("staging", name)))
 	}
 	for _, name := range []string{"first", "second", "raw", "other-size", "uses-first", "third-size"} {
-		if _, err := e.d.DeleteVolume(t.Context(), &csi.DeleteVolumeRequest{VolumeId: volID(name)}); err != nil {
+		if _, err := e.d.DeleteVolume(t.Context(), &csipb.DeleteVolumeRequest{VolumeId: volID(name)}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -171,10 +171,10 @@ func TestTemplatesAfterAdmission(t *testing.T) {
 	waitTemplates(t, e, a, b)
 	before := e.pools[testPool].List()
 	for _, size := range []int64{1 << 50, 100 * testPoolBytes} {
-		for _, c := range []*csi.VolumeCapability{fsCap, mountCap("xfs", rwo)} {
-			_, err := e.d.CreateVolume(t.Context(), &csi.CreateVolumeRequest{
-				Name: "huge", CapacityRange: &csi.CapacityRange{RequiredBytes: size},
-				VolumeCapabilities: []*csi.VolumeCapability{c},
+		for _, c := range []*csipb.VolumeCapability{fsCap, mountCap("xfs", rwo)} {
+			_, err := e.d.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{
+				Name: "huge", CapacityRange: &csipb.CapacityRange{RequiredBytes: size},
+				VolumeCapabilities: []*csipb.VolumeCapability{c},
 			})
 			wantCode(t, err, codes.ResourceExhausted)
 		}

@@ -30,6 +30,9 @@
 // values of its node's CSIStorageCapacity objects, and the managed-by
 // label of snapshot contents and group snapshot classes. It never changes a pool: what it
 // needs of the driver it asks through Owner and UsageSource, which answer
-// from this node alone. Registration with the kubelet is in the
+// from this node alone. Whether a pool has room is the pool's admission
+// (pkg/thinpool), asked through Owner.RoomFor; a pool's state is a
+// thinpool.Usage, its mode a thinpool.Mode, and nothing here imports
+// pkg/devmapper. Registration with the kubelet is in the
 // registration subpackage, which needs no API server.
 package kube

@@ -13,7 +13,6 @@ import (
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
 
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -138,9 +137,9 @@ func (w *PoolWatcher) checkPool(ctx context.Context, name string) {
 		health, why = ReasonPoolFailed, "the thin pool has failed; its volumes cannot be read or written (repair with thin_check/thin_repair)"
 	case u.NeedsCheck:
 		health, why = ReasonPoolNeedsCheck, "the thin pool's metadata needs a check (thin_check); the pool is read-only"
-	case u.Mode == devmapper.PoolReadOnly:
+	case u.Mode == thinpool.ModeReadOnly:
 		health, why = ReasonPoolReadOnly, "the thin pool is read-only; no volume can be created or grown"
-	case u.Mode == devmapper.PoolOutOfDataSpace:
+	case u.Mode == thinpool.ModeOutOfDataSpace:
 		health, why = ReasonPoolOutOfSpace, "the thin pool is out of data space: writes to unallocated blocks fail"
 	case u.Fenced != "":
 		health, why = ReasonPoolFenced, "a step of a change failed and the pool refuses changes until it has recovered (each later call retries the recovery): "+u.Fenced

@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -33,7 +32,7 @@ func (f *fakeUsage) set(u thinpool.Usage, err error) {
 
 // used is a healthy pool with dataPct and metaPct percent used.
 func used(dataPct, metaPct int64) thinpool.Usage {
-	return thinpool.Usage{DataBytes: 100 << 20, DataUsedBytes: dataPct << 20, MetadataBytes: 100 << 10, MetadataUsedBytes: metaPct << 10, Mode: devmapper.PoolReadWrite}
+	return thinpool.Usage{DataBytes: 100 << 20, DataUsedBytes: dataPct << 20, MetadataBytes: 100 << 10, MetadataUsedBytes: metaPct << 10, Mode: thinpool.ModeReadWrite}
 }
 
 func TestPoolEvents(t *testing.T) {
@@ -42,12 +41,12 @@ func TestPoolEvents(t *testing.T) {
 		err  error
 		want []string // "<type> <reason>" of the Events this check emits
 	}
-	failed := thinpool.Usage{Failed: true, Mode: devmapper.PoolReadOnly}
+	failed := thinpool.Usage{Failed: true, Mode: thinpool.ModeReadOnly}
 	needsCheck := used(50, 10)
 	needsCheck.NeedsCheck = true
-	needsCheck.Mode = devmapper.PoolReadOnly
+	needsCheck.Mode = thinpool.ModeReadOnly
 	readOnly := used(50, 10)
-	readOnly.Mode = devmapper.PoolReadOnly
+	readOnly.Mode = thinpool.ModeReadOnly
 	fenced := used(50, 10)
 	fenced.Fenced = "commit: input/output error"
 	for _, c := range []struct {

@@ -21,7 +21,6 @@ import (
 	"k8s.io/client-go/util/flowcontrol"
 	"k8s.io/klog/v2"
 
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -364,9 +363,9 @@ func fillStatus(s *ThinPoolStatus, u thinpool.Usage, err error) {
 		s.Health, s.Message, s.Mode = HealthFailed, "the pool has failed: its volumes can be neither read nor written; see the needs_check runbook", ""
 	case u.NeedsCheck:
 		s.Health, s.Message = HealthNeedsCheck, "the kernel flagged the metadata for thin_check; the pool is read-only"
-	case u.Mode == devmapper.PoolReadOnly:
+	case u.Mode == thinpool.ModeReadOnly:
 		s.Health, s.Message = HealthReadOnly, "the pool is read-only (out of metadata space, or a metadata error): no volume can be created, grown or deleted"
-	case u.Mode == devmapper.PoolOutOfDataSpace:
+	case u.Mode == thinpool.ModeOutOfDataSpace:
 		s.Health, s.Message = HealthOutOfDataSpace, "the pool is out of data space: writes to new blocks fail; grow it (csi-dmthin pool grow)"
 	case u.Fenced != "":
 		s.Health, s.Message = HealthFenced, "a step of a change failed; every change retries the recovery first: "+u.Fenced

@@ -16,7 +16,6 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -159,7 +158,7 @@ func TestThinPoolWriter(t *testing.T) {
 		t.Fatalf("after MinInterval: %d writes, %+v", n, cl.get(t, "node-a.fast").Status.Data)
 	}
 	// A change of state is written at once; a kernel event is recorded.
-	u.Mode, u.DataUsedBytes = devmapper.PoolOutOfDataSpace, 100<<20
+	u.Mode, u.DataUsedBytes = thinpool.ModeOutOfDataSpace, 100<<20
 	fast.set(u, nil)
 	clk.add(time.Second)
 	w.Wake("fast", true)
@@ -170,7 +169,7 @@ func TestThinPoolWriter(t *testing.T) {
 		t.Fatalf("after the pool filled: %d writes, %+v", cl.writes("node-a.fast"), st)
 	}
 	// A growth is recorded, written at once.
-	u.Mode, u.DataBytes = devmapper.PoolReadWrite, 200<<20
+	u.Mode, u.DataBytes = thinpool.ModeReadWrite, 200<<20
 	fast.set(u, nil)
 	clk.add(time.Second)
 	w.Wake("fast", false)
@@ -235,7 +234,7 @@ func TestThinPoolWriterRun(t *testing.T) {
 	go func() { w.Run(ctx, time.Hour); close(done) }()
 	waitFor(t, func() bool { return cl.writes("node-a.p") == 1 })
 	bad := used(10, 10)
-	bad.NeedsCheck, bad.Mode = true, devmapper.PoolReadOnly
+	bad.NeedsCheck, bad.Mode = true, thinpool.ModeReadOnly
 	src.set(bad, nil)
 	w.Wake("p", true)
 	waitFor(t, func() bool { return cl.writes("node-a.p") == 2 })

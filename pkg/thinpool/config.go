@@ -55,15 +55,19 @@ type Config struct {
 	// It matters only when the pool is made.
 	Wipe bool
 
-	// Admission: a new volume or snapshot is refused with ErrNoSpace when
-	// free data or metadata would fall under these percentages of the pool,
-	// or when the sum of volume sizes would pass OverprovisionRatio times the
-	// data size. Zero values take the defaults (10%, 10%, 10.0); a negative
-	// ratio turns the ratio check off.
+	// Admission (admission.go): a new device is refused with ErrNoSpace
+	// when the free data or metadata is at or under these percentages of
+	// the pool, or when the sizes of the volumes, snapshots and templates
+	// would pass OverprovisionRatio times the data size. Zero values take
+	// the defaults (10%, 10%, 10.0); a negative ratio turns the ratio check
+	// off.
 	MinFreeDataPercent     float64
 	MinFreeMetadataPercent float64
 	OverprovisionRatio     float64
 }
+
+// SectorSize is the unit of BlockSectors (and of every dm size): 512 bytes.
+const SectorSize = devmapper.SectorSize
 
 var poolNameRE = regexp.MustCompile(`^[a-z][a-z0-9-]{0,31}$`)
 

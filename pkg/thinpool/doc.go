@@ -4,6 +4,12 @@
 // deactivate, grow), a crash-safe record of what exists, and capacity
 // accounting with admission control.
 //
+// It is the one authority on admission (admission.go): whether a pool
+// takes a new device of a size, which its own operations apply, which
+// Usage.AvailableBytes reports as capacity and which Pool.Admit answers for
+// callers that ask before they act. Nothing above it repeats the rule.
+// Usage and Mode describe a pool without its callers needing pkg/devmapper.
+//
 // It owns the pool's bookkeeping and nothing above it: it knows no CSI, no
 // gRPC and no mounts. It reaches the kernel only through the Kernel
 // interface, which pkg/devmapper (plus loop devices) implements for real and

@@ -8,8 +8,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 )
 
 func TestGrowKernel(t *testing.T) {
@@ -68,7 +66,7 @@ func TestGrowKernel(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if u.Mode == devmapper.PoolOutOfDataSpace {
+			if u.Mode == ModeOutOfDataSpace {
 				break
 			}
 			if time.Now().After(deadline) {
@@ -99,7 +97,7 @@ func TestGrowKernel(t *testing.T) {
 			t.Fatal("the queued write did not finish after the pool grew")
 		}
 		t.Logf("queued write finished %v after pool grow started (the grow itself: %+v)", time.Since(start), g.Usage.Mode)
-		if u, _ := p.Usage(); u.Mode != devmapper.PoolReadWrite {
+		if u, _ := p.Usage(); u.Mode != ModeReadWrite {
 			t.Fatalf("after the grow: %+v", u)
 		}
 		f.Close()

@@ -11,8 +11,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 )
 
 // Growth and events on a pool, the same scenarios on the fake kernel (on
@@ -63,7 +61,7 @@ func runGrowScenarios(t *testing.T, newEnv func(t *testing.T) env) {
 		if !errors.Is(werr, unix.ENOSPC) && !errors.Is(werr, unix.EIO) {
 			t.Fatalf("write to a full pool: %v", werr)
 		}
-		if u, _ := p.Usage(); u.Mode != devmapper.PoolOutOfDataSpace || u.AvailableBytes != 0 {
+		if u, _ := p.Usage(); u.Mode != ModeOutOfDataSpace || u.AvailableBytes != 0 {
 			t.Fatalf("a full pool: %+v", u)
 		}
 		start := time.Now()
@@ -75,7 +73,7 @@ func runGrowScenarios(t *testing.T, newEnv func(t *testing.T) env) {
 		if g.DataBytesBefore != 8<<20 || g.DataBytes != 24<<20 || g.MetadataBytesBefore != 4<<20 || g.MetadataBytes != 8<<20 || !g.Grew() {
 			t.Fatalf("growth %+v", g)
 		}
-		if g.Usage.Mode != devmapper.PoolReadWrite || g.Usage.AvailableBytes <= 0 || g.Usage.MetadataBytes != 8<<20 {
+		if g.Usage.Mode != ModeReadWrite || g.Usage.AvailableBytes <= 0 || g.Usage.MetadataBytes != 8<<20 {
 			t.Fatalf("usage after growing: %+v", g.Usage)
 		}
 		if err := e.write(t, p, "v", failedAt, pattern(9, 64<<10)); err != nil {

@@ -2,6 +2,12 @@ package thinpool
 
 import "github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 
+// Dev is a device number as Kernel, and so FakeKernel, speaks it. It is an
+// alias, not a type of its own: the number is the kernel's, and a test
+// above this package that drives a FakeKernel names it without importing
+// pkg/devmapper.
+type Dev = devmapper.Dev
+
 // Kernel is what a Pool needs from the kernel: the device-mapper calls of
 // *devmapper.Client, and access to the block devices under the pool. Errors
 // carry the kernel's errno (golang.org/x/sys/unix) for errors.Is.

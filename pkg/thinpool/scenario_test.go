@@ -546,8 +546,15 @@ func runScenarios(t *testing.T, newEnv func(t *testing.T) env) {
 			t.Errorf("capacity %d then %d, want it 100 MiB less", u.AvailableBytes, u2.AvailableBytes)
 		}
 		// The largest volume reported is one admission takes, and one byte
-		// more is refused.
-		if _, err := p.CreateVolume(ctx, "too-big", u2.AvailableBytes+1); !errors.Is(err, ErrNoSpace) {
+		// more is refused, by Admit (which changes nothing) as by
+		// CreateVolume; both name the pool.
+		if err := p.Admit(u2.AvailableBytes+1, KindVolume); !errors.Is(err, ErrNoSpace) || !strings.HasPrefix(err.Error(), "pool admit: ") {
+			t.Errorf("Admit one byte past the reported capacity: %v", err)
+		}
+		if err := p.Admit(u2.AvailableBytes, KindVolume); err != nil {
+			t.Errorf("Admit of the reported capacity: %v", err)
+		}
+		if _, err := p.CreateVolume(ctx, "too-big", u2.AvailableBytes+1); !errors.Is(err, ErrNoSpace) || !strings.Contains(err.Error(), "pool admit: ") {
 			t.Errorf("one byte past the reported capacity: %v", err)
 		}
 		if _, err := p.CreateVolume(ctx, "just-fits", u2.AvailableBytes); err != nil {
@@ -590,7 +597,7 @@ func runScenarios(t *testing.T, newEnv func(t *testing.T) env) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if u.DataBytes != 64<<20 || u.AvailableBytes <= 0 || u.Mode != devmapper.PoolReadWrite {
+		if u.DataBytes != 64<<20 || u.AvailableBytes <= 0 || u.Mode != ModeReadWrite {
 			t.Fatalf("after growing the data device: %+v", u)
 		}
 		if err := e.write(t, p, "hog", 32<<20, pattern(2, 64<<10)); err != nil {
