@@ -1,7 +1,7 @@
 package csi
 
 import (
-	"fmt"
+	"strings"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -36,6 +36,11 @@ func (d *Driver) reportNoSpace(req *csipb.CreateVolumeRequest, pool string, err 
 	if name == "" || ns == "" {
 		return err // not from a provisioner with --extra-create-metadata
 	}
-	d.events.ProvisioningNoSpace(ns, name, fmt.Sprintf("node %s, pool %s: %s", d.nodeID, pool, status.Convert(err).Message()))
+	// The pool's admission names the pool; other refusals may not.
+	msg, where := status.Convert(err).Message(), "node "+d.nodeID
+	if !strings.Contains(msg, "pool "+pool+": ") {
+		where += ", pool " + pool
+	}
+	d.events.ProvisioningNoSpace(ns, name, where+": "+msg)
 	return err
 }
