@@ -207,13 +207,56 @@ func TestSystemctlShim(t *testing.T) {
 	}
 }
 
+// A unit with a readiness probe: start returns only once the probe
+// succeeds, and fails when the daemon ends first or the probe never does.
+func TestSystemctlShimWaitsForReady(t *testing.T) {
+	b := newShimBed(t)
+	dir := t.TempDir()
+	asked, ready := filepath.Join(dir, "asked"), filepath.Join(dir, "ready")
+	// The daemon gets ready only once the probe has run: a start that
+	// did not wait for the probe would return before it is.
+	b.unit(t, "slow", "# ready: touch "+asked+" && [ -e "+ready+" ]\n"+
+		"until [ -e "+asked+" ]; do sleep 0.05; done\ntouch "+ready+"\nexec sleep 600\n")
+	if _, stderr, code := b.cmd(t, "systemctl", "start", "slow"); code != 0 {
+		t.Fatalf("start: exit %d: %s", code, stderr)
+	}
+	if _, err := os.Stat(ready); err != nil {
+		t.Errorf("start returned before the unit was ready: %v", err)
+	}
+	pid := b.mainPID(t, "slow")
+	b.systemctl(t, "stop", "slow")
+	reap(t, pid)
+
+	b.unit(t, "dies", "# ready: false\nexit 3\n")
+	if _, stderr, code := b.cmd(t, "systemctl", "start", "dies"); code != 1 || !strings.Contains(stderr, "ended before it was ready") {
+		t.Errorf("start of a daemon that ends: %q, exit %d", stderr, code)
+	}
+	b.env = append(b.env, "E2E_READY_TIMEOUT=1")
+	b.unit(t, "never", "# ready: false\nexec sleep 600\n")
+	_, stderr, code := b.cmd(t, "systemctl", "start", "never")
+	if code != 1 || !strings.Contains(stderr, "not ready in 1s") {
+		t.Errorf("start of a daemon never ready: %q, exit %d", stderr, code)
+	}
+	// It was started, and stays until stopped.
+	pid = b.mainPID(t, "never")
+	b.systemctl(t, "stop", "never")
+	reap(t, pid)
+}
+
 // The kubelet unit the node's init and the suite both start runs kubelet
 // with the node's own address and name and logs to kubelet.log (a fake
 // kubelet prints its arguments).
 func TestKubeletUnit(t *testing.T) {
 	b := newShimBed(t)
 	n := NodeSpec(2)
-	b.unit(t, "kubelet", nodeUnits(n)["kubelet"])
+	// The real unit, its healthz probe left out (the fake serves none).
+	var unit []string
+	for _, l := range strings.Split(nodeUnits(n)["kubelet"], "\n") {
+		if !strings.HasPrefix(l, "# ready: ") {
+			unit = append(unit, l)
+		}
+	}
+	b.unit(t, "kubelet", strings.Join(unit, "\n"))
 	if err := os.WriteFile(filepath.Join(b.bin, "kubelet"), []byte("#!/bin/sh\necho \"kubelet $*\"\nexec sleep 600\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -272,6 +315,9 @@ func TestNodeUnits(t *testing.T) {
 		if !strings.Contains(nodeInitFor(n, []Node{n}), "systemctl start "+name) {
 			t.Errorf("the node's init does not start %s", name)
 		}
+	}
+	if !strings.Contains(units["kubelet"], "\n# ready: "+kubeletReady+"\n") || !strings.Contains(kubeletReady, "127.0.0.1/10248") {
+		t.Errorf("start of kubelet does not wait for its healthz:\n%s", units["kubelet"])
 	}
 	if !strings.Contains(units["e2e-sshd"], "-listen "+n.IP+":22 ") {
 		t.Errorf("e2e-sshd does not listen on the node's address:\n%s", units["e2e-sshd"])
