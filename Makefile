@@ -112,8 +112,10 @@ e2e: e2e-build
 	CSI_DMTHIN_E2E=1 $(GO) test -count=1 -v -timeout $(E2E_TIMEOUT) ./test/e2e/
 
 # The same with every applicable spec of Kubernetes' external storage suite,
-# the Slow and Serial ones too (test/e2e/README.md says which run where).
-E2E_FULL_TIMEOUT ?= 240m
+# the Slow and Serial ones too, then the Disruptive ones one at a time
+# (test/e2e/README.md says which run where). The timeout leaves room for
+# both parts' own ginkgo timeouts (3 h and 90 min) to end them first.
+E2E_FULL_TIMEOUT ?= 300m
 e2e-full: e2e-build
 	CSI_DMTHIN_E2E=1 CSI_DMTHIN_E2E_STORAGE=full $(GO) test -count=1 -v -timeout $(E2E_FULL_TIMEOUT) ./test/e2e/
 

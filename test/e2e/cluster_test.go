@@ -40,3 +40,24 @@ func testArtVersion() string {
 	}
 	return v["KUBERNETES_VERSION"]
 }
+
+// TestNodeSSH checks what the storage suite's Disruptive specs use on every
+// node, through the node's SSH server with the run's key: systemctl says
+// kubelet is active, sudo answers, and crictl reaches containerd.
+func TestNodeSSH(t *testing.T) {
+	c := requireCluster(t)
+	ctx, cancel := context.WithTimeout(testCtx, 2*time.Minute)
+	defer cancel()
+	for _, n := range c.Nodes {
+		for command, want := range map[string]string{
+			"systemctl show kubelet --property ActiveState --value": "active\n",
+			"sudo systemctl is-active kubelet":                      "active\n",
+			"crictl info >/dev/null && echo reached":                "reached\n",
+		} {
+			res, err := c.NodeSSH(ctx, n.Name, command)
+			if err != nil || res.Code != 0 || res.Stdout != want {
+				t.Errorf("%s: %q: %+v, %v; want %q", n.Name, command, res, err, want)
+			}
+		}
+	}
+}

@@ -34,7 +34,9 @@ type artifacts struct {
 	// ImagesDisk is containerd's root with Images imported, which every
 	// node mounts (through its own overlay).
 	ImagesDisk string
-	Driver     string // driver image reference
+	// SSHD is the nodes' SSH server (cluster.BuildSSHD).
+	SSHD   string
+	Driver string // driver image reference
 	// DriverBinary is the host path of the csi-dmthin binary in the image.
 	DriverBinary string
 	Repo         string
@@ -107,7 +109,7 @@ func inside(ctx context.Context, m *testing.M) (code int) {
 	start := time.Now()
 	c, err := cluster.Start(ctx, cluster.Config{
 		RunDir: art.RunDir, Tools: art.Tools, Image: art.Image, ImagesDisk: art.ImagesDisk,
-		Log: os.Stderr,
+		SSHD: art.SSHD, Log: os.Stderr,
 	})
 	defer func() {
 		if c == nil {

@@ -64,6 +64,12 @@ func prepare(ctx context.Context) (*artifacts, error) {
 	}); err != nil {
 		return nil, err
 	}
+	if err := step("sshd", func() (err error) {
+		art.SSHD, err = cluster.BuildSSHD(ctx, repo)
+		return err
+	}); err != nil {
+		return nil, err
+	}
 	if err := step("node-image", func() (err error) {
 		art.Image, err = cluster.BuildNodeImage(ctx, v, os.Stderr)
 		return err

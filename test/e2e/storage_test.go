@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -17,15 +18,18 @@ import (
 
 // storageEnv picks the part of Kubernetes' external storage suite that
 // TestExternalStorage runs: "fast" (the default: what `make test` runs),
-// "parallel" (every spec neither Slow nor Serial), "full" (`make e2e-full`)
-// or "off".
+// "parallel" (every spec neither Slow nor Serial), "full" (`make e2e-full`:
+// every applicable spec, the Disruptive ones after the rest), "disruptive"
+// (those alone), "group" or "off", or several joined by "+".
 const storageEnv = "CSI_DMTHIN_E2E_STORAGE"
 
 // storageSelection is one way to run the suite.
 type storageSelection struct {
 	// suites, when set, are the only test suites run (provisioning,
 	// snapshottable, ...: the word after the test pattern in a spec's name).
-	suites  []string
+	suites []string
+	// only, when set, is a pattern the spec's full text must match too.
+	only    string
 	skip    string        // ginkgo --skip, on the spec's full text
 	procs   int           // parallel ginkgo processes
 	timeout time.Duration // ginkgo --timeout for the whole run
@@ -34,6 +38,10 @@ type storageSelection struct {
 	leftOut string
 	// oneNode: every node but the first is cordoned while it runs.
 	oneNode bool
+	// disruptive: its specs stop and start kubelet on the nodes over SSH.
+	// Before it runs, every node must answer over SSH with its kubelet
+	// active, and after it, again.
+	disruptive bool
 }
 
 // groupSuite is the suite of group snapshots. Its StatefulSet of three
@@ -50,7 +58,6 @@ var notApplicable = []struct {
 	pattern *regexp.Regexp
 	why     string
 }{
-	{regexp.MustCompile(`\[Disruptive\]`), "stops and starts kubelet over SSH with systemctl (KubeletCommand in the suite's storage utils); the e2e nodes run neither sshd nor systemd: kubelet is started by the node's own init"},
 	{regexp.MustCompile(`\[Feature:VolumeAttributesClass\]`), "needs ModifyVolume; csi-dmthin has no volume attributes to change (a thin volume has no performance tiers)"},
 	{regexp.MustCompile(`\[Feature:SELinux\]`), "needs a node that enforces SELinux; Debian's kernel boots without it"},
 	{regexp.MustCompile(`should provision storage with any volume data source`), "runs the hello-populator and volume-data-source-validator images, which the harness does not build; it tests Kubernetes' volume populators (a populator copies into a volume the driver provisions like any other), not a path of the driver's own"},
@@ -63,19 +70,33 @@ var storageSelections = map[string]storageSelection{
 	// minutes. Restores and clones across nodes are TestMultiNode's; the
 	// rest proves what one node proves too, at two to five minutes a spec
 	// under TCG, and is left to make e2e-full (see README.md).
-	"fast": {suites: []string{"capacity", "topology"}, skip: `\[(Slow|Serial)\]`, procs: 2, timeout: 30 * time.Minute,
-		leftOut: "left to `make e2e-full` (the suites or Slow and Serial specs `make test` does not run)"},
+	"fast": {suites: []string{"capacity", "topology"}, skip: `\[(Slow|Serial|Disruptive)\]`, procs: 2, timeout: 30 * time.Minute,
+		leftOut: "left to `make e2e-full` (the suites or Slow, Serial and Disruptive specs `make test` does not run)"},
 	// Neither Slow nor Serial: the set CSI projects run on every change,
 	// snapshot and XFS specs included.
-	"parallel": {skip: `\[(Slow|Serial)\]|` + groupSuite + ` `, procs: 4, timeout: 90 * time.Minute,
-		leftOut: "left to `make e2e-full` (Slow or Serial), or to the group set (" + groupSuite + ")"},
-	// Everything applicable, Slow and Serial included.
-	"full": {skip: groupSuite + ` `, procs: 4, timeout: 3 * time.Hour,
-		leftOut: "left to the group set (" + groupSuite + ", on one node)"},
+	"parallel": {skip: `\[(Slow|Serial|Disruptive)\]|` + groupSuite + ` `, procs: 4, timeout: 90 * time.Minute,
+		leftOut: "left to `make e2e-full` (Slow, Serial or Disruptive), or to the group set (" + groupSuite + ")"},
+	// Everything applicable, Slow and Serial included, but the Disruptive
+	// specs, which the full set runs after it (storageSetParts).
+	"full": {skip: disruptive + `|` + groupSuite + ` `, procs: 4, timeout: 3 * time.Hour,
+		leftOut: "left to the disruptive part of the full set (one spec at a time, after the rest), or to the group set (" + groupSuite + ", on one node)"},
+	// The Disruptive specs: each stops kubelet on a node (over SSH, with
+	// the node's systemctl) while a volume is in use, and starts it again.
+	// One at a time: a spec running beside them on that node would see its
+	// kubelet gone (Kubernetes never runs Disruptive specs in parallel).
+	"disruptive": {only: disruptive, procs: 1, timeout: 90 * time.Minute, disruptive: true,
+		leftOut: "run by the other sets"},
 	// The group snapshot suite, on one schedulable node (groupSuite).
 	"group": {suites: []string{groupSuite}, procs: 2, timeout: 40 * time.Minute, oneNode: true,
 		leftOut: "run by the other sets"},
 }
+
+// disruptive matches the specs that stop and start kubelet.
+const disruptive = `\[Disruptive\]`
+
+// storageSetParts are the sets that run several selections, one after the
+// other.
+var storageSetParts = map[string][]string{"full": {"full", "disruptive"}}
 
 // storageSet returns the selected set's name, or "" for none.
 func storageSet() string {
@@ -90,12 +111,16 @@ func storageSet() string {
 }
 
 // focusPattern is the ginkgo --focus of a selection: External Storage, and
-// only its suites when it names some.
+// only its suites when it names some, and only what matches its only.
 func (s storageSelection) focusPattern() string {
-	if len(s.suites) == 0 {
-		return `External.Storage`
+	p := `External.Storage`
+	if len(s.suites) > 0 {
+		p += ` .*\[Testpattern: [^]]*\] (` + strings.Join(s.suites, "|") + `) `
 	}
-	return `External.Storage .*\[Testpattern: [^]]*\] (` + strings.Join(s.suites, "|") + `) `
+	if s.only != "" {
+		p += `.*(` + s.only + `)`
+	}
+	return p
 }
 
 // selected reports whether the selection runs the spec of that full name.
@@ -139,12 +164,20 @@ func TestExternalStorage(t *testing.T) {
 }
 
 // storageRuns lists the selections a set runs, in order: one name, or
-// several joined by "+" (e.g. "fast+group").
+// several joined by "+" (e.g. "fast+group"), each a selection or a set of
+// several (storageSetParts), none twice.
 func storageRuns(set string) ([]string, error) {
-	names := strings.Split(set, "+")
-	for i, name := range names {
-		if _, ok := storageSelections[name]; !ok || slices.Contains(names[:i], name) {
-			return nil, fmt.Errorf("%s=%q: want fast, parallel, full, group or off, or several of them joined by +", storageEnv, set)
+	var names []string
+	for _, name := range strings.Split(set, "+") {
+		parts, ok := storageSetParts[name]
+		if !ok {
+			parts = []string{name}
+		}
+		for _, p := range parts {
+			if _, ok := storageSelections[p]; !ok || slices.Contains(names, p) {
+				return nil, fmt.Errorf("%s=%q: want fast, parallel, full, disruptive, group or off, or several of them joined by + (full runs disruptive already)", storageEnv, set)
+			}
+			names = append(names, p)
 		}
 	}
 	return names, nil
@@ -161,6 +194,10 @@ func runStorage(t *testing.T, c *cluster.Cluster, name string, sel storageSelect
 			defer c.Kubectl(testCtx, "uncordon", n)
 		}
 		t.Logf("storage suite (%s): only %s schedulable", name, nodes[0])
+	}
+	if sel.disruptive {
+		checkKubeletsOverSSH(t, c, "before")
+		defer checkKubeletsOverSSH(t, c, "after")
 	}
 	dir := filepath.Join(testArt.RunDir, "storage-"+name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -179,12 +216,19 @@ func runStorage(t *testing.T, c *cluster.Cluster, name string, sel storageSelect
 		"--kubeconfig", c.Kubeconfig, "--kubectl-path", c.Bin("kubectl"),
 		"--storage.testdriver", driverFile,
 		"--report-dir", dir, "--node-os-distro", "debian",
+		// "local" is a provider whose nodes the framework reaches over
+		// SSH (framework.ProvidersWithSSH): the disruptive suite runs only
+		// for those, and its key is the one KUBE_SSH_KEY_PATH names.
+		"--provider", "local",
 	}
 	t.Logf("storage suite (%s): ginkgo %s", name, strings.Join(args, " "))
 	start := time.Now()
 	// Started like every other process of the run, so it and its parallel
 	// test processes are stopped by pid when the run ends or is cut short.
-	p, err := c.Procs.Start("storage-suite-"+name, c.Bin("ginkgo"), args...)
+	// The framework's SSH client (framework/ssh) takes its key and user
+	// from the environment.
+	env := []string{"KUBE_SSH_KEY_PATH=" + c.SSHKey(), "KUBE_SSH_USER=" + cluster.SSHUser}
+	p, err := c.Procs.StartEnv("storage-suite-"+name, env, c.Bin("ginkgo"), args...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -211,6 +255,30 @@ func runStorage(t *testing.T, c *cluster.Cluster, name string, sel storageSelect
 	}
 	if runErr != nil && len(res.Failed) == 0 {
 		t.Errorf("ginkgo failed without a failed spec: %v (see %s)", runErr, p.Log)
+	}
+}
+
+// checkKubeletsOverSSH asks every node over SSH, as the suite does, whether
+// its kubelet is active: before the Disruptive specs, so that a test bed
+// they cannot use fails at once and says why; after them, so that a
+// kubelet a failed spec left stopped is reported, not discovered by the
+// next test.
+func checkKubeletsOverSSH(t *testing.T, c *cluster.Cluster, when string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(testCtx, time.Minute)
+	defer cancel()
+	ok := true
+	for _, n := range c.NodeNames() {
+		res, err := c.NodeSSH(ctx, n, "systemctl show kubelet --property ActiveState --value")
+		if err != nil || res.Code != 0 || res.Stdout != "active\n" {
+			t.Errorf("%s the Disruptive specs, %s: ssh: systemctl show kubelet: %+v, %v; want active", when, n, res, err)
+			ok = false
+			continue
+		}
+		t.Logf("%s the Disruptive specs, %s: kubelet active (asked over SSH)", when, n)
+	}
+	if !ok && when == "before" {
+		t.FailNow()
 	}
 }
 

@@ -122,13 +122,13 @@ func TestParseGinkgoReport(t *testing.T) {
  {"ContainerHierarchyTexts": ["External Storage [Driver: d]", "[Testpattern: Dynamic PV (xfs)] volumes"], "LeafNodeType": "It", "LeafNodeText": "should store data", "State": "passed"},
  {"ContainerHierarchyTexts": ["External Storage [Driver: d]", "[Testpattern: Dynamic PV (ext4)] multiVolume [Slow]"], "LeafNodeType": "It", "LeafNodeText": "should access on different node", "State": "skipped", "Failure": {"Message": "Driver d doesn't support 2 nodes -- skipping\nmore"}},
  {"ContainerHierarchyTexts": ["External Storage [Driver: d]", "[Testpattern: Dynamic PV (xfs)] multiVolume [Slow]"], "LeafNodeType": "It", "LeafNodeText": "should access on different node", "State": "skipped", "Failure": {"Message": "Driver d doesn't support 3 nodes -- skipping"}},
- {"ContainerHierarchyTexts": ["External Storage [Driver: d]", "[Testpattern: Dynamic PV (ext4)] disruptive"], "LeafNodeType": "It", "LeafNodeText": "should unmount [Disruptive]", "State": "skipped"},
+ {"ContainerHierarchyTexts": ["External Storage [Driver: d]", "[Testpattern: Dynamic PV (ext4)] disruptive"], "LeafNodeType": "It", "LeafNodeText": "should mount [Feature:SELinux] [Disruptive]", "State": "skipped"},
  {"ContainerHierarchyTexts": ["[sig-node] Pods"], "LeafNodeType": "It", "LeafNodeText": "should run", "State": "skipped"},
  {"ContainerHierarchyTexts": ["External Storage [Driver: d]", "[Testpattern: Dynamic PV (ext4)] volume-expand"], "LeafNodeType": "It", "LeafNodeText": "should resize", "State": "failed", "Failure": {"Message": "timed out waiting for the condition"}},
  {"LeafNodeType": "SynchronizedBeforeSuite", "State": "passed"},
  {"LeafNodeType": "ReportAfterSuite", "State": "timedout", "Failure": {"Message": "suite timeout"}}
 ]}]`
-	res, err := parseGinkgoReport([]byte(report), func(name string) bool { return !strings.Contains(name, "[Disruptive]") })
+	res, err := parseGinkgoReport([]byte(report), func(name string) bool { return !strings.Contains(name, "[Feature:SELinux]") })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -145,10 +145,10 @@ func TestParseGinkgoReport(t *testing.T) {
 		t.Errorf("skipped %q, want %q", res.Skipped, want)
 	}
 	if len(res.NotSelected) != 1 || res.Other != 1 {
-		t.Errorf("not selected %q, other %d; want the Disruptive spec and 1", res.NotSelected, res.Other)
+		t.Errorf("not selected %q, other %d; want the SELinux spec and 1", res.NotSelected, res.Other)
 	}
 	md := res.markdown("fast", 0, "left out")
-	for _, want := range []string{"| 2 | 2 | 2 | 1 |", "- 2: Driver d doesn't support N nodes", "- 1: stops and starts kubelet over SSH"} {
+	for _, want := range []string{"| 2 | 2 | 2 | 1 |", "- 2: Driver d doesn't support N nodes", "- 1: needs a node that enforces SELinux"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("summary lacks %q:\n%s", want, md)
 		}
@@ -236,18 +236,73 @@ func TestFastStorageSet(t *testing.T) {
 func TestStorageRuns(t *testing.T) {
 	for set, want := range map[string][]string{
 		"fast":       {"fast"},
-		"full":       {"full"},
+		"full":       {"full", "disruptive"},
+		"disruptive": {"disruptive"},
 		"fast+group": {"fast", "group"},
-		"full+group": {"full", "group"},
+		"full+group": {"full", "disruptive", "group"},
 		"group":      {"group"},
 	} {
 		if got, err := storageRuns(set); err != nil || !slices.Equal(got, want) {
 			t.Errorf("%s: %v, %v; want %v", set, got, err, want)
 		}
 	}
-	for _, bad := range []string{"fastest", "fast+", "+group", "fast+fast"} {
+	for _, bad := range []string{"fastest", "fast+", "+group", "fast+fast", "full+disruptive", "disruptive+full"} {
 		if _, err := storageRuns(bad); err == nil {
 			t.Errorf("%s accepted", bad)
+		}
+	}
+}
+
+// The Disruptive specs run in a selection of their own, one at a time,
+// with the SSH checks: all of them but the SELinux ones (not applicable),
+// nothing else.
+func TestDisruptiveStorageSet(t *testing.T) {
+	sel := storageSelections["disruptive"]
+	if sel.procs != 1 || !sel.disruptive {
+		t.Errorf("disruptive %+v: want one process and the SSH checks", sel)
+	}
+	for name, want := range map[string]bool{
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (block volmode)] disruptive [LinuxOnly] [Provider:gce,aws,local,azure] Should test that pv written before kubelet restart is readable after restart. [Disruptive]":                                                                                                   true,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (default fs)] subPath should unmount if pod is force deleted while kubelet is down [LinuxOnly] [Disruptive] [Slow]":                                                                                                                                                  true,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (filesystem volmode)] disruptive [LinuxOnly] [Provider:gce,aws,local,azure] Should test that pv used in a pod that is deleted while the kubelet is down is usable by a new pod with a different SELinux context when kubelet returns [Feature:SELinux] [Disruptive]": false,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] volumes should store data":                                 false,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (default fs)] subPath should support restarting containers [Slow]": false,
+	} {
+		if got := sel.selected(name); got != want {
+			t.Errorf("%s: selected %v, want %v", name, got, want)
+		}
+	}
+}
+
+// Each applicable spec runs in exactly one part of the full set, the group
+// suite's in none (the group set's); make test's set runs no Disruptive spec.
+func TestFullStorageSetRunsEachSpecOnce(t *testing.T) {
+	parts, err := storageRuns("full")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]int{
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (ext4)] volumes should store data":                                                                                                  1,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (xfs)] multiVolume should access [Slow]":                                                                                            1,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (default fs)] subPath should unmount if pod is force deleted while kubelet is down [LinuxOnly] [Disruptive] [Slow]":                 1,
+		"External Storage [Driver: d] [Testpattern: Dynamic PV (block volmode)] disruptive [LinuxOnly] Should test that pv written before kubelet restart is readable after restart. [Disruptive]": 1,
+		"External Storage [Driver: d] seLinux [Feature:SELinux] should mount":                                                                                                                      0,
+		"External Storage [Driver: d] [Testpattern:  (delete policy)] volumegroupsnapshottable [Feature:volumegroupsnapshot] should":                                                               0,
+	} {
+		got := 0
+		for _, p := range parts {
+			if storageSelections[p].selected(name) {
+				got++
+			}
+		}
+		if got != want {
+			t.Errorf("%s: run by %d parts of the full set, want %d", name, got, want)
+		}
+	}
+	for _, set := range []string{"fast", "parallel"} {
+		name := "External Storage [Driver: d] [Testpattern: Dynamic PV (block volmode)] disruptive [LinuxOnly] Should test that pv written before kubelet restart is readable after restart. [Disruptive]"
+		if storageSelections[set].selected(name) {
+			t.Errorf("the %s set runs a Disruptive spec beside others", set)
 		}
 	}
 }

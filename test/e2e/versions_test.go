@@ -25,6 +25,7 @@ func TestVersionsMatchWrappers(t *testing.T) {
 		"snapshotter": {"github.com/kubernetes-csi/external-snapshotter/v8 " + v["CSI_SNAPSHOTTER_VERSION"], "github.com/kubernetes-csi/external-snapshotter/client/v8 " + v["CSI_SNAPSHOTTER_VERSION"]},
 		"resizer":     {"github.com/kubernetes-csi/external-resizer/v2 " + v["CSI_RESIZER_VERSION"]},
 		"helm":        {"helm.sh/helm/v3 " + v["HELM_VERSION"]},
+		"critools":    {"sigs.k8s.io/cri-tools " + v["CRI_TOOLS_VERSION"], "tool sigs.k8s.io/cri-tools/cmd/crictl"},
 		"storagesuite": {"k8s.io/kubernetes " + v["KUBERNETES_VERSION"], "k8s.io/client-go => k8s.io/client-go " + v["KUBERNETES_STAGING_VERSION"],
 			"tool github.com/onsi/ginkgo/v2/ginkgo", "tool k8s.io/kubernetes/test/images/agnhost"},
 	}

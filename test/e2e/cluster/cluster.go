@@ -24,6 +24,8 @@ type Config struct {
 	// ImagesDisk is containerd's root with every image imported
 	// (BuildImagesDisk); each node mounts an overlay of it.
 	ImagesDisk string
+	// SSHD is the host path of the nodes' SSH server (BuildSSHD).
+	SSHD string
 	// Nodes is the number of worker nodes (default 2), each a qemu VM with
 	// NodeCPUs (default 2) and NodeMemoryMiB (default 4096).
 	Nodes         int

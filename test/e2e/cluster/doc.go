@@ -24,6 +24,10 @@
 //     Ready, with one retry of a boot that hangs or soft-locks; cutting a
 //     node's power and booting it again on the same disks.
 //   - node.go: each node's share, init script, disks and qemu.
+//   - nodeunits.go: what a node offers Kubernetes' e2e framework: its
+//     daemons as units of a systemctl shim (which the init starts them
+//     with), a sudo shim, crictl's configuration, and the SSH keys and
+//     client for its SSH server (package nodessh).
 //   - images.go: docker-archive image tarballs written in Go, for the
 //     images disk (no registry exists).
 //

@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,7 +12,7 @@ import (
 )
 
 // nodeBinaries are linked from the tools into each node's share, /e2e/bin.
-var nodeBinaries = []string{"kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr"}
+var nodeBinaries = []string{"kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr", "crictl"}
 
 // PauseImage is the sandbox image containerd is configured with; the harness
 // imports it, so no pull is ever attempted.
@@ -85,7 +86,8 @@ conntrack: {maxPerCore: 0}
 }
 
 // nodeInitScript is /e2e/node-init.sh, run by /sbin/e2e-init under tini on
-// every boot of the node. Its disks: /dev/vda the root, /dev/vdb the images
+// every boot of the node. It starts the daemons as units of the node's
+// systemctl (nodeunits.go). Its disks: /dev/vda the root, /dev/vdb the images
 // disk (containerd's root, the images already in it: BuildImagesDisk),
 // /dev/vdc the data disk (the driver's state and pools), each checked by
 // its label before it is mounted.
@@ -127,18 +129,29 @@ echo "+cpuset +cpu +io +memory +pids" >/sys/fs/cgroup/cgroup.subtree_control || 
 mkdir -p /etc/containerd /etc/cni/net.d /var/lib/kubelet /var/log/pods
 cp /e2e/etc/containerd.toml /etc/containerd/config.toml
 cp /e2e/etc/10-e2e.conflist /etc/cni/net.d/10-e2e.conflist
-containerd --config /etc/containerd/config.toml >>$L/containerd.log 2>&1 &
+cp /e2e/etc/crictl.yaml /etc/crictl.yaml
+for c in @COMMANDS@; do
+	ln -sf /e2e/bin/$c /usr/local/bin/$c
+done
+# Every daemon is a unit of the node's systemctl (/e2e/bin/systemctl, a
+# shim), the way the storage suite stops and starts kubelet too. The SSH
+# server first: it lets a test look at a node whose containerd or kubelet
+# did not come up.
+systemctl start e2e-sshd || say "e2e-sshd did not start"
+systemctl start containerd
 i=0
 until ctr version >/dev/null 2>&1; do
 	i=$((i+1)); [ $i -gt 300 ] && { say "containerd did not start"; break; }
 	sleep 0.2
 done
 say "containerd up, $(ctr -n k8s.io images list --quiet | wc -l) images"
-kubelet --config=/e2e/etc/kubelet.yaml --kubeconfig=/e2e/etc/kubelet.kubeconfig \
-	--node-ip=@IP@ --hostname-override=@NAME@ --v=2 >>$L/kubelet.log 2>&1 &
-kube-proxy --config=/e2e/etc/kube-proxy.yaml --v=1 >>$L/kube-proxy.log 2>&1 &
+systemctl start kubelet
+systemctl start kube-proxy
 say kubelet started
-wait
+# The daemons are not children of this script (each has a session of its
+# own) and tini, PID 1, reaps them; but this script must not end, or tini
+# ends and the kernel panics.
+exec sleep infinity
 `
 
 // nodeInitFor returns node n's init script: its name and address, and a route
@@ -150,13 +163,14 @@ func nodeInitFor(n Node, all []Node) string {
 			routes = append(routes, "ip route add "+o.PodCIDR+" via "+o.IP)
 		}
 	}
-	return strings.NewReplacer("@NAME@", n.Name, "@IP@", n.IP, "@ROUTES@", strings.Join(routes, "\n")).Replace(nodeInitScript)
+	return strings.NewReplacer("@NAME@", n.Name, "@IP@", n.IP, "@ROUTES@", strings.Join(routes, "\n"),
+		"@COMMANDS@", strings.Join(nodeCommands, " ")).Replace(nodeInitScript)
 }
 
 // writeNodeShare fills a node's 9p share: binaries, configuration, its
 // certificates and the init script.
 func (c *Cluster) writeNodeShare(n *NodeVM) error {
-	for _, d := range []string{"bin", "etc", "pki", "logs"} {
+	for _, d := range []string{"bin", "etc/units", "pki", "logs"} {
 		if err := os.MkdirAll(filepath.Join(n.share, d), 0o755); err != nil {
 			return err
 		}
@@ -170,6 +184,12 @@ func (c *Cluster) writeNodeShare(n *NodeVM) error {
 			return err
 		}
 	}
+	if c.cfg.SSHD == "" {
+		return fmt.Errorf("cluster: no SSH server for the nodes (Config.SSHD)")
+	}
+	if err := link(c.cfg.SSHD, filepath.Join(n.share, "bin", "e2e-sshd")); err != nil {
+		return err
+	}
 	// Only what this node needs: the CA, its own kubelet certificates
 	// under fixed names, kube-proxy's.
 	for dst, src := range map[string]string{
@@ -180,6 +200,8 @@ func (c *Cluster) writeNodeShare(n *NodeVM) error {
 		"kubelet-serving.key": "kubelet-serving-" + n.Name + ".key",
 		"kube-proxy.crt":      "kube-proxy.crt",
 		"kube-proxy.key":      "kube-proxy.key",
+		"ssh-host.key":        sshHostKey,
+		"ssh-authorized.pub":  sshAuthorizedKey,
 	} {
 		if err := link(c.pki.path(src), filepath.Join(n.share, "pki", dst)); err != nil {
 			return err
@@ -194,9 +216,18 @@ func (c *Cluster) writeNodeShare(n *NodeVM) error {
 		"etc/kube-proxy.yaml":       kubeProxyConfig(n.Node),
 		"etc/kubelet.kubeconfig":    kubeconfig(server, "/e2e/pki", "kubelet"),
 		"etc/kube-proxy.kubeconfig": kubeconfig(server, "/e2e/pki", "kube-proxy"),
+		"etc/crictl.yaml":           crictlConfig,
 	}
+	maps.Copy(files, unitFiles(n.Node))
 	for name, data := range files {
 		if err := os.WriteFile(filepath.Join(n.share, name), []byte(data), 0o644); err != nil {
+			return err
+		}
+	}
+	for name, script := range nodeShims {
+		path := filepath.Join(n.share, "bin", name)
+		_ = os.Remove(path)
+		if err := os.WriteFile(path, []byte(script), 0o755); err != nil {
 			return err
 		}
 	}

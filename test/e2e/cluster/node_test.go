@@ -25,13 +25,15 @@ func TestNodeSpecsAndInit(t *testing.T) {
 	for _, want := range []string{
 		"hostname " + nodes[1].Name,
 		"ip addr add " + nodes[1].IP + "/24 dev eth0",
-		"--node-ip=" + nodes[1].IP + " --hostname-override=" + nodes[1].Name,
 		"ip route add " + nodes[0].PodCIDR + " via " + nodes[0].IP,
 		"ip route add " + nodes[2].PodCIDR + " via " + nodes[2].IP,
 	} {
 		if !strings.Contains(script, want) {
 			t.Errorf("node-init of %s lacks %q", nodes[1].Name, want)
 		}
+	}
+	if kubelet := nodeUnits(nodes[1])["kubelet"]; !strings.Contains(kubelet, "--node-ip="+nodes[1].IP+" --hostname-override="+nodes[1].Name) {
+		t.Errorf("the kubelet unit of %s does not name its address and name:\n%s", nodes[1].Name, kubelet)
 	}
 	if strings.Contains(script, nodes[1].PodCIDR+" via") {
 		t.Errorf("node-init of %s routes its own pod range away", nodes[1].Name)

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
@@ -15,6 +16,8 @@ import (
 	"path/filepath"
 	"slices"
 	"time"
+
+	"golang.org/x/crypto/ssh"
 )
 
 // Addresses of the cluster. The nodes and the namespace share one bridge
@@ -180,6 +183,9 @@ func writePKI(dir string, nodes []Node) (pkiFiles, error) {
 			return p, err
 		}
 	}
+	if err := writeSSHKeys(p); err != nil {
+		return p, err
+	}
 	sa, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		return p, err
@@ -192,6 +198,43 @@ func writePKI(dir string, nodes []Node) (pkiFiles, error) {
 		return p, err
 	}
 	return p, writePEM(p.path("sa.pub"), "PUBLIC KEY", pub)
+}
+
+// The nodes' SSH keys, in the run's pki directory: the servers' host key
+// and the one client key they accept, whose public half is their
+// authorized key. The storage suite (KUBE_SSH_KEY_PATH) and the harness
+// log in with the client key.
+const (
+	sshHostKey       = "ssh-host.key"
+	sshClientKey     = "ssh-client.key"
+	sshAuthorizedKey = "ssh-authorized.pub"
+	sshHostPublicKey = "ssh-host.pub"
+)
+
+// writeSSHKeys generates the run's ed25519 SSH keys: private keys in
+// OpenSSH's format, public keys as authorized_keys lines.
+func writeSSHKeys(p pkiFiles) error {
+	for _, k := range []struct{ private, public string }{{sshHostKey, sshHostPublicKey}, {sshClientKey, sshAuthorizedKey}} {
+		pub, priv, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			return err
+		}
+		block, err := ssh.MarshalPrivateKey(priv, "csi-dmthin-e2e")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(p.path(k.private), pem.EncodeToMemory(block), 0o600); err != nil {
+			return err
+		}
+		sshPub, err := ssh.NewPublicKey(pub)
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(p.path(k.public), ssh.MarshalAuthorizedKey(sshPub), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func writeECKey(path string, key *ecdsa.PrivateKey) error {

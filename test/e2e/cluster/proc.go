@@ -62,6 +62,11 @@ func NewProcs(logDir string) (*Procs, error) {
 
 // Start starts name (its log is <logDir>/<name>.log) with an argument array.
 func (ps *Procs) Start(name string, path string, args ...string) (*Proc, error) {
+	return ps.StartEnv(name, nil, path, args...)
+}
+
+// StartEnv is Start with env ("KEY=value") added to the environment.
+func (ps *Procs) StartEnv(name string, env []string, path string, args ...string) (*Proc, error) {
 	logPath := filepath.Join(ps.logDir, name+".log")
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
@@ -69,7 +74,7 @@ func (ps *Procs) Start(name string, path string, args ...string) (*Proc, error) 
 	}
 	cmd := exec.Command(path, args...)
 	cmd.Stdout, cmd.Stderr = f, f
-	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	cmd.Env = append(append(os.Environ(), "LC_ALL=C"), env...)
 	// Its own process group, so a ^C to the test reaches the harness only
 	// and the harness stops each process in order.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

@@ -66,6 +66,10 @@ var toolBuilds = []toolBuild{
 	}, crds: "github.com/kubernetes-csi/external-snapshotter/client/v8"},
 	{dir: "resizer", strip: true, pkgs: map[string]string{"csi-resizer": "github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer"}},
 	{dir: "helm", strip: true, pkgs: map[string]string{"helm": "helm.sh/helm/v3/cmd/helm"}},
+	// crictl for the nodes: the storage suite's subPath specs stop a
+	// container with it, through a host-exec pod.
+	{dir: "critools", strip: true, pkgs: map[string]string{"crictl": "sigs.k8s.io/cri-tools/cmd/crictl"},
+		ldflags: []string{"sigs.k8s.io/cri-tools/pkg/version.Version=${CRI_TOOLS_VERSION}"}},
 	// Kubernetes' external storage suite alone (tools/storagesuite), the
 	// ginkgo runner that runs it in parallel, and agnhost for the image its
 	// subPath and host-exec specs use.
@@ -91,7 +95,7 @@ func kubeVersionLdflags() []string {
 }
 
 // ClusterTools are the wrapper modules a cluster without the driver needs.
-var ClusterTools = []string{"etcd", "kubernetes", "containerd"}
+var ClusterTools = []string{"etcd", "kubernetes", "containerd", "critools"}
 
 // DriverTools add what installing the driver needs: the sidecars and helm.
 var DriverTools = append(slices.Clone(ClusterTools), "provisioner", "snapshotter", "resizer", "helm")

@@ -95,6 +95,8 @@ func wrappers(v map[string]string) []wrapper {
 			tools: []string{"github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer"}},
 		{dir: "helm", module: "helm.sh/helm/v3", version: "HELM_VERSION",
 			tools: []string{"helm.sh/helm/v3/cmd/helm"}},
+		{dir: "critools", module: "sigs.k8s.io/cri-tools", version: "CRI_TOOLS_VERSION",
+			tools: []string{"sigs.k8s.io/cri-tools/cmd/crictl"}},
 	}
 }
 
