@@ -31,10 +31,7 @@ type toolBuild struct {
 	tags    []string
 	// strip drops the symbol table and DWARF (-s -w): the sidecars go into
 	// an image that the guest imports, hashing every byte under TCG, and
-	// stripping takes a third off their 95-100 MB. Every tool is stripped:
-	// the linker then writes no DWARF, which shortens a cold build of the
-	// large Kubernetes binaries, and a test bed's binaries are never run
-	// under a debugger (their logs and stack traces keep the names).
+	// stripping takes a third off their 95-100 MB.
 	strip bool
 	// crds copies <module dir>/config/crd/*.yaml of this module into crd/.
 	crds string
@@ -45,7 +42,7 @@ type toolBuild struct {
 }
 
 var toolBuilds = []toolBuild{
-	{dir: "etcd", strip: true, pkgs: map[string]string{"etcd": "go.etcd.io/etcd/server/v3"}},
+	{dir: "etcd", pkgs: map[string]string{"etcd": "go.etcd.io/etcd/server/v3"}},
 	{dir: "kubernetes", pkgs: map[string]string{
 		"kube-apiserver":          "k8s.io/kubernetes/cmd/kube-apiserver",
 		"kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
@@ -53,22 +50,22 @@ var toolBuilds = []toolBuild{
 		"kubelet":                 "k8s.io/kubernetes/cmd/kubelet",
 		"kube-proxy":              "k8s.io/kubernetes/cmd/kube-proxy",
 		"kubectl":                 "k8s.io/kubernetes/cmd/kubectl",
-	}, strip: true, ldflags: kubeVersionLdflags()},
+	}, ldflags: kubeVersionLdflags()},
 	{dir: "containerd", pkgs: map[string]string{
 		"containerd":              "github.com/containerd/containerd/v2/cmd/containerd",
 		"containerd-shim-runc-v2": "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2",
 		"ctr":                     "github.com/containerd/containerd/v2/cmd/ctr",
-	}, strip: true, tags: []string{"no_btrfs", "no_zfs", "no_devmapper"}},
+	}, tags: []string{"no_btrfs", "no_zfs", "no_devmapper"}},
 	{dir: "provisioner", strip: true, pkgs: map[string]string{"csi-provisioner": "github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner"}},
 	{dir: "snapshotter", strip: true, pkgs: map[string]string{
 		"csi-snapshotter":     "github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter",
 		"snapshot-controller": "github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller",
 	}, crds: "github.com/kubernetes-csi/external-snapshotter/client/v8"},
 	{dir: "resizer", strip: true, pkgs: map[string]string{"csi-resizer": "github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer"}},
-	{dir: "helm", strip: true, pkgs: map[string]string{"helm": "helm.sh/helm/v3/cmd/helm"}},
+	{dir: "helm", pkgs: map[string]string{"helm": "helm.sh/helm/v3/cmd/helm"}},
 	// crictl for the nodes: the storage suite's subPath specs stop a
 	// container with it, through a host-exec pod.
-	{dir: "critools", strip: true, pkgs: map[string]string{"crictl": "sigs.k8s.io/cri-tools/cmd/crictl"},
+	{dir: "critools", pkgs: map[string]string{"crictl": "sigs.k8s.io/cri-tools/cmd/crictl"},
 		ldflags: []string{"sigs.k8s.io/cri-tools/pkg/version.Version=${CRI_TOOLS_VERSION}"}},
 	// Kubernetes' external storage suite alone (tools/storagesuite), the
 	// ginkgo runner that runs it in parallel, and agnhost for the image its
