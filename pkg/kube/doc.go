@@ -7,7 +7,10 @@
 //     it sets the volume.kubernetes.io/selected-node annotation to this node,
 //     and the scheduler then places the consumer here. When the source is
 //     gone, or this node cannot take the new volume, it puts one Warning
-//     Event on the PVC, from one node only (speaker.go).
+//     Event on the PVC, from one node only (speaker.go). The decision is
+//     placement.go's; placement_source.go follows a data source to its CSI
+//     ID, placement_write.go makes the annotation and Event writes (once
+//     each), placement_watch.go queues PVCs from the informers' events.
 //   - poolevents.go watches this node's pools and puts Events on the Node
 //     when one nears full, fails or grows, and again when it recovers; Wake
 //     makes it look at once (the driver calls it on the pool's kernel
