@@ -459,10 +459,12 @@ func mainBinDir() (string, error) {
 }
 
 // busyboxImage is the host's static busybox with a link for every applet
-// but dd, the host's GNU dd with the libraries it loads, and /bin/sh as its
-// entry point. GNU dd because the storage suite's block specs write with
-// oflag=nocache, which busybox's dd refuses (the suite's own busybox image
-// knows it).
+// but sh and dd, the host's GNU dd and dash (/bin/sh, the entry point) with
+// the libraries they load. GNU dd because the storage suite's block specs
+// write with oflag=nocache, which busybox's dd refuses (the suite's own
+// busybox image knows it); dash because Debian's static busybox is built
+// with its shell "standalone": its sh runs its own applet for `dd` whatever
+// /bin/dd is, so a busybox sh never reaches GNU dd.
 func busyboxImage(ctx context.Context, ref string) (Image, error) {
 	applets, err := output(ctx, "", "/bin/busybox", "--list")
 	if err != nil {
@@ -470,21 +472,24 @@ func busyboxImage(ctx context.Context, ref string) (Image, error) {
 	}
 	links := map[string]string{}
 	for _, a := range strings.Fields(string(applets)) {
-		if a != "busybox" && a != "dd" {
+		if a != "busybox" && a != "dd" && a != "sh" {
 			links["/bin/"+a] = "busybox"
 		}
 	}
+	links["/bin/sh"] = "dash"
 	files := map[string]string{"/bin/busybox": "/bin/busybox"}
-	dd, err := exec.LookPath("dd")
-	if err != nil {
-		return Image{}, fmt.Errorf("GNU dd (coreutils): %w", err)
+	for _, prog := range []struct{ name, pkg string }{{"dd", "coreutils"}, {"dash", "dash"}} {
+		path, err := exec.LookPath(prog.name)
+		if err != nil {
+			return Image{}, fmt.Errorf("%s (Debian package %s): %w", prog.name, prog.pkg, err)
+		}
+		libs, err := elfLibraries(path)
+		if err != nil {
+			return Image{}, err
+		}
+		maps.Copy(files, libs)
+		files["/bin/"+prog.name] = path
 	}
-	libs, err := elfLibraries(dd)
-	if err != nil {
-		return Image{}, err
-	}
-	maps.Copy(files, libs)
-	files["/bin/dd"] = dd
 	return Image{Ref: ref, Files: files, Links: links, Entrypoint: []string{"/bin/sh"}}, nil
 }
 
