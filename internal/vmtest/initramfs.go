@@ -87,8 +87,16 @@ ln -sf /proc/self/fd/0 /dev/stdin
 ln -sf /proc/self/fd/1 /dev/stdout
 ln -sf /proc/self/fd/2 /dev/stderr
 out=` + payloadPort + `
+# /init holds the port open on fd 3 until the poweroff and writes to it only
+# through fd 3, so it never opens the port again and none of its closes is
+# the port's last. The payload's leftover children may hold the port until
+# the kill below, and each one's death sends /init a SIGCHLD (busybox sh
+# catches it) that cuts short an open (EAGAIN while a dying child is still
+# closing the port) or the drain of a last close, after which the kernel
+# shuts the port down and drops what it still held: the exit marker.
+exec 3>$out
 stty -F $out raw -echo 2>/dev/null
-say() { echo "vmtest: $*"; echo "vmtest: $*" >$out; }
+say() { echo "vmtest: $*"; echo "vmtest: $*" >&3; }
 for m in ` + strings.Join(names, " ") + `; do
 	if ! insmod /lib/modules/$m 2>/tmp/insmod.err; then
 		say "insmod $m failed: $(cat /tmp/insmod.err)"
@@ -98,15 +106,16 @@ rm -f /tmp/insmod.err
 export CSI_DMTHIN_VM=1 HOME=/tmp
 if [ -f /vmtest/run.sh ]; then
 	. /vmtest/run.sh
-	echo "` + startMarker + `$VMTEST_NONCE" >$out
+	echo "` + startMarker + `$VMTEST_NONCE" >&3
 	mkdir -p "$VMTEST_DIR" && cd "$VMTEST_DIR" || say "cd $VMTEST_DIR failed"
-	vmtest_run >$out 2>&1 </dev/null
+	vmtest_run >&3 2>&3 3>&- </dev/null
 	rc=$?
 	cd /
 	kill -KILL -1 2>/dev/null # the payload's leftover children
-	echo "` + exitMarker + `$VMTEST_NONCE $rc" >$out
+	echo "` + exitMarker + `$VMTEST_NONCE $rc" >&3
 	# stty sets the port's mode with TCSADRAIN, so it returns only once the
-	# marker has left the UART; poweroff would otherwise cut it off.
+	# marker has left the UART; poweroff would otherwise cut it off. It runs
+	# as a child of /init, which no signal reaches to cut the drain short.
 	stty -F $out raw -echo
 else
 	say "no /vmtest/run.sh in the initramfs"

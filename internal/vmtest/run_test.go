@@ -178,7 +178,7 @@ func TestRunSpec(t *testing.T) {
 	}
 }
 
-// TestRunOrphanChild leaves a process holding the payload port open: the
+// TestRunOrphanChild leaves processes holding the payload port open: the
 // exit marker must still arrive and the guest power off.
 func TestRunOrphanChild(t *testing.T) {
 	payload := requireVM(t)
