@@ -369,11 +369,11 @@ func TestFakeSetTransactionID(t *testing.T) {
 			t.Errorf("%d: transaction id %d, want %d", i, tid, tc.wantTID)
 		}
 		// What a reader of the metadata device sees is the same.
-		buf := make([]byte, superblockReadBytes)
+		buf := make([]byte, devmapper.SuperblockBytes)
 		if err := k.ReadBlock(p.meta, 0, buf); err != nil {
 			t.Fatal(err)
 		}
-		if sb, ok, err := parseSuperblock(buf); err != nil || !ok || sb.TransactionID != tc.wantTID {
+		if sb, ok, err := devmapper.ParseSuperblock(buf); err != nil || !ok || sb.TransactionID != tc.wantTID {
 			t.Errorf("%d: superblock %+v %v %v, want transaction id %d", i, sb, ok, err, tc.wantTID)
 		}
 	}
@@ -810,12 +810,12 @@ func TestFakeSuperblock(t *testing.T) {
 	k := NewFakeKernel()
 	p := newFkPool(t, k, 64<<20, 0, devmapper.ThinPoolFeatures{})
 	p.message(t, devmapper.SetTransactionID{Current: 0, New: 5})
-	buf := make([]byte, superblockReadBytes)
+	buf := make([]byte, devmapper.SuperblockBytes)
 	if err := k.ReadBlock(p.meta, 0, buf); err != nil {
 		t.Fatal(err)
 	}
-	sb, ok, err := parseSuperblock(buf)
-	if err != nil || !ok || sb != (superblock{TransactionID: 5, DataBlockSectors: fkBlockSectors, MetaBlockSectors: 8, MetadataNrBlocks: 4096}) {
+	sb, ok, err := devmapper.ParseSuperblock(buf)
+	if err != nil || !ok || sb.TransactionID != 5 || sb.DataBlockSectors != fkBlockSectors || sb.MetadataBlockSectors != 8 || sb.MetadataNrBlocks != 4096 {
 		t.Fatalf("superblock %+v %v %v", sb, ok, err)
 	}
 	le := binary.LittleEndian
@@ -954,11 +954,11 @@ func TestFakeRebootKeepsPool(t *testing.T) {
 	}
 	meta, data, release = attach()
 	defer release()
-	buf := make([]byte, superblockReadBytes)
+	buf := make([]byte, devmapper.SuperblockBytes)
 	if err := k.ReadBlock(meta, 0, buf); err != nil {
 		t.Fatal(err)
 	}
-	if sb, ok, err := parseSuperblock(buf); err != nil || !ok || sb.TransactionID != 7 || sb.DataBlockSectors != fkBlockSectors {
+	if sb, ok, err := devmapper.ParseSuperblock(buf); err != nil || !ok || sb.TransactionID != 7 || sb.DataBlockSectors != fkBlockSectors {
 		t.Fatalf("superblock after the reboot: %+v %v %v", sb, ok, err)
 	}
 	if ids := k.ThinIDs(meta); len(ids) != 2 || ids[0] != 1 || ids[1] != 2 {

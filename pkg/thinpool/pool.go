@@ -336,7 +336,7 @@ func (p *Pool) create(existing *poolRecord) error {
 		return err
 	}
 	p.step("create-pool:recorded")
-	if err := p.k.ZeroBlock(meta, superblockReadBytes); err != nil {
+	if err := p.k.ZeroBlock(meta, devmapper.SuperblockBytes); err != nil {
 		return fmt.Errorf("zero metadata device: %w", err)
 	}
 	p.step("create-pool:zeroed")
@@ -474,11 +474,11 @@ func (p *Pool) ensureMarker() error {
 // device holds this pool: same block size, and a transaction id the records
 // explain.
 func (p *Pool) checkSuperblock(meta devmapper.Dev, in *intent) error {
-	buf := make([]byte, superblockReadBytes)
+	buf := make([]byte, devmapper.SuperblockBytes)
 	if err := p.k.ReadBlock(meta, 0, buf); err != nil {
 		return fmt.Errorf("read metadata device: %w", err)
 	}
-	sb, ok, err := parseSuperblock(buf)
+	sb, ok, err := devmapper.ParseSuperblock(buf)
 	if err != nil {
 		return err
 	}
