@@ -225,7 +225,7 @@ func (f *FakeKernel) WriteBlock(dev devmapper.Dev, off int64, buf []byte) error 
 
 // BlockDevice implements Kernel: a disk by its path, a loop or dm device by
 // the node DeviceNode returns. A missing path is os.ErrNotExist; a loop
-// device's file, ErrInvalid (not a block device), as for HostKernel.
+// device's file, ENOTBLK, as for HostKernel.
 func (f *FakeKernel) BlockDevice(path string) (devmapper.Dev, int64, error) {
 	path = filepath.Clean(path)
 	f.mu.Lock()
@@ -241,7 +241,7 @@ func (f *FakeKernel) BlockDevice(path string) (devmapper.Dev, int64, error) {
 		}
 	}
 	if f.files[path] != nil {
-		return 0, 0, fmt.Errorf("%w: %s is not a block device", ErrInvalid, path)
+		return 0, 0, fmt.Errorf("%s: %w", path, unix.ENOTBLK)
 	}
 	return 0, 0, &os.PathError{Op: "stat", Path: path, Err: unix.ENOENT}
 }

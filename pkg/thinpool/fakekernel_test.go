@@ -1006,8 +1006,8 @@ func TestFakeLoopAndBlockDevices(t *testing.T) {
 	if d, size, err := k.BlockDevice(node); err != nil || d != dev || size != 1<<20 {
 		t.Errorf("BlockDevice(%s): %s %d %v", node, d, size, err)
 	}
-	if _, _, err := k.BlockDevice(file); !errors.Is(err, ErrInvalid) {
-		t.Errorf("BlockDevice of a loop file: %v, want ErrInvalid", err)
+	if _, _, err := k.BlockDevice(file); !errors.Is(err, unix.ENOTBLK) {
+		t.Errorf("BlockDevice of a loop file: %v, want ENOTBLK", err)
 	}
 	fkWrite(t, k, dev, 8192, []byte("kept"))
 	fkSparseFile(t, file, 2<<20)

@@ -26,7 +26,8 @@ type Kernel interface {
 	Message(dev devmapper.Dev, m devmapper.Message) error
 
 	// BlockDevice returns the device number and size of the block device
-	// at path.
+	// at path: an error that is os.ErrNotExist when there is nothing at
+	// path, ENOTBLK when it is not a block device.
 	BlockDevice(path string) (devmapper.Dev, int64, error)
 	// AttachFile attaches a regular file to a loop device, or finds the one
 	// it is already attached to, and returns its number; release drops the

@@ -760,4 +760,20 @@ func runScenarios(t *testing.T, newEnv func(t *testing.T) env) {
 		}
 		checkInvariants(t, e, p)
 	})
+	// A configured device path that names a file, not a block device: the
+	// kernel says ENOTBLK, the pool ErrInvalid (a configuration mistake).
+	t.Run("DeviceIsAFile", func(t *testing.T) {
+		e := newEnv(t)
+		dir := t.TempDir()
+		data, meta := filepath.Join(dir, "data"), filepath.Join(dir, "meta")
+		e.writeFile(t, data, 0, make([]byte, 4096))
+		e.writeFile(t, meta, 0, make([]byte, 4096))
+		cfg := Config{Name: "file", StateDir: filepath.Join(dir, "state"), DataDevice: data, MetadataDevice: meta}
+		if p, err := Open(ctx, cfg, e.kernel()); !errors.Is(err, ErrInvalid) || !errors.Is(err, unix.ENOTBLK) {
+			if err == nil {
+				teardown(t, e, p)
+			}
+			t.Fatalf("open on files: %v, want ErrInvalid and ENOTBLK", err)
+		}
+	})
 }
