@@ -12,9 +12,11 @@
 //
 // It owns the pool's bookkeeping and nothing above it: it knows no CSI, no
 // gRPC and no mounts. It reaches the kernel only through the Kernel
-// interface, which pkg/devmapper (plus loop devices) implements for real and
-// FakeKernel implements on hosts without device-mapper, with the kernel's
-// semantics.
+// interface, which HostKernel (pkg/devmapper plus loop devices) implements
+// for real and thinpooltest.FakeKernel implements in memory, with the
+// kernel's semantics, for tests on hosts without device-mapper. The fake is
+// test support in a package of its own: nothing here imports it outside
+// tests.
 //
 // # Crash safety
 //

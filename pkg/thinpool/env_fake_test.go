@@ -5,15 +5,24 @@ import (
 	"testing"
 
 	"github.com/csi-dmthin/csi-dmthin/internal/vmtest"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool/thinpooltest"
 )
 
-// The scenarios on FakeKernel, on the host, under -race.
+// The scenarios on the fake kernel, on the host, under -race.
 
-type fakeEnv struct{ k *FakeKernel }
+// The fake kernel lives in thinpooltest, which imports nothing of this
+// package so that these tests can use it; here it is tied to the
+// interfaces it implements.
+var (
+	_ Kernel      = (*thinpooltest.FakeKernel)(nil)
+	_ EventWaiter = (*thinpooltest.FakeKernel)(nil)
+)
+
+type fakeEnv struct{ k *thinpooltest.FakeKernel }
 
 // newFakeEnv gives each test its own fake kernel, as each VM test run has
 // its own.
-func newFakeEnv(t *testing.T) env { return &fakeEnv{k: NewFakeKernel()} }
+func newFakeEnv(t *testing.T) env { return &fakeEnv{k: thinpooltest.NewFakeKernel()} }
 
 func (e *fakeEnv) kernel() Kernel { return e.k }
 

@@ -2,10 +2,10 @@ package thinpool
 
 import "github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 
-// Dev is a device number as Kernel, and so FakeKernel, speaks it. It is an
-// alias, not a type of its own: the number is the kernel's, and a test
-// above this package that drives a FakeKernel names it without importing
-// pkg/devmapper.
+// Dev is a device number as Kernel speaks it. It is an alias, not a type of
+// its own: the number is the kernel's, and a test above this package that
+// drives the fake kernel (thinpooltest.FakeKernel) names it without
+// importing pkg/devmapper.
 type Dev = devmapper.Dev
 
 // Kernel is what a Pool needs from the kernel: the device-mapper calls of

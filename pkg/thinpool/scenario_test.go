@@ -16,7 +16,7 @@ import (
 	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 )
 
-// env is a kernel to run the scenarios on: FakeKernel on the host
+// env is a kernel to run the scenarios on: the fake kernel on the host
 // (env_fake_test.go), the real one in the VM (env_kernel_test.go). The same
 // scenarios on both keep the fake honest.
 type env interface {

@@ -1,4 +1,4 @@
-package thinpool
+package thinpooltest
 
 import (
 	"fmt"
