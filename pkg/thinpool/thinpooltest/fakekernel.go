@@ -39,7 +39,9 @@ import (
 //     same device bring it back. Block 0 of the metadata device holds a
 //     superblock in the kernel's layout (magic, needs_check flag, transaction
 //     id, held root, space map sizes, block sizes, checksum), rewritten at
-//     every commit, for what reads it before loading the pool.
+//     every commit, for what reads it before loading the pool. The layout is
+//     pkg/devmapper's Superblock, the one the pool manager parses; a test in
+//     the VM compares what the fake writes with what the kernel writes.
 //   - data: Write, WriteData and ReadData go through any device (thin,
 //     linear, error, pool, loop, disk). Thin data lives in the data device's
 //     blocks, so snapshot isolation, copy-on-write, block zeroing (and what
