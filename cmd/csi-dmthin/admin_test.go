@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool/thinpooltest"
 )
 
 // The admin socket serves what 'pool status' and 'volume list' print, from
@@ -21,7 +22,7 @@ func TestAdminSocket(t *testing.T) {
 		Name: "demo", StateDir: filepath.Join(dir, "state"),
 		DataFile: filepath.Join(dir, "data"), MetadataFile: filepath.Join(dir, "meta"),
 		DataFileBytes: 64 << 20, MetadataFileBytes: 4 << 20,
-	}, thinpool.NewFakeKernel())
+	}, thinpooltest.NewFakeKernel())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +85,7 @@ func TestAdminSocket(t *testing.T) {
 // driver has open, and tell serve what changed.
 func TestAdminGrowAndOffline(t *testing.T) {
 	dir := t.TempDir()
-	k := thinpool.NewFakeKernel()
+	k := thinpooltest.NewFakeKernel()
 	p, err := thinpool.Open(context.Background(), thinpool.Config{
 		Name: "demo", StateDir: filepath.Join(dir, "state"),
 		DataFile: filepath.Join(dir, "data"), MetadataFile: filepath.Join(dir, "meta"),

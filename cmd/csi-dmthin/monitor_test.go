@@ -9,10 +9,11 @@ import (
 	"time"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool/thinpooltest"
 )
 
 // fakePool opens a loop-file pool on a fake kernel.
-func fakePool(t *testing.T, k *thinpool.FakeKernel, name string, dataBytes int64, mod func(*thinpool.Config)) *thinpool.Pool {
+func fakePool(t *testing.T, k *thinpooltest.FakeKernel, name string, dataBytes int64, mod func(*thinpool.Config)) *thinpool.Pool {
 	t.Helper()
 	dir := t.TempDir()
 	cfg := thinpool.Config{
@@ -32,7 +33,7 @@ func fakePool(t *testing.T, k *thinpool.FakeKernel, name string, dataBytes int64
 }
 
 // fill writes n bytes to a new volume of p through the fake kernel.
-func fill(t *testing.T, k *thinpool.FakeKernel, p *thinpool.Pool, vol string, off, n int64) {
+func fill(t *testing.T, k *thinpooltest.FakeKernel, p *thinpool.Pool, vol string, off, n int64) {
 	t.Helper()
 	if _, err := p.Get(vol); errors.Is(err, thinpool.ErrNotFound) {
 		if _, err := p.CreateVolume(context.Background(), vol, 1<<30); err != nil {
@@ -59,7 +60,7 @@ type heard struct {
 
 // A pool's kernel event reaches every listener at once, without a poll.
 func TestMonitorWakesOnKernelEvents(t *testing.T) {
-	k := thinpool.NewFakeKernel()
+	k := thinpooltest.NewFakeKernel()
 	p := fakePool(t, k, "ev", 16<<20, func(c *thinpool.Config) { c.LowWaterPercent = 50 })
 	quiet := fakePool(t, k, "quiet", 16<<20, nil)
 	m := newPoolMonitor(map[string]monitoredPool{"ev": p, "quiet": quiet}, nil, time.Hour)
@@ -103,7 +104,7 @@ func TestMonitorWakesOnKernelEvents(t *testing.T) {
 // A loop-file pool with autoExtend grows by its step when its use passes
 // the threshold, the listeners are told, and it stops at its maximum.
 func TestMonitorAutoExtend(t *testing.T) {
-	k := thinpool.NewFakeKernel()
+	k := thinpooltest.NewFakeKernel()
 	p := fakePool(t, k, "auto", 16<<20, func(c *thinpool.Config) { c.LowWaterPercent = 50 })
 	ae := map[string]autoExtend{"auto": {thresholdPercent: 50, stepPercent: 100, maxDataBytes: 48 << 20}}
 	m := newPoolMonitor(map[string]monitoredPool{"auto": p}, ae, time.Hour)

@@ -27,6 +27,7 @@ import (
 	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
 	"github.com/csi-dmthin/csi-dmthin/pkg/kube/registration"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool/thinpooltest"
 )
 
 // serve on the host: the real run, its sockets, servers and shutdown, over
@@ -37,13 +38,13 @@ import (
 type serveSetup struct {
 	t                                          *testing.T
 	dir, stateDir, kubeletDir, regDir, csiSock string
-	k                                          *thinpool.FakeKernel
+	k                                          *thinpooltest.FakeKernel
 }
 
 func newServeSetup(t *testing.T) *serveSetup {
 	dir := t.TempDir()
 	s := &serveSetup{t: t, dir: dir, stateDir: filepath.Join(dir, "state"), kubeletDir: filepath.Join(dir, "kubelet"),
-		regDir: filepath.Join(dir, "registry"), csiSock: filepath.Join(dir, "csi", "csi.sock"), k: thinpool.NewFakeKernel()}
+		regDir: filepath.Join(dir, "registry"), csiSock: filepath.Join(dir, "csi", "csi.sock"), k: thinpooltest.NewFakeKernel()}
 	if err := os.MkdirAll(s.regDir, 0o700); err != nil {
 		t.Fatal(err)
 	}

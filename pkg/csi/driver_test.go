@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool/thinpooltest"
 )
 
 // The driver over real thinpool.Pools on a FakeKernel and the fake FS, on
@@ -39,7 +40,7 @@ const (
 // driverEnv is a Driver with its fake kernel, pools and FS.
 type driverEnv struct {
 	t          *testing.T
-	k          *thinpool.FakeKernel
+	k          *thinpooltest.FakeKernel
 	fs         *fakeFS
 	d          *Driver
 	pools      map[string]*thinpool.Pool
@@ -60,7 +61,7 @@ func newDriverEnv(t *testing.T, opts ...poolOpt) *driverEnv {
 
 func newDriverEnvTemplates(t *testing.T, templates int, opts ...poolOpt) *driverEnv {
 	t.Helper()
-	k := thinpool.NewFakeKernel()
+	k := thinpooltest.NewFakeKernel()
 	e := &driverEnv{t: t, k: k, fs: newFakeFS(k), pools: map[string]*thinpool.Pool{}, kubeletDir: t.TempDir()}
 	pools := map[string]Pool{}
 	for _, name := range []string{testPool, otherPool} {

@@ -14,9 +14,10 @@ import (
 
 	"github.com/csi-dmthin/csi-dmthin/internal/safepath"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool/thinpooltest"
 )
 
-// fakeFS is an in-memory FS over a thinpool.FakeKernel, for tests on hosts
+// fakeFS is an in-memory FS over a thinpooltest.FakeKernel, for tests on hosts
 // without mounts or mkfs. It records the resulting state, not calls: the
 // mount table, and each filesystem in a superblock it writes into the
 // device's own data, where the real one lives too. So a filesystem follows
@@ -50,7 +51,7 @@ import (
 //
 // It is safe for concurrent use.
 type fakeFS struct {
-	k *thinpool.FakeKernel
+	k *thinpooltest.FakeKernel
 
 	mu     sync.Mutex
 	mounts map[string]fakeMount // by clean target path
@@ -75,7 +76,7 @@ type fakeMount struct {
 
 var _ FS = (*fakeFS)(nil)
 
-func newFakeFS(k *thinpool.FakeKernel) *fakeFS {
+func newFakeFS(k *thinpooltest.FakeKernel) *fakeFS {
 	return &fakeFS{k: k, mounts: map[string]fakeMount{}, held: map[thinpool.Dev]int{}, mkfs: map[string]int{}}
 }
 

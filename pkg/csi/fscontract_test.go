@@ -11,6 +11,7 @@ import (
 
 	"github.com/csi-dmthin/csi-dmthin/internal/safepath"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool/thinpooltest"
 )
 
 // The FS contract: what the driver relies on, run against fakeFS on
@@ -313,13 +314,13 @@ func runFSContract(t *testing.T, k thinpool.Kernel, fs FS) {
 }
 
 func TestFSContractFake(t *testing.T) {
-	k := thinpool.NewFakeKernel()
+	k := thinpooltest.NewFakeKernel()
 	runFSContract(t, k, newFakeFS(k))
 }
 
 // The fake is stricter than the real FS where the driver must not go.
 func TestFakeFSStrict(t *testing.T) {
-	k := thinpool.NewFakeKernel()
+	k := thinpooltest.NewFakeKernel()
 	fs := newFakeFS(k)
 	ctx := t.Context()
 	dir := t.TempDir()

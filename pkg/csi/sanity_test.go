@@ -22,6 +22,7 @@ import (
 
 	"github.com/csi-dmthin/csi-dmthin/internal/vmtest"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool/thinpooltest"
 )
 
 // csi-sanity, in-process, over gRPC on a unix socket: here against the fake
@@ -221,7 +222,7 @@ func TestSanity(t *testing.T) {
 		t.Skip("one Ginkgo suite per process: the VM runs TestSanityKernel")
 	}
 	skipUnlessSanityCanRun(t)
-	k := thinpool.NewFakeKernel()
+	k := thinpooltest.NewFakeKernel()
 	dir := t.TempDir()
 	p, err := thinpool.Open(t.Context(), loopPoolConfig(dir, testPool, sanityPoolBytes), k)
 	if err != nil {

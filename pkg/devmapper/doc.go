@@ -9,10 +9,13 @@
 //   - typed tables (thin-pool, thin, linear) and target messages (create_thin,
 //     create_snap, delete, set_transaction_id, metadata snapshots) whose
 //     String methods produce exactly what the kernel parses;
-//   - parsers for the thin-pool and thin status lines.
+//   - parsers for the thin-pool and thin status lines;
+//   - the layout of the thin-pool metadata superblock (superblock.go), the
+//     one description of it: pkg/thinpool reads it and the fake kernel
+//     writes it.
 //
-// It must not know about pools, volumes, CSI or any on-disk record: it is the
-// kernel's vocabulary and nothing above it. Devices are addressed by their
+// It must not know about pools, volumes, CSI or any record of csi-dmthin's
+// own: it is the kernel's vocabulary and nothing above it. Devices are addressed by their
 // device number (major:minor) or the dm name, never by /dev/mapper paths,
 // which only exist where udev runs.
 //

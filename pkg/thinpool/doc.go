@@ -12,9 +12,22 @@
 //
 // It owns the pool's bookkeeping and nothing above it: it knows no CSI, no
 // gRPC and no mounts. It reaches the kernel only through the Kernel
-// interface, which pkg/devmapper (plus loop devices) implements for real and
-// FakeKernel implements on hosts without device-mapper, with the kernel's
-// semantics.
+// interface, which HostKernel (pkg/devmapper plus loop devices) implements
+// for real and thinpooltest.FakeKernel implements in memory, with the
+// kernel's semantics, for tests on hosts without device-mapper. The fake is
+// test support in a package of its own: nothing here imports it outside
+// tests.
+//
+// # The kernel contract
+//
+// What the pool relies on from its Kernel is one suite of test functions
+// (kernelcontract_test.go) that runs against the fake on the host and
+// against HostKernel in the VM: dm device life cycles, every thin-pool
+// message and its errno, the data path of thin devices and snapshots,
+// status lines and events. The pool's own scenarios, crash points and fault
+// sweeps run on both kernels the same way (scenario_test.go, env_*_test.go).
+// An expectation the fake cannot meet (it does not wait) runs on the fake
+// alone and says why.
 //
 // # Crash safety
 //

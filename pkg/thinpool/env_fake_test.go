@@ -2,68 +2,85 @@ package thinpool
 
 import (
 	"errors"
+	"fmt"
+	"sync/atomic"
 	"testing"
 
 	"github.com/csi-dmthin/csi-dmthin/internal/vmtest"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool/thinpooltest"
 )
 
-// The scenarios on FakeKernel, on the host, under -race.
+// The scenarios on the fake kernel, on the host, under -race.
 
-type fakeEnv struct{ k *FakeKernel }
+// The fake kernel lives in thinpooltest, which imports nothing of this
+// package so that these tests can use it; here it is tied to the
+// interfaces it implements.
+var (
+	_ Kernel      = (*thinpooltest.FakeKernel)(nil)
+	_ EventWaiter = (*thinpooltest.FakeKernel)(nil)
+)
+
+type fakeEnv struct{ k *thinpooltest.FakeKernel }
 
 // newFakeEnv gives each test its own fake kernel, as each VM test run has
 // its own.
-func newFakeEnv(t *testing.T) env { return &fakeEnv{k: NewFakeKernel()} }
+func newFakeEnv(t *testing.T) env { return &fakeEnv{k: thinpooltest.NewFakeKernel()} }
 
 func (e *fakeEnv) kernel() Kernel { return e.k }
 
-func (e *fakeEnv) activate(t *testing.T, p *Pool, vol string) *Volume {
+// activate activates vol and returns its dm device.
+func (e *fakeEnv) activate(t *testing.T, p *Pool, vol string) Dev {
 	t.Helper()
 	if _, err := p.Activate(ctx, vol); err != nil {
 		t.Fatal(err)
 	}
-	v, err := p.Get(vol)
+	info, err := e.k.InfoByName(p.volDMName(vol))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return v
+	return info.Dev
 }
 
 func (e *fakeEnv) write(t *testing.T, p *Pool, vol string, off int64, b []byte) error {
 	t.Helper()
-	e.activate(t, p, vol)
-	info, err := e.k.InfoByName(p.volDMName(vol))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return e.k.WriteData(info.Dev, off, b)
+	return e.writeDev(t, e.activate(t, p, vol), off, b)
 }
 
 func (e *fakeEnv) read(t *testing.T, p *Pool, vol string, off int64, n int) []byte {
 	t.Helper()
-	e.activate(t, p, vol)
-	info, err := e.k.InfoByName(p.volDMName(vol))
-	if err != nil {
-		t.Fatal(err)
-	}
+	return e.readDev(t, e.activate(t, p, vol), off, n)
+}
+
+func (e *fakeEnv) hold(t *testing.T, p *Pool, vol string) func() {
+	t.Helper()
+	return e.holdDev(t, e.activate(t, p, vol))
+}
+
+var fakeDisks atomic.Int64
+
+func (e *fakeEnv) disk(t *testing.T, sizeBytes int64) Dev {
+	return e.k.AddBlockDevice(fmt.Sprintf("/dev/fake-disk-%d", fakeDisks.Add(1)), sizeBytes)
+}
+
+func (e *fakeEnv) writeDev(t *testing.T, dev Dev, off int64, b []byte) error {
+	return e.k.WriteData(dev, off, b)
+}
+
+func (e *fakeEnv) readDev(t *testing.T, dev Dev, off int64, n int) []byte {
+	t.Helper()
 	out := make([]byte, n)
-	if err := e.k.ReadData(info.Dev, off, out); err != nil {
+	if err := e.k.ReadData(dev, off, out); err != nil {
 		t.Fatal(err)
 	}
 	return out
 }
 
-func (e *fakeEnv) hold(t *testing.T, p *Pool, vol string) func() {
+func (e *fakeEnv) holdDev(t *testing.T, dev Dev) func() {
 	t.Helper()
-	e.activate(t, p, vol)
-	info, err := e.k.InfoByName(p.volDMName(vol))
-	if err != nil {
+	if err := e.k.SetOpen(dev, 1); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.k.SetOpen(info.Dev, 1); err != nil {
-		t.Fatal(err)
-	}
-	return func() { _ = e.k.SetOpen(info.Dev, 0) }
+	return func() { _ = e.k.SetOpen(dev, 0) }
 }
 
 func (e *fakeEnv) reboot(t *testing.T, p *Pool) { e.k.Reboot() }
@@ -78,6 +95,13 @@ func (e *fakeEnv) writeFile(t *testing.T, path string, off int64, b []byte) {
 }
 
 func TestScenariosFake(t *testing.T) { runScenarios(t, newFakeEnv) }
+
+func TestKernelContractFake(t *testing.T) { runKernelContract(t, newFakeEnv) }
+
+// TestOutOfDataSpaceQueueFake is the contract's OutOfDataSpace on a
+// queue_if_no_space pool, which the real kernel answers only after
+// no_space_timeout (60 s) and the fake at once: see kcOutOfDataSpace.
+func TestOutOfDataSpaceQueueFake(t *testing.T) { kcOutOfDataSpace(false)(t, newFakeEnv(t)) }
 
 // skipInGuest skips a long test of the fake kernel in the VM: the host runs
 // it, and the VM's time goes to the real kernel's.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -41,12 +42,85 @@ func newKernelEnv(t *testing.T) env {
 
 func (e *kernelEnv) kernel() Kernel { return e.k }
 
-func (e *kernelEnv) write(t *testing.T, p *Pool, vol string, off int64, b []byte) error {
+// node activates vol and returns its device node.
+func (e *kernelEnv) node(t *testing.T, p *Pool, vol string) string {
 	t.Helper()
 	node, err := p.Activate(ctx, vol)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return node
+}
+
+func (e *kernelEnv) write(t *testing.T, p *Pool, vol string, off int64, b []byte) error {
+	t.Helper()
+	return writeDirect(t, e.node(t, p, vol), off, b)
+}
+
+func (e *kernelEnv) read(t *testing.T, p *Pool, vol string, off int64, n int) []byte {
+	t.Helper()
+	return e.readNode(t, e.node(t, p, vol), off, n)
+}
+
+func (e *kernelEnv) hold(t *testing.T, p *Pool, vol string) func() {
+	t.Helper()
+	return holdNode(t, e.node(t, p, vol))
+}
+
+func (e *kernelEnv) devNode(t *testing.T, dev Dev) string {
+	t.Helper()
+	node, err := e.k.DeviceNode(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return node
+}
+
+// disk attaches a sparse file to an auto-clearing loop device, which
+// detaches once the test lets go of it and no table holds it.
+func (e *kernelEnv) disk(t *testing.T, sizeBytes int64) Dev {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "disk")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = f.Truncate(sizeBytes)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, release, err := e.k.AttachFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(release)
+	return dev
+}
+
+func (e *kernelEnv) writeDev(t *testing.T, dev Dev, off int64, b []byte) error {
+	t.Helper()
+	return writeDirect(t, e.devNode(t, dev), off, b)
+}
+
+func (e *kernelEnv) readDev(t *testing.T, dev Dev, off int64, n int) []byte {
+	t.Helper()
+	return e.readNode(t, e.devNode(t, dev), off, n)
+}
+
+func (e *kernelEnv) holdDev(t *testing.T, dev Dev) func() {
+	t.Helper()
+	return holdNode(t, e.devNode(t, dev))
+}
+
+// writeDirect writes b at off on the block device node with O_DIRECT, so
+// that an error the device answers (ENOSPC from a full pool) comes back
+// from this write, not from a later writeback. off and len(b) are whole
+// sectors.
+func writeDirect(t *testing.T, node string, off int64, b []byte) error {
+	t.Helper()
 	f, err := os.OpenFile(node, os.O_WRONLY|unix.O_DIRECT, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -58,18 +132,12 @@ func (e *kernelEnv) write(t *testing.T, p *Pool, vol string, off int64, b []byte
 	}
 	defer free()
 	copy(buf, b)
-	if _, err := f.WriteAt(buf[:len(b)], off); err != nil {
-		return err
-	}
-	return nil
+	_, err = f.WriteAt(buf[:len(b)], off)
+	return err
 }
 
-func (e *kernelEnv) read(t *testing.T, p *Pool, vol string, off int64, n int) []byte {
+func (e *kernelEnv) readNode(t *testing.T, node string, off int64, n int) []byte {
 	t.Helper()
-	node, err := p.Activate(ctx, vol)
-	if err != nil {
-		t.Fatal(err)
-	}
 	out := make([]byte, n)
 	if err := e.k.ReadBlockAt(node, off, out); err != nil {
 		t.Fatal(err)
@@ -77,12 +145,8 @@ func (e *kernelEnv) read(t *testing.T, p *Pool, vol string, off int64, n int) []
 	return out
 }
 
-func (e *kernelEnv) hold(t *testing.T, p *Pool, vol string) func() {
+func holdNode(t *testing.T, node string) func() {
 	t.Helper()
-	node, err := p.Activate(ctx, vol)
-	if err != nil {
-		t.Fatal(err)
-	}
 	f, err := os.Open(node)
 	if err != nil {
 		t.Fatal(err)
@@ -131,6 +195,8 @@ func (e *kernelEnv) writeFile(t *testing.T, path string, off int64, b []byte) {
 }
 
 func TestScenariosKernel(t *testing.T) { runScenarios(t, newKernelEnv) }
+
+func TestKernelContractKernel(t *testing.T) { runKernelContract(t, newKernelEnv) }
 
 // TestCrashRecoveryKernel crashes every operation at each step on the real
 // kernel. The second crash at each step of the recovery (212 more, about

@@ -16,17 +16,15 @@ import (
 // instead of at its next poll.
 
 // EventWaiter is a Kernel that can wait for a dm device's events:
-// *devmapper.Client's WaitEvent, which HostKernel has, and FakeKernel's.
+// *devmapper.Client's WaitEvent, which HostKernel has, and the fake
+// kernel's (thinpooltest.FakeKernel).
 type EventWaiter interface {
 	// WaitEvent returns the device's info once its event number differs
 	// from eventNr; it honours ctx.
 	WaitEvent(ctx context.Context, dev devmapper.Dev, eventNr uint32) (devmapper.DeviceInfo, error)
 }
 
-var (
-	_ EventWaiter = (*HostKernel)(nil)
-	_ EventWaiter = (*FakeKernel)(nil)
-)
+var _ EventWaiter = (*HostKernel)(nil)
 
 // ErrNoEvents: the pool's Kernel cannot wait for events; poll Usage
 // instead.

@@ -240,10 +240,10 @@ func (p *Pool) deviceSizes(params devmapper.ThinPoolParams) (data, meta int64, e
 		}
 		return data, meta, nil
 	}
-	if _, data, err = p.k.BlockDevice(p.cfg.DataDevice); err != nil {
+	if _, data, err = blockDevice(p.k, p.cfg.DataDevice); err != nil {
 		return 0, 0, fmt.Errorf("pool %s: data device: %w", p.cfg.Name, err)
 	}
-	if _, meta, err = p.k.BlockDevice(p.cfg.MetadataDevice); err != nil {
+	if _, meta, err = blockDevice(p.k, p.cfg.MetadataDevice); err != nil {
 		return 0, 0, fmt.Errorf("pool %s: metadata device: %w", p.cfg.Name, err)
 	}
 	return data, meta, nil

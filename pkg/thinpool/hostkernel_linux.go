@@ -45,7 +45,7 @@ func (h *HostKernel) BlockDevice(path string) (devmapper.Dev, int64, error) {
 		return 0, 0, &os.PathError{Op: "stat", Path: path, Err: err}
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
-		return 0, 0, fmt.Errorf("%w: %s is not a block device", ErrInvalid, path)
+		return 0, 0, fmt.Errorf("%s: %w", path, unix.ENOTBLK)
 	}
 	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {

@@ -209,7 +209,7 @@ func signatures(b []byte) []string {
 	if _, ok := decodeMarker(b); ok {
 		add("a csi-dmthin pool's marker")
 	}
-	if len(b) >= 40 && binary.LittleEndian.Uint64(b[32:]) == superblockMagic {
+	if _, ok, _ := devmapper.ParseSuperblock(b); ok {
 		add("a thin pool's metadata")
 	}
 	if le16(1024+0x38) == 0xEF53 {

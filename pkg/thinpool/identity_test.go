@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool/thinpooltest"
 )
 
 // runIdentityScenarios: a pool never opens on another pool's devices, and
@@ -171,7 +172,7 @@ func stripMarker(t *testing.T, e env, p *Pool) {
 // Disks swapped: the pools are on disks with serials (the fake's), and two
 // data disks trade names.
 func TestSwappedDisksFake(t *testing.T) {
-	k := NewFakeKernel()
+	k := thinpooltest.NewFakeKernel()
 	dir := t.TempDir()
 	cfg := func(name, data, meta string) Config {
 		return Config{Name: name, StateDir: filepath.Join(dir, "state"), DataDevice: data, MetadataDevice: meta}

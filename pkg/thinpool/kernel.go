@@ -2,10 +2,10 @@ package thinpool
 
 import "github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 
-// Dev is a device number as Kernel, and so FakeKernel, speaks it. It is an
-// alias, not a type of its own: the number is the kernel's, and a test
-// above this package that drives a FakeKernel names it without importing
-// pkg/devmapper.
+// Dev is a device number as Kernel speaks it. It is an alias, not a type of
+// its own: the number is the kernel's, and a test above this package that
+// drives the fake kernel (thinpooltest.FakeKernel) names it without
+// importing pkg/devmapper.
 type Dev = devmapper.Dev
 
 // Kernel is what a Pool needs from the kernel: the device-mapper calls of
@@ -26,7 +26,8 @@ type Kernel interface {
 	Message(dev devmapper.Dev, m devmapper.Message) error
 
 	// BlockDevice returns the device number and size of the block device
-	// at path.
+	// at path: an error that is os.ErrNotExist when there is nothing at
+	// path, ENOTBLK when it is not a block device.
 	BlockDevice(path string) (devmapper.Dev, int64, error)
 	// AttachFile attaches a regular file to a loop device, or finds the one
 	// it is already attached to, and returns its number; release drops the

@@ -180,10 +180,10 @@ func (p *Pool) checkConfig() error {
 func (p *Pool) backing(create bool) (data, meta devmapper.Dev, dataBytes, metaBytes int64, release func(), err error) {
 	release = func() {}
 	if p.cfg.DataDevice != "" {
-		if data, dataBytes, err = p.k.BlockDevice(p.cfg.DataDevice); err != nil {
+		if data, dataBytes, err = blockDevice(p.k, p.cfg.DataDevice); err != nil {
 			return 0, 0, 0, 0, release, fmt.Errorf("data device: %w", err)
 		}
-		if meta, metaBytes, err = p.k.BlockDevice(p.cfg.MetadataDevice); err != nil {
+		if meta, metaBytes, err = blockDevice(p.k, p.cfg.MetadataDevice); err != nil {
 			return 0, 0, 0, 0, release, fmt.Errorf("metadata device: %w", err)
 		}
 		return data, meta, dataBytes, metaBytes, release, nil
@@ -218,6 +218,16 @@ func (p *Pool) backing(create bool) (data, meta devmapper.Dev, dataBytes, metaBy
 		metaBytes = fileSize(p.cfg.MetadataFile)
 	}
 	return data, meta, dataBytes, metaBytes, release, nil
+}
+
+// blockDevice is k.BlockDevice for a configured path: one that is not a
+// block device is the configuration's mistake (ErrInvalid).
+func blockDevice(k Kernel, path string) (devmapper.Dev, int64, error) {
+	dev, size, err := k.BlockDevice(path)
+	if errors.Is(err, unix.ENOTBLK) {
+		err = fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	return dev, size, err
 }
 
 func loopPath(k Kernel, d devmapper.Dev) string {
@@ -336,7 +346,7 @@ func (p *Pool) create(existing *poolRecord) error {
 		return err
 	}
 	p.step("create-pool:recorded")
-	if err := p.k.ZeroBlock(meta, superblockReadBytes); err != nil {
+	if err := p.k.ZeroBlock(meta, devmapper.SuperblockBytes); err != nil {
 		return fmt.Errorf("zero metadata device: %w", err)
 	}
 	p.step("create-pool:zeroed")
@@ -474,11 +484,11 @@ func (p *Pool) ensureMarker() error {
 // device holds this pool: same block size, and a transaction id the records
 // explain.
 func (p *Pool) checkSuperblock(meta devmapper.Dev, in *intent) error {
-	buf := make([]byte, superblockReadBytes)
+	buf := make([]byte, devmapper.SuperblockBytes)
 	if err := p.k.ReadBlock(meta, 0, buf); err != nil {
 		return fmt.Errorf("read metadata device: %w", err)
 	}
-	sb, ok, err := parseSuperblock(buf)
+	sb, ok, err := devmapper.ParseSuperblock(buf)
 	if err != nil {
 		return err
 	}

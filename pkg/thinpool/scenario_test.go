@@ -16,11 +16,23 @@ import (
 	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 )
 
-// env is a kernel to run the scenarios on: FakeKernel on the host
+// env is a kernel to run the scenarios and the kernel contract
+// (kernelcontract_test.go) on: the fake kernel on the host
 // (env_fake_test.go), the real one in the VM (env_kernel_test.go). The same
-// scenarios on both keep the fake honest.
+// tests on both keep the fake honest.
 type env interface {
 	kernel() Kernel
+	// disk returns a new block device of sizeBytes that reads as zeros and
+	// lasts until the test ends: a loop device on a sparse file in the VM,
+	// a fake disk on the host.
+	disk(t *testing.T, sizeBytes int64) Dev
+	// writeDev and readDev go through the block device dev, as a program
+	// using its node does (with O_DIRECT in the VM: offsets and lengths in
+	// whole sectors). readDev fails the test on an error.
+	writeDev(t *testing.T, dev Dev, off int64, b []byte) error
+	readDev(t *testing.T, dev Dev, off int64, n int) []byte
+	// holdDev opens dev, as a mount would, until release.
+	holdDev(t *testing.T, dev Dev) (release func())
 	// write and read go through the volume's active block device.
 	write(t *testing.T, p *Pool, vol string, off int64, b []byte) error
 	read(t *testing.T, p *Pool, vol string, off int64, n int) []byte
@@ -759,5 +771,21 @@ func runScenarios(t *testing.T, newEnv func(t *testing.T) env) {
 			t.Errorf("%d volumes, want %d", got, want)
 		}
 		checkInvariants(t, e, p)
+	})
+	// A configured device path that names a file, not a block device: the
+	// kernel says ENOTBLK, the pool ErrInvalid (a configuration mistake).
+	t.Run("DeviceIsAFile", func(t *testing.T) {
+		e := newEnv(t)
+		dir := t.TempDir()
+		data, meta := filepath.Join(dir, "data"), filepath.Join(dir, "meta")
+		e.writeFile(t, data, 0, make([]byte, 4096))
+		e.writeFile(t, meta, 0, make([]byte, 4096))
+		cfg := Config{Name: "file", StateDir: filepath.Join(dir, "state"), DataDevice: data, MetadataDevice: meta}
+		if p, err := Open(ctx, cfg, e.kernel()); !errors.Is(err, ErrInvalid) || !errors.Is(err, unix.ENOTBLK) {
+			if err == nil {
+				teardown(t, e, p)
+			}
+			t.Fatalf("open on files: %v, want ErrInvalid and ENOTBLK", err)
+		}
 	})
 }

@@ -1,4 +1,4 @@
-package thinpool
+package thinpooltest
 
 import (
 	"fmt"
@@ -200,7 +200,7 @@ func (f *FakeKernel) WriteFile(path string, off int64, b []byte) error {
 	return nil
 }
 
-// Serial implements Kernel.
+// Serial implements thinpool.Kernel.
 func (f *FakeKernel) Serial(dev devmapper.Dev) (string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -213,7 +213,7 @@ func (f *FakeKernel) Serial(dev devmapper.Dev) (string, error) {
 	return "", fmt.Errorf("block device %s: %w", dev, unix.ENXIO)
 }
 
-// WriteBlock implements Kernel.
+// WriteBlock implements thinpool.Kernel.
 func (f *FakeKernel) WriteBlock(dev devmapper.Dev, off int64, buf []byte) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -223,9 +223,9 @@ func (f *FakeKernel) WriteBlock(dev devmapper.Dev, off int64, buf []byte) error 
 	return nil
 }
 
-// BlockDevice implements Kernel: a disk by its path, a loop or dm device by
+// BlockDevice implements thinpool.Kernel: a disk by its path, a loop or dm device by
 // the node DeviceNode returns. A missing path is os.ErrNotExist; a loop
-// device's file, ErrInvalid (not a block device), as for HostKernel.
+// device's file, ENOTBLK, as for thinpool.HostKernel.
 func (f *FakeKernel) BlockDevice(path string) (devmapper.Dev, int64, error) {
 	path = filepath.Clean(path)
 	f.mu.Lock()
@@ -241,12 +241,12 @@ func (f *FakeKernel) BlockDevice(path string) (devmapper.Dev, int64, error) {
 		}
 	}
 	if f.files[path] != nil {
-		return 0, 0, fmt.Errorf("%w: %s is not a block device", ErrInvalid, path)
+		return 0, 0, fmt.Errorf("%s: %w", path, unix.ENOTBLK)
 	}
 	return 0, 0, &os.PathError{Op: "stat", Path: path, Err: unix.ENOENT}
 }
 
-// AttachFile implements Kernel: the loop device already attached to the
+// AttachFile implements thinpool.Kernel: the loop device already attached to the
 // file, with a release that does nothing, or a new one (the lowest free
 // loop minor) that detaches once release is called and no table holds it.
 // The file must exist; it is only stat'ed, for its size. Its content in the
@@ -295,7 +295,7 @@ func (f *FakeKernel) AttachFile(path string) (devmapper.Dev, func(), error) {
 	}, nil
 }
 
-// RefreshSize implements Kernel: a loop device takes its file's size again.
+// RefreshSize implements thinpool.Kernel: a loop device takes its file's size again.
 func (f *FakeKernel) RefreshSize(dev devmapper.Dev) error {
 	f.mu.Lock()
 	b := f.blocks[dev]
@@ -313,7 +313,7 @@ func (f *FakeKernel) RefreshSize(dev devmapper.Dev) error {
 	return nil
 }
 
-// DeviceNode implements Kernel without touching the file system: a disk's
+// DeviceNode implements thinpool.Kernel without touching the file system: a disk's
 // path, "/dev/fake/loopN" or "/dev/fake/dm-N"; ENXIO for no such device.
 func (f *FakeKernel) DeviceNode(dev devmapper.Dev) (string, error) {
 	f.mu.Lock()
@@ -327,7 +327,7 @@ func (f *FakeKernel) DeviceNode(dev devmapper.Dev) (string, error) {
 	return "", fmt.Errorf("block device %s: %w", dev, unix.ENXIO)
 }
 
-// ReadBlock implements Kernel.
+// ReadBlock implements thinpool.Kernel.
 func (f *FakeKernel) ReadBlock(dev devmapper.Dev, off int64, buf []byte) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -337,7 +337,7 @@ func (f *FakeKernel) ReadBlock(dev devmapper.Dev, off int64, buf []byte) error {
 	return nil
 }
 
-// ZeroBlock implements Kernel.
+// ZeroBlock implements thinpool.Kernel.
 func (f *FakeKernel) ZeroBlock(dev devmapper.Dev, n int) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()

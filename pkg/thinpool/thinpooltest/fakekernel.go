@@ -1,4 +1,4 @@
-package thinpool
+package thinpooltest
 
 import (
 	"fmt"
@@ -12,8 +12,8 @@ import (
 	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 )
 
-// FakeKernel is a Kernel held in memory, for tests on hosts without
-// device-mapper. It enforces the kernel's rules and answers with the
+// FakeKernel is a thinpool.Kernel held in memory, for tests on hosts
+// without device-mapper. It enforces the kernel's rules and answers with the
 // kernel's errno in a *devmapper.Error, as *devmapper.Client does, so that
 // code tested against it behaves the same on a real node. It is safe for
 // concurrent use (one mutex).
@@ -39,7 +39,9 @@ import (
 //     same device bring it back. Block 0 of the metadata device holds a
 //     superblock in the kernel's layout (magic, needs_check flag, transaction
 //     id, held root, space map sizes, block sizes, checksum), rewritten at
-//     every commit, for what reads it before loading the pool.
+//     every commit, for what reads it before loading the pool. The layout is
+//     pkg/devmapper's Superblock, the one the pool manager parses; a test in
+//     the VM compares what the fake writes with what the kernel writes.
 //   - data: Write, WriteData and ReadData go through any device (thin,
 //     linear, error, pool, loop, disk). Thin data lives in the data device's
 //     blocks, so snapshot isolation, copy-on-write, block zeroing (and what
@@ -77,8 +79,6 @@ type FakeKernel struct {
 	// events is closed, and replaced, at every dm event: WaitEvent's wake-up.
 	events chan struct{}
 }
-
-var _ Kernel = (*FakeKernel)(nil)
 
 // NewFakeKernel returns a kernel with no devices.
 func NewFakeKernel() *FakeKernel {
@@ -217,7 +217,7 @@ func (f *FakeKernel) event(dev devmapper.Dev) {
 	}
 }
 
-// Create implements Kernel. It checks its arguments as *devmapper.Client
+// Create implements thinpool.Kernel. It checks its arguments as *devmapper.Client
 // does (devmapper.ErrInvalid), then as the kernel does: EBUSY when the name
 // or the UUID is taken (dm_hash_insert).
 func (f *FakeKernel) Create(name, uuid string) (devmapper.DeviceInfo, error) {
@@ -258,7 +258,7 @@ func (f *FakeKernel) Create(name, uuid string) (devmapper.DeviceInfo, error) {
 	return f.info(d), nil
 }
 
-// Info implements Kernel: ENXIO when there is no such device.
+// Info implements thinpool.Kernel: ENXIO when there is no such device.
 func (f *FakeKernel) Info(dev devmapper.Dev) (devmapper.DeviceInfo, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -269,7 +269,7 @@ func (f *FakeKernel) Info(dev devmapper.Dev) (devmapper.DeviceInfo, error) {
 	return f.info(d), nil
 }
 
-// InfoByName implements Kernel: ENXIO when there is no such device.
+// InfoByName implements thinpool.Kernel: ENXIO when there is no such device.
 func (f *FakeKernel) InfoByName(name string) (devmapper.DeviceInfo, error) {
 	if name == "" {
 		return devmapper.DeviceInfo{}, &devmapper.Error{Op: "info", Err: fmt.Errorf("%w: empty name", devmapper.ErrInvalid)}
@@ -284,7 +284,7 @@ func (f *FakeKernel) InfoByName(name string) (devmapper.DeviceInfo, error) {
 	return devmapper.DeviceInfo{}, &devmapper.Error{Op: "info", Device: name, Err: unix.ENXIO}
 }
 
-// List implements Kernel, in name order.
+// List implements thinpool.Kernel, in name order.
 func (f *FakeKernel) List() ([]devmapper.ListEntry, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -330,7 +330,7 @@ func fakeCheckTable(table []devmapper.Target) error {
 	return nil
 }
 
-// Load implements Kernel: the table replaces the inactive one. Each target
+// Load implements thinpool.Kernel: the table replaces the inactive one. Each target
 // is constructed at once, as the kernel does: a thin-pool table makes (and,
 // on a zeroed device, formats) the pool's metadata, a thin table opens its
 // thin id. Types other than thin-pool, thin, linear and error are EINVAL.
@@ -464,7 +464,7 @@ func (f *FakeKernel) suspend(d *fakeDM) {
 	}
 }
 
-// Suspend implements Kernel. Suspending a suspended device does nothing.
+// Suspend implements thinpool.Kernel. Suspending a suspended device does nothing.
 // The flags change nothing here: the fake has no I/O in flight and no
 // filesystem to freeze.
 func (f *FakeKernel) Suspend(dev devmapper.Dev, _ devmapper.SuspendFlags) error {
@@ -478,7 +478,7 @@ func (f *FakeKernel) Suspend(dev devmapper.Dev, _ devmapper.SuspendFlags) error 
 	return nil
 }
 
-// Resume implements Kernel, as do_resume does: an inactive table is swapped
+// Resume implements thinpool.Kernel, as do_resume does: an inactive table is swapped
 // in (the device suspended first), then a suspended device is resumed. A
 // table whose devices are too small for it is dropped with EINVAL and the
 // device stays suspended; a pool table shorter than the pool's data (the
@@ -550,7 +550,7 @@ func (f *FakeKernel) checkAreas(tbl []*fakeTarget) error {
 	return nil
 }
 
-// Remove implements Kernel: ENXIO when there is no such device; EBUSY while
+// Remove implements thinpool.Kernel: ENXIO when there is no such device; EBUSY while
 // it is open, unless deferred, when it is marked and removed as soon as its
 // open count drops to 0 (at once if it is 0 already).
 func (f *FakeKernel) Remove(dev devmapper.Dev, deferred bool) error {
@@ -572,7 +572,7 @@ func (f *FakeKernel) Remove(dev devmapper.Dev, deferred bool) error {
 	return nil
 }
 
-// CancelDeferredRemove implements Kernel. It is not an error when no
+// CancelDeferredRemove implements thinpool.Kernel. It is not an error when no
 // removal is pending.
 func (f *FakeKernel) CancelDeferredRemove(dev devmapper.Dev) error {
 	f.mu.Lock()
@@ -585,7 +585,7 @@ func (f *FakeKernel) CancelDeferredRemove(dev devmapper.Dev) error {
 	return nil
 }
 
-// Table implements Kernel: the live table as the kernel prints it back,
+// Table implements thinpool.Kernel: the live table as the kernel prints it back,
 // empty when there is none.
 func (f *FakeKernel) Table(dev devmapper.Dev) ([]devmapper.Target, error) {
 	f.mu.Lock()
@@ -601,7 +601,7 @@ func (f *FakeKernel) Table(dev devmapper.Dev) ([]devmapper.Target, error) {
 	return out, nil
 }
 
-// Status implements Kernel: a status line per live target (thin-pool and
+// Status implements thinpool.Kernel: a status line per live target (thin-pool and
 // thin lines as the kernel prints them, empty ones for linear and error).
 // Without noFlush a running pool commits first, which, as in the kernel,
 // also takes a pool out of out_of_data_space mode once blocks are free.
@@ -629,7 +629,7 @@ func (f *FakeKernel) Status(dev devmapper.Dev, noFlush bool) ([]devmapper.Target
 	return out, nil
 }
 
-// Message implements Kernel. Only a thin-pool takes messages (EINVAL
+// Message implements thinpool.Kernel. Only a thin-pool takes messages (EINVAL
 // elsewhere, and on a device with no live table); the errno of each is the
 // kernel's: see poolMessage.
 func (f *FakeKernel) Message(dev devmapper.Dev, m devmapper.Message) error {

@@ -1,4 +1,4 @@
-package thinpool
+package thinpooltest
 
 import (
 	"context"
@@ -12,7 +12,7 @@ func (f *FakeKernel) wakeWaiters() {
 	f.events = make(chan struct{})
 }
 
-// WaitEvent implements EventWaiter as *devmapper.Client does: it returns
+// WaitEvent implements thinpool.EventWaiter as *devmapper.Client does: it returns
 // the device's info once its event counter differs from eventNr, and
 // honours ctx. ENXIO (from Info) when the device is gone.
 func (f *FakeKernel) WaitEvent(ctx context.Context, dev devmapper.Dev, eventNr uint32) (devmapper.DeviceInfo, error) {

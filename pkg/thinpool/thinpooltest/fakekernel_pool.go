@@ -1,9 +1,7 @@
-package thinpool
+package thinpooltest
 
 import (
-	"encoding/binary"
 	"fmt"
-	"hash/crc32"
 	"slices"
 
 	"golang.org/x/sys/unix"
@@ -110,43 +108,27 @@ func fakeMetaThreshold(metaDevBytes int64) uint64 {
 	return min(1024, fakeMetaDevBlocks(metaDevBytes)/4)
 }
 
-// The superblock, struct thin_disk_superblock, little-endian. The fields the
-// pool manager reads are at the offsets superblock.go parses.
-const (
-	fakeSBOffFlags      = 4
-	fakeSBOffVersion    = 40
-	fakeSBOffHeldRoot   = 56
-	fakeSBOffDataSMRoot = 64  // struct disk_sm_root: nr_blocks, nr_allocated, ...
-	fakeSBOffMetaSMRoot = 192 // the same for the metadata space map
-	fakeSBNeedsCheck    = 1   // THIN_METADATA_NEEDS_CHECK_FLAG
-	fakeSBVersion       = 2
-	fakeSBChecksumXor   = 160774 // SUPERBLOCK_CSUM_XOR
-)
+// fakeSBVersion is the metadata format version the kernel writes.
+const fakeSBVersion = 2
 
-var fakeCastagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-// fakeWriteSuperblock writes the superblock image of m into block 0 of st, as a
-// metadata commit does.
+// fakeWriteSuperblock writes the superblock of m into block 0 of st, as a
+// metadata commit does, in the layout pkg/devmapper defines. The btree
+// roots, which the fake does not have, stay zero; the used metadata blocks
+// and the held root are the fake's model (see FakeKernel), not the
+// kernel's numbers.
 func fakeWriteSuperblock(st *fakeStore, m *fakeMeta) {
-	b := make([]byte, superblockReadBytes)
-	le := binary.LittleEndian
-	if m.needsCheck {
-		le.PutUint32(b[fakeSBOffFlags:], fakeSBNeedsCheck)
-	}
-	le.PutUint64(b[sbOffMagic:], superblockMagic)
-	le.PutUint32(b[fakeSBOffVersion:], fakeSBVersion)
-	le.PutUint64(b[sbOffTransactionID:], m.tid)
-	le.PutUint64(b[fakeSBOffHeldRoot:], m.heldRoot)
-	le.PutUint64(b[fakeSBOffDataSMRoot:], m.dataBlocks)
-	le.PutUint64(b[fakeSBOffDataSMRoot+8:], uint64(len(m.refs)))
-	le.PutUint64(b[fakeSBOffMetaSMRoot:], m.metaBlocks)
-	le.PutUint64(b[fakeSBOffMetaSMRoot+8:], m.usedMetaBlocks(0, 0))
-	le.PutUint32(b[sbOffDataBlockSize:], m.blockSectors)
-	le.PutUint32(b[sbOffMetaBlockSize:], devmapper.MetadataBlockSectors)
-	le.PutUint64(b[sbOffMetadataNrBlock:], m.metaBlocks)
-	// dm_bm_checksum: crc32c seeded with ~0 and not inverted at the end
-	// (the inverse of Go's), over everything after the checksum field.
-	le.PutUint32(b, ^crc32.Checksum(b[4:], fakeCastagnoli)^fakeSBChecksumXor)
+	b := make([]byte, devmapper.SuperblockBytes)
+	devmapper.Superblock{
+		NeedsCheck:           m.needsCheck,
+		Version:              fakeSBVersion,
+		TransactionID:        m.tid,
+		HeldRoot:             m.heldRoot,
+		DataSpaceMap:         devmapper.SpaceMapCounts{NrBlocks: m.dataBlocks, NrAllocated: uint64(len(m.refs))},
+		MetadataSpaceMap:     devmapper.SpaceMapCounts{NrBlocks: m.metaBlocks, NrAllocated: m.usedMetaBlocks(0, 0)},
+		DataBlockSectors:     m.blockSectors,
+		MetadataBlockSectors: devmapper.MetadataBlockSectors,
+		MetadataNrBlocks:     m.metaBlocks,
+	}.Put(b)
 	st.pages[0] = b
 }
 
@@ -155,9 +137,9 @@ func fakeWriteSuperblock(st *fakeStore, m *fakeMeta) {
 // hold already (a superblock written by a test) is taken as a pool with no
 // thin devices.
 func fakeOpenMeta(st *fakeStore, blockSectors uint32, readOnly bool) (*fakeMeta, error) {
-	sb := make([]byte, superblockReadBytes)
-	st.read(0, sb)
-	if !slices.ContainsFunc(sb, func(c byte) bool { return c != 0 }) {
+	buf := make([]byte, devmapper.SuperblockBytes)
+	st.read(0, buf)
+	if !slices.ContainsFunc(buf, func(c byte) bool { return c != 0 }) {
 		if readOnly {
 			return nil, fakeErrno(unix.EPERM, "metadata device is unformatted and the pool is read-only")
 		}
@@ -171,11 +153,11 @@ func fakeOpenMeta(st *fakeStore, blockSectors uint32, readOnly bool) (*fakeMeta,
 		fakeWriteSuperblock(st, m)
 		return m, nil
 	}
-	le := binary.LittleEndian
-	if le.Uint64(sb[sbOffMagic:]) != superblockMagic {
+	sb, ok, err := devmapper.ParseSuperblock(buf)
+	if err != nil || !ok {
 		return nil, fakeErrno(unix.EILSEQ, "superblock check failed: bad magic")
 	}
-	if bs := le.Uint32(sb[sbOffDataBlockSize:]); bs != blockSectors {
+	if bs := sb.DataBlockSectors; bs != blockSectors {
 		return nil, fakeErrno(unix.EINVAL, fmt.Sprintf("changing the data block size (from %d to %d) is not supported", bs, blockSectors))
 	}
 	m := st.meta
@@ -184,11 +166,11 @@ func fakeOpenMeta(st *fakeStore, blockSectors uint32, readOnly bool) (*fakeMeta,
 		st.meta = m
 	}
 	// The image is the truth for what it holds, so a test can change it.
-	m.tid = le.Uint64(sb[sbOffTransactionID:])
-	m.needsCheck = le.Uint32(sb[fakeSBOffFlags:])&fakeSBNeedsCheck != 0
-	m.heldRoot = le.Uint64(sb[fakeSBOffHeldRoot:])
-	m.dataBlocks = max(le.Uint64(sb[fakeSBOffDataSMRoot:]), m.dataBlocks)
-	m.metaBlocks = le.Uint64(sb[sbOffMetadataNrBlock:])
+	m.tid = sb.TransactionID
+	m.needsCheck = sb.NeedsCheck
+	m.heldRoot = sb.HeldRoot
+	m.dataBlocks = max(sb.DataSpaceMap.NrBlocks, m.dataBlocks)
+	m.metaBlocks = sb.MetadataNrBlocks
 	m.cursor = 0 // the allocator's hint is in-core only
 	return m, nil
 }
