@@ -33,13 +33,16 @@ func (d *Driver) has(s string, kind thinpool.Kind) bool {
 	if !ok {
 		return false
 	}
+	if id.node != "" && kind != thinpool.KindSnapshot {
+		return false // a volume ID never names its node
+	}
 	v, err := p.Get(id.name)
 	return err == nil && v.Kind == kind
 }
 
 // localPool parses an ID and finds its pool on this node.
 func (d *Driver) localPool(s string) (Pool, objectID, bool) {
-	id, ok := parseID(s)
+	id, ok := d.parseID(s)
 	if !ok {
 		return nil, id, false
 	}
@@ -58,7 +61,7 @@ func (d *Driver) localPool(s string) (Pool, objectID, bool) {
 // stale by the time the volume is created; CreateVolume's own admission
 // stays the authority.
 func (d *Driver) RoomFor(sourceID string, sizeBytes int64) error {
-	id, ok := parseID(sourceID)
+	id, ok := d.parseID(sourceID)
 	if !ok {
 		return fmt.Errorf("%q is not a csi-dmthin ID: %w", sourceID, thinpool.ErrNotFound)
 	}
