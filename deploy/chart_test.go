@@ -15,6 +15,7 @@ import (
 	"helm.sh/helm/v3/pkg/chartutil"
 	"helm.sh/helm/v3/pkg/lint"
 	"helm.sh/helm/v3/pkg/lint/support"
+	"helm.sh/helm/v3/pkg/releaseutil"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -76,6 +77,23 @@ node:
   extraEnv: [{name: GODEBUG, value: madvdontneed=1}]
   extraVolumes: [{name: pool-disk, hostPath: {path: /mnt/pools, type: Directory}}]
   extraVolumeMounts: [{name: pool-disk, mountPath: /mnt/pools}]
+controller:
+  enabled: true
+  replicas: 3
+  logLevel: 5
+  workers: 8
+  resources: {requests: {cpu: 20m, memory: 96Mi}, limits: {memory: 512Mi}}
+  priorityClassName: storage-control
+  nodeSelector: {kubernetes.io/os: linux, node-role.example.org/infra: "true"}
+  tolerations:
+    - {key: infra, operator: Exists, effect: NoSchedule}
+  affinity:
+    nodeAffinity:
+      preferredDuringSchedulingIgnoredDuringExecution:
+        - weight: 10
+          preference:
+            matchExpressions: [{key: kubernetes.io/arch, operator: In, values: [amd64]}]
+  additionalArgs: [--leader-election-lease-duration=30s]
 thinPools:
   installCRD: false
 metrics:
@@ -239,12 +257,17 @@ func TestDefaultRender(t *testing.T) {
 		"ClusterRole/csi-dmthin-snapshotter", "ClusterRoleBinding/csi-dmthin-snapshotter",
 		"ServiceAccount/csi-dmthin",
 		"StorageClass/csi-dmthin",
+		// The controller is cluster-wide: there with no pool named too.
+		"Deployment/csi-dmthin-controller", "ServiceAccount/csi-dmthin-controller",
+		"ClusterRole/csi-dmthin-controller", "ClusterRoleBinding/csi-dmthin-controller",
+		"Role/csi-dmthin-controller", "RoleBinding/csi-dmthin-controller",
 	}
 	slices.Sort(got)
 	slices.Sort(want)
 	if !slices.Equal(got, want) {
 		t.Errorf("objects:\n got %q\nwant %q\n(no pool, so no DaemonSet, unless one is named; no VolumeSnapshotClass without the snapshot API, no metrics Service by default)", got, want)
 	}
+	checkDefaultController(t, ofKind[*appsv1.Deployment](docs))
 	if notes := files["csi-dmthin/templates/NOTES.txt"]; !strings.Contains(notes, "NO POOLS ARE CONFIGURED") || !strings.Contains(notes, "nodePools:") {
 		t.Errorf("NOTES.txt without pools does not say what to configure:\n%s", notes)
 	}
@@ -302,6 +325,7 @@ func TestDefaultRender(t *testing.T) {
 	drv := container(t, pod, "csi-dmthin")
 	wantDriverArgs := []string{
 		"serve",
+		"--driver-name=dmthin.csi.dmthin.io",
 		"--endpoint=unix:///csi/csi.sock",
 		"--node-id=$(NODE_NAME)",
 		"--config=/etc/csi-dmthin/pools.yaml",
@@ -536,7 +560,7 @@ func TestFullValues(t *testing.T) {
 			}
 		}
 		drv := container(t, pod, "csi-dmthin")
-		wantArgs(t, drv, "--kubelet-dir="+kd, "--registration-dir="+kd+"/plugins_registry",
+		wantArgs(t, drv, "--driver-name=thin.example.org", "--kubelet-dir="+kd, "--registration-dir="+kd+"/plugins_registry",
 			"--kubelet-endpoint="+kd+"/plugins/thin.example.org/csi.sock",
 			"--metrics-address=:9900", "--pool-full-percent=75", "-v=6")
 		if drv.Ports[0].ContainerPort != 9900 {
@@ -746,6 +770,7 @@ func TestNotesWithoutSnapshotAPI(t *testing.T) {
 		"csi-dmthin pool grow",
 		"# default: pools default",
 		"helm test csi-dmthin",
+		"get lease dmthin-csi-dmthin-io-controller",
 	} {
 		if !strings.Contains(notes, want) {
 			t.Errorf("NOTES.txt lacks %q:\n%s", want, notes)
@@ -787,8 +812,14 @@ func TestRBACLeastPrivilege(t *testing.T) {
 			}
 			bound := map[string]bool{}
 			check := func(kind, name string, ref rbacv1.RoleRef, subjects []rbacv1.Subject) {
-				if len(subjects) != 1 || subjects[0].Kind != "ServiceAccount" || subjects[0].Name != "csi-dmthin" || subjects[0].Namespace != releaseNS {
-					t.Errorf("%s %s subjects %+v", kind, name, subjects)
+				// The controller's roles are its own ServiceAccount's; the
+				// node pods' ServiceAccount holds none of them.
+				sa := "csi-dmthin"
+				if strings.HasSuffix(ref.Name, "-controller") {
+					sa = "csi-dmthin-controller"
+				}
+				if len(subjects) != 1 || subjects[0].Kind != "ServiceAccount" || subjects[0].Name != sa || subjects[0].Namespace != releaseNS {
+					t.Errorf("%s %s subjects %+v, want ServiceAccount %s", kind, name, subjects, sa)
 				}
 				if rules[ref.Kind+"/"+ref.Name] == nil {
 					t.Errorf("%s %s refers to missing %s %s", kind, name, ref.Kind, ref.Name)
@@ -819,18 +850,22 @@ func TestRBACLeastPrivilege(t *testing.T) {
 				role, group, resource, verb string
 				want                        bool
 			}{
-				// The driver sets selected-node on claims and writes Events.
-				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumeclaims", "patch", true},
-				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumes", "watch", true},
-				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumes", "update", false},
-				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshotcontents", "list", true},
-				// ... and labels pre-provisioned contents for its snapshotter,
-				// and group snapshot contents.
-				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshotcontents", "patch", true},
-				{"ClusterRole/csi-dmthin-driver", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "patch", true},
-				{"ClusterRole/csi-dmthin-driver", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "delete", false},
-				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshotcontents", "delete", false},
-				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshots", "patch", false},
+				// The driver on a node watches nothing: it reads a claim
+				// for its UID, its Node and the classes of its capacity,
+				// and writes Events.
+				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumeclaims", "get", true},
+				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumeclaims", "list", false},
+				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumeclaims", "watch", false},
+				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumeclaims", "update", false},
+				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumeclaims", "patch", false},
+				{"ClusterRole/csi-dmthin-driver", "", "persistentvolumes", "watch", false},
+				{"ClusterRole/csi-dmthin-driver", "storage.k8s.io", "storageclasses", "get", true},
+				{"ClusterRole/csi-dmthin-driver", "storage.k8s.io", "storageclasses", "watch", false},
+				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshots", "list", false},
+				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshotcontents", "list", false},
+				{"ClusterRole/csi-dmthin-driver", "snapshot.storage.k8s.io", "volumesnapshotcontents", "patch", false},
+				{"ClusterRole/csi-dmthin-driver", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "patch", false},
+				{"ClusterRole/csi-dmthin-driver", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", "patch", false},
 				{"ClusterRole/csi-dmthin-driver", "", "nodes", "get", true},
 				{"ClusterRole/csi-dmthin-driver", "", "nodes", "list", false},
 				{"ClusterRole/csi-dmthin-driver", "", "events", "create", true},
@@ -839,10 +874,38 @@ func TestRBACLeastPrivilege(t *testing.T) {
 				// subresource only) and refreshes its node's capacity.
 				{"ClusterRole/csi-dmthin-driver", "dmthin.io", "thinpools", "create", true},
 				{"ClusterRole/csi-dmthin-driver", "dmthin.io", "thinpools", "update", false},
+				{"ClusterRole/csi-dmthin-driver", "dmthin.io", "thinpools", "watch", false},
 				{"ClusterRole/csi-dmthin-driver", "dmthin.io", "thinpools/status", "patch", true},
 				{"Role/csi-dmthin-driver", "storage.k8s.io", "csistoragecapacities", "update", true},
 				{"Role/csi-dmthin-driver", "storage.k8s.io", "csistoragecapacities", "create", false},
 				{"ClusterRole/csi-dmthin-driver", "storage.k8s.io", "csistoragecapacities", "update", false},
+				// The controller sets selected-node on claims, labels
+				// contents and group classes, reads ThinPools, and holds
+				// its Lease in the release namespace.
+				{"ClusterRole/csi-dmthin-controller", "", "persistentvolumeclaims", "watch", true},
+				{"ClusterRole/csi-dmthin-controller", "", "persistentvolumeclaims", "update", true},
+				{"ClusterRole/csi-dmthin-controller", "", "persistentvolumeclaims", "delete", false},
+				{"ClusterRole/csi-dmthin-controller", "", "persistentvolumes", "watch", true},
+				{"ClusterRole/csi-dmthin-controller", "", "persistentvolumes", "update", false},
+				{"ClusterRole/csi-dmthin-controller", "storage.k8s.io", "storageclasses", "watch", true},
+				{"ClusterRole/csi-dmthin-controller", "", "nodes", "get", true},
+				{"ClusterRole/csi-dmthin-controller", "", "nodes", "update", false},
+				{"ClusterRole/csi-dmthin-controller", "snapshot.storage.k8s.io", "volumesnapshots", "watch", true},
+				{"ClusterRole/csi-dmthin-controller", "snapshot.storage.k8s.io", "volumesnapshots", "patch", false},
+				{"ClusterRole/csi-dmthin-controller", "snapshot.storage.k8s.io", "volumesnapshotcontents", "patch", true},
+				{"ClusterRole/csi-dmthin-controller", "snapshot.storage.k8s.io", "volumesnapshotcontents", "delete", false},
+				{"ClusterRole/csi-dmthin-controller", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "patch", true},
+				{"ClusterRole/csi-dmthin-controller", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "delete", false},
+				{"ClusterRole/csi-dmthin-controller", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", "patch", true},
+				{"ClusterRole/csi-dmthin-controller", "dmthin.io", "thinpools", "watch", true},
+				{"ClusterRole/csi-dmthin-controller", "dmthin.io", "thinpools", "create", false},
+				{"ClusterRole/csi-dmthin-controller", "dmthin.io", "thinpools/status", "patch", false},
+				{"ClusterRole/csi-dmthin-controller", "", "events", "create", true},
+				{"ClusterRole/csi-dmthin-controller", "coordination.k8s.io", "leases", "update", false},
+				{"Role/csi-dmthin-controller", "coordination.k8s.io", "leases", "get", true},
+				{"Role/csi-dmthin-controller", "coordination.k8s.io", "leases", "create", true},
+				{"Role/csi-dmthin-controller", "coordination.k8s.io", "leases", "update", true},
+				{"Role/csi-dmthin-controller", "coordination.k8s.io", "leases", "delete", false},
 				// The provisioner makes and deletes PVs and publishes capacity
 				// in the release namespace only.
 				{"ClusterRole/csi-dmthin-provisioner", "", "persistentvolumes", "create", true},
@@ -907,6 +970,12 @@ func TestSchemaRejectsBadValues(t *testing.T) {
 		{"a fractional poolFullPercent", `node: {poolFullPercent: 85.5}`, "poolFullPercent"},
 		{"a bad base delay", `sidecars: {provisioner: {nodeDeploymentBaseDelay: 20}}`, "nodeDeploymentBaseDelay"},
 		{"an argument that is not a flag", `sidecars: {snapshotter: {additionalArgs: [worker-threads=2]}}`, "additionalArgs"},
+		{"a typo'd controller key", `controller: {replica: 2}`, "replica"},
+		{"no controller replica", `controller: {replicas: 0}`, "replicas"},
+		{"no controller worker", `controller: {workers: 0}`, "workers"},
+		{"a controller argument that is not a flag", `controller: {additionalArgs: [workers=2]}`, "additionalArgs"},
+		{"a typo'd controller affinity", `controller: {affinity: {podAntiAfinity: {}}}`, "podAntiAfinity"},
+		{"the controller off", `controller: {enabled: false}`, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			vals, err := chartutil.CoalesceValues(ch, mustYAML(t, tc.values))
@@ -967,10 +1036,13 @@ const manifestsHeader = `# Generated from charts/csi-dmthin with its default val
 
 // defaultManifests is deploy/kubernetes as the default render makes it: the
 // VolumeSnapshotClass and the VolumeGroupSnapshotClass in files of their
-// own, since they apply only where their CRDs are installed.
+// own, since they apply only where their CRDs are installed. The objects
+// come in helm's install order, so that `kubectl apply -f` makes the
+// ServiceAccounts, the CRD and the RBAC before the controller Deployment,
+// whose pods use the first and look for the second at start.
 func defaultManifests(t *testing.T) map[string][]byte {
 	t.Helper()
-	docs := objects(t, render(t, nil, capabilities(t, snapshotAPI, groupAPI)))
+	docs := installOrder(objects(t, render(t, nil, capabilities(t, snapshotAPI, groupAPI))))
 	var main, snap, group bytes.Buffer
 	main.WriteString(manifestsHeader)
 	snap.WriteString(manifestsHeader + "# Needs the snapshot CRDs (snapshot.storage.k8s.io/v1) and a snapshot-controller\n# run with --enable-distributed-snapshotting.\n")
@@ -989,12 +1061,26 @@ func defaultManifests(t *testing.T) map[string][]byte {
 	// nodes labelled for it, so that applying it unchanged starts nothing.
 	var node bytes.Buffer
 	node.WriteString(nodeExampleHeader)
-	for _, d := range objects(t, render(t, mustYAML(t, nodeExampleValues), capabilities(t, snapshotAPI))) {
+	for _, d := range installOrder(objects(t, render(t, mustYAML(t, nodeExampleValues), capabilities(t, snapshotAPI)))) {
 		if d.kind == "DaemonSet" || d.kind == "ConfigMap" {
 			node.WriteString("---\n# Source: " + d.source + "\n" + strings.TrimLeft(stripLeadingComments(d.yaml), "\n"))
 		}
 	}
 	return map[string][]byte{"csi-dmthin.yaml": main.Bytes(), "volumesnapshotclass.yaml": snap.Bytes(), "volumegroupsnapshotclass.yaml": group.Bytes(), "node-example.yaml": node.Bytes()}
+}
+
+// installOrder sorts docs by kind the way helm install does (kinds it does
+// not know last), keeping the render order within a kind.
+func installOrder(docs []doc) []doc {
+	rank := func(kind string) int {
+		if i := slices.Index(releaseutil.InstallOrder, kind); i >= 0 {
+			return i
+		}
+		return len(releaseutil.InstallOrder)
+	}
+	out := slices.Clone(docs)
+	slices.SortStableFunc(out, func(a, b doc) int { return rank(a.kind) - rank(b.kind) })
+	return out
 }
 
 // nodeExampleValues render deploy/kubernetes/node-example.yaml.

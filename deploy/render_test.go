@@ -118,6 +118,7 @@ func newObject(apiVersion, kind string) (any, error) {
 		"v1/ConfigMap":                                     func() any { return &corev1.ConfigMap{} },
 		"v1/Service":                                       func() any { return &corev1.Service{} },
 		"apps/v1/DaemonSet":                                func() any { return &appsv1.DaemonSet{} },
+		"apps/v1/Deployment":                               func() any { return &appsv1.Deployment{} },
 		"storage.k8s.io/v1/CSIDriver":                      func() any { return &storagev1.CSIDriver{} },
 		"storage.k8s.io/v1/StorageClass":                   func() any { return &storagev1.StorageClass{} },
 		"rbac.authorization.k8s.io/v1/ClusterRole":         func() any { return &rbacv1.ClusterRole{} },

@@ -49,6 +49,7 @@ type controllerFlags struct {
 
 func parseControllerFlags(args []string) (*controllerFlags, error) {
 	fs := newFlagSet("controller")
+	klog.InitFlags(fs)
 	f := &controllerFlags{}
 	fs.StringVar(&f.driverName, "driver-name", csi.DefaultDriverName, "CSI driver name")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file (default: the in-cluster service account)")

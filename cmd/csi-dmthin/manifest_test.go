@@ -1,13 +1,16 @@
 package main
 
 import (
+	"net"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
 	"sigs.k8s.io/yaml"
 )
 
@@ -76,4 +79,100 @@ func TestManifestArgsParse(t *testing.T) {
 	if found == 0 {
 		t.Fatal("no csi-dmthin container in the manifests")
 	}
+}
+
+// The shipped manifests' controller Deployment starts `csi-dmthin
+// controller` with flags it knows, elected among at least two replicas,
+// for the driver the CSIDriver names, and probes the port it serves
+// /healthz on.
+func TestManifestControllerArgsParse(t *testing.T) {
+	b, err := os.ReadFile("../../deploy/kubernetes/csi-dmthin.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var deps []appsv1.Deployment
+	var drivers []string
+	for _, doc := range strings.Split(string(b), "\n---\n") {
+		switch {
+		case strings.Contains(doc, "\nkind: Deployment\n"):
+			var d appsv1.Deployment
+			if err := yaml.Unmarshal([]byte(doc), &d); err != nil {
+				t.Fatal(err)
+			}
+			deps = append(deps, d)
+		case strings.Contains(doc, "\nkind: CSIDriver\n"):
+			var d storagev1.CSIDriver
+			if err := yaml.Unmarshal([]byte(doc), &d); err != nil {
+				t.Fatal(err)
+			}
+			drivers = append(drivers, d.Name)
+		}
+	}
+	if len(deps) != 1 || len(drivers) != 1 {
+		t.Fatalf("%d Deployments and %d CSIDrivers in the manifests, want the controller's and one", len(deps), len(drivers))
+	}
+	d := deps[0]
+	if d.Spec.Replicas == nil || *d.Spec.Replicas < 2 {
+		t.Errorf("controller replicas %v: want at least 2, so one takes over when the leader's node goes", d.Spec.Replicas)
+	}
+	pod := d.Spec.Template.Spec
+	if len(pod.Containers) != 1 {
+		t.Fatalf("controller pod has %d containers, want 1", len(pod.Containers))
+	}
+	c := pod.Containers[0]
+	if len(c.Args) == 0 || c.Args[0] != "controller" {
+		t.Fatalf("controller args %q do not start with controller", c.Args)
+	}
+	f, err := parseControllerFlags(c.Args[1:])
+	if err != nil {
+		t.Fatalf("controller rejects the manifest's args %q: %v", c.Args[1:], err)
+	}
+	if !f.leaderElection {
+		t.Error("the manifest runs the controller's replicas without leader election")
+	}
+	if f.driverName != drivers[0] {
+		t.Errorf("controller --driver-name %q, want the CSIDriver's %q", f.driverName, drivers[0])
+	}
+	// The Lease's namespace and holder come from the downward API.
+	for name, field := range map[string]string{"NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"} {
+		if !hasFieldEnv(c, name, field) {
+			t.Errorf("controller container has no %s from %s", name, field)
+		}
+	}
+	if f.leaseNamespace != "$(NAMESPACE)" {
+		t.Errorf("controller Lease namespace %q, want $(NAMESPACE), the pod's", f.leaseNamespace)
+	}
+	_, portStr, err := net.SplitHostPort(f.httpEndpoint)
+	if err != nil {
+		t.Fatalf("--http-endpoint=%q: %v", f.httpEndpoint, err)
+	}
+	port, err := strconv.Atoi(portStr)
+	if err != nil {
+		t.Fatalf("--http-endpoint=%q: %v", f.httpEndpoint, err)
+	}
+	lp := c.LivenessProbe
+	if lp == nil || lp.HTTPGet == nil || lp.HTTPGet.Path != "/healthz" {
+		t.Fatalf("controller liveness probe %+v, want an HTTP GET of /healthz", lp)
+	}
+	probed := lp.HTTPGet.Port.IntValue()
+	if name := lp.HTTPGet.Port.StrVal; name != "" {
+		probed = 0
+		for _, p := range c.Ports {
+			if p.Name == name {
+				probed = int(p.ContainerPort)
+			}
+		}
+	}
+	if probed != port {
+		t.Errorf("the liveness probe calls port %d (%s), the controller serves /healthz on %d (--http-endpoint=%s)", probed, lp.HTTPGet.Port.String(), port, f.httpEndpoint)
+	}
+}
+
+func hasFieldEnv(c corev1.Container, name, field string) bool {
+	for _, e := range c.Env {
+		if e.Name == name && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == field {
+			return true
+		}
+	}
+	return false
 }

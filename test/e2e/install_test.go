@@ -73,8 +73,39 @@ func installDriver(ctx context.Context, c *cluster.Cluster, art *artifacts) erro
 		return err
 	}
 	fmt.Fprintf(os.Stderr, "e2e: helm install --wait took %s\n", time.Since(start).Round(time.Second))
+	if err := waitController(ctx, c); err != nil {
+		return err
+	}
 	// The driver registers with each kubelet itself; CSINode lists it then.
 	return waitRegistered(ctx, c, c.NodeNames()...)
+}
+
+// controllerDeployment is the chart's controller Deployment, and
+// controllerLease the Lease its replicas elect a leader through (named
+// after the driver).
+const (
+	controllerDeployment = "csi-dmthin-controller"
+	controllerSelector   = "app.kubernetes.io/name=csi-dmthin,app.kubernetes.io/component=controller"
+)
+
+var controllerLease = strings.ReplaceAll(driverName, ".", "-") + "-controller"
+
+// waitController waits until the controller Deployment is Available and
+// one of its replicas holds the Lease: until then no restore is steered to
+// its source's node. On failure it returns the replicas' log tails.
+func waitController(ctx context.Context, c *cluster.Cluster) error {
+	_, err := c.Kubectl(ctx, "-n", driverNamespace, "wait", "--for=condition=Available", "deployment/"+controllerDeployment, "--timeout=2m")
+	if err == nil {
+		err = poll(ctx, 2*time.Minute, func() (bool, error) {
+			out, _ := c.Kubectl(ctx, "-n", driverNamespace, "get", "lease", controllerLease, "-o", "jsonpath={.spec.holderIdentity}")
+			return strings.TrimSpace(string(out)) != "", nil
+		})
+	}
+	if err != nil {
+		logs, _ := c.Kubectl(ctx, "-n", driverNamespace, "logs", "-l", controllerSelector, "--all-containers", "--prefix", "--tail=20")
+		return fmt.Errorf("controller not Available and leading: %w\n%s", err, logs)
+	}
+	return nil
 }
 
 // waitRegistered waits until the driver is in the CSINode of every named
@@ -115,36 +146,45 @@ func poll(ctx context.Context, timeout time.Duration, f func() (bool, error)) er
 }
 
 // checkDriverFlags renders the chart and checks that the driver binary in
-// the image defines every flag the chart passes to `serve`, so a chart ahead
-// of the driver (or behind it) fails here in a second with the names,
-// rather than as a crash-looping pod after helm's whole --wait.
+// the image defines every flag the chart passes to `serve` and to
+// `controller`, so a chart ahead of the driver (or behind it) fails here in
+// a second with the names, rather than as a crash-looping pod after helm's
+// whole --wait.
 func checkDriverFlags(ctx context.Context, c *cluster.Cluster, art *artifacts) error {
 	rendered, err := cluster.Output(ctx, c.Bin("helm"), "template", "csi-dmthin", filepath.Join(art.Repo, "charts", "csi-dmthin"),
 		"--namespace", driverNamespace, "--set", "image.tag="+driverTag, "-f", valuesFile, "--kube-version", testArtVersion())
 	if err != nil {
 		return err
 	}
-	help, _ := cluster.Output(ctx, art.DriverBinary, "serve", "-h")
-	helpErr, _ := cluster.CombinedOutput(ctx, art.DriverBinary, "serve", "-h")
-	defined := string(help) + string(helpErr)
-	var missing []string
-	inServe := false
-	for _, line := range strings.Split(string(rendered), "\n") {
-		item := strings.TrimSpace(line)
-		switch {
-		case item == "- serve":
-			inServe = true
-		case inServe && strings.HasPrefix(item, "- -"):
-			name, _, _ := strings.Cut(strings.TrimLeft(strings.TrimPrefix(item, "- "), "-"), "=")
-			if !strings.Contains(defined, "  -"+name+" ") && !strings.Contains(defined, "  -"+name+"\n") {
-				missing = append(missing, "--"+name)
+	var problems []string
+	for _, cmd := range []string{"serve", "controller"} {
+		help, _ := cluster.Output(ctx, art.DriverBinary, cmd, "-h")
+		helpErr, _ := cluster.CombinedOutput(ctx, art.DriverBinary, cmd, "-h")
+		defined := string(help) + string(helpErr)
+		var missing []string
+		inCmd := false
+		for _, line := range strings.Split(string(rendered), "\n") {
+			item := strings.TrimSpace(line)
+			switch {
+			case item == "- "+cmd:
+				inCmd = true
+			case inCmd && strings.HasPrefix(item, "- -"):
+				name, _, _ := strings.Cut(strings.TrimLeft(strings.TrimPrefix(item, "- "), "-"), "=")
+				if !strings.Contains(defined, "  -"+name+" ") && !strings.Contains(defined, "  -"+name+"\n") {
+					missing = append(missing, "--"+name)
+				}
+			case inCmd && strings.HasPrefix(item, "#"):
+				// a comment between the flags
+			case inCmd:
+				inCmd = false
 			}
-		case inServe:
-			inServe = false
+		}
+		if len(missing) > 0 {
+			problems = append(problems, fmt.Sprintf("csi-dmthin %s does not define %s", cmd, strings.Join(missing, " ")))
 		}
 	}
-	if len(missing) > 0 {
-		return fmt.Errorf("charts/csi-dmthin passes flags that this csi-dmthin serve does not define: %s", strings.Join(missing, " "))
+	if len(problems) > 0 {
+		return fmt.Errorf("charts/csi-dmthin passes flags that this binary lacks: %s", strings.Join(problems, "; "))
 	}
 	return nil
 }
