@@ -50,6 +50,8 @@ import (
 // finishing behind the next server's back.
 
 const (
+	// killNode is the node ID the killed servers run with.
+	killNode     = "kill-node"
 	defaultKills = 30
 	workers      = 3
 	// maxRunBeforeKill bounds how long the client drives a server before
@@ -265,7 +267,7 @@ func (r *killRun) start() *killServer {
 	r.starts++
 	templates := []int{0, 2, 8}[r.rng.Intn(3)]
 	args, err := json.Marshal([]string{
-		"--node-id=kill-node", "--config=" + r.config, "--endpoint=unix://" + r.sock, "--state-dir=" + r.stateDir,
+		"--node-id=" + killNode, "--config=" + r.config, "--endpoint=unix://" + r.sock, "--state-dir=" + r.stateDir,
 		"--kubelet-dir=" + r.kubeletDir, "--metrics-address=", "--templates-per-pool=" + strconv.Itoa(templates),
 		"--shutdown-timeout=20s", "-v=2",
 	})

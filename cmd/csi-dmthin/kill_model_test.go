@@ -122,6 +122,9 @@ func (m *model) newObj(pool string, snap bool, fsType string) *kObj {
 	}
 	o := &kObj{name: fmt.Sprintf("%s-%d", prefix, m.next), pool: pool, snap: snap, fsType: fsType, state: creating}
 	o.id = pool + "/" + o.name
+	if snap {
+		o.id = killNode + "/" + o.id // a snapshot ID carries its node
+	}
 	if !snap {
 		o.staging = filepath.Join(m.kubeletDir, "plugins", "staging", o.name)
 	}
