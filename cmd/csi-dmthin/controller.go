@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -148,7 +149,9 @@ func controllerCmd(args []string) error {
 			klog.InfoS("The ThinPool API (dmthin.io/v1alpha1) is not installed: room in a source's pool is left to its node's admission")
 		}
 	}
-	recorder, stopRecorder := kube.NewRecorder(ctx, client, kube.ControllerComponent, "")
+	// Not ctx: the recorder must outlive the controllers' last syncs
+	// after SIGTERM, and is stopped (flushing what it holds) after them.
+	recorder, stopRecorder := kube.NewRecorder(context.Background(), client, kube.ControllerComponent, "")
 	defer stopRecorder()
 	o.Recorder = recorder
 
@@ -199,18 +202,34 @@ func healthzHandler(health *leaderelection.HealthzAdaptor) http.Handler {
 	return mux
 }
 
-// lead runs run while this replica holds the Lease. Losing the Lease ends
-// the process with an error (the Deployment restarts it as a follower):
-// a controller whose informers and queues lived through a lost term
-// could act on what another leader has since changed.
+// lead runs run while this replica holds the Lease, until ctx is done.
+// The Lease is released only after run has returned, so the next leader
+// never acts beside this one's last syncs. Losing the Lease ends the
+// process with an error (the Deployment restarts it as a follower): a
+// controller whose informers and queues lived through a lost term could
+// act on what another leader has since changed.
 func lead(ctx context.Context, client kubernetes.Interface, f *controllerFlags, health *leaderelection.HealthzAdaptor, run func(context.Context) error) error {
 	lock := &resourcelock.LeaseLock{
 		LeaseMeta:  metav1.ObjectMeta{Name: f.leaseName, Namespace: f.leaseNamespace},
 		Client:     client.CoordinationV1(),
 		LockConfig: resourcelock.ResourceLockConfig{Identity: f.identity},
 	}
-	var runErr error
-	led := false
+	// The election runs on its own context, ended when run has returned
+	// (or at once on ctx's end when this replica does not lead): with
+	// ReleaseOnCancel, ending it gives the Lease up.
+	electCtx, stopElecting := context.WithCancel(context.Background())
+	defer stopElecting()
+	var (
+		leading atomic.Bool
+		runErr  error
+		ran     = make(chan struct{})
+	)
+	stopWatch := context.AfterFunc(ctx, func() {
+		if !leading.Load() {
+			stopElecting()
+		}
+	})
+	defer stopWatch()
 	le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
 		Lock:            lock,
 		LeaseDuration:   f.leaseDuration,
@@ -220,10 +239,17 @@ func lead(ctx context.Context, client kubernetes.Interface, f *controllerFlags, 
 		Name:            f.leaseName,
 		WatchDog:        health,
 		Callbacks: leaderelection.LeaderCallbacks{
-			OnStartedLeading: func(ctx context.Context) {
-				led = true
+			OnStartedLeading: func(leadCtx context.Context) {
+				leading.Store(true)
+				defer close(ran)
+				defer stopElecting()
+				// Run until the Lease is lost or ctx ends.
+				runCtx, cancel := context.WithCancel(leadCtx)
+				defer cancel()
+				stop := context.AfterFunc(ctx, cancel)
+				defer stop()
 				klog.InfoS("Leading: making the cluster's decisions", "lease", klog.KRef(f.leaseNamespace, f.leaseName), "identity", f.identity)
-				runErr = run(ctx)
+				runErr = run(runCtx)
 			},
 			OnStoppedLeading: func() {},
 			OnNewLeader: func(id string) {
@@ -236,14 +262,16 @@ func lead(ctx context.Context, client kubernetes.Interface, f *controllerFlags, 
 	if err != nil {
 		return fmt.Errorf("leader election: %w", err)
 	}
-	le.Run(ctx) // returns when ctx is done or the Lease is lost
+	le.Run(electCtx) // returns once the election stopped or the Lease was lost
+	if !leading.Load() {
+		return nil
+	}
+	<-ran // run has returned: its error is read after it wrote it
 	switch {
 	case runErr != nil:
 		return runErr
 	case ctx.Err() != nil:
 		return nil
-	case led:
-		return errors.New("lost the leader election Lease")
 	}
-	return nil
+	return errors.New("lost the leader election Lease")
 }

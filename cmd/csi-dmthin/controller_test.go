@@ -47,7 +47,8 @@ func TestControllerFlags(t *testing.T) {
 }
 
 // Two replicas on one Lease: one runs the controller at a time, and when
-// it stops (its Lease released), the other takes over.
+// it stops (its Lease released once its controller has returned), the
+// other takes over.
 func TestLeaderElectionOneAtATime(t *testing.T) {
 	client := fake.NewClientset()
 	var running, ran atomic.Int32
@@ -61,6 +62,9 @@ func TestLeaderElectionOneAtATime(t *testing.T) {
 			ran.Add(1)
 			started <- name
 			<-ctx.Done()
+			// Last syncs after the end: the Lease must not go to the
+			// other replica before they are done.
+			time.Sleep(300 * time.Millisecond)
 			running.Add(-1)
 			return nil
 		}

@@ -136,6 +136,28 @@ func volumeSize(r *csipb.CapacityRange, minBytes int64) (int64, error) {
 	return size, nil
 }
 
+// VolumeBytes is the size CreateVolume makes for a request of
+// requestBytes restored or cloned from a source of sourceBytes (0: none),
+// with a filesystem of type fs ("" for a raw block volume), when no limit
+// is given: the same rule (the source's size at least, a filesystem's
+// smallest, 4 KiB rounding). The cluster's controller asks it to know how
+// much room a restore needs before it picks the node.
+func VolumeBytes(requestBytes, sourceBytes int64, fs string) int64 {
+	minBytes := sourceBytes
+	if fs == "xfs" {
+		minBytes = max(minBytes, minXFSBytes)
+	}
+	r := &csipb.CapacityRange{RequiredBytes: max(requestBytes, 0)}
+	if sourceBytes > 0 && requestBytes == 0 {
+		r.RequiredBytes = minBytes
+	}
+	size, err := volumeSize(r, minBytes)
+	if err != nil {
+		return max(requestBytes, minBytes) // over the largest volume: CreateVolume refuses it anyway
+	}
+	return size
+}
+
 // fits reports whether an existing size satisfies a capacity range.
 func fits(size int64, r *csipb.CapacityRange) bool {
 	return size >= r.GetRequiredBytes() && (r.GetLimitBytes() == 0 || size <= r.GetLimitBytes())

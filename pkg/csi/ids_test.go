@@ -1,6 +1,7 @@
 package csi
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
@@ -86,4 +87,35 @@ func TestSnapshotIDWithoutNode(t *testing.T) {
 	}
 	_, err = e.d.GetSnapshot(ctx, &csipb.GetSnapshotRequest{SnapshotId: snap})
 	wantCode(t, err, codes.NotFound)
+}
+
+// VolumeBytes is the size CreateVolume makes: the controller's room check
+// asks for no less.
+func TestVolumeBytesIsWhatCreateVolumeMakes(t *testing.T) {
+	e := newDriverEnv(t)
+	src := e.createVolume("src") // 16 MiB in the test pool
+	srcBytes := int64(16 << 20)
+	for i, tc := range []struct {
+		req, source int64
+		fs          string
+	}{
+		{1, 0, "ext4"}, {5000, 0, "ext4"}, {64 << 20, 0, "xfs"}, {0, 0, "ext4"},
+		{1 << 20, srcBytes, "ext4"}, {0, srcBytes, "ext4"}, {32<<20 + 1, srcBytes, ""},
+	} {
+		req := &csipb.CreateVolumeRequest{Name: fmt.Sprintf("v%d", i), CapacityRange: &csipb.CapacityRange{RequiredBytes: tc.req},
+			VolumeCapabilities: []*csipb.VolumeCapability{mountCap(tc.fs, rwo)}}
+		if tc.fs == "" {
+			req.VolumeCapabilities = []*csipb.VolumeCapability{blockCap(rwo)}
+		}
+		if tc.source > 0 {
+			req.VolumeContentSource = &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: src.GetVolumeId()}}}
+		}
+		got, err := e.d.CreateVolume(t.Context(), req)
+		if err != nil {
+			t.Fatalf("%+v: %v", tc, err)
+		}
+		if want := VolumeBytes(tc.req, tc.source, tc.fs); got.GetVolume().GetCapacityBytes() != want {
+			t.Errorf("%+v: CreateVolume made %d bytes, VolumeBytes says %d", tc, got.GetVolume().GetCapacityBytes(), want)
+		}
+	}
 }

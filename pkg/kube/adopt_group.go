@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	groupv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumegroupsnapshot/v1"
 	snapclient "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned"
@@ -14,6 +15,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
@@ -75,7 +77,16 @@ type GroupAdopter struct {
 
 	mu     sync.Mutex
 	warned map[types.UID]bool // contents told they have no single node
+	// claimed is when each class was last labelled here: it stays with
+	// that node for classHold at least, so that two nodes' contents
+	// waiting for one class take turns instead of taking it from each
+	// other faster than either sidecar can read it.
+	claimed map[string]time.Time
 }
+
+// classHold is the least time a group snapshot class stays labelled for
+// one node before another node's content may take it.
+const classHold = 20 * time.Second
 
 // GroupAdopterOptions configure a GroupAdopter.
 type GroupAdopterOptions struct {
@@ -99,7 +110,7 @@ func NewGroupAdopter(o GroupAdopterOptions) (*GroupAdopter, error) {
 		contents: inf.Lister(), classes: cls.Lister(),
 		synced: append(slices.Clone(o.View.synced), inf.Informer().HasSynced, cls.Informer().HasSynced),
 		queue:  newQueue("csi-dmthin-group-adopter", o.RateLimiter),
-		warned: map[types.UID]bool{},
+		warned: map[types.UID]bool{}, claimed: map[string]time.Time{},
 	}
 	add := func(obj any) {
 		if c, ok := obj.(*groupv1.VolumeGroupSnapshotContent); ok && (a.unclaimed(c) || a.needsClass(c)) {
@@ -109,6 +120,30 @@ func NewGroupAdopter(o GroupAdopterOptions) (*GroupAdopter, error) {
 	_, err := inf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    add,
 		UpdateFunc: func(_, obj any) { add(obj) },
+	})
+	if err != nil {
+		return nil, err
+	}
+	// A class taken over by another node's content: the contents that
+	// still wait for it are looked at again (they take turns).
+	classChanged := func(obj any) {
+		cl, ok := obj.(*groupv1.VolumeGroupSnapshotClass)
+		if !ok || cl.Driver != a.driver {
+			return
+		}
+		all, err := a.contents.List(labels.Everything())
+		if err != nil {
+			return
+		}
+		for _, c := range all {
+			if n := c.Spec.VolumeGroupSnapshotClassName; n != nil && *n == cl.Name && a.needsClass(c) && c.Labels[LabelManagedBy] != cl.Labels[LabelManagedBy] {
+				a.queue.AddAfter(c.Name, classHold)
+			}
+		}
+	}
+	_, err = cls.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    classChanged,
+		UpdateFunc: func(_, obj any) { classChanged(obj) },
 	})
 	return a, err
 }
@@ -249,6 +284,14 @@ func (a *GroupAdopter) claimClass(ctx context.Context, c *groupv1.VolumeGroupSna
 		return false, nil
 	}
 	from := cl.Labels[LabelManagedBy]
+	a.mu.Lock()
+	held := time.Until(a.claimed[name].Add(classHold))
+	a.mu.Unlock()
+	if from != "" && held > 0 {
+		// Another node's content has it: its turn first.
+		a.queue.AddAfter(c.Name, held)
+		return false, nil
+	}
 	labelled, retry, err := labelForNode(ctx, node, cl.ResourceVersion, func(ctx context.Context, patch []byte) error {
 		_, err := a.client.GroupsnapshotV1().VolumeGroupSnapshotClasses().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{})
 		return err
@@ -256,6 +299,9 @@ func (a *GroupAdopter) claimClass(ctx context.Context, c *groupv1.VolumeGroupSna
 	if !labelled {
 		return retry, err
 	}
+	a.mu.Lock()
+	a.claimed[name] = time.Now()
+	a.mu.Unlock()
 	klog.FromContext(ctx).Info("Labelled a group snapshot class for a node's csi-snapshotter, which reads only the classes labelled for its node", "class", name, "node", node, "content", c.Name, "from", from)
 	a.recorder.Eventf(c, corev1.EventTypeNormal, ReasonGroupClassClaimed, "labelled class %s %s=%s (was %q): node %s's csi-snapshotter reads only the group snapshot classes labelled for it", name, LabelManagedBy, node, from, node)
 	return false, nil

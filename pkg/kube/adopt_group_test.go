@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 
 	groupv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumegroupsnapshot/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -169,6 +170,19 @@ func TestGroupAdopterClaimsTheClass(t *testing.T) {
 	second.Spec.VolumeGroupSnapshotClassName = &shared
 	c.create(t, second)
 	a.sync(t, "second")
+	// The class stays node-a's for classHold: the contents take turns.
+	if got := c.groupClassLabel(t, shared); got != nodeA {
+		t.Errorf("class %s labelled %q within its hold, want it left with %q", shared, got, nodeA)
+	}
+	if got := c.groupContentLabel(t, "second"); got != nodeB {
+		t.Errorf("second labelled %q, want %q", got, nodeB)
+	}
+	a.expireHold(shared)
+	eventually(t, "second's label in the cache", func() bool {
+		got, err := a.a.contents.Get("second")
+		return err == nil && got.Labels[LabelManagedBy] == nodeB
+	})
+	a.sync(t, "second")
 	if got := c.groupClassLabel(t, shared); got != nodeB {
 		t.Errorf("class %s labelled %q after node-b's group, want %q", shared, got, nodeB)
 	}
@@ -197,6 +211,7 @@ func TestGroupAdopterClaimsTheClass(t *testing.T) {
 	third.Spec.VolumeGroupSnapshotClassName = &shared
 	third.Labels = map[string]string{LabelManagedBy: nodeA}
 	c.create(t, third)
+	a.expireHold(shared)
 	a.sync(t, "third")
 	if got := c.groupClassLabel(t, shared); got != nodeA {
 		t.Errorf("class %s labelled %q after node-a's unready content, want %q", shared, got, nodeA)
@@ -228,4 +243,11 @@ func (n *groupAdopter) classesCached(t *testing.T, names ...string) {
 			return err == nil
 		})
 	}
+}
+
+// expireHold ends the hold of a class, as if classHold had passed.
+func (n *groupAdopter) expireHold(class string) {
+	n.a.mu.Lock()
+	defer n.a.mu.Unlock()
+	n.a.claimed[class] = time.Now().Add(-classHold)
 }

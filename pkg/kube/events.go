@@ -4,9 +4,11 @@ import (
 	"context"
 	"time"
 
+	snapscheme "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned/scheme"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
@@ -35,8 +37,19 @@ func NewRecorder(ctx context.Context, client kubernetes.Interface, component, ho
 	b := record.NewBroadcaster(record.WithContext(ctx))
 	b.StartStructuredLogging(4)
 	b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
-	return b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: component, Host: host}), b.Shutdown
+	return b.NewRecorder(EventScheme, corev1.EventSource{Component: component, Host: host}), b.Shutdown
 }
+
+// EventScheme knows every kind csi-dmthin puts Events on: Kubernetes'
+// own, and the snapshot and group snapshot kinds. An object's kind comes
+// from the scheme (objects from informers carry no TypeMeta), and the
+// recorder drops an Event on a kind it cannot name.
+var EventScheme = func() *runtime.Scheme {
+	s := runtime.NewScheme()
+	utilruntime.Must(scheme.AddToScheme(s))
+	utilruntime.Must(snapscheme.AddToScheme(s))
+	return s
+}()
 
 // PVCEvents turns the driver's refusals into Events on the PVC
 // (csi.EventSink).

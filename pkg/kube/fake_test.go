@@ -22,7 +22,6 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes/fake"
-	"k8s.io/client-go/kubernetes/scheme"
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
@@ -61,6 +60,11 @@ func newCluster(t *testing.T) *cluster {
 		dyn: dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{ThinPoolGVR: ThinPoolKind + "List"}),
 	}
 	c.rv.Store(100)
+	for _, n := range []string{nodeA, nodeB} {
+		if err := c.core.Tracker().Add(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n}}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	c.core.PrependReactor("create", "persistentvolumeclaims", func(a k8stesting.Action) (bool, runtime.Object, error) {
 		pvc := a.(k8stesting.CreateAction).GetObject().(*corev1.PersistentVolumeClaim).DeepCopy()
 		if pvc.UID == "" {
@@ -225,11 +229,13 @@ type eventLog struct {
 var _ record.EventRecorder = (*eventLog)(nil)
 
 func (l *eventLog) Event(obj runtime.Object, eventtype, reason, message string) {
-	ref, err := reference.GetReference(scheme.Scheme, obj)
-	what := fmt.Sprintf("unreferenceable %T: %v", obj, err)
-	if err == nil {
-		what = fmt.Sprintf("%s/%s/%s@%s", ref.Kind, ref.Namespace, ref.Name, ref.UID)
+	ref, err := reference.GetReference(EventScheme, obj)
+	if err != nil {
+		// The real recorder drops such an Event: a test that records
+		// one fails.
+		panic(fmt.Sprintf("an Event on an object the recorder cannot name (%T): %v", obj, err))
 	}
+	what := fmt.Sprintf("%s/%s/%s@%s", ref.Kind, ref.Namespace, ref.Name, ref.UID)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.got = append(l.got, eventtype+" "+reason+" "+what+": "+message)

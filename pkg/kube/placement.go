@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/util/workqueue"
 	"k8s.io/klog/v2"
 
+	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -87,6 +88,13 @@ type Placement struct {
 	// successfully: until the cache moves past it, the cached copy is older
 	// than our own write, and acting on it would only earn a conflict.
 	wroteOver map[types.UID]string
+	// selected is how often and when placement last placed each PVC.
+	selected map[types.UID]selection
+}
+
+type selection struct {
+	times int
+	last  time.Time
 }
 
 // NewPlacement sets up the informers' handlers; Run does the work.
@@ -98,7 +106,7 @@ func NewPlacement(o PlacementOptions) (*Placement, error) {
 	p := &Placement{
 		driver: o.DriverName, client: o.Client, recorder: o.Recorder, view: v,
 		queue:  newQueue("csi-dmthin-placement", o.RateLimiter),
-		spoken: map[types.UID]string{}, wroteOver: map[types.UID]string{},
+		spoken: map[types.UID]string{}, wroteOver: map[types.UID]string{}, selected: map[types.UID]selection{},
 		synced: v.synced,
 	}
 	watch := func(inf cache.SharedIndexInformer, fn func(obj any)) error {
@@ -180,7 +188,15 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 	if pvc.Annotations[AnnSelectedNode] == src.node {
 		return false, nil
 	}
-	size := max(pvc.Spec.Resources.Requests.Storage().Value(), src.size)
+	if wait := p.reselectWait(pvc.UID); wait > 0 {
+		// Placed before and cleared since: the provisioner clears the
+		// node when CreateVolume fails there (a pool fuller than its
+		// ThinPool said, say). Each new try waits longer.
+		logger.V(2).Info("Placed before and cleared since; waiting before placing again", "node", src.node, "wait", wait)
+		p.queue.AddAfter(key, wait)
+		return false, nil
+	}
+	size := csi.VolumeBytes(pvc.Spec.Resources.Requests.Storage().Value(), src.size, p.fsType(pvc))
 	if err := p.view.room(src.node, src.pool, size); err != nil {
 		reason := ReasonSourceNodeFull
 		if errors.Is(err, thinpool.ErrPoolUnhealthy) {
@@ -197,8 +213,11 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 	// A cordoned node takes no new pods, so a volume made there now could
 	// not be used; and it is often on its way out. Say so, make nothing,
 	// and look again: an uncordon is not an event this controller sees.
-	if cordoned, err := p.cordoned(ctx, src.node); err != nil {
+	if cordoned, gone, err := p.nodeState(ctx, src.node); err != nil {
 		return false, err
+	} else if gone {
+		p.warnOnce(ctx, pvc, ReasonSourceMissing, fmt.Sprintf("%s is on node %s, which is not in the cluster: the new volume can only be made there", src.what, src.node))
+		return true, nil
 	} else if cordoned {
 		p.warnOnce(ctx, pvc, ReasonSourceNodeCordoned, fmt.Sprintf("%s is on node %s, which is cordoned (unschedulable): the new volume can only be made there, and waits until the node takes pods again", src.what, src.node))
 		p.queue.AddAfter(key, cordonRecheck)
@@ -207,16 +226,58 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 	return p.selectNode(ctx, pvc, src)
 }
 
-// cordoned reports whether node is marked unschedulable.
-func (p *Placement) cordoned(ctx context.Context, node string) (bool, error) {
+// nodeState reports whether node is marked unschedulable, or is not in
+// the cluster at all.
+func (p *Placement) nodeState(ctx context.Context, node string) (cordoned, gone bool, err error) {
 	n, err := p.client.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		return false, nil // not registered (yet): nothing says it is cordoned
+		return false, true, nil
 	}
 	if err != nil {
-		return false, err
+		return false, false, err
 	}
-	return n.Spec.Unschedulable, nil
+	return n.Spec.Unschedulable, false, nil
+}
+
+// fsType is the filesystem the new volume gets: none for a raw block
+// volume; else the class's csi.storage.k8s.io/fstype (which the
+// provisioner passes as the capability's) or its fsType parameter, ext4 by
+// default. It changes the smallest size (xfs).
+func (p *Placement) fsType(pvc *corev1.PersistentVolumeClaim) string {
+	if m := pvc.Spec.VolumeMode; m != nil && *m == corev1.PersistentVolumeBlock {
+		return ""
+	}
+	sc, err := p.view.classes.Get(*pvc.Spec.StorageClassName)
+	if err != nil {
+		return "ext4"
+	}
+	for _, k := range []string{"csi.storage.k8s.io/fstype", csi.ParamFSType} {
+		if v := sc.Parameters[k]; v != "" {
+			return v
+		}
+	}
+	return "ext4"
+}
+
+// reselectBase and reselectMax bound the wait before placing a PVC again
+// that was placed before and cleared since.
+const (
+	reselectBase = 2 * time.Second
+	reselectMax  = 5 * time.Minute
+)
+
+// reselectWait is how long to wait before placing the PVC again: 0 for
+// one never placed, or placed long enough ago; else the rest of a wait
+// that doubles with each placement.
+func (p *Placement) reselectWait(uid types.UID) time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s, ok := p.selected[uid]
+	if !ok {
+		return 0
+	}
+	wait := min(reselectBase<<min(s.times-1, 20), reselectMax)
+	return max(time.Until(s.last.Add(wait)), 0)
 }
 
 // candidate reports whether pvc is a pending WaitForFirstConsumer PVC of

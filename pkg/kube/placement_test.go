@@ -9,6 +9,8 @@ import (
 
 	snapv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumesnapshot/v1"
 	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	k8stesting "k8s.io/client-go/testing"
@@ -384,7 +386,10 @@ func TestRestorePlacedElsewhereMovesToTheSource(t *testing.T) {
 func TestRestoreWaitsForCordonedSourceNode(t *testing.T) {
 	c := newCluster(t)
 	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeA}, Spec: corev1.NodeSpec{Unschedulable: true}}
-	c.create(t, wffc, node, snapshot("snap-1", "content-1", true), content("content-1", "snap-1", "alpha/snap-1", nodeA),
+	if _, err := c.core.CoreV1().Nodes().Update(context.Background(), node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c.create(t, wffc, snapshot("snap-1", "content-1", true), content("content-1", "snap-1", "alpha/snap-1", nodeA),
 		claim("restore", wffc.Name, fromSnapshot("snap-1")))
 	a := startController(t, c, false)
 	for range 2 {
@@ -403,5 +408,134 @@ func TestRestoreWaitsForCordonedSourceNode(t *testing.T) {
 	a.sync(t, c, "restore")
 	if got := c.pvc(t, "restore").Annotations[AnnSelectedNode]; got != nodeA {
 		t.Errorf("selected-node = %q after the uncordon, want %q", got, nodeA)
+	}
+}
+
+// The provisioner clears selected-node when CreateVolume fails on the node
+// (a pool fuller than its ThinPool said): placement places the PVC again,
+// but each time after a longer wait, not at once (no loop with the
+// provisioner).
+func TestPlacedAgainOnlyAfterAWait(t *testing.T) {
+	c := newCluster(t)
+	c.create(t, wffc, snapshot("snap-1", "content-1", true), content("content-1", "snap-1", "alpha/snap-1", nodeA),
+		claim("restore", wffc.Name, fromSnapshot("snap-1")))
+	a := startController(t, c, false)
+	clear := func() {
+		pvc := c.pvc(t, "restore")
+		delete(pvc.Annotations, AnnSelectedNode)
+		if _, err := c.core.CoreV1().PersistentVolumeClaims(ns).Update(context.Background(), pvc, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a.sync(t, c, "restore")
+	clear()
+	updates := c.pvcUpdates()
+	a.sync(t, c, "restore")
+	if got, ok := c.pvc(t, "restore").Annotations[AnnSelectedNode]; ok {
+		t.Fatalf("placed again at once (%q)", got)
+	}
+	if n := c.pvcUpdates(); n != updates {
+		t.Errorf("%d PVC updates while waiting, want none", n-updates)
+	}
+	uid := c.pvc(t, "restore").UID
+	first := a.p.reselectWait(uid)
+	if first <= 0 || first > reselectBase {
+		t.Fatalf("wait %v after one placement, want up to %v", first, reselectBase)
+	}
+	// The wait over: placed again, and the next wait is longer.
+	a.p.mu.Lock()
+	s := a.p.selected[uid]
+	s.last = s.last.Add(-reselectBase)
+	a.p.selected[uid] = s
+	a.p.mu.Unlock()
+	a.sync(t, c, "restore")
+	if got := c.pvc(t, "restore").Annotations[AnnSelectedNode]; got != nodeA {
+		t.Fatalf("selected-node = %q after the wait, want %q", got, nodeA)
+	}
+	if second := a.p.reselectWait(uid); second <= reselectBase {
+		t.Errorf("wait %v after two placements, want more than %v", second, reselectBase)
+	}
+}
+
+// The handle names the node the driver made the snapshot on; a label that
+// says otherwise (set by hand) loses.
+func TestSnapshotHandleBeatsTheLabel(t *testing.T) {
+	c := newCluster(t)
+	c.create(t, wffc, snapshot("snap-1", "content-1", true), content("content-1", "snap-1", nodeB+"/alpha/snap-1", nodeA),
+		claim("restore", wffc.Name, fromSnapshot("snap-1")))
+	a := startController(t, c, false)
+	a.sync(t, c, "restore")
+	if got := c.pvc(t, "restore").Annotations[AnnSelectedNode]; got != nodeB {
+		t.Errorf("selected-node = %q, want the handle's %q", got, nodeB)
+	}
+}
+
+// A source whose node is not in the cluster: a Warning, nothing placed.
+func TestSourceNodeNotInTheCluster(t *testing.T) {
+	c := newCluster(t)
+	c.create(t, wffc, snapshot("snap-1", "content-1", true), content("content-1", "snap-1", "node-gone/alpha/snap-1", ""),
+		claim("restore", wffc.Name, fromSnapshot("snap-1")))
+	a := startController(t, c, false)
+	if !a.sync(t, c, "restore") {
+		t.Error("no retry: the node may come back")
+	}
+	if got, ok := c.pvc(t, "restore").Annotations[AnnSelectedNode]; ok {
+		t.Errorf("placed on %q", got)
+	}
+	if ev := a.events(); len(ev) != 1 || count(ev, "Warning "+ReasonSourceMissing) != 1 || !strings.Contains(ev[0], "node-gone") {
+		t.Errorf("events = %q, want one %s naming the node", ev, ReasonSourceMissing)
+	}
+}
+
+// Room is asked for the size the driver will make: an xfs class's
+// smallest filesystem (300 MiB) for a 64 Mi claim.
+func TestRoomForTheSizeTheDriverMakes(t *testing.T) {
+	c := newCluster(t)
+	xfs := class("dmthin-xfs", driverName, storagev1.VolumeBindingWaitForFirstConsumer)
+	xfs.Parameters = map[string]string{"csi.storage.k8s.io/fstype": "xfs"}
+	small := claim("restore", xfs.Name, fromSnapshot("snap-1"))
+	small.Spec.Resources.Requests[corev1.ResourceStorage] = resource.MustParse("64Mi")
+	c.create(t, xfs, snapshot("snap-1", "content-1", true), content("content-1", "snap-1", "alpha/snap-1", nodeA), small)
+	a := startController(t, c, false)
+	c.setThinPool(t, a, nodeA, "alpha", HealthHealthy, "100Mi")
+	if !a.sync(t, c, "restore") {
+		t.Error("no retry on a pool too small for the xfs volume")
+	}
+	if ev := a.events(); len(ev) != 1 || count(ev, "Warning "+ReasonSourceNodeFull) != 1 || !strings.Contains(ev[0], "300Mi") {
+		t.Errorf("events = %q, want one %s naming the 300Mi needed", ev, ReasonSourceNodeFull)
+	}
+}
+
+// Right after its own write, placement's cache still holds the PVC as it
+// read it: acting on that copy would only earn a conflict, so it waits
+// for the update.
+func TestStaleCacheAfterOwnWrite(t *testing.T) {
+	c := newCluster(t)
+	c.create(t, wffc, snapshot("snap-1", "content-1", true), content("content-1", "snap-1", "alpha/snap-1", nodeA),
+		claim("restore", wffc.Name, fromSnapshot("snap-1")))
+	a := startController(t, c, false)
+	a.waitCache(t, c, "restore")
+	old, err := a.p.view.pvcs.PersistentVolumeClaims(ns).Get("restore")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.p.wrote(old)
+	if !a.p.staleCache(old) {
+		t.Fatal("the copy placement wrote over is not stale")
+	}
+	retry, err := a.p.sync(context.Background(), ns+"/restore")
+	if err != nil || retry {
+		t.Fatalf("sync on a stale cache: retry %v, %v", retry, err)
+	}
+	if n := c.pvcUpdates(); n != 0 {
+		t.Errorf("%d PVC updates on a stale cache, want none", n)
+	}
+	newer := old.DeepCopy()
+	newer.ResourceVersion += "1"
+	if a.p.staleCache(newer) {
+		t.Error("a newer copy is taken for stale")
+	}
+	if a.p.staleCache(old) {
+		t.Error("the mark stays after the cache caught up")
 	}
 }

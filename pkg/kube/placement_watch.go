@@ -28,6 +28,7 @@ func (p *Placement) pvcDeleted(obj any) {
 		p.forget(pvc.UID)
 		p.mu.Lock()
 		delete(p.wroteOver, pvc.UID)
+		delete(p.selected, pvc.UID)
 		p.mu.Unlock()
 	}
 }

@@ -2,6 +2,7 @@ package kube
 
 import (
 	"context"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -42,6 +43,9 @@ func (p *Placement) selectNode(ctx context.Context, pvc *corev1.PersistentVolume
 		return false, err
 	}
 	p.wrote(pvc)
+	p.mu.Lock()
+	p.selected[pvc.UID] = selection{times: p.selected[pvc.UID].times + 1, last: time.Now()}
+	p.mu.Unlock()
 	logger.Info("Selected the node that holds the source for a restore or clone", "pvc", klog.KObj(pvc), "node", src.node, "source", src.what, "id", src.id, "replaced", previous)
 	if previous != "" {
 		p.recorder.Eventf(pvc, corev1.EventTypeNormal, ReasonSourceNode, "node %s holds %s (%s); selected it for the new volume in place of node %s, which does not", src.node, src.what, src.id, previous)

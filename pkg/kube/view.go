@@ -118,17 +118,18 @@ func (v *View) volumeNode(handle string) string {
 
 // contentNode returns the node that holds a VolumeSnapshotContent's
 // snapshot, and how that is known; "" when no record names one. In order:
-// the managed-by label (set by the snapshot-controller in distributed mode
-// to the source volume's node), the node in the snapshot handle, the node
-// of the PV with the content's source volume handle.
+// the node in the snapshot handle (the driver wrote it: the truth), the
+// managed-by label (set by the snapshot-controller in distributed mode to
+// the source volume's node, or by hand), the node of the PV with the
+// content's source volume handle.
 func (v *View) contentNode(vsc *snapv1.VolumeSnapshotContent) (node, how string) {
-	if n := vsc.Labels[LabelManagedBy]; n != "" {
-		return n, "its label " + LabelManagedBy
-	}
 	if h := contentHandle(vsc); h != "" {
 		if n, _, ok := csi.SnapshotNode(h); ok && n != "" {
 			return n, "its snapshot handle"
 		}
+	}
+	if n := vsc.Labels[LabelManagedBy]; n != "" {
+		return n, "its label " + LabelManagedBy
 	}
 	if h := vsc.Spec.Source.VolumeHandle; h != nil && *h != "" {
 		if n := v.volumeNode(*h); n != "" {
