@@ -54,8 +54,8 @@ type cluster struct {
 	mu   sync.Mutex // makes the resourceVersion check and the write one step
 }
 
-func newCluster(t *testing.T) *cluster {
-	t.Helper()
+func newCluster(tb testing.TB) *cluster {
+	tb.Helper()
 	c := &cluster{core: fake.NewClientset(), snap: snapfake.NewSimpleClientset()}
 	c.rv.Store(100)
 	c.core.PrependReactor("create", "persistentvolumeclaims", func(a k8stesting.Action) (bool, runtime.Object, error) {
