@@ -12,11 +12,8 @@ import (
 	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
-	snapclient "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned"
-	snapinformers "github.com/kubernetes-csi/external-snapshotter/client/v8/informers/externalversions"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -27,12 +24,6 @@ import (
 	"github.com/csi-dmthin/csi-dmthin/pkg/kube"
 	"github.com/csi-dmthin/csi-dmthin/pkg/kube/registration"
 )
-
-var _ kube.Owner = (*csi.Driver)(nil)
-
-// informerResync re-delivers every object now and then, so a PVC whose
-// StorageClass appeared after it is looked at again.
-const informerResync = 10 * time.Minute
 
 // kubeFlags are the serve flags of the Kubernetes side. The Helm chart
 // passes them by these names.
@@ -52,7 +43,7 @@ func addKubeFlags(fs *flag.FlagSet) *kubeFlags {
 	k := &kubeFlags{}
 	fs.StringVar(&k.registrationDir, "registration-dir", "", "the kubelet's plugin registration directory (such as /var/lib/kubelet/plugins_registry); when set, the driver registers itself with the kubelet there; empty turns it off")
 	fs.StringVar(&k.kubeletEndpoint, "kubelet-endpoint", "", "the CSI socket's path as the kubelet sees it, told to the kubelet at registration (default <kubelet-dir>/plugins/<driver-name>/csi.sock)")
-	fs.BoolVar(&k.kubeAPI, "kube-api", false, "talk to the Kubernetes API: steer restores and clones to their source's node and write Events")
+	fs.BoolVar(&k.kubeAPI, "kube-api", false, "talk to the Kubernetes API: Events, ThinPool objects and this node's CSIStorageCapacity values (the cluster-level decisions are `csi-dmthin controller`'s)")
 	fs.StringVar(&k.kubeconfig, "kubeconfig", "", "kubeconfig file for --kube-api (default: the in-cluster service account)")
 	fs.Float64Var(&k.poolFullPercent, "pool-full-percent", 90, "with --kube-api, warn on the Node when a pool's data or metadata use reaches this percentage")
 	fs.DurationVar(&k.poolCheckInterval, "pool-check-interval", 30*time.Second, "how often pools are checked (Events, ThinPool status, autoExtend) besides at once on the kernel's events")
@@ -63,7 +54,10 @@ func addKubeFlags(fs *flag.FlagSet) *kubeFlags {
 }
 
 // kubeSide is what runs beside the CSI server for Kubernetes: the kubelet
-// registration socket and, with --kube-api, placement and Events.
+// registration socket and, with --kube-api, what reports on this node's
+// pools (Events, ThinPools, capacity) and the no-space Events on PVCs. It
+// reads and writes only objects of this node, and watches nothing: the
+// cluster-level decisions are the controller's (controller.go).
 type kubeSide struct {
 	flags            *kubeFlags
 	driverName, node string
@@ -72,13 +66,9 @@ type kubeSide struct {
 
 	// With --kube-api:
 	client       kubernetes.Interface
-	dyn          dynamic.Interface    // nil without the ThinPool API or --thinpools
-	snaps        snapclient.Interface // nil when the snapshot API is not installed
+	dyn          dynamic.Interface // nil without the ThinPool API or --thinpools
 	recorder     record.EventRecorder
 	stopRecorder func()
-	core         informers.SharedInformerFactory
-	snapInf      snapinformers.SharedInformerFactory
-	groupAPI     bool // groupsnapshot.storage.k8s.io/v1 is served
 	sink         *kube.PVCEvents
 
 	cancel   context.CancelFunc
@@ -123,24 +113,6 @@ func newKubeSide(ctx context.Context, f *kubeFlags, driverName, kubeletDir, node
 	if k.client, err = kubernetes.NewForConfig(cfg); err != nil {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
-	has, err := hasSnapshotAPI(k.client)
-	if err != nil {
-		return nil, err
-	}
-	if has {
-		if k.snaps, err = snapclient.NewForConfig(cfg); err != nil {
-			return nil, fmt.Errorf("snapshot client: %w", err)
-		}
-		k.snapInf = snapinformers.NewSharedInformerFactory(k.snaps, informerResync)
-		if k.groupAPI, err = hasAPI(k.client, "groupsnapshot.storage.k8s.io/v1", "volumegroupsnapshotcontents"); err != nil {
-			return nil, err
-		}
-		if !k.groupAPI {
-			klog.InfoS("The group snapshot API (groupsnapshot.storage.k8s.io/v1) is not installed: group snapshot contents are not labelled for this node's csi-snapshotter until the driver restarts after it is")
-		}
-	} else {
-		klog.InfoS("The snapshot API (snapshot.storage.k8s.io/v1) is not installed: restores from VolumeSnapshots are not steered to their node until the driver restarts after it is")
-	}
 	if f.thinPools {
 		has, err := hasThinPoolAPI(k.client)
 		if err != nil {
@@ -154,9 +126,8 @@ func newKubeSide(ctx context.Context, f *kubeFlags, driverName, kubeletDir, node
 			klog.InfoS("The ThinPool API (dmthin.io/v1alpha1) is not installed: no ThinPool objects are kept until the driver restarts after it is")
 		}
 	}
-	k.recorder, k.stopRecorder = kube.NewRecorder(ctx, k.client, node)
-	k.core = informers.NewSharedInformerFactory(k.client, informerResync)
-	k.sink = kube.NewPVCEvents(k.recorder, k.core.Core().V1().PersistentVolumeClaims().Lister())
+	k.recorder, k.stopRecorder = kube.NewRecorder(ctx, k.client, kube.Component, node)
+	k.sink = kube.NewPVCEvents(k.recorder, k.client)
 	return k, nil
 }
 
@@ -268,46 +239,9 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 	if k.client == nil {
 		return nil
 	}
-	opts := kube.PlacementOptions{
-		DriverName: k.driverName, NodeName: k.node, Owner: d, Client: k.client, Recorder: k.recorder,
-		Informers: k.core, SnapshotInformers: k.snapInf, // nil without the snapshot API
-	}
-	p, err := kube.NewPlacement(opts)
-	if err != nil {
-		return err
-	}
-	var adopter *kube.Adopter
-	if k.snapInf != nil {
-		adopter, err = kube.NewAdopter(kube.AdopterOptions{
-			DriverName: k.driverName, NodeName: k.node, Owner: d, Client: k.snaps, Recorder: k.recorder, Informers: k.snapInf,
-		})
-		if err != nil {
-			return err
-		}
-		k.run(ctx, fail, adopter.Run)
-	}
-	if k.groupAPI {
-		groups, err := kube.NewGroupAdopter(kube.GroupAdopterOptions{
-			DriverName: k.driverName, NodeName: k.node, Owner: d, Client: k.snaps, Recorder: k.recorder, Informers: k.snapInf,
-		})
-		if err != nil {
-			return err
-		}
-		k.run(ctx, fail, groups.Run)
-	}
-	k.core.Start(ctx.Done())
-	if k.snapInf != nil {
-		k.snapInf.Start(ctx.Done())
-	}
 	watcher := kube.NewPoolWatcher(k.node, pools, k.flags.poolFullPercent, k.recorder)
 	mon.listen(func(pool string, _ bool) { watcher.Wake(pool) })
-	k.wg.Add(2)
-	go func() {
-		defer k.wg.Done()
-		if err := p.Run(ctx, 2); err != nil && ctx.Err() == nil {
-			fail(err)
-		}
-	}()
+	k.wg.Add(1)
 	go func() {
 		defer k.wg.Done()
 		watcher.Run(ctx, k.flags.poolCheckInterval)
@@ -348,18 +282,6 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 	return nil
 }
 
-// run runs a controller with one worker until ctx is done, joined by
-// stop; its failure before then goes to fail.
-func (k *kubeSide) run(ctx context.Context, fail func(error), controller func(context.Context, int) error) {
-	k.wg.Add(1)
-	go func() {
-		defer k.wg.Done()
-		if err := controller(ctx, 1); err != nil && ctx.Err() == nil {
-			fail(err)
-		}
-	}()
-}
-
 // healthy fails when the kubelet refused our registration.
 func (k *kubeSide) healthy() error {
 	if k == nil || k.reg == nil {
@@ -391,12 +313,6 @@ func (k *kubeSide) stop() {
 			k.cancel()
 		}
 		k.wg.Wait()
-		if k.core != nil {
-			k.core.Shutdown()
-		}
-		if k.snapInf != nil {
-			k.snapInf.Shutdown()
-		}
 		if k.stopRecorder != nil {
 			k.stopRecorder()
 		}

@@ -6,10 +6,11 @@ import (
 	"flag"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
+	"sync"
 	"testing"
 	"time"
 
@@ -125,15 +126,19 @@ func TestKubeSideRegistersWithTheKubelet(t *testing.T) {
 	}
 }
 
-// With --kube-api against an API server that has no snapshot API (and
-// answers nothing else either), the side starts without snapshot support,
-// hands the driver an event sink, and stops promptly.
-func TestKubeSideWithoutSnapshotAPIStartsAndStops(t *testing.T) {
-	var snapshotAsked atomic.Bool
+// With --kube-api the node side starts, hands the driver an event sink,
+// and stops promptly; it asks the API server about nothing cluster-wide:
+// no watch at all, no list but of its own node's objects (the cluster's
+// decisions are the controller's).
+func TestKubeSideWatchesNothing(t *testing.T) {
+	var (
+		mu   sync.Mutex
+		reqs []string
+	)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if strings.HasPrefix(r.URL.Path, "/apis/snapshot.storage.k8s.io/v1") {
-			snapshotAsked.Store(true)
-		}
+		mu.Lock()
+		reqs = append(reqs, r.Method+" "+r.URL.RequestURI())
+		mu.Unlock()
 		http.NotFound(w, r)
 	}))
 	defer srv.Close()
@@ -147,15 +152,12 @@ current-context: x
 `), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	kf := &kubeFlags{kubeAPI: true, kubeconfig: kc, poolFullPercent: 90, poolCheckInterval: time.Hour}
+	kf := &kubeFlags{kubeAPI: true, kubeconfig: kc, poolFullPercent: 90, poolCheckInterval: time.Hour, capacityNamespace: "csi-dmthin", thinPools: true}
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	ks, err := newKubeSide(ctx, kf, csi.DefaultDriverName, "/var/lib/kubelet", "node-a")
 	if err != nil {
 		t.Fatal(err)
-	}
-	if !snapshotAsked.Load() || ks.snaps != nil || ks.snapInf != nil {
-		t.Errorf("snapshot API asked %v, client %v: want asked and off", snapshotAsked.Load(), ks.snaps)
 	}
 	if ks.eventSink() == nil {
 		t.Error("no event sink with --kube-api")
@@ -163,11 +165,38 @@ current-context: x
 	if err := ks.start(ctx, &csi.Driver{}, map[string]kube.UsageSource{}, nil, newPoolMonitor(nil, nil, time.Second), func(err error) { t.Errorf("kube side failed: %v", err) }); err != nil {
 		t.Fatal(err)
 	}
+	ks.eventSink().ProvisioningNoSpace("db", "data", "no space")
+	time.Sleep(200 * time.Millisecond) // what starts at once has asked by now
 	done := make(chan struct{})
 	go func() { ks.stop(); close(done) }()
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("stop hung")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(reqs) == 0 {
+		t.Fatal("the node side asked the API server nothing")
+	}
+	sawPVC := false
+	for _, r := range reqs {
+		u, err := url.Parse(strings.TrimPrefix(strings.TrimPrefix(r, "GET "), "POST "))
+		if err != nil {
+			t.Fatal(err)
+		}
+		q := u.Query()
+		switch {
+		case q.Get("watch") == "true" || q.Has("watch") || strings.Contains(u.Path, "/watch/"):
+			t.Errorf("the node side watches: %s", r)
+		case strings.HasPrefix(r, "GET /api/v1/namespaces/db/persistentvolumeclaims/data"):
+			sawPVC = true // the no-space Event's PVC, read once
+		case strings.HasPrefix(r, "GET /api/v1/") && !strings.Contains(u.Path, "/namespaces/"),
+			strings.Contains(u.Path, "persistentvolume"), strings.Contains(u.Path, "snapshot"), strings.Contains(u.Path, "storageclasses"):
+			t.Errorf("the node side reads cluster-wide objects: %s", r)
+		}
+	}
+	if !sawPVC {
+		t.Errorf("the no-space Event's PVC was not read; requests: %q", reqs)
 	}
 }

@@ -1,8 +1,10 @@
 // Command csi-dmthin is the csi-dmthin CSI driver: one binary serving the
 // Identity, Controller and Node services next to this node's dm-thin pools,
-// plus the subcommands an operator reaches with `kubectl exec`.
+// the cluster's controller (one leader-elected Deployment), and the
+// subcommands an operator reaches with `kubectl exec`.
 //
 //	csi-dmthin serve --node-id=$(NODE_NAME) --config=/etc/csi-dmthin/pools.yaml
+//	csi-dmthin controller
 //	csi-dmthin config check --config=/etc/csi-dmthin/pools.yaml
 //	csi-dmthin pool status
 //	csi-dmthin pool grow POOL [--data-file-size=40Gi]
@@ -28,6 +30,7 @@ const usageText = `usage: csi-dmthin <command> [flags]
 
 commands:
   serve          serve the CSI services on this node's pools
+  controller     make the cluster's decisions (restore placement, content adoption), leader-elected
   config check   check a pools file (every problem at once), without the kernel
   pool status    show each pool's space, health and counts (asks the running driver)
   pool grow      grow a pool online onto larger devices or files (asks the running driver)
@@ -72,6 +75,8 @@ func mainStatus(args []string, stdout, stderr io.Writer) int {
 	switch cmd := args[0]; {
 	case cmd == "serve":
 		err = serve(args[1:])
+	case cmd == "controller":
+		err = controllerCmd(args[1:])
 	case cmd == "config" && sub == "check":
 		err = configCheck(args[2:])
 	case cmd == "pool" && sub == "status":

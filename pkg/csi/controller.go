@@ -161,7 +161,7 @@ func (d *Driver) volumeFor(pool Pool, v *thinpool.Volume, fsType string, src *cs
 		ctx[ParamFSType] = fsType
 	}
 	return &csipb.Volume{
-		VolumeId:           objectID{pool.Name(), v.Name}.String(),
+		VolumeId:           objectID{pool: pool.Name(), name: v.Name}.String(),
 		CapacityBytes:      v.SizeBytes,
 		VolumeContext:      ctx,
 		ContentSource:      src,
@@ -205,13 +205,17 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReques
 	default:
 		return nil, invalid("volume_content_source: want a snapshot or a volume")
 	}
-	lockIDs := []string{objectID{pool.Name(), name}.String()}
+	lockIDs := []string{objectID{pool: pool.Name(), name: name}.String()}
 	if src != nil {
 		field := "volume_content_source.snapshot.snapshot_id"
 		if src.GetVolume() != nil {
 			field = "volume_content_source.volume.volume_id"
 		}
-		id, err := mustParseID(field, sourceID)
+		parse := d.mustParseSnapshotID
+		if src.GetVolume() != nil {
+			parse = d.mustParseID
+		}
+		id, err := parse(field, sourceID)
 		if err != nil {
 			return nil, err
 		}
@@ -229,7 +233,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReques
 		if source.Kind != wantKind {
 			return nil, notFound("%s %s is a %s, not a %s", field, sourceID, source.Kind, wantKind)
 		}
-		lockIDs = append(lockIDs, sourceID)
+		lockIDs = append(lockIDs, id.String())
 	}
 	minBytes := int64(0)
 	if usesFS(req.GetVolumeCapabilities(), params.fsType, "xfs") {
@@ -290,7 +294,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReques
 	if err != nil {
 		return nil, d.reportNoSpace(req, pool.Name(), toStatus(err, "create volume %q", req.GetName()))
 	}
-	klog.FromContext(ctx).Info("Created volume", "volume", objectID{pool.Name(), name}, "bytes", v.SizeBytes, "source", sourceID, "template", isTemplateName(v.Source))
+	klog.FromContext(ctx).Info("Created volume", "volume", objectID{pool: pool.Name(), name: name}, "bytes", v.SizeBytes, "source", sourceID, "template", isTemplateName(v.Source))
 	return &csipb.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, src)}, nil
 }
 
@@ -314,6 +318,17 @@ func (d *Driver) deleteObject(ctx context.Context, field, s string, kind thinpoo
 	id, ok := parseID(s)
 	if !ok {
 		return nil
+	}
+	if id.node != "" && kind != thinpool.KindSnapshot {
+		if id.node == d.nodeID {
+			return notFound("%s %s is a snapshot ID (<node>/<pool>/<name>), not a volume ID (<pool>/<name>)", field, s)
+		}
+		return nil // a volume ID never names a node: not ours
+	}
+	if id.node != "" && id.node != d.nodeID {
+		// It exists, for all this node knows, on the node it names:
+		// success here would have Kubernetes forget it there.
+		return status.Errorf(codes.FailedPrecondition, "%s %s is on node %s, not on this node %s", field, s, id.node, d.nodeID)
 	}
 	pool, err := d.pool(id.pool)
 	if err != nil {
@@ -350,7 +365,7 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csipb.Vali
 	if len(req.GetVolumeCapabilities()) == 0 {
 		return nil, invalid("volume_capabilities is required")
 	}
-	id, err := mustParseID("volume_id", req.GetVolumeId())
+	id, err := d.mustParseID("volume_id", req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -385,7 +400,7 @@ func (d *Driver) getVolume(id objectID) (*thinpool.Volume, error) {
 }
 
 func (d *Driver) ControllerGetVolume(ctx context.Context, req *csipb.ControllerGetVolumeRequest) (*csipb.ControllerGetVolumeResponse, error) {
-	id, err := mustParseID("volume_id", req.GetVolumeId())
+	id, err := d.mustParseID("volume_id", req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -445,7 +460,7 @@ func (d *Driver) all(kind thinpool.Kind) []struct {
 		}
 	}
 	sort.Slice(out, func(i, j int) bool {
-		return objectID{out[i].pool.Name(), out[i].v.Name}.String() < objectID{out[j].pool.Name(), out[j].v.Name}.String()
+		return objectID{pool: out[i].pool.Name(), name: out[i].v.Name}.String() < objectID{pool: out[j].pool.Name(), name: out[j].v.Name}.String()
 	})
 	return out
 }
@@ -498,8 +513,8 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequest)
 
 func (d *Driver) snapshotFor(pool Pool, v *thinpool.Volume) *csipb.Snapshot {
 	return &csipb.Snapshot{
-		SnapshotId:         objectID{pool.Name(), v.Name}.String(),
-		SourceVolumeId:     objectID{pool.Name(), v.Source}.String(),
+		SnapshotId:         snapshotID(d.nodeID, pool.Name(), v.Name),
+		SourceVolumeId:     objectID{pool: pool.Name(), name: v.Source}.String(),
 		SizeBytes:          v.SizeBytes,
 		CreationTime:       timestamppb.New(v.CreatedAt),
 		ReadyToUse:         true,
@@ -511,7 +526,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csipb.CreateSnapshotRe
 	if err := checkName("name", req.GetName()); err != nil {
 		return nil, err
 	}
-	src, err := mustParseID("source_volume_id", req.GetSourceVolumeId())
+	src, err := d.mustParseID("source_volume_id", req.GetSourceVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -526,7 +541,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csipb.CreateSnapshotRe
 	}
 	pool, _ := d.pool(src.pool)
 	name := deviceName(req.GetName())
-	snapID := objectID{pool.Name(), name}.String()
+	snapID := objectID{pool: pool.Name(), name: name}.String()
 	unlock, err := d.locks.lock(snapID, src.String())
 	if err != nil {
 		return nil, err
@@ -557,11 +572,12 @@ func (d *Driver) ListSnapshots(ctx context.Context, req *csipb.ListSnapshotsRequ
 	all := d.all(thinpool.KindSnapshot)
 	filtered := all[:0:0]
 	for _, it := range all {
-		id := objectID{it.pool.Name(), it.v.Name}.String()
-		if req.GetSnapshotId() != "" && req.GetSnapshotId() != id {
-			continue
+		if want := req.GetSnapshotId(); want != "" {
+			if id, ok := d.parseID(want); !ok || id.String() != (objectID{pool: it.pool.Name(), name: it.v.Name}).String() {
+				continue
+			}
 		}
-		if req.GetSourceVolumeId() != "" && req.GetSourceVolumeId() != (objectID{it.pool.Name(), it.v.Source}).String() {
+		if req.GetSourceVolumeId() != "" && req.GetSourceVolumeId() != (objectID{pool: it.pool.Name(), name: it.v.Source}).String() {
 			continue
 		}
 		filtered = append(filtered, it)
@@ -579,7 +595,7 @@ func (d *Driver) ListSnapshots(ctx context.Context, req *csipb.ListSnapshotsRequ
 }
 
 func (d *Driver) GetSnapshot(ctx context.Context, req *csipb.GetSnapshotRequest) (*csipb.GetSnapshotResponse, error) {
-	id, err := mustParseID("snapshot_id", req.GetSnapshotId())
+	id, err := d.mustParseSnapshotID("snapshot_id", req.GetSnapshotId())
 	if err != nil {
 		return nil, err
 	}

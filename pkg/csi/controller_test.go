@@ -198,7 +198,7 @@ func TestCreateSnapshotIdempotent(t *testing.T) {
 	a := e.createVolume("a").GetVolumeId()
 	b := e.createVolume("b").GetVolumeId()
 	s := e.createSnapshot("snap-1", a)
-	if s.GetSnapshotId() != testPool+"/snap-1" || s.GetCreationTime() == nil {
+	if s.GetSnapshotId() != testNode+"/"+testPool+"/snap-1" || s.GetCreationTime() == nil {
 		t.Errorf("snapshot %v", s)
 	}
 	if topo := s.GetAccessibleTopology(); len(topo) != 1 || topo[0].GetSegments()[TopologyKey] != testNode {
@@ -331,13 +331,15 @@ func TestListPagination(t *testing.T) {
 		req  *csipb.ListSnapshotsRequest
 		want []string
 	}{
-		"all, paged":         {&csipb.ListSnapshotsRequest{MaxEntries: 1}, []string{testPool + "/s0", testPool + "/s1", testPool + "/s2"}},
-		"by id":              {&csipb.ListSnapshotsRequest{SnapshotId: testPool + "/s1"}, []string{testPool + "/s1"}},
-		"by unknown id":      {&csipb.ListSnapshotsRequest{SnapshotId: testPool + "/nope"}, nil},
+		"all, paged":         {&csipb.ListSnapshotsRequest{MaxEntries: 1}, []string{snapID("s0"), snapID("s1"), snapID("s2")}},
+		"by id":              {&csipb.ListSnapshotsRequest{SnapshotId: snapID("s1")}, []string{snapID("s1")}},
+		"by id without node": {&csipb.ListSnapshotsRequest{SnapshotId: testPool + "/s1"}, []string{snapID("s1")}},
+		"by other node's id": {&csipb.ListSnapshotsRequest{SnapshotId: "node-b/" + testPool + "/s1"}, nil},
+		"by unknown id":      {&csipb.ListSnapshotsRequest{SnapshotId: snapID("nope")}, nil},
 		"by malformed id":    {&csipb.ListSnapshotsRequest{SnapshotId: "nope"}, nil},
 		"by a volume's id":   {&csipb.ListSnapshotsRequest{SnapshotId: vols[0]}, nil},
-		"by source":          {&csipb.ListSnapshotsRequest{SourceVolumeId: vols[0], MaxEntries: 1}, []string{testPool + "/s0", testPool + "/s1"}},
-		"by source and id":   {&csipb.ListSnapshotsRequest{SourceVolumeId: vols[1], SnapshotId: testPool + "/s0"}, nil},
+		"by source":          {&csipb.ListSnapshotsRequest{SourceVolumeId: vols[0], MaxEntries: 1}, []string{snapID("s0"), snapID("s1")}},
+		"by source and id":   {&csipb.ListSnapshotsRequest{SourceVolumeId: vols[1], SnapshotId: snapID("s0")}, nil},
 		"by unknown source":  {&csipb.ListSnapshotsRequest{SourceVolumeId: "gamma/v0"}, nil},
 		"by snapless source": {&csipb.ListSnapshotsRequest{SourceVolumeId: vols[2]}, nil},
 	} {
@@ -506,10 +508,18 @@ func TestControllerUnknownIDs(t *testing.T) {
 		"bad pool":     "Pool!/vol",
 		"unknown pool": "gamma/vol",
 		"unknown name": testPool + "/missing",
-		"nested":       testPool + "/a/b",
+		"nested":       testPool + "/a/b/c",
+		// A snapshot ID naming another node: that node's, not this one's.
+		"other node's": "node-b/" + testPool + "/snap",
 	}
 	var cases []badCase
 	for what, id := range ids {
+		// Deleting what does not exist succeeds; a snapshot on another
+		// node exists there, and success would have it forgotten.
+		deleteSnapshot := codes.OK
+		if what == "other node's" {
+			deleteSnapshot = codes.FailedPrecondition
+		}
 		cases = append(cases,
 			badCase{"ControllerGetVolume/" + what, func(ctx context.Context, d *Driver) error {
 				return ignore(d.ControllerGetVolume(ctx, &csipb.ControllerGetVolumeRequest{VolumeId: id}))
@@ -540,7 +550,7 @@ func TestControllerUnknownIDs(t *testing.T) {
 			}, codes.OK, nil},
 			badCase{"DeleteSnapshot/" + what, func(ctx context.Context, d *Driver) error {
 				return ignore(d.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: id}))
-			}, codes.OK, nil},
+			}, deleteSnapshot, nil},
 		)
 	}
 	// A snapshot is not a volume, nor the other way round.

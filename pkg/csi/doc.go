@@ -9,10 +9,13 @@
 // one place (errors.go).
 //
 // Capacity and admission are pkg/thinpool's: GetCapacity reports the pool's
-// Usage.AvailableBytes, a refused CreateVolume is the pool's ErrNoSpace
-// (ResourceExhausted), and RoomFor (owner.go) asks Pool.Admit. Nothing here
-// repeats the rule, and nothing here imports pkg/devmapper: a pool's mode
-// is a thinpool.Mode.
+// Usage.AvailableBytes and a refused CreateVolume is the pool's ErrNoSpace
+// (ResourceExhausted). Nothing here repeats the rule, and nothing here
+// imports pkg/devmapper: a pool's mode is a thinpool.Mode.
+//
+// IDs (ids.go): a volume is "<pool>/<name>", a snapshot
+// "<node>/<pool>/<name>" (the form without the node stays valid), so that
+// the cluster's controller can tell a snapshot's node from its handle.
 //
 // No path outside the kubelet directory is mounted over, unmounted, made or
 // removed (paths.go): a path a CO gives is checked on its string, then only

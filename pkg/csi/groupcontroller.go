@@ -56,7 +56,7 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csipb.Creat
 	seen := map[string]bool{}
 	var elsewhere []string
 	for i, s := range req.GetSourceVolumeIds() {
-		id, err := mustParseID("source_volume_ids", s)
+		id, err := d.mustParseID("source_volume_ids", s)
 		if err != nil {
 			return nil, status.Errorf(codes.NotFound, "source_volume_ids[%d]: %s", i, status.Convert(err).Message())
 		}
@@ -85,7 +85,7 @@ func (d *Driver) CreateVolumeGroupSnapshot(ctx context.Context, req *csipb.Creat
 			strings.Join(elsewhere, ", "), poolName(pool), d.nodeID)
 	}
 	group := deviceName(req.GetName())
-	groupID := objectID{pool.Name(), group}.String()
+	groupID := objectID{pool: pool.Name(), name: group}.String()
 	members := make([]thinpool.GroupMember, len(ids))
 	lockIDs := []string{groupID}
 	for i, id := range ids {
@@ -136,7 +136,7 @@ func poolName(p Pool) string {
 
 // groupFor is a group snapshot's CSI form.
 func (d *Driver) groupFor(pool Pool, group string, vols []thinpool.Volume) *csipb.VolumeGroupSnapshot {
-	g := &csipb.VolumeGroupSnapshot{GroupSnapshotId: objectID{pool.Name(), group}.String(), ReadyToUse: true}
+	g := &csipb.VolumeGroupSnapshot{GroupSnapshotId: objectID{pool: pool.Name(), name: group}.String(), ReadyToUse: true}
 	for i := range vols {
 		s := d.snapshotFor(pool, &vols[i])
 		s.GroupSnapshotId = g.GroupSnapshotId
@@ -153,7 +153,7 @@ func (d *Driver) groupFor(pool Pool, group string, vols []thinpool.Volume) *csip
 // (a delete that failed part way and is retried), a set that holds every
 // member left.
 func (d *Driver) lookupGroup(field, s string, snapshotIDs []string, partOK bool) (Pool, string, []thinpool.Volume, error) {
-	id, ok := parseID(s)
+	id, ok := d.parseID(s)
 	if !ok {
 		return nil, "", nil, notFound("%s %q is not a csi-dmthin ID (<pool>/<name>)", field, s)
 	}
@@ -168,9 +168,16 @@ func (d *Driver) lookupGroup(field, s string, snapshotIDs []string, partOK bool)
 	if len(snapshotIDs) > 0 {
 		var have, want []string
 		for _, v := range vols {
-			have = append(have, objectID{pool.Name(), v.Name}.String())
+			have = append(have, objectID{pool: pool.Name(), name: v.Name}.String())
 		}
-		want = slices.Clone(snapshotIDs)
+		for _, s := range snapshotIDs {
+			// Either form of a snapshot ID of this node names the same
+			// snapshot.
+			if id, ok := d.parseID(s); ok {
+				s = id.String()
+			}
+			want = append(want, s)
+		}
 		sort.Strings(have)
 		sort.Strings(want)
 		match := slices.Equal(have, want)

@@ -38,7 +38,7 @@ func poolHealth(p Pool) []*csipb.VolumeHealth_VolumeHealthEntry {
 }
 
 func (d *Driver) ControllerGetVolumeHealth(ctx context.Context, req *csipb.ControllerGetVolumeHealthRequest) (*csipb.ControllerGetVolumeHealthResponse, error) {
-	id, err := mustParseID("volume_id", req.GetVolumeId())
+	id, err := d.mustParseID("volume_id", req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -62,7 +62,7 @@ func (d *Driver) ControllerListVolumeHealth(ctx context.Context, req *csipb.Cont
 			h = poolHealth(it.pool)
 			health[it.pool.Name()] = h
 		}
-		resp.Entries = append(resp.Entries, &csipb.VolumeHealth{VolumeId: objectID{it.pool.Name(), it.v.Name}.String(), HealthStatuses: h})
+		resp.Entries = append(resp.Entries, &csipb.VolumeHealth{VolumeId: objectID{pool: it.pool.Name(), name: it.v.Name}.String(), HealthStatuses: h})
 	}
 	return resp, nil
 }

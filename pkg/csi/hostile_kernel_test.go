@@ -531,7 +531,7 @@ func hostileRequests(c hostileClient, e hostileEnv) []hostileReq {
 		if err != nil {
 			return err
 		}
-		if id := resp.GetSnapshot().GetSnapshotId(); !hashedID.MatchString(id) {
+		if id := resp.GetSnapshot().GetSnapshotId(); !hashedID.MatchString(strings.TrimPrefix(id, testNode+"/")) {
 			return status.Errorf(codes.Internal, "snapshot %q, not a hashed one", id)
 		}
 		_, err = c.DeleteSnapshot(ctx, &csipb.DeleteSnapshotRequest{SnapshotId: resp.GetSnapshot().GetSnapshotId()})

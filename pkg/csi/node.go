@@ -88,7 +88,7 @@ func (d *Driver) lockVolume(volumeID string) (objectID, *thinpool.Volume, func()
 // holds it). The volume need not exist: unstaging or unpublishing one that
 // is gone must still succeed.
 func (d *Driver) lockID(volumeID string) (objectID, func(), error) {
-	id, err := mustParseID("volume_id", volumeID)
+	id, err := d.mustParseID("volume_id", volumeID)
 	if err != nil {
 		return objectID{}, nil, err
 	}
@@ -525,7 +525,7 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csipb.NodeGetVolum
 	if err := required("volume_id", req.GetVolumeId(), "volume_path", req.GetVolumePath()); err != nil {
 		return nil, err
 	}
-	id, err := mustParseID("volume_id", req.GetVolumeId())
+	id, err := d.mustParseID("volume_id", req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -639,7 +639,7 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csipb.NodeGetVolu
 			return nil, err
 		}
 	}
-	id, err := mustParseID("volume_id", req.GetVolumeId())
+	id, err := d.mustParseID("volume_id", req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}

@@ -4,10 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
+	"sync"
 
 	snapv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumesnapshot/v1"
 	snapclient "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned"
-	snapinformers "github.com/kubernetes-csi/external-snapshotter/client/v8/informers/externalversions"
 	snaplisters "github.com/kubernetes-csi/external-snapshotter/client/v8/listers/volumesnapshot/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -19,11 +20,17 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// ReasonAdopted is the Normal Event on a VolumeSnapshotContent this node
-// labelled for its own csi-snapshotter.
-const ReasonAdopted = "SnapshotContentAdopted"
+// Events on a VolumeSnapshotContent.
+const (
+	// ReasonAdopted (Normal): labelled for the csi-snapshotter of the node
+	// that holds its snapshot.
+	ReasonAdopted = "SnapshotContentAdopted"
+	// ReasonContentNodeUnknown (Warning): no record names the node that
+	// holds it.
+	ReasonContentNodeUnknown = "SnapshotContentNodeUnknown"
+)
 
-// Adopter gives this node's csi-snapshotter the VolumeSnapshotContents of
+// Adopter gives each node's csi-snapshotter the VolumeSnapshotContents of
 // our driver that no csi-snapshotter would ever see.
 //
 // In distributed snapshotting each node's csi-snapshotter watches only the
@@ -32,42 +39,42 @@ const ReasonAdopted = "SnapshotContentAdopted"
 // pre-provisioned content (an operator importing an existing snapshot by
 // its handle, or Kubernetes' own storage tests) has no label, so it would
 // stay not ready for ever, and deleting it with policy Delete would never
-// delete the snapshot. The node whose pool holds the snapshot (or, for a
-// content made from a volume before distributed snapshotting was turned
-// on, the volume) labels it, and its csi-snapshotter takes it from there.
+// delete the snapshot. The adopter labels it with the node its handle
+// names (a snapshot ID carries its node), or the node of the PV with its
+// source volume handle; when neither names one, it says so on the content.
 type Adopter struct {
-	driver, node string
-	owner        Owner
-	client       snapclient.Interface
-	recorder     record.EventRecorder
-	contents     snaplisters.VolumeSnapshotContentLister
-	synced       cache.InformerSynced
-	queue        workqueue.TypedRateLimitingInterface[string]
+	driver   string
+	client   snapclient.Interface
+	recorder record.EventRecorder
+	view     *View
+	contents snaplisters.VolumeSnapshotContentLister
+	synced   []cache.InformerSynced
+	queue    workqueue.TypedRateLimitingInterface[string]
+
+	mu     sync.Mutex
+	warned map[types.UID]bool // contents told no record names their node
 }
 
 // AdopterOptions configure an Adopter.
 type AdopterOptions struct {
-	DriverName string
-	NodeName   string
-	Owner      Owner
-	Client     snapclient.Interface
-	Recorder   record.EventRecorder
-	// Informers is the snapshot informer factory; whoever made it starts it
-	// (after NewAdopter).
-	Informers   snapinformers.SharedInformerFactory
+	DriverName  string
+	Client      snapclient.Interface
+	Recorder    record.EventRecorder
+	View        *View                              // with the snapshot informers
 	RateLimiter workqueue.TypedRateLimiter[string] // default exponential, 1s to 5m
 }
 
 // NewAdopter sets up the content informer's handlers; Run does the work.
 func NewAdopter(o AdopterOptions) (*Adopter, error) {
-	if o.DriverName == "" || o.NodeName == "" || o.Owner == nil || o.Client == nil || o.Recorder == nil || o.Informers == nil {
-		return nil, errors.New("kube: the content adopter needs a driver name, node name, owner, snapshot client, recorder and informers")
+	if o.DriverName == "" || o.Client == nil || o.Recorder == nil || o.View == nil || o.View.snapInf == nil {
+		return nil, errors.New("kube: the content adopter needs a driver name, snapshot client, recorder and a view with the snapshot informers")
 	}
-	inf := o.Informers.Snapshot().V1().VolumeSnapshotContents()
+	inf := o.View.snapInf.Snapshot().V1().VolumeSnapshotContents()
 	a := &Adopter{
-		driver: o.DriverName, node: o.NodeName, owner: o.Owner, client: o.Client, recorder: o.Recorder,
-		contents: inf.Lister(), synced: inf.Informer().HasSynced,
-		queue: newQueue("csi-dmthin-adopter", o.RateLimiter),
+		driver: o.DriverName, client: o.Client, recorder: o.Recorder, view: o.View,
+		contents: inf.Lister(), synced: append(slices.Clone(o.View.synced), inf.Informer().HasSynced),
+		queue:  newQueue("csi-dmthin-adopter", o.RateLimiter),
+		warned: map[types.UID]bool{},
 	}
 	add := func(obj any) {
 		if vsc, ok := obj.(*snapv1.VolumeSnapshotContent); ok && a.unclaimed(vsc) {
@@ -88,15 +95,15 @@ func (a *Adopter) unclaimed(vsc *snapv1.VolumeSnapshotContent) bool {
 }
 
 // Run labels contents with workers goroutines until ctx is done. The
-// informer factory must have been started.
+// informer factories must have been started.
 func (a *Adopter) Run(ctx context.Context, workers int) error {
-	w := &worker{name: "adopter", what: "content", queue: a.queue, synced: []cache.InformerSynced{a.synced}, sync: a.sync}
+	w := &worker{name: "adopter", what: "content", queue: a.queue, synced: a.synced, sync: a.sync}
 	return w.run(ctx, workers, func(logger klog.Logger) {
-		logger.Info("Labelling pre-provisioned snapshot contents held on this node for its csi-snapshotter", "node", a.node)
+		logger.Info("Labelling pre-provisioned snapshot contents for the csi-snapshotter of the node that holds them")
 	})
 }
 
-// sync labels one content when this node holds its source. The patch
+// sync labels one content for the node its records name. The patch
 // carries the resourceVersion read, so a content that changed meanwhile
 // (labelled by the snapshot-controller, say) is read again, not written
 // over.
@@ -111,30 +118,26 @@ func (a *Adopter) sync(ctx context.Context, name string) (retry bool, err error)
 	if !a.unclaimed(vsc) {
 		return false, nil
 	}
-	var what, id string
-	switch src := vsc.Spec.Source; {
-	case src.SnapshotHandle != nil && *src.SnapshotHandle != "":
-		what, id = "snapshot", *src.SnapshotHandle
-		if !a.owner.HasSnapshot(id) {
-			return false, nil // another node's, or nobody's
+	node, how := a.view.contentNode(vsc)
+	if node == "" {
+		a.mu.Lock()
+		said := a.warned[vsc.UID]
+		a.warned[vsc.UID] = true
+		a.mu.Unlock()
+		if !said {
+			a.recorder.Eventf(vsc, corev1.EventTypeWarning, ReasonContentNodeUnknown, "no record names the node that holds snapshot %q (a handle without a node, no PersistentVolume with its source volume handle): label this content %s=<node> for that node's csi-snapshotter to take it", contentHandle(vsc), LabelManagedBy)
 		}
-	case src.VolumeHandle != nil && *src.VolumeHandle != "":
-		what, id = "volume", *src.VolumeHandle
-		if !a.owner.HasVolume(id) {
-			return false, nil
-		}
-	default:
-		return false, nil
+		return true, nil // a PV may yet appear; look again with backoff
 	}
-	labelled, retry, err := labelForNode(ctx, a.node, vsc.ResourceVersion, func(ctx context.Context, patch []byte) error {
+	labelled, retry, err := labelForNode(ctx, node, vsc.ResourceVersion, func(ctx context.Context, patch []byte) error {
 		_, err := a.client.SnapshotV1().VolumeSnapshotContents().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{})
 		return err
 	})
 	if !labelled {
 		return retry, err
 	}
-	klog.FromContext(ctx).Info("Labelled a snapshot content for this node's csi-snapshotter: the node holds its source", "content", name, what, id)
-	a.recorder.Eventf(vsc, corev1.EventTypeNormal, ReasonAdopted, "node %s holds %s %s; labelled %s=%s so that node's csi-snapshotter manages this content", a.node, what, id, LabelManagedBy, a.node)
+	klog.FromContext(ctx).Info("Labelled a snapshot content for the csi-snapshotter of the node that holds it", "content", name, "node", node, "by", how)
+	a.recorder.Eventf(vsc, corev1.EventTypeNormal, ReasonAdopted, "node %s holds it (by %s); labelled %s=%s so that node's csi-snapshotter manages this content", node, how, LabelManagedBy, node)
 	return false, nil
 }
 

@@ -6,11 +6,10 @@ import (
 	"testing"
 
 	groupv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumegroupsnapshot/v1"
-	snapinformers "github.com/kubernetes-csi/external-snapshotter/client/v8/informers/externalversions"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/tools/cache"
 )
 
 // groupContent is what the snapshot-controller makes for a new
@@ -27,29 +26,20 @@ func groupContent(name string, handles ...string) *groupv1.VolumeGroupSnapshotCo
 	}
 }
 
-type groupAdopterNode struct {
+// groupAdopter is the controller's group content adopter over the fake
+// cluster.
+type groupAdopter struct {
 	a   *GroupAdopter
 	rec *eventLog
 }
 
-func startGroupAdopter(t *testing.T, c *cluster, name string, owner GroupOwner) *groupAdopterNode {
+func startGroupAdopter(t *testing.T, c *cluster) *groupAdopter {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	inf := snapinformers.NewSharedInformerFactory(c.snap, 0)
-	rec := &eventLog{}
-	a, err := NewGroupAdopter(GroupAdopterOptions{DriverName: driverName, NodeName: name, Owner: owner, Client: c.snap, Recorder: rec, Informers: inf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	inf.Start(ctx.Done())
-	t.Cleanup(func() { cancel(); inf.Shutdown() })
-	if !cache.WaitForCacheSync(ctx.Done(), a.synced...) {
-		t.Fatal("caches did not sync")
-	}
-	return &groupAdopterNode{a: a, rec: rec}
+	n := startController(t, c, false)
+	return &groupAdopter{a: n.c.groups, rec: n.rec}
 }
 
-func (n *groupAdopterNode) sync(t *testing.T, name string) {
+func (n *groupAdopter) sync(t *testing.T, name string) {
 	t.Helper()
 	eventually(t, "the content in the cache", func() bool {
 		_, err := n.a.contents.Get(name)
@@ -69,57 +59,70 @@ func (c *cluster) groupContentLabel(t *testing.T, name string) string {
 	return g.Labels[LabelManagedBy]
 }
 
-// A group content goes to the node holding all its volumes, and to no
-// other; a pre-provisioned one to the node holding the group snapshot.
+// The PVs of a group content's volumes, on node-a (alpha) and node-b
+// (beta).
+func groupPVs() []runtime.Object {
+	return []runtime.Object{
+		volume("pv-data", "alpha/pvc-data", nodeA, "data"), volume("pv-log", "alpha/pvc-log", nodeA, "log"),
+		volume("pv-x", "alpha/pvc-x", nodeA, "x"), volume("pv-y", "alpha/pvc-y", nodeA, "y"),
+		volume("pv-b1", "beta/pvc-1", nodeB, "b1"), volume("pv-blog", "beta/pvc-log", nodeB, "blog"),
+	}
+}
+
+// A group content goes to the node holding all its volumes (their PVs'
+// affinity); a pre-provisioned one to the node its snapshot handles name.
 func TestGroupAdopterLabelsTheNodeOfTheVolumes(t *testing.T) {
 	c := newCluster(t)
 	pre := groupContent("imported-group")
 	pre.Spec.Source = groupv1.VolumeGroupSnapshotContentSource{GroupSnapshotHandles: &groupv1.GroupSnapshotHandles{
-		VolumeGroupSnapshotHandle: "beta/group-1", VolumeSnapshotHandles: []string{"beta/snap-a"},
+		VolumeGroupSnapshotHandle: "beta/group-1", VolumeSnapshotHandles: []string{nodeB + "/beta/snap-a", nodeB + "/beta/snap-b"},
 	}}
 	foreign := groupContent("foreign-group", "alpha/pvc-data")
 	foreign.Spec.Driver = "other.csi.example"
-	c.create(t, groupContent("db-group", "alpha/pvc-data", "alpha/pvc-log"), pre, foreign)
-	a := startGroupAdopter(t, c, nodeA, owning("alpha/pvc-data", "alpha/pvc-log"))
-	b := startGroupAdopter(t, c, nodeB, owning("beta/pvc-x", "beta/group-1"))
-	for _, n := range []*groupAdopterNode{a, b} {
-		for _, name := range []string{"db-group", "imported-group", "foreign-group"} {
-			n.sync(t, name)
-		}
+	c.create(t, append(groupPVs(), groupContent("db-group", "alpha/pvc-data", "alpha/pvc-log"), pre, foreign)...)
+	a := startGroupAdopter(t, c)
+	for _, name := range []string{"db-group", "imported-group", "foreign-group"} {
+		a.sync(t, name)
 	}
 	for name, want := range map[string]string{"db-group": nodeA, "imported-group": nodeB, "foreign-group": ""} {
 		if got := c.groupContentLabel(t, name); got != want {
 			t.Errorf("%s labelled %q, want %q", name, got, want)
 		}
 	}
-	if ev := a.rec.take(); len(ev) != 1 || !strings.HasPrefix(ev[0], "Normal "+ReasonGroupAdopted) || !strings.Contains(ev[0], "alpha/pvc-log") {
-		t.Errorf("node-a events %q", ev)
+	if ev := a.rec.take(); len(ev) != 2 || count(ev, "Normal "+ReasonGroupAdopted) != 2 || !strings.Contains(strings.Join(ev, "\n"), "alpha/pvc-log") {
+		t.Errorf("events %q, want two %s", ev, ReasonGroupAdopted)
 	}
 	if n := countActions(c.snap.Actions(), "patch", "volumegroupsnapshotcontents"); n != 2 {
 		t.Errorf("%d patches, want 2", n)
 	}
 }
 
-// A group whose volumes are on two nodes is taken by neither; the node of
-// its first volume says so, once.
+// A group whose volumes are on two nodes is taken by neither, and says so
+// once; one with a volume no PV names: a Warning, and another look later.
 func TestGroupAdopterGroupAcrossNodes(t *testing.T) {
 	c := newCluster(t)
-	c.create(t, groupContent("split-group", "alpha/pvc-data", "beta/pvc-log"))
-	a := startGroupAdopter(t, c, nodeA, owning("alpha/pvc-data"))
-	b := startGroupAdopter(t, c, nodeB, owning("beta/pvc-log"))
+	c.create(t, append(groupPVs(), groupContent("split-group", "alpha/pvc-data", "beta/pvc-log"), groupContent("pvless-group", "alpha/pvc-data", "alpha/pvc-nopv"))...)
+	a := startGroupAdopter(t, c)
 	for range 2 {
 		a.sync(t, "split-group")
-		b.sync(t, "split-group")
+		a.sync(t, "pvless-group")
 	}
-	if got := c.groupContentLabel(t, "split-group"); got != "" {
-		t.Fatalf("a group across nodes labelled %q", got)
+	for _, name := range []string{"split-group", "pvless-group"} {
+		if got := c.groupContentLabel(t, name); got != "" {
+			t.Errorf("%s labelled %q", name, got)
+		}
 	}
 	ev := a.rec.take()
-	if len(ev) != 1 || !strings.HasPrefix(ev[0], "Warning "+ReasonGroupSpansNodes) || !strings.Contains(ev[0], "beta/pvc-log") {
-		t.Errorf("node-a events %q, want one %s naming the volume elsewhere", ev, ReasonGroupSpansNodes)
+	if len(ev) != 2 || count(ev, "Warning "+ReasonGroupSpansNodes) != 1 || count(ev, "Warning "+ReasonGroupNodeUnknown) != 1 {
+		t.Fatalf("events %q, want one %s and one %s", ev, ReasonGroupSpansNodes, ReasonGroupNodeUnknown)
 	}
-	if ev := b.rec.take(); len(ev) != 0 {
-		t.Errorf("node-b events %q", ev)
+	for _, e := range ev {
+		if strings.Contains(e, ReasonGroupSpansNodes) && !(strings.Contains(e, "node node-b holds beta/pvc-log") && strings.Contains(e, "node node-a holds alpha/pvc-data")) {
+			t.Errorf("%q does not say which node holds what", e)
+		}
+		if strings.Contains(e, ReasonGroupNodeUnknown) && !strings.Contains(e, "alpha/pvc-nopv") {
+			t.Errorf("%q does not name the volume without a node", e)
+		}
 	}
 }
 
@@ -137,8 +140,8 @@ func TestGroupAdopterClaimsTheClass(t *testing.T) {
 	foreign.Spec.VolumeGroupSnapshotClassName = &theirs
 	lost := groupContent("missing-class", "alpha/pvc-x")
 	lost.Spec.VolumeGroupSnapshotClassName = &missing
-	c.create(t, groupClass(shared, driverName, nil), groupClass(theirs, "other.csi.example", nil), first, foreign, lost)
-	a := startGroupAdopter(t, c, nodeA, owning("alpha/pvc-data", "alpha/pvc-log", "alpha/pvc-x", "alpha/pvc-y"))
+	c.create(t, append(groupPVs(), groupClass(shared, driverName, nil), groupClass(theirs, "other.csi.example", nil), first, foreign, lost)...)
+	a := startGroupAdopter(t, c)
 	a.classesCached(t, shared, theirs)
 	for _, name := range []string{"first", "foreign-class", "missing-class"} {
 		a.sync(t, name)
@@ -165,13 +168,11 @@ func TestGroupAdopterClaimsTheClass(t *testing.T) {
 	second := groupContent("second", "beta/pvc-1")
 	second.Spec.VolumeGroupSnapshotClassName = &shared
 	c.create(t, second)
-	b := startGroupAdopter(t, c, nodeB, owning("beta/pvc-1"))
-	b.classesCached(t, shared)
-	b.sync(t, "second")
+	a.sync(t, "second")
 	if got := c.groupClassLabel(t, shared); got != nodeB {
 		t.Errorf("class %s labelled %q after node-b's group, want %q", shared, got, nodeB)
 	}
-	eventually(t, "the class change in node-a's cache", func() bool {
+	eventually(t, "the class change in the cache", func() bool {
 		got, err := a.a.classes.Get(shared)
 		return err == nil && got.Labels[LabelManagedBy] == nodeB
 	})
@@ -184,7 +185,7 @@ func TestGroupAdopterClaimsTheClass(t *testing.T) {
 	if _, err := c.snap.GroupsnapshotV1().VolumeGroupSnapshotContents().UpdateStatus(context.Background(), done, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the ready content in node-a's cache", func() bool {
+	eventually(t, "the ready content in the cache", func() bool {
 		got, err := a.a.contents.Get("first")
 		return err == nil && got.Status != nil
 	})
@@ -219,7 +220,7 @@ func (c *cluster) groupClassLabel(t *testing.T, name string) string {
 	return g.Labels[LabelManagedBy]
 }
 
-func (n *groupAdopterNode) classesCached(t *testing.T, names ...string) {
+func (n *groupAdopter) classesCached(t *testing.T, names ...string) {
 	t.Helper()
 	for _, name := range names {
 		eventually(t, "class "+name+" in the cache", func() bool {

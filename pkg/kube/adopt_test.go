@@ -7,14 +7,12 @@ import (
 	"time"
 
 	snapv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumesnapshot/v1"
-	snapinformers "github.com/kubernetes-csi/external-snapshotter/client/v8/informers/externalversions"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	k8stesting "k8s.io/client-go/testing"
-	"k8s.io/client-go/tools/cache"
 )
 
 // preProvisioned is a content an operator makes for an existing snapshot:
@@ -31,30 +29,20 @@ func preProvisioned(name, handle string) *snapv1.VolumeSnapshotContent {
 	}
 }
 
-type adopterNode struct {
+// adopter is the controller's content adopter over the fake cluster.
+type adopter struct {
 	a   *Adopter
 	rec *eventLog
 }
 
-func startAdopter(t *testing.T, c *cluster, name string, owner Owner) *adopterNode {
+func startAdopter(t *testing.T, c *cluster) *adopter {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	inf := snapinformers.NewSharedInformerFactory(c.snap, 0)
-	rec := &eventLog{}
-	a, err := NewAdopter(AdopterOptions{DriverName: driverName, NodeName: name, Owner: owner, Client: c.snap, Recorder: rec, Informers: inf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	inf.Start(ctx.Done())
-	t.Cleanup(func() { cancel(); inf.Shutdown() })
-	if !cache.WaitForCacheSync(ctx.Done(), a.synced) {
-		t.Fatal("caches did not sync")
-	}
-	return &adopterNode{a: a, rec: rec}
+	n := startController(t, c, false)
+	return &adopter{a: n.c.adopter, rec: n.rec}
 }
 
-// sync decides for one content once the node's cache has it.
-func (n *adopterNode) sync(t *testing.T, name string) bool {
+// sync decides for one content once the cache has it.
+func (n *adopter) sync(t *testing.T, name string) bool {
 	t.Helper()
 	eventually(t, "the content in the cache", func() bool {
 		_, err := n.a.contents.Get(name)
@@ -80,37 +68,26 @@ func (c *cluster) contentPatches() int {
 	return countActions(c.snap.Actions(), "patch", "volumesnapshotcontents")
 }
 
-// A pre-provisioned content is labelled by the node that holds its
-// snapshot, and only by that node, once.
-func TestAdopterLabelsPreProvisionedContentOnItsNode(t *testing.T) {
+// A pre-provisioned content is labelled for the node its handle names,
+// once.
+func TestAdopterLabelsPreProvisionedContentForItsNode(t *testing.T) {
 	c := newCluster(t)
-	c.create(t, preProvisioned("imported-content", "alpha/snap-1"))
-	a := startAdopter(t, c, nodeA, owning("alpha/snap-1"))
-	b := startAdopter(t, c, nodeB, owning("beta/snap-9"))
-
-	if b.sync(t, "imported-content") {
-		t.Error("node-b asked to retry a content it does not hold")
-	}
-	if got := c.contentLabel(t, "imported-content"); got != "" {
-		t.Fatalf("node-b labelled it %q", got)
-	}
+	c.create(t, preProvisioned("imported-content", nodeB+"/alpha/snap-1"))
+	a := startAdopter(t, c)
 	if a.sync(t, "imported-content") {
-		t.Error("node-a asked to retry after labelling")
+		t.Error("asked to retry after labelling")
 	}
-	if got := c.contentLabel(t, "imported-content"); got != nodeA {
-		t.Fatalf("managed-by = %q, want %q", got, nodeA)
+	if got := c.contentLabel(t, "imported-content"); got != nodeB {
+		t.Fatalf("managed-by = %q, want %q", got, nodeB)
 	}
 	ev := a.rec.take()
-	if len(ev) != 1 || !strings.HasPrefix(ev[0], "Normal "+ReasonAdopted) || !strings.Contains(ev[0], "alpha/snap-1") {
-		t.Errorf("node-a events %q, want one %s naming the snapshot", ev, ReasonAdopted)
+	if len(ev) != 1 || !strings.HasPrefix(ev[0], "Normal "+ReasonAdopted) || !strings.Contains(ev[0], "node "+nodeB) {
+		t.Errorf("events %q, want one %s naming the node", ev, ReasonAdopted)
 	}
-	if ev := b.rec.take(); len(ev) != 0 {
-		t.Errorf("node-b events %q", ev)
-	}
-	// Labelled now: neither node touches it again.
-	eventually(t, "the label in node-a's cache", func() bool {
+	// Labelled now: not touched again.
+	eventually(t, "the label in the cache", func() bool {
 		vsc, err := a.a.contents.Get("imported-content")
-		return err == nil && vsc.Labels[LabelManagedBy] == nodeA
+		return err == nil && vsc.Labels[LabelManagedBy] == nodeB
 	})
 	a.sync(t, "imported-content")
 	if n := c.contentPatches(); n != 1 {
@@ -119,41 +96,51 @@ func TestAdopterLabelsPreProvisionedContentOnItsNode(t *testing.T) {
 }
 
 // A content made from a volume without the label (the snapshot-controller
-// ran without distributed snapshotting) goes to the volume's node; contents
-// already labelled, or of another driver, are left alone.
+// ran without distributed snapshotting) goes to the volume's node by its
+// PV; contents already labelled, or of another driver, are left alone; a
+// handle without a node and no PV: a Warning, once, and another look
+// later.
 func TestAdopterVolumeSourceAndLeftAlone(t *testing.T) {
 	c := newCluster(t)
 	fromVolume := content("dynamic-content", "snap-1", "alpha/snap-1", "")
 	labelled := content("labelled-content", "snap-2", "alpha/snap-2", nodeB)
-	foreign := preProvisioned("foreign-content", "alpha/snap-3")
+	foreign := preProvisioned("foreign-content", nodeA+"/alpha/snap-3")
 	foreign.Spec.Driver = "ebs.csi.aws.com"
-	c.create(t, fromVolume, labelled, foreign)
-	a := startAdopter(t, c, nodeA, owning("alpha/pvc-src", "alpha/snap-2", "alpha/snap-3"))
+	unknown := preProvisioned("old-handle-content", "alpha/snap-4") // made before handles named their node
+	c.create(t, volume("pv-src", "alpha/pvc-src", nodeA, "src"), fromVolume, labelled, foreign, unknown)
+	a := startAdopter(t, c)
 	for _, name := range []string{"dynamic-content", "labelled-content", "foreign-content"} {
-		a.sync(t, name)
+		if a.sync(t, name) {
+			t.Errorf("%s: retry asked", name)
+		}
 	}
-	if got := c.contentLabel(t, "dynamic-content"); got != nodeA {
-		t.Errorf("content from a volume of node-a labelled %q", got)
+	for range 2 {
+		if !a.sync(t, "old-handle-content") {
+			t.Error("no retry for a content whose node may yet be named")
+		}
 	}
-	if got := c.contentLabel(t, "labelled-content"); got != nodeB {
-		t.Errorf("a content labelled for node-b now says %q", got)
-	}
-	if got := c.contentLabel(t, "foreign-content"); got != "" {
-		t.Errorf("another driver's content labelled %q", got)
+	for name, want := range map[string]string{"dynamic-content": nodeA, "labelled-content": nodeB, "foreign-content": "", "old-handle-content": ""} {
+		if got := c.contentLabel(t, name); got != want {
+			t.Errorf("%s labelled %q, want %q", name, got, want)
+		}
 	}
 	if n := c.contentPatches(); n != 1 {
 		t.Errorf("%d content patches, want 1", n)
+	}
+	ev := a.rec.take()
+	if len(ev) != 2 || count(ev, "Normal "+ReasonAdopted) != 1 || count(ev, "Warning "+ReasonContentNodeUnknown) != 1 {
+		t.Errorf("events %q, want one %s and one %s", ev, ReasonAdopted, ReasonContentNodeUnknown)
 	}
 }
 
 // A content that changed since it was read is read again, not written over.
 func TestAdopterRetriesOnConflict(t *testing.T) {
 	c := newCluster(t)
-	c.create(t, preProvisioned("imported-content", "alpha/snap-1"))
+	c.create(t, preProvisioned("imported-content", nodeA+"/alpha/snap-1"))
 	c.snap.PrependReactor("patch", "volumesnapshotcontents", func(k8stesting.Action) (bool, runtime.Object, error) {
 		return true, nil, apierrors.NewConflict(schema.GroupResource{Group: snapshotGroup, Resource: "volumesnapshotcontents"}, "imported-content", nil)
 	})
-	a := startAdopter(t, c, nodeA, owning("alpha/snap-1"))
+	a := startAdopter(t, c)
 	if !a.sync(t, "imported-content") {
 		t.Error("no retry after a conflict")
 	}
@@ -168,17 +155,8 @@ func TestAdopterRetriesOnConflict(t *testing.T) {
 // Run picks a new content up from the informer by itself.
 func TestAdopterRunLabelsNewContent(t *testing.T) {
 	c := newCluster(t)
-	a := startAdopter(t, c, nodeA, owning("alpha/snap-1"))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.a.Run(ctx, 1) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
-	c.create(t, preProvisioned("imported-content", "alpha/snap-1"))
+	startController(t, c, true)
+	c.create(t, preProvisioned("imported-content", nodeA+"/alpha/snap-1"))
 	deadline := time.Now().Add(10 * time.Second)
 	for c.contentLabel(t, "imported-content") != nodeA {
 		if time.Now().After(deadline) {

@@ -3,7 +3,6 @@ package kube
 import (
 	"context"
 	"fmt"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -12,15 +11,16 @@ import (
 	groupv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumegroupsnapshot/v1"
 	snapv1 "github.com/kubernetes-csi/external-snapshotter/client/v8/apis/volumesnapshot/v1"
 	snapfake "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned/fake"
-	snapinformers "github.com/kubernetes-csi/external-snapshotter/client/v8/informers/externalversions"
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/informers"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/kubernetes/scheme"
 	k8stesting "k8s.io/client-go/testing"
@@ -30,7 +30,6 @@ import (
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
-	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
 // The cluster the tests run against: client-go's fake clientset, made to
@@ -50,13 +49,17 @@ var pvcGVR = corev1.SchemeGroupVersion.WithResource("persistentvolumeclaims")
 type cluster struct {
 	core *fake.Clientset
 	snap *snapfake.Clientset
+	dyn  *dynamicfake.FakeDynamicClient // ThinPools
 	rv   atomic.Int64
 	mu   sync.Mutex // makes the resourceVersion check and the write one step
 }
 
 func newCluster(tb testing.TB) *cluster {
 	tb.Helper()
-	c := &cluster{core: fake.NewClientset(), snap: snapfake.NewSimpleClientset()}
+	c := &cluster{
+		core: fake.NewClientset(), snap: snapfake.NewSimpleClientset(),
+		dyn: dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{ThinPoolGVR: ThinPoolKind + "List"}),
+	}
 	c.rv.Store(100)
 	c.core.PrependReactor("create", "persistentvolumeclaims", func(a k8stesting.Action) (bool, runtime.Object, error) {
 		pvc := a.(k8stesting.CreateAction).GetObject().(*corev1.PersistentVolumeClaim).DeepCopy()
@@ -139,97 +142,34 @@ func (c *cluster) create(t *testing.T, objs ...runtime.Object) {
 	}
 }
 
-// fakeOwner is one node's driver as placement sees it.
-type fakeOwner struct {
-	mu        sync.Mutex
-	volumes   map[string]bool
-	snapshots map[string]bool
-	groups    map[string]bool
-	room      error // what RoomFor says for anything held
+// ctl is the cluster's controller over the fake cluster, with its
+// informers started and synced. Its workers run only when run is true;
+// otherwise tests call the controllers' sync themselves.
+type ctl struct {
+	c   *Controller
+	p   *Placement
+	rec *eventLog
 }
 
-// owning holds ids: group snapshots when they say "group", snapshots when
-// they say "snap", else volumes.
-func owning(ids ...string) *fakeOwner {
-	o := &fakeOwner{volumes: map[string]bool{}, snapshots: map[string]bool{}, groups: map[string]bool{}}
-	for _, id := range ids {
-		switch {
-		case strings.Contains(id, "group"):
-			o.groups[id] = true
-		case strings.Contains(id, "snap"):
-			o.snapshots[id] = true
-		default:
-			o.volumes[id] = true
-		}
-	}
-	return o
-}
-
-func (o *fakeOwner) HasGroupSnapshot(id string) bool {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.groups[id]
-}
-
-func (o *fakeOwner) HasVolume(id string) bool {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.volumes[id]
-}
-
-func (o *fakeOwner) HasSnapshot(id string) bool {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.snapshots[id]
-}
-
-func (o *fakeOwner) RoomFor(id string, _ int64) error {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if !o.volumes[id] && !o.snapshots[id] {
-		return fmt.Errorf("%s: %w", id, thinpool.ErrNotFound)
-	}
-	return o.room
-}
-
-func (o *fakeOwner) setRoom(err error) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	o.room = err
-}
-
-var _ Owner = (*fakeOwner)(nil)
-
-// node is one node's placement controller over the shared cluster, with
-// its informers started and synced. Its workers run only when run is true;
-// otherwise tests call sync themselves.
-type node struct {
-	name string
-	p    *Placement
-	rec  *eventLog
-}
-
-func startNode(t *testing.T, c *cluster, name string, owner Owner, run bool) *node {
+func startController(t *testing.T, c *cluster, run bool) *ctl {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	core := informers.NewSharedInformerFactory(c.core, 0)
-	snaps := snapinformers.NewSharedInformerFactory(c.snap, 0)
 	rec := &eventLog{}
-	p, err := NewPlacement(PlacementOptions{
-		DriverName: driverName, NodeName: name, Owner: owner, Client: c.core, Recorder: rec,
-		Informers: core, SnapshotInformers: snaps,
-		RateLimiter: workqueue.NewTypedItemExponentialFailureRateLimiter[string](5*time.Millisecond, 50*time.Millisecond),
+	ctrl, err := NewController(ControllerOptions{
+		DriverName: driverName, Client: c.core, Snapshots: c.snap, GroupSnapshots: true, ThinPools: c.dyn, Recorder: rec,
+		RateLimiter: func() workqueue.TypedRateLimiter[string] {
+			return workqueue.NewTypedItemExponentialFailureRateLimiter[string](5*time.Millisecond, 50*time.Millisecond)
+		},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	core.Start(ctx.Done())
-	snaps.Start(ctx.Done())
+	ctrl.start(ctx)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		if run {
-			if err := p.Run(ctx, 2); err != nil && ctx.Err() == nil {
+			if err := ctrl.Run(ctx, 2); err != nil && ctx.Err() == nil {
 				t.Errorf("Run: %v", err)
 			}
 		}
@@ -237,41 +177,42 @@ func startNode(t *testing.T, c *cluster, name string, owner Owner, run bool) *no
 	t.Cleanup(func() {
 		cancel()
 		<-done
-		core.Shutdown()
-		snaps.Shutdown()
+		ctrl.core.Shutdown()
+		ctrl.snaps.Shutdown()
+		ctrl.pools.Shutdown()
 	})
 	syncCtx, syncCancel := context.WithTimeout(ctx, 10*time.Second)
 	defer syncCancel()
-	if !cache.WaitForCacheSync(syncCtx.Done(), p.synced...) {
+	if !cache.WaitForCacheSync(syncCtx.Done(), ctrl.synced()...) {
 		t.Fatal("caches did not sync")
 	}
-	return &node{name: name, p: p, rec: rec}
+	return &ctl{c: ctrl, p: ctrl.Placement, rec: rec}
 }
 
-// sync runs the controller's decision for one PVC, after waiting until the
-// node's cache holds the PVC as the API server has it now (the informers
-// are asynchronous; the tests want the decision on current state).
-func (n *node) sync(t *testing.T, c *cluster, pvc string) bool {
+// sync runs placement's decision for one PVC, after waiting until the
+// cache holds the PVC as the API server has it now (the informers are
+// asynchronous; the tests want the decision on current state).
+func (n *ctl) sync(t *testing.T, c *cluster, pvc string) bool {
 	t.Helper()
 	n.waitCache(t, c, pvc)
 	retry, err := n.p.sync(context.Background(), ns+"/"+pvc)
 	if err != nil {
-		t.Fatalf("%s: sync %s: %v", n.name, pvc, err)
+		t.Fatalf("sync %s: %v", pvc, err)
 	}
 	return retry
 }
 
-func (n *node) waitCache(t *testing.T, c *cluster, pvc string) {
+func (n *ctl) waitCache(t *testing.T, c *cluster, pvc string) {
 	t.Helper()
 	want := c.pvc(t, pvc).ResourceVersion
-	eventually(t, fmt.Sprintf("%s's cache to reach %s@%s", n.name, pvc, want), func() bool {
-		got, err := n.p.pvcs.PersistentVolumeClaims(ns).Get(pvc)
+	eventually(t, fmt.Sprintf("the cache to reach %s@%s", pvc, want), func() bool {
+		got, err := n.p.view.pvcs.PersistentVolumeClaims(ns).Get(pvc)
 		return err == nil && got.ResourceVersion == want
 	})
 }
 
-// events returns the Events the node recorded since the last call.
-func (n *node) events() []string { return n.rec.take() }
+// events returns the Events the controller recorded since the last call.
+func (n *ctl) events() []string { return n.rec.take() }
 
 // eventLog is an EventRecorder that keeps each Event as
 // "<type> <reason> <kind>/<namespace>/<name>@<uid>: <message>", the
@@ -412,4 +353,41 @@ func boundClaim(name, pv string) *corev1.PersistentVolumeClaim {
 	pvc.Spec.VolumeName = pv
 	pvc.Status.Phase = corev1.ClaimBound
 	return pvc
+}
+
+// setThinPool creates or replaces the ThinPool of pool on node with the
+// given health and available space, and waits until the controller's
+// cache has it.
+func (c *cluster) setThinPool(t *testing.T, n *ctl, node, pool, health, available string) {
+	t.Helper()
+	tp := &ThinPool{
+		TypeMeta:   metav1.TypeMeta{APIVersion: ThinPoolGVR.GroupVersion().String(), Kind: ThinPoolKind},
+		ObjectMeta: metav1.ObjectMeta{Name: ThinPoolName(node, pool)},
+		Spec:       ThinPoolSpec{NodeName: node, Pool: pool, Driver: driverName},
+		Status:     ThinPoolStatus{Health: health, Available: resource.MustParse(available)},
+	}
+	obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(tp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &unstructured.Unstructured{Object: obj}
+	ctx := context.Background()
+	res := c.dyn.Resource(ThinPoolGVR)
+	if _, err := res.Get(ctx, tp.Name, metav1.GetOptions{}); apierrors.IsNotFound(err) {
+		_, err = res.Create(ctx, u, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+	} else if _, err := res.Update(ctx, u, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "ThinPool "+tp.Name+" in the cache", func() bool {
+		got, err := n.c.View.pools.Get(tp.Name)
+		if err != nil {
+			return false
+		}
+		st, _, _ := unstructured.NestedString(got.(*unstructured.Unstructured).Object, "status", "health")
+		av, _, _ := unstructured.NestedString(got.(*unstructured.Unstructured).Object, "status", "available")
+		return st == health && av == available
+	})
 }

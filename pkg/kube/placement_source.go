@@ -3,6 +3,8 @@ package kube
 import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
 )
 
 // Source resolution: a PVC's data source followed to the CSI ID of the
@@ -15,9 +17,10 @@ type source struct {
 	what     string // e.g. `VolumeSnapshot db/snap-1`, for messages
 	notReady string // set: not resolvable yet, try again later
 	gone     string // set: the source, or a record on the way to it, does not exist
-	// namedNode is the node the source's records name as its holder (see
-	// speaker.go); "" when no record names one.
-	namedNode string
+	// node is the node the source's records name as its holder, and pool
+	// its pool there; node is "" when no record names one.
+	node, pool string
+	size       int64 // the source's size, 0 when unknown: the new volume is at least as large
 }
 
 // dataSource returns the PVC's source: dataSourceRef (which can name a
@@ -64,7 +67,7 @@ func (p *Placement) resolve(pvc *corev1.PersistentVolumeClaim) (source, bool) {
 
 func (p *Placement) resolveClaim(ns, name string) (source, bool) {
 	s := source{kind: "volume", what: "PersistentVolumeClaim " + ns + "/" + name}
-	claim, err := p.pvcs.PersistentVolumeClaims(ns).Get(name)
+	claim, err := p.view.pvcs.PersistentVolumeClaims(ns).Get(name)
 	if apierrors.IsNotFound(err) {
 		s.gone = "it does not exist"
 		return s, true
@@ -73,7 +76,7 @@ func (p *Placement) resolveClaim(ns, name string) (source, bool) {
 		s.notReady = "not bound to a volume yet"
 		return s, true
 	}
-	pv, err := p.pvs.Get(claim.Spec.VolumeName)
+	pv, err := p.view.pvs.Get(claim.Spec.VolumeName)
 	if apierrors.IsNotFound(err) {
 		s.gone = "its PersistentVolume " + claim.Spec.VolumeName + " does not exist"
 		return s, true
@@ -86,7 +89,9 @@ func (p *Placement) resolveClaim(ns, name string) (source, bool) {
 		return s, false
 	}
 	s.id = pv.Spec.CSI.VolumeHandle
-	s.namedNode = pvNode(pv)
+	s.node = pvNode(pv)
+	s.pool, _ = csi.IDPool(s.id)
+	s.size = pv.Spec.Capacity.Storage().Value()
 	return s, true
 }
 
@@ -110,14 +115,15 @@ func (p *Placement) resolveSnapshot(ns, name string) (source, bool) {
 	if vsc.Spec.Driver != p.driver {
 		return s, false
 	}
-	s.namedNode = p.contentNode(vsc)
-	switch {
-	case vsc.Status != nil && vsc.Status.SnapshotHandle != nil && *vsc.Status.SnapshotHandle != "":
-		s.id = *vsc.Status.SnapshotHandle
-	case vsc.Spec.Source.SnapshotHandle != nil && *vsc.Spec.Source.SnapshotHandle != "":
-		s.id = *vsc.Spec.Source.SnapshotHandle // pre-provisioned
-	default:
+	s.id = contentHandle(vsc)
+	if s.id == "" {
 		s.notReady = "its VolumeSnapshotContent has no snapshot handle yet"
+		return s, true
+	}
+	s.node, _ = p.view.contentNode(vsc)
+	s.pool, _ = csi.IDPool(s.id)
+	if st := vsc.Status; st != nil && st.RestoreSize != nil {
+		s.size = *st.RestoreSize
 	}
 	return s, true
 }

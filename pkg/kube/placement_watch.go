@@ -60,7 +60,7 @@ func (p *Placement) enqueue(pvc *corev1.PersistentVolumeClaim) {
 
 // enqueueUsers queues the PVCs whose data source is the named object.
 func (p *Placement) enqueueUsers(ns, kind, name string) {
-	objs, err := p.pvcIndex.ByIndex(bySource, ns+"/"+kind+"/"+name)
+	objs, err := p.view.pvcInf.GetIndexer().ByIndex(bySource, ns+"/"+kind+"/"+name)
 	if err != nil {
 		return
 	}

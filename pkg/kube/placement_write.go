@@ -15,8 +15,8 @@ import (
 
 // selectNode sets the annotation with an update that carries the
 // resourceVersion read, so it is decided once: a conflict means the PVC
-// changed under us (most likely another node, or the scheduler, chose);
-// re-read it and look again rather than write over the change.
+// changed under us (most likely the scheduler chose); re-read it and look
+// again rather than write over the change.
 func (p *Placement) selectNode(ctx context.Context, pvc *corev1.PersistentVolumeClaim, src source) (bool, error) {
 	logger := klog.FromContext(ctx)
 	upd := pvc.DeepCopy()
@@ -24,15 +24,14 @@ func (p *Placement) selectNode(ctx context.Context, pvc *corev1.PersistentVolume
 		upd.Annotations = map[string]string{}
 	}
 	previous := upd.Annotations[AnnSelectedNode]
-	upd.Annotations[AnnSelectedNode] = p.node
-	delete(upd.Annotations, p.warningMark()) // the source is back
+	upd.Annotations[AnnSelectedNode] = src.node
 	_, err := p.client.CoreV1().PersistentVolumeClaims(pvc.Namespace).Update(ctx, upd, metav1.UpdateOptions{})
 	if apierrors.IsConflict(err) {
 		fresh, gerr := p.client.CoreV1().PersistentVolumeClaims(pvc.Namespace).Get(ctx, pvc.Name, metav1.GetOptions{})
 		if gerr != nil {
 			return false, gerr
 		}
-		if n := fresh.Annotations[AnnSelectedNode]; n == p.node || fresh.Spec.VolumeName != "" {
+		if n := fresh.Annotations[AnnSelectedNode]; n == src.node || fresh.Spec.VolumeName != "" {
 			logger.V(2).Info("PVC was placed meanwhile", "pvc", klog.KObj(pvc), "node", n)
 			return false, nil
 		}
@@ -43,17 +42,17 @@ func (p *Placement) selectNode(ctx context.Context, pvc *corev1.PersistentVolume
 		return false, err
 	}
 	p.wrote(pvc)
-	logger.Info("Selected this node for a restore or clone: it holds the source", "pvc", klog.KObj(pvc), "source", src.what, "id", src.id, "replaced", previous)
+	logger.Info("Selected the node that holds the source for a restore or clone", "pvc", klog.KObj(pvc), "node", src.node, "source", src.what, "id", src.id, "replaced", previous)
 	if previous != "" {
-		p.recorder.Eventf(pvc, corev1.EventTypeNormal, ReasonSourceNode, "node %s holds %s (%s); selected it for the new volume in place of node %s, which does not", p.node, src.what, src.id, previous)
+		p.recorder.Eventf(pvc, corev1.EventTypeNormal, ReasonSourceNode, "node %s holds %s (%s); selected it for the new volume in place of node %s, which does not", src.node, src.what, src.id, previous)
 	} else {
-		p.recorder.Eventf(pvc, corev1.EventTypeNormal, ReasonSourceNode, "node %s holds %s (%s); selected it for the new volume", p.node, src.what, src.id)
+		p.recorder.Eventf(pvc, corev1.EventTypeNormal, ReasonSourceNode, "node %s holds %s (%s); selected it for the new volume", src.node, src.what, src.id)
 	}
 	p.forget(pvc.UID)
 	return false, nil
 }
 
-// warnOnce puts a Warning Event on the PVC unless this node already said
+// warnOnce puts a Warning Event on the PVC unless placement already said
 // the same for it. (A restart forgets; the event recorder's own aggregation
 // then folds a repeat into the first Event's count.)
 func (p *Placement) warnOnce(ctx context.Context, pvc *corev1.PersistentVolumeClaim, reason, msg string) {
@@ -74,14 +73,14 @@ func (p *Placement) forget(uid types.UID) {
 	p.mu.Unlock()
 }
 
-// wrote notes that this node updated pvc, read at its resourceVersion.
+// wrote notes that placement updated pvc, read at its resourceVersion.
 func (p *Placement) wrote(pvc *corev1.PersistentVolumeClaim) {
 	p.mu.Lock()
 	p.wroteOver[pvc.UID] = pvc.ResourceVersion
 	p.mu.Unlock()
 }
 
-// staleCache reports whether pvc is the copy this node last wrote over.
+// staleCache reports whether pvc is the copy placement last wrote over.
 func (p *Placement) staleCache(pvc *corev1.PersistentVolumeClaim) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -306,3 +306,30 @@ func TestFullStorageSetRunsEachSpecOnce(t *testing.T) {
 		}
 	}
 }
+
+// CSI_DMTHIN_E2E_ONLY narrows a selection and keeps its own narrowing.
+func TestNarrowedSelection(t *testing.T) {
+	block := "External Storage [Driver: dmthin.csi.dmthin.io] [Testpattern: Dynamic PV (block volmode)] multiVolume [Slow] should access to two volumes with the same volume mode and retain data across pod recreation on the same node"
+	fs := strings.Replace(block, "(block volmode)", "(default fs)", 1)
+	kubelet := "External Storage [Driver: dmthin.csi.dmthin.io] [Testpattern: Dynamic PV (block volmode)] disruptive [Disruptive] [LinuxOnly] Should test that pv used in a pod that is deleted while the kubelet is down cleans up when the kubelet returns."
+	full, err := narrowed(storageSelections["full"], `block volmode.*multiVolume.*same volume mode and retain`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !full.selected(block) || full.selected(fs) || full.selected(kubelet) {
+		t.Errorf("full narrowed to the block multiVolume spec: block %v, fs %v, kubelet %v", full.selected(block), full.selected(fs), full.selected(kubelet))
+	}
+	dis, err := narrowed(storageSelections["disruptive"], `block volmode`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !dis.selected(kubelet) || dis.selected(block) {
+		t.Errorf("disruptive narrowed to block: kubelet spec %v, multiVolume spec %v", dis.selected(kubelet), dis.selected(block))
+	}
+	if same, _ := narrowed(storageSelections["full"], ""); same.focusPattern() != storageSelections["full"].focusPattern() {
+		t.Error("an empty pattern changed the selection")
+	}
+	if _, err := narrowed(storageSelections["full"], "("); err == nil || !strings.Contains(err.Error(), onlyEnv) {
+		t.Errorf("a bad pattern: %v", err)
+	}
+}
