@@ -2,7 +2,10 @@ package kube
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -14,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -22,16 +26,19 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
 // A cluster at the scale of issue 12, for measuring what one node's side
-// lists, watches and keeps, and later how fast a controller decides on it.
-// Every node holds the same number of bound claims of our driver, their
-// volumes, and one snapshot of each (labelled for the node, as distributed
-// snapshotting labels them); a few nodes hold a group snapshot. Objects
-// carry what the API server would serve for them (annotations,
-// finalizers, managedFields, status), so that a cache's memory is that of a
-// real cluster's objects and not of skeletons.
+// asks of the API server, what the cluster's controller lists, watches and
+// keeps, and how fast it places restores. Every node holds the same number
+// of bound claims of our driver, their volumes, one snapshot of each
+// (labelled for the node, as distributed snapshotting labels them, and
+// with a handle that names the node, as the driver makes them) and the
+// ThinPool of its pool; a few nodes hold a group snapshot. Objects carry
+// what the API server would serve for them (annotations, finalizers,
+// managedFields, status), so that a cache's memory is that of a real
+// cluster's objects and not of skeletons.
 
 const (
 	scaleNamespace = "csi-dmthin" // the driver's: the CSIStorageCapacity objects
@@ -51,9 +58,11 @@ var scaleTime = metav1.NewTime(time.Date(2026, 1, 5, 9, 0, 0, 0, time.UTC))
 type bigCluster struct {
 	*cluster
 	nodes []string
-	// volumes, snapshots and groups are the CSI IDs in each node's pools.
-	volumes, snapshots, groups map[string][]string
-	seeded                     map[string]*seededKind // by resource, "persistentvolumeclaims"
+	// volumes are the CSI IDs of each node's volumes.
+	volumes map[string][]string
+	seeded  map[string]*seededKind // by resource, "persistentvolumeclaims"
+	// restores counts the restore claims made so far, for unique names.
+	restores int
 }
 
 // seededKind is one resource of the seeded cluster: where it is kept and
@@ -73,8 +82,7 @@ func scaleCluster(tb testing.TB, nodes, pvcsPerNode int) *bigCluster {
 	tb.Helper()
 	s := &bigCluster{
 		cluster: newCluster(tb),
-		volumes: map[string][]string{}, snapshots: map[string][]string{}, groups: map[string][]string{},
-		seeded: map[string]*seededKind{},
+		volumes: map[string][]string{}, seeded: map[string]*seededKind{},
 	}
 	add := func(obj runtime.Object) {
 		if err := s.add(obj); err != nil {
@@ -84,12 +92,16 @@ func scaleCluster(tb testing.TB, nodes, pvcsPerNode int) *bigCluster {
 	add(s.storageClass(scaleClass, driverName, map[string]string{"csi.storage.k8s.io/fstype": "ext4", csi.ParamPool: scalePool}, 0))
 	add(s.storageClass(scaleClassXFS, driverName, map[string]string{"csi.storage.k8s.io/fstype": "xfs", csi.ParamPool: scalePool}, 1))
 	add(s.storageClass("standard", "ebs.csi.aws.com", map[string]string{"type": "gp3"}, 2))
-	add(&snapv1.VolumeSnapshotClass{ObjectMeta: s.meta(scaleSnapClass, "", 'k', 0, 0), Driver: driverName, DeletionPolicy: snapv1.VolumeSnapshotContentDelete})
-	add(&snapv1.VolumeSnapshotClass{ObjectMeta: s.meta("other-snaps", "", 'k', 0, 1), Driver: "ebs.csi.aws.com", DeletionPolicy: snapv1.VolumeSnapshotContentDelete})
+	for k, c := range []struct{ name, driver string }{{scaleSnapClass, driverName}, {"other-snaps", "ebs.csi.aws.com"}} {
+		c := &snapv1.VolumeSnapshotClass{ObjectMeta: s.meta(c.name, "", 'k', 0, k), Driver: c.driver, DeletionPolicy: snapv1.VolumeSnapshotContentDelete}
+		c.ManagedFields = []metav1.ManagedFieldsEntry{helmManaged("snapshot.storage.k8s.io/v1", `"f:deletionPolicy":{},"f:driver":{}`)}
+		add(c)
+	}
 	for i := range nodes {
 		node := fmt.Sprintf("node-%04d", i)
 		s.nodes = append(s.nodes, node)
 		add(s.node(node, i))
+		add(s.thinPool(node, i))
 		for k, class := range []string{scaleClass, scaleClassXFS} {
 			add(s.capacity(node, class, i, k))
 		}
@@ -111,28 +123,45 @@ func scaleCluster(tb testing.TB, nodes, pvcsPerNode int) *bigCluster {
 		// it (see GroupAdopter).
 		cls := &groupv1.VolumeGroupSnapshotClass{ObjectMeta: s.meta(scaleGroupCls, "", 'g', 0, 0), Driver: driverName, DeletionPolicy: snapv1.VolumeSnapshotContentDelete}
 		cls.Labels = map[string]string{LabelManagedBy: s.nodes[0]}
+		cls.ManagedFields = []metav1.ManagedFieldsEntry{
+			helmManaged("groupsnapshot.storage.k8s.io/v1", `"f:deletionPolicy":{},"f:driver":{}`),
+			managed(Component+"-controller", "groupsnapshot.storage.k8s.io/v1", `{"f:metadata":{"f:labels":{"f:snapshot.storage.kubernetes.io/managed-by":{}}}}`, false),
+		}
 		add(cls)
 	}
-	add(&groupv1.VolumeGroupSnapshotClass{ObjectMeta: s.meta("other-group", "", 'g', 0, 1), Driver: "ebs.csi.aws.com", DeletionPolicy: snapv1.VolumeSnapshotContentDelete})
+	other := &groupv1.VolumeGroupSnapshotClass{ObjectMeta: s.meta("other-group", "", 'g', 0, 1), Driver: "ebs.csi.aws.com", DeletionPolicy: snapv1.VolumeSnapshotContentDelete}
+	other.ManagedFields = []metav1.ManagedFieldsEntry{helmManaged("groupsnapshot.storage.k8s.io/v1", `"f:deletionPolicy":{},"f:driver":{}`)}
+	add(other)
 	return s
 }
 
 // add puts obj into the tracker of its API group and counts it.
 func (s *bigCluster) add(obj runtime.Object) error {
-	tracker, sch := s.core.Tracker(), scheme.Scheme
+	var tracker k8stesting.ObjectTracker
+	var gvk schema.GroupVersionKind
 	switch obj.(type) {
+	case *unstructured.Unstructured: // a ThinPool
+		tracker, gvk = s.dyn.Tracker(), obj.GetObjectKind().GroupVersionKind()
 	case *snapv1.VolumeSnapshot, *snapv1.VolumeSnapshotContent, *snapv1.VolumeSnapshotClass,
 		*groupv1.VolumeGroupSnapshotContent, *groupv1.VolumeGroupSnapshotClass:
-		tracker, sch = s.snap.Tracker(), snapscheme.Scheme
+		tracker = s.snap.Tracker()
+		gvks, _, err := snapscheme.Scheme.ObjectKinds(obj)
+		if err != nil {
+			return err
+		}
+		gvk = gvks[0]
+	default:
+		tracker = s.core.Tracker()
+		gvks, _, err := scheme.Scheme.ObjectKinds(obj)
+		if err != nil {
+			return err
+		}
+		gvk = gvks[0]
 	}
-	gvks, _, err := sch.ObjectKinds(obj)
-	if err != nil {
-		return err
-	}
-	gvr, _ := meta.UnsafeGuessKindToResource(gvks[0]) // as the tracker names it
+	gvr, _ := meta.UnsafeGuessKindToResource(gvk) // as the tracker names it
 	k := s.seeded[gvr.Resource]
 	if k == nil {
-		k = &seededKind{tracker: tracker, gvr: gvr, gvk: gvks[0]}
+		k = &seededKind{tracker: tracker, gvr: gvr, gvk: gvk}
 		s.seeded[gvr.Resource] = k
 	}
 	if err := tracker.Add(obj); err != nil {
@@ -175,13 +204,6 @@ func (s *bigCluster) served(res, ns, sel string) (int, error) {
 	return n, nil
 }
 
-// owner is node's driver as the controllers see it: the node's volumes,
-// snapshots and group snapshots.
-func (s *bigCluster) owner(node string) *fakeOwner {
-	ids := append(append(append([]string(nil), s.volumes[node]...), s.snapshots[node]...), s.groups[node]...)
-	return owning(ids...)
-}
-
 // meta is an object's metadata with a UID made of kind, i and j (unique per
 // kind) and a resourceVersion from the cluster's sequence.
 func (s *bigCluster) meta(name, ns string, kind byte, i, j int) metav1.ObjectMeta {
@@ -194,6 +216,12 @@ func (s *bigCluster) meta(name, ns string, kind byte, i, j int) metav1.ObjectMet
 
 func scaleUID(kind byte, i, j int) types.UID {
 	return types.UID(fmt.Sprintf("%08x-%04x-4000-8000-%012x", i, kind, j))
+}
+
+// helmManaged is the managedFields entry of a class Helm installed, with
+// its labels and the top-level fields given (FieldsV1 JSON, unbraced).
+func helmManaged(apiVersion, fields string) metav1.ManagedFieldsEntry {
+	return managed("helm", apiVersion, `{"f:metadata":{"f:labels":{".":{},"f:app.kubernetes.io/managed-by":{},"f:app.kubernetes.io/name":{}}},`+fields+`}`, false)
 }
 
 // managed is a managedFields entry of manager, written with an update (of
@@ -221,6 +249,7 @@ func (s *bigCluster) storageClass(name, provisioner string, params map[string]st
 	c.Parameters = params
 	c.ReclaimPolicy = ptr(corev1.PersistentVolumeReclaimDelete)
 	c.AllowVolumeExpansion = ptr(true)
+	c.ManagedFields = []metav1.ManagedFieldsEntry{helmManaged("storage.k8s.io/v1", `"f:allowVolumeExpansion":{},"f:parameters":{".":{},"f:csi.storage.k8s.io/fstype":{},"f:pool":{}},"f:provisioner":{},"f:reclaimPolicy":{},"f:volumeBindingMode":{}`)}
 	return c
 }
 
@@ -356,8 +385,7 @@ func (s *bigCluster) snapshot(c *corev1.PersistentVolumeClaim, i, j int) *snapv1
 // content is the VolumeSnapshotContent of vs, labelled for node by the
 // snapshot-controller and taken by the node's csi-snapshotter.
 func (s *bigCluster) content(node string, c *corev1.PersistentVolumeClaim, vs *snapv1.VolumeSnapshot, i, j int) *snapv1.VolumeSnapshotContent {
-	handle := scalePool + "/snapshot-" + string(vs.UID)
-	s.snapshots[node] = append(s.snapshots[node], handle)
+	handle := node + "/" + scalePool + "/snapshot-" + string(vs.UID)
 	vsc := &snapv1.VolumeSnapshotContent{ObjectMeta: s.meta(*vs.Status.BoundVolumeSnapshotContentName, "", 'S', i, j)}
 	vsc.Labels = map[string]string{LabelManagedBy: node}
 	vsc.Finalizers = []string{"snapshot.storage.kubernetes.io/volumesnapshotcontent-bound-protection"}
@@ -383,10 +411,14 @@ func (s *bigCluster) content(node string, c *corev1.PersistentVolumeClaim, vs *s
 func (s *bigCluster) groupContent(node string, i int) *groupv1.VolumeGroupSnapshotContent {
 	uid := scaleUID('G', i, 0)
 	handle := scalePool + "/group-" + string(uid)
-	s.groups[node] = append(s.groups[node], handle)
 	c := &groupv1.VolumeGroupSnapshotContent{ObjectMeta: s.meta("groupsnapcontent-"+string(uid), "", 'G', i, 0)}
 	c.Labels = map[string]string{LabelManagedBy: node}
 	c.Finalizers = []string{"groupsnapshot.storage.kubernetes.io/volumegroupsnapshotcontent-bound-protection"}
+	c.ManagedFields = []metav1.ManagedFieldsEntry{
+		managed("snapshot-controller", "groupsnapshot.storage.k8s.io/v1", `{"f:metadata":{"f:finalizers":{".":{},"v:\"groupsnapshot.storage.kubernetes.io/volumegroupsnapshotcontent-bound-protection\"":{}}},"f:spec":{".":{},"f:deletionPolicy":{},"f:driver":{},"f:source":{".":{},"f:volumeHandles":{}},"f:volumeGroupSnapshotClassName":{},"f:volumeGroupSnapshotRef":{}}}`, false),
+		managed(Component+"-controller", "groupsnapshot.storage.k8s.io/v1", `{"f:metadata":{"f:labels":{".":{},"f:snapshot.storage.kubernetes.io/managed-by":{}}}}`, false),
+		managed("csi-snapshotter", "groupsnapshot.storage.k8s.io/v1", `{"f:status":{".":{},"f:creationTime":{},"f:readyToUse":{},"f:volumeGroupSnapshotHandle":{},"f:volumeSnapshotInfoList":{}}}`, true),
+	}
 	vols := s.volumes[node][:2]
 	c.Spec = groupv1.VolumeGroupSnapshotContentSpec{
 		VolumeGroupSnapshotRef: corev1.ObjectReference{Kind: "VolumeGroupSnapshot", APIVersion: "groupsnapshot.storage.k8s.io/v1", Namespace: fmt.Sprintf("team-%02d", i%50), Name: fmt.Sprintf("db-%04d-group", i)},
@@ -401,4 +433,79 @@ func (s *bigCluster) groupContent(node string, i int) *groupv1.VolumeGroupSnapsh
 		})
 	}
 	return c
+}
+
+// thinPool is the ThinPool of the node's pool as its driver keeps it: made
+// by the driver (owned by the Node), its status patched since.
+func (s *bigCluster) thinPool(node string, i int) *unstructured.Unstructured {
+	tp := &ThinPool{
+		TypeMeta:   metav1.TypeMeta{APIVersion: ThinPoolGVR.GroupVersion().String(), Kind: ThinPoolKind},
+		ObjectMeta: s.meta(ThinPoolName(node, scalePool), "", 't', i, 0),
+		Spec:       ThinPoolSpec{NodeName: node, Pool: scalePool, Driver: driverName},
+	}
+	tp.Labels = map[string]string{LabelThinPoolNode: node, LabelThinPoolPool: scalePool}
+	tp.OwnerReferences = []metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: node, UID: scaleUID('n', i, 0)}}
+	gv := ThinPoolGVR.GroupVersion().String()
+	tp.ManagedFields = []metav1.ManagedFieldsEntry{
+		managed(Component, gv, `{"f:metadata":{"f:labels":{".":{},"f:dmthin.io/node":{},"f:dmthin.io/pool":{}},"f:ownerReferences":{".":{},"k:{\"uid\":\"`+string(scaleUID('n', i, 0))+`\"}":{}}},"f:spec":{".":{},"f:driver":{},"f:nodeName":{},"f:pool":{}}}`, false),
+		managed(Component, gv, `{"f:status":{".":{},"f:available":{},"f:data":{".":{},"f:size":{},"f:used":{},"f:usedPercent":{}},"f:driverVersion":{},"f:health":{},"f:metadata":{".":{},"f:size":{},"f:used":{},"f:usedPercent":{}},"f:mode":{},"f:overprovisionLimit":{},"f:overprovisioning":{},"f:provisioned":{},"f:snapshots":{},"f:templates":{},"f:updateTime":{},"f:volumes":{}}}`, true),
+	}
+	fillStatus(&tp.Status, scaleUsage(40), nil)
+	tp.Status.DriverVersion, tp.Status.UpdateTime = "v0.9.0", scaleTime
+	obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(tp)
+	if err != nil {
+		panic(err) // a ThinPool always converts
+	}
+	return &unstructured.Unstructured{Object: obj}
+}
+
+// scaleUsage is a healthy 1 TiB pool with usedPercent of its data used.
+func scaleUsage(usedPercent int64) thinpool.Usage {
+	const data, meta = 1 << 40, 1 << 30
+	return thinpool.Usage{
+		DataBytes: data, DataUsedBytes: data * usedPercent / 100, MetadataBytes: meta, MetadataUsedBytes: meta * usedPercent / 200,
+		ProvisionedBytes: 2 * data, OverprovisionRatio: -1, AvailableBytes: data * (100 - usedPercent) / 100,
+		Volumes: scalePVCsPerNode, Snapshots: scalePVCsPerNode, Mode: thinpool.ModeReadWrite,
+	}
+}
+
+// restore is a pending claim, just made, that restores the snapshot of the
+// first claim of the ith node: where it must be placed is that node.
+func (s *bigCluster) restore(i int) (pvc *corev1.PersistentVolumeClaim, node string) {
+	s.restores++
+	src := fmt.Sprintf("snap-data-db-%04d-0", i)
+	pvc = claim(fmt.Sprintf("restore-%05d", s.restores), scaleClass, fromSnapshot(src))
+	pvc.Namespace = fmt.Sprintf("team-%02d", i%50)
+	pvc.CreationTimestamp = metav1.Now()
+	pvc.Spec.Resources.Requests[corev1.ResourceStorage] = resource.MustParse("10Gi")
+	return pvc, s.nodes[i]
+}
+
+// seededSummary lists what was seeded: "2000 csistoragecapacities, ...".
+func (s *bigCluster) seededSummary() string {
+	var parts []string
+	for _, r := range slices.Sorted(maps.Keys(s.seeded)) {
+		parts = append(parts, fmt.Sprintf("%d %s", s.seeded[r].n, r))
+	}
+	return strings.Join(parts, ", ")
+}
+
+// hasManagedFields reports whether any object of resource has managedFields.
+func (s *bigCluster) hasManagedFields(res string) (bool, error) {
+	k := s.seeded[res]
+	if k == nil {
+		return false, nil
+	}
+	list, err := k.tracker.List(k.gvr, k.gvk, "")
+	if err != nil {
+		return false, err
+	}
+	objs, err := meta.ExtractList(list)
+	if err != nil {
+		return false, err
+	}
+	return slices.ContainsFunc(objs, func(o runtime.Object) bool {
+		a, err := meta.Accessor(o)
+		return err == nil && len(a.GetManagedFields()) > 0
+	}), nil
 }
