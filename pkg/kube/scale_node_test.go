@@ -192,7 +192,7 @@ func (f *nodeFootprint) table() string {
 	}
 	w.Flush()
 	fmt.Fprintf(&sb, "watches: %d; informers: none, so no object is cached\n", f.count("watch"))
-	fmt.Fprintf(&sb, "heap kept by the side after its steps: %.3f MiB (%d bytes; it includes the fake API server's copies of the few objects the side wrote)",
+	fmt.Fprintf(&sb, "heap kept by the side after its steps: %.3f MiB (%d bytes; another node's side ran first, so the process's one-time caches are not in it; the fake API server's copies of the few objects the side wrote are)",
 		mib(f.heapBytes), f.heapBytes)
 	return sb.String()
 }
