@@ -9,6 +9,7 @@ import (
 
 	snapclient "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned"
 	snapinformers "github.com/kubernetes-csi/external-snapshotter/client/v8/informers/externalversions"
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
@@ -67,10 +68,10 @@ func NewController(o ControllerOptions) (*Controller, error) {
 		}
 		return o.RateLimiter()
 	}
-	c := &Controller{core: informers.NewSharedInformerFactory(o.Client, o.Resync)}
+	c := &Controller{core: informers.NewSharedInformerFactoryWithOptions(o.Client, o.Resync, informers.WithTransform(dropManagedFields))}
 	vo := ViewOptions{DriverName: o.DriverName, Informers: c.core, GroupSnapshots: o.GroupSnapshots}
 	if o.Snapshots != nil {
-		c.snaps = snapinformers.NewSharedInformerFactory(o.Snapshots, o.Resync)
+		c.snaps = snapinformers.NewSharedInformerFactoryWithOptions(o.Snapshots, o.Resync, snapinformers.WithTransform(dropManagedFields))
 		vo.SnapshotInformers = c.snaps
 	}
 	if o.ThinPools != nil {
@@ -80,6 +81,12 @@ func NewController(o ControllerOptions) (*Controller, error) {
 	var err error
 	if c.View, err = NewView(vo); err != nil {
 		return nil, err
+	}
+	if c.pools != nil {
+		// The dynamic factory takes no transform; its one informer does.
+		if err := c.pools.ForResource(ThinPoolGVR).Informer().SetTransform(dropManagedFields); err != nil {
+			return nil, err
+		}
 	}
 	if c.Placement, err = NewPlacement(PlacementOptions{DriverName: o.DriverName, Client: o.Client, Recorder: o.Recorder, View: c.View, RateLimiter: rl()}); err != nil {
 		return nil, err
@@ -95,6 +102,22 @@ func NewController(o ControllerOptions) (*Controller, error) {
 		}
 	}
 	return c, nil
+}
+
+// dropManagedFields is every informer's transform: it drops an object's
+// managedFields before the cache keeps it. No controller reads them, yet
+// they are about 30% of a PVC's or PV's bytes as the API server serves
+// them (more of a snapshot's), and the caches keep every PVC, PV, snapshot
+// and content of the cluster for the controller's life: at 10,000 claims
+// the controller keeps 99 MiB instead of 150 (make bench-scale). Placement writes a cached PVC back whole (an
+// update) without them, which leaves them as they were: the API server
+// resets managedFields only when an update sets them to one empty entry,
+// never when it omits them.
+func dropManagedFields(obj any) (any, error) {
+	if m, err := meta.Accessor(obj); err == nil {
+		m.SetManagedFields(nil)
+	}
+	return obj, nil
 }
 
 // Run starts the informers and runs the controllers until ctx is done or

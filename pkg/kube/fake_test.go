@@ -53,8 +53,8 @@ type cluster struct {
 	mu   sync.Mutex // makes the resourceVersion check and the write one step
 }
 
-func newCluster(t *testing.T) *cluster {
-	t.Helper()
+func newCluster(tb testing.TB) *cluster {
+	tb.Helper()
 	c := &cluster{
 		core: fake.NewClientset(), snap: snapfake.NewSimpleClientset(),
 		dyn: dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{ThinPoolGVR: ThinPoolKind + "List"}),
