@@ -62,7 +62,7 @@ func newCluster(tb testing.TB) *cluster {
 	c.rv.Store(100)
 	for _, n := range []string{nodeA, nodeB} {
 		if err := c.core.Tracker().Add(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n}}); err != nil {
-			t.Fatal(err)
+			tb.Fatal(err)
 		}
 	}
 	c.core.PrependReactor("create", "persistentvolumeclaims", func(a k8stesting.Action) (bool, runtime.Object, error) {
