@@ -70,7 +70,7 @@ fuzz:
 bench: deps
 	$(GO) test -run '^$$' -bench . -benchmem ./pkg/...
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/dmthin-bench ./cmd/dmthin-bench
-	$(BIN)/dmthin-bench
+	$(BIN)/dmthin-bench -out bench/results
 
 # Only the group snapshot table (README: Group snapshots), one VM run.
 bench-group: deps

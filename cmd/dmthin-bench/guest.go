@@ -1,6 +1,9 @@
 package main
 
 import (
+	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -14,6 +17,7 @@ import (
 
 	"github.com/csi-dmthin/csi-dmthin/internal/loop"
 	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
 const (
@@ -38,11 +42,309 @@ func ms(d time.Duration) string {
 
 // row is one line of the table: the same operation by each method.
 type row struct {
-	op                       string
-	devmapper, dmsetup, lvm2 sample
+	op                                 string
+	thinpool, devmapper, dmsetup, lvm2 sample
 }
 
-func runGuest(n int, openSizes []int) error {
+// guest is what the rows of the dm table share: the kernel, our pool, and
+// the thin ids each side made (later rows use the earlier rows' volumes).
+type guest struct {
+	c          *devmapper.Client
+	tp         *thinpool.Pool // pkg/thinpool's pool, on the same kind of files
+	tpVols     []string       // its volumes of the create rows, oldest first
+	tpSnaps    int
+	pool       poolDev
+	volSectors uint64
+	n          int
+	nextID     uint32
+	ours       []uint32 // pkg/devmapper's thin ids: the volumes, then the snapshots
+	oursDev    []devmapper.Dev
+	theirs     []uint32  // the dmsetup side's
+	parts      [4]sample // create + activate by step: create_thin, create, load, resume
+}
+
+func (g *guest) id() uint32 { g.nextID++; return g.nextID }
+
+// side is one method's run i of a row's operation; it returns the time
+// taken.
+type side func(g *guest, i int) (time.Duration, error)
+
+// dmRow is one row of the dm table: the operation done by each method, n
+// times each (after one warm-up run when warmup is set), one method after
+// the other. before prepares the row (untimed).
+type dmRow struct {
+	op                                 string
+	warmup                             bool
+	before                             func(g *guest) error
+	thinpool, devmapper, dmsetup, lvm2 side
+}
+
+// dmRows are the rows, in the order they run: each later one uses what
+// the earlier ones made (the delete row removes the create rows' volumes).
+// A cell is left empty where a method has no like operation.
+var dmRows = []dmRow{
+	{op: "create a 1 GiB thin volume, not activated", warmup: true, thinpool: createTP(false), devmapper: createThinDM, dmsetup: createThinCLI, lvm2: createLVM("-an")},
+	{op: "create + activate a 1 GiB thin volume", warmup: true, thinpool: createTP(true), devmapper: createDM, dmsetup: createCLI, lvm2: createLVM()},
+	{op: "snapshot an active volume (64 MiB written)", warmup: true, before: fillOrigins, thinpool: snapTP, devmapper: snapDM, dmsetup: snapCLI, lvm2: snapLVM},
+	{op: "pool status, no metadata commit", warmup: true, thinpool: usageTP, devmapper: statusDM(true), dmsetup: statusCLI("--noflush")},
+	{op: "pool status, with a metadata commit", warmup: true, devmapper: statusDM(false), dmsetup: statusCLI()},
+	{op: "pool usage as a poller reads it (lvm2: lvs data% and meta%)", warmup: true, thinpool: usageTP, lvm2: statusLVM},
+	{op: "deactivate + delete a volume", thinpool: deleteTP, devmapper: deleteDM, dmsetup: deleteCLI, lvm2: deleteLVM},
+}
+
+// run runs the row: each method's runs, the warm-up untimed.
+func (r dmRow) run(g *guest) (row, error) {
+	out := row{op: r.op}
+	if r.before != nil {
+		if err := r.before(g); err != nil {
+			return out, err
+		}
+	}
+	runs := g.n
+	if r.warmup {
+		runs++
+	}
+	for _, m := range []struct {
+		f   side
+		dst *sample
+	}{{r.thinpool, &out.thinpool}, {r.devmapper, &out.devmapper}, {r.dmsetup, &out.dmsetup}, {r.lvm2, &out.lvm2}} {
+		if m.f == nil {
+			continue
+		}
+		for i := range runs {
+			d, err := m.f(g, i)
+			if err != nil {
+				return out, fmt.Errorf("%s: %w", r.op, err)
+			}
+			if !r.warmup || i > 0 {
+				*m.dst = append(*m.dst, d)
+			}
+		}
+	}
+	return out, nil
+}
+
+// pkg/thinpool: every figure includes the crash-safe bookkeeping (the
+// intent and records, fsync'd; the transaction-id commit).
+
+func createTP(activate bool) side {
+	return func(g *guest, _ int) (time.Duration, error) {
+		name := fmt.Sprintf("tp-%d", len(g.tpVols))
+		ctx := context.Background()
+		t0 := time.Now()
+		if _, err := g.tp.CreateVolume(ctx, name, volumeBytes); err != nil {
+			return 0, err
+		}
+		if activate {
+			if _, err := g.tp.Activate(ctx, name); err != nil {
+				return 0, err
+			}
+		}
+		d := time.Since(t0)
+		g.tpVols = append(g.tpVols, name)
+		return d, nil
+	}
+}
+
+// snapTP snapshots the first volume of the create + activate row.
+func snapTP(g *guest, _ int) (time.Duration, error) {
+	g.tpSnaps++
+	t0 := time.Now()
+	_, err := g.tp.Snapshot(context.Background(), fmt.Sprintf("tp-snap-%d", g.tpSnaps), g.tpOrigin())
+	return time.Since(t0), err
+}
+
+// tpOrigin is the first volume the create + activate row made.
+func (g *guest) tpOrigin() string { return g.tpVols[g.n+1] }
+
+// usageTP is what a poller (the metrics, GetCapacity) asks of the pool.
+func usageTP(g *guest, _ int) (time.Duration, error) {
+	t0 := time.Now()
+	_, err := g.tp.Usage()
+	return time.Since(t0), err
+}
+
+// deleteTP deactivates and deletes the create + activate row's volumes,
+// newest first (the first, the snapshots' origin, stays).
+func deleteTP(g *guest, i int) (time.Duration, error) {
+	name := g.tpVols[len(g.tpVols)-1-i]
+	ctx := context.Background()
+	t0 := time.Now()
+	if err := g.tp.Deactivate(ctx, name); err != nil {
+		return 0, err
+	}
+	if err := g.tp.Delete(ctx, name); err != nil {
+		return 0, err
+	}
+	return time.Since(t0), nil
+}
+
+// create, not activated: create_thin alone.
+
+func createThinDM(g *guest, _ int) (time.Duration, error) {
+	v := g.id()
+	t0 := time.Now()
+	err := g.c.Message(g.pool.Dev, devmapper.CreateThin{DeviceID: v})
+	return time.Since(t0), err
+}
+
+func createThinCLI(g *guest, _ int) (time.Duration, error) {
+	return timed([]string{"dmsetup", "message", g.pool.Name, "0", fmt.Sprintf("create_thin %d", g.id())})
+}
+
+// create + activate: create_thin, then a device with a thin table.
+
+func createDM(g *guest, i int) (time.Duration, error) {
+	v := g.id()
+	t0 := time.Now()
+	if err := g.c.Message(g.pool.Dev, devmapper.CreateThin{DeviceID: v}); err != nil {
+		return 0, err
+	}
+	t1 := time.Now()
+	name := fmt.Sprintf("bench-dm-%d", v)
+	info, err := g.c.Create(name, devmapper.UUIDPrefix+name)
+	if err != nil {
+		return 0, err
+	}
+	t2 := time.Now()
+	if err := g.c.Load(info.Dev, []devmapper.Target{devmapper.NewTarget(0, g.volSectors, devmapper.ThinParams{PoolDev: g.pool.Dev, DeviceID: v})}); err != nil {
+		return 0, err
+	}
+	t3 := time.Now()
+	if err := g.c.Resume(info.Dev); err != nil {
+		return 0, err
+	}
+	t4 := time.Now()
+	g.ours, g.oursDev = append(g.ours, v), append(g.oursDev, info.Dev)
+	if i > 0 {
+		for j, d := range []time.Duration{t1.Sub(t0), t2.Sub(t1), t3.Sub(t2), t4.Sub(t3)} {
+			g.parts[j] = append(g.parts[j], d)
+		}
+	}
+	return t4.Sub(t0), nil
+}
+
+func createCLI(g *guest, _ int) (time.Duration, error) {
+	v := g.id()
+	d, err := timed(
+		[]string{"dmsetup", "message", g.pool.Name, "0", fmt.Sprintf("create_thin %d", v)},
+		[]string{"dmsetup", "create", fmt.Sprintf("bench-cli-%d", v), "--table", fmt.Sprintf("0 %d thin %s %d", g.volSectors, g.pool.Dev, v)},
+	)
+	g.theirs = append(g.theirs, v)
+	return d, err
+}
+
+// createLVM makes lv<k> with lvcreate --thin and extra flags; the create +
+// activate row's are lv0 (the snapshots' origin), lv1, ...
+func createLVM(extra ...string) side {
+	return func(g *guest, i int) (time.Duration, error) {
+		name := fmt.Sprintf("lv%d", i)
+		if len(extra) > 0 {
+			name = fmt.Sprintf("inactive%d", i)
+		}
+		return timed(lvm(append([]string{"lvcreate", "--thin", "-V", "1G", "-n", name}, append(extra, "vg/pool")...)...))
+	}
+}
+
+// Snapshot of an active volume holding data: suspend, create_snap,
+// resume. The origins are each side's first volume.
+
+func fillOrigins(g *guest) error {
+	tpNode, err := g.tp.Activate(context.Background(), g.tpOrigin()) // active already: its node
+	if err != nil {
+		return err
+	}
+	return errors.Join(
+		fill(tpNode, 64<<20),
+		fill("/dev/dm-"+strconv.Itoa(int(g.oursDev[0].Minor())), 64<<20),
+		fill(nodeOf(g.c, fmt.Sprintf("bench-cli-%d", g.theirs[0])), 64<<20),
+		fill(nodeOf(g.c, "vg-lv0"), 64<<20),
+	)
+}
+
+func snapDM(g *guest, _ int) (time.Duration, error) {
+	v := g.id()
+	t0 := time.Now()
+	if err := g.c.Suspend(g.oursDev[0], 0); err != nil {
+		return 0, err
+	}
+	if err := g.c.Message(g.pool.Dev, devmapper.CreateSnap{DeviceID: v, OriginID: g.ours[0]}); err != nil {
+		return 0, err
+	}
+	if err := g.c.Resume(g.oursDev[0]); err != nil {
+		return 0, err
+	}
+	d := time.Since(t0)
+	g.ours = append(g.ours, v)
+	return d, nil
+}
+
+func snapCLI(g *guest, _ int) (time.Duration, error) {
+	v := g.id()
+	origin := fmt.Sprintf("bench-cli-%d", g.theirs[0])
+	d, err := timed(
+		[]string{"dmsetup", "suspend", origin},
+		[]string{"dmsetup", "message", g.pool.Name, "0", fmt.Sprintf("create_snap %d %d", v, g.theirs[0])},
+		[]string{"dmsetup", "resume", origin},
+	)
+	g.theirs = append(g.theirs, v)
+	return d, err
+}
+
+func snapLVM(_ *guest, i int) (time.Duration, error) {
+	return timed(lvm("lvcreate", "-s", "-n", fmt.Sprintf("snap%d", i), "vg/lv0"))
+}
+
+// Pool status, as a poller reads it: without a metadata commit (noFlush)
+// and with one.
+
+func statusDM(noFlush bool) side {
+	return func(g *guest, _ int) (time.Duration, error) {
+		t0 := time.Now()
+		_, err := g.c.Status(g.pool.Dev, noFlush)
+		return time.Since(t0), err
+	}
+}
+
+func statusCLI(flags ...string) side {
+	return func(g *guest, _ int) (time.Duration, error) {
+		return timed(append(append([]string{"dmsetup", "status"}, flags...), g.pool.Name))
+	}
+}
+
+func statusLVM(_ *guest, _ int) (time.Duration, error) {
+	return timed(lvm("lvs", "-o", "data_percent,metadata_percent", "vg/pool"))
+}
+
+// Deactivate + delete: the create row's volumes, newest first (the first,
+// the snapshots' origin, stays).
+
+func deleteDM(g *guest, i int) (time.Duration, error) {
+	k := len(g.oursDev) - 1 - i
+	t0 := time.Now()
+	if err := g.c.Remove(g.oursDev[k], false); err != nil {
+		return 0, err
+	}
+	if err := g.c.Message(g.pool.Dev, devmapper.Delete{DeviceID: g.ours[k]}); err != nil {
+		return 0, err
+	}
+	return time.Since(t0), nil
+}
+
+func deleteCLI(g *guest, i int) (time.Duration, error) {
+	v := g.theirs[g.n-i]
+	return timed(
+		[]string{"dmsetup", "remove", fmt.Sprintf("bench-cli-%d", v)},
+		[]string{"dmsetup", "message", g.pool.Name, "0", fmt.Sprintf("delete %d", v)},
+	)
+}
+
+func deleteLVM(g *guest, i int) (time.Duration, error) {
+	return timed(lvm("lvremove", "-f", fmt.Sprintf("vg/lv%d", g.n-i)))
+}
+
+// runGuest prints the dm table and, unless dmOnly, the others.
+func runGuest(n int, openSizes []int, dmOnly bool) error {
 	c, err := devmapper.Open()
 	if err != nil {
 		return err
@@ -60,203 +362,51 @@ func runGuest(n int, openSizes []int) error {
 	if err != nil {
 		return fmt.Errorf("lvm2 pool: %w", err)
 	}
-	volSectors := uint64(volumeBytes / devmapper.SectorSize)
-	nextID := uint32(1)
-	id := func() uint32 { nextID++; return nextID }
-
+	k, err := thinpool.NewHostKernel()
+	if err != nil {
+		return err
+	}
+	tp, err := thinpool.Open(context.Background(), thinpool.Config{
+		Name: "bench-tp", StateDir: "/tmp/bench-tp-state",
+		DataFile: "/tmp/bench-tp.data", MetadataFile: "/tmp/bench-tp.meta",
+		DataFileBytes: poolDataBytes, MetadataFileBytes: poolMetaBytes, BlockSectors: blockSectors,
+		OverprovisionRatio: -1,
+	}, k)
+	if err != nil {
+		return fmt.Errorf("pkg/thinpool's pool: %w", err)
+	}
+	defer tp.Close()
+	g := &guest{c: c, tp: tp, pool: pool, volSectors: uint64(volumeBytes / devmapper.SectorSize), n: n, nextID: 1}
 	var rows []row
-	var parts [4]sample // create_thin, create, load, resume
+	for _, r := range dmRows {
+		out, err := r.run(g)
+		if err != nil {
+			return err
+		}
+		rows = append(rows, out)
+		if err := emitSamples("dm", out.op, map[string]sample{"thinpool": out.thinpool, "devmapper": out.devmapper, "dmsetup": out.dmsetup, "lvm2": out.lvm2}); err != nil {
+			return err
+		}
+	}
 
-	// create + activate of a 1 GiB thin volume.
-	create := row{op: "create + activate a 1 GiB thin volume"}
-	var ours, theirs []uint32
-	var oursDev []devmapper.Dev
-	for i := 0; i <= n; i++ {
-		v := id()
-		t0 := time.Now()
-		if err := c.Message(pool.Dev, devmapper.CreateThin{DeviceID: v}); err != nil {
-			return err
-		}
-		t1 := time.Now()
-		name := fmt.Sprintf("bench-dm-%d", v)
-		info, err := c.Create(name, devmapper.UUIDPrefix+name)
-		if err != nil {
-			return err
-		}
-		t2 := time.Now()
-		if err := c.Load(info.Dev, []devmapper.Target{devmapper.NewTarget(0, volSectors, devmapper.ThinParams{PoolDev: pool.Dev, DeviceID: v})}); err != nil {
-			return err
-		}
-		t3 := time.Now()
-		if err := c.Resume(info.Dev); err != nil {
-			return err
-		}
-		t4 := time.Now()
-		ours, oursDev = append(ours, v), append(oursDev, info.Dev)
-		if i == 0 {
-			continue // warm-up
-		}
-		create.devmapper = append(create.devmapper, t4.Sub(t0))
-		for j, d := range []time.Duration{t1.Sub(t0), t2.Sub(t1), t3.Sub(t2), t4.Sub(t3)} {
-			parts[j] = append(parts[j], d)
-		}
-	}
-	for i := 0; i <= n; i++ {
-		v := id()
-		d, err := timed(
-			[]string{"dmsetup", "message", pool.Name, "0", fmt.Sprintf("create_thin %d", v)},
-			[]string{"dmsetup", "create", fmt.Sprintf("bench-cli-%d", v), "--table", fmt.Sprintf("0 %d thin %s %d", volSectors, pool.Dev, v)},
-		)
-		if err != nil {
-			return err
-		}
-		theirs = append(theirs, v)
-		if i > 0 {
-			create.dmsetup = append(create.dmsetup, d)
-		}
-	}
-	for i := 0; i <= n; i++ {
-		d, err := timed(lvm("lvcreate", "--thin", "-V", "1G", "-n", fmt.Sprintf("lv%d", i), "vg/pool"))
-		if err != nil {
-			return err
-		}
-		if i > 0 {
-			create.lvm2 = append(create.lvm2, d)
-		}
-	}
-	rows = append(rows, create)
-
-	// Snapshot of an active volume holding data: suspend, create_snap, resume.
-	snap := row{op: "snapshot an active volume (64 MiB written)"}
-	originID, originDev := ours[0], oursDev[0]
-	if err := fill("/dev/dm-"+strconv.Itoa(int(originDev.Minor())), 64<<20); err != nil {
-		return err
-	}
-	for i := 0; i <= n; i++ {
-		v := id()
-		t0 := time.Now()
-		if err := c.Suspend(originDev, 0); err != nil {
-			return err
-		}
-		if err := c.Message(pool.Dev, devmapper.CreateSnap{DeviceID: v, OriginID: originID}); err != nil {
-			return err
-		}
-		if err := c.Resume(originDev); err != nil {
-			return err
-		}
-		if i > 0 {
-			snap.devmapper = append(snap.devmapper, time.Since(t0))
-		}
-		ours = append(ours, v)
-	}
-	cliOrigin := fmt.Sprintf("bench-cli-%d", theirs[0])
-	if err := fill(nodeOf(c, cliOrigin), 64<<20); err != nil {
-		return err
-	}
-	for i := 0; i <= n; i++ {
-		v := id()
-		d, err := timed(
-			[]string{"dmsetup", "suspend", cliOrigin},
-			[]string{"dmsetup", "message", pool.Name, "0", fmt.Sprintf("create_snap %d %d", v, theirs[0])},
-			[]string{"dmsetup", "resume", cliOrigin},
-		)
-		if err != nil {
-			return err
-		}
-		theirs = append(theirs, v)
-		if i > 0 {
-			snap.dmsetup = append(snap.dmsetup, d)
-		}
-	}
-	if err := fill(nodeOf(c, "vg-lv0"), 64<<20); err != nil {
-		return err
-	}
-	for i := 0; i <= n; i++ {
-		d, err := timed(lvm("lvcreate", "-s", "-n", fmt.Sprintf("snap%d", i), "vg/lv0"))
-		if err != nil {
-			return err
-		}
-		if i > 0 {
-			snap.lvm2 = append(snap.lvm2, d)
-		}
-	}
-	rows = append(rows, snap)
-
-	// Pool status, as a poller reads it.
-	status := row{op: "read the pool's status"}
-	flushed := row{op: "read the pool's status, with a metadata commit"}
-	for i := 0; i <= n; i++ {
-		t0 := time.Now()
-		if _, err := c.Status(pool.Dev, true); err != nil {
-			return err
-		}
-		t1 := time.Now()
-		if _, err := c.Status(pool.Dev, false); err != nil {
-			return err
-		}
-		t2 := time.Now()
-		d, err := timed([]string{"dmsetup", "status", pool.Name})
-		if err != nil {
-			return err
-		}
-		l, err := timed(lvm("lvs", "-o", "data_percent,metadata_percent", "vg/pool"))
-		if err != nil {
-			return err
-		}
-		if i > 0 {
-			status.devmapper = append(status.devmapper, t1.Sub(t0))
-			flushed.devmapper = append(flushed.devmapper, t2.Sub(t1))
-			status.dmsetup = append(status.dmsetup, d)
-			status.lvm2 = append(status.lvm2, l)
-		}
-	}
-	rows = append(rows, status, flushed)
-
-	// Deactivate + delete: the volumes made above, newest first.
-	del := row{op: "deactivate + delete a volume"}
-	for i := 0; i < n; i++ {
-		k := len(oursDev) - 1 - i
-		t0 := time.Now()
-		if err := c.Remove(oursDev[k], false); err != nil {
-			return err
-		}
-		if err := c.Message(pool.Dev, devmapper.Delete{DeviceID: ours[k]}); err != nil {
-			return err
-		}
-		del.devmapper = append(del.devmapper, time.Since(t0))
-	}
-	for i := 0; i < n; i++ {
-		v := theirs[n-i] // the volumes of the create loop, skipping the origin
-		d, err := timed(
-			[]string{"dmsetup", "remove", fmt.Sprintf("bench-cli-%d", v)},
-			[]string{"dmsetup", "message", pool.Name, "0", fmt.Sprintf("delete %d", v)},
-		)
-		if err != nil {
-			return err
-		}
-		del.dmsetup = append(del.dmsetup, d)
-	}
-	for i := 0; i < n; i++ {
-		d, err := timed(lvm("lvremove", "-f", fmt.Sprintf("vg/lv%d", n-i)))
-		if err != nil {
-			return err
-		}
-		del.lvm2 = append(del.lvm2, d)
-	}
-	rows = append(rows, del)
-
-	fmt.Printf("\n## dm-thin operations: pkg/devmapper against the dmsetup CLI and lvm2\n\n")
+	fmt.Printf("\n## dm-thin operations: pkg/thinpool and pkg/devmapper against the dmsetup CLI and lvm2\n\n")
 	fmt.Printf("One VM run: Debian kernel %s under TCG (2 vCPUs), dm ioctl %v, %s.\n", kernel, c.Version(), lvmVer)
-	fmt.Printf("Pools of %d GiB data (sparse files on tmpfs via loop), 64 KiB blocks, zeroing on. Median of %d runs after one warm-up, p90 in brackets, milliseconds.\n\n", poolDataBytes>>30, n)
-	fmt.Println("| operation | pkg/devmapper | dmsetup CLI | lvm2 | dmsetup ÷ devmapper | lvm2 ÷ devmapper |")
-	fmt.Println("|---|---:|---:|---:|---:|---:|")
+	fmt.Printf("Pools of %d GiB data (sparse files on tmpfs via loop), 64 KiB blocks, zeroing on. Median of %d runs (after one warm-up where the row has one), p90 in brackets, milliseconds.\n\n", poolDataBytes>>30, n)
+	fmt.Println("| operation | pkg/thinpool | pkg/devmapper | dmsetup CLI | lvm2 | lvm2 ÷ thinpool | lvm2 ÷ devmapper | dmsetup ÷ devmapper |")
+	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|")
 	for _, r := range rows {
-		fmt.Printf("| %s | %s | %s | %s | %s | %s |\n", r.op, cell(r.devmapper), cell(r.dmsetup), cell(r.lvm2), ratio(r.dmsetup, r.devmapper), ratio(r.lvm2, r.devmapper))
+		fmt.Printf("| %s | %s | %s | %s | %s | %s | %s | %s |\n", r.op, cell(r.thinpool), cell(r.devmapper), cell(r.dmsetup), cell(r.lvm2),
+			ratio(r.lvm2, r.thinpool), ratio(r.lvm2, r.devmapper), ratio(r.dmsetup, r.devmapper))
 	}
 	fmt.Printf("\npkg/devmapper create + activate, by step (median ms): create_thin %s, create %s, load table %s, resume %s.\n",
-		ms(parts[0].quantile(.5)), ms(parts[1].quantile(.5)), ms(parts[2].quantile(.5)), ms(parts[3].quantile(.5)))
-	fmt.Println("lvm2 column: lvcreate --thin -V1G; lvcreate -s (thin snapshot, not activated); lvs data and metadata percent; lvremove -f.")
-	fmt.Println("dmsetup column: one process per step (message, create --table; suspend, message, resume; status; remove, message).")
+		ms(g.parts[0].quantile(.5)), ms(g.parts[1].quantile(.5)), ms(g.parts[2].quantile(.5)), ms(g.parts[3].quantile(.5)))
+	fmt.Println("pkg/thinpool column: the pool's own operations, its crash-safe bookkeeping included (intent and records fsync'd, on tmpfs here; the transaction-id commit); usage is Pool.Usage (a status without a commit, and the records' sums).")
+	fmt.Println("pkg/devmapper column: the bare ioctls, no records and no commit.")
+	fmt.Println("lvm2 column: lvcreate --thin -V1G (-an for the row not activated); lvcreate -s (thin snapshot, not activated); lvs data and metadata percent (lvm2's own choice of commit); lvremove -f. Every lvm2 command commits and backs up the VG metadata.")
+	fmt.Println("dmsetup column: one process per step (message; message, create --table; suspend, message, resume; status [--noflush]; remove, message).")
+	if dmOnly {
+		return nil
+	}
 	if err := csiBench(n); err != nil {
 		return err
 	}
@@ -264,6 +414,34 @@ func runGuest(n int, openSizes []int) error {
 		return err
 	}
 	return groupBench(n, groupSizes)
+}
+
+// samplePrefix starts a line of raw samples in the guest's output: the
+// host writes those lines to samples.json, not to the table.
+const samplePrefix = "@samples "
+
+// samples is one row's raw timings, in nanoseconds, by method.
+type samples struct {
+	Table   string             `json:"table"`
+	Op      string             `json:"op"`
+	Methods map[string][]int64 `json:"methods"`
+}
+
+// emitSamples prints one row's raw samples for the host (empty methods
+// left out).
+func emitSamples(table, op string, by map[string]sample) error {
+	rec := samples{Table: table, Op: op, Methods: map[string][]int64{}}
+	for m, s := range by {
+		for _, d := range s {
+			rec.Methods[m] = append(rec.Methods[m], d.Nanoseconds())
+		}
+	}
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	fmt.Println(samplePrefix + string(b))
+	return nil
 }
 
 func cell(s sample) string {

@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
@@ -30,10 +31,11 @@ func main() {
 	guest := flag.Bool("guest", false, "run the measurements here (inside the VM); set by the host side")
 	iterations := flag.Int("n", 20, "iterations of each operation")
 	openMax := flag.Int("open", 10000, "largest pool to time opening (1000 and this many volumes)")
-	only := flag.String("only", "", `run one part only: "group" (group snapshots)`)
+	out := flag.String("out", "", "folder to write table.md (the tables, with when, where and at what load they were taken) and samples.json (every timing) into; default bench-results/<UTC time>")
+	only := flag.String("only", "", `run one part only: "dm" (the dm-thin operations table) or "group" (group snapshots)`)
 	flag.Parse()
-	if *only != "" && *only != "group" {
-		fmt.Fprintln(os.Stderr, `dmthin-bench: -only takes "group"`)
+	if *only != "" && *only != "group" && *only != "dm" {
+		fmt.Fprintln(os.Stderr, `dmthin-bench: -only takes "dm" or "group"`)
 		os.Exit(2)
 	}
 	if *iterations < 3 {
@@ -52,19 +54,22 @@ func main() {
 		if *openMax > 1000 {
 			sizes = append(sizes, *openMax)
 		}
-		if err := runGuest(*iterations, sizes); err != nil {
+		if err := runGuest(*iterations, sizes, *only == "dm"); err != nil {
 			fmt.Fprintln(os.Stderr, "dmthin-bench:", err)
 			os.Exit(1)
 		}
 		return
 	}
-	if err := runHost(*iterations, *openMax, *only); err != nil {
+	if *out == "" {
+		*out = filepath.Join("bench-results", time.Now().UTC().Format("2006-01-02T150405Z"))
+	}
+	if err := runHost(*iterations, *openMax, *only, *out); err != nil {
 		fmt.Fprintln(os.Stderr, "dmthin-bench:", err)
 		os.Exit(1)
 	}
 }
 
-func runHost(n, openMax int, only string) error {
+func runHost(n, openMax int, only, outDir string) error {
 	exe, err := os.Executable()
 	if err != nil {
 		return err
@@ -72,28 +77,37 @@ func runHost(n, openMax int, only string) error {
 	if err := checkStatic(exe); err != nil {
 		return err
 	}
+	res, err := newResults(outDir)
+	if err != nil {
+		return err
+	}
+	defer res.close()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
 	defer cancel()
 	fmt.Fprintln(os.Stderr, "dmthin-bench: booting the VM (Debian's kernel under TCG); the table follows")
-	res, err := vmtest.Run(ctx, vmtest.Spec{
+	run, err := vmtest.Run(ctx, vmtest.Spec{
 		Payload: exe,
 		Args:    []string{"-guest", "-n", strconv.Itoa(n), "-only", only},
 		Tools:   []string{"dmsetup", "lvm", "mount", "umount", "blkid", "mkfs.ext4", "resize2fs", "e2fsck", "fsck", "fsck.ext4"},
 		// lvm2 checks for the snapshot target even for thin snapshots.
 		Modules:   append(append([]string(nil), vmtest.DefaultModules...), "dm-snapshot"),
 		MemoryMiB: 4096,
-		Output:    os.Stdout,
+		Output:    res,
 	})
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(os.Stderr, "dmthin-bench: VM prepared in %v, booted in %v, whole run %v\n",
-		res.Prepare.Round(time.Millisecond), res.Boot.Round(time.Millisecond), res.Total.Round(time.Millisecond))
-	if res.ExitCode != 0 {
-		return fmt.Errorf("the guest exited with status %d", res.ExitCode)
+		run.Prepare.Round(time.Millisecond), run.Boot.Round(time.Millisecond), run.Total.Round(time.Millisecond))
+	if run.ExitCode != 0 {
+		return fmt.Errorf("the guest exited with status %d", run.ExitCode)
 	}
+	if err := res.finish(); err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "dmthin-bench: wrote %s and %s\n", res.tablePath, res.samplesPath)
 	return nil
 }
 
