@@ -66,9 +66,12 @@ fuzz:
 		done; \
 	done
 
-# Host micro-benchmarks, then the kernel benchmark table from one VM run.
+# Host benchmarks (to bench/results/host.txt), then the kernel benchmark
+# tables from one VM run (bench/results/table.md, every timing in
+# samples.json): the README's tables are these files.
 bench: deps
-	$(GO) test -run '^$$' -bench . -benchmem ./pkg/...
+	@mkdir -p bench/results
+	$(GO) test -run '^$$' -bench . -benchmem ./pkg/... >bench/results/host.txt; st=$$?; cat bench/results/host.txt; exit $$st
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/dmthin-bench ./cmd/dmthin-bench
 	$(BIN)/dmthin-bench -out bench/results
 
