@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-dmthin/csi-dmthin/internal/loop"
+	"github.com/csi-dmthin/csi-dmthin/internal/vmtest"
 	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
@@ -50,6 +51,8 @@ type row struct {
 // the thin ids each side made (later rows use the earlier rows' volumes).
 type guest struct {
 	c          *devmapper.Client
+	tag        string         // in the names of this location's devices and VG ("" or "-disk")
+	vg         string         // the lvm2 side's volume group
 	tp         *thinpool.Pool // pkg/thinpool's pool, on the same kind of files
 	tpVols     []string       // its volumes of the create rows, oldest first
 	tpSnaps    int
@@ -64,6 +67,9 @@ type guest struct {
 }
 
 func (g *guest) id() uint32 { g.nextID++; return g.nextID }
+
+// cli is the dmsetup side's device of thin id v.
+func (g *guest) cli(v uint32) string { return fmt.Sprintf("bench-cli%s-%d", g.tag, v) }
 
 // side is one method's run i of a row's operation; it returns the time
 // taken.
@@ -201,7 +207,7 @@ func createDM(g *guest, i int) (time.Duration, error) {
 		return 0, err
 	}
 	t1 := time.Now()
-	name := fmt.Sprintf("bench-dm-%d", v)
+	name := fmt.Sprintf("bench-dm%s-%d", g.tag, v)
 	info, err := g.c.Create(name, devmapper.UUIDPrefix+name)
 	if err != nil {
 		return 0, err
@@ -228,7 +234,7 @@ func createCLI(g *guest, _ int) (time.Duration, error) {
 	v := g.id()
 	d, err := timed(
 		[]string{"dmsetup", "message", g.pool.Name, "0", fmt.Sprintf("create_thin %d", v)},
-		[]string{"dmsetup", "create", fmt.Sprintf("bench-cli-%d", v), "--table", fmt.Sprintf("0 %d thin %s %d", g.volSectors, g.pool.Dev, v)},
+		[]string{"dmsetup", "create", g.cli(v), "--table", fmt.Sprintf("0 %d thin %s %d", g.volSectors, g.pool.Dev, v)},
 	)
 	g.theirs = append(g.theirs, v)
 	return d, err
@@ -242,7 +248,7 @@ func createLVM(extra ...string) side {
 		if len(extra) > 0 {
 			name = fmt.Sprintf("inactive%d", i)
 		}
-		return timed(lvm(append([]string{"lvcreate", "--thin", "-V", "1G", "-n", name}, append(extra, "vg/pool")...)...))
+		return timed(lvm(append([]string{"lvcreate", "--thin", "-V", "1G", "-n", name}, append(extra, g.vg+"/pool")...)...))
 	}
 }
 
@@ -257,8 +263,8 @@ func fillOrigins(g *guest) error {
 	return errors.Join(
 		fill(tpNode, 64<<20),
 		fill("/dev/dm-"+strconv.Itoa(int(g.oursDev[0].Minor())), 64<<20),
-		fill(nodeOf(g.c, fmt.Sprintf("bench-cli-%d", g.theirs[0])), 64<<20),
-		fill(nodeOf(g.c, "vg-lv0"), 64<<20),
+		fill(nodeOf(g.c, g.cli(g.theirs[0])), 64<<20),
+		fill(nodeOf(g.c, g.vg+"-lv0"), 64<<20),
 	)
 }
 
@@ -281,7 +287,7 @@ func snapDM(g *guest, _ int) (time.Duration, error) {
 
 func snapCLI(g *guest, _ int) (time.Duration, error) {
 	v := g.id()
-	origin := fmt.Sprintf("bench-cli-%d", g.theirs[0])
+	origin := g.cli(g.theirs[0])
 	d, err := timed(
 		[]string{"dmsetup", "suspend", origin},
 		[]string{"dmsetup", "message", g.pool.Name, "0", fmt.Sprintf("create_snap %d %d", v, g.theirs[0])},
@@ -291,8 +297,8 @@ func snapCLI(g *guest, _ int) (time.Duration, error) {
 	return d, err
 }
 
-func snapLVM(_ *guest, i int) (time.Duration, error) {
-	return timed(lvm("lvcreate", "-s", "-n", fmt.Sprintf("snap%d", i), "vg/lv0"))
+func snapLVM(g *guest, i int) (time.Duration, error) {
+	return timed(lvm("lvcreate", "-s", "-n", fmt.Sprintf("snap%d", i), g.vg+"/lv0"))
 }
 
 // Pool status, as a poller reads it: without a metadata commit (noFlush)
@@ -312,8 +318,8 @@ func statusCLI(flags ...string) side {
 	}
 }
 
-func statusLVM(_ *guest, _ int) (time.Duration, error) {
-	return timed(lvm("lvs", "-o", "data_percent,metadata_percent", "vg/pool"))
+func statusLVM(g *guest, _ int) (time.Duration, error) {
+	return timed(lvm("lvs", "-o", "data_percent,metadata_percent", g.vg+"/pool"))
 }
 
 // Deactivate + delete: the create row's volumes, newest first (the first,
@@ -334,76 +340,44 @@ func deleteDM(g *guest, i int) (time.Duration, error) {
 func deleteCLI(g *guest, i int) (time.Duration, error) {
 	v := g.theirs[g.n-i]
 	return timed(
-		[]string{"dmsetup", "remove", fmt.Sprintf("bench-cli-%d", v)},
+		[]string{"dmsetup", "remove", g.cli(v)},
 		[]string{"dmsetup", "message", g.pool.Name, "0", fmt.Sprintf("delete %d", v)},
 	)
 }
 
 func deleteLVM(g *guest, i int) (time.Duration, error) {
-	return timed(lvm("lvremove", "-f", fmt.Sprintf("vg/lv%d", g.n-i)))
+	return timed(lvm("lvremove", "-f", fmt.Sprintf("%s/lv%d", g.vg, g.n-i)))
 }
 
-// runGuest prints the dm table and, unless dmOnly, the others.
-func runGuest(n int, openSizes []int, dmOnly bool) error {
+// location is where a dm table's pools keep their files.
+type location struct {
+	what string // for the table's caption
+	dir  string
+	tag  string
+}
+
+// runGuest prints the dm table, for the pools' files on tmpfs and, with
+// diskSerial, again on ext4 on that virtual disk; then, unless dmOnly,
+// the other tables.
+func runGuest(n int, openSizes []int, dmOnly bool, diskSerial string) error {
 	c, err := devmapper.Open()
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	var uts unix.Utsname
-	_ = unix.Uname(&uts)
-	kernel := strings.TrimRight(string(uts.Release[:]), "\x00")
-
-	pool, err := newPool(c, "bench-pool")
-	if err != nil {
-		return fmt.Errorf("our pool: %w", err)
-	}
-	lvmVer, err := setupLVM()
-	if err != nil {
-		return fmt.Errorf("lvm2 pool: %w", err)
-	}
-	k, err := thinpool.NewHostKernel()
-	if err != nil {
-		return err
-	}
-	tp, err := thinpool.Open(context.Background(), thinpool.Config{
-		Name: "bench-tp", StateDir: "/tmp/bench-tp-state",
-		DataFile: "/tmp/bench-tp.data", MetadataFile: "/tmp/bench-tp.meta",
-		DataFileBytes: poolDataBytes, MetadataFileBytes: poolMetaBytes, BlockSectors: blockSectors,
-		OverprovisionRatio: -1,
-	}, k)
-	if err != nil {
-		return fmt.Errorf("pkg/thinpool's pool: %w", err)
-	}
-	defer tp.Close()
-	g := &guest{c: c, tp: tp, pool: pool, volSectors: uint64(volumeBytes / devmapper.SectorSize), n: n, nextID: 1}
-	var rows []row
-	for _, r := range dmRows {
-		out, err := r.run(g)
+	locs := []location{{what: "sparse files on the guest's tmpfs: an fsync costs nothing", dir: "/tmp"}}
+	if diskSerial != "" {
+		dir, err := mountDisk(diskSerial)
 		if err != nil {
 			return err
 		}
-		rows = append(rows, out)
-		if err := emitSamples("dm", out.op, map[string]sample{"thinpool": out.thinpool, "devmapper": out.devmapper, "dmsetup": out.dmsetup, "lvm2": out.lvm2}); err != nil {
-			return err
+		locs = append(locs, location{what: "sparse files on ext4 on a virtio disk: the guest's flushes reach qemu (cache=unsafe), not the host's disk", dir: dir, tag: "-disk"})
+	}
+	for _, l := range locs {
+		if err := dmTable(c, n, l); err != nil {
+			return fmt.Errorf("pools on %s: %w", l.dir, err)
 		}
 	}
-
-	fmt.Printf("\n## dm-thin operations: pkg/thinpool and pkg/devmapper against the dmsetup CLI and lvm2\n\n")
-	fmt.Printf("One VM run: Debian kernel %s under TCG (2 vCPUs), dm ioctl %v, %s.\n", kernel, c.Version(), lvmVer)
-	fmt.Printf("Pools of %d GiB data (sparse files on tmpfs via loop), 64 KiB blocks, zeroing on. Median of %d runs (after one warm-up where the row has one), p90 in brackets, milliseconds.\n\n", poolDataBytes>>30, n)
-	fmt.Println("| operation | pkg/thinpool | pkg/devmapper | dmsetup CLI | lvm2 | lvm2 ÷ thinpool | lvm2 ÷ devmapper | dmsetup ÷ devmapper |")
-	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|")
-	for _, r := range rows {
-		fmt.Printf("| %s | %s | %s | %s | %s | %s | %s | %s |\n", r.op, cell(r.thinpool), cell(r.devmapper), cell(r.dmsetup), cell(r.lvm2),
-			ratio(r.lvm2, r.thinpool), ratio(r.lvm2, r.devmapper), ratio(r.dmsetup, r.devmapper))
-	}
-	fmt.Printf("\npkg/devmapper create + activate, by step (median ms): create_thin %s, create %s, load table %s, resume %s.\n",
-		ms(g.parts[0].quantile(.5)), ms(g.parts[1].quantile(.5)), ms(g.parts[2].quantile(.5)), ms(g.parts[3].quantile(.5)))
-	fmt.Println("pkg/thinpool column: the pool's own operations, its crash-safe bookkeeping included (intent and records fsync'd, on tmpfs here; the transaction-id commit); usage is Pool.Usage (a status without a commit, and the records' sums).")
-	fmt.Println("pkg/devmapper column: the bare ioctls, no records and no commit.")
-	fmt.Println("lvm2 column: lvcreate --thin -V1G (-an for the row not activated); lvcreate -s (thin snapshot, not activated); lvs data and metadata percent (lvm2's own choice of commit); lvremove -f. Every lvm2 command commits and backs up the VG metadata.")
-	fmt.Println("dmsetup column: one process per step (message; message, create --table; suspend, message, resume; status [--noflush]; remove, message).")
 	if dmOnly {
 		return nil
 	}
@@ -414,6 +388,87 @@ func runGuest(n int, openSizes []int, dmOnly bool) error {
 		return err
 	}
 	return groupBench(n, groupSizes)
+}
+
+// dmTable measures and prints the dm table with every side's pool files
+// in l.dir.
+func dmTable(c *devmapper.Client, n int, l location) error {
+	var uts unix.Utsname
+	_ = unix.Uname(&uts)
+	kernel := strings.TrimRight(string(uts.Release[:]), "\x00")
+
+	pool, err := newPool(c, "bench-pool"+l.tag, l.dir)
+	if err != nil {
+		return fmt.Errorf("our pool: %w", err)
+	}
+	lvmVer, err := setupLVM(l.dir, "vg"+strings.ReplaceAll(l.tag, "-", ""))
+	if err != nil {
+		return fmt.Errorf("lvm2 pool: %w", err)
+	}
+	k, err := thinpool.NewHostKernel()
+	if err != nil {
+		return err
+	}
+	tp, err := thinpool.Open(context.Background(), thinpool.Config{
+		Name: "bench-tp" + l.tag, StateDir: filepath.Join(l.dir, "bench-tp-state"),
+		DataFile: filepath.Join(l.dir, "bench-tp.data"), MetadataFile: filepath.Join(l.dir, "bench-tp.meta"),
+		DataFileBytes: poolDataBytes, MetadataFileBytes: poolMetaBytes, BlockSectors: blockSectors,
+		OverprovisionRatio: -1,
+	}, k)
+	if err != nil {
+		return fmt.Errorf("pkg/thinpool's pool: %w", err)
+	}
+	defer tp.Close()
+	g := &guest{c: c, tag: l.tag, vg: "vg" + strings.ReplaceAll(l.tag, "-", ""), tp: tp, pool: pool, volSectors: uint64(volumeBytes / devmapper.SectorSize), n: n, nextID: 1}
+	var rows []row
+	for _, r := range dmRows {
+		out, err := r.run(g)
+		if err != nil {
+			return err
+		}
+		rows = append(rows, out)
+		if err := emitSamples("dm"+l.tag, out.op, map[string]sample{"thinpool": out.thinpool, "devmapper": out.devmapper, "dmsetup": out.dmsetup, "lvm2": out.lvm2}); err != nil {
+			return err
+		}
+	}
+
+	fmt.Printf("\n## dm-thin operations, pools on %s: pkg/thinpool and pkg/devmapper against the dmsetup CLI and lvm2\n\n", l.dir)
+	fmt.Printf("One VM run: Debian kernel %s under TCG (2 vCPUs), dm ioctl %v, %s.\n", kernel, c.Version(), lvmVer)
+	fmt.Printf("Pools of %d GiB data through loop devices on %s; 64 KiB blocks, zeroing on. Median of %d runs (after one warm-up where the row has one), p90 in brackets, milliseconds.\n\n", poolDataBytes>>30, l.what, n)
+	fmt.Println("| operation | pkg/thinpool | pkg/devmapper | dmsetup CLI | lvm2 | lvm2 ÷ thinpool | lvm2 ÷ devmapper | dmsetup ÷ devmapper |")
+	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|")
+	for _, r := range rows {
+		fmt.Printf("| %s | %s | %s | %s | %s | %s | %s | %s |\n", r.op, cell(r.thinpool), cell(r.devmapper), cell(r.dmsetup), cell(r.lvm2),
+			ratio(r.lvm2, r.thinpool), ratio(r.lvm2, r.devmapper), ratio(r.dmsetup, r.devmapper))
+	}
+	fmt.Printf("\npkg/devmapper create + activate, by step (median ms): create_thin %s, create %s, load table %s, resume %s.\n",
+		ms(g.parts[0].quantile(.5)), ms(g.parts[1].quantile(.5)), ms(g.parts[2].quantile(.5)), ms(g.parts[3].quantile(.5)))
+	fmt.Println("pkg/thinpool column: the pool's own operations, its crash-safe bookkeeping included (intent and records fsync'd, beside the pools' files; the transaction-id commit); usage is Pool.Usage (a status without a commit, and the records' sums).")
+	fmt.Println("pkg/devmapper column: the bare ioctls, no records and no commit.")
+	fmt.Println("lvm2 column: lvcreate --thin -V1G (-an for the row not activated); lvcreate -s (thin snapshot, not activated); lvs data and metadata percent (lvm2's own choice of commit); lvremove -f. Every lvm2 command commits and backs up the VG metadata.")
+	fmt.Println("dmsetup column: one process per step (message; message, create --table; suspend, message, resume; status [--noflush]; remove, message).")
+	return nil
+}
+
+// mountDisk makes ext4 on the virtual disk with that serial and mounts it.
+func mountDisk(serial string) (string, error) {
+	dev, err := vmtest.DiskBySerial(serial)
+	if err != nil {
+		return "", err
+	}
+	dir := "/bench-disk"
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	for _, argv := range [][]string{
+		{"mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", dev},
+		{"mount", "-t", "ext4", dev, dir},
+	} {
+		if _, err := timed(argv); err != nil {
+			return "", err
+		}
+	}
+	return dir, nil
 }
 
 // samplePrefix starts a line of raw samples in the guest's output: the
@@ -496,12 +551,12 @@ func sparseLoop(path string, size int64, zeroHead bool) (loop.Device, error) {
 	return loop.Attach(path, loop.Options{AutoClear: true})
 }
 
-func newPool(c *devmapper.Client, name string) (poolDev, error) {
-	meta, err := sparseLoop(filepath.Join("/tmp", name+".meta"), poolMetaBytes, true)
+func newPool(c *devmapper.Client, name, dir string) (poolDev, error) {
+	meta, err := sparseLoop(filepath.Join(dir, name+".meta"), poolMetaBytes, true)
 	if err != nil {
 		return poolDev{}, err
 	}
-	data, err := sparseLoop(filepath.Join("/tmp", name+".data"), poolDataBytes, false)
+	data, err := sparseLoop(filepath.Join(dir, name+".data"), poolDataBytes, false)
 	if err != nil {
 		return poolDev{}, err
 	}
@@ -529,7 +584,7 @@ func newPool(c *devmapper.Client, name string) (poolDev, error) {
 const lvmConf = `devices {
 	obtain_device_list_from_udev = 0
 	use_devicesfile = 0
-	filter = [ "a|^%s$|", "r|.*|" ]
+	filter = [ %s"r|.*|" ]
 }
 activation {
 	udev_sync = 0
@@ -538,25 +593,34 @@ activation {
 }
 `
 
-func setupLVM() (string, error) {
+// lvmPVs are the PVs made so far: lvm2 scans only those.
+var lvmPVs []string
+
+// setupLVM makes VG vg with its thin pool on a PV file in dir.
+func setupLVM(dir, vg string) (string, error) {
 	for _, d := range []string{"/etc/lvm", "/run/lock/lvm", "/run/lvm"} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return "", err
 		}
 	}
 	// Kept open (and so attached) for the whole run.
-	pv, err := sparseLoop("/tmp/lvm.pv", poolDataBytes+1<<30, true)
+	pv, err := sparseLoop(filepath.Join(dir, "lvm.pv"), poolDataBytes+1<<30, true)
 	if err != nil {
 		return "", err
 	}
-	if err := os.WriteFile("/etc/lvm/lvm.conf", []byte(fmt.Sprintf(lvmConf, pv.Path)), 0o644); err != nil {
+	lvmPVs = append(lvmPVs, pv.Path)
+	var accept string
+	for _, p := range lvmPVs {
+		accept += fmt.Sprintf(`"a|^%s$|", `, p)
+	}
+	if err := os.WriteFile("/etc/lvm/lvm.conf", []byte(fmt.Sprintf(lvmConf, accept)), 0o644); err != nil {
 		return "", err
 	}
 	for _, argv := range [][]string{
 		lvm("pvcreate", pv.Path),
-		lvm("vgcreate", "vg", pv.Path),
+		lvm("vgcreate", vg, pv.Path),
 		lvm("lvcreate", "--type", "thin-pool", "-L", strconv.Itoa(poolDataBytes>>30)+"G", "--chunksize", "64k",
-			"--poolmetadatasize", strconv.Itoa(poolMetaBytes>>20)+"M", "-n", "pool", "vg"),
+			"--poolmetadatasize", strconv.Itoa(poolMetaBytes>>20)+"M", "-n", "pool", vg),
 	} {
 		if _, err := timed(argv); err != nil {
 			return "", err

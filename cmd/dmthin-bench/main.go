@@ -15,6 +15,7 @@ package main
 import (
 	"context"
 	"debug/elf"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -32,6 +33,7 @@ func main() {
 	iterations := flag.Int("n", 20, "iterations of each operation")
 	openMax := flag.Int("open", 10000, "largest pool to time opening (1000 and this many volumes)")
 	out := flag.String("out", "", "folder to write table.md (the tables, with when, where and at what load they were taken) and samples.json (every timing) into; default bench-results/<UTC time>")
+	diskSerial := flag.String("disk-serial", "", "(guest) the serial of the virtual disk to run the dm table on again; set by the host side")
 	only := flag.String("only", "", `run one part only: "dm" (the dm-thin operations table) or "group" (group snapshots)`)
 	flag.Parse()
 	if *only != "" && *only != "group" && *only != "dm" {
@@ -54,7 +56,7 @@ func main() {
 		if *openMax > 1000 {
 			sizes = append(sizes, *openMax)
 		}
-		if err := runGuest(*iterations, sizes, *only == "dm"); err != nil {
+		if err := runGuest(*iterations, sizes, *only == "dm", *diskSerial); err != nil {
 			fmt.Fprintln(os.Stderr, "dmthin-bench:", err)
 			os.Exit(1)
 		}
@@ -68,6 +70,13 @@ func main() {
 		os.Exit(1)
 	}
 }
+
+// The virtual disk of the dm table's second pass: room for every side's
+// sparse pool files (three pools and lvm2's PV).
+const (
+	benchDiskBytes  = 40 << 30
+	benchDiskSerial = "dmthin-bench"
+)
 
 func runHost(n, openMax int, only, outDir string) error {
 	exe, err := os.Executable()
@@ -87,9 +96,31 @@ func runHost(n, openMax int, only, outDir string) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
 	defer cancel()
 	fmt.Fprintln(os.Stderr, "dmthin-bench: booting the VM (Debian's kernel under TCG); the table follows")
+	// A virtual disk for the dm table's second pass, pool files on ext4
+	// rather than tmpfs (sparse: what the guest writes is what it takes).
+	args := []string{"-guest", "-n", strconv.Itoa(n), "-only", only}
+	var disks []vmtest.Disk
+	if only != "group" {
+		img, err := os.MkdirTemp("", "dmthin-bench-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(img)
+		f, err := os.Create(filepath.Join(img, "disk.raw"))
+		if err != nil {
+			return err
+		}
+		err = errors.Join(f.Truncate(benchDiskBytes), f.Close())
+		if err != nil {
+			return err
+		}
+		disks = []vmtest.Disk{{Path: f.Name(), Serial: benchDiskSerial}}
+		args = append(args, "-disk-serial", benchDiskSerial)
+	}
 	run, err := vmtest.Run(ctx, vmtest.Spec{
 		Payload: exe,
-		Args:    []string{"-guest", "-n", strconv.Itoa(n), "-only", only},
+		Args:    args,
+		Disks:   disks,
 		Tools:   []string{"dmsetup", "lvm", "mount", "umount", "blkid", "mkfs.ext4", "resize2fs", "e2fsck", "fsck", "fsck.ext4"},
 		// lvm2 checks for the snapshot target even for thin snapshots.
 		Modules:   append(append([]string(nil), vmtest.DefaultModules...), "dm-snapshot"),
