@@ -15,7 +15,6 @@ import (
 	snapclient "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/uuid"
-	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/leaderelection"
 	"k8s.io/client-go/tools/leaderelection/resourcelock"
@@ -137,16 +136,8 @@ func controllerCmd(args []string) error {
 		klog.InfoS("The snapshot API (snapshot.storage.k8s.io/v1) is not installed: restores from VolumeSnapshots are not steered to their node until the controller restarts after it is")
 	}
 	if f.thinPools {
-		has, err := hasThinPoolAPI(client)
-		if err != nil {
+		if o.ThinPools, err = thinPoolClient(cfg, client, "room in a source's pool is left to its node's admission"); err != nil {
 			return err
-		}
-		if has {
-			if o.ThinPools, err = dynamic.NewForConfig(cfg); err != nil {
-				return fmt.Errorf("dynamic client: %w", err)
-			}
-		} else {
-			klog.InfoS("The ThinPool API (dmthin.io/v1alpha1) is not installed: room in a source's pool is left to its node's admission")
 		}
 	}
 	// Not ctx: the recorder must outlive the controllers' last syncs

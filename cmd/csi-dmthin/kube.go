@@ -114,16 +114,8 @@ func newKubeSide(ctx context.Context, f *kubeFlags, driverName, kubeletDir, node
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
 	if f.thinPools {
-		has, err := hasThinPoolAPI(k.client)
-		if err != nil {
+		if k.dyn, err = thinPoolClient(cfg, k.client, "no ThinPool objects are kept until the driver restarts after it is"); err != nil {
 			return nil, err
-		}
-		if has {
-			if k.dyn, err = dynamic.NewForConfig(cfg); err != nil {
-				return nil, fmt.Errorf("dynamic client: %w", err)
-			}
-		} else {
-			klog.InfoS("The ThinPool API (dmthin.io/v1alpha1) is not installed: no ThinPool objects are kept until the driver restarts after it is")
 		}
 	}
 	k.recorder, k.stopRecorder = kube.NewRecorder(ctx, k.client, kube.Component, node)
@@ -174,21 +166,21 @@ func hasAPI(client kubernetes.Interface, groupVersion string, resources ...strin
 	return true, nil
 }
 
-// hasThinPoolAPI reports whether the ThinPool CRD is installed.
-func hasThinPoolAPI(client kubernetes.Interface) (bool, error) {
-	rl, err := client.Discovery().ServerResourcesForGroupVersion(kube.ThinPoolGVR.GroupVersion().String())
-	if apierrors.IsNotFound(err) {
-		return false, nil
-	}
-	if err != nil {
-		return false, fmt.Errorf("looking for the ThinPool API: %w", err)
-	}
-	for _, r := range rl.APIResources {
-		if r.Name == kube.ThinPoolGVR.Resource {
-			return true, nil
+// thinPoolClient returns a dynamic client for the ThinPool resource, or nil
+// (and logs what is lost, without) when its CRD is not installed.
+func thinPoolClient(cfg *rest.Config, client kubernetes.Interface, without string) (dynamic.Interface, error) {
+	has, err := hasAPI(client, kube.ThinPoolGVR.GroupVersion().String(), kube.ThinPoolGVR.Resource)
+	if err != nil || !has {
+		if err == nil {
+			klog.InfoS("The ThinPool API (" + kube.ThinPoolGVR.GroupVersion().String() + ") is not installed: " + without)
 		}
+		return nil, err
 	}
-	return false, nil
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("dynamic client: %w", err)
+	}
+	return dyn, nil
 }
 
 // driverCapacity is the driver's GetCapacity as kube.CapacitySource.
