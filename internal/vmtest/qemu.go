@@ -89,6 +89,12 @@ const (
 	// shutdownGrace is how long qemu may take to exit after the exit marker
 	// (the guest syncs and powers off) before it is killed.
 	shutdownGrace = 30 * time.Second
+	// bootTimeout is how long a guest may take from qemu's start to the
+	// payload's start marker. Under TCG a boot takes about 4 s on an idle
+	// host and under a minute on one loaded tenfold; a guest still not
+	// there after this has hung in its boot, and is killed and booted once
+	// more (see run).
+	bootTimeout = 5 * time.Minute
 	// consoleTailLines is how much of the console an error carries.
 	consoleTailLines = 60
 	// maxConsoleBytes caps the console kept in memory.
@@ -115,13 +121,23 @@ const kernelCmdline = "console=ttyS0 panic=-1 loglevel=3 mitigations=off no_time
 // not cut: no exit marker came back (boot failure, kernel panic, ctx
 // cancelled or its deadline passed).
 // Such errors carry the console's last lines. qemu never outlives Run.
+//
+// A guest that has not started the payload within bootTimeout is killed
+// and booted again, once, with a notice on stderr that carries the first
+// boot's console: the payload had not run, so nothing it does has
+// happened twice. A second such boot is an error (ErrBootTimeout).
 func Run(ctx context.Context, s Spec) (*Result, error) {
 	return run(ctx, s, nil)
 }
 
+// ErrBootTimeout is the error (wrapped) of a Run whose guest did not start
+// the payload within the boot timeout, twice.
+var ErrBootTimeout = errors.New("vmtest: the guest did not start the payload in time")
+
 // runHooks lets tests observe a run.
 type runHooks struct {
-	started func(pid int) // called once qemu has started
+	started     func(pid int) // called each time qemu has started
+	bootTimeout time.Duration // replaces bootTimeout when not zero
 }
 
 func run(ctx context.Context, s Spec, hooks *runHooks) (*Result, error) {
@@ -196,7 +212,13 @@ func run(ctx context.Context, s Spec, hooks *runHooks) (*Result, error) {
 	}
 
 	res := &Result{Prepare: time.Since(start)}
-	err = boot(ctx, qemu, k, initrd, filepath.Join(tmp, "payload.sock"), nonce, &s, res, hooks)
+	sock := filepath.Join(tmp, "payload.sock")
+	err = boot(ctx, qemu, k, initrd, sock, nonce, &s, res, hooks)
+	if errors.Is(err, ErrBootTimeout) {
+		_, _ = fmt.Fprintf(os.Stderr, "vmtest: booting once more: %v\n", err)
+		*res = Result{Prepare: time.Since(start)}
+		err = boot(ctx, qemu, k, initrd, sock, nonce, &s, res, hooks)
+	}
 	res.Total = time.Since(start)
 	if err != nil {
 		return nil, err
@@ -306,25 +328,41 @@ func boot(ctx context.Context, qemu string, k *Kernel, initrd, sock, nonce strin
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 
-	pr := &portReader{nonce: nonce, out: s.Output, exitSeen: make(chan struct{})}
+	pr := &portReader{nonce: nonce, out: s.Output, startSeen: make(chan struct{}), exitSeen: make(chan struct{})}
 	readerDone := make(chan struct{})
 	go func() {
 		defer close(readerDone)
 		pr.serve(ln)
 	}()
 
+	limit := bootTimeout
+	if hooks != nil && hooks.bootTimeout != 0 {
+		limit = hooks.bootTimeout
+	}
+	booting := time.NewTimer(limit)
+	defer booting.Stop()
+
 	var (
-		waitErr  error
-		cause    error
-		cut      bool
-		grace    <-chan time.Time
-		exitSeen = pr.exitSeen
-		cutReq   = s.Cut
+		waitErr   error
+		cause     error
+		cut       bool
+		grace     <-chan time.Time
+		startSeen = pr.startSeen
+		bootLimit = booting.C
+		exitSeen  = pr.exitSeen
+		cutReq    = s.Cut
 	)
 wait:
 	for {
 		select {
 		case waitErr = <-exited:
+			break wait
+		case <-startSeen:
+			startSeen, bootLimit = nil, nil
+		case <-bootLimit:
+			cause = fmt.Errorf("%w: no start marker %v after qemu started", ErrBootTimeout, limit)
+			_ = cmd.Process.Kill()
+			waitErr = <-exited
 			break wait
 		case <-exitSeen:
 			exitSeen = nil
@@ -366,27 +404,30 @@ wait:
 		res.Cut = true
 		return nil
 	}
-	var why string
-	switch {
-	case cause != nil:
-		why = fmt.Sprintf("stopped before the payload finished: %v", cause)
-	case waitErr != nil:
-		why = fmt.Sprintf("qemu failed before the payload finished: %v", waitErr)
-	default:
-		why = "the VM powered off without the payload's exit marker (boot failure or kernel panic?)"
-	}
+	var detail string
 	if e := tailLines(stderr.String(), 20); e != "" {
-		why += "\nqemu stderr:\n" + e
+		detail += "\nqemu stderr:\n" + e
 	}
-	return fmt.Errorf("vmtest: %s\nlast console lines:\n%s", why, tailLines(res.Console, consoleTailLines))
+	detail += "\nlast console lines:\n" + tailLines(res.Console, consoleTailLines)
+	switch {
+	case errors.Is(cause, ErrBootTimeout):
+		return fmt.Errorf("%w%s", cause, detail)
+	case cause != nil:
+		return fmt.Errorf("vmtest: stopped before the payload finished: %v%s", cause, detail)
+	case waitErr != nil:
+		return fmt.Errorf("vmtest: qemu failed before the payload finished: %v%s", waitErr, detail)
+	default:
+		return fmt.Errorf("vmtest: the VM powered off without the payload's exit marker (boot failure or kernel panic?)%s", detail)
+	}
 }
 
 // portReader reads the payload's serial port: it streams lines to out and
 // watches for the start and exit markers.
 type portReader struct {
-	nonce    string
-	out      io.Writer
-	exitSeen chan struct{} // closed at the exit marker
+	nonce     string
+	out       io.Writer
+	startSeen chan struct{} // closed at the start marker
+	exitSeen  chan struct{} // closed at the exit marker
 
 	mu       sync.Mutex
 	startAt  time.Time
@@ -454,6 +495,7 @@ func (p *portReader) line(l string, startSeen bool) bool {
 		p.mu.Lock()
 		p.startAt = time.Now()
 		p.mu.Unlock()
+		close(p.startSeen)
 		return true
 	}
 	if i := strings.Index(l, exitMarker+p.nonce+" "); i >= 0 {

@@ -61,6 +61,19 @@ func requireVM(t *testing.T) string {
 	return payloadPath
 }
 
+// runTimeout bounds each Run of these tests, which take seconds: a guest
+// that hangs fails its test with the console's last lines instead of
+// running into the test binary's timeout, which says nothing of the guest
+// and holds the VM lock, and so every other package's VM, until then.
+const runTimeout = 10 * time.Minute
+
+// runContext is t's context, ended after runTimeout.
+func runContext(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(t.Context(), runTimeout)
+	t.Cleanup(cancel)
+	return ctx
+}
+
 // lineRecorder collects Output lines, checking that each Write is one line.
 type lineRecorder struct {
 	t      *testing.T
@@ -93,7 +106,7 @@ func (r *lineRecorder) get() []string {
 func TestRunExitCode(t *testing.T) {
 	payload := requireVM(t)
 	rec := &lineRecorder{t: t}
-	res, err := Run(t.Context(), Spec{Payload: payload, Args: []string{"exit", "3"}, Output: rec})
+	res, err := Run(runContext(t), Spec{Payload: payload, Args: []string{"exit", "3"}, Output: rec})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +142,7 @@ func TestRunDeviceMapper(t *testing.T) {
 		args = append(args, "lvcreate --version")
 	}
 	rec := &lineRecorder{t: t}
-	res, err := Run(t.Context(), Spec{Payload: payload, Args: args, Tools: tools, Output: rec})
+	res, err := Run(runContext(t), Spec{Payload: payload, Args: args, Tools: tools, Output: rec})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,7 +168,7 @@ func TestRunSpec(t *testing.T) {
 		t.Fatal(err)
 	}
 	rec := &lineRecorder{t: t}
-	res, err := Run(t.Context(), Spec{
+	res, err := Run(runContext(t), Spec{
 		Payload: payload,
 		Args:    []string{"env", "a b", "it's", "$HOME"},
 		Env:     []string{"FOO=bar baz"},
@@ -183,7 +196,7 @@ func TestRunSpec(t *testing.T) {
 func TestRunOrphanChild(t *testing.T) {
 	payload := requireVM(t)
 	rec := &lineRecorder{t: t}
-	res, err := Run(t.Context(), Spec{Payload: payload, Args: []string{"orphan"}, Modules: []string{}, Output: rec})
+	res, err := Run(runContext(t), Spec{Payload: payload, Args: []string{"orphan"}, Modules: []string{}, Output: rec})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -224,12 +237,37 @@ func TestRunCancelKillsQEMU(t *testing.T) {
 	}
 }
 
+// TestRunBootTimeout: a guest that has not started the payload within the
+// boot timeout is killed and booted once more, and a second such boot is
+// ErrBootTimeout, with both qemus gone.
+func TestRunBootTimeout(t *testing.T) {
+	payload := requireVM(t)
+	var pids []int
+	hooks := &runHooks{started: func(p int) { pids = append(pids, p) }, bootTimeout: time.Millisecond}
+	_, err := run(runContext(t), Spec{Payload: payload, Args: []string{"exit", "0"}, Modules: []string{}}, hooks)
+	if !errors.Is(err, ErrBootTimeout) {
+		t.Fatalf("err = %v, want ErrBootTimeout", err)
+	}
+	t.Logf("error, as expected: %v", err)
+	if !strings.Contains(err.Error(), "last console lines") {
+		t.Errorf("the error carries no console: %v", err)
+	}
+	if len(pids) != 2 {
+		t.Fatalf("qemu started %d times, want 2 (the boot and one more)", len(pids))
+	}
+	for _, pid := range pids {
+		if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+			t.Errorf("qemu (pid %d) still exists after Run returned: kill 0 = %v", pid, err)
+		}
+	}
+}
+
 // TestRunKernelPanic crashes the guest kernel: no exit marker, so an error
 // with the panic in its console lines.
 func TestRunKernelPanic(t *testing.T) {
 	payload := requireVM(t)
 	rec := &lineRecorder{t: t}
-	_, err := Run(t.Context(), Spec{Payload: payload, Args: []string{"panic"}, Modules: []string{}, Output: rec})
+	_, err := Run(runContext(t), Spec{Payload: payload, Args: []string{"panic"}, Modules: []string{}, Output: rec})
 	if err == nil {
 		t.Fatal("no error from a run whose kernel panicked")
 	}
@@ -264,7 +302,7 @@ func TestRunPowerCut(t *testing.T) {
 			close(cut)
 		}
 	}}
-	res, err := Run(t.Context(), Spec{Payload: payload, Args: []string{"disk-write", "vmtest-second"}, Modules: []string{}, Disks: disks, Cut: cut, Output: rec})
+	res, err := Run(runContext(t), Spec{Payload: payload, Args: []string{"disk-write", "vmtest-second"}, Modules: []string{}, Disks: disks, Cut: cut, Output: rec})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -276,7 +314,7 @@ func TestRunPowerCut(t *testing.T) {
 	t.Logf("cut after boot %v, total %v", res.Boot, res.Total)
 
 	rec = &lineRecorder{t: t}
-	res, err = Run(t.Context(), Spec{Payload: payload, Args: []string{"disk-read", "vmtest-second"}, Modules: []string{}, Disks: disks, Output: rec})
+	res, err = Run(runContext(t), Spec{Payload: payload, Args: []string{"disk-read", "vmtest-second"}, Modules: []string{}, Disks: disks, Output: rec})
 	if err != nil {
 		t.Fatal(err)
 	}
