@@ -72,12 +72,12 @@ fuzz:
 bench: deps
 	@mkdir -p bench/results
 	$(GO) test -run '^$$' -bench . -benchmem ./pkg/... >bench/results/host.txt; st=$$?; cat bench/results/host.txt; exit $$st
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/dmthin-bench ./cmd/dmthin-bench
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./cmd/csi-dmthin ./cmd/dmthin-bench
 	$(BIN)/dmthin-bench -out bench/results
 
 # Only the group snapshot table (README: Group snapshots), one VM run.
 bench-group: deps
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/dmthin-bench ./cmd/dmthin-bench
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./cmd/csi-dmthin ./cmd/dmthin-bench
 	$(BIN)/dmthin-bench -only group -n 10
 
 # Issue 12's figures at 1,000 nodes and 10,000 claims, one run on in-process

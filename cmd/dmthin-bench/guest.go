@@ -357,9 +357,9 @@ type location struct {
 }
 
 // runGuest prints the dm table, for the pools' files on tmpfs and, with
-// diskSerial, again on ext4 on that virtual disk; then, unless dmOnly,
-// the other tables.
-func runGuest(n int, openSizes []int, dmOnly bool, diskSerial string) error {
+// diskSerial, again on ext4 on that virtual disk; then the parts, in
+// order. only, if set, names the one table to run ("dm": both dm tables).
+func runGuest(only string, a partArgs, diskSerial string) error {
 	c, err := devmapper.Open()
 	if err != nil {
 		return err
@@ -371,23 +371,25 @@ func runGuest(n int, openSizes []int, dmOnly bool, diskSerial string) error {
 		if err != nil {
 			return err
 		}
+		a.diskDir = dir
 		locs = append(locs, location{what: "sparse files on ext4 on a virtio disk: the guest's flushes reach qemu (cache=unsafe), not the host's disk", dir: dir, tag: "-disk"})
 	}
-	for _, l := range locs {
-		if err := dmTable(c, n, l); err != nil {
-			return fmt.Errorf("pools on %s: %w", l.dir, err)
+	if only == "" || only == "dm" {
+		for _, l := range locs {
+			if err := dmTable(c, a.n, l); err != nil {
+				return fmt.Errorf("pools on %s: %w", l.dir, err)
+			}
 		}
 	}
-	if dmOnly {
-		return nil
+	for _, p := range parts {
+		if only != "" && only != p.name {
+			continue
+		}
+		if err := p.run(a); err != nil {
+			return fmt.Errorf("%s: %w", p.name, err)
+		}
 	}
-	if err := csiBench(n); err != nil {
-		return err
-	}
-	if err := poolBench(n, openSizes); err != nil {
-		return err
-	}
-	return groupBench(n, groupSizes)
+	return nil
 }
 
 // dmTable measures and prints the dm table with every side's pool files

@@ -21,12 +21,44 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/csi-dmthin/csi-dmthin/internal/vmtest"
 )
+
+// part is one table of the guest's run after the dm tables.
+type part struct {
+	name string
+	run  func(a partArgs) error
+}
+
+// partArgs is what every part may use.
+type partArgs struct {
+	n         int    // iterations of each operation
+	openSizes []int  // pool sizes to time opening
+	diskDir   string // ext4 on the virtual disk, mounted ("" without one)
+	driver    string // the csi-dmthin binary in the guest ("" without one)
+}
+
+// parts run in this order after the dm tables; -only names one.
+var parts = []part{
+	{name: "csi", run: func(a partArgs) error { return csiBench(a.n) }},
+	{name: "pool", run: func(a partArgs) error { return poolBench(a.n, a.openSizes) }},
+	{name: "group", run: func(a partArgs) error { return groupBench(a.n, groupSizes) }},
+}
+
+// partNames lists what -only takes.
+func partNames() []string {
+	names := []string{"dm"}
+	for _, p := range parts {
+		names = append(names, p.name)
+	}
+	return names
+}
 
 func main() {
 	guest := flag.Bool("guest", false, "run the measurements here (inside the VM); set by the host side")
@@ -34,29 +66,23 @@ func main() {
 	openMax := flag.Int("open", 10000, "largest pool to time opening (1000 and this many volumes)")
 	out := flag.String("out", "", "folder to write table.md (the tables, with when, where and at what load they were taken) and samples.json (every timing) into; default bench-results/<UTC time>")
 	diskSerial := flag.String("disk-serial", "", "(guest) the serial of the virtual disk to run the dm table on again; set by the host side")
-	only := flag.String("only", "", `run one part only: "dm" (the dm-thin operations table) or "group" (group snapshots)`)
+	driver := flag.String("driver", "", "(guest) the csi-dmthin binary; set by the host side")
+	only := flag.String("only", "", "run one part only: "+strings.Join(partNames(), ", "))
 	flag.Parse()
-	if *only != "" && *only != "group" && *only != "dm" {
-		fmt.Fprintln(os.Stderr, `dmthin-bench: -only takes "dm" or "group"`)
+	if *only != "" && !slices.Contains(partNames(), *only) {
+		fmt.Fprintf(os.Stderr, "dmthin-bench: -only takes one of %s\n", strings.Join(partNames(), ", "))
 		os.Exit(2)
 	}
 	if *iterations < 3 {
 		fmt.Fprintln(os.Stderr, "dmthin-bench: -n must be at least 3")
 		os.Exit(2)
 	}
-	if *guest && *only == "group" {
-		if err := groupBench(*iterations, groupSizes); err != nil {
-			fmt.Fprintln(os.Stderr, "dmthin-bench:", err)
-			os.Exit(1)
-		}
-		return
-	}
 	if *guest {
 		sizes := []int{1000}
 		if *openMax > 1000 {
 			sizes = append(sizes, *openMax)
 		}
-		if err := runGuest(*iterations, sizes, *only == "dm", *diskSerial); err != nil {
+		if err := runGuest(*only, partArgs{n: *iterations, openSizes: sizes, driver: *driver}, *diskSerial); err != nil {
 			fmt.Fprintln(os.Stderr, "dmthin-bench:", err)
 			os.Exit(1)
 		}
@@ -99,6 +125,16 @@ func runHost(n, openMax int, only, outDir string) error {
 	// A virtual disk for the dm table's second pass, pool files on ext4
 	// rather than tmpfs (sparse: what the guest writes is what it takes).
 	args := []string{"-guest", "-n", strconv.Itoa(n), "-only", only}
+	files := map[string]string{}
+	// The driver, for the parts that run it as its own process: built
+	// beside this binary (make bench does).
+	if drv := filepath.Join(filepath.Dir(exe), "csi-dmthin"); fileExists(drv) {
+		if err := checkStatic(drv); err != nil {
+			return err
+		}
+		files[guestDriver] = drv
+		args = append(args, "-driver", guestDriver)
+	}
 	var disks []vmtest.Disk
 	if only != "group" {
 		img, err := os.MkdirTemp("", "dmthin-bench-")
@@ -121,6 +157,7 @@ func runHost(n, openMax int, only, outDir string) error {
 		Payload: exe,
 		Args:    args,
 		Disks:   disks,
+		Files:   files,
 		Tools:   []string{"dmsetup", "lvm", "mount", "umount", "blkid", "mkfs.ext4", "resize2fs", "e2fsck", "fsck", "fsck.ext4"},
 		// lvm2 checks for the snapshot target even for thin snapshots.
 		Modules:   append(append([]string(nil), vmtest.DefaultModules...), "dm-snapshot"),
@@ -140,6 +177,14 @@ func runHost(n, openMax int, only, outDir string) error {
 	}
 	fmt.Fprintf(os.Stderr, "dmthin-bench: wrote %s and %s\n", res.tablePath, res.samplesPath)
 	return nil
+}
+
+// guestDriver is where the guest finds the csi-dmthin binary.
+const guestDriver = "/usr/local/bin/csi-dmthin"
+
+func fileExists(path string) bool {
+	st, err := os.Stat(path)
+	return err == nil && st.Mode().IsRegular()
 }
 
 // checkStatic refuses a dynamically linked build, which cannot run in the VM.
