@@ -158,7 +158,7 @@ func runHost(n, openMax int, only, outDir string) error {
 		Args:    args,
 		Disks:   disks,
 		Files:   files,
-		Tools:   []string{"dmsetup", "lvm", "mount", "umount", "blkid", "mkfs.ext4", "resize2fs", "e2fsck", "fsck", "fsck.ext4"},
+		Tools:   []string{"dmsetup", "lvm", "mount", "umount", "blkid", "mkfs.ext4", "tune2fs", "resize2fs", "e2fsck", "fsck", "fsck.ext4"},
 		// lvm2 checks for the snapshot target even for thin snapshots.
 		Modules:   append(append([]string(nil), vmtest.DefaultModules...), "dm-snapshot"),
 		MemoryMiB: 4096,
