@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -115,7 +116,8 @@ func streamsBench(a partArgs) (err error) {
 		if n == streamLevels[len(streamLevels)-1] {
 			stopMem = sampleRSS(d.pid(), 20*time.Millisecond)
 		}
-		l := runLevel(n, streamsVolumes, func(ctx context.Context, i int) ([]time.Duration, string, error) {
+		settle()
+		l := runLevel(d.pid(), n, streamsVolumes, func(ctx context.Context, i int) ([]time.Duration, string, error) {
 			name := fmt.Sprintf("pvc-s%d-%03d", n, i)
 			steps, err := d.readyVolume(ctx, name)
 			return steps, streamsPool + "/" + name, err
@@ -133,7 +135,8 @@ func streamsBench(a partArgs) (err error) {
 	var snaps []streamLevel
 	for li, n := range streamLevels {
 		vols := levels[li].made
-		l := runLevel(n, len(vols), func(ctx context.Context, i int) ([]time.Duration, string, error) {
+		settle()
+		l := runLevel(d.pid(), n, len(vols), func(ctx context.Context, i int) ([]time.Duration, string, error) {
 			return d.snapshot(ctx, fmt.Sprintf("snap-s%d-%03d", n, i), vols[i])
 		})
 		l.op = "CreateSnapshot, each stream of its own active volumes"
@@ -145,7 +148,8 @@ func streamsBench(a partArgs) (err error) {
 	same := levels[0].made
 	if len(same) > 0 {
 		n := streamLevels[len(streamLevels)-1]
-		l := runLevel(n, streamsVolumes, func(ctx context.Context, i int) ([]time.Duration, string, error) {
+		settle()
+		l := runLevel(d.pid(), n, streamsVolumes, func(ctx context.Context, i int) ([]time.Duration, string, error) {
 			return d.snapshot(ctx, fmt.Sprintf("snap-same-%03d", i), same[0])
 		})
 		l.op = "CreateSnapshot, every stream of one active volume"
@@ -163,7 +167,7 @@ func streamsBench(a partArgs) (err error) {
 	made := active
 	for _, target := range []int{streamsIdle, streamsFull} {
 		t0 := time.Now()
-		reached, fillErrs := d.fill(made, target, time.Now().Add(streamsFillBudget))
+		reached, marks, fillErrs := d.fill(made, target, time.Now().Add(streamsFillBudget))
 		fill := time.Since(t0)
 		if len(fillErrs) > 0 {
 			return fmt.Errorf("filling the pool to %d volumes: %d calls failed, the first: %w", target, len(fillErrs), fillErrs[0])
@@ -172,7 +176,7 @@ func streamsBench(a partArgs) (err error) {
 		if err != nil {
 			return fmt.Errorf("with %d volumes: %w", reached, err)
 		}
-		p.target, p.fillRate, p.fillStart = target, float64(reached-made)/fill.Seconds(), made
+		p.target, p.fillRate, p.fillStart, p.fillMarks = target, float64(reached-made)/fill.Seconds(), made, marks
 		made = reached + streamsCalls
 		points = append(points, p)
 	}
@@ -356,15 +360,18 @@ type streamLevel struct {
 	made      []string // what the successful ones made (volume IDs)
 	errs      []error  // the failed ones'
 	errByCode map[string]int
+	busy      float64       // the guest's CPUs busy, a share of all of them
+	driverCPU time.Duration // the driver process's CPU time (user + system)
 }
 
 // runLevel runs total sequences on n concurrent streams, stream s doing
 // sequences s, s+n, s+2n, ...; do returns each call's time. A failed
 // sequence is recorded, not fatal.
-func runLevel(n, total int, do func(ctx context.Context, i int) ([]time.Duration, string, error)) streamLevel {
+func runLevel(pid, n, total int, do func(ctx context.Context, i int) ([]time.Duration, string, error)) streamLevel {
 	l := streamLevel{streams: n, errByCode: map[string]int{}}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
+	cpu0, drv0 := guestCPU(), procCPU(pid)
 	t0 := time.Now()
 	for s := range n {
 		wg.Add(1)
@@ -396,6 +403,9 @@ func runLevel(n, total int, do func(ctx context.Context, i int) ([]time.Duration
 	}
 	wg.Wait()
 	l.wall = time.Since(t0)
+	cpu1, drv1 := guestCPU(), procCPU(pid)
+	l.busy = cpu1.busyShare(cpu0)
+	l.driverCPU = drv1 - drv0
 	sort.Strings(l.made)
 	return l
 }
@@ -426,11 +436,16 @@ func p5099(s sample) string {
 func printThroughput(levels, snaps []streamLevel) error {
 	fmt.Printf("\n## The driver as its own process: concurrent streams over gRPC\n\n")
 	fmt.Println("`csi-dmthin serve` (-v=2, its log to a file on tmpfs) on one pool of sparse files on the guest's tmpfs (16 GiB data, 64 KiB blocks, zeroing on, 8 formatted templates), called over its unix socket through one gRPC connection by 1, 8 and 32 goroutines at once (the streams), as the kubelet and the sidecars would call it. Volumes of 1 GiB, ext4, SINGLE_NODE_WRITER; each a clone of the pool's formatted template (made once before the runs).")
-	fmt.Printf("A level's volumes are shared out evenly among its streams; latency is one sequence's whole time (p50 / p99, milliseconds; p99 of %d is the next to largest); volumes per second are the successful sequences over the level's wall time. An error is counted, not fatal.\n\n", streamsVolumes)
-	fmt.Println("| sequence | streams | done | wall (s) | per second | latency p50 / p99 (ms) | p99 ÷ p50 | errors |")
-	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---|")
+	fmt.Printf("A level's %d volumes are shared out evenly among its streams; latency is one sequence's whole time (p50 / p99, milliseconds; the p99 of %d samples is %s); volumes per second are the successful sequences over the level's wall time. An error is counted, not fatal. ", streamsVolumes, streamsVolumes, p99Rank(streamsVolumes))
+	fmt.Printf("Each level starts once the guest is idle (under 15%% of its CPUs busy over half a second, or after 15 s), so that the last level's mounts and writeback do not run into it. CPU: the guest's %d vCPUs busy over the level (/proc/stat), and the driver process's user + system time (/proc/<pid>/stat) over the sequences started.\n\n", runtime.NumCPU())
+	fmt.Println("| sequence | streams | done | wall (s) | per second | latency p50 / p99 (ms) | p99 ÷ p50 | errors | guest CPUs busy | driver CPU per sequence (ms) |")
+	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
 	for _, l := range append(slices.Clone(levels), snaps...) {
-		fmt.Printf("| %s | %d | %d | %.1f | %.1f | %s | %s | %s |\n", l.op, l.streams, len(l.seq), l.wall.Seconds(), l.perSecond(), p5099(l.seq), spread(l.seq), l.errorsCell())
+		perSeq := "–"
+		if done := len(l.seq) + len(l.errs); done > 0 {
+			perSeq = ms(l.driverCPU / time.Duration(done))
+		}
+		fmt.Printf("| %s | %d | %d | %.1f | %.1f | %s | %s | %s | %.0f%% | %s |\n", l.op, l.streams, len(l.seq), l.wall.Seconds(), l.perSecond(), p5099(l.seq), spread(l.seq), l.errorsCell(), 100*l.busy, perSeq)
 		methods := map[string]sample{"sequence": l.seq}
 		if len(l.steps) == len(readySteps) {
 			for k, s := range l.steps {
@@ -482,12 +497,15 @@ func metMissed(ok bool) string {
 
 // fill makes volumes from..target-1 with streamsFillStreams streams, each
 // taking the next number, until target or the deadline; it returns the
-// count reached (the pool's volumes, from ListVolumes) and the failures.
-func (d *driverProc) fill(from, target int, deadline time.Time) (int, []error) {
-	var next atomic.Int64
+// count reached (the pool's volumes, from ListVolumes), the time each
+// thousandth volume was made, and the failures.
+func (d *driverProc) fill(from, target int, deadline time.Time) (int, []fillMark, []error) {
+	var next, done atomic.Int64
 	next.Store(int64(from))
+	done.Store(int64(from))
 	var mu sync.Mutex
 	var errs []error
+	marks := []fillMark{{vols: from, at: time.Now()}}
 	var wg sync.WaitGroup
 	for range streamsFillStreams {
 		wg.Add(1)
@@ -501,11 +519,15 @@ func (d *driverProc) fill(from, target int, deadline time.Time) (int, []error) {
 				ctx, cancel := context.WithTimeout(context.Background(), streamsCallTimeout)
 				_, err := d.create(ctx, fmt.Sprintf("pvc-n%05d", i))
 				cancel()
+				k := done.Add(1)
+				mu.Lock()
 				if err != nil {
-					mu.Lock()
 					errs = append(errs, err)
-					mu.Unlock()
 				}
+				if k%1000 == 0 {
+					marks = append(marks, fillMark{vols: int(k), at: time.Now()})
+				}
+				mu.Unlock()
 			}
 		}()
 	}
@@ -514,7 +536,13 @@ func (d *driverProc) fill(from, target int, deadline time.Time) (int, []error) {
 	if err != nil {
 		errs = append(errs, err)
 	}
-	return n, errs
+	return n, marks, errs
+}
+
+// fillMark is when the pool held vols volumes while filling.
+type fillMark struct {
+	vols int
+	at   time.Time
 }
 
 // listAll walks ListVolumes in pages of streamsPage; it returns the
@@ -538,6 +566,7 @@ func (d *driverProc) listAll(ctx context.Context) (entries, pages int, err error
 type scalePoint struct {
 	target, vols, fillStart int
 	fillRate                float64
+	fillMarks               []fillMark
 	create, page, walk, cap sample
 	shutdown, ready, listed sample
 	idleRSS, idleHWM        int64 // after the last start, idle
@@ -624,7 +653,7 @@ func (d *driverProc) scaleAt(n, vols int) (scalePoint, error) {
 func printScale(points []scalePoint) error {
 	fmt.Printf("\n## The driver with many volumes in its pool\n\n")
 	fmt.Printf("The same driver and pool. The pool filled by CreateVolume on %d streams (1 GiB ext4 volumes, clones of the formatted template, not activated; %d of them active and mounted, the throughput table's; snapshots not counted). ", streamsFillStreams, points[0].fillStart)
-	fmt.Printf("Start-up: SIGTERM, then the time from exec until Probe answers ready, and until a ListVolumes walk in pages of %d has returned every volume. Then, one call at a time: CreateVolume %d times, the first ListVolumes page %d times, a whole walk and GetCapacity. p50 / p99 in milliseconds (p99 of %d is the largest but one).\n\n", streamsPage, streamsCalls, streamsCalls, streamsCalls)
+	fmt.Printf("Start-up: SIGTERM, then the time from exec until Probe answers ready, and until a ListVolumes walk in pages of %d has returned every volume. Then, one call at a time: CreateVolume %d times, the first ListVolumes page %d times, a whole walk and GetCapacity. p50 / p99 in milliseconds (the p99 of %d samples is %s).\n\n", streamsPage, streamsCalls, streamsCalls, streamsCalls, p99Rank(streamsCalls))
 	fmt.Print("| operation |")
 	for _, p := range points {
 		fmt.Printf(" %d volumes |", p.vols)
@@ -638,7 +667,7 @@ func printScale(points []scalePoint) error {
 		op  string
 		get func(p scalePoint) string
 	}{
-		{"filling the pool (volumes per second, 8 streams)", func(p scalePoint) string { return fmt.Sprintf("%.1f", p.fillRate) }},
+		{fmt.Sprintf("filling the pool (volumes per second, %d streams)", streamsFillStreams), func(p scalePoint) string { return fmt.Sprintf("%.1f", p.fillRate) }},
 		{"shutdown on SIGTERM", func(p scalePoint) string { return p5099(p.shutdown) }},
 		{"start-up until Probe is ready", func(p scalePoint) string { return p5099(p.ready) }},
 		{"start-up until ListVolumes has returned every volume", func(p scalePoint) string { return p5099(p.listed) }},
@@ -654,6 +683,14 @@ func printScale(points []scalePoint) error {
 		}
 		fmt.Println()
 	}
+	var rates []string
+	for _, p := range points {
+		for i := 1; i < len(p.fillMarks); i++ {
+			a, b := p.fillMarks[i-1], p.fillMarks[i]
+			rates = append(rates, fmt.Sprintf("%d–%d: %.1f", a.vols, b.vols, float64(b.vols-a.vols)/b.at.Sub(a.at).Seconds()))
+		}
+	}
+	fmt.Printf("\nFilling, volumes per second by the pool's size: %s.\n", strings.Join(rates, ", "))
 	for _, p := range points {
 		if p.vols < p.target {
 			fmt.Printf("\nThe pool reached %d volumes, not %d: filling stopped after %v.\n", p.vols, p.target, streamsFillBudget)
@@ -819,4 +856,82 @@ func tailFile(path string, lines int) string {
 	}
 	all := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
 	return strings.Join(all[max(0, len(all)-lines):], "\n")
+}
+
+// p99Rank says which sample the p99 of n samples is.
+func p99Rank(n int) string {
+	i := int(.99*float64(n-1) + .5)
+	if i == n-1 {
+		return "the largest"
+	}
+	return fmt.Sprintf("the largest but %d", n-1-i)
+}
+
+// cpuTimes are /proc/stat's first line: jiffies spent by all CPUs.
+type cpuTimes struct{ busy, total uint64 }
+
+// guestCPU reads the guest's CPU time, busy and in all (idle and iowait
+// count as not busy).
+func guestCPU() cpuTimes {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return cpuTimes{}
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	var t cpuTimes
+	// user nice system idle iowait irq softirq steal (guest and guest_nice,
+	// after them, are counted in user and nice already).
+	for i, v := range strings.Fields(line)[1:] {
+		if i >= 8 {
+			break
+		}
+		n, _ := strconv.ParseUint(v, 10, 64)
+		t.total += n
+		if i != 3 && i != 4 {
+			t.busy += n
+		}
+	}
+	return t
+}
+
+// busyShare is the share of CPU time busy between before and t.
+func (t cpuTimes) busyShare(before cpuTimes) float64 {
+	if t.total <= before.total {
+		return 0
+	}
+	return float64(t.busy-before.busy) / float64(t.total-before.total)
+}
+
+// procCPU is a process's user + system time, from /proc/<pid>/stat.
+func procCPU(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// pid (comm) state ppid ...: utime and stime are the 14th and 15th
+	// fields, the 12th and 13th after comm.
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseInt(f[11], 10, 64)
+	s, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(u+s) * time.Second / clockTicks
+}
+
+// clockTicks is USER_HZ, the unit of /proc's CPU times: 100 on every
+// architecture Linux runs the guest on.
+const clockTicks = 100
+
+// settle waits until the guest is idle: under 15% of its CPUs busy over
+// half a second, for at most 15 s.
+func settle() {
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		t0 := guestCPU()
+		time.Sleep(500 * time.Millisecond)
+		if guestCPU().busyShare(t0) < .15 {
+			return
+		}
+	}
 }
