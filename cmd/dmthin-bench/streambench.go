@@ -166,6 +166,7 @@ func streamsBench(a partArgs) (err error) {
 	var points []scalePoint
 	made := active
 	for _, target := range []int{streamsIdle, streamsFull} {
+		settle()
 		t0 := time.Now()
 		reached, marks, fillErrs := d.fill(made, target, time.Now().Add(streamsFillBudget))
 		fill := time.Since(t0)
@@ -352,16 +353,16 @@ func (d *driverProc) snapshot(ctx context.Context, name, source string) ([]time.
 
 // streamLevel is one row of the throughput table.
 type streamLevel struct {
-	op        string
-	streams   int
-	wall      time.Duration
-	seq       sample   // each successful sequence, whole
-	steps     []sample // and by call
-	made      []string // what the successful ones made (volume IDs)
-	errs      []error  // the failed ones'
-	errByCode map[string]int
-	busy      float64       // the guest's CPUs busy, a share of all of them
-	driverCPU time.Duration // the driver process's CPU time (user + system)
+	op                    string
+	streams               int
+	wall                  time.Duration
+	seq                   sample   // each successful sequence, whole
+	steps                 []sample // and by call
+	made                  []string // what the successful ones made (volume IDs)
+	errs                  []error  // the failed ones'
+	errByCode             map[string]int
+	busy                  float64       // the guest's CPUs busy, a share of all of them
+	driverUser, driverSys time.Duration // the driver process's CPU time
 }
 
 // runLevel runs total sequences on n concurrent streams, stream s doing
@@ -371,7 +372,7 @@ func runLevel(pid, n, total int, do func(ctx context.Context, i int) ([]time.Dur
 	l := streamLevel{streams: n, errByCode: map[string]int{}}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	cpu0, drv0 := guestCPU(), procCPU(pid)
+	cpu0, drv0 := guestCPU(), procCPUOf(pid)
 	t0 := time.Now()
 	for s := range n {
 		wg.Add(1)
@@ -403,9 +404,9 @@ func runLevel(pid, n, total int, do func(ctx context.Context, i int) ([]time.Dur
 	}
 	wg.Wait()
 	l.wall = time.Since(t0)
-	cpu1, drv1 := guestCPU(), procCPU(pid)
+	cpu1, drv1 := guestCPU(), procCPUOf(pid)
 	l.busy = cpu1.busyShare(cpu0)
-	l.driverCPU = drv1 - drv0
+	l.driverUser, l.driverSys = drv1.user-drv0.user, drv1.sys-drv0.sys
 	sort.Strings(l.made)
 	return l
 }
@@ -438,12 +439,12 @@ func printThroughput(levels, snaps []streamLevel) error {
 	fmt.Println("`csi-dmthin serve` (-v=2, its log to a file on tmpfs) on one pool of sparse files on the guest's tmpfs (16 GiB data, 64 KiB blocks, zeroing on, 8 formatted templates), called over its unix socket through one gRPC connection by 1, 8 and 32 goroutines at once (the streams), as the kubelet and the sidecars would call it. Volumes of 1 GiB, ext4, SINGLE_NODE_WRITER; each a clone of the pool's formatted template (made once before the runs).")
 	fmt.Printf("A level's %d volumes are shared out evenly among its streams; latency is one sequence's whole time (p50 / p99, milliseconds; the p99 of %d samples is %s); volumes per second are the successful sequences over the level's wall time. An error is counted, not fatal. ", streamsVolumes, streamsVolumes, p99Rank(streamsVolumes))
 	fmt.Printf("Each level starts once the guest is idle (under 15%% of its CPUs busy over half a second, or after 15 s), so that the last level's mounts and writeback do not run into it. CPU: the guest's %d vCPUs busy over the level (/proc/stat), and the driver process's user + system time (/proc/<pid>/stat) over the sequences started.\n\n", runtime.NumCPU())
-	fmt.Println("| sequence | streams | done | wall (s) | per second | latency p50 / p99 (ms) | p99 ÷ p50 | errors | guest CPUs busy | driver CPU per sequence (ms) |")
+	fmt.Println("| sequence | streams | done | wall (s) | per second | latency p50 / p99 (ms) | p99 ÷ p50 | errors | guest CPUs busy | driver CPU per sequence, user + system (ms) |")
 	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
 	for _, l := range append(slices.Clone(levels), snaps...) {
 		perSeq := "–"
-		if done := len(l.seq) + len(l.errs); done > 0 {
-			perSeq = ms(l.driverCPU / time.Duration(done))
+		if done := time.Duration(len(l.seq) + len(l.errs)); done > 0 {
+			perSeq = ms(l.driverUser/done) + " + " + ms(l.driverSys/done)
 		}
 		fmt.Printf("| %s | %d | %d | %.1f | %.1f | %s | %s | %s | %.0f%% | %s |\n", l.op, l.streams, len(l.seq), l.wall.Seconds(), l.perSecond(), p5099(l.seq), spread(l.seq), l.errorsCell(), 100*l.busy, perSeq)
 		methods := map[string]sample{"sequence": l.seq}
@@ -532,6 +533,9 @@ func (d *driverProc) fill(from, target int, deadline time.Time) (int, []fillMark
 		}()
 	}
 	wg.Wait()
+	if k := int(done.Load()); k%1000 != 0 {
+		marks = append(marks, fillMark{vols: k, at: time.Now()})
+	}
 	n, _, err := d.listAll(context.Background())
 	if err != nil {
 		errs = append(errs, err)
@@ -569,8 +573,9 @@ type scalePoint struct {
 	fillMarks               []fillMark
 	create, page, walk, cap sample
 	shutdown, ready, listed sample
-	idleRSS, idleHWM        int64 // after the last start, idle
-	afterRSS, afterHWM      int64 // after the calls
+	idleRSS, idleHWM        int64   // after the last start, idle
+	idleCPU                 float64 // the driver's CPU time then, a share of one CPU
+	afterRSS, afterHWM      int64   // after the calls
 }
 
 // scaleAt restarts the driver n times with vols volumes in the pool (timing
@@ -602,8 +607,12 @@ func (d *driverProc) scaleAt(n, vols int) (scalePoint, error) {
 		}
 		p.ready, p.listed = append(p.ready, ready), append(p.listed, time.Since(d.started))
 	}
-	// Idle: what the process keeps once started and asked nothing more.
+	// Idle: what the process keeps, and spends, once started and asked
+	// nothing more.
+	c0, t0 := procCPUOf(d.pid()), time.Now()
 	time.Sleep(2 * time.Second)
+	c1 := procCPUOf(d.pid())
+	p.idleCPU = float64(c1.user+c1.sys-c0.user-c0.sys) / float64(time.Since(t0))
 	var err error
 	if p.idleRSS, p.idleHWM, err = procMemory(d.pid()); err != nil {
 		return p, err
@@ -675,6 +684,7 @@ func printScale(points []scalePoint) error {
 		{fmt.Sprintf("ListVolumes, one page of %d", streamsPage), func(p scalePoint) string { return p5099(p.page) }},
 		{fmt.Sprintf("ListVolumes, a whole walk in pages of %d", streamsPage), func(p scalePoint) string { return p5099(p.walk) }},
 		{"GetCapacity", func(p scalePoint) string { return p5099(p.cap) }},
+		{"the driver's CPU use while idle after the start (2 s, 10 ms ticks)", func(p scalePoint) string { return fmt.Sprintf("%.0f%% of a CPU", 100*p.idleCPU) }},
 	}
 	for _, r := range rows {
 		fmt.Printf("| %s |", r.op)
@@ -902,21 +912,24 @@ func (t cpuTimes) busyShare(before cpuTimes) float64 {
 	return float64(t.busy-before.busy) / float64(t.total-before.total)
 }
 
-// procCPU is a process's user + system time, from /proc/<pid>/stat.
-func procCPU(pid int) time.Duration {
+// procCPU is a process's CPU time.
+type procCPU struct{ user, sys time.Duration }
+
+// procCPUOf reads a process's CPU time from /proc/<pid>/stat.
+func procCPUOf(pid int) procCPU {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0
+		return procCPU{}
 	}
 	// pid (comm) state ppid ...: utime and stime are the 14th and 15th
 	// fields, the 12th and 13th after comm.
 	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
 	if len(f) < 13 {
-		return 0
+		return procCPU{}
 	}
 	u, _ := strconv.ParseInt(f[11], 10, 64)
 	s, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(u+s) * time.Second / clockTicks
+	return procCPU{user: time.Duration(u) * time.Second / clockTicks, sys: time.Duration(s) * time.Second / clockTicks}
 }
 
 // clockTicks is USER_HZ, the unit of /proc's CPU times: 100 on every
