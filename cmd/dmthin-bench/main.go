@@ -49,6 +49,7 @@ var parts = []part{
 	{name: "csi", run: func(a partArgs) error { return csiBench(a.n) }},
 	{name: "pool", run: func(a partArgs) error { return poolBench(a.n, a.openSizes) }},
 	{name: "io", run: ioBench},
+	{name: "streams", run: streamsBench},
 	{name: "group", run: func(a partArgs) error { return groupBench(a.n, groupSizes) }},
 }
 
