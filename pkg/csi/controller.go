@@ -4,7 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -462,28 +462,26 @@ func page[T any](items []T, token string, maxEntries int32) ([]T, string, error)
 	return items[start:end], next, nil
 }
 
-// allVolumes returns every pool's volumes of a kind, sorted by ID.
-func (d *Driver) all(kind thinpool.Kind) []struct {
+// listed is one object of a list call: its pool, record and ID.
+type listed struct {
 	pool Pool
 	v    thinpool.Volume
-} {
-	var out []struct {
-		pool Pool
-		v    thinpool.Volume
-	}
+	id   string
+}
+
+// all returns every pool's objects of a kind, sorted by ID. Each ID is
+// built once, not in the comparisons: with 10,000 volumes that was most of
+// a page's time.
+func (d *Driver) all(kind thinpool.Kind) []listed {
+	var out []listed
 	for _, p := range d.pools {
 		for _, v := range p.List() {
 			if v.Kind == kind {
-				out = append(out, struct {
-					pool Pool
-					v    thinpool.Volume
-				}{p, v})
+				out = append(out, listed{pool: p, v: v, id: objectID{pool: p.Name(), name: v.Name}.String()})
 			}
 		}
 	}
-	sort.Slice(out, func(i, j int) bool {
-		return objectID{pool: out[i].pool.Name(), name: out[i].v.Name}.String() < objectID{pool: out[j].pool.Name(), name: out[j].v.Name}.String()
-	})
+	slices.SortFunc(out, func(a, b listed) int { return strings.Compare(a.id, b.id) })
 	return out
 }
 
@@ -593,11 +591,14 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csipb.DeleteSnapshotRe
 func (d *Driver) ListSnapshots(ctx context.Context, req *csipb.ListSnapshotsRequest) (*csipb.ListSnapshotsResponse, error) {
 	all := d.all(thinpool.KindSnapshot)
 	filtered := all[:0:0]
+	wantID, wantOK := "", true
+	if want := req.GetSnapshotId(); want != "" {
+		id, ok := d.parseID(want)
+		wantID, wantOK = id.String(), ok
+	}
 	for _, it := range all {
-		if want := req.GetSnapshotId(); want != "" {
-			if id, ok := d.parseID(want); !ok || id.String() != (objectID{pool: it.pool.Name(), name: it.v.Name}).String() {
-				continue
-			}
+		if req.GetSnapshotId() != "" && (!wantOK || wantID != it.id) {
+			continue
 		}
 		if req.GetSourceVolumeId() != "" && req.GetSourceVolumeId() != (objectID{pool: it.pool.Name(), name: it.v.Source}).String() {
 			continue
