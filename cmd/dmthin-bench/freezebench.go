@@ -294,6 +294,7 @@ func freezeBench(n int) error {
 	after, dur := busyPolls[usagePoller].endsAfter(pollHolds)
 	fmt.Printf("Pool.Usage calls that began inside a window: %d; they returned a median %s ms after the window's end (the lock is released just before it), having taken a median %s ms.\n",
 		len(after), quantileOr(after, .5), quantileOr(dur, .5))
+	fmt.Println("The status ioctl, which takes no lock of ours, waits too, for less: dm-thin reads the pool's status under its metadata's root_lock, which create_snap and the commits take for writing.")
 	fmt.Printf("\nThis part took %v in the VM.\n", time.Since(began).Round(time.Second))
 	return nil
 }
