@@ -48,6 +48,7 @@ type partArgs struct {
 var parts = []part{
 	{name: "csi", run: func(a partArgs) error { return csiBench(a.n) }},
 	{name: "pool", run: func(a partArgs) error { return poolBench(a.n, a.openSizes) }},
+	{name: "freeze", run: func(a partArgs) error { return freezeBench(a.n) }},
 	{name: "io", run: ioBench},
 	{name: "streams", run: streamsBench},
 	{name: "group", run: func(a partArgs) error { return groupBench(a.n, groupSizes) }},
