@@ -65,45 +65,114 @@ func (u Usage) Healthy() bool {
 }
 
 // Usage reads the pool's status (without forcing a metadata commit) and
-// the records.
+// the records' sums. It takes no lock of the pool: a change in progress
+// holds p.mu across its kernel messages and commits (a snapshot's while
+// its origin is suspended), and the metrics and GetCapacity that ask this
+// must not wait for it. The sums are those of the last change recorded,
+// the status the kernel's at the call; the two may straddle one change.
 func (p *Pool) Usage() (Usage, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed {
+	v := p.view.Load()
+	if v == nil || v.closed {
 		return Usage{}, ErrClosed
 	}
-	return p.usage()
+	return p.usageOf(v)
 }
 
-func (p *Pool) usage() (Usage, error) {
+// usage is Usage for a caller that holds p.mu.
+func (p *Pool) usage() (Usage, error) { return p.usageOf(p.currentView()) }
+
+// usageView is what a Usage reads besides the kernel's status.
+type usageView struct {
+	sums         recSums
+	fenced       string
+	closed       bool
+	blockSectors uint32
+}
+
+// currentView is the view of the pool as memory has it now. The caller
+// holds p.mu.
+func (p *Pool) currentView() *usageView {
+	v := &usageView{sums: p.sums, closed: p.closed, blockSectors: p.rec.BlockSectors}
+	if p.fenced != nil {
+		v.fenced = p.fenced.Error()
+	}
+	return v
+}
+
+// publish makes the current view Usage's, after a change of the records'
+// sums, the fence or the pool's closing. The caller holds p.mu.
+func (p *Pool) publish() { p.view.Store(p.currentView()) }
+
+// recSums are the records' counts and sizes that Usage reports.
+type recSums struct {
+	volumes, snapshots, templates   int
+	provisionedBytes, templateBytes int64
+}
+
+// add counts v in (sign 1) or out (sign -1).
+func (s *recSums) add(v *Volume, sign int) {
+	switch v.Kind {
+	case KindTemplate:
+		s.templates += sign
+		s.templateBytes += int64(sign) * v.SizeBytes
+		return
+	case KindSnapshot:
+		s.snapshots += sign
+	default:
+		s.volumes += sign
+	}
+	s.provisionedBytes += int64(sign) * v.SizeBytes
+}
+
+func sumsOf(vols map[string]*Volume) recSums {
+	var s recSums
+	for _, v := range vols {
+		s.add(v, 1)
+	}
+	return s
+}
+
+// putVol sets a volume's record in memory (after the records have it).
+// The caller holds p.mu, as for removeVol and setVols.
+func (p *Pool) putVol(v *Volume) {
+	if old := p.vols[v.Name]; old != nil {
+		p.sums.add(old, -1)
+	}
+	p.vols[v.Name] = v
+	p.sums.add(v, 1)
+	p.publish()
+}
+
+func (p *Pool) removeVol(name string) {
+	if old := p.vols[name]; old != nil {
+		p.sums.add(old, -1)
+		delete(p.vols, name)
+		p.publish()
+	}
+}
+
+func (p *Pool) setVols(vols map[string]*Volume) {
+	p.vols, p.sums = vols, sumsOf(vols)
+	p.publish()
+}
+
+func (p *Pool) usageOf(view *usageView) (Usage, error) {
 	ps, err := p.poolStatus()
 	if err != nil {
 		return Usage{}, err
 	}
+	s := view.sums
 	u := Usage{
 		OverprovisionRatio: p.cfg.OverprovisionRatio, MinFreeDataPercent: p.cfg.MinFreeDataPercent, MinFreeMetadataPercent: p.cfg.MinFreeMetadataPercent,
 		Failed: ps.Fail || ps.Error, TransactionID: ps.TransactionID, Mode: Mode(ps.Mode), NeedsCheck: ps.NeedsCheck,
-	}
-	if p.fenced != nil {
-		u.Fenced = p.fenced.Error()
-	}
-	for _, v := range p.vols {
-		switch v.Kind {
-		case KindTemplate:
-			u.Templates++
-			u.TemplateBytes += v.SizeBytes
-			continue
-		case KindSnapshot:
-			u.Snapshots++
-		default:
-			u.Volumes++
-		}
-		u.ProvisionedBytes += v.SizeBytes
+		Fenced:  view.fenced,
+		Volumes: s.volumes, Snapshots: s.snapshots, Templates: s.templates,
+		ProvisionedBytes: s.provisionedBytes, TemplateBytes: s.templateBytes,
 	}
 	if u.Failed {
 		return u, nil
 	}
-	block := int64(p.rec.BlockSectors) * devmapper.SectorSize
+	block := int64(view.blockSectors) * devmapper.SectorSize
 	u.DataBytes, u.DataUsedBytes = int64(ps.TotalDataBlocks)*block, int64(ps.UsedDataBlocks)*block
 	meta := int64(devmapper.MetadataBlockSectors) * devmapper.SectorSize
 	u.MetadataBytes, u.MetadataUsedBytes = int64(ps.TotalMetadataBlocks)*meta, int64(ps.UsedMetadataBlocks)*meta

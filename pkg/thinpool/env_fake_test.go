@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/csi-dmthin/csi-dmthin/internal/vmtest"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool/thinpooltest"
@@ -165,3 +166,43 @@ func TestFaultSweepFake(t *testing.T) {
 }
 
 func TestIdentityFake(t *testing.T) { runIdentityScenarios(t, newFakeEnv) }
+
+// Usage answers while a change holds the pool's lock (a snapshot holds it
+// across its kernel messages and commits, its origin suspended), with the
+// records' sums of the last change recorded and the pool's block size,
+// and says ErrClosed once the pool is closed.
+func TestUsageTakesNoLockFake(t *testing.T) {
+	e := newFakeEnv(t).(*fakeEnv)
+	p := openPool(t, e, testConfig(t, "poll", 64<<20))
+	if _, err := p.CreateVolume(ctx, "a", 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Snapshot(ctx, "a-snap", "a"); err != nil {
+		t.Fatal(err)
+	}
+	p.mu.Lock()
+	got := make(chan Usage, 1)
+	go func() {
+		u, err := p.Usage()
+		if err != nil {
+			t.Error(err)
+		}
+		got <- u
+	}()
+	var u Usage
+	select {
+	case u = <-got:
+	case <-time.After(time.Minute):
+		t.Fatal("Usage is still waiting for the pool's lock after a minute")
+	}
+	p.mu.Unlock()
+	if u.Volumes != 1 || u.Snapshots != 1 || u.ProvisionedBytes != 8<<20 || u.DataBytes != 64<<20 {
+		t.Errorf("usage while a change holds the lock: %+v", u)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Usage(); !errors.Is(err, ErrClosed) {
+		t.Errorf("Usage of a closed pool: %v, want ErrClosed", err)
+	}
+}

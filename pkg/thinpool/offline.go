@@ -65,5 +65,6 @@ func (p *Pool) Offline(ctx context.Context) error {
 	}
 	p.step("offline:pool-removed")
 	p.closed = true
+	p.publish()
 	return p.st.close()
 }

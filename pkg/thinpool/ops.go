@@ -116,7 +116,7 @@ func (p *Pool) SealTemplate(ctx context.Context, name string) error {
 	if err := p.st.apply(change{put: []*Volume{&c}}); err != nil {
 		return p.failed(p.recordsFailed(err))
 	}
-	p.vols[name] = &c
+	p.putVol(&c)
 	p.step("seal:recorded")
 	return nil
 }
@@ -508,7 +508,7 @@ func (p *Pool) tombstone(v *Volume) error {
 	if err := p.st.apply(change{put: []*Volume{&c}}); err != nil {
 		return p.failed(p.recordsFailed(err))
 	}
-	p.vols[c.Name] = &c
+	p.putVol(&c)
 	p.step("delete:tombstone")
 	return nil
 }
@@ -530,7 +530,7 @@ func (p *Pool) deleteLocked(v *Volume) error {
 		if err := p.st.apply(change{clearIntent: true, put: []*Volume{&c}}); err != nil {
 			return p.failed(p.recordsFailed(err))
 		}
-		p.vols[c.Name] = &c
+		p.putVol(&c)
 		p.step("delete:tombstone")
 		return nil
 	}
@@ -616,7 +616,7 @@ func (p *Pool) Activate(ctx context.Context, name string) (string, error) {
 		}
 		return "", p.failed(p.recordsFailed(err))
 	}
-	p.vols[name] = &c
+	p.putVol(&c)
 	p.step("activate:recorded")
 	return node, nil
 }
@@ -731,7 +731,7 @@ func (p *Pool) Deactivate(ctx context.Context, name string) error {
 	if err := p.st.apply(change{put: []*Volume{&c}}); err != nil {
 		return p.failed(p.recordsFailed(err))
 	}
-	p.vols[name] = &c
+	p.putVol(&c)
 	p.step("deactivate:recorded")
 	return nil
 }
@@ -772,7 +772,7 @@ func (p *Pool) Grow(ctx context.Context, name string, sizeBytes int64) (*Volume,
 			p.mu.Unlock()
 			return nil, err
 		}
-		p.vols[name] = &c
+		p.putVol(&c)
 		p.step("grow:recorded")
 	}
 	p.mu.Unlock()

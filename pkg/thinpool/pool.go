@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -37,7 +38,8 @@ type Pool struct {
 	tid      uint64
 	nextID   uint32
 	suspects []uint32
-	vols     map[string]*Volume
+	vols     map[string]*Volume // changed only through putVol, removeVol and setVols
+	sums     recSums            // of vols
 	closed   bool
 	// fenced, when set, is why the pool refuses changes: a step failed
 	// after the kernel or the records had taken part of a change, and the
@@ -52,6 +54,11 @@ type Pool struct {
 	suspending map[devmapper.Dev]bool
 
 	volLocks keyedMutex
+
+	// view is what Usage reads without p.mu: the records' sums, the fence
+	// and whether the pool is closed, published under p.mu at each change
+	// of them (publish).
+	view atomic.Pointer[usageView]
 
 	// hook, when set by a test, is called at every step boundary of every
 	// operation with the step's name: the crash-injection point.
@@ -100,6 +107,9 @@ func Open(ctx context.Context, cfg Config, k Kernel, opts ...Option) (*Pool, err
 		p.st.close()
 		return nil, fmt.Errorf("pool %s: %w", cfg.Name, err)
 	}
+	p.mu.Lock()
+	p.publish() // the pool's record (its block size) came after the volumes'
+	p.mu.Unlock()
 	return p, nil
 }
 
@@ -108,7 +118,8 @@ func (p *Pool) open(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	p.vols, p.tid, p.nextID, p.suspects = s.volumes, s.tid, s.nextID, s.suspects
+	p.setVols(s.volumes)
+	p.tid, p.nextID, p.suspects = s.tid, s.nextID, s.suspects
 	if s.pool == nil || s.tid == 0 {
 		// No pool yet, or a creation that did not finish (no volume can
 		// exist before the first transaction id is committed).
@@ -384,7 +395,7 @@ func (p *Pool) create(existing *poolRecord) error {
 	}
 	p.rec = rec
 	p.tid, p.nextID = base, 1
-	p.vols = map[string]*Volume{}
+	p.setVols(map[string]*Volume{})
 	return nil
 }
 
@@ -584,7 +595,7 @@ func (p *Pool) recover(in *intent) error {
 				if err := p.st.apply(change{clearIntent: true, put: []*Volume{&v}}); err != nil {
 					return p.recordsFailed(err)
 				}
-				p.vols[v.Name] = &v
+				p.putVol(&v)
 				p.step("recover:tombstone")
 				return nil
 			}
@@ -636,12 +647,12 @@ func (p *Pool) finish(in *intent) error {
 	switch in.Op {
 	case opGroup:
 		for _, m := range c.put {
-			p.vols[m.Name] = m
+			p.putVol(m)
 		}
 	case opCreate, opSnapshot:
-		p.vols[v.Name] = &v
+		p.putVol(&v)
 	case opDelete:
-		delete(p.vols, in.Vol.Name)
+		p.removeVol(in.Vol.Name)
 	case opMarker:
 		p.rec = rec
 	}
@@ -664,6 +675,7 @@ func (p *Pool) recordsFailed(err error) error {
 // went forward. Otherwise the pool stays fenced and the error says why.
 func (p *Pool) fail(cause error) error {
 	p.fenced = cause
+	p.publish()
 	return p.unfence()
 }
 
@@ -677,6 +689,7 @@ func (p *Pool) unfence() error {
 		return fmt.Errorf("%w: %v; recovery: %v", ErrFenced, p.fenced, err)
 	}
 	p.fenced = nil
+	p.publish()
 	return nil
 }
 
@@ -695,7 +708,8 @@ func (p *Pool) recoverLocked() error {
 		}
 		p.recordsSuspect = false
 	}
-	p.vols, p.tid, p.nextID, p.suspects = s.volumes, s.tid, s.nextID, s.suspects
+	p.setVols(s.volumes)
+	p.tid, p.nextID, p.suspects = s.tid, s.nextID, s.suspects
 	if err := p.recover(s.intent); err != nil {
 		return err
 	}
@@ -800,7 +814,7 @@ func (p *Pool) reconcile(ctx context.Context) error {
 			if err := p.st.apply(change{put: []*Volume{&c}}); err != nil {
 				return err
 			}
-			p.vols[c.Name] = &c
+			p.putVol(&c)
 			p.step("reconcile:marked-active")
 		}
 	}
@@ -879,6 +893,7 @@ func (p *Pool) Close() error {
 		return nil
 	}
 	p.closed = true
+	p.publish()
 	return p.st.close()
 }
 

@@ -104,6 +104,13 @@ func checkInvariants(t *testing.T, e env, p *Pool) {
 	for _, v := range p.vols {
 		owned[v.DeviceID] = v.Name
 	}
+	// The sums Usage reads without the lock are the records'.
+	if got, want := p.sums, sumsOf(p.vols); got != want {
+		t.Errorf("the kept sums %+v differ from the records' %+v", got, want)
+	}
+	if got, want := *p.view.Load(), *p.currentView(); got != want {
+		t.Errorf("the published view %+v is not the pool's %+v", got, want)
+	}
 	// Suspects are ids found taken that no record owns: recorded, and
 	// deleted by the next Open, so not leaked.
 	suspect := map[uint32]bool{}
