@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -23,7 +24,7 @@ import (
 )
 
 // Pod start with a new volume against the same pod with an emptyDir
-// (issue 14): podStartPods pods of each kind are created at once, and each
+// (issue 14): the same number of pods of each kind are created at once, and each
 // pod's time from its create call to the first watch event that shows it
 // Running is taken on this side, with time.Now() (the API's timestamps have
 // whole seconds only). Pod i is pinned to node i%2 on both sides, so each
@@ -33,12 +34,17 @@ import (
 // never asserted: a slow machine must not fail the run. What fails it is a
 // pod that never runs, or a claim or volume left behind.
 const (
-	podStartPods    = 20
-	podStartSize    = "1Gi" // the claims', podStartBytes
-	podStartBytes   = 1 << 30
-	podStartTarget  = 1.5
-	podStartTimeout = 5 * time.Minute // for all of one side's pods to run
-	podStartFile    = "podstart.md"   // in the run directory
+	// podStartPodsEnv sets how many pods a side. Issue 14 asks for 20;
+	// under TCG on 2 cores one side of 20 took 6 min 45 s from the
+	// creates to the pods deleted (each pod's sandbox costs some 20 s of
+	// a node's CPU), so `make e2e` takes podStartPodsDefault, within its
+	// few minutes, and `make bench-e2e` the issue's 20.
+	podStartPodsEnv     = "CSI_DMTHIN_E2E_PODSTART_PODS"
+	podStartPodsDefault = 4
+	podStartSize        = "1Gi" // the claims', podStartBytes
+	podStartBytes       = 1 << 30
+	podStartTarget      = 1.5
+	podStartFile        = "podstart.md" // in the run directory
 )
 
 // podStartSide is one side's measurement.
@@ -53,7 +59,15 @@ type podStartSide struct {
 
 func TestPodStart(t *testing.T) {
 	c := requireDriver(t)
-	ctx, cancel := context.WithTimeout(testCtx, 20*time.Minute)
+	pods := podStartPodsDefault
+	if v := os.Getenv(podStartPodsEnv); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			t.Fatalf("%s=%q: want a number of pods, 1 or more", podStartPodsEnv, v)
+		}
+		pods = n
+	}
+	ctx, cancel := context.WithTimeout(testCtx, 5*time.Minute+4*podStartBound(pods))
 	defer cancel()
 	nodes := c.NodeNames()
 	kc := &k{t: t, c: c, ctx: ctx, ns: "e2e-podstart"}
@@ -81,10 +95,10 @@ func TestPodStart(t *testing.T) {
 	step := stepper(t, c, ctx, kc.ns)
 	var empty, claim podStartSide
 	var templates string
-	step("EmptyDir", func(k *k) { empty = k.podStart(client, nodes, false) })
+	step("EmptyDir", func(k *k) { empty = k.podStart(client, nodes, pods, false) })
 	step("NewPVC", func(k *k) {
 		templates = k.warmTemplates(nodes, "ext4", podStartBytes)
-		claim = k.podStart(client, nodes, true)
+		claim = k.podStart(client, nodes, pods, true)
 	})
 	report := podStartReport(empty, claim, len(nodes), templates)
 	t.Log("\n" + report)
@@ -95,11 +109,16 @@ func TestPodStart(t *testing.T) {
 	t.Logf("pod start table written to %s", path)
 }
 
-// podStart creates podStartPods pods at once, each with a new claim of the
+// podStartBound is how long n pods a side may take to run, and to be
+// deleted: generous, for a loaded machine (one side of 20 ran in 4 min 17 s
+// and was deleted in 2 min 28 s).
+func podStartBound(n int) time.Duration { return 2*time.Minute + time.Duration(n)*30*time.Second }
+
+// podStart creates n pods at once, each with a new claim of the
 // chart's WaitForFirstConsumer class when withPVC, else with an emptyDir,
 // waits for all of them to run, deletes them (and their claims, and waits
 // for the volumes to go) and returns their times.
-func (k *k) podStart(client kubernetes.Interface, nodes []string, withPVC bool) podStartSide {
+func (k *k) podStart(client kubernetes.Interface, nodes []string, n int, withPVC bool) podStartSide {
 	k.t.Helper()
 	side := podStartSide{name: "emptydir", byNode: map[string][]time.Duration{}}
 	if withPVC {
@@ -115,7 +134,7 @@ func (k *k) podStart(client kubernetes.Interface, nodes []string, withPVC bool) 
 		pod  *corev1.Pod
 		pvc  *corev1.PersistentVolumeClaim
 	}
-	objects := make([]object, podStartPods)
+	objects := make([]object, n)
 	for i := range objects {
 		o := &objects[i]
 		o.name = fmt.Sprintf("%s-%02d", side.name, i)
@@ -176,7 +195,7 @@ func (k *k) podStart(client kubernetes.Interface, nodes []string, withPVC bool) 
 				switch pod.Status.Phase {
 				case corev1.PodRunning:
 					running[pod.Name] = now
-					if len(running) == podStartPods {
+					if len(running) == n {
 						close(allRun)
 					}
 				case corev1.PodFailed, corev1.PodSucceeded:
@@ -218,12 +237,13 @@ func (k *k) podStart(client kubernetes.Interface, nodes []string, withPVC bool) 
 		k.t.Fatalf("creating the %s pods: %v", side.name, err)
 	}
 
-	timeout := time.NewTimer(podStartTimeout - time.Since(began))
+	bound := podStartBound(n)
+	timeout := time.NewTimer(bound - time.Since(began))
 	defer timeout.Stop()
 	select {
 	case <-allRun:
 	case <-timeout.C:
-		k.podStartStuck(selector, running, &mu)
+		k.podStartStuck(selector, n, bound, running, &mu)
 	case <-k.ctx.Done():
 		k.t.Fatal(k.ctx.Err())
 	}
@@ -239,19 +259,20 @@ func (k *k) podStart(client kubernetes.Interface, nodes []string, withPVC bool) 
 	}
 	mu.Unlock()
 	if withPVC {
-		k.podStartPlacement(client, selector, storageClass)
+		k.podStartPlacement(client, selector, n, storageClass)
 	}
 	k.t.Logf("%s: %d pods Running %s after the first create; p50 %s",
-		side.name, podStartPods, time.Since(began).Round(100*time.Millisecond), fmtSeconds(percentile(side.running, 50)))
+		side.name, n, time.Since(began).Round(100*time.Millisecond), fmtSeconds(percentile(side.running, 50)))
 
 	begin := time.Now()
-	k.run("delete", "pods", "-l", selector, "--wait=true", "--timeout=3m")
+	wait := fmt.Sprintf("--timeout=%s", bound)
+	k.run("delete", "pods", "-l", selector, "--wait=true", wait)
 	if withPVC {
-		k.run("delete", "pvc", "-l", selector, "--wait=true", "--timeout=3m")
+		k.run("delete", "pvc", "-l", selector, "--wait=true", wait)
 		if left := k.run("get", "pvc", "-l", selector, "-o", "name"); left != "" {
 			k.t.Fatalf("claims left behind: %s", left)
 		}
-		k.eventually(5*time.Minute, "the namespace's PVs deleted", func() string {
+		k.eventually(bound, "the namespace's PVs deleted", func() string {
 			if left := k.pvNames(); len(left) > 0 {
 				return fmt.Sprintf("%d left: %s", len(left), strings.Join(left, " "))
 			}
@@ -264,7 +285,7 @@ func (k *k) podStart(client kubernetes.Interface, nodes []string, withPVC bool) 
 
 // podStartPlacement checks that every claim of the selector is bound, and
 // that its selected node and its PV's node are its pod's.
-func (k *k) podStartPlacement(client kubernetes.Interface, selector, class string) {
+func (k *k) podStartPlacement(client kubernetes.Interface, selector string, n int, class string) {
 	k.t.Helper()
 	pvcs, err := client.CoreV1().PersistentVolumeClaims(k.ns).List(k.ctx, metav1.ListOptions{LabelSelector: selector})
 	if err != nil {
@@ -294,8 +315,8 @@ func (k *k) podStartPlacement(client kubernetes.Interface, selector, class strin
 	for _, p := range pods.Items {
 		podNode[p.Name] = p.Spec.NodeName
 	}
-	if len(pvcs.Items) != podStartPods {
-		k.t.Fatalf("%d claims labelled %s, want %d", len(pvcs.Items), selector, podStartPods)
+	if len(pvcs.Items) != n {
+		k.t.Fatalf("%d claims labelled %s, want %d", len(pvcs.Items), selector, n)
 	}
 	for _, c := range pvcs.Items {
 		selected := c.Annotations["volume.kubernetes.io/selected-node"]
@@ -309,10 +330,10 @@ func (k *k) podStartPlacement(client kubernetes.Interface, selector, class strin
 
 // podStartStuck fails the test for the pods that did not run in time,
 // with what would say why.
-func (k *k) podStartStuck(selector string, running map[string]time.Time, mu *sync.Mutex) {
+func (k *k) podStartStuck(selector string, n int, bound time.Duration, running map[string]time.Time, mu *sync.Mutex) {
 	k.t.Helper()
 	mu.Lock()
-	n := len(running)
+	ran := len(running)
 	mu.Unlock()
 	out, _ := k.try("get", "pods,pvc", "-l", selector, "-o", "wide")
 	ev, _ := k.try("get", "events", "--sort-by=.lastTimestamp")
@@ -323,7 +344,7 @@ func (k *k) podStartStuck(selector string, running map[string]time.Time, mu *syn
 			break
 		}
 	}
-	k.t.Fatalf("%s: %d of %d pods Running within %s\n%s\n%s\n%s", selector, n, podStartPods, podStartTimeout,
+	k.t.Fatalf("%s: %d of %d pods Running within %s\n%s\n%s\n%s", selector, ran, n, bound,
 		out, tailStr(desc, 30), tailStr(ev, 30))
 }
 
@@ -463,7 +484,7 @@ func podStartReport(empty, claim podStartSide, nodes int, templates string) stri
 		"time from the create call (the claim's, then the pod's) to the first watch event with the pod Running, on the test's clock; "+
 		"percentiles by nearest rank (of %d, p99 is the largest). "+
 		"Claims: %s of class %s (ext4); formatted templates of that size before the PVC side: %s.\n\n",
-		podStartPods, nodes, len(claim.running), podStartSize, storageClass, templates)
+		len(claim.running), nodes, len(claim.running), podStartSize, storageClass, templates)
 	fmt.Fprintf(&b, "| side | p50 | p99 | max | p50 to PodScheduled | host load at start |\n|---|---|---|---|---|---|\n")
 	row("emptyDir", empty)
 	row("new PVC", claim)
