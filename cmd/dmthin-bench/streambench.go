@@ -45,7 +45,7 @@ const (
 	// bounds the time filling to streamsFull may take: the table then says
 	// how many it reached.
 	streamsFillStreams = 8
-	streamsFillBudget  = 3 * time.Minute
+	streamsFillBudget  = 7 * time.Minute
 	// streamsCalls is how many times each scale call is timed.
 	streamsCalls = 20
 	// streamsPage is ListVolumes' max_entries, as the external
