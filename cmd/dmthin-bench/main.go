@@ -122,7 +122,7 @@ func runHost(n, openMax int, only, outDir string) error {
 	defer res.close()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Minute)
 	defer cancel()
 	fmt.Fprintln(os.Stderr, "dmthin-bench: booting the VM (Debian's kernel under TCG); the table follows")
 	// A virtual disk for the dm table's second pass, pool files on ext4
