@@ -100,8 +100,13 @@ func (p *Pool) currentView() *usageView {
 }
 
 // publish makes the current view Usage's, after a change of the records'
-// sums, the fence or the pool's closing. The caller holds p.mu.
-func (p *Pool) publish() { p.view.Store(p.currentView()) }
+// sums, the fence or the pool's closing; during a recovery, unfence
+// publishes its outcome instead. The caller holds p.mu.
+func (p *Pool) publish() {
+	if !p.recovering {
+		p.view.Store(p.currentView())
+	}
+}
 
 // recSums are the records' counts and sizes that Usage reports.
 type recSums struct {

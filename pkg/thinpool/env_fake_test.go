@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/csi-dmthin/csi-dmthin/internal/vmtest"
+	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool/thinpooltest"
 )
 
@@ -241,5 +242,53 @@ func TestSnapshotResumesBeforeCommitFake(t *testing.T) {
 	p.hook = nil
 	if checked["snapshot:committed"] != 1 || checked["group-snapshot:committed"] != 1 {
 		t.Fatalf("steps seen: %v; the check did not run", checked)
+	}
+}
+
+// listSpy is a Kernel that calls onList at each List: the recovery lists
+// the devices to resume (resumeSuspended).
+type listSpy struct {
+	Kernel
+	onList func()
+}
+
+func (k listSpy) List() ([]devmapper.ListEntry, error) {
+	if k.onList != nil {
+		k.onList()
+	}
+	return k.Kernel.List()
+}
+
+// A failed step that the recovery settles at once is not shown to Usage,
+// which takes no lock: during the recovery Usage still says what it said
+// before. (A fence the recovery cannot lift is published: checkInvariants
+// compares the published view with the pool's after every fault.)
+func TestUsageHidesASettledFenceFake(t *testing.T) {
+	e := newFakeEnv(t).(*fakeEnv)
+	spy := &listSpy{Kernel: e.k}
+	p, err := Open(ctx, testConfig(t, "fence", 64<<20), spy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = p.Close() })
+	if _, err := p.CreateVolume(ctx, "a", 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	listed := 0
+	spy.onList = func() {
+		listed++
+		if u, err := p.Usage(); err != nil || u.Fenced != "" {
+			t.Errorf("during the recovery Usage says fenced %q (%v)", u.Fenced, err)
+		}
+	}
+	p.mu.Lock()
+	err = p.fail(errors.New("a step failed; the recovery settles it"))
+	p.mu.Unlock()
+	spy.onList = nil
+	if err != nil || listed == 0 {
+		t.Fatalf("recovery: %v, devices listed %d times", err, listed)
+	}
+	if u, err := p.Usage(); err != nil || u.Fenced != "" {
+		t.Errorf("after the recovery: fenced %q, %v", u.Fenced, err)
 	}
 }

@@ -48,6 +48,17 @@ func (p *Pool) Offline(ctx context.Context) error {
 		sort.Strings(busy)
 		return fmt.Errorf("%w: pool %s: volumes still open: %s; stop the pods that use them (drain the node) first", ErrBusy, p.cfg.Name, strings.Join(busy, ", "))
 	}
+	// From here Usage, which takes no lock, says closed rather than ask
+	// the kernel about devices on their way out; a removal that fails
+	// leaves the pool open again.
+	closing := p.currentView()
+	closing.closed = true
+	p.view.Store(closing)
+	defer func() {
+		if !p.closed {
+			p.publish()
+		}
+	}()
 	for _, e := range list {
 		if !strings.HasPrefix(e.UUID, p.uuidPrefix()) || e.UUID == p.uuidPrefix()+"pool" {
 			continue

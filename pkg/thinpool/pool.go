@@ -49,6 +49,8 @@ type Pool struct {
 	// recordsSuspect: a records write failed since the last rewrite, so
 	// recovery rewrites them whole.
 	recordsSuspect bool
+	// recovering: unfence is recovering; publish waits for its outcome.
+	recovering bool
 	// suspending holds the origins that snapshots in progress suspended
 	// outside p.mu; a recovery meanwhile resumes every other device.
 	suspending map[devmapper.Dev]bool
@@ -675,7 +677,6 @@ func (p *Pool) recordsFailed(err error) error {
 // went forward. Otherwise the pool stays fenced and the error says why.
 func (p *Pool) fail(cause error) error {
 	p.fenced = cause
-	p.publish()
 	return p.unfence()
 }
 
@@ -685,7 +686,13 @@ func (p *Pool) unfence() error {
 	if p.fenced == nil {
 		return nil
 	}
-	if err := p.recoverLocked(); err != nil {
+	// Usage sees the fence only if it outlasts this recovery: a failure
+	// that the recovery settles at once is not the pool's state.
+	p.recovering = true
+	err := p.recoverLocked()
+	p.recovering = false
+	if err != nil {
+		p.publish()
 		return fmt.Errorf("%w: %v; recovery: %v", ErrFenced, p.fenced, err)
 	}
 	p.fenced = nil
