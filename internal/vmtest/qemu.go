@@ -122,17 +122,24 @@ const kernelCmdline = "console=ttyS0 panic=-1 loglevel=3 mitigations=off no_time
 // cancelled or its deadline passed).
 // Such errors carry the console's last lines. qemu never outlives Run.
 //
-// A guest that has not started the payload within bootTimeout is killed
-// and booted again, once, with a notice on stderr that carries the first
-// boot's console: the payload had not run, so nothing it does has
-// happened twice. A second such boot is an error (ErrBootTimeout).
+// A guest whose start marker has not reached the host within bootTimeout
+// is killed. If the marker had not left it either (nothing of it came
+// after the kill), the payload had not started, and a run without disks
+// or a power cut boots again, once, with a notice on stderr that carries
+// the first boot's console; a run with disks does not, since what the
+// kernel did to them before the kill is not the payload's to meet. Else,
+// or at a second such boot, the error is ErrBootTimeout.
 func Run(ctx context.Context, s Spec) (*Result, error) {
 	return run(ctx, s, nil)
 }
 
-// ErrBootTimeout is the error (wrapped) of a Run whose guest did not start
-// the payload within the boot timeout, twice.
+// ErrBootTimeout is the error (wrapped) of a Run whose guest's start
+// marker did not reach the host within the boot timeout (see Run).
 var ErrBootTimeout = errors.New("vmtest: the guest did not start the payload in time")
+
+// errNotStarted is in a boot timeout's error when nothing of the start
+// marker came even after the kill: the payload had not started.
+var errNotStarted = errors.New("nothing of the start marker came after the kill either")
 
 // runHooks lets tests observe a run.
 type runHooks struct {
@@ -211,12 +218,13 @@ func run(ctx context.Context, s Spec, hooks *runHooks) (*Result, error) {
 		defer unlock()
 	}
 
-	res := &Result{Prepare: time.Since(start)}
+	prepare := time.Since(start)
+	res := &Result{Prepare: prepare}
 	sock := filepath.Join(tmp, "payload.sock")
 	err = boot(ctx, qemu, k, initrd, sock, nonce, &s, res, hooks)
-	if errors.Is(err, ErrBootTimeout) {
+	if errors.Is(err, errNotStarted) && len(s.Disks) == 0 && s.Cut == nil && ctx.Err() == nil {
 		_, _ = fmt.Fprintf(os.Stderr, "vmtest: booting once more: %v\n", err)
-		*res = Result{Prepare: time.Since(start)}
+		*res = Result{Prepare: prepare}
 		err = boot(ctx, qemu, k, initrd, sock, nonce, &s, res, hooks)
 	}
 	res.Total = time.Since(start)
@@ -410,10 +418,12 @@ wait:
 	}
 	detail += "\nlast console lines:\n" + tailLines(res.Console, consoleTailLines)
 	switch {
+	case errors.Is(cause, ErrBootTimeout) && pr.startTime().IsZero():
+		return fmt.Errorf("%w (%w)%s", cause, errNotStarted, detail)
 	case errors.Is(cause, ErrBootTimeout):
-		return fmt.Errorf("%w%s", cause, detail)
+		return fmt.Errorf("%w; the start marker came after the kill%s", cause, detail)
 	case cause != nil:
-		return fmt.Errorf("vmtest: stopped before the payload finished: %v%s", cause, detail)
+		return fmt.Errorf("vmtest: stopped before the payload finished: %w%s", cause, detail)
 	case waitErr != nil:
 		return fmt.Errorf("vmtest: qemu failed before the payload finished: %v%s", waitErr, detail)
 	default:
@@ -426,7 +436,7 @@ wait:
 type portReader struct {
 	nonce     string
 	out       io.Writer
-	startSeen chan struct{} // closed at the start marker
+	startSeen chan struct{} // closed at the start marker, if not nil
 	exitSeen  chan struct{} // closed at the exit marker
 
 	mu       sync.Mutex
@@ -495,7 +505,9 @@ func (p *portReader) line(l string, startSeen bool) bool {
 		p.mu.Lock()
 		p.startAt = time.Now()
 		p.mu.Unlock()
-		close(p.startSeen)
+		if p.startSeen != nil {
+			close(p.startSeen)
+		}
 		return true
 	}
 	if i := strings.Index(l, exitMarker+p.nonce+" "); i >= 0 {

@@ -2,10 +2,14 @@ package vmtest
 
 import (
 	"bytes"
+	"errors"
+	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestCleanConsole(t *testing.T) {
@@ -73,5 +77,60 @@ func TestCapBuffer(t *testing.T) {
 	}
 	if !strings.HasSuffix(c.String(), "0123456789") {
 		t.Errorf("lost the newest bytes: %q", c.String())
+	}
+}
+
+// fakeQEMUEnv makes the test binary a fake qemu (TestMain): it connects
+// to the payload port as qemu does, sends a line of /init, the start
+// marker of nonce "n1" and a line of the payload, and runs until killed.
+const fakeQEMUEnv = "VMTEST_FAKE_QEMU"
+
+func fakeQEMU() {
+	var sock string
+	for _, a := range os.Args[1:] {
+		if _, p, ok := strings.Cut(a, "socket,id=payload,path="); ok {
+			sock = p
+		}
+	}
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		os.Exit(1)
+	}
+	_, _ = io.WriteString(c, "vmtest: insmod x failed\n"+startMarker+"n1\npayload: a line\n")
+	time.Sleep(time.Minute)
+	os.Exit(0)
+}
+
+// slowOutput is an Output whose first Write takes d: the host has not
+// read past the first line when the boot timer fires.
+type slowOutput struct {
+	d    time.Duration
+	once bool
+}
+
+func (o *slowOutput) Write(p []byte) (int, error) {
+	if !o.once {
+		o.once = true
+		time.Sleep(o.d)
+	}
+	return len(p), nil
+}
+
+// TestBootTimeoutAfterStart: the guest sent the start marker (and so ran
+// the payload) but the host had not read it when the boot timer fired.
+// The error is a boot timeout that says the marker came after the kill,
+// not one that run boots again after, which would run the payload twice.
+func TestBootTimeoutAfterStart(t *testing.T) {
+	t.Setenv(fakeQEMUEnv, "1")
+	dir := t.TempDir()
+	limit := time.Second
+	res := &Result{}
+	err := boot(t.Context(), os.Args[0], &Kernel{Vmlinuz: "/nonexistent"}, "/nonexistent", filepath.Join(dir, "s"), "n1",
+		&Spec{Output: &slowOutput{d: 3 * limit}}, res, &runHooks{bootTimeout: limit})
+	if !errors.Is(err, ErrBootTimeout) || errors.Is(err, errNotStarted) {
+		t.Fatalf("err = %v; want a boot timeout whose marker came after the kill", err)
+	}
+	if res.Boot <= 0 {
+		t.Errorf("the start marker was read after the kill, yet Boot = %v", res.Boot)
 	}
 }

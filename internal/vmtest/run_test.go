@@ -25,6 +25,10 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	if os.Getenv(fakeQEMUEnv) != "" {
+		fakeQEMU()
+		return
+	}
 	code := m.Run()
 	if payloadDir != "" {
 		_ = os.RemoveAll(payloadDir)
@@ -61,15 +65,23 @@ func requireVM(t *testing.T) string {
 	return payloadPath
 }
 
-// runTimeout bounds each Run of these tests, which take seconds: a guest
-// that hangs fails its test with the console's last lines instead of
-// running into the test binary's timeout, which says nothing of the guest
-// and holds the VM lock, and so every other package's VM, until then.
+// runTimeout bounds a test's Runs, which take seconds: a guest that hangs
+// fails its test with the console's last lines instead of running into the
+// test binary's timeout, which says nothing of the guest and holds the VM
+// lock, and so every other package's VM, until then.
 const runTimeout = 10 * time.Minute
 
-// runContext is t's context, ended after runTimeout.
+// runContext takes the machine's VM lock for the rest of t (waiting as
+// long as other packages' VMs take) and returns t's context, ended
+// runTimeout later: the bound is on t's own VMs, not on the wait. One call
+// per test; its Runs go one after the other.
 func runContext(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(t.Context(), runTimeout)
+	ctx, unlock, err := HoldVM(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(unlock)
+	ctx, cancel := context.WithTimeout(ctx, runTimeout)
 	t.Cleanup(cancel)
 	return ctx
 }
@@ -209,7 +221,7 @@ func TestRunOrphanChild(t *testing.T) {
 // an error that carries the console, and qemu must be gone.
 func TestRunCancelKillsQEMU(t *testing.T) {
 	payload := requireVM(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(runContext(t), 3*time.Minute)
 	defer cancel()
 	var pid int
 	rec := &lineRecorder{t: t, onLine: func(l string) {
@@ -245,8 +257,8 @@ func TestRunBootTimeout(t *testing.T) {
 	var pids []int
 	hooks := &runHooks{started: func(p int) { pids = append(pids, p) }, bootTimeout: time.Millisecond}
 	_, err := run(runContext(t), Spec{Payload: payload, Args: []string{"exit", "0"}, Modules: []string{}}, hooks)
-	if !errors.Is(err, ErrBootTimeout) {
-		t.Fatalf("err = %v, want ErrBootTimeout", err)
+	if !errors.Is(err, ErrBootTimeout) || !errors.Is(err, errNotStarted) {
+		t.Fatalf("err = %v, want ErrBootTimeout, the payload not started", err)
 	}
 	t.Logf("error, as expected: %v", err)
 	if !strings.Contains(err.Error(), "last console lines") {
@@ -302,7 +314,8 @@ func TestRunPowerCut(t *testing.T) {
 			close(cut)
 		}
 	}}
-	res, err := Run(runContext(t), Spec{Payload: payload, Args: []string{"disk-write", "vmtest-second"}, Modules: []string{}, Disks: disks, Cut: cut, Output: rec})
+	ctx := runContext(t) // both boots
+	res, err := Run(ctx, Spec{Payload: payload, Args: []string{"disk-write", "vmtest-second"}, Modules: []string{}, Disks: disks, Cut: cut, Output: rec})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,7 +327,7 @@ func TestRunPowerCut(t *testing.T) {
 	t.Logf("cut after boot %v, total %v", res.Boot, res.Total)
 
 	rec = &lineRecorder{t: t}
-	res, err = Run(runContext(t), Spec{Payload: payload, Args: []string{"disk-read", "vmtest-second"}, Modules: []string{}, Disks: disks, Output: rec})
+	res, err = Run(ctx, Spec{Payload: payload, Args: []string{"disk-read", "vmtest-second"}, Modules: []string{}, Disks: disks, Output: rec})
 	if err != nil {
 		t.Fatal(err)
 	}
