@@ -45,10 +45,11 @@ const freezeGap = 150 * time.Millisecond
 // The pollers: each poller in turn, a few milliseconds apart, first idle,
 // then while another goroutine takes CSI snapshots of the volume
 // back-to-back. Beside the two the target is about, Pool.Usage (what both
-// read) and the pool's status ioctl without the pool's lock (what Usage
-// asks the kernel), to tell waiting for the kernel from waiting for the
-// lock; and a Kernel wrapper times, for every snapshot, how long the
-// origin stays suspended with the pool's lock taken.
+// read) and the pool's status ioctl alone (what Usage asks the kernel),
+// to tell waiting for the kernel from the rest; and a Kernel wrapper
+// (traceKernel) times, for every snapshot, how long the origin stays
+// suspended, step by step, and the set_transaction_id that follows the
+// resume.
 func freezeBench(n int) error {
 	// The driver's log lines would interleave with the tables.
 	klog.SetOutput(io.Discard)
@@ -147,7 +148,8 @@ func freezeBench(n int) error {
 		time.Sleep(freezeGap)
 		last = t5.Sub(t4)
 		if i == 0 {
-			continue // warm-up
+			k.take() // the set-up's and the warm-up's
+			continue
 		}
 		idle = append(idle, w.longest(t0, t1))
 		bare = append(bare, w.longest(t2, t3))
@@ -155,7 +157,7 @@ func freezeBench(n int) error {
 		csiSnap = append(csiSnap, w.longest(t6, t7))
 		snapDur = append(snapDur, t5.Sub(t4))
 	}
-	freezeHolds := k.takeHolds()
+	freezeTr := k.take()
 
 	// The pollers.
 	reg := prometheus.NewRegistry()
@@ -169,8 +171,7 @@ func freezeBench(n int) error {
 	if err != nil {
 		return fmt.Errorf("the pool's dm device: %w", err)
 	}
-	// The first two are the target's; usagePoller is Pool.Usage.
-	const usagePoller = 2
+	// The first two are the target's.
 	pollers := []poller{
 		{name: "/metrics scrape", call: func() error {
 			rec := httptest.NewRecorder()
@@ -195,7 +196,7 @@ func freezeBench(n int) error {
 	if err != nil {
 		return err
 	}
-	k.takeHolds() // the idle phase's own: none
+	k.take() // the idle phase's own: none
 	snapsDone := make(chan struct{})
 	snapsErr := make(chan error, 1)
 	snapCount := 0
@@ -222,19 +223,22 @@ func freezeBench(n int) error {
 	if err != nil {
 		return err
 	}
-	pollHolds := k.takeHolds()
+	pollTr := k.take()
 	if err := stopWriter(); err != nil {
 		return err
 	}
 
 	// The tables.
+	freezeSetTID, freezeSetTIDIn := freezeTr.setTIDs()
+	pollSetTID, pollSetTIDIn := pollTr.setTIDs()
 	for _, s := range []struct {
 		op string
 		by map[string]sample
 	}{
 		{"stall", map[string]sample{"idle": idle, "suspend+resume": bare, "Pool.Snapshot": snap, "CSI CreateSnapshot": csiSnap}},
 		{"Pool.Snapshot duration", map[string]sample{"Pool.Snapshot": snapDur}},
-		{"origin suspended with the pool's lock taken", map[string]sample{"freeze": freezeHolds.held(), "pollers": pollHolds.held()}},
+		{"origin suspended, from the suspend's return to the resume's call", map[string]sample{"freeze": freezeTr.suspended(), "pollers": pollTr.suspended()}},
+		{"set_transaction_id", map[string]sample{"freeze": freezeSetTID, "pollers": pollSetTID}},
 	} {
 		if err := emitSamples("freeze", s.op, s.by); err != nil {
 			return err
@@ -267,20 +271,24 @@ func freezeBench(n int) error {
 			s.what, ms(got), ms(bare.quantile(.99)), ms(limit), float64(got)/float64(bare.quantile(.99)), metOrMissed(got <= limit),
 			float64(s.s.quantile(.5))/float64(bare.quantile(.5)))
 	}
-	fh := freezeHolds.held()
-	fmt.Printf("Inside both snapshot calls the origin stays suspended from the suspend's return to the resume's call, the pool's lock taken for the checks, the intent, create_snap (the kernel commits the metadata after a message), set_transaction_id (another commit) and the result recorded (bbolt, fsync'd on tmpfs): p50 %s ms, p99 %s ms; medians: %s.\n",
-		ms(fh.quantile(.5)), ms(fh.quantile(.99)), freezeHolds.parts())
+	fh := freezeTr.suspended()
+	fmt.Printf("Inside both snapshot calls the origin stays suspended from the suspend's return to the resume's call, for the pool's lock p.mu taken, the checks, the intent recorded (bbolt, fsync'd, on tmpfs) and create_snap (the kernel commits the metadata after a message): %d windows, p50 %s ms, p99 %s ms; medians: %s.\n",
+		len(fh), quantileOr(fh, .5), quantileOr(fh, .99), freezeTr.parts())
+	fmt.Printf("The origin is resumed before set_transaction_id (another commit) and the result recorded, which follow with p.mu still held: set_transaction_id %d times, p50 %s ms, p99 %s ms, %d of them inside a suspended window.\n",
+		len(freezeSetTID), quantileOr(freezeSetTID, .5), quantileOr(freezeSetTID, .99), freezeSetTIDIn)
 
 	fmt.Printf("\n## Pollers during snapshots (the same pool and volume, the writer still on)\n\n")
 	fmt.Printf("Each poller in turn, %v apart, %d rounds idle, then %d rounds while another goroutine takes CSI snapshots of the volume back-to-back (%d taken). /metrics: the promhttp handler called in-process with a GET, on a registry built as serve builds it (Go and process collectors, csi.NewMetrics for the pool). Milliseconds.\n\n",
 		pollPause, rounds, rounds, snapCount)
-	fmt.Println("| poller | idle p50 | idle p99 | during snapshots p50 | during snapshots p99 | p99 during ÷ idle | calls during snapshots that overlapped a lock-held window, their p50 / the others' p50 |")
-	fmt.Println("|---|---:|---:|---:|---:|---:|---|")
+	fmt.Println("| poller | idle p50 | idle p99 | during snapshots p50 | during snapshots p99 | p99 during ÷ idle | calls during snapshots that overlapped a suspended window, their p50 / the others' p50 | calls during snapshots that overlapped a create_snap or set_transaction_id, their p50 / the others' p50 |")
+	fmt.Println("|---|---:|---:|---:|---:|---:|---|---|")
 	for i, pl := range pollers {
 		a, b := idlePolls[i].durations(), busyPolls[i].durations()
-		in, out := busyPolls[i].split(pollHolds)
-		fmt.Printf("| %s | %s | %s | %s | %s | %.2fx | %d of %d, %s / %s |\n", pl.name, ms(a.quantile(.5)), ms(a.quantile(.99)), ms(b.quantile(.5)), ms(b.quantile(.99)),
-			float64(b.quantile(.99))/float64(a.quantile(.99)), len(in), len(b), quantileOr(in, .5), quantileOr(out, .5))
+		win, notWin := busyPolls[i].split(pollTr.windowSpans())
+		msg, notMsg := busyPolls[i].split(pollTr.msgSpans())
+		fmt.Printf("| %s | %s | %s | %s | %s | %.2fx | %d of %d, %s / %s | %d of %d, %s / %s |\n", pl.name, ms(a.quantile(.5)), ms(a.quantile(.99)), ms(b.quantile(.5)), ms(b.quantile(.99)),
+			float64(b.quantile(.99))/float64(a.quantile(.99)),
+			len(win), len(b), quantileOr(win, .5), quantileOr(notWin, .5), len(msg), len(b), quantileOr(msg, .5), quantileOr(notMsg, .5))
 	}
 	fmt.Println()
 	for i, pl := range pollers[:2] {
@@ -288,13 +296,10 @@ func freezeBench(n int) error {
 		fmt.Printf("Target: %s p99 during snapshots within 20%% of idle: %s ms against %s ms (%+.0f%%): %s.\n",
 			pl.name, ms(b), ms(a), 100*(float64(b)/float64(a)-1), metOrMissed(float64(b) <= 1.2*float64(a)))
 	}
-	ph := pollHolds.held()
-	fmt.Printf("Lock-held windows while the pollers ran (origin suspended, the pool's lock p.mu taken; Pool.Usage takes p.mu for all of its call, the status ioctl included): %d, p50 %s ms, p99 %s ms, max %s ms; medians: %s.\n",
-		len(ph), ms(ph.quantile(.5)), ms(ph.quantile(.99)), ms(ph.quantile(1)), pollHolds.parts())
-	after, dur := busyPolls[usagePoller].endsAfter(pollHolds)
-	fmt.Printf("Pool.Usage calls that began inside a window: %d; they returned a median %s ms after the window's end (the lock is released just before it), having taken a median %s ms.\n",
-		len(after), quantileOr(after, .5), quantileOr(dur, .5))
-	fmt.Println("The status ioctl, which takes no lock of ours, waits too, for less: dm-thin reads the pool's status under its metadata's root_lock, which create_snap and the commits take for writing.")
+	ph := pollTr.suspended()
+	fmt.Printf("Suspended windows while the pollers ran (from the suspend's return to the resume's call): %d, p50 %s ms, p99 %s ms, max %s ms; medians: %s. After each resume, the origin live and p.mu still held: set_transaction_id %d times, p50 %s ms, p99 %s ms, %d of them inside a suspended window; then the result recorded.\n",
+		len(ph), quantileOr(ph, .5), quantileOr(ph, .99), quantileOr(ph, 1), pollTr.parts(), len(pollSetTID), quantileOr(pollSetTID, .5), quantileOr(pollSetTID, .99), pollSetTIDIn)
+	fmt.Println("Pool.Usage takes no lock of the pool: it reads the records' sums as of the last change recorded and asks the kernel for the pool's status without a commit. What it can still wait for is the kernel: dm-thin reads the pool's status under its metadata's root_lock, which create_snap and set_transaction_id, and the commit after each, take for writing; the last column parts the calls by whether one of those messages was under way.")
 	fmt.Printf("\nThis part took %v in the VM.\n", time.Since(began).Round(time.Second))
 	return nil
 }
@@ -331,14 +336,17 @@ func (cs calls) durations() sample {
 	return s
 }
 
-// split parts the calls into those that overlapped a window of holds and
+// span is one stretch of time traced: a suspended window or a message.
+type span struct{ start, end time.Time }
+
+// split parts the calls into those that overlapped one of the spans and
 // the others.
-func (cs calls) split(holds snapTraces) (in, out sample) {
+func (cs calls) split(spans []span) (in, out sample) {
 	for _, c := range cs {
 		end := c.start.Add(c.d)
 		overlap := false
-		for _, h := range holds {
-			if c.start.Before(h.end) && end.After(h.start) {
+		for _, sp := range spans {
+			if c.start.Before(sp.end) && end.After(sp.start) {
 				overlap = true
 				break
 			}
@@ -376,71 +384,103 @@ func pollRounds(pollers []poller, rounds int) ([]calls, error) {
 	return out, nil
 }
 
-// traceKernel is the host kernel, timing what Pool.Snapshot does with
-// an active origin: suspend, create_snap, set_transaction_id, resume.
-// Between the suspend's return and the resume's call Pool.Snapshot holds
-// the pool's lock for all but the lock's taking (newDevice: the intent,
-// the messages and the commit, under p.mu; the resume after it).
+// traceKernel is the host kernel, timing what a snapshot of an active
+// origin does with it (newDevice and createLocked in pkg/thinpool): the
+// origin's suspend; the pool's lock p.mu taken, the checks and the intent
+// recorded; create_snap; the origin's resume, as soon as create_snap has
+// gone through; then, the origin live and p.mu still held,
+// set_transaction_id and the result recorded.
+//
+// It keeps each suspended window, from the suspend's return to the
+// resume's call, split by step, and every create_snap and
+// set_transaction_id, inside a window or not. One window at a time: the
+// bench never runs two snapshots at once, nor a group.
 type traceKernel struct {
 	thinpool.Kernel
 
-	mu    sync.Mutex
-	cur   snapTrace // the snapshot under way; zero start outside one
-	holds snapTraces
+	mu  sync.Mutex
+	cur window // the window open; zero start outside one
+	tr  traces
 }
 
-// snapTrace is one snapshot's window, from the origin's suspend's return to
-// its resume's call, and the two messages sent meanwhile.
-type snapTrace struct {
-	start, end         time.Time
-	createSnap, setTID time.Duration
-	// From the suspend's return to create_snap's call (the pool's lock
-	// taken, the checks, the intent recorded), and from set_transaction_id's
-	// return to the resume's call (the result recorded, the lock released).
-	before, after time.Duration
-	lastMsgEnd    time.Time
+// window is one origin's suspended window.
+type window struct {
+	start, end time.Time // the suspend's return, the resume's call
+	// The steps: from the suspend's return to create_snap's call (p.mu
+	// taken, the checks, the intent recorded), create_snap, and from
+	// create_snap's return to the resume's call.
+	lockChecksIntent, createSnap, toResume time.Duration
+	snapEnd                                time.Time // create_snap's return
 }
 
-type snapTraces []snapTrace
+// msgTrace is one create_snap or set_transaction_id sent to the pool.
+type msgTrace struct {
+	setTID   bool // set_transaction_id, else create_snap
+	start    time.Time
+	d        time.Duration
+	inWindow bool // sent while an origin was suspended
+}
 
-func (ts snapTraces) held() sample {
+// traces is what traceKernel kept since it was last asked.
+type traces struct {
+	windows []window
+	msgs    []msgTrace
+}
+
+// suspended is each window's length.
+func (tr traces) suspended() sample {
 	var s sample
-	for _, t := range ts {
-		s = append(s, t.end.Sub(t.start))
+	for _, w := range tr.windows {
+		s = append(s, w.end.Sub(w.start))
 	}
 	return s
 }
 
-// parts is the median of each part of the windows, for the notes.
-func (ts snapTraces) parts() string {
-	var before, createSnap, setTID, after sample
-	for _, t := range ts {
-		before, createSnap = append(before, t.before), append(createSnap, t.createSnap)
-		setTID, after = append(setTID, t.setTID), append(after, t.after)
+// parts is the median of each step of the windows, for the notes.
+func (tr traces) parts() string {
+	var lock, snap, rest sample
+	for _, w := range tr.windows {
+		lock, snap, rest = append(lock, w.lockChecksIntent), append(snap, w.createSnap), append(rest, w.toResume)
 	}
-	return fmt.Sprintf("lock, checks and intent %s, create_snap %s, set_transaction_id %s, result recorded and lock released %s",
-		quantileOr(before, .5), quantileOr(createSnap, .5), quantileOr(setTID, .5), quantileOr(after, .5))
+	return fmt.Sprintf("lock, checks and intent %s, create_snap %s, create_snap's return to the resume's call %s",
+		quantileOr(lock, .5), quantileOr(snap, .5), quantileOr(rest, .5))
 }
 
-// endsAfter is, for the calls that began inside a window, how long after
-// the window's end each one returned: about 0 for a call that waited for
-// what the window held.
-func (cs calls) endsAfter(holds snapTraces) (after, dur sample) {
-	for _, c := range cs {
-		for _, h := range holds {
-			if !c.start.Before(h.start) && c.start.Before(h.end) {
-				after, dur = append(after, c.start.Add(c.d).Sub(h.end)), append(dur, c.d)
-				break
-			}
+// setTIDs is each set_transaction_id's duration, and how many of them
+// were sent inside a suspended window.
+func (tr traces) setTIDs() (s sample, inWindow int) {
+	for _, m := range tr.msgs {
+		if !m.setTID {
+			continue
+		}
+		s = append(s, m.d)
+		if m.inWindow {
+			inWindow++
 		}
 	}
-	return after, dur
+	return s, inWindow
+}
+
+func (tr traces) windowSpans() []span {
+	var out []span
+	for _, w := range tr.windows {
+		out = append(out, span{w.start, w.end})
+	}
+	return out
+}
+
+func (tr traces) msgSpans() []span {
+	var out []span
+	for _, m := range tr.msgs {
+		out = append(out, span{m.start, m.start.Add(m.d)})
+	}
+	return out
 }
 
 func (t *traceKernel) Suspend(dev devmapper.Dev, flags devmapper.SuspendFlags) error {
 	err := t.Kernel.Suspend(dev, flags)
 	t.mu.Lock()
-	t.cur = snapTrace{start: time.Now()}
+	t.cur = window{start: time.Now()}
 	t.mu.Unlock()
 	return err
 }
@@ -448,19 +488,24 @@ func (t *traceKernel) Suspend(dev devmapper.Dev, flags devmapper.SuspendFlags) e
 func (t *traceKernel) Message(dev devmapper.Dev, m devmapper.Message) error {
 	t0 := time.Now()
 	err := t.Kernel.Message(dev, m)
-	d := time.Since(t0)
+	end := time.Now()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.cur.start.IsZero() {
-		return err
-	}
+	open := !t.cur.start.IsZero()
 	switch m.(type) {
 	case devmapper.CreateSnap:
-		t.cur.createSnap, t.cur.before = d, t0.Sub(t.cur.start)
+		if open {
+			if t.cur.snapEnd.IsZero() {
+				t.cur.lockChecksIntent = t0.Sub(t.cur.start)
+			}
+			// A retry after an id found taken adds to the first.
+			t.cur.createSnap += end.Sub(t0)
+			t.cur.snapEnd = end
+		}
+		t.tr.msgs = append(t.tr.msgs, msgTrace{start: t0, d: end.Sub(t0), inWindow: open})
 	case devmapper.SetTransactionID:
-		t.cur.setTID = d
+		t.tr.msgs = append(t.tr.msgs, msgTrace{setTID: true, start: t0, d: end.Sub(t0), inWindow: open})
 	}
-	t.cur.lastMsgEnd = t0.Add(d)
 	return err
 }
 
@@ -468,21 +513,21 @@ func (t *traceKernel) Resume(dev devmapper.Dev) error {
 	t.mu.Lock()
 	if !t.cur.start.IsZero() {
 		t.cur.end = time.Now()
-		if !t.cur.lastMsgEnd.IsZero() {
-			t.cur.after = t.cur.end.Sub(t.cur.lastMsgEnd)
+		if !t.cur.snapEnd.IsZero() {
+			t.cur.toResume = t.cur.end.Sub(t.cur.snapEnd)
 		}
-		t.holds = append(t.holds, t.cur)
-		t.cur = snapTrace{}
+		t.tr.windows = append(t.tr.windows, t.cur)
+		t.cur = window{}
 	}
 	t.mu.Unlock()
 	return t.Kernel.Resume(dev)
 }
 
-// takeHolds returns the windows traced so far and forgets them.
-func (t *traceKernel) takeHolds() snapTraces {
+// take returns what was traced so far and forgets it.
+func (t *traceKernel) take() traces {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	h := t.holds
-	t.holds = nil
-	return h
+	tr := t.tr
+	t.tr = traces{}
+	return tr
 }
