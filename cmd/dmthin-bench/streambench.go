@@ -732,7 +732,11 @@ func printMemory(points []scalePoint, peakRSS, peakHWM int64) {
 	}
 	for _, p := range points {
 		if p.target == streamsIdle {
-			fmt.Printf("\nTarget: RSS < %d MiB with %d volumes: %s (%s MiB idle after a start).\n", streamsRSSTarget>>20, p.vols, metMissed(p.idleRSS < streamsRSSTarget), mib(p.idleRSS))
+			// Judged on the most the driver held with these volumes: the
+			// high-water mark after the scale calls, not the idle moment
+			// after a start, which is its lowest.
+			fmt.Printf("\nTarget: RSS < %d MiB with %d volumes: %s (VmHWM %s MiB after the scale calls; VmRSS %s MiB idle after a start).\n",
+				streamsRSSTarget>>20, p.vols, metMissed(p.afterHWM < streamsRSSTarget), mib(p.afterHWM), mib(p.idleRSS))
 		}
 	}
 }
