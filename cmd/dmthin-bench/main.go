@@ -163,7 +163,7 @@ func runHost(n, openMax int, only, outDir string) error {
 		Files:   files,
 		Tools:   []string{"dmsetup", "lvm", "mount", "umount", "blkid", "mkfs.ext4", "tune2fs", "resize2fs", "e2fsck", "fsck", "fsck.ext4"},
 		// lvm2 checks for the snapshot target even for thin snapshots.
-		Modules:   append(append([]string(nil), vmtest.DefaultModules...), "dm-snapshot"),
+		Modules: append(append([]string(nil), vmtest.DefaultModules...), "dm-snapshot"),
 		// The earlier tables' pools stay on the guest's tmpfs (their
 		// devices hold the files) while the I/O part writes a gigabyte
 		// more there: at 4 GiB its loop devices failed writes (EIO).
