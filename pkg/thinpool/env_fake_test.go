@@ -208,43 +208,6 @@ func TestUsageTakesNoLockFake(t *testing.T) {
 	}
 }
 
-// A snapshot resumes its active origin once create_snap has gone through:
-// the commit and the records that follow do not freeze the origin's
-// writers. The same for a group's origins.
-func TestSnapshotResumesBeforeCommitFake(t *testing.T) {
-	e := newFakeEnv(t).(*fakeEnv)
-	p := openPool(t, e, testConfig(t, "early", 64<<20))
-	var origins []Dev
-	for _, n := range []string{"a", "b"} {
-		if _, err := p.CreateVolume(ctx, n, 4<<20); err != nil {
-			t.Fatal(err)
-		}
-		origins = append(origins, e.activate(t, p, n))
-	}
-	checked := map[string]int{}
-	p.hook = func(step string) {
-		if step != "snapshot:committed" && step != "group-snapshot:committed" {
-			return
-		}
-		checked[step]++
-		for _, d := range origins {
-			if info, err := e.k.Info(d); err != nil || info.Suspended {
-				t.Errorf("at %s the origin %v is suspended (%v)", step, d, err)
-			}
-		}
-	}
-	if _, err := p.Snapshot(ctx, "a-snap", "a"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := p.SnapshotGroup(ctx, "g", []GroupMember{{Name: "a-g", Source: "a"}, {Name: "b-g", Source: "b"}}); err != nil {
-		t.Fatal(err)
-	}
-	p.hook = nil
-	if checked["snapshot:committed"] != 1 || checked["group-snapshot:committed"] != 1 {
-		t.Fatalf("steps seen: %v; the check did not run", checked)
-	}
-}
-
 // listSpy is a Kernel that calls onList at each List: the recovery lists
 // the devices to resume (resumeSuspended).
 type listSpy struct {

@@ -22,7 +22,7 @@ type GroupMember struct {
 // SnapshotGroup makes one snapshot of each member's source, all of one
 // moment, as the group named group: every active source is suspended (its
 // filesystem frozen and its writes flushed) before the first snapshot is
-// taken and resumed after the last (before the commit), and the pool commits them all with one
+// taken and resumed after the last, and the pool commits them all with one
 // transaction id, so a crash or a failure at any step leaves all of them or
 // none. Making a group that exists with the same members returns it; one
 // whose names are taken otherwise, in part or whole, is ErrAlreadyExists.
@@ -74,7 +74,7 @@ func (p *Pool) SnapshotGroup(ctx context.Context, group string, members []GroupM
 			origins = append(origins, dev)
 		}
 	}
-	early, resume, err := p.suspendOrigins(origins, "the origins of group "+group)
+	resume, err := p.suspendOrigins(origins, "the origins of group "+group)
 	defer func() { _ = resume() }()
 	if err != nil {
 		return nil, fmt.Errorf("group %s: %w", group, err)
@@ -88,7 +88,7 @@ func (p *Pool) SnapshotGroup(ctx context.Context, group string, members []GroupM
 		if err != nil || existing != nil {
 			return existing, err
 		}
-		return p.groupLocked(group, members, srcs, sizeBytes, early)
+		return p.groupLocked(group, members, srcs, sizeBytes)
 	}()
 	if rerr := resume(); rerr != nil {
 		return nil, rerr
@@ -128,9 +128,8 @@ func (p *Pool) checkGroup(ctx context.Context, group string, members []GroupMemb
 }
 
 // groupLocked makes the group's snapshots, its active sources suspended:
-// intent, create_snap each, then afterMessage (which resumes the sources),
-// commit. The caller holds p.mu.
-func (p *Pool) groupLocked(group string, members []GroupMember, srcs []*Volume, sizeBytes int64, afterMessage func()) ([]*Volume, error) {
+// intent, create_snap each, commit. The caller holds p.mu.
+func (p *Pool) groupLocked(group string, members []GroupMember, srcs []*Volume, sizeBytes int64) ([]*Volume, error) {
 	in := &intent{Op: opGroup, TID: p.tid + 1, Group: make([]groupMember, len(members))}
 	now := time.Now().UTC()
 	// Ids are taken all at once, so the intent names every device it may
@@ -176,7 +175,6 @@ func (p *Pool) groupLocked(group string, members []GroupMember, srcs []*Volume, 
 		return nil, err
 	}
 	p.step("group:message")
-	afterMessage()
 	if err := p.commit(in); err != nil {
 		if ferr := p.fail(err); ferr != nil {
 			return nil, ferr

@@ -164,7 +164,7 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 	}
 	if src == nil {
 		defer p.mu.Unlock()
-		return p.createLocked(ctx, name, source, src, sizeBytes, kind, nil)
+		return p.createLocked(ctx, name, source, src, sizeBytes, kind)
 	}
 	// A snapshot: an active origin is suspended (its writes flushed and its
 	// filesystem frozen, which can take long) holding only the two
@@ -177,9 +177,9 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 		if err != nil {
 			return nil, err
 		}
-		return p.createLocked(ctx, name, source, src, sizeBytes, kind, nil)
+		return p.createLocked(ctx, name, source, src, sizeBytes, kind)
 	}
-	early, resume, err := p.suspendOrigins([]devmapper.Dev{origin}, "the origin "+source)
+	resume, err := p.suspendOrigins([]devmapper.Dev{origin}, "the origin "+source)
 	defer func() { _ = resume() }()
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %s: %w", name, err)
@@ -193,7 +193,7 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 		if err != nil || existing != nil {
 			return existing, err
 		}
-		return p.createLocked(ctx, name, source, src, sizeBytes, kind, early)
+		return p.createLocked(ctx, name, source, src, sizeBytes, kind)
 	}()
 	if rerr := resume(); rerr != nil {
 		return nil, rerr
@@ -205,45 +205,27 @@ func (p *Pool) newDevice(ctx context.Context, name, source string, sizeBytes int
 // named by what, without the pool's lock: the caller holds p.mu, which is
 // released here, and takes it again for its intent, messages and commit.
 // The origins are marked so that a recovery meanwhile leaves them
-// suspended.
-//
-// early resumes the origins in the kernel and nothing else, and may be
-// called with p.mu held: a snapshot calls it as soon as its create_snap
-// messages have gone through, since only those need the origins still, so
-// that the commit and the records that follow do not freeze their writers
-// too. A crash after it changes nothing: the recovery goes by the
-// transaction id, which the origins do not touch. A failure of a resume
-// there is kept for resume to report.
-//
-// resume resumes the origins (the ones a failed suspend reached too)
-// unless early did, unmarks them under p.mu, and fences the pool if a
-// resume failed (the recovery resumes them; its error, if it fails, is
-// returned); it returns with p.mu released, and a second call does
-// nothing.
-func (p *Pool) suspendOrigins(origins []devmapper.Dev, what string) (early func(), resume func() error, err error) {
+// suspended. resume resumes them (the ones a failed suspend reached too),
+// unmarks them under p.mu, and fences the pool if a resume failed (the
+// recovery resumes them; its error, if it fails, is returned); it returns
+// with p.mu released, and a second call does nothing.
+func (p *Pool) suspendOrigins(origins []devmapper.Dev, what string) (resume func() error, err error) {
 	for _, d := range origins {
 		p.suspending[d] = true
 	}
 	p.mu.Unlock()
-	suspended, resumed, done := 0, false, false
-	var errs []error
-	early = func() {
-		if resumed {
-			return
-		}
-		resumed = true
-		for _, d := range slices.Backward(origins[:suspended]) {
-			if err := p.k.Resume(d); err != nil {
-				errs = append(errs, err)
-			}
-		}
-	}
+	suspended, done := 0, false
 	resume = func() error {
 		if done {
 			return nil
 		}
 		done = true
-		early()
+		var errs []error
+		for _, d := range slices.Backward(origins[:suspended]) {
+			if err := p.k.Resume(d); err != nil {
+				errs = append(errs, err)
+			}
+		}
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		for _, d := range origins {
@@ -259,10 +241,10 @@ func (p *Pool) suspendOrigins(origins []devmapper.Dev, what string) (early func(
 		// suspended, and the resume is harmless if not.
 		suspended++
 		if err := p.k.Suspend(d, 0); err != nil {
-			return early, resume, fmt.Errorf("suspend %s: %w", what, err)
+			return resume, fmt.Errorf("suspend %s: %w", what, err)
 		}
 	}
-	return early, resume, nil
+	return resume, nil
 }
 
 // activeDevice returns the dm device of an active volume.
@@ -320,11 +302,11 @@ func (p *Pool) checkNew(ctx context.Context, name, source string, sizeBytes int6
 	return src, sizeBytes, nil, nil
 }
 
-// createLocked makes the device: intent, message, commit. An active
-// source was suspended by the caller (newDevice), and resumed by
-// afterMessage, if not nil, once the message went through. The caller
-// holds p.mu.
-func (p *Pool) createLocked(ctx context.Context, name, source string, src *Volume, sizeBytes int64, kind Kind, afterMessage func()) (*Volume, error) {
+// createLocked makes the device: intent, message, commit; an active
+// source was suspended by the caller (newDevice).
+// says the caller suspended an active source already. The caller holds
+// p.mu.
+func (p *Pool) createLocked(ctx context.Context, name, source string, src *Volume, sizeBytes int64, kind Kind) (*Volume, error) {
 	v := &Volume{Name: name, SizeBytes: sizeBytes, Kind: kind, Source: source, CreatedAt: time.Now().UTC()}
 	in := &intent{Op: opCreate, TID: p.tid + 1}
 	if src != nil {
@@ -385,9 +367,6 @@ func (p *Pool) createLocked(ctx context.Context, name, source string, src *Volum
 		break
 	}
 	p.step(string(in.Op) + ":message")
-	if afterMessage != nil {
-		afterMessage()
-	}
 	if err := p.commit(in); err != nil {
 		if ferr := p.fail(err); ferr != nil {
 			return nil, ferr
