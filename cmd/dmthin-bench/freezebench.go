@@ -48,8 +48,7 @@ const freezeGap = 150 * time.Millisecond
 // read) and the pool's status ioctl alone (what Usage asks the kernel),
 // to tell waiting for the kernel from the rest; and a Kernel wrapper
 // (traceKernel) times, for every snapshot, how long the origin stays
-// suspended, step by step, and the set_transaction_id that follows the
-// resume.
+// suspended, step by step, and each set_transaction_id.
 func freezeBench(n int) error {
 	// The driver's log lines would interleave with the tables.
 	klog.SetOutput(io.Discard)
@@ -272,9 +271,9 @@ func freezeBench(n int) error {
 			float64(s.s.quantile(.5))/float64(bare.quantile(.5)))
 	}
 	fh := freezeTr.suspended()
-	fmt.Printf("Inside both snapshot calls the origin stays suspended from the suspend's return to the resume's call, for the pool's lock p.mu taken, the checks, the intent recorded (bbolt, fsync'd, on tmpfs) and create_snap (the kernel commits the metadata after a message): %d windows, p50 %s ms, p99 %s ms; medians: %s.\n",
+	fmt.Printf("Inside both snapshot calls the origin stays suspended from the suspend's return to the resume's call, for the pool's lock p.mu taken, the checks, the intent recorded (bbolt, fsync'd, on tmpfs), create_snap (the kernel commits the metadata after a message), set_transaction_id (another commit) and the result recorded: %d windows, p50 %s ms, p99 %s ms; medians: %s.\n",
 		len(fh), quantileOr(fh, .5), quantileOr(fh, .99), freezeTr.parts())
-	fmt.Printf("The origin is resumed before set_transaction_id (another commit) and the result recorded, which follow with p.mu still held: set_transaction_id %d times, p50 %s ms, p99 %s ms, %d of them inside a suspended window.\n",
+	fmt.Printf("set_transaction_id alone: %d times, p50 %s ms, p99 %s ms, %d of them inside a suspended window.\n",
 		len(freezeSetTID), quantileOr(freezeSetTID, .5), quantileOr(freezeSetTID, .99), freezeSetTIDIn)
 
 	fmt.Printf("\n## Pollers during snapshots (the same pool and volume, the writer still on)\n\n")
@@ -297,7 +296,7 @@ func freezeBench(n int) error {
 			pl.name, ms(b), ms(a), 100*(float64(b)/float64(a)-1), metOrMissed(float64(b) <= 1.2*float64(a)))
 	}
 	ph := pollTr.suspended()
-	fmt.Printf("Suspended windows while the pollers ran (from the suspend's return to the resume's call): %d, p50 %s ms, p99 %s ms, max %s ms; medians: %s. After each resume, the origin live and p.mu still held: set_transaction_id %d times, p50 %s ms, p99 %s ms, %d of them inside a suspended window; then the result recorded.\n",
+	fmt.Printf("Suspended windows while the pollers ran (from the suspend's return to the resume's call): %d, p50 %s ms, p99 %s ms, max %s ms; medians: %s. set_transaction_id alone: %d times, p50 %s ms, p99 %s ms, %d of them inside a suspended window.\n",
 		len(ph), quantileOr(ph, .5), quantileOr(ph, .99), quantileOr(ph, 1), pollTr.parts(), len(pollSetTID), quantileOr(pollSetTID, .5), quantileOr(pollSetTID, .99), pollSetTIDIn)
 	fmt.Println("Pool.Usage takes no lock of the pool: it reads the records' sums as of the last change recorded and asks the kernel for the pool's status without a commit. What it can still wait for is the kernel: dm-thin reads the pool's status under its metadata's root_lock, which create_snap and set_transaction_id, and the commit after each, take for writing; the last column parts the calls by whether one of those messages was under way.")
 	fmt.Printf("\nThis part took %v in the VM.\n", time.Since(began).Round(time.Second))
@@ -387,9 +386,8 @@ func pollRounds(pollers []poller, rounds int) ([]calls, error) {
 // traceKernel is the host kernel, timing what a snapshot of an active
 // origin does with it (newDevice and createLocked in pkg/thinpool): the
 // origin's suspend; the pool's lock p.mu taken, the checks and the intent
-// recorded; create_snap; the origin's resume, as soon as create_snap has
-// gone through; then, the origin live and p.mu still held,
-// set_transaction_id and the result recorded.
+// recorded; create_snap; set_transaction_id and the result recorded, p.mu
+// released; the origin's resume.
 //
 // It keeps each suspended window, from the suspend's return to the
 // resume's call, split by step, and every create_snap and
@@ -408,7 +406,8 @@ type window struct {
 	start, end time.Time // the suspend's return, the resume's call
 	// The steps: from the suspend's return to create_snap's call (p.mu
 	// taken, the checks, the intent recorded), create_snap, and from
-	// create_snap's return to the resume's call.
+	// create_snap's return to the resume's call (set_transaction_id, the
+	// result recorded, p.mu released).
 	lockChecksIntent, createSnap, toResume time.Duration
 	snapEnd                                time.Time // create_snap's return
 }
@@ -442,7 +441,7 @@ func (tr traces) parts() string {
 	for _, w := range tr.windows {
 		lock, snap, rest = append(lock, w.lockChecksIntent), append(snap, w.createSnap), append(rest, w.toResume)
 	}
-	return fmt.Sprintf("lock, checks and intent %s, create_snap %s, create_snap's return to the resume's call %s",
+	return fmt.Sprintf("lock, checks and intent %s, create_snap %s, create_snap's return to the resume's call (set_transaction_id, the result recorded, p.mu released) %s",
 		quantileOr(lock, .5), quantileOr(snap, .5), quantileOr(rest, .5))
 }
 
