@@ -303,13 +303,6 @@ func freezeBench(n int) error {
 	return nil
 }
 
-func metOrMissed(ok bool) string {
-	if ok {
-		return "met"
-	}
-	return "missed"
-}
-
 // pollPause is the pause between two pollers' calls.
 const pollPause = 2 * time.Millisecond
 

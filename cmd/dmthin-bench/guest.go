@@ -508,6 +508,14 @@ func cell(s sample) string {
 	return fmt.Sprintf("%s (%s)", ms(s.quantile(.5)), ms(s.quantile(.9)))
 }
 
+// metOrMissed is a target's verdict.
+func metOrMissed(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "missed"
+}
+
 func ratio(a, b sample) string {
 	if len(a) == 0 || len(b) == 0 {
 		return "–"

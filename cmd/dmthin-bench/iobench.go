@@ -225,12 +225,7 @@ func ioTable(c *devmapper.Client, l location) (err error) {
 
 	// The issue's target, from the rows above.
 	const target = 0.90
-	verdict := func(r float64) string {
-		if r < target {
-			return "missed"
-		}
-		return "met"
-	}
+	verdict := func(r float64) string { return metOrMissed(r >= target) }
 	fmt.Printf("\nTarget (issue 14): thin random 4 KiB write after allocation >= %.0f%% of linear.", target*100)
 	over := res[1]
 	for j, d := range devs[1:] {

@@ -475,7 +475,7 @@ func printThroughput(levels, snaps []streamLevel) error {
 		faster := top.perSecond() > one.perSecond()
 		tight := len(top.seq) > 0 && top.seq.quantile(.99) <= 5*top.seq.quantile(.5)
 		fmt.Printf("Target, %s: %d streams: no errors (%d: %s), more volumes per second than 1 stream (%.1f against %.1f: %s), p99 <= 5x p50 (%s: %s): %s.\n",
-			what, top.streams, len(top.errs), metMissed(noErrs), top.perSecond(), one.perSecond(), metMissed(faster), spread(top.seq), metMissed(tight), metMissed(noErrs && faster && tight))
+			what, top.streams, len(top.errs), metOrMissed(noErrs), top.perSecond(), one.perSecond(), metOrMissed(faster), spread(top.seq), metOrMissed(tight), metOrMissed(noErrs && faster && tight))
 	}
 	target("create + stage + publish", levels[0], levels[len(levels)-1])
 	target("CreateSnapshot of distinct volumes", snaps[0], snaps[len(streamLevels)-1])
@@ -487,13 +487,6 @@ func spread(s sample) string {
 		return "–"
 	}
 	return fmt.Sprintf("%.1fx", float64(s.quantile(.99))/float64(s.quantile(.5)))
-}
-
-func metMissed(ok bool) string {
-	if ok {
-		return "met"
-	}
-	return "missed"
 }
 
 // fill makes volumes from..target-1 with streamsFillStreams streams, each
@@ -736,7 +729,7 @@ func printMemory(points []scalePoint, peakRSS, peakHWM int64) {
 			// high-water mark after the scale calls, not the idle moment
 			// after a start, which is its lowest.
 			fmt.Printf("\nTarget: RSS < %d MiB with %d volumes: %s (VmHWM %s MiB after the scale calls; VmRSS %s MiB idle after a start).\n",
-				streamsRSSTarget>>20, p.vols, metMissed(p.afterHWM < streamsRSSTarget), mib(p.afterHWM), mib(p.idleRSS))
+				streamsRSSTarget>>20, p.vols, metOrMissed(p.afterHWM < streamsRSSTarget), mib(p.afterHWM), mib(p.idleRSS))
 		}
 	}
 }
