@@ -96,6 +96,7 @@ func TestThinPoolCRDMatchesTypes(t *testing.T) {
 			LastEvent:     &kube.PoolEvent{Time: now, Reason: "LowWater", Message: "m"},
 			LastGrowth:    &kube.PoolGrowth{Time: now, DataFrom: q, DataTo: q, MetadataFrom: q, MetadataTo: q},
 			DriverVersion: "v", UpdateTime: now,
+			Copy: &kube.CopyEndpoint{Address: "10.0.0.1:9811", CertSHA256: "ab"},
 		},
 	}
 	u, err := runtime.DefaultUnstructuredConverter.ToUnstructured(tp)

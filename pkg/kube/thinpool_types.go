@@ -87,6 +87,10 @@ type ThinPoolStatus struct {
 	LastEvent          *PoolEvent  `json:"lastEvent,omitempty"`
 	LastGrowth         *PoolGrowth `json:"lastGrowth,omitempty"`
 	DriverVersion      string      `json:"driverVersion,omitempty"`
+	// Copy is where this node's driver serves its pools' blocks to another
+	// node's (a restore or clone made there); nil when it does not (copy
+	// disabled, or a driver from before copies).
+	Copy *CopyEndpoint `json:"copy,omitempty"`
 	// UpdateTime is when the driver last wrote this status; it writes
 	// only when something changed (see ThinPoolWriter).
 	UpdateTime metav1.Time `json:"updateTime"`
@@ -97,6 +101,14 @@ type SpaceStatus struct {
 	Size        resource.Quantity `json:"size"`
 	Used        resource.Quantity `json:"used"`
 	UsedPercent int32             `json:"usedPercent"`
+}
+
+// CopyEndpoint is a blockcopy.Endpoint as a ThinPool publishes it: the
+// node's copy server's address (host:port) and the SHA-256 (hex) of its
+// certificate (DER), which a copying node pins.
+type CopyEndpoint struct {
+	Address    string `json:"address"`
+	CertSHA256 string `json:"certSHA256"`
 }
 
 // PoolEvent is the last event the pool's kernel raised.

@@ -21,6 +21,7 @@ import (
 	"k8s.io/client-go/util/flowcontrol"
 	"k8s.io/klog/v2"
 
+	"github.com/csi-dmthin/csi-dmthin/pkg/blockcopy"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -28,7 +29,8 @@ import (
 // it changed, and:
 //
 //   - a change of state (health, mode, the counts of volumes, snapshots
-//     and templates, a kernel event, a growth) is written at once;
+//     and templates, a kernel event, a growth, the copy endpoint) is
+//     written at once;
 //   - a change of use alone (bytes used, available) waits until
 //     MinInterval has passed since the pool's last write;
 //   - all of a node's writes share a token bucket (QPS, Burst).
@@ -58,6 +60,10 @@ type ThinPoolWriterOptions struct {
 	// Unconfigured are pools with records on the node that its pools file
 	// no longer names: they are shown NotConfigured.
 	Unconfigured []string
+	// CopyEndpoint is where this node serves copies of its pools' blocks,
+	// published in every pool's status; nil publishes none (and removes
+	// one an earlier run published). SetCopyEndpoint changes it.
+	CopyEndpoint *blockcopy.Endpoint
 	MinInterval  time.Duration // default 1m
 	QPS          float32       // default 1
 	Burst        int           // default 5
@@ -75,6 +81,7 @@ type ThinPoolWriter struct {
 	events map[string]bool // pools woken by a kernel event since last looked at
 	state  map[string]*poolWriteState
 	owner  *metav1.OwnerReference
+	copy   *CopyEndpoint // from o.CopyEndpoint, then SetCopyEndpoint
 }
 
 // poolWriteState is what the writer knows of one pool.
@@ -116,6 +123,7 @@ func NewThinPoolWriter(o ThinPoolWriterOptions) (*ThinPoolWriter, error) {
 	}
 	w := &ThinPoolWriter{o: o, limiter: flowcontrol.NewTokenBucketRateLimiter(o.QPS, o.Burst), wake: newWaker(),
 		events: map[string]bool{}, state: map[string]*poolWriteState{}}
+	w.copy = copyEndpoint(o.CopyEndpoint)
 	for n := range o.Pools {
 		w.state[n] = &poolWriteState{}
 	}
@@ -136,6 +144,24 @@ func (w *ThinPoolWriter) Wake(pool string, kernelEvent bool) {
 		w.mu.Unlock()
 	}
 	w.wake.wake(pool)
+}
+
+// SetCopyEndpoint publishes e (nil: none) in every pool's status, at once:
+// a new address or certificate is a change of state. It never blocks.
+func (w *ThinPoolWriter) SetCopyEndpoint(e *blockcopy.Endpoint) {
+	w.mu.Lock()
+	w.copy = copyEndpoint(e)
+	w.mu.Unlock()
+	for _, n := range w.names() {
+		w.wake.wake(n)
+	}
+}
+
+func copyEndpoint(e *blockcopy.Endpoint) *CopyEndpoint {
+	if e == nil {
+		return nil
+	}
+	return &CopyEndpoint{Address: e.Address, CertSHA256: e.CertSHA256}
 }
 
 // Run writes every pool's ThinPool, removes this node's ThinPools of pools
@@ -261,9 +287,10 @@ func (w *ThinPoolWriter) syncPool(ctx context.Context, name string) {
 	}
 	kernelEvent := w.events[name]
 	delete(w.events, name)
+	copyEP := w.copy
 	w.mu.Unlock()
 
-	status := ThinPoolStatus{DriverVersion: w.o.Version}
+	status := ThinPoolStatus{DriverVersion: w.o.Version, Copy: copyEP}
 	src, configured := w.o.Pools[name]
 	var u thinpool.Usage
 	var uerr error
@@ -327,7 +354,8 @@ func stateChanged(a, b *ThinPoolStatus) bool {
 		a.Volumes != b.Volumes || a.Snapshots != b.Snapshots || a.Templates != b.Templates ||
 		a.Data.Size.Cmp(b.Data.Size) != 0 || a.Metadata.Size.Cmp(b.Metadata.Size) != 0 ||
 		a.OverprovisionLimit != b.OverprovisionLimit || a.DriverVersion != b.DriverVersion ||
-		!sameEvent(a.LastEvent, b.LastEvent) || !sameGrowth(a.LastGrowth, b.LastGrowth)
+		!sameEvent(a.LastEvent, b.LastEvent) || !sameGrowth(a.LastGrowth, b.LastGrowth) ||
+		!sameCopy(a.Copy, b.Copy)
 }
 
 // useChanged: what waits for MinInterval.
@@ -338,6 +366,10 @@ func useChanged(a, b *ThinPoolStatus) bool {
 
 func sameEvent(a, b *PoolEvent) bool {
 	return (a == nil) == (b == nil) && (a == nil || (a.Time.Equal(&b.Time) && a.Reason == b.Reason))
+}
+
+func sameCopy(a, b *CopyEndpoint) bool {
+	return (a == nil) == (b == nil) && (a == nil || *a == *b)
 }
 
 func sameGrowth(a, b *PoolGrowth) bool {
@@ -428,7 +460,7 @@ func (w *ThinPoolWriter) write(ctx context.Context, pool string, st *poolWriteSt
 		}
 		st.ensured = true
 	}
-	patch, err := json.Marshal(map[string]any{"status": status})
+	patch, err := statusPatch(status)
 	if err != nil {
 		return err
 	}
@@ -444,6 +476,25 @@ func (w *ThinPoolWriter) write(ctx context.Context, pool string, st *poolWriteSt
 		_, err = w.o.Client.Resource(ThinPoolGVR).Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: Component}, "status")
 	}
 	return err
+}
+
+// statusPatch is the merge patch that sets status. A merge patch keeps
+// what it does not name, so a copy endpoint no longer served is removed
+// by name (null): left in place, it would send other nodes to an address
+// nothing serves, or to another pod that now has its IP.
+func statusPatch(status *ThinPoolStatus) ([]byte, error) {
+	b, err := json.Marshal(status)
+	if err != nil {
+		return nil, err
+	}
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, err
+	}
+	if status.Copy == nil {
+		m["copy"] = nil
+	}
+	return json.Marshal(map[string]any{"status": m})
 }
 
 // ensure creates the pool's ThinPool unless it exists.

@@ -2,6 +2,7 @@ package kube
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 
+	"github.com/csi-dmthin/csi-dmthin/pkg/blockcopy"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -305,5 +307,95 @@ func TestThinPoolWriterBacksOff(t *testing.T) {
 	w.sync(ctx, w.pendingNames())
 	if cl.writes("node-a.p") != 1 {
 		t.Fatalf("%d writes after the failures ended", cl.writes("node-a.p"))
+	}
+}
+
+// The copy endpoint is published in every pool's status, a new one at
+// once (a restart with a new pod IP, a new certificate), and one no longer
+// served is removed, not left for other nodes to dial.
+func TestThinPoolWriterCopyEndpoint(t *testing.T) {
+	ctx := context.Background()
+	// An earlier run published an endpoint this one no longer serves.
+	stale := thinPoolObject(nodeA, "fast")
+	if err := unstructured.SetNestedMap(stale.Object, map[string]any{"address": "10.0.0.9:9811", "certSHA256": "old"}, "status", "copy"); err != nil {
+		t.Fatal(err)
+	}
+	cl := newThinPoolCluster(t, stale)
+	pools := map[string]UsageSource{}
+	for _, n := range []string{"fast", "slow"} {
+		src := &fakeUsage{}
+		src.set(used(10, 10), nil)
+		pools[n] = src
+	}
+	clk := &clock{now: time.Unix(1000, 0)}
+	first := &blockcopy.Endpoint{Address: "10.0.0.1:9811", CertSHA256: "aa"}
+	w, err := NewThinPoolWriter(ThinPoolWriterOptions{Client: cl.dyn, Driver: driverName, Node: nodeA, Pools: pools,
+		CopyEndpoint: first, MinInterval: time.Hour, QPS: 1000, Burst: 1000, Now: clk.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	copyOf := func(pool string) *CopyEndpoint { return cl.get(t, ThinPoolName(nodeA, pool)).Status.Copy }
+
+	w.sync(ctx, w.names())
+	for _, p := range []string{"fast", "slow"} {
+		if c := copyOf(p); c == nil || *c != (CopyEndpoint{Address: "10.0.0.1:9811", CertSHA256: "aa"}) {
+			t.Errorf("pool %s: copy endpoint %+v, want this run's", p, c)
+		}
+	}
+	// A new endpoint is a change of state: written at once, well within
+	// MinInterval, for every pool, which SetCopyEndpoint wakes.
+	clk.add(time.Second)
+	w.SetCopyEndpoint(&blockcopy.Endpoint{Address: "10.0.0.1:9811", CertSHA256: "bb"})
+	if woken := w.wake.take(); !slices.Equal(woken, []string{"fast", "slow"}) {
+		t.Errorf("SetCopyEndpoint woke %q", woken)
+	}
+	w.sync(ctx, w.names())
+	for _, p := range []string{"fast", "slow"} {
+		if c := copyOf(p); c == nil || c.CertSHA256 != "bb" || c.Address != "10.0.0.1:9811" {
+			t.Errorf("pool %s: copy endpoint %+v after a new certificate", p, c)
+		}
+		if n := cl.writes(ThinPoolName(nodeA, p)); n != 2 {
+			t.Errorf("pool %s: %d writes, want 2", p, n)
+		}
+	}
+	// Nothing changed: nothing written.
+	w.sync(ctx, w.names())
+	if n := cl.writes(ThinPoolName(nodeA, "fast")); n != 2 {
+		t.Errorf("%d writes after an unchanged look", n)
+	}
+
+	// None served any more: removed from the object, not kept by the
+	// merge patch.
+	w.SetCopyEndpoint(nil)
+	w.sync(ctx, w.wake.take())
+	u, err := cl.dyn.Resource(ThinPoolGVR).Get(ctx, ThinPoolName(nodeA, "fast"), metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, found, _ := unstructured.NestedFieldNoCopy(u.Object, "status", "copy"); found {
+		t.Errorf("the copy endpoint %v is still published", c)
+	}
+	if h, _, _ := unstructured.NestedString(u.Object, "status", "health"); h != HealthHealthy {
+		t.Errorf("health %q after removing the endpoint", h)
+	}
+}
+
+// A writer started without an endpoint removes the one an earlier run
+// left.
+func TestThinPoolWriterRemovesStaleCopyEndpoint(t *testing.T) {
+	stale := thinPoolObject(nodeA, "fast")
+	if err := unstructured.SetNestedMap(stale.Object, map[string]any{"address": "10.0.0.9:9811", "certSHA256": "old"}, "status", "copy"); err != nil {
+		t.Fatal(err)
+	}
+	cl := newThinPoolCluster(t, stale)
+	src := &fakeUsage{}
+	src.set(used(10, 10), nil)
+	w, err := NewThinPoolWriter(ThinPoolWriterOptions{Client: cl.dyn, Driver: driverName, Node: nodeA, Pools: map[string]UsageSource{"fast": src}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.sync(context.Background(), w.names())
+	if st := cl.get(t, ThinPoolName(nodeA, "fast")).Status; st.Copy != nil || st.Health != HealthHealthy {
+		t.Errorf("status %+v: the stale copy endpoint is still there", st)
 	}
 }
