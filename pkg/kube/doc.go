@@ -39,6 +39,13 @@
 //     the controller reads it for room.
 //   - capacity.go rewrites this node's CSIStorageCapacity objects at once
 //     when a pool's kernel raises an event, between the provisioner's polls.
+//   - tokenreview.go authenticates the callers of this node's copy server
+//     (pkg/blockcopy): a TokenReview of their service-account token for
+//     the copy's audience; TokenFile reads this node's own, which the
+//     kubelet projects and rotates.
+//   - copypeers.go finds another node's copy endpoint, which its driver
+//     publishes in its pools' ThinPools, for a restore or clone made here
+//     from a source held there.
 //   - events.go makes the event recorder and turns the driver's no-space
 //     refusals into Events on the PVC (reading that PVC, not watching any).
 //
