@@ -96,6 +96,14 @@ controller:
   additionalArgs: [--leader-election-lease-duration=30s]
 thinPools:
   installCRD: false
+copy:
+  enabled: true
+  port: 9911
+  # Above 2^20: helm's values are float64, printed 2.097152e+08 unless
+  # the template makes an integer of it.
+  rateBytesPerSec: 209715200
+  audience: copy.thin.example.org
+  tokenExpirationSeconds: 7200
 metrics:
   enabled: true
   port: 9900
@@ -337,6 +345,12 @@ func TestDefaultRender(t *testing.T) {
 		"--kube-api=true",
 		"--pool-full-percent=90",
 		"--shutdown-timeout=20s",
+		"--copy-listen=:9811",
+		"--copy-advertise=$(POD_IP):9811",
+		"--copy-audience=dmthin.csi.dmthin.io/copy",
+		"--copy-token-file=/var/run/secrets/dmthin.io/copy/token",
+		"--copy-allowed-user=system:serviceaccount:kube-system:csi-dmthin",
+		"--copy-rate=0",
 		"-v=2",
 	}
 	if !slices.Equal(drv.Args, wantDriverArgs) {
@@ -352,9 +366,11 @@ func TestDefaultRender(t *testing.T) {
 	if lp == nil || lp.HTTPGet == nil || lp.HTTPGet.Path != "/livez" || lp.HTTPGet.Port.String() != "metrics" {
 		t.Errorf("driver liveness probe %+v", lp)
 	}
-	if len(drv.Ports) != 1 || drv.Ports[0].Name != "metrics" || drv.Ports[0].ContainerPort != 9808 {
-		t.Errorf("driver ports %+v", drv.Ports)
+	if len(drv.Ports) != 2 || drv.Ports[0].Name != "metrics" || drv.Ports[0].ContainerPort != 9808 ||
+		drv.Ports[1].Name != "copy" || drv.Ports[1].ContainerPort != 9811 || drv.Ports[1].Protocol != corev1.ProtocolTCP {
+		t.Errorf("driver ports %+v, want metrics 9808 and copy 9811", drv.Ports)
 	}
+	checkCopy(t, pod, copyWant{port: 9811, audience: "dmthin.csi.dmthin.io/copy", expirationSeconds: 3600, rate: "0"})
 	for _, m := range []struct {
 		volume, path, hostPath string
 		propagation            corev1.MountPropagationMode
@@ -566,6 +582,7 @@ func TestFullValues(t *testing.T) {
 		if drv.Ports[0].ContainerPort != 9900 {
 			t.Errorf("driver port %d", drv.Ports[0].ContainerPort)
 		}
+		checkCopy(t, pod, copyWant{port: 9911, audience: "copy.thin.example.org", expirationSeconds: 7200, rate: "209715200"})
 		for _, v := range []string{"socket-dir", "mountpoint-dir", "plugins-dir", "registration-dir"} {
 			if hp := hostPath(pod, v); !strings.HasPrefix(hp, kd+"/") {
 				t.Errorf("%s volume %s: hostPath %q is not under kubeletDir", ds.Name, v, hp)
@@ -876,6 +893,12 @@ func TestRBACLeastPrivilege(t *testing.T) {
 				{"ClusterRole/csi-dmthin-driver", "dmthin.io", "thinpools", "update", false},
 				{"ClusterRole/csi-dmthin-driver", "dmthin.io", "thinpools", "watch", false},
 				{"ClusterRole/csi-dmthin-driver", "dmthin.io", "thinpools/status", "patch", true},
+				// ... reads another node's ThinPool for its copy endpoint,
+				// and has the API server review its copy callers' tokens.
+				{"ClusterRole/csi-dmthin-driver", "dmthin.io", "thinpools", "get", true},
+				{"ClusterRole/csi-dmthin-driver", "authentication.k8s.io", "tokenreviews", "create", true},
+				{"ClusterRole/csi-dmthin-driver", "authorization.k8s.io", "subjectaccessreviews", "create", false},
+				{"ClusterRole/csi-dmthin-controller", "authentication.k8s.io", "tokenreviews", "create", false},
 				{"Role/csi-dmthin-driver", "storage.k8s.io", "csistoragecapacities", "update", true},
 				{"Role/csi-dmthin-driver", "storage.k8s.io", "csistoragecapacities", "create", false},
 				{"ClusterRole/csi-dmthin-driver", "storage.k8s.io", "csistoragecapacities", "update", false},
@@ -976,6 +999,13 @@ func TestSchemaRejectsBadValues(t *testing.T) {
 		{"a controller argument that is not a flag", `controller: {additionalArgs: [workers=2]}`, "additionalArgs"},
 		{"a typo'd controller affinity", `controller: {affinity: {podAntiAfinity: {}}}`, "podAntiAfinity"},
 		{"the controller off", `controller: {enabled: false}`, ""},
+		{"a typo'd copy key", `copy: {enable: false}`, "enable"},
+		{"a copy port out of range", `copy: {port: 70000}`, "port"},
+		{"a negative copy rate", `copy: {rateBytesPerSec: -1}`, "rateBytesPerSec"},
+		{"a fractional copy rate", `copy: {rateBytesPerSec: 1.5}`, "rateBytesPerSec"},
+		{"no copy audience", `copy: {audience: ""}`, "audience"},
+		{"a copy token shorter than the API allows", `copy: {tokenExpirationSeconds: 300}`, "tokenExpirationSeconds"},
+		{"copies off", `copy: {enabled: false}`, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			vals, err := chartutil.CoalesceValues(ch, mustYAML(t, tc.values))
