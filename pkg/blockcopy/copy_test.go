@@ -164,9 +164,14 @@ func TestCopyStaleCheckpointStartsOver(t *testing.T) {
 // The server restarts (new Server, same cert dir, same Opener) while the
 // copy runs: the client reconnects, the new server opens the source
 // again, and the copy goes on from the last written offset.
+//
+// So that the first server cannot have sent everything into the socket
+// buffers before it stops, its source blocks reads of the last extent
+// until the restart has closed the stream.
 func TestCopyResumeAfterServerRestart(t *testing.T) {
 	img := testImage()
 	opener := newFakeOpener(map[string]*image{"src": img})
+	opener.gateAt, opener.gate = img.extents[3].Offset, make(chan struct{})
 	auth := newFakeAuth()
 	ts := startServer(t, opener, auth, nil)
 	p := startProxy(t, ts.addr, 0)
@@ -178,9 +183,19 @@ func TestCopyResumeAfterServerRestart(t *testing.T) {
 			return
 		}
 		restarted = true
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := ts.Shutdown(ctx); err != nil {
+		shutdown := make(chan error)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			shutdown <- ts.Shutdown(ctx)
+		}()
+		for stopping := false; !stopping; time.Sleep(time.Millisecond) {
+			ts.mu.Lock()
+			stopping = ts.stopping // set as the streams are closed
+			ts.mu.Unlock()
+		}
+		close(opener.gate)
+		if err := <-shutdown; err != nil {
 			t.Errorf("Shutdown: %v", err)
 		}
 		cert, pin, err := LoadOrCreateCert(ts.certDir)
@@ -421,5 +436,59 @@ func BenchmarkCopy(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// syncTarget records whether anything was written since the last Sync.
+type syncTarget struct {
+	Target
+	dirty bool
+}
+
+func (s *syncTarget) WriteAt(p []byte, off int64) (int, error) {
+	s.dirty = true
+	return s.Target.WriteAt(p, off)
+}
+
+func (s *syncTarget) Sync() error {
+	s.dirty = false
+	return s.Target.Sync()
+}
+
+// orderCheckpoints refuses to record a checkpoint over unsynced writes.
+type orderCheckpoints struct {
+	Checkpoints
+	target  *syncTarget
+	t       *testing.T
+	saves   int
+	lastCkp Checkpoint
+}
+
+func (o *orderCheckpoints) Save(cp Checkpoint) error {
+	if o.target.dirty {
+		o.t.Errorf("checkpoint at %d saved before the target was synced", cp.Next)
+	}
+	o.saves++
+	o.lastCkp = cp
+	return o.Checkpoints.Save(cp)
+}
+
+// Every checkpoint is saved after a Sync: it never claims data the target
+// could lose.
+func TestCheckpointOnlyAfterSync(t *testing.T) {
+	img := testImage()
+	ts := startServer(t, newFakeOpener(map[string]*image{"src": img}), newFakeAuth(), nil)
+	target := &syncTarget{Target: newFileTarget(t, img.size)}
+	cps := &orderCheckpoints{Checkpoints: newCheckpoints(t), target: target, t: t}
+	req := baseRequest(ts, target, cps)
+	req.CheckpointEvery = 200 * kib
+	if _, err := Copy(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	// 3.75 MiB in frames of at most 1 MiB within extents: a checkpoint
+	// per frame (each is at least 64 KiB, most over 200 KiB), the final
+	// one and the done one.
+	if cps.saves < 6 || !cps.lastCkp.Done {
+		t.Errorf("%d saves, the last %+v; want several and done", cps.saves, cps.lastCkp)
 	}
 }

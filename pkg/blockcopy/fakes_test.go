@@ -57,6 +57,8 @@ func (img *image) mapped() int64 { return mappedBytes(img.extents, 0) }
 type memSource struct {
 	img       *image
 	failAt    int64
+	gateAt    int64         // a read at or past gateAt (when >= 0) ...
+	gate      chan struct{} // ... waits for gate to close
 	readBytes *atomic.Int64
 	closed    atomic.Bool
 }
@@ -64,6 +66,9 @@ type memSource struct {
 func (s *memSource) ReadAt(p []byte, off int64) (int, error) {
 	if s.closed.Load() {
 		return 0, errors.New("read of a closed source")
+	}
+	if s.gateAt >= 0 && off+int64(len(p)) > s.gateAt {
+		<-s.gate
 	}
 	if s.failAt >= 0 && off <= s.failAt && s.failAt < off+int64(len(p)) {
 		return 0, fmt.Errorf("injected I/O error at offset %d", s.failAt)
@@ -94,6 +99,8 @@ type fakeOpener struct {
 	mu        sync.Mutex
 	images    map[string]*image
 	failAt    int64
+	gateAt    int64
+	gate      chan struct{}
 	opens     map[string]int
 	releases  map[string]int
 	sources   []*memSource
@@ -101,7 +108,7 @@ type fakeOpener struct {
 }
 
 func newFakeOpener(images map[string]*image) *fakeOpener {
-	return &fakeOpener{images: images, failAt: -1, opens: map[string]int{}, releases: map[string]int{}}
+	return &fakeOpener{images: images, failAt: -1, gateAt: -1, opens: map[string]int{}, releases: map[string]int{}}
 }
 
 func (o *fakeOpener) Open(_ context.Context, copyID, sourceID string) (Source, error) {
@@ -112,7 +119,7 @@ func (o *fakeOpener) Open(_ context.Context, copyID, sourceID string) (Source, e
 	if img == nil {
 		return nil, fmt.Errorf("no source %s", sourceID)
 	}
-	s := &memSource{img: img, failAt: o.failAt, readBytes: &o.readBytes}
+	s := &memSource{img: img, failAt: o.failAt, gateAt: o.gateAt, gate: o.gate, readBytes: &o.readBytes}
 	o.sources = append(o.sources, s)
 	return s, nil
 }

@@ -182,7 +182,7 @@ func TestExtentsSHA256AndDigest(t *testing.T) {
 	if ExtentsSHA256(img.size, moved) == h || ExtentsSHA256(img.size+1, img.extents) == h {
 		t.Error("the extents hash ignores offsets or the size")
 	}
-	src := &memSource{img: img, failAt: -1, readBytes: new(atomic.Int64)}
+	src := &memSource{img: img, failAt: -1, gateAt: -1, readBytes: new(atomic.Int64)}
 	d1, err := DigestSHA256(src, img.extents)
 	if err != nil {
 		t.Fatal(err)
