@@ -55,7 +55,7 @@ type CopyRequest struct {
 	MaxRetries int
 	Metrics    *Metrics
 	// Logger defaults to klog.FromContext(ctx).
-	Logger *klog.Logger
+	Logger klog.Logger
 
 	limiter *limiter // a test hook; else from RateBytesPerSec
 }
@@ -93,8 +93,8 @@ type Result struct {
 func Copy(ctx context.Context, req CopyRequest) (res Result, err error) {
 	start := time.Now()
 	log := klog.FromContext(ctx)
-	if req.Logger != nil {
-		log = *req.Logger
+	if req.Logger.GetSink() != nil {
+		log = req.Logger
 	}
 	log = log.WithValues("copyID", req.CopyID, "sourceID", req.SourceID)
 	if err := validateID("copyID", req.CopyID); err != nil {
@@ -510,6 +510,8 @@ func (e *statusError) Unwrap() error {
 		return ErrInvalidID
 	case e.kind == kindConflict:
 		return ErrConflict
+	case e.kind == kindNotFound:
+		return ErrSourceNotFound
 	case e.kind == kindSource:
 		return ErrSource
 	}

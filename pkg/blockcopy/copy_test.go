@@ -428,7 +428,6 @@ func BenchmarkCopy(b *testing.B) {
 	}
 	defer f.Close()
 	b.SetBytes(img.mapped())
-	b.ResetTimer()
 	for i := 0; b.Loop(); i++ {
 		_, err := Copy(context.Background(), CopyRequest{
 			Endpoint: ep, Token: tokenFunc(goodToken), CopyID: "bench-" + itoa(i), SourceID: "src", Target: f,
@@ -490,5 +489,28 @@ func TestCheckpointOnlyAfterSync(t *testing.T) {
 	// one and the done one.
 	if cps.saves < 6 || !cps.lastCkp.Done {
 		t.Errorf("%d saves, the last %+v; want several and done", cps.saves, cps.lastCkp)
+	}
+}
+
+// A copy ID open for one source refuses another; an unknown source is
+// not retried.
+func TestCopyConflictAndNotFound(t *testing.T) {
+	img := testImage()
+	opener := newFakeOpener(map[string]*image{"src": img, "src2": img})
+	ts := startServer(t, opener, newFakeAuth(), nil)
+	if _, err := Copy(context.Background(), baseRequest(ts, newFileTarget(t, img.size), nil)); err != nil {
+		t.Fatal(err)
+	}
+	req := baseRequest(ts, newFileTarget(t, img.size), nil)
+	req.SourceID = "src2"
+	if _, err := Copy(context.Background(), req); !errors.Is(err, ErrConflict) {
+		t.Errorf("Copy of copy-1 from another source = %v, want ErrConflict", err)
+	}
+	req.CopyID, req.SourceID = "copy-2", "nothing"
+	if _, err := Copy(context.Background(), req); !errors.Is(err, ErrSourceNotFound) {
+		t.Errorf("Copy of an unknown source = %v, want ErrSourceNotFound", err)
+	}
+	if opens, _ := opener.counts("copy-2"); opens != 1 {
+		t.Errorf("an unknown source was opened %d times, want 1 (no retries)", opens)
 	}
 }

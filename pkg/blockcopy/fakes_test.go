@@ -117,7 +117,7 @@ func (o *fakeOpener) Open(_ context.Context, copyID, sourceID string) (Source, e
 	o.opens[copyID]++
 	img := o.images[sourceID]
 	if img == nil {
-		return nil, fmt.Errorf("no source %s", sourceID)
+		return nil, fmt.Errorf("%w: %s", ErrSourceNotFound, sourceID)
 	}
 	s := &memSource{img: img, failAt: o.failAt, gateAt: o.gateAt, gate: o.gate, readBytes: &o.readBytes}
 	o.sources = append(o.sources, s)

@@ -194,6 +194,8 @@ func errStatus(err error) int {
 		return http.StatusBadRequest
 	case errors.Is(err, ErrConflict):
 		return http.StatusConflict
+	case errors.Is(err, ErrSourceNotFound):
+		return http.StatusNotFound
 	case errors.Is(err, errStopping):
 		return http.StatusServiceUnavailable
 	}
@@ -210,6 +212,7 @@ const errorKindHeader = "Blockcopy-Error"
 const (
 	kindInvalidID = "invalid-id"
 	kindConflict  = "conflict"
+	kindNotFound  = "not-found"
 	kindSource    = "source"
 	kindStopping  = "stopping"
 )
@@ -220,6 +223,8 @@ func httpError(w http.ResponseWriter, err error) {
 		w.Header().Set(errorKindHeader, kindInvalidID)
 	case errors.Is(err, ErrConflict):
 		w.Header().Set(errorKindHeader, kindConflict)
+	case errors.Is(err, ErrSourceNotFound):
+		w.Header().Set(errorKindHeader, kindNotFound)
 	case errors.Is(err, ErrSource):
 		w.Header().Set(errorKindHeader, kindSource)
 	case errors.Is(err, errStopping):
