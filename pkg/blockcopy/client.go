@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -50,6 +51,9 @@ type CopyRequest struct {
 	// CheckpointEvery syncs the target and saves a checkpoint after
 	// this many bytes; 0 checkpoints only when the stream ends.
 	CheckpointEvery int64
+	// StallTimeout is how long a data stream may bring nothing before
+	// the client drops it and reconnects; 0 is 2 minutes.
+	StallTimeout time.Duration
 	// MaxRetries bounds the reconnects in a row that move no data; 0 is
 	// 6. Each waits twice the one before, from 100ms up to 5s.
 	MaxRetries int
@@ -131,6 +135,9 @@ func Copy(ctx context.Context, req CopyRequest) (res Result, err error) {
 	}
 	if r.req.MaxRetries <= 0 {
 		r.req.MaxRetries = 6
+	}
+	if r.req.StallTimeout <= 0 {
+		r.req.StallTimeout = 2 * time.Minute
 	}
 	res, err = r.run(ctx)
 	res.Duration = time.Since(start)
@@ -343,10 +350,26 @@ func (r *copyRun) stream(ctx context.Context) error {
 	})
 }
 
-func (r *copyRun) streamOnce(ctx context.Context, buf []byte) error {
+// streamOnce reads one data stream, until its end frame or an error. A
+// stream that brings no frame for StallTimeout (counted while waiting on
+// the network, not while writing or syncing) is dropped as broken: a
+// peer gone without a FIN or RST would otherwise hold the copy until
+// TCP gives up, many minutes later.
+func (r *copyRun) streamOnce(ctx context.Context, buf []byte) (err error) {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var stalled atomic.Bool
+	stall := time.AfterFunc(r.req.StallTimeout, func() { stalled.Store(true); cancel() })
+	defer stall.Stop()
+	defer func() {
+		if err != nil && stalled.Load() && ctx.Err() == nil {
+			err = fmt.Errorf("%w: nothing for %v after offset %d", errBroken, r.req.StallTimeout, r.pos)
+		}
+	}()
+
 	q := r.query()
 	q.Set("offset", strconv.FormatInt(r.pos, 10))
-	resp, err := r.c.do(ctx, http.MethodGet, r.copyPath("data"), q, nil)
+	resp, err := r.c.do(sctx, http.MethodGet, r.copyPath("data"), q, nil)
 	if err != nil {
 		return err
 	}
@@ -358,6 +381,7 @@ func (r *copyRun) streamOnce(ctx context.Context, buf []byte) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		stall.Reset(r.req.StallTimeout)
 		kind, err := br.ReadByte()
 		if err != nil {
 			return fmt.Errorf("%w at offset %d: %w", errBroken, r.pos, err)
@@ -375,6 +399,7 @@ func (r *copyRun) streamOnce(ctx context.Context, buf []byte) error {
 			if _, err := io.ReadFull(br, buf[:n]); err != nil {
 				return fmt.Errorf("%w in a frame at offset %d: %w", errBroken, off, err)
 			}
+			stall.Stop() // what follows is this side's own work
 			if err := r.limiter.wait(ctx, n); err != nil {
 				return err
 			}

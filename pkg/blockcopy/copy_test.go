@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -512,5 +513,52 @@ func TestCopyConflictAndNotFound(t *testing.T) {
 	}
 	if opens, _ := opener.counts("copy-2"); opens != 1 {
 		t.Errorf("an unknown source was opened %d times, want 1 (no retries)", opens)
+	}
+}
+
+// A stream that brings nothing for StallTimeout is dropped and resumed:
+// the source holds back its last extent until the client reconnects.
+func TestCopyReconnectsStalledStream(t *testing.T) {
+	img := testImage()
+	opener := newFakeOpener(map[string]*image{"src": img})
+	opener.gateAt, opener.gate = img.extents[3].Offset, make(chan struct{})
+	ts := startServer(t, opener, newFakeAuth(), nil)
+	p := startProxy(t, ts.addr, 0)
+	var once sync.Once
+	p.mu.Lock()
+	p.onConn = func(n int) {
+		if n > 0 {
+			once.Do(func() { close(opener.gate) })
+		}
+	}
+	p.mu.Unlock()
+	file := newFileTarget(t, img.size)
+	target := &hookTarget{Target: file}
+	req := baseRequest(ts, target, nil)
+	req.Endpoint.Address = p.addr()
+	req.StallTimeout = 100 * time.Millisecond
+	// Without stall detection Copy would wait on the gate for ever; this
+	// bound turns that into a failure, it measures nothing.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	res, err := Copy(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.connCount() < 2 {
+		t.Errorf("%d connections, want a reconnect", p.connCount())
+	}
+	if res.Bytes != img.mapped() || target.written.Load() != img.mapped() {
+		t.Errorf("moved %d, wrote %d; want each mapped byte once (%d)", res.Bytes, target.written.Load(), img.mapped())
+	}
+	checkTarget(t, file, img)
+}
+
+func TestFrameBytesUnderRateLimit(t *testing.T) {
+	for rate, want := range map[int64]int64{0: maxFramePayload, 1 << 30: maxFramePayload, 1 << 20: 256 * kib, 10000: 4 * kib, 100 << 10: 24 * kib} {
+		s := &Server{opts: ServerOptions{RateBytesPerSec: rate}}
+		if got := s.frameBytes(); got != want {
+			t.Errorf("rate %d: frames of %d bytes, want %d", rate, got, want)
+		}
 	}
 }

@@ -291,6 +291,7 @@ type proxy struct {
 	cutAfter int64
 	conns    int
 	open     []net.Conn
+	onConn   func(n int) // called as connection n (from 0) is accepted
 }
 
 func startProxy(t *testing.T, backend string, cutAfter int64) *proxy {
@@ -333,9 +334,12 @@ func (p *proxy) accept() {
 			return
 		}
 		p.mu.Lock()
-		n, backend := p.conns, p.backend
+		n, backend, onConn := p.conns, p.backend, p.onConn
 		p.conns++
 		p.mu.Unlock()
+		if onConn != nil {
+			onConn(n)
+		}
 		b, err := net.Dial("tcp", backend)
 		if err != nil {
 			c.Close()

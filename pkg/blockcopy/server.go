@@ -278,7 +278,8 @@ func (s *Server) handleData(w http.ResponseWriter, r *http.Request) {
 
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.WriteHeader(http.StatusOK)
-	buf := make([]byte, maxFramePayload)
+	rc := http.NewResponseController(w)
+	buf := make([]byte, s.frameBytes())
 	var sent int64
 	for _, e := range oc.info.Extents {
 		for off := max(e.Offset, from); off < e.Offset+e.Length; {
@@ -286,6 +287,9 @@ func (s *Server) handleData(w http.ResponseWriter, r *http.Request) {
 			if err := s.limiter.wait(r.Context(), n); err != nil {
 				return // the client went away
 			}
+			// A client that stopped reading, without closing, must not
+			// hold the source open for ever.
+			_ = rc.SetWriteDeadline(time.Now().Add(frameWriteTimeout))
 			if err := readFull(oc.src, buf[:n], off); err != nil {
 				s.log.Error(err, "Source read failed; ending the copy's stream with the error", "copyID", copyID, "sourceID", sourceID)
 				_ = writeErrorFrame(w, fmt.Sprintf("source %s: %v", sourceID, err))
@@ -303,6 +307,20 @@ func (s *Server) handleData(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	_ = writeEnd(w, sent)
+}
+
+// frameWriteTimeout bounds the write of one frame to a client.
+const frameWriteTimeout = 2 * time.Minute
+
+// frameBytes is the data frames' largest payload: maxFramePayload, or
+// under a rate limit a quarter second's bytes (in 4 KiB, so frames stay
+// block aligned), so that a slow copy still shows the client a frame
+// every quarter second rather than looking stalled.
+func (s *Server) frameBytes() int64 {
+	if s.opts.RateBytesPerSec <= 0 {
+		return maxFramePayload
+	}
+	return min(max(s.opts.RateBytesPerSec/4/(4<<10)*(4<<10), 4<<10), maxFramePayload)
 }
 
 func (s *Server) handleDigest(w http.ResponseWriter, r *http.Request) {
