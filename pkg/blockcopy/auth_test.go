@@ -46,6 +46,7 @@ func TestAuthRefusals(t *testing.T) {
 		{"no header", "", http.StatusUnauthorized, "missing bearer token", reasonMissingToken},
 		{"not bearer", "Basic dXNlcjpwYXNz", http.StatusUnauthorized, "missing bearer token", reasonMissingToken},
 		{"empty bearer", "Bearer ", http.StatusUnauthorized, "missing bearer token", reasonMissingToken},
+		{"bearer without token", "Bearer", http.StatusUnauthorized, "missing bearer token", reasonMissingToken},
 		{"refused token", "Bearer nonsense", http.StatusUnauthorized, "token refused", reasonTokenRefused},
 		{"user not allowed", "Bearer token-of-mallory", http.StatusForbidden, `user "mallory" not allowed`, reasonUserNotAllowed},
 	}
@@ -65,6 +66,18 @@ func TestAuthRefusals(t *testing.T) {
 				t.Errorf("Opener.Open called %d times for a refused call", n)
 			}
 		})
+	}
+}
+
+func TestBearerToken(t *testing.T) {
+	for header, want := range map[string]string{
+		"Bearer abc": "abc", "bearer abc": "abc", "BEARER  abc ": "abc",
+		"": "", "Bearer": "", "Bearer ": "", "Basic abc": "", "Bearerabc": "",
+	} {
+		got, ok := bearerToken(header)
+		if got != want || ok != (want != "") {
+			t.Errorf("bearerToken(%q) = %q, %v; want %q", header, got, ok, want)
+		}
 	}
 }
 

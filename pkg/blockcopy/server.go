@@ -164,13 +164,13 @@ type userKey struct{}
 // Opener, sees it.
 func (s *Server) authenticate(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if !ok || strings.TrimSpace(token) == "" {
+		token, ok := bearerToken(r.Header.Get("Authorization"))
+		if !ok {
 			s.opts.Metrics.refuse(reasonMissingToken)
 			http.Error(w, "missing bearer token (Authorization: Bearer <token>)", http.StatusUnauthorized)
 			return
 		}
-		user, err := s.opts.Auth.Authenticate(r.Context(), strings.TrimSpace(token))
+		user, err := s.opts.Auth.Authenticate(r.Context(), token)
 		if err != nil {
 			s.opts.Metrics.refuse(reasonTokenRefused)
 			s.log.V(2).Info("Refused a copy request", "reason", reasonTokenRefused, "remote", r.RemoteAddr, "err", err)
@@ -185,6 +185,17 @@ func (s *Server) authenticate(next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), userKey{}, user)))
 	})
+}
+
+// bearerToken returns the token of an "Authorization: Bearer <token>"
+// header; the scheme is case-insensitive (RFC 9110, 11.1).
+func bearerToken(header string) (string, bool) {
+	scheme, token, ok := strings.Cut(header, " ")
+	token = strings.TrimSpace(token)
+	if !ok || !strings.EqualFold(scheme, "Bearer") || token == "" {
+		return "", false
+	}
+	return token, true
 }
 
 // errStatus maps the package's errors to an HTTP status.

@@ -165,6 +165,15 @@ func TestLoadOrCreateCert(t *testing.T) {
 	if err != nil || again != pin {
 		t.Errorf("second load = %s, %v; want the same pin %s", again, err, pin)
 	}
+	// A crash between the key's write and the certificate's leaves a key
+	// alone, and no fingerprint was handed out: start over.
+	if err := os.Remove(filepath.Join(dir, certFile)); err != nil {
+		t.Fatal(err)
+	}
+	_, fresh, err := LoadOrCreateCert(dir)
+	if err != nil || fresh == pin {
+		t.Errorf("load with the key alone = %s, %v; want a new certificate", fresh, err)
+	}
 	// A damaged certificate is reported, not silently replaced.
 	if err := os.WriteFile(filepath.Join(dir, certFile), []byte("garbage"), 0o644); err != nil {
 		t.Fatal(err)
