@@ -220,6 +220,12 @@ func TestCopyResumeAfterServerRestart(t *testing.T) {
 	if opens, _ := opener.counts("copy-1"); opens != 2 {
 		t.Errorf("source opened %d times, want 2 (once per server)", opens)
 	}
+	if !opener.sources[0].closed.Load() {
+		t.Error("Shutdown left the first server's source open")
+	}
+	if _, releases := opener.counts("copy-1"); releases != 0 {
+		t.Errorf("Shutdown released the copy (%d times): a restart must keep it", releases)
+	}
 	if res.Bytes != img.mapped() || target.written.Load() != img.mapped() {
 		t.Errorf("moved %d, wrote %d; want each mapped byte once (%d)", res.Bytes, target.written.Load(), img.mapped())
 	}
