@@ -38,13 +38,14 @@ func LoadOrCreateCert(dir string) (tls.Certificate, string, error) {
 	if err == nil {
 		return cert, CertSHA256(cert), nil
 	}
-	_, certErr := os.Stat(certPath)
-	_, keyErr := os.Stat(keyPath)
-	if !errors.Is(certErr, fs.ErrNotExist) || !errors.Is(keyErr, fs.ErrNotExist) {
-		// Something is there and does not load: replacing it would
-		// silently change the fingerprint clients pin.
+	if _, statErr := os.Stat(certPath); !errors.Is(statErr, fs.ErrNotExist) {
+		// A certificate is there and does not load: replacing it would
+		// silently change a fingerprint clients may have pinned.
 		return tls.Certificate{}, "", fmt.Errorf("load TLS certificate from %s: %w", dir, err)
 	}
+	// No certificate: none was ever handed out (the fingerprint is only
+	// returned once both files are written), so a key left alone by a
+	// crash between the two writes is simply replaced.
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return tls.Certificate{}, "", fmt.Errorf("create certificate directory: %w", err)
 	}
@@ -52,8 +53,8 @@ func LoadOrCreateCert(dir string) (tls.Certificate, string, error) {
 	if err != nil {
 		return tls.Certificate{}, "", err
 	}
-	// The key first: a crash between the two writes leaves a key without
-	// a certificate, which the next start reports instead of replacing.
+	// The key first: the certificate's presence then means both are
+	// written.
 	if err := writeFileAtomic(keyPath, keyPEM, 0o600, nil); err != nil {
 		return tls.Certificate{}, "", err
 	}

@@ -2,10 +2,8 @@ package blockcopy
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,7 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
-	"strings"
+	"sync/atomic"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -50,12 +48,15 @@ type CopyRequest struct {
 	// CheckpointEvery syncs the target and saves a checkpoint after
 	// this many bytes; 0 checkpoints only when the stream ends.
 	CheckpointEvery int64
+	// StallTimeout is how long a data stream may bring nothing before
+	// the client drops it and reconnects; 0 is 2 minutes.
+	StallTimeout time.Duration
 	// MaxRetries bounds the reconnects in a row that move no data; 0 is
 	// 6. Each waits twice the one before, from 100ms up to 5s.
 	MaxRetries int
 	Metrics    *Metrics
 	// Logger defaults to klog.FromContext(ctx).
-	Logger *klog.Logger
+	Logger klog.Logger
 
 	limiter *limiter // a test hook; else from RateBytesPerSec
 }
@@ -93,8 +94,8 @@ type Result struct {
 func Copy(ctx context.Context, req CopyRequest) (res Result, err error) {
 	start := time.Now()
 	log := klog.FromContext(ctx)
-	if req.Logger != nil {
-		log = *req.Logger
+	if req.Logger.GetSink() != nil {
+		log = req.Logger
 	}
 	log = log.WithValues("copyID", req.CopyID, "sourceID", req.SourceID)
 	if err := validateID("copyID", req.CopyID); err != nil {
@@ -131,6 +132,9 @@ func Copy(ctx context.Context, req CopyRequest) (res Result, err error) {
 	}
 	if r.req.MaxRetries <= 0 {
 		r.req.MaxRetries = 6
+	}
+	if r.req.StallTimeout <= 0 {
+		r.req.StallTimeout = 2 * time.Minute
 	}
 	res, err = r.run(ctx)
 	res.Duration = time.Since(start)
@@ -343,10 +347,26 @@ func (r *copyRun) stream(ctx context.Context) error {
 	})
 }
 
-func (r *copyRun) streamOnce(ctx context.Context, buf []byte) error {
+// streamOnce reads one data stream, until its end frame or an error. A
+// stream that brings no frame for StallTimeout (counted while waiting on
+// the network, not while writing or syncing) is dropped as broken: a
+// peer gone without a FIN or RST would otherwise hold the copy until
+// TCP gives up, many minutes later.
+func (r *copyRun) streamOnce(ctx context.Context, buf []byte) (err error) {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var stalled atomic.Bool
+	stall := time.AfterFunc(r.req.StallTimeout, func() { stalled.Store(true); cancel() })
+	defer stall.Stop()
+	defer func() {
+		if err != nil && stalled.Load() && ctx.Err() == nil {
+			err = fmt.Errorf("%w: nothing for %v after offset %d", errBroken, r.req.StallTimeout, r.pos)
+		}
+	}()
+
 	q := r.query()
 	q.Set("offset", strconv.FormatInt(r.pos, 10))
-	resp, err := r.c.do(ctx, http.MethodGet, r.copyPath("data"), q, nil)
+	resp, err := r.c.do(sctx, http.MethodGet, r.copyPath("data"), q, nil)
 	if err != nil {
 		return err
 	}
@@ -358,6 +378,7 @@ func (r *copyRun) streamOnce(ctx context.Context, buf []byte) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		stall.Reset(r.req.StallTimeout)
 		kind, err := br.ReadByte()
 		if err != nil {
 			return fmt.Errorf("%w at offset %d: %w", errBroken, r.pos, err)
@@ -375,6 +396,7 @@ func (r *copyRun) streamOnce(ctx context.Context, buf []byte) error {
 			if _, err := io.ReadFull(br, buf[:n]); err != nil {
 				return fmt.Errorf("%w in a frame at offset %d: %w", errBroken, off, err)
 			}
+			stall.Stop() // what follows is this side's own work
 			if err := r.limiter.wait(ctx, n); err != nil {
 				return err
 			}
@@ -438,148 +460,6 @@ func (r *copyRun) checkFrame(off, n int64) error {
 	}
 	if r.ext == len(exts) || off < exts[r.ext].Offset || off+n > exts[r.ext].Offset+exts[r.ext].Length {
 		return fmt.Errorf("%w: frame of %d bytes at offset %d is not inside a mapped extent", ErrProtocol, n, off)
-	}
-	return nil
-}
-
-// Release tells the server at ep the copy is over: it drops the source it
-// kept for copyID (Opener.Release). Releasing an unknown or released copy
-// succeeds.
-func Release(ctx context.Context, ep Endpoint, token, copyID string) error {
-	if err := validateID("copyID", copyID); err != nil {
-		return err
-	}
-	c, err := newClient(ep, func() (string, error) { return token, nil })
-	if err != nil {
-		return err
-	}
-	defer c.hc.CloseIdleConnections()
-	resp, err := c.do(ctx, http.MethodDelete, "/v1/copies/"+url.PathEscape(copyID), nil, nil)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	return nil
-}
-
-// client makes the requests of one Copy or Release.
-type client struct {
-	base  string
-	hc    *http.Client
-	token func() (string, error)
-}
-
-func newClient(ep Endpoint, token func() (string, error)) (*client, error) {
-	if ep.Address == "" {
-		return nil, errors.New("blockcopy: Endpoint.Address is empty")
-	}
-	tlsConfig, err := pinnedTLSConfig(ep.CertSHA256)
-	if err != nil {
-		return nil, err
-	}
-	dialer := &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}
-	return &client{
-		base:  "https://" + ep.Address,
-		token: token,
-		hc: &http.Client{Transport: &http.Transport{
-			DialContext:         dialer.DialContext,
-			TLSClientConfig:     tlsConfig,
-			TLSHandshakeTimeout: 10 * time.Second,
-			MaxIdleConnsPerHost: 2,
-			IdleConnTimeout:     90 * time.Second,
-		}},
-	}, nil
-}
-
-// statusError is a server's error answer.
-type statusError struct {
-	code int
-	kind string // the errorKindHeader
-	msg  string
-}
-
-func (e *statusError) Error() string {
-	return fmt.Sprintf("copy server answered %d: %s", e.code, e.msg)
-}
-
-func (e *statusError) Unwrap() error {
-	switch {
-	case e.code == http.StatusUnauthorized || e.code == http.StatusForbidden:
-		return ErrRefused
-	case e.kind == kindInvalidID:
-		return ErrInvalidID
-	case e.kind == kindConflict:
-		return ErrConflict
-	case e.kind == kindSource:
-		return ErrSource
-	}
-	return nil
-}
-
-func (e *statusError) retryable() bool {
-	return e.kind == kindStopping || e.code >= 500 && e.kind != kindSource
-}
-
-// do sends a request with the token and returns a 2xx response, or the
-// error the server answered.
-func (c *client) do(ctx context.Context, method, path string, q url.Values, body []byte) (*http.Response, error) {
-	token, err := c.token()
-	if err != nil {
-		return nil, fmt.Errorf("get the bearer token: %w", err)
-	}
-	u := c.base + path
-	if len(q) > 0 {
-		u += "?" + q.Encode()
-	}
-	var rd io.Reader
-	if body != nil {
-		rd = bytes.NewReader(body)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, u, rd)
-	if err != nil {
-		return nil, err
-	}
-	req.Header.Set("Authorization", "Bearer "+token)
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode/100 == 2 {
-		return resp, nil
-	}
-	defer resp.Body.Close()
-	msg, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorMessage))
-	return nil, &statusError{code: resp.StatusCode, kind: resp.Header.Get(errorKindHeader), msg: strings.TrimSpace(string(msg))}
-}
-
-func (c *client) postJSON(ctx context.Context, path string, in, out any) error {
-	body, err := json.Marshal(in)
-	if err != nil {
-		return err
-	}
-	resp, err := c.do(ctx, http.MethodPost, path, nil, body)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	return decodeJSON(resp.Body, out)
-}
-
-func (c *client) getJSON(ctx context.Context, path string, q url.Values, out any) error {
-	resp, err := c.do(ctx, http.MethodGet, path, q, nil)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	return decodeJSON(resp.Body, out)
-}
-
-func decodeJSON(r io.Reader, out any) error {
-	if err := json.NewDecoder(io.LimitReader(r, 64<<20)).Decode(out); err != nil {
-		return fmt.Errorf("%w: decode the answer: %w", errBroken, err)
 	}
 	return nil
 }

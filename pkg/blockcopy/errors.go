@@ -11,6 +11,10 @@ var (
 	// ErrRefused is the server refusing the caller: no token, a token
 	// the Authenticator refused (401) or a user not allowed (403).
 	ErrRefused = errors.New("refused by the copy server")
+	// ErrSourceNotFound is what an Opener wraps when the source ID names
+	// nothing: the server answers 404 and the client does not retry.
+	// Any other Opener error is a 500, which the client retries.
+	ErrSourceNotFound = errors.New("source not found")
 	// ErrConflict is a copyID already open for another sourceID, or a
 	// source whose extents changed under a resumed copy.
 	ErrConflict = errors.New("copy conflict")

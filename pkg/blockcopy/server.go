@@ -164,13 +164,13 @@ type userKey struct{}
 // Opener, sees it.
 func (s *Server) authenticate(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if !ok || strings.TrimSpace(token) == "" {
+		token, ok := bearerToken(r.Header.Get("Authorization"))
+		if !ok {
 			s.opts.Metrics.refuse(reasonMissingToken)
 			http.Error(w, "missing bearer token (Authorization: Bearer <token>)", http.StatusUnauthorized)
 			return
 		}
-		user, err := s.opts.Auth.Authenticate(r.Context(), strings.TrimSpace(token))
+		user, err := s.opts.Auth.Authenticate(r.Context(), token)
 		if err != nil {
 			s.opts.Metrics.refuse(reasonTokenRefused)
 			s.log.V(2).Info("Refused a copy request", "reason", reasonTokenRefused, "remote", r.RemoteAddr, "err", err)
@@ -187,6 +187,17 @@ func (s *Server) authenticate(next http.Handler) http.Handler {
 	})
 }
 
+// bearerToken returns the token of an "Authorization: Bearer <token>"
+// header; the scheme is case-insensitive (RFC 9110, 11.1).
+func bearerToken(header string) (string, bool) {
+	scheme, token, ok := strings.Cut(header, " ")
+	token = strings.TrimSpace(token)
+	if !ok || !strings.EqualFold(scheme, "Bearer") || token == "" {
+		return "", false
+	}
+	return token, true
+}
+
 // errStatus maps the package's errors to an HTTP status.
 func errStatus(err error) int {
 	switch {
@@ -194,6 +205,8 @@ func errStatus(err error) int {
 		return http.StatusBadRequest
 	case errors.Is(err, ErrConflict):
 		return http.StatusConflict
+	case errors.Is(err, ErrSourceNotFound):
+		return http.StatusNotFound
 	case errors.Is(err, errStopping):
 		return http.StatusServiceUnavailable
 	}
@@ -210,6 +223,7 @@ const errorKindHeader = "Blockcopy-Error"
 const (
 	kindInvalidID = "invalid-id"
 	kindConflict  = "conflict"
+	kindNotFound  = "not-found"
 	kindSource    = "source"
 	kindStopping  = "stopping"
 )
@@ -220,6 +234,8 @@ func httpError(w http.ResponseWriter, err error) {
 		w.Header().Set(errorKindHeader, kindInvalidID)
 	case errors.Is(err, ErrConflict):
 		w.Header().Set(errorKindHeader, kindConflict)
+	case errors.Is(err, ErrSourceNotFound):
+		w.Header().Set(errorKindHeader, kindNotFound)
 	case errors.Is(err, ErrSource):
 		w.Header().Set(errorKindHeader, kindSource)
 	case errors.Is(err, errStopping):
@@ -273,7 +289,8 @@ func (s *Server) handleData(w http.ResponseWriter, r *http.Request) {
 
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.WriteHeader(http.StatusOK)
-	buf := make([]byte, maxFramePayload)
+	rc := http.NewResponseController(w)
+	buf := make([]byte, s.frameBytes())
 	var sent int64
 	for _, e := range oc.info.Extents {
 		for off := max(e.Offset, from); off < e.Offset+e.Length; {
@@ -281,6 +298,9 @@ func (s *Server) handleData(w http.ResponseWriter, r *http.Request) {
 			if err := s.limiter.wait(r.Context(), n); err != nil {
 				return // the client went away
 			}
+			// A client that stopped reading, without closing, must not
+			// hold the source open for ever.
+			_ = rc.SetWriteDeadline(time.Now().Add(frameWriteTimeout))
 			if err := readFull(oc.src, buf[:n], off); err != nil {
 				s.log.Error(err, "Source read failed; ending the copy's stream with the error", "copyID", copyID, "sourceID", sourceID)
 				_ = writeErrorFrame(w, fmt.Sprintf("source %s: %v", sourceID, err))
@@ -298,6 +318,20 @@ func (s *Server) handleData(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	_ = writeEnd(w, sent)
+}
+
+// frameWriteTimeout bounds the write of one frame to a client.
+const frameWriteTimeout = 2 * time.Minute
+
+// frameBytes is the data frames' largest payload: maxFramePayload, or
+// under a rate limit a quarter second's bytes (in 4 KiB, so frames stay
+// block aligned), so that a slow copy still shows the client a frame
+// every quarter second rather than looking stalled.
+func (s *Server) frameBytes() int64 {
+	if s.opts.RateBytesPerSec <= 0 {
+		return maxFramePayload
+	}
+	return min(max(s.opts.RateBytesPerSec/4/(4<<10)*(4<<10), 4<<10), maxFramePayload)
 }
 
 func (s *Server) handleDigest(w http.ResponseWriter, r *http.Request) {
