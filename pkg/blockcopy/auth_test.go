@@ -184,7 +184,7 @@ func TestBadIDs(t *testing.T) {
 	}
 	// The client checks IDs before it connects.
 	req := baseRequest(ts, newFileTarget(t, 8*mib), nil)
-	req.SourceID = "a/b"
+	req.SourceID = "a/../b"
 	if _, err := Copy(context.Background(), req); !errors.Is(err, ErrInvalidID) || !strings.Contains(err.Error(), "sourceID") {
 		t.Errorf("Copy with a bad sourceID = %v", err)
 	}
@@ -203,6 +203,21 @@ func TestValidateID(t *testing.T) {
 		err := validateID("copyID", id)
 		if (err == nil) != ok || err != nil && !errors.Is(err, ErrInvalidID) {
 			t.Errorf("validateID(%q) = %v, want ok=%v", id, err, ok)
+		}
+	}
+}
+
+// Source IDs are the caller's names, "/"-separated: csi-dmthin's snapshot
+// IDs are "<node>/<pool>/<name>". No segment may be empty, "." or "..".
+func TestValidateSourceID(t *testing.T) {
+	for id, ok := range map[string]bool{
+		"src": true, "node-a/default/snapshot-1": true, "alpha/snap-1": true,
+		"": false, "/a": false, "a/": false, "a//b": false, "a/../b": false, "a/./b": false, "../a": false,
+		"a b/c": false, strings.Repeat("x/", maxSourceIDLen/2) + "x": false,
+	} {
+		err := validateSourceID(id)
+		if (err == nil) != ok || err != nil && !errors.Is(err, ErrInvalidID) {
+			t.Errorf("validateSourceID(%q) = %v, want ok=%v", id, err, ok)
 		}
 	}
 }

@@ -101,7 +101,7 @@ func Copy(ctx context.Context, req CopyRequest) (res Result, err error) {
 	if err := validateID("copyID", req.CopyID); err != nil {
 		return Result{}, err
 	}
-	if err := validateID("sourceID", req.SourceID); err != nil {
+	if err := validateSourceID(req.SourceID); err != nil {
 		return Result{}, err
 	}
 	if req.Target == nil || req.Token == nil {

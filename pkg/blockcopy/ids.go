@@ -1,6 +1,9 @@
 package blockcopy
 
-import "fmt"
+import (
+	"fmt"
+	"strings"
+)
 
 // maxIDLen bounds copy and source IDs: they become file names (a
 // checkpoint per copy) and the caller's own names (a snapshot per copy),
@@ -24,6 +27,26 @@ func validateID(field, id string) error {
 			continue
 		}
 		return fmt.Errorf("%w: %s %q has %q at byte %d (allowed: letters, digits, '.', '_', '-', starting with a letter or digit)", ErrInvalidID, field, id, c, i)
+	}
+	return nil
+}
+
+// maxSourceIDLen bounds a source ID: the caller's name of what is copied
+// (csi-dmthin's snapshot IDs, up to CSI's 128 bytes).
+const maxSourceIDLen = 128
+
+// validateSourceID accepts segments that validateID accepts, joined by
+// single '/': a source ID names the caller's object ("<node>/<pool>/<name>"
+// in csi-dmthin) and is never a file name here, but it can still hold no
+// empty, "." or ".." segment.
+func validateSourceID(id string) error {
+	if len(id) > maxSourceIDLen {
+		return fmt.Errorf("%w: sourceID is %d bytes long, more than %d", ErrInvalidID, len(id), maxSourceIDLen)
+	}
+	for _, seg := range strings.Split(id, "/") {
+		if err := validateID("sourceID", seg); err != nil {
+			return fmt.Errorf("%w (in sourceID %q)", err, id)
+		}
 	}
 	return nil
 }

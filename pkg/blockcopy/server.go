@@ -402,7 +402,7 @@ func (s *Server) acquire(ctx context.Context, copyID, sourceID, extentsHash stri
 	if err := validateID("copyID", copyID); err != nil {
 		return nil, err
 	}
-	if err := validateID("sourceID", sourceID); err != nil {
+	if err := validateSourceID(sourceID); err != nil {
 		return nil, err
 	}
 	s.mu.Lock()
