@@ -40,6 +40,7 @@ var kernelContract = []struct {
 	{"OutOfDataSpace", kcOutOfDataSpace(true)},
 	{"Superblock", kcSuperblock},
 	{"SuperblockRewritten", kcSuperblockRewritten},
+	{"MappedExtents", kcMappedExtents},
 }
 
 func runKernelContract(t *testing.T, newEnv func(t *testing.T) env) {
