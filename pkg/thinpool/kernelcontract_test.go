@@ -41,6 +41,7 @@ var kernelContract = []struct {
 	{"Superblock", kcSuperblock},
 	{"SuperblockRewritten", kcSuperblockRewritten},
 	{"MappedExtents", kcMappedExtents},
+	{"HeldMappingTrees", kcHeldMappingTrees},
 }
 
 func runKernelContract(t *testing.T, newEnv func(t *testing.T) env) {
