@@ -16,12 +16,23 @@ type Extent struct {
 }
 
 // MappedExtents returns the byte ranges of the volume or snapshot name that
-// its thin device maps to pool blocks, ascending, adjacent ones merged,
-// cut at the volume's size: what a copy of it must send, every other byte
-// reading as zeros. The ranges are whole pool blocks (a block written in
-// part is mapped whole), as of the call: the kernel commits its metadata
-// before it takes the snapshot read here, so every write that completed
-// before the call is in them. ErrNotFound when there is no such volume.
+// its thin device maps to pool blocks, ascending, adjacent ones merged:
+// what a copy of it must send, every other byte reading as zeros (a thin
+// device reads zeros where it maps nothing). The ranges are whole pool
+// blocks (a block written in part is mapped whole), offsets and lengths
+// multiples of the pool's block size, except that the ranges end at the
+// volume's size, which need not be a multiple of it. They are as of the
+// call: the kernel commits its metadata before it takes the snapshot read
+// here, so every write that completed before the call is in them; a
+// volume in use may map more, or fewer after a discard, by the time the
+// caller reads it (a snapshot does not change).
+//
+// Errors: ErrNotFound when there is no such volume (or only a pending
+// delete), ErrInvalid for a malformed name, ErrClosed, ErrPoolUnhealthy
+// when the pool is read-only or failed (it refuses the snapshot's
+// messages), ErrForeignChange when the pool has no thin device of the
+// volume's id, and devmapper.ErrCorruptMetadata for metadata that breaks
+// its format's rules.
 //
 // It reads the pool's metadata, not the volume's data: it takes a metadata
 // snapshot (reserve_metadata_snap), reads the mapping tree the snapshot

@@ -201,3 +201,20 @@ func TestClipRange(t *testing.T) {
 		}
 	}
 }
+
+// A read-only pool refuses the snapshot's messages: ErrPoolUnhealthy. On
+// the fake only: needs_check is set on demand.
+func TestExtentsUnhealthyFake(t *testing.T) {
+	e := newFakeEnv(t).(*fakeEnv)
+	p := openPool(t, e, testConfig(t, "extents-sick", 64<<20))
+	defer p.Close()
+	if _, err := p.CreateVolume(ctx, "vol", 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.k.SetNeedsCheck(p.dev); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.MappedExtents(ctx, "vol"); !errors.Is(err, ErrPoolUnhealthy) {
+		t.Errorf("on a needs_check pool: %v", err)
+	}
+}
