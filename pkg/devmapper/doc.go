@@ -12,7 +12,11 @@
 //   - parsers for the thin-pool and thin status lines;
 //   - the layout of the thin-pool metadata superblock (superblock.go), the
 //     one description of it: pkg/thinpool reads it and the fake kernel
-//     writes it.
+//     writes it;
+//   - the layout of the metadata's btree nodes and a reader of the
+//     two-level mapping tree (btree.go): which virtual blocks a thin
+//     device maps, read from a held metadata snapshot; the fake kernel
+//     writes its nodes with the same layout.
 //
 // It must not know about pools, volumes, CSI or any record of csi-dmthin's
 // own: it is the kernel's vocabulary and nothing above it. Devices are addressed by their

@@ -1,6 +1,8 @@
 package devmapper
 
 import (
+	"encoding/binary"
+	"fmt"
 	"reflect"
 	"testing"
 )
@@ -132,6 +134,61 @@ func FuzzParseMessage(f *testing.F) {
 		again, err := ParseMessage(m.String())
 		if err != nil || !reflect.DeepEqual(again, m) {
 			t.Fatalf("round trip of %q: %#v -> %q -> %#v, %v", s, m, m.String(), again, err)
+		}
+	})
+}
+
+// The mapping tree's reader must never panic, loop or recurse without
+// bound on any metadata, and what it returns must be sorted ranges that
+// neither overlap nor touch (adjacent ones are merged). The fuzzer's bytes
+// are the start of the metadata device's blocks, fuzzChunk bytes of each
+// (the rest reads as zeros: the seeds' nodes have room for 8 entries, 160
+// bytes, so the fuzzer's inputs stay small); fixSums rewrites each block's
+// btree checksum first, so that mutations reach past the checksum check.
+// The seeds are trees of the unit tests' writer.
+func FuzzThinMappings(f *testing.F) {
+	const fuzzChunk, maxBlocks = 256, 16
+	seed := func(devs map[uint32]map[uint64]uint64, fanout int, id uint32) {
+		w := newTreeWriter(fanout)
+		root := w.mappingTree(devs)
+		img := make([]byte, w.next*fuzzChunk)
+		for b, data := range w.meta {
+			copy(img[b*fuzzChunk:(b+1)*fuzzChunk], data)
+		}
+		f.Add(img, root, id, false)
+		f.Add(img, root, id, true)
+	}
+	seed(map[uint32]map[uint64]uint64{1: blocksOf(0, 1, 5, 9, 10, 11)}, 3, 1)
+	seed(map[uint32]map[uint64]uint64{0: blocksOf(), 4: blocksOf(span(0, 20)...), 5: blocksOf(7)}, 4, 4)
+	seed(map[uint32]map[uint64]uint64{2: blocksOf(1 << 40), 3: blocksOf(span(100, 30)...)}, 8, 3)
+	f.Fuzz(func(t *testing.T, img []byte, root uint64, id uint32, fixSums bool) {
+		n := min((len(img)+fuzzChunk-1)/fuzzChunk, maxBlocks)
+		blocks := make([][]byte, n)
+		for i := range blocks {
+			blocks[i] = make([]byte, MetadataBlockBytes)
+			copy(blocks[i], img[i*fuzzChunk:min(len(img), (i+1)*fuzzChunk)])
+			if fixSums {
+				binary.LittleEndian.PutUint32(blocks[i], btreeChecksum(blocks[i]))
+			}
+		}
+		read := func(b uint64, buf []byte) error {
+			if b >= uint64(n) {
+				return fmt.Errorf("block %d past the end", b)
+			}
+			copy(buf, blocks[b])
+			return nil
+		}
+		ranges, err := ThinMappings(read, root, id)
+		if err != nil {
+			return
+		}
+		for i, r := range ranges {
+			if r.Count == 0 || r.Start+r.Count < r.Start {
+				t.Fatalf("range %d: %+v", i, r)
+			}
+			if i > 0 && ranges[i-1].Start+ranges[i-1].Count >= r.Start {
+				t.Fatalf("ranges %d and %d overlap or touch: %+v", i-1, i, ranges)
+			}
 		}
 	})
 }

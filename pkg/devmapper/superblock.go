@@ -25,12 +25,15 @@ const SuperblockBytes = MetadataBlockSectors * SectorSize
 const (
 	sbOffChecksum      = 0   // __le32 csum, of the block after this field
 	sbOffFlags         = 4   // __le32 flags
+	sbOffBlockNr       = 8   // __le64 blocknr, the block the superblock is in
 	sbOffMagic         = 32  // __le64 magic (after the block number and a uuid)
 	sbOffVersion       = 40  // __le32 version
 	sbOffTransactionID = 48  // __le64 trans_id (after the __le32 time)
 	sbOffHeldRoot      = 56  // __le64 held_root
 	sbOffDataSMRoot    = 64  // data_space_map_root, a struct disk_sm_root
 	sbOffMetaSMRoot    = 192 // metadata_space_map_root, the same
+	sbOffMappingRoot   = 320 // __le64 data_mapping_root, the two-level mapping btree
+	sbOffDetailsRoot   = 328 // __le64 device_details_root
 	sbOffDataBlockSize = 336 // __le32 data_block_size, in sectors
 	sbOffMetaBlockSize = 340 // __le32 metadata_block_size, in sectors
 	sbOffMetaNrBlocks  = 344 // __le64 metadata_nr_blocks
@@ -52,9 +55,13 @@ type SpaceMapCounts struct {
 }
 
 // Superblock holds the superblock's fields that csi-dmthin reads, or that
-// the fake kernel writes; the rest (the btree roots, the block number, the
-// uuid, the snapshot time) it does not name.
+// the fake kernel writes; the rest (the space maps' btree roots, the uuid,
+// the snapshot time) it does not name.
 type Superblock struct {
+	// BlockNr is the metadata block the superblock was written to: 0 for
+	// the pool's superblock, HeldRoot for the copy a metadata snapshot
+	// keeps (the kernel writes both through the same validator).
+	BlockNr uint64
 	// NeedsCheck is the needs_check flag: the kernel met a metadata error,
 	// and a pool loaded on the device stays read-only until thin_check
 	// clears it.
@@ -63,8 +70,18 @@ type Superblock struct {
 	Version       uint32
 	TransactionID uint64
 	// HeldRoot is the block of a held metadata snapshot
-	// (reserve_metadata_snap), 0 when none is held.
+	// (reserve_metadata_snap), 0 when none is held. That block holds a
+	// copy of the superblock as it was at the snapshot, whose
+	// DataMappingRoot and DeviceDetailsRoot the kernel keeps unchanged
+	// until release_metadata_snap; the copy's space map roots are zeroed.
 	HeldRoot uint64
+	// DataMappingRoot is the root block of the two-level mapping btree
+	// (thin device id, then virtual block, to data block and time; see
+	// ThinMappings).
+	DataMappingRoot uint64
+	// DeviceDetailsRoot is the root block of the btree of the thin
+	// devices' details.
+	DeviceDetailsRoot uint64
 	// DataSpaceMap counts the pool's data blocks (as many as the pool
 	// table's length when it was last resumed) and those in use.
 	DataSpaceMap SpaceMapCounts
@@ -95,9 +112,12 @@ func ParseSuperblock(b []byte) (sb Superblock, ok bool, err error) {
 	}
 	sb = Superblock{
 		NeedsCheck:           le.Uint32(b[sbOffFlags:])&sbNeedsCheck != 0,
+		BlockNr:              le.Uint64(b[sbOffBlockNr:]),
 		Version:              le.Uint32(b[sbOffVersion:]),
 		TransactionID:        le.Uint64(b[sbOffTransactionID:]),
 		HeldRoot:             le.Uint64(b[sbOffHeldRoot:]),
+		DataMappingRoot:      le.Uint64(b[sbOffMappingRoot:]),
+		DeviceDetailsRoot:    le.Uint64(b[sbOffDetailsRoot:]),
 		DataSpaceMap:         sm(sbOffDataSMRoot),
 		MetadataSpaceMap:     sm(sbOffMetaSMRoot),
 		DataBlockSectors:     le.Uint32(b[sbOffDataBlockSize:]),
@@ -118,10 +138,13 @@ func (sb Superblock) Put(b []byte) {
 		flags |= sbNeedsCheck
 	}
 	le.PutUint32(b[sbOffFlags:], flags)
+	le.PutUint64(b[sbOffBlockNr:], sb.BlockNr)
 	le.PutUint64(b[sbOffMagic:], superblockMagic)
 	le.PutUint32(b[sbOffVersion:], sb.Version)
 	le.PutUint64(b[sbOffTransactionID:], sb.TransactionID)
 	le.PutUint64(b[sbOffHeldRoot:], sb.HeldRoot)
+	le.PutUint64(b[sbOffMappingRoot:], sb.DataMappingRoot)
+	le.PutUint64(b[sbOffDetailsRoot:], sb.DeviceDetailsRoot)
 	putSM := func(off int, sm SpaceMapCounts) {
 		le.PutUint64(b[off:], sm.NrBlocks)
 		le.PutUint64(b[off+8:], sm.NrAllocated)

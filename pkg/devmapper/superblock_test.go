@@ -18,7 +18,7 @@ func TestSuperblockOffsets(t *testing.T) {
 	}{
 		{"csum", 4, sbOffChecksum},
 		{"flags", 4, sbOffFlags},
-		{"blocknr", 8, -1},
+		{"blocknr", 8, sbOffBlockNr},
 		{"uuid", 16, -1},
 		{"magic", 8, sbOffMagic},
 		{"version", 4, sbOffVersion},
@@ -27,8 +27,8 @@ func TestSuperblockOffsets(t *testing.T) {
 		{"held_root", 8, sbOffHeldRoot},
 		{"data_space_map_root", 128, sbOffDataSMRoot},
 		{"metadata_space_map_root", 128, sbOffMetaSMRoot},
-		{"data_mapping_root", 8, -1},
-		{"device_details_root", 8, -1},
+		{"data_mapping_root", 8, sbOffMappingRoot},
+		{"device_details_root", 8, sbOffDetailsRoot},
 		{"data_block_size", 4, sbOffDataBlockSize},
 		{"metadata_block_size", 4, sbOffMetaBlockSize},
 		{"metadata_nr_blocks", 8, sbOffMetaNrBlocks},
@@ -47,27 +47,28 @@ func TestSuperblockOffsets(t *testing.T) {
 
 func TestSuperblockRoundTrip(t *testing.T) {
 	sb := Superblock{
-		NeedsCheck: true, Version: 2, TransactionID: 1<<40 + 7, HeldRoot: 99,
+		NeedsCheck: true, BlockNr: 99, Version: 2, TransactionID: 1<<40 + 7, HeldRoot: 98,
+		DataMappingRoot: 5, DeviceDetailsRoot: 1<<33 + 6,
 		DataSpaceMap:     SpaceMapCounts{NrBlocks: 1024, NrAllocated: 30},
 		MetadataSpaceMap: SpaceMapCounts{NrBlocks: 4096, NrAllocated: 21},
 		DataBlockSectors: 128, MetadataBlockSectors: MetadataBlockSectors, MetadataNrBlocks: 4096,
 	}
 	b := make([]byte, SuperblockBytes)
-	const rootOff = 320 // data_mapping_root, which Superblock does not name
-	b[rootOff] = 0xAB
+	const uuidOff = 16 // the uuid, which Superblock does not name
+	b[uuidOff] = 0xAB
 	b[sbOffFlags] = 0x80 // another flag
 	sb.Put(b)
 	got, ok, err := ParseSuperblock(b)
 	if err != nil || !ok || got != sb {
 		t.Fatalf("parsed %+v %v %v, want %+v", got, ok, err, sb)
 	}
-	if b[rootOff] != 0xAB || b[sbOffFlags] != 0x81 {
-		t.Errorf("Put changed bytes it does not own: root %#x, flags %#x", b[rootOff], b[sbOffFlags])
+	if b[uuidOff] != 0xAB || b[sbOffFlags] != 0x81 {
+		t.Errorf("Put changed bytes it does not own: uuid %#x, flags %#x", b[uuidOff], b[sbOffFlags])
 	}
 	if !SuperblockChecksumValid(b) {
 		t.Error("the checksum Put wrote does not check")
 	}
-	b[rootOff]++
+	b[uuidOff]++
 	if SuperblockChecksumValid(b) {
 		t.Error("a changed block still checks")
 	}

@@ -56,4 +56,9 @@
 // events on the pool (its low water mark, its metadata threshold, a change
 // of mode) without holding the pool's lock. Offline (offline.go) removes
 // the pool's devices and closes its records for thin_check and thin_repair.
+// MappedExtents (extents.go) tells which byte ranges of a volume its thin
+// device maps, read from a held metadata snapshot with pkg/devmapper's
+// btree reader, one snapshot at a time and outside the pool's lock; it
+// changes nothing, so its failures do not fence the pool, and it releases
+// a snapshot a crash left held.
 package thinpool

@@ -3,15 +3,22 @@
 package thinpool
 
 import (
+	"bytes"
+	"encoding/xml"
 	"errors"
+	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/devmapper"
 )
 
 // The scenarios on the real kernel, in the VM (see vm_test.go).
@@ -194,6 +201,70 @@ func (e *kernelEnv) writeFile(t *testing.T, path string, off int64, b []byte) {
 	}
 }
 
+// heldMappings implements metadataDumper with thin_dump -m, which reads
+// the held metadata snapshot of a live pool. The VM has thin_dump when
+// the host has it (vm_test.go); ok is false without it.
+func (e *kernelEnv) heldMappings(t *testing.T, metaDev Dev) (map[uint32][]devmapper.ThinMapping, bool) {
+	t.Helper()
+	tool, err := exec.LookPath("thin_dump")
+	if err != nil {
+		t.Logf("no thin_dump in the VM, the comparison with it is skipped: %v", err)
+		return nil, false
+	}
+	cmd := exec.Command(tool, "-m", e.devNode(t, metaDev))
+	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("thin_dump -m: %v", err)
+	}
+	devs, err := parseThinDump(out)
+	if err != nil {
+		t.Fatalf("thin_dump's output: %v\n%s", err, out)
+	}
+	return devs, true
+}
+
+// parseThinDump reads the mappings of thin_dump's XML: each device's
+// single_mapping and range_mapping elements, ranges expanded.
+func parseThinDump(out []byte) (map[uint32][]devmapper.ThinMapping, error) {
+	devs := map[uint32][]devmapper.ThinMapping{}
+	dec := xml.NewDecoder(bytes.NewReader(out))
+	var dev uint32
+	for {
+		tok, err := dec.Token()
+		if err == io.EOF {
+			return devs, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		el, ok := tok.(xml.StartElement)
+		if !ok {
+			continue
+		}
+		attr := map[string]uint64{}
+		for _, a := range el.Attr {
+			if v, err := strconv.ParseUint(a.Value, 10, 64); err == nil {
+				attr[a.Name.Local] = v
+			}
+		}
+		switch el.Name.Local {
+		case "superblock":
+		case "device":
+			dev = uint32(attr["dev_id"])
+			devs[dev] = nil
+		case "single_mapping":
+			devs[dev] = append(devs[dev], devmapper.ThinMapping{Virtual: attr["origin_block"], Data: attr["data_block"], Time: uint32(attr["time"])})
+		case "range_mapping":
+			for i := range attr["length"] {
+				devs[dev] = append(devs[dev], devmapper.ThinMapping{Virtual: attr["origin_begin"] + i, Data: attr["data_begin"] + i, Time: uint32(attr["time"])})
+			}
+		default:
+			return nil, fmt.Errorf("element %s not understood", el.Name.Local)
+		}
+	}
+}
+
 func TestScenariosKernel(t *testing.T) { runScenarios(t, newKernelEnv) }
 
 func TestKernelContractKernel(t *testing.T) { runKernelContract(t, newKernelEnv) }
@@ -225,3 +296,5 @@ func TestFaultSweepKernel(t *testing.T) {
 }
 
 func TestIdentityKernel(t *testing.T) { runIdentityScenarios(t, newKernelEnv) }
+
+func TestExtentsKernel(t *testing.T) { runExtentScenarios(t, newKernelEnv) }

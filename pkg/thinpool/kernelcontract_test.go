@@ -40,6 +40,8 @@ var kernelContract = []struct {
 	{"OutOfDataSpace", kcOutOfDataSpace(true)},
 	{"Superblock", kcSuperblock},
 	{"SuperblockRewritten", kcSuperblockRewritten},
+	{"MappedExtents", kcMappedExtents},
+	{"HeldMappingTrees", kcHeldMappingTrees},
 }
 
 func runKernelContract(t *testing.T, newEnv func(t *testing.T) env) {

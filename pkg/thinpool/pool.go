@@ -56,6 +56,9 @@ type Pool struct {
 	suspending map[devmapper.Dev]bool
 
 	volLocks keyedMutex
+	// metaSnapMu serialises MappedExtents: a pool holds one metadata
+	// snapshot at a time. It is never taken with mu held.
+	metaSnapMu sync.Mutex
 
 	// view is what Usage reads without p.mu: the records' sums, the fence
 	// and whether the pool is closed, published under p.mu at each change

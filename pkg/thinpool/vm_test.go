@@ -4,6 +4,7 @@ package thinpool
 
 import (
 	"os"
+	"os/exec"
 	"testing"
 	"time"
 
@@ -17,6 +18,11 @@ import (
 func TestVM(t *testing.T) {
 	faults := os.Getenv("CSI_DMTHIN_FAULTS")
 	opts := []vmtest.Option{vmtest.WithMemoryMiB(3072), vmtest.WithEnv("CSI_DMTHIN_FAULTS=" + faults)}
+	// thin_dump, when the host has it, reads the kernel's held metadata
+	// snapshot beside pkg/devmapper's reader (kernelcontract_extents_test.go).
+	if _, err := exec.LookPath("thin_dump"); err == nil {
+		opts = append(opts, vmtest.WithTools("thin_dump"))
+	}
 	if faults == "full" {
 		limit := 90 * time.Minute
 		if d, ok := t.Deadline(); ok {

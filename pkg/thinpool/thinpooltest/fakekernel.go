@@ -42,6 +42,9 @@ import (
 //     every commit, for what reads it before loading the pool. The layout is
 //     pkg/devmapper's Superblock, the one the pool manager parses; a test in
 //     the VM compares what the fake writes with what the kernel writes.
+//     reserve_metadata_snap writes a copy of it and the mapping btrees, in
+//     pkg/devmapper's node layout, for readers of the held snapshot
+//     (fakekernel_metasnap.go).
 //   - data: Write, WriteData and ReadData go through any device (thin,
 //     linear, error, pool, loop, disk). Thin data lives in the data device's
 //     blocks, so snapshot isolation, copy-on-write, block zeroing (and what

@@ -113,12 +113,18 @@ const fakeSBVersion = 2
 
 // fakeWriteSuperblock writes the superblock of m into block 0 of st, as a
 // metadata commit does, in the layout pkg/devmapper defines. The btree
-// roots, which the fake does not have, stay zero; the used metadata blocks
-// and the held root are the fake's model (see FakeKernel), not the
-// kernel's numbers.
+// roots stay zero (the fake writes btrees only for a held snapshot, see
+// fakekernel_metasnap.go); the used metadata blocks and the held root are
+// the fake's model (see FakeKernel), not the kernel's numbers.
 func fakeWriteSuperblock(st *fakeStore, m *fakeMeta) {
 	b := make([]byte, devmapper.SuperblockBytes)
-	devmapper.Superblock{
+	fakeSuperblock(m).Put(b)
+	st.pages[0] = b
+}
+
+// fakeSuperblock is the superblock of m.
+func fakeSuperblock(m *fakeMeta) devmapper.Superblock {
+	return devmapper.Superblock{
 		NeedsCheck:           m.needsCheck,
 		Version:              fakeSBVersion,
 		TransactionID:        m.tid,
@@ -128,8 +134,7 @@ func fakeWriteSuperblock(st *fakeStore, m *fakeMeta) {
 		DataBlockSectors:     m.blockSectors,
 		MetadataBlockSectors: devmapper.MetadataBlockSectors,
 		MetadataNrBlocks:     m.metaBlocks,
-	}.Put(b)
-	st.pages[0] = b
+	}
 }
 
 // fakeOpenMeta opens the pool metadata on st, formatting a device whose first
@@ -429,7 +434,11 @@ func (f *FakeKernel) poolMessage(po *fakePool, msg devmapper.Message) error {
 		if m.heldRoot != 0 {
 			return fakeErrno(unix.EBUSY, "pool metadata snapshot already exists")
 		}
-		m.heldRoot = m.usedMetaBlocks(0, 0) // a block in use, never 0
+		root, err := fakeWriteMetadataSnap(po.metaSt, m)
+		if err != nil {
+			return err
+		}
+		m.heldRoot = root
 	case devmapper.ReleaseMetadataSnap:
 		if m.heldRoot == 0 {
 			return fakeErrno(unix.EINVAL, "no pool metadata snapshot found")
