@@ -233,6 +233,12 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReques
 		if src.GetVolume() != nil {
 			field = "volume_content_source.volume.volume_id"
 		}
+		if src.GetSnapshot() != nil {
+			if id, ok := parseID(sourceID); ok && id.node != "" && id.node != d.nodeID {
+				// A snapshot on another node: copied here (copy.go).
+				return d.createFromRemote(ctx, req, pool, name, params, id, src)
+			}
+		}
 		parse := d.mustParseSnapshotID
 		if src.GetVolume() != nil {
 			parse = d.mustParseID
@@ -374,8 +380,18 @@ func (d *Driver) deleteObject(ctx context.Context, field, s string, kind thinpoo
 	if v.Kind != kind {
 		return notFound("%s %s is a %s, not a %s", field, id, v.Kind, kind)
 	}
+	if kind == thinpool.KindVolume {
+		d.copies.cancelJob(id.pool, id.name)
+	}
 	if err := pool.Delete(ctx, id.name); err != nil {
 		return toStatus(err, "delete %s %s", kind, id)
+	}
+	if kind == thinpool.KindVolume {
+		if err := d.copies.forget(id.pool, id.name); err != nil {
+			// The volume is gone; a record left names a volume that no
+			// longer exists, which a new copy under the name replaces.
+			klog.FromContext(ctx).Error(err, "Removing the copy record of a deleted volume", "volume", id)
+		}
 	}
 	return nil
 }
@@ -476,7 +492,7 @@ func (d *Driver) all(kind thinpool.Kind) []listed {
 	var out []listed
 	for _, p := range d.pools {
 		for _, v := range p.List() {
-			if v.Kind == kind {
+			if v.Kind == kind && !d.copies.pending(p.Name(), v.Name) {
 				out = append(out, listed{pool: p, v: v, id: objectID{pool: p.Name(), name: v.Name}.String()})
 			}
 		}

@@ -53,6 +53,10 @@ type Pool interface {
 	// this package never repeats. ErrNoSpace, ErrPoolUnhealthy or
 	// ErrClosed when not.
 	Admit(sizeBytes int64, kind thinpool.Kind) error
+	// MappedExtents returns the byte ranges a volume's or snapshot's thin
+	// device maps, from the pool's metadata: what a copy to another node
+	// sends.
+	MappedExtents(ctx context.Context, name string) ([]thinpool.Extent, error)
 }
 
 var _ Pool = (*thinpool.Pool)(nil)
@@ -85,6 +89,9 @@ type Options struct {
 	// Events, when set, hears of refusals an operator should see as
 	// Kubernetes Events (events.go).
 	Events EventSink
+	// Copy, when set, lets a restore of another node's snapshot be made
+	// here by copying it (copy.go).
+	Copy *CopyOptions
 }
 
 // Driver serves the CSI services: Identity, Controller, Node and
@@ -105,6 +112,8 @@ type Driver struct {
 	locks                 idLocks
 	interceptors          []grpc.UnaryServerInterceptor
 	events                EventSink
+	copies                *copier // nil without CopyOptions
+	openDev               func(path string, write bool) (deviceFile, error)
 
 	mu      sync.Mutex
 	srv     *grpc.Server
@@ -155,11 +164,18 @@ func New(o Options) (*Driver, error) {
 			unconfigured[n] = true
 		}
 	}
-	return &Driver{
+	d := &Driver{
 		name: o.Name, version: o.Version, nodeID: o.NodeID,
 		pools: o.Pools, defaultPool: o.DefaultPool, unconfigured: unconfigured, kubeletDir: filepath.Clean(kd),
 		fs: o.FS, templates: newTemplates(o.Templates, o.FS), interceptors: o.Interceptors, events: o.Events,
-	}, nil
+		openDev: openDeviceFile,
+	}
+	if o.Copy != nil {
+		if d.copies, err = newCopier(d, *o.Copy); err != nil {
+			return nil, err
+		}
+	}
+	return d, nil
 }
 
 // Serve serves the CSI services on endpoint ("unix:///path/csi.sock" or a
@@ -219,6 +235,9 @@ func (d *Driver) Shutdown(ctx context.Context) {
 	d.stopped = true
 	srv := d.srv
 	d.mu.Unlock()
+	// Copies in progress stop first (they resume from their checkpoint
+	// after the restart), so the calls waiting for them return.
+	d.copies.stop()
 	if srv != nil {
 		graceful := make(chan struct{})
 		go func() {

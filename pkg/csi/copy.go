@@ -1,0 +1,631 @@
+package csi
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/blockcopy"
+	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
+)
+
+// A restore whose snapshot is on another node is made by copying: this
+// node's pool gets an empty thin volume, and the snapshot's mapped blocks
+// are streamed into it from the source node's driver (pkg/blockcopy). The
+// copy runs in the background, so that it outlives the provisioner's call
+// timeout: CreateVolume starts it or finds it running, waits for it as long
+// as its call lasts, and answers OK only once the copy is complete,
+// verified against the source's digest and on stable storage. Until then a
+// retried call waits again (DeadlineExceeded, which the provisioner
+// retries).
+//
+// What makes it survive a restart is a copy record, written (fsync'd)
+// before the target volume is made and marked done only after the copy is
+// verified: a volume with a record that is not done is a copy in progress,
+// never a volume that exists for the CO. blockcopy's checkpoints say how
+// far it got, so a restarted driver resumes from there when the provisioner
+// calls again.
+
+// CopyPeers finds where another node's driver serves copies of its pool.
+type CopyPeers interface {
+	Endpoint(ctx context.Context, node, pool string) (blockcopy.Endpoint, error)
+}
+
+// ClaimChecker answers whether a PVC still exists: a copy for one that is
+// gone is cancelled and its target deleted.
+type ClaimChecker interface {
+	ClaimExists(ctx context.Context, namespace, name string) (bool, error)
+}
+
+// CopyEventSink, when the driver's EventSink has it, hears of a copy's
+// start, progress and end, for Events on its PVC. Like EventSink's, its
+// methods must not wait on the API server.
+type CopyEventSink interface {
+	CopyEvent(namespace, name string, warning bool, reason, message string)
+}
+
+// Reasons of the Events a copy puts on its PVC.
+const (
+	ReasonCopyStarted   = "CopyStarted"
+	ReasonCopyProgress  = "CopyProgress"
+	ReasonCopyCompleted = "CopyCompleted"
+	ReasonCopyFailed    = "CopyFailed"
+	ReasonCopyCancelled = "CopyCancelled"
+)
+
+// CopyOptions turn on restores from another node's snapshots.
+type CopyOptions struct {
+	Peers CopyPeers
+	// Token returns the bearer token this node presents to the source.
+	Token func() (string, error)
+	// Dir holds the copy records and checkpoints (in the state directory,
+	// not on a pool).
+	Dir             string
+	RateBytesPerSec int64
+	Metrics         *blockcopy.Metrics
+	// Claims, when set, cancels copies whose PVC is gone.
+	Claims ClaimChecker
+	// CheckpointBytes is how much is copied between checkpoints (default
+	// 16 MiB).
+	CheckpointBytes int64
+	// ClaimCheckEvery is how often a running copy asks whether its PVC
+	// still exists (default 10 s).
+	ClaimCheckEvery time.Duration
+}
+
+// copyRecord is the durable state of one copy on its target node.
+type copyRecord struct {
+	CopyID     string    `json:"copyID"`
+	Pool       string    `json:"pool"`
+	Name       string    `json:"name"` // the target's device name
+	SourceID   string    `json:"sourceID"`
+	SourceNode string    `json:"sourceNode"`
+	SourcePool string    `json:"sourcePool"`
+	SizeBytes  int64     `json:"sizeBytes"`
+	Namespace  string    `json:"namespace,omitempty"` // the PVC, when the provisioner named it
+	Claim      string    `json:"claim,omitempty"`
+	Done       bool      `json:"done,omitempty"`
+	CreatedAt  time.Time `json:"createdAt"`
+}
+
+// copier runs a node's copies.
+type copier struct {
+	o           CopyOptions
+	d           *Driver
+	checkpoints blockcopy.Checkpoints
+	recDir      string
+
+	ctx    context.Context // the driver's life
+	cancel context.CancelFunc
+
+	mu   sync.Mutex
+	jobs map[string]*copyJob // by copy ID
+	// unfinished holds pool/name of every volume whose copy record is not
+	// done: they exist in the pool but not for the CO (ListVolumes).
+	unfinished map[string]bool
+	wg         sync.WaitGroup
+}
+
+type copyJob struct {
+	rec    copyRecord
+	cancel context.CancelCauseFunc
+	done   chan struct{}
+	err    error // set before done closes
+}
+
+// errClaimGone cancels a copy whose PVC was deleted.
+var errClaimGone = errors.New("the PVC was deleted")
+
+func newCopier(d *Driver, o CopyOptions) (*copier, error) {
+	if o.Peers == nil || o.Token == nil || o.Dir == "" {
+		return nil, errors.New("csi: copies need peers, a token and a directory")
+	}
+	if o.CheckpointBytes <= 0 {
+		o.CheckpointBytes = 16 << 20
+	}
+	if o.ClaimCheckEvery <= 0 {
+		o.ClaimCheckEvery = 10 * time.Second
+	}
+	c := &copier{o: o, d: d, recDir: filepath.Join(o.Dir, "records"), jobs: map[string]*copyJob{}, unfinished: map[string]bool{}}
+	if err := os.MkdirAll(c.recDir, 0o700); err != nil {
+		return nil, fmt.Errorf("csi: copy records: %w", err)
+	}
+	ents, err := os.ReadDir(c.recDir)
+	if err != nil {
+		return nil, fmt.Errorf("csi: copy records: %w", err)
+	}
+	for _, e := range ents {
+		if copyID, ok := strings.CutSuffix(e.Name(), ".json"); ok {
+			r, ok, err := c.loadRecord(copyID)
+			if err != nil {
+				return nil, fmt.Errorf("csi: %w", err)
+			}
+			if ok && !r.Done {
+				c.unfinished[objectID{pool: r.Pool, name: r.Name}.String()] = true
+			}
+		}
+	}
+	cp, err := blockcopy.DirCheckpoints(filepath.Join(o.Dir, "checkpoints"))
+	if err != nil {
+		return nil, fmt.Errorf("csi: copy checkpoints: %w", err)
+	}
+	c.checkpoints = cp
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	return c, nil
+}
+
+// copyID names the copy that makes volume name in pool on this node: the
+// same for every retry, and different on every node.
+func (d *Driver) copyID(pool, name string) string {
+	sum := sha256.Sum256([]byte(d.nodeID + "/" + pool + "/" + name))
+	return "c" + hex.EncodeToString(sum[:20])
+}
+
+func (c *copier) recPath(copyID string) string { return filepath.Join(c.recDir, copyID+".json") }
+
+// loadRecord returns the copy record of copyID; ok is false for none.
+func (c *copier) loadRecord(copyID string) (copyRecord, bool, error) {
+	b, err := os.ReadFile(c.recPath(copyID))
+	if errors.Is(err, os.ErrNotExist) {
+		return copyRecord{}, false, nil
+	}
+	if err != nil {
+		return copyRecord{}, false, err
+	}
+	var r copyRecord
+	if err := json.Unmarshal(b, &r); err != nil {
+		return copyRecord{}, false, fmt.Errorf("copy record %s: %w", c.recPath(copyID), err)
+	}
+	return r, true, nil
+}
+
+// saveRecord writes r durably: a temporary file, fsync, rename, fsync of
+// the directory.
+func (c *copier) saveRecord(r copyRecord) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	key := objectID{pool: r.Pool, name: r.Name}.String()
+	if !r.Done {
+		c.setUnfinished(key, true) // before: hidden while in doubt
+	}
+	if err := writeFileSync(c.recPath(r.CopyID), b); err != nil {
+		return err
+	}
+	if r.Done {
+		c.setUnfinished(key, false)
+	}
+	return nil
+}
+
+func (c *copier) deleteRecord(r copyRecord) error {
+	if err := os.Remove(c.recPath(r.CopyID)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if err := syncDir(c.recDir); err != nil {
+		return err
+	}
+	c.setUnfinished(objectID{pool: r.Pool, name: r.Name}.String(), false)
+	return nil
+}
+
+func (c *copier) setUnfinished(key string, on bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if on {
+		c.unfinished[key] = true
+	} else {
+		delete(c.unfinished, key)
+	}
+}
+
+// pending reports whether volume name in pool is a copy not yet done.
+func (c *copier) pending(pool, name string) bool {
+	if c == nil {
+		return false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.unfinished[objectID{pool: pool, name: name}.String()]
+}
+
+func writeFileSync(path string, b []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, werr := f.Write(b)
+	serr := f.Sync()
+	cerr := f.Close()
+	if err := errors.Join(werr, serr, cerr); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	return syncDir(filepath.Dir(path))
+}
+
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
+
+// createFromRemote makes volume name in pool as a copy of snapshot src on
+// another node. The caller has checked the request's fields.
+func (d *Driver) createFromRemote(ctx context.Context, req *csipb.CreateVolumeRequest, pool Pool, name string, params createParams, src objectID, contentSource *csipb.VolumeContentSource) (*csipb.CreateVolumeResponse, error) {
+	const field = "volume_content_source.snapshot.snapshot_id"
+	c := d.copies
+	sourceID := contentSource.GetSnapshot().GetSnapshotId()
+	if c == nil {
+		return nil, notFound("%s %q is on node %s, not on this node %s, and copies between nodes are turned off", field, sourceID, src.node, d.nodeID)
+	}
+	if req.GetCapacityRange().GetRequiredBytes() == 0 {
+		// The source's size is known only to its node; the provisioner
+		// always sends the claim's request.
+		return nil, invalid("capacity_range.required_bytes is required to restore %s from node %s", sourceID, src.node)
+	}
+	minBytes := int64(0)
+	if usesFS(req.GetVolumeCapabilities(), params.fsType, "xfs") {
+		minBytes = minXFSBytes
+	}
+	size, err := volumeSize(req.GetCapacityRange(), minBytes)
+	if err != nil {
+		return nil, err
+	}
+	id := objectID{pool: pool.Name(), name: name}
+	unlock, err := d.locks.lock(id.String())
+	if err != nil {
+		return nil, err
+	}
+	job, resp, err := c.startOrJoin(ctx, req, pool, name, params, src, sourceID, size, contentSource)
+	unlock()
+	if err != nil || resp != nil {
+		return resp, err
+	}
+	select {
+	case <-job.done:
+	case <-ctx.Done():
+		return nil, status.Errorf(codes.DeadlineExceeded, "volume %q: the copy of %s from node %s is still running", req.GetName(), sourceID, src.node)
+	}
+	if job.err != nil {
+		return nil, job.err
+	}
+	v, err := pool.Get(name)
+	if err != nil {
+		return nil, toStatus(err, "create volume %q", req.GetName())
+	}
+	return &csipb.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, contentSource)}, nil
+}
+
+// startOrJoin finds the copy for the volume or starts it; resp is set when
+// the volume is already complete. The volume's lock is held.
+func (c *copier) startOrJoin(ctx context.Context, req *csipb.CreateVolumeRequest, pool Pool, name string, params createParams, src objectID, sourceID string, size int64, cs *csipb.VolumeContentSource) (*copyJob, *csipb.CreateVolumeResponse, error) {
+	d := c.d
+	copyID := d.copyID(pool.Name(), name)
+	c.mu.Lock()
+	job := c.jobs[copyID]
+	c.mu.Unlock()
+	if job != nil {
+		if job.rec.SourceID != sourceID || !fits(job.rec.SizeBytes, req.GetCapacityRange()) {
+			return nil, nil, status.Errorf(codes.AlreadyExists, "volume %q is being copied from %s, %s", req.GetName(), job.rec.SourceID, fmtBytes(job.rec.SizeBytes))
+		}
+		return job, nil, nil
+	}
+	rec, haveRec, err := c.loadRecord(copyID)
+	if err != nil {
+		return nil, nil, status.Errorf(codes.Internal, "volume %q: %v", req.GetName(), err)
+	}
+	v, err := pool.Get(name)
+	switch {
+	case err == nil && !haveRec:
+		return nil, nil, status.Errorf(codes.AlreadyExists, "volume %q exists and was not copied from %s", req.GetName(), sourceID)
+	case err == nil && (rec.SourceID != sourceID || v.Kind != thinpool.KindVolume || !fits(v.SizeBytes, req.GetCapacityRange())):
+		return nil, nil, status.Errorf(codes.AlreadyExists, "volume %q exists, copied from %s, %s", req.GetName(), rec.SourceID, fmtBytes(v.SizeBytes))
+	case err == nil && rec.Done:
+		return nil, &csipb.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, cs)}, nil
+	case err != nil && !errors.Is(err, thinpool.ErrNotFound):
+		return nil, nil, toStatus(err, "create volume %q", req.GetName())
+	}
+	if err != nil { // not made yet
+		if haveRec && rec.SourceID != sourceID {
+			// A record of an earlier copy under this name whose volume is
+			// gone: a cancelled copy's leftover.
+			haveRec = false
+		}
+		if !haveRec {
+			rec = copyRecord{
+				CopyID: copyID, Pool: pool.Name(), Name: name, SourceID: sourceID,
+				SourceNode: src.node, SourcePool: src.pool, SizeBytes: size,
+				Namespace: req.GetParameters()[ParamPVCNamespace], Claim: req.GetParameters()[ParamPVCName],
+				CreatedAt: time.Now().UTC(),
+			}
+			// The record first: a crash after the volume is made must find
+			// it a copy in progress, never a volume.
+			if err := c.saveRecord(rec); err != nil {
+				return nil, nil, status.Errorf(codes.Internal, "volume %q: copy record: %v", req.GetName(), err)
+			}
+			// A new copy starts from nothing, whatever an earlier one left.
+			if err := c.checkpoints.Delete(copyID); err != nil {
+				return nil, nil, status.Errorf(codes.Internal, "volume %q: copy checkpoint: %v", req.GetName(), err)
+			}
+		}
+		if _, err := pool.CreateVolume(ctx, name, rec.SizeBytes); err != nil {
+			return nil, nil, d.reportNoSpace(req, pool.Name(), toStatus(err, "create volume %q", req.GetName()))
+		}
+	}
+	jctx, cancel := context.WithCancelCause(c.ctx)
+	job = &copyJob{rec: rec, cancel: cancel, done: make(chan struct{})}
+	c.mu.Lock()
+	c.jobs[copyID] = job
+	c.mu.Unlock()
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		job.err = c.run(jctx, pool, job)
+		cancel(nil)
+		c.mu.Lock()
+		delete(c.jobs, copyID)
+		c.mu.Unlock()
+		close(job.done)
+	}()
+	return job, nil, nil
+}
+
+// run copies one volume; its error is what CreateVolume returns.
+func (c *copier) run(ctx context.Context, pool Pool, job *copyJob) error {
+	rec := job.rec
+	logger := klog.FromContext(c.ctx).WithValues("volume", objectID{pool: rec.Pool, name: rec.Name}, "source", rec.SourceID, "copy", rec.CopyID)
+	ctx = klog.NewContext(ctx, logger)
+	if rec.Claim != "" && c.o.Claims != nil {
+		go c.watchClaim(ctx, job)
+	}
+	c.event(rec, false, ReasonCopyStarted, fmt.Sprintf("copying %s from node %s to node %s (only the blocks it maps)", rec.SourceID, rec.SourceNode, c.d.nodeID))
+	err := c.copyOnce(ctx, pool, rec, logger)
+	if err == nil {
+		return nil
+	}
+	if errors.Is(context.Cause(ctx), errClaimGone) {
+		logger.Info("PVC deleted during the copy; removing the partial volume")
+		if cerr := c.discard(context.WithoutCancel(ctx), pool, rec); cerr != nil {
+			logger.Error(cerr, "Removing a cancelled copy")
+		}
+		c.event(rec, false, ReasonCopyCancelled, fmt.Sprintf("the copy of %s from node %s was cancelled: the PVC was deleted", rec.SourceID, rec.SourceNode))
+		return status.Errorf(codes.Aborted, "volume %q: the copy was cancelled: %v", rec.Name, errClaimGone)
+	}
+	if c.ctx.Err() != nil {
+		return status.Errorf(codes.Unavailable, "volume %q: the driver is stopping; the copy resumes at the next call", rec.Name)
+	}
+	logger.Error(err, "Copy failed; it resumes at the next call")
+	c.event(rec, true, ReasonCopyFailed, fmt.Sprintf("copying %s from node %s: %v (it resumes when the provisioner retries)", rec.SourceID, rec.SourceNode, err))
+	code := codes.Unavailable
+	if errors.Is(err, blockcopy.ErrVerify) {
+		code = codes.Internal
+	}
+	return status.Errorf(code, "volume %q: copy of %s from node %s: %v", rec.Name, rec.SourceID, rec.SourceNode, err)
+}
+
+func (c *copier) copyOnce(ctx context.Context, pool Pool, rec copyRecord, logger klog.Logger) error {
+	ep, err := c.o.Peers.Endpoint(ctx, rec.SourceNode, rec.SourcePool)
+	if err != nil {
+		return fmt.Errorf("finding node %s's copy endpoint: %w", rec.SourceNode, err)
+	}
+	path, err := pool.Activate(ctx, rec.Name)
+	if err != nil {
+		return fmt.Errorf("activating the target: %w", err)
+	}
+	f, err := c.d.openDev(path, true)
+	if err != nil {
+		return fmt.Errorf("opening the target: %w", err)
+	}
+	t := &copyTarget{deviceFile: f, size: rec.SizeBytes}
+	lastEvent := time.Now()
+	res, err := blockcopy.Copy(ctx, blockcopy.CopyRequest{
+		Endpoint: ep, Token: c.o.Token, CopyID: rec.CopyID, SourceID: rec.SourceID,
+		Target: t, Checkpoints: c.checkpoints, RateBytesPerSec: c.o.RateBytesPerSec,
+		CheckpointEvery: c.o.CheckpointBytes, Metrics: c.o.Metrics,
+		Progress: func(p blockcopy.Progress) {
+			if time.Since(lastEvent) < 30*time.Second {
+				return
+			}
+			lastEvent = time.Now()
+			c.event(rec, false, ReasonCopyProgress, fmt.Sprintf("copied %s of the %s that %s maps", fmtBytes(p.DoneBytes), fmtBytes(p.TotalBytes), rec.SourceID))
+		},
+	})
+	cerr := t.Close()
+	// The target stays inactive until it is staged, like any new volume.
+	derr := pool.Deactivate(context.WithoutCancel(ctx), rec.Name)
+	if err != nil {
+		return err
+	}
+	if err := errors.Join(cerr, derr); err != nil {
+		return fmt.Errorf("closing the target: %w", err)
+	}
+	rec.Done = true
+	if err := c.saveRecord(rec); err != nil {
+		return fmt.Errorf("marking the copy done: %w", err)
+	}
+	logger.Info("Copied volume", "bytes", res.Bytes, "mapped", res.Total, "resumedAt", res.Resumed, "took", res.Duration)
+	c.event(rec, false, ReasonCopyCompleted, fmt.Sprintf("copied %s from node %s, verified: %d bytes mapped, %d moved by this run (which began at byte %d), in %s", rec.SourceID, rec.SourceNode, res.Total, res.Bytes, res.Resumed, res.Duration.Round(time.Millisecond)))
+	// The source no longer needs to keep anything for this copy.
+	if tok, err := c.o.Token(); err == nil {
+		if err := blockcopy.Release(ctx, ep, tok, rec.CopyID); err != nil {
+			logger.V(2).Info("Releasing the copy on its source failed; the source releases it when idle", "err", err)
+		}
+	}
+	return nil
+}
+
+// discard removes a copy that will never finish: its volume, checkpoint
+// and record, in that order, so that a crash on the way leaves a record
+// that the next reap finds.
+func (c *copier) discard(ctx context.Context, pool Pool, rec copyRecord) error {
+	if err := pool.Delete(ctx, rec.Name); err != nil && !errors.Is(err, thinpool.ErrNotFound) {
+		return err
+	}
+	if ep, err := c.o.Peers.Endpoint(ctx, rec.SourceNode, rec.SourcePool); err == nil {
+		if tok, err := c.o.Token(); err == nil {
+			_ = blockcopy.Release(ctx, ep, tok, rec.CopyID) // the source releases idle copies anyway
+		}
+	}
+	return errors.Join(c.checkpoints.Delete(rec.CopyID), c.deleteRecord(rec))
+}
+
+func (c *copier) watchClaim(ctx context.Context, job *copyJob) {
+	t := time.NewTicker(c.o.ClaimCheckEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		ok, err := c.o.Claims.ClaimExists(ctx, job.rec.Namespace, job.rec.Claim)
+		if err == nil && !ok {
+			job.cancel(errClaimGone)
+			return
+		}
+	}
+}
+
+func (c *copier) event(rec copyRecord, warning bool, reason, msg string) {
+	if rec.Claim == "" {
+		return
+	}
+	if s, ok := c.d.events.(CopyEventSink); ok {
+		s.CopyEvent(rec.Namespace, rec.Claim, warning, reason, msg)
+	}
+}
+
+// cancelJob stops the copy of volume name in pool, if one runs, and
+// waits for it.
+func (c *copier) cancelJob(pool, name string) {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	job := c.jobs[c.d.copyID(pool, name)]
+	c.mu.Unlock()
+	if job != nil {
+		job.cancel(errors.New("the volume is being deleted"))
+		<-job.done
+	}
+}
+
+// forget drops the copy record of a deleted volume.
+func (c *copier) forget(pool, name string) error {
+	if c == nil {
+		return nil
+	}
+	copyID := c.d.copyID(pool, name)
+	c.cancelJob(pool, name)
+	return errors.Join(c.checkpoints.Delete(copyID), c.deleteRecord(copyRecord{CopyID: copyID, Pool: pool, Name: name}))
+}
+
+// ReapCopies removes copies that never finished and whose PVC is gone
+// (deleted while this driver was down, or while no call was running it).
+func (d *Driver) ReapCopies(ctx context.Context) error {
+	c := d.copies
+	if c == nil || c.o.Claims == nil {
+		return nil
+	}
+	ents, err := os.ReadDir(c.recDir)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range ents {
+		copyID, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok {
+			continue
+		}
+		rec, ok, err := c.loadRecord(copyID)
+		if err != nil || !ok || rec.Done || rec.Claim == "" {
+			errs = append(errs, err)
+			continue
+		}
+		c.mu.Lock()
+		running := c.jobs[copyID] != nil
+		c.mu.Unlock()
+		if running {
+			continue
+		}
+		exists, err := c.o.Claims.ClaimExists(ctx, rec.Namespace, rec.Claim)
+		if err != nil || exists {
+			errs = append(errs, err)
+			continue
+		}
+		pool, err := d.pool(rec.Pool)
+		if err != nil {
+			continue // an unconfigured pool: left for when it is back
+		}
+		unlock, err := d.locks.lock(objectID{pool: rec.Pool, name: rec.Name}.String())
+		if err != nil {
+			continue // a call is on it
+		}
+		err = c.discard(ctx, pool, rec)
+		unlock()
+		if err == nil {
+			klog.FromContext(ctx).Info("Removed an unfinished copy whose PVC is gone", "volume", objectID{pool: rec.Pool, name: rec.Name}, "claim", rec.Namespace+"/"+rec.Claim)
+		}
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// stop cancels the running copies (they resume at the next call after a
+// restart) and waits for them.
+func (c *copier) stop() {
+	if c == nil {
+		return
+	}
+	c.cancel()
+	c.wg.Wait()
+}
+
+// deviceFile is an open block device; tests of hosts without one give
+// the Driver another openDev.
+type deviceFile interface {
+	io.ReaderAt
+	io.WriterAt
+	Sync() error
+	Close() error
+}
+
+// openDeviceFile opens a device node, for writing if write.
+func openDeviceFile(path string, write bool) (deviceFile, error) {
+	flag := os.O_RDONLY
+	if write {
+		flag = os.O_RDWR
+	}
+	return os.OpenFile(path, flag, 0)
+}
+
+// copyTarget is the target device, opened for the copy.
+type copyTarget struct {
+	deviceFile
+	size int64
+}
+
+func (t *copyTarget) Size() int64 { return t.size }
