@@ -37,6 +37,7 @@ type controllerFlags struct {
 	kubeconfig     string
 	workers        int
 	thinPools      bool
+	copyAcross     bool
 	httpEndpoint   string
 	leaderElection bool
 	leaseNamespace string
@@ -55,6 +56,7 @@ func parseControllerFlags(args []string) (*controllerFlags, error) {
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file (default: the in-cluster service account)")
 	fs.IntVar(&f.workers, "workers", 4, "PVCs placed at once")
 	fs.BoolVar(&f.thinPools, "thinpools", true, "read the ThinPool objects (when their CRD is installed) to leave a restore unplaced while its source's pool has no room or is unhealthy")
+	fs.BoolVar(&f.copyAcross, "copy-across-nodes", false, "a restore whose snapshot's node is cordoned or full is left to the scheduler, and the chosen node's driver copies the snapshot there (the node drivers need --copy-listen)")
 	fs.StringVar(&f.httpEndpoint, "http-endpoint", ":9811", "address of /healthz (empty: none)")
 	fs.BoolVar(&f.leaderElection, "leader-election", true, "run only while holding the Lease, so that one replica decides at a time")
 	fs.StringVar(&f.leaseNamespace, "leader-election-namespace", os.Getenv("NAMESPACE"), "namespace of the Lease (default $NAMESPACE)")
@@ -117,7 +119,7 @@ func controllerCmd(args []string) error {
 	if err != nil {
 		return fmt.Errorf("kubernetes client: %w", err)
 	}
-	o := kube.ControllerOptions{DriverName: f.driverName, Client: client, Resync: controllerResync}
+	o := kube.ControllerOptions{DriverName: f.driverName, Client: client, Resync: controllerResync, CopyAcrossNodes: f.copyAcross}
 	has, err := hasSnapshotAPI(client)
 	if err != nil {
 		return err

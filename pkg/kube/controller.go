@@ -37,6 +37,10 @@ type ControllerOptions struct {
 	Resync time.Duration
 	// RateLimiter paces retries; default exponential, 1s to 5m.
 	RateLimiter func() workqueue.TypedRateLimiter[string]
+	// CopyAcrossNodes lets a restore whose snapshot's node cannot take it
+	// be made on the node the scheduler picks, by a copy
+	// (PlacementOptions).
+	CopyAcrossNodes bool
 }
 
 // Controller makes the cluster-level decisions, once for the cluster (the
@@ -88,7 +92,7 @@ func NewController(o ControllerOptions) (*Controller, error) {
 			return nil, err
 		}
 	}
-	if c.Placement, err = NewPlacement(PlacementOptions{DriverName: o.DriverName, Client: o.Client, Recorder: o.Recorder, View: c.View, RateLimiter: rl()}); err != nil {
+	if c.Placement, err = NewPlacement(PlacementOptions{DriverName: o.DriverName, Client: o.Client, Recorder: o.Recorder, View: c.View, RateLimiter: rl(), CopyAcrossNodes: o.CopyAcrossNodes}); err != nil {
 		return nil, err
 	}
 	if o.Snapshots != nil {

@@ -6,14 +6,12 @@ import (
 
 	snapscheme "github.com/kubernetes-csi/external-snapshotter/client/v8/clientset/versioned/scheme"
 	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/record"
-	"k8s.io/klog/v2"
 
 	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
 )
@@ -79,15 +77,5 @@ func (e *PVCEvents) ProvisioningNoSpace(namespace, name, message string) {
 }
 
 func (e *PVCEvents) noSpace(namespace, name, message string) {
-	var obj runtime.Object = &corev1.ObjectReference{Kind: "PersistentVolumeClaim", APIVersion: "v1", Namespace: namespace, Name: name}
-	if e.client != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), pvcLookup)
-		defer cancel()
-		if pvc, err := e.client.CoreV1().PersistentVolumeClaims(namespace).Get(ctx, name, metav1.GetOptions{}); err == nil {
-			obj = pvc
-		} else {
-			klog.V(4).InfoS("PVC not readable; the Event carries no UID", "pvc", klog.KRef(namespace, name), "err", err)
-		}
-	}
-	e.recorder.Event(obj, corev1.EventTypeWarning, ReasonNoSpace, message)
+	e.event(namespace, name, corev1.EventTypeWarning, ReasonNoSpace, message)
 }

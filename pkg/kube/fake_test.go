@@ -157,10 +157,18 @@ type ctl struct {
 
 func startController(t *testing.T, c *cluster, run bool) *ctl {
 	t.Helper()
+	return startControllerWith(t, c, run, false)
+}
+
+// startControllerWith is startController with copies across nodes on or
+// off.
+func startControllerWith(t *testing.T, c *cluster, run, copyAcrossNodes bool) *ctl {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	rec := &eventLog{}
 	ctrl, err := NewController(ControllerOptions{
 		DriverName: driverName, Client: c.core, Snapshots: c.snap, GroupSnapshots: true, ThinPools: c.dyn, Recorder: rec,
+		CopyAcrossNodes: copyAcrossNodes,
 		RateLimiter: func() workqueue.TypedRateLimiter[string] {
 			return workqueue.NewTypedItemExponentialFailureRateLimiter[string](5*time.Millisecond, 50*time.Millisecond)
 		},

@@ -39,6 +39,10 @@ const (
 	ReasonSourceNodeFull      = "SourceNodeFull"      // Warning: the source's pool has no room for the new volume
 	ReasonSourcePoolUnhealthy = "SourcePoolUnhealthy" // Warning: the source's pool is failed, read-only or fenced
 	ReasonSourceNodeCordoned  = "SourceNodeCordoned"  // Warning: the source's node takes no new pods
+	// Normal: the source's node cannot take the new volume, so the
+	// scheduler chooses the node and the node's driver copies the source
+	// there (CopyAcrossNodes).
+	ReasonCopyFromSourceNode = "RestoreCopiedFromSourceNode"
 )
 
 // cordonRecheck is how often a restore waiting for its cordoned source node
@@ -62,6 +66,10 @@ type PlacementOptions struct {
 	// RateLimiter paces retries of a PVC whose source is not ready yet;
 	// default exponential from 1s to 5m.
 	RateLimiter workqueue.TypedRateLimiter[string]
+	// CopyAcrossNodes: a restore whose snapshot's node is cordoned or has
+	// no room is left to the scheduler, and the node it picks copies the
+	// snapshot from its node, instead of waiting for the source's node.
+	CopyAcrossNodes bool
 }
 
 // Placement is the controller that steers restores and clones to the node
@@ -72,6 +80,7 @@ type PlacementOptions struct {
 // for a cordon.
 type Placement struct {
 	driver   string
+	copy     bool
 	client   kubernetes.Interface
 	recorder record.EventRecorder
 	view     *View
@@ -104,7 +113,7 @@ func NewPlacement(o PlacementOptions) (*Placement, error) {
 	}
 	v := o.View
 	p := &Placement{
-		driver: o.DriverName, client: o.Client, recorder: o.Recorder, view: v,
+		driver: o.DriverName, copy: o.CopyAcrossNodes, client: o.Client, recorder: o.Recorder, view: v,
 		queue:  newQueue("csi-dmthin-placement", o.RateLimiter),
 		spoken: map[types.UID]string{}, wroteOver: map[types.UID]string{}, selected: map[types.UID]selection{},
 		synced: v.synced,
@@ -204,6 +213,9 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 		} else if !errors.Is(err, thinpool.ErrNoSpace) {
 			return false, err
 		}
+		if reason == ReasonSourceNodeFull && p.copyInstead(ctx, pvc, src, "has no room for it") {
+			return false, nil
+		}
 		// Setting the node anyway would only have the provisioner fail with
 		// ResourceExhausted and clear it again; any other node lacks the
 		// source. So say why, and look again later: space may be freed.
@@ -219,11 +231,33 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 		p.warnOnce(ctx, pvc, ReasonSourceMissing, fmt.Sprintf("%s is on node %s, which is not in the cluster: the new volume can only be made there", src.what, src.node))
 		return true, nil
 	} else if cordoned {
+		if p.copyInstead(ctx, pvc, src, "is cordoned (unschedulable)") {
+			return false, nil
+		}
 		p.warnOnce(ctx, pvc, ReasonSourceNodeCordoned, fmt.Sprintf("%s is on node %s, which is cordoned (unschedulable): the new volume can only be made there, and waits until the node takes pods again", src.what, src.node))
 		p.queue.AddAfter(key, cordonRecheck)
 		return false, nil
 	}
 	return p.selectNode(ctx, pvc, src)
+}
+
+// copyInstead decides for a restore whose source node cannot take it:
+// with copies on, and a snapshot whose ID names its node (which is how the
+// node that makes the volume finds where to copy from), the PVC is left to
+// the scheduler and the reason said once. false: placement goes on as
+// without copies.
+func (p *Placement) copyInstead(ctx context.Context, pvc *corev1.PersistentVolumeClaim, src source, why string) bool {
+	if !p.copy || src.kind != "snapshot" {
+		return false
+	}
+	if node, _, ok := csi.SnapshotNode(src.id); !ok || node != src.node {
+		return false
+	}
+	if pvc.Annotations[AnnSelectedNode] == src.node {
+		return false // placed there earlier: that choice stands
+	}
+	p.sayOnce(ctx, pvc, corev1.EventTypeNormal, ReasonCopyFromSourceNode, fmt.Sprintf("%s is on node %s, which %s: the scheduler chooses the node, whose driver copies the snapshot's blocks from node %s", src.what, src.node, why, src.node))
+	return true
 }
 
 // nodeState reports whether node is marked unschedulable, or is not in

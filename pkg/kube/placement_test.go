@@ -539,3 +539,58 @@ func TestStaleCacheAfterOwnWrite(t *testing.T) {
 		t.Error("the mark stays after the cache caught up")
 	}
 }
+
+// With copies across nodes on, a restore whose snapshot's node is cordoned
+// or full is left to the scheduler (no selected-node), with one Normal
+// Event that names the node and why; a snapshot whose ID does not name
+// its node, a clone, and an unhealthy pool are placed as without copies.
+func TestCopyInsteadOfWaiting(t *testing.T) {
+	cordon := func(t *testing.T, c *cluster, on bool) {
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeA}, Spec: corev1.NodeSpec{Unschedulable: on}}
+		if _, err := c.core.CoreV1().Nodes().Update(context.Background(), node, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name      string
+		handle    string // the snapshot's ID
+		copies    bool
+		cordoned  bool
+		available string // room in the source's pool
+		health    string
+		wantCopy  bool
+		wantEvent string
+	}{
+		{"cordoned", nodeA + "/alpha/snap-1", true, true, "100Gi", HealthHealthy, true, "Normal " + ReasonCopyFromSourceNode},
+		{"full", nodeA + "/alpha/snap-1", true, false, "2Gi", HealthHealthy, true, "Normal " + ReasonCopyFromSourceNode},
+		{"cordoned, copies off", nodeA + "/alpha/snap-1", false, true, "100Gi", HealthHealthy, false, "Warning " + ReasonSourceNodeCordoned},
+		{"full, copies off", nodeA + "/alpha/snap-1", false, false, "2Gi", HealthHealthy, false, "Warning " + ReasonSourceNodeFull},
+		{"cordoned, ID without node", "alpha/snap-1", true, true, "100Gi", HealthHealthy, false, "Warning " + ReasonSourceNodeCordoned},
+		{"unhealthy pool", nodeA + "/alpha/snap-1", true, false, "100Gi", HealthReadOnly, false, "Warning " + ReasonSourcePoolUnhealthy},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newCluster(t)
+			cordon(t, c, tc.cordoned)
+			vsc := content("content-1", "snap-1", tc.handle, nodeA)
+			vsc.Status.RestoreSize = ptr(int64(4 << 30))
+			c.create(t, wffc, snapshot("snap-1", "content-1", true), vsc, claim("restore", wffc.Name, fromSnapshot("snap-1")))
+			a := startControllerWith(t, c, false, tc.copies)
+			c.setThinPool(t, a, nodeA, "alpha", tc.health, tc.available)
+			retry := a.sync(t, c, "restore")
+			a.sync(t, c, "restore")
+			if got, ok := c.pvc(t, "restore").Annotations[AnnSelectedNode]; ok {
+				t.Fatalf("selected-node = %q, want none", got)
+			}
+			ev := a.events()
+			if len(ev) != 1 || count(ev, tc.wantEvent) != 1 || !strings.Contains(ev[0], nodeA) {
+				t.Fatalf("events = %q, want one %q naming %s", ev, tc.wantEvent, nodeA)
+			}
+			if tc.wantCopy && retry {
+				t.Error("asked to retry a restore left to the scheduler")
+			}
+			if tc.wantCopy && !strings.Contains(ev[0], "copies the snapshot's blocks") {
+				t.Errorf("event %q does not say the snapshot is copied", ev[0])
+			}
+		})
+	}
+}

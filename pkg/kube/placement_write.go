@@ -60,6 +60,12 @@ func (p *Placement) selectNode(ctx context.Context, pvc *corev1.PersistentVolume
 // the same for it. (A restart forgets; the event recorder's own aggregation
 // then folds a repeat into the first Event's count.)
 func (p *Placement) warnOnce(ctx context.Context, pvc *corev1.PersistentVolumeClaim, reason, msg string) {
+	p.sayOnce(ctx, pvc, corev1.EventTypeWarning, reason, msg)
+}
+
+// sayOnce puts an Event of type and reason on pvc, unless the last one
+// placement put there had the same reason.
+func (p *Placement) sayOnce(ctx context.Context, pvc *corev1.PersistentVolumeClaim, eventType, reason, msg string) {
 	p.mu.Lock()
 	said := p.spoken[pvc.UID] == reason
 	p.spoken[pvc.UID] = reason
@@ -67,8 +73,8 @@ func (p *Placement) warnOnce(ctx context.Context, pvc *corev1.PersistentVolumeCl
 	if said {
 		return
 	}
-	klog.FromContext(ctx).Info("Restore cannot be placed", "pvc", klog.KObj(pvc), "reason", reason, "message", msg)
-	p.recorder.Event(pvc, corev1.EventTypeWarning, reason, msg)
+	klog.FromContext(ctx).Info("Restore not placed on its source's node", "pvc", klog.KObj(pvc), "reason", reason, "message", msg)
+	p.recorder.Event(pvc, eventType, reason, msg)
 }
 
 func (p *Placement) forget(uid types.UID) {
