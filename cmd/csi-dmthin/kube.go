@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
 
+	"github.com/csi-dmthin/csi-dmthin/pkg/blockcopy"
 	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
 	"github.com/csi-dmthin/csi-dmthin/pkg/kube"
 	"github.com/csi-dmthin/csi-dmthin/pkg/kube/registration"
@@ -70,6 +71,8 @@ type kubeSide struct {
 	recorder     record.EventRecorder
 	stopRecorder func()
 	sink         *kube.PVCEvents
+	// copyEndpoint, when set before start, is published in the ThinPools.
+	copyEndpoint *blockcopy.Endpoint
 
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
@@ -248,6 +251,7 @@ func (k *kubeSide) start(ctx context.Context, d *csi.Driver, pools map[string]ku
 		w, err := kube.NewThinPoolWriter(kube.ThinPoolWriterOptions{
 			Client: k.dyn, Core: k.client, Driver: k.driverName, Node: k.node, Version: version,
 			Pools: pools, Unconfigured: unconfigured, MinInterval: k.flags.thinPoolInterval,
+			CopyEndpoint: k.copyEndpoint,
 		})
 		if err != nil {
 			return err

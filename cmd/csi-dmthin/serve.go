@@ -39,6 +39,7 @@ type serveFlags struct {
 	templates                                                               *int
 	shutdownTimeout                                                         *time.Duration
 	kube                                                                    *kubeFlags
+	copy                                                                    *copyFlags
 }
 
 // newServeFlags defines serve's flags (klog's included) on a new set.
@@ -56,6 +57,7 @@ func newServeFlags() (*flag.FlagSet, *serveFlags) {
 		templates:       fs.Int("templates-per-pool", csi.DefaultTemplates, "formatted templates each pool keeps, so new filesystem volumes need no mkfs; 0 turns them off"),
 		shutdownTimeout: fs.Duration("shutdown-timeout", defaultShutdownTimeout, "at SIGTERM, how long calls in progress may take before they are cancelled; keep it well under the pod's terminationGracePeriodSeconds"),
 		kube:            addKubeFlags(fs),
+		copy:            addCopyFlags(fs),
 	}
 }
 
@@ -224,6 +226,13 @@ func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
 		return err
 	}
 	defer ks.stop() // on the way out of a failed start; a no-op after the shutdown
+	cs, copyOpts, err := newCopySide(f.copy, *f.stateDir, ks, reg)
+	if err != nil {
+		return err
+	}
+	if cs != nil {
+		defer cs.l.Close() // on the way out of a failed start
+	}
 	drvPools := map[string]csi.Pool{}
 	adminPools := map[string]adminPool{}
 	usage := map[string]kube.UsageSource{}
@@ -236,6 +245,7 @@ func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
 		FS: env.fs, Interceptors: append([]grpc.UnaryServerInterceptor{m.UnaryServerInterceptor()}, env.interceptors...),
 		Templates: templatesOption(*f.templates),
 		Events:    ks.eventSink(),
+		Copy:      copyOpts,
 	})
 	if err != nil {
 		return err
@@ -295,6 +305,14 @@ func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
 	if err := ks.start(bg, d, usage, recorded, mon, fail); err != nil {
 		fail(fmt.Errorf("kubernetes: %w", err)) // shut down below like any failure
 	}
+	if cs != nil {
+		goJoined(func() {
+			if err := cs.serve(d); err != nil {
+				fail(fmt.Errorf("copy server: %w", err))
+			}
+		})
+		goJoined(func() { reapCopiesPeriodically(bg, env.reapInterval, d) })
+	}
 	goJoined(func() { reapPeriodically(bg, env.reapInterval, pools) })
 	goJoined(func() { mon.run(bg) })
 	if env.serving != nil {
@@ -311,6 +329,7 @@ func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
 	ks.deregister()
 	sctx, cancel := context.WithTimeout(context.Background(), *f.shutdownTimeout)
 	d.Shutdown(sctx)
+	cs.shutdown(sctx)
 	cancel()
 	cancelBG()
 	ks.stop()
@@ -365,6 +384,23 @@ func reapPeriodically(ctx context.Context, interval time.Duration, pools map[str
 				if err := p.Reap(ctx); err != nil && ctx.Err() == nil {
 					klog.ErrorS(err, "Finishing pending deletes failed", "pool", n)
 				}
+			}
+		}
+	}
+}
+
+// reapCopiesPeriodically removes, every interval until ctx is done, the
+// unfinished copies whose PVC is gone.
+func reapCopiesPeriodically(ctx context.Context, interval time.Duration, d *csi.Driver) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := d.ReapCopies(ctx); err != nil && ctx.Err() == nil {
+				klog.ErrorS(err, "Removing copies whose PVC is gone failed")
 			}
 		}
 	}
