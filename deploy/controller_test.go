@@ -65,6 +65,7 @@ func checkDefaultController(t *testing.T, deps []*appsv1.Deployment) {
 		"--driver-name=dmthin.csi.dmthin.io",
 		"--workers=4",
 		"--http-endpoint=:9811",
+		"--copy-across-nodes=true",
 		"--leader-election=true",
 		"--leader-election-namespace=$(NAMESPACE)",
 		"-v=2",
