@@ -15,8 +15,8 @@ import (
 	"io"
 )
 
-// Extent is a byte range of a device: Offset and Length are multiples of
-// the source's block size.
+// Extent is a byte range of a device: whole blocks of the source, but for
+// the last, which may end where the device does.
 type Extent struct {
 	Offset int64 `json:"offset"`
 	Length int64 `json:"length"`
