@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -153,10 +154,11 @@ func TestMultiNode(t *testing.T) {
 		k.waitNoPVFor("cap-1", "cap-2", "cap-3")
 	})
 
-	step("RestoreRefusedWhenSourcePoolIsFull", func(k *k) {
+	step("RestoreCopiedWhenSourcePoolIsFull", func(k *k) {
 		// A 1Gi volume and its 1Gi snapshot on B's small pool leave at most
-		// 2Gi of its 4Gi limit: a 3Gi restore cannot be made on B, and B is
-		// the only node that holds the snapshot.
+		// 2Gi of its 4Gi limit: a 3Gi restore cannot be made on B. The
+		// controller leaves it to the scheduler, which picks A (its small
+		// pool is empty), and A's driver copies the snapshot from B.
 		k.apply(classPVC(pvcYAML("full-src", "1Gi", "Filesystem", ""), smallClass) + "---\n" +
 			pinned(podYAML("full-src", "full-src", "echo small >/data/file && sync && sleep 100000", false), b))
 		k.waitPodReady("full-src")
@@ -166,33 +168,70 @@ func TestMultiNode(t *testing.T) {
 		start := time.Now()
 		k.apply(classPVC(pvcYAML("full-restore", "3Gi", "Filesystem", "  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: full-snap}\n"), smallClass) +
 			"---\n" + podYAML("full-restore", "full-restore", "sleep 100000", false))
-		k.waitWarning("full-restore", b, start)
-		k.nothingMade("full-restore")
+		k.waitEvent("full-restore", "Normal", "RestoreCopiedFromSourceNode", b, start)
+		k.waitPodReady("full-restore")
+		k.placement("full-restore", "full-restore", a)
+		if got := k.run("exec", "full-restore", "--", "cat", "/data/file"); got != "small" {
+			k.t.Errorf("full-restore reads %q, want small", got)
+		}
+		k.copied("full-restore", b)
 		// Deleted without waiting: a snapshot's deletion waits for its
-		// content's, by the node's csi-snapshotter, and for the pending
-		// claim restored from it (the snapshot-controller keeps the
-		// snapshot until then): minutes under TCG, which the steps below
-		// overlap. NothingLeftBehind checks it all went.
+		// content's, by the node's csi-snapshotter: minutes under TCG,
+		// which the steps below overlap. NothingLeftBehind checks it all
+		// went.
 		k.run("delete", "pod", "full-restore", "full-src", "--wait=false")
 		k.run("delete", "pvc", "full-restore", "full-src", "--wait=false")
 		k.run("delete", "volumesnapshot", "full-snap", "--wait=false")
 	})
 
-	step("RestoreWaitsForCordonedSourceNode", func(k *k) {
+	step("RestoreCopiedWhenSourceNodeIsCordoned", func(k *k) {
+		// 100 MiB written to a 1Gi volume on A, snapshotted; A cordoned. The
+		// restore lands on B with the data, and the copy moves the blocks
+		// the snapshot maps, about 100 MiB and the filesystem's own, not
+		// 1Gi. The driver on the copy's target, and then on its source, is
+		// killed while a copy runs: each copy resumes and finishes.
+		k.apply(pvcYAML("big-src", "1Gi", "Filesystem", "") + "---\n" +
+			pinned(podYAML("big-src", "big-src", "head -c 104857600 /dev/urandom >/data/big && sync && md5sum /data/big | cut -d' ' -f1 >/data/big.md5 && sync && sleep 100000", false), a))
+		k.waitPodReady("big-src")
+		k.eventually(3*time.Minute, "big-src's 100 MiB written", func() string {
+			out, _ := k.try("exec", "big-src", "--", "cat", "/data/big.md5")
+			if len(out) == 32 {
+				return ""
+			}
+			return "md5: " + out
+		})
+		want := k.run("exec", "big-src", "--", "cat", "/data/big.md5")
+		k.apply(snapshotYAML("big-snap", "big-src"))
+		k.waitSnapshotReady("big-snap")
 		k.run("cordon", a)
 		defer func() { _, _ = k.try("uncordon", a) }()
-		start := time.Now()
-		k.apply(pvcYAML("cordon-restore", "1Gi", "Filesystem", "  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: "+snapOn[a]+"}\n") +
-			"---\n" + podYAML("cordon-restore", "cordon-restore", "sleep 100000", false))
-		k.waitWarning("cordon-restore", a, start)
-		k.nothingMade("cordon-restore")
-		// Uncordoned, the restore goes ahead, on the source's node.
-		k.run("uncordon", a)
-		k.waitPodReady("cordon-restore")
-		k.placement("cordon-restore", "cordon-restore", a)
-		if got := k.run("exec", "cordon-restore", "--", "cat", "/data/file"); got != "from-"+a {
-			k.t.Errorf("cordon-restore reads %q, want from-%s", got, a)
+		for _, tc := range []struct{ name, kill string }{{"big-restore-1", b}, {"big-restore-2", a}} {
+			start := time.Now()
+			k.apply(pvcYAML(tc.name, "1Gi", "Filesystem", "  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: big-snap}\n") +
+				"---\n" + podYAML(tc.name, tc.name, "sleep 100000", false))
+			k.waitEvent(tc.name, "Normal", "CopyStarted", a, start)
+			pod := driverPodOn(k, tc.kill)
+			k.t.Logf("%s: copy started after %s; killing the driver on %s (%s)", tc.name, time.Since(start).Round(time.Second), tc.kill, pod)
+			k.run("-n", driverNamespace, "delete", "pod", pod, "--grace-period=0", "--force", "--wait=false")
+			k.waitPodReady(tc.name)
+			k.placement(tc.name, tc.name, b)
+			if got := k.run("exec", tc.name, "--", "sh", "-c", "md5sum /data/big | cut -d' ' -f1"); got != want {
+				k.t.Errorf("%s: /data/big has md5 %s, want %s", tc.name, got, want)
+			}
+			mapped, moved := k.copied(tc.name, a)
+			if mapped < 100<<20 || mapped > 300<<20 {
+				k.t.Errorf("%s: the copy says the snapshot maps %d bytes; want about 100 MiB and the filesystem's metadata, far from 1Gi", tc.name, mapped)
+			}
+			if moved >= mapped {
+				k.t.Errorf("%s: the last run moved %d of %d bytes: it did not resume after the driver on %s was killed", tc.name, moved, mapped, tc.kill)
+			}
+			k.t.Logf("%s: %d bytes mapped, %d moved by the run that finished, %s in all", tc.name, mapped, moved, time.Since(start).Round(time.Second))
 		}
+		k.run("uncordon", a)
+		k.copyTokens(a, b, "big-snap")
+		k.run("delete", "pod", "big-restore-1", "big-restore-2", "big-src", "--wait=false")
+		k.run("delete", "pvc", "big-restore-1", "big-restore-2", "big-src", "--wait=false")
+		k.run("delete", "volumesnapshot", "big-snap", "--wait=false")
 	})
 
 	step("PowerCutOnOneNode", func(k *k) {
@@ -200,29 +239,31 @@ func TestMultiNode(t *testing.T) {
 	})
 
 	step("NothingLeftBehind", func(k *k) {
-		// What RestoreRefusedWhenSourcePoolIsFull deleted in the
-		// background: the snapshot, its content and both volumes.
-		k.eventually(5*time.Minute, "snapshot full-snap and its content deleted", func() string {
-			out, err := k.try("get", "volumesnapshot", "full-snap", "-o", "name")
-			switch {
-			case err == nil:
-				return out + " still there"
-			case !strings.Contains(err.Error()+out, "NotFound"):
-				return err.Error()
-			}
-			contents, err := k.c.Kubectl(k.ctx, "get", "volumesnapshotcontents", "-o",
-				`jsonpath={range .items[?(@.spec.volumeSnapshotRef.name=="full-snap")]}{.metadata.name} {.spec.volumeSnapshotRef.namespace}{"\n"}{end}`)
-			if err != nil {
-				return err.Error()
-			}
-			for _, l := range strings.Split(strings.TrimSpace(string(contents)), "\n") {
-				if name, ns, _ := strings.Cut(l, " "); ns == k.ns {
-					return "content " + name + " still there"
+		// What the restore steps deleted in the background: the
+		// snapshots, their contents and the volumes.
+		for _, snap := range []string{"full-snap", "big-snap"} {
+			k.eventually(5*time.Minute, "snapshot "+snap+" and its content deleted", func() string {
+				out, err := k.try("get", "volumesnapshot", snap, "-o", "name")
+				switch {
+				case err == nil:
+					return out + " still there"
+				case !strings.Contains(err.Error()+out, "NotFound"):
+					return err.Error()
 				}
-			}
-			return ""
-		})
-		k.waitNoPVFor("full-restore", "full-src")
+				contents, err := k.c.Kubectl(k.ctx, "get", "volumesnapshotcontents", "-o",
+					`jsonpath={range .items[?(@.spec.volumeSnapshotRef.name=="`+snap+`")]}{.metadata.name} {.spec.volumeSnapshotRef.namespace}{"\n"}{end}`)
+				if err != nil {
+					return err.Error()
+				}
+				for _, l := range strings.Split(strings.TrimSpace(string(contents)), "\n") {
+					if name, ns, _ := strings.Cut(l, " "); ns == k.ns {
+						return "content " + name + " still there"
+					}
+				}
+				return ""
+			})
+		}
+		k.waitNoPVFor("full-restore", "full-src", "big-restore-1", "big-restore-2", "big-src")
 	})
 }
 
@@ -547,4 +588,93 @@ func (k *k) driverExec(node string, args ...string) string {
 		k.t.Fatalf("%s on %s: %v", strings.Join(args, " "), node, err)
 	}
 	return string(out)
+}
+
+// waitEvent waits, two minutes at most from start, for an Event of type
+// and reason on the PVC whose message contains what, and logs it.
+func (k *k) waitEvent(pvc, typ, reason, what string, start time.Time) {
+	k.t.Helper()
+	k.eventually(2*time.Minute-time.Since(start), typ+" "+reason+" on PVC "+pvc+" naming "+what, func() string {
+		for _, e := range k.events(pvc) {
+			if strings.HasPrefix(e, typ+" "+reason+":") && strings.Contains(e, what) {
+				k.t.Logf("PVC %s after %s: %s", pvc, time.Since(start).Round(time.Second), e)
+				return ""
+			}
+		}
+		return strings.Join(k.events(pvc), " | ")
+	})
+}
+
+// copyDoneRE reads the byte counts of a CopyCompleted Event.
+var copyDoneRE = regexp.MustCompile(`(\d+) bytes mapped, (\d+) moved by this run`)
+
+// copied checks that the PVC's volume was copied from node src, and
+// returns the bytes the snapshot maps and those the run that finished
+// moved, as the target's driver counted them.
+func (k *k) copied(pvc, src string) (mapped, moved int64) {
+	k.t.Helper()
+	for _, e := range k.events(pvc) {
+		if !strings.HasPrefix(e, "Normal CopyCompleted:") || !strings.Contains(e, "from node "+src) {
+			continue
+		}
+		m := copyDoneRE.FindStringSubmatch(e)
+		if m == nil {
+			k.t.Fatalf("PVC %s: no byte counts in %q", pvc, e)
+		}
+		mapped, _ = strconv.ParseInt(m[1], 10, 64)
+		moved, _ = strconv.ParseInt(m[2], 10, 64)
+		return mapped, moved
+	}
+	k.t.Fatalf("PVC %s: no CopyCompleted Event naming node %s: %q", pvc, src, k.events(pvc))
+	return 0, 0
+}
+
+// copyAudience is the audience of the token a driver presents to another
+// node's driver (the chart's copy.audience).
+const copyAudience = "dmthin.csi.dmthin.io/copy"
+
+// copyTokens checks who may copy from node src's driver, asking from the
+// driver's pod on dst: its own copy token is taken; a token of another
+// service account, and a token of the driver's own account for another
+// audience, are refused.
+func (k *k) copyTokens(src, dst, snap string) {
+	k.t.Helper()
+	content := k.run("get", "volumesnapshot", snap, "-o", "jsonpath={.status.boundVolumeSnapshotContentName}")
+	handle := k.run("get", "volumesnapshotcontent", content, "-o", "jsonpath={.status.snapshotHandle}")
+	parts := strings.Split(handle, "/")
+	if len(parts) != 3 || parts[0] != src {
+		k.t.Fatalf("snapshot %s's handle %q does not name node %s", snap, handle, src)
+	}
+	var addr, cert string
+	out := k.run("get", "thinpools", "-o", `jsonpath={range .items[*]}{.spec.nodeName} {.spec.pool} {.status.copy.address} {.status.copy.certSHA256}{"\n"}{end}`)
+	for _, l := range strings.Split(out, "\n") {
+		if f := strings.Fields(l); len(f) == 4 && f[0] == src && f[1] == parts[1] {
+			addr, cert = f[2], f[3]
+		}
+	}
+	if addr == "" {
+		k.t.Fatalf("no copy endpoint in the ThinPool of node %s, pool %s: %s", src, parts[1], out)
+	}
+	pod := driverPodOn(k, dst)
+	probe := func(token, tokenFile string) (string, error) {
+		out, err := k.c.KubectlStdin(k.ctx, token, "-n", driverNamespace, "exec", "-i", pod, "-c", "csi-dmthin", "--",
+			"csi-dmthin", "copy", "probe", "--address", addr, "--cert-sha256", cert, "--token-file", tokenFile, "--source", handle)
+		return strings.TrimSpace(string(out)), err
+	}
+	if out, err := probe("", "/var/run/secrets/dmthin.io/copy/token"); err != nil || !strings.Contains(out, "mapped") {
+		k.t.Fatalf("the driver's own token was not taken: %v: %s", err, out)
+	}
+	k.run("create", "serviceaccount", "intruder")
+	sa := k.run("-n", driverNamespace, "get", "pod", pod, "-o", "jsonpath={.spec.serviceAccountName}")
+	for _, tc := range []struct{ what, token, want string }{
+		{"another service account's token", k.run("create", "token", "intruder", "--audience", copyAudience), "not allowed"},
+		{"the driver's token for the API server", k.run("-n", driverNamespace, "create", "token", sa), "refused"},
+	} {
+		out, err := probe(tc.token, "-")
+		if err == nil || !strings.Contains(out, tc.want) {
+			k.t.Errorf("%s: probe answered %q (err %v), want a refusal saying %q", tc.what, out, err, tc.want)
+		} else {
+			k.t.Logf("%s refused: %s", tc.what, out)
+		}
+	}
 }
