@@ -251,6 +251,14 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReques
 			return nil, notFound("%s %s is in pool %s, not %s: a clone or restore stays in its source's pool", field, sourceID, id.pool, pool.Name())
 		}
 		source, err = pool.Get(id.name)
+		if errors.Is(err, thinpool.ErrNotFound) && src.GetVolume() != nil && d.copies != nil {
+			// A clone of another node's volume, left by the controller
+			// to be copied here: its PVC names the node.
+			if node := d.copies.cloneSourceNode(ctx, req); node != "" && node != d.nodeID {
+				id.node = node
+				return d.createFromRemote(ctx, req, pool, name, params, id, src)
+			}
+		}
 		if err != nil {
 			return nil, toStatus(err, "%s %s", field, sourceID)
 		}
@@ -492,7 +500,7 @@ func (d *Driver) all(kind thinpool.Kind) []listed {
 	var out []listed
 	for _, p := range d.pools {
 		for _, v := range p.List() {
-			if v.Kind == kind && !d.copies.pending(p.Name(), v.Name) {
+			if v.Kind == kind && !d.copies.pending(p.Name(), v.Name) && !isCopySnapshotName(v.Name) {
 				out = append(out, listed{pool: p, v: v, id: objectID{pool: p.Name(), name: v.Name}.String()})
 			}
 		}

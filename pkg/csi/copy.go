@@ -51,6 +51,13 @@ type ClaimChecker interface {
 	ClaimExists(ctx context.Context, namespace, name string) (bool, error)
 }
 
+// CloneSourceFinder, when CopyOptions.Claims has it, says which node holds
+// the source of a clone that the cluster's controller left to be copied
+// (the PVC's annotation): a volume ID does not name its node.
+type CloneSourceFinder interface {
+	CopySourceNode(ctx context.Context, namespace, name string) (string, error)
+}
+
 // CopyEventSink, when the driver's EventSink has it, hears of a copy's
 // start, progress and end, for Events on its PVC. Like EventSink's, its
 // methods must not wait on the API server.
@@ -275,9 +282,11 @@ func syncDir(dir string) error {
 // createFromRemote makes volume name in pool as a copy of snapshot src on
 // another node. The caller has checked the request's fields.
 func (d *Driver) createFromRemote(ctx context.Context, req *csipb.CreateVolumeRequest, pool Pool, name string, params createParams, src objectID, contentSource *csipb.VolumeContentSource) (*csipb.CreateVolumeResponse, error) {
-	const field = "volume_content_source.snapshot.snapshot_id"
+	field, sourceID := "volume_content_source.snapshot.snapshot_id", contentSource.GetSnapshot().GetSnapshotId()
+	if contentSource.GetVolume() != nil {
+		field, sourceID = "volume_content_source.volume.volume_id", contentSource.GetVolume().GetVolumeId()
+	}
 	c := d.copies
-	sourceID := contentSource.GetSnapshot().GetSnapshotId()
 	if c == nil {
 		return nil, notFound("%s %q is on node %s, not on this node %s, and copies between nodes are turned off", field, sourceID, src.node, d.nodeID)
 	}
@@ -317,6 +326,22 @@ func (d *Driver) createFromRemote(ctx context.Context, req *csipb.CreateVolumeRe
 		return nil, toStatus(err, "create volume %q", req.GetName())
 	}
 	return &csipb.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, contentSource)}, nil
+}
+
+// cloneSourceNode returns the node the controller named on the clone's
+// PVC as its source's holder: "" when there is none, or no PVC to ask.
+func (c *copier) cloneSourceNode(ctx context.Context, req *csipb.CreateVolumeRequest) string {
+	f, ok := c.o.Claims.(CloneSourceFinder)
+	name, ns := req.GetParameters()[ParamPVCName], req.GetParameters()[ParamPVCNamespace]
+	if !ok || name == "" || ns == "" {
+		return ""
+	}
+	node, err := f.CopySourceNode(ctx, ns, name)
+	if err != nil {
+		klog.FromContext(ctx).V(2).Info("Reading the clone's source node from its PVC failed", "pvc", ns+"/"+name, "err", err)
+		return ""
+	}
+	return node
 }
 
 // startOrJoin finds the copy for the volume or starts it; resp is set when
@@ -547,9 +572,19 @@ func (c *copier) forget(pool, name string) error {
 // (deleted while this driver was down, or while no call was running it).
 func (d *Driver) ReapCopies(ctx context.Context) error {
 	c := d.copies
-	if c == nil || c.o.Claims == nil {
+	if c == nil {
 		return nil
 	}
+	err := d.copySrc.reap(ctx, time.Now().Add(-copySnapshotTTL))
+	if c.o.Claims == nil {
+		return err
+	}
+	return errors.Join(err, c.reapTargets(ctx))
+}
+
+// reapTargets removes this node's unfinished copies whose PVC is gone.
+func (c *copier) reapTargets(ctx context.Context) error {
+	d := c.d
 	ents, err := os.ReadDir(c.recDir)
 	if err != nil {
 		return err

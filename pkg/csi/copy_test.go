@@ -180,6 +180,11 @@ func (e *copyEvents) ClaimExists(context.Context, string, string) (bool, error) 
 	return !e.gone, nil
 }
 
+// CopySourceNode: the controller named node-a as the clones' source.
+func (e *copyEvents) CopySourceNode(context.Context, string, string) (string, error) {
+	return "node-a", nil
+}
+
 func (e *copyEvents) with(reason string) []string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -467,5 +472,60 @@ func TestRemoteRestoreRefusals(t *testing.T) {
 	wantCode(t, err, codes.NotFound)
 	if !strings.Contains(err.Error(), "copies between nodes are turned off") {
 		t.Errorf("error %v does not say copies are off", err)
+	}
+}
+
+// A clone of another node's volume reads a snapshot the source node makes
+// for the copy (the volume changes meanwhile), hidden from ListSnapshots,
+// deleted once the copy is done.
+func TestCloneCopiedFromAnotherNode(t *testing.T) {
+	cp := newCopyPair(t, nil)
+	// What the volume holds now: the snapshot's bytes but the first
+	// 8 KiB, which newCopyPair overwrote.
+	want := bytes.Clone(cp.want)
+	copy(want, bytes.Repeat([]byte{0xee}, 8192))
+	cp.want = want
+	req := cp.restoreReq("pvc-clone", copySrcBytes)
+	req.VolumeContentSource = &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: testPool + "/pvc-src"}}}
+	resp, err := cp.dst.d.CreateVolume(t.Context(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.GetVolume().GetContentSource().GetVolume().GetVolumeId() != testPool+"/pvc-src" {
+		t.Errorf("CreateVolume = %v", resp.GetVolume())
+	}
+	cp.checkData(t, "pvc-clone", copySrcBytes)
+	for _, v := range cp.src.pool.List() {
+		if isCopySnapshotName(v.Name) {
+			t.Errorf("the copy's snapshot %s is left on the source", v.Name)
+		}
+	}
+	// While a copy holds its snapshot, ListSnapshots does not show it.
+	src, err := cp.src.d.copySrc.Open(t.Context(), "copy-x", testPool+"/pvc-src")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, err := cp.src.d.ListSnapshots(t.Context(), &csipb.ListSnapshotsRequest{})
+	if err != nil || len(ls.GetEntries()) != 1 || ls.GetEntries()[0].GetSnapshot().GetSnapshotId() != cp.snapID {
+		t.Errorf("ListSnapshots with a copy's snapshot = %v, %v; want only %s", ls, err, cp.snapID)
+	}
+	// A copy's snapshot that is old enough is reaped, but not while a
+	// copy has it open.
+	held := func() bool {
+		_, err := cp.src.pool.Get(copySnapshotName("copy-x"))
+		return err == nil
+	}
+	later := time.Now().Add(2 * copySnapshotTTL)
+	if err := cp.src.d.copySrc.reap(t.Context(), later); err != nil || !held() {
+		t.Errorf("reap with the copy open: %v, snapshot kept %v; want it kept", err, held())
+	}
+	if err := src.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cp.src.d.copySrc.reap(t.Context(), time.Now().Add(-time.Minute)); err != nil || !held() {
+		t.Errorf("reap of a young snapshot: %v, kept %v; want it kept", err, held())
+	}
+	if err := cp.src.d.copySrc.reap(t.Context(), later); err != nil || held() {
+		t.Errorf("reap after the copy closed: %v, kept %v; want it deleted", err, held())
 	}
 }

@@ -2,9 +2,13 @@ package csi
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
+	"time"
 
 	"k8s.io/klog/v2"
 
@@ -18,10 +22,28 @@ var errNoSource = blockcopy.ErrSourceNotFound
 // CopySource is what this node serves to copies on other nodes: its
 // snapshots, each read from its device while a copy has it open (the
 // device is activated for the first copy and deactivated after the last),
-// with the extents its thin device maps, from the pool's metadata.
-func (d *Driver) CopySource() blockcopy.Opener {
-	return &copySource{d: d, open: map[string]int{}}
+// with the extents its thin device maps, from the pool's metadata; and its
+// volumes, each through a snapshot made for the copy (copySnapshotName),
+// kept until the copy is released, so a resumed copy reads the same bytes.
+func (d *Driver) CopySource() blockcopy.Opener { return d.copySrc }
+
+// copySnapshotPrefix starts the device name of a snapshot made for a copy
+// of a volume. No CSI name maps to it: deviceName maps every name that
+// starts with "h_" to "h_" and 40 hex digits.
+const copySnapshotPrefix = hashedPrefix + "copy."
+
+// copySnapshotTTL is how long a snapshot made for a copy that no copy has
+// open is kept: one whose target never released it (gone, or its copy
+// cancelled while this node was away).
+const copySnapshotTTL = time.Hour
+
+// copySnapshotName is the snapshot a copy of a volume reads.
+func copySnapshotName(copyID string) string {
+	sum := sha256.Sum256([]byte(copyID))
+	return copySnapshotPrefix + hex.EncodeToString(sum[:16])
 }
+
+func isCopySnapshotName(name string) bool { return strings.HasPrefix(name, copySnapshotPrefix) }
 
 type copySource struct {
 	d    *Driver
@@ -50,23 +72,38 @@ func (s *copySource) Open(ctx context.Context, copyID, sourceID string) (blockco
 	if err != nil {
 		return nil, err
 	}
-	if v.Kind != thinpool.KindSnapshot {
-		return nil, fmt.Errorf("%w: %s is a %s, not a snapshot", errNoSource, sourceID, v.Kind)
-	}
-	key := id.String()
+	name := id.name
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	path, err := pool.Activate(ctx, id.name)
+	switch {
+	case v.Kind == thinpool.KindSnapshot && !isCopySnapshotName(v.Name):
+	case v.Kind == thinpool.KindVolume && id.node == "":
+		// A live volume: the copy reads a snapshot of it made now, or
+		// the one made when this copy first opened it.
+		name = copySnapshotName(copyID)
+		if _, err := pool.Get(name); errors.Is(err, thinpool.ErrNotFound) {
+			if _, err := pool.Snapshot(ctx, name, id.name); err != nil {
+				return nil, fmt.Errorf("snapshotting volume %s for copy %s: %w", sourceID, copyID, err)
+			}
+			klog.FromContext(ctx).Info("Snapshotted a volume for a copy to another node", "volume", id, "copy", copyID, "snapshot", name)
+		} else if err != nil {
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("%w: %s is a %s, which is not copied", errNoSource, sourceID, v.Kind)
+	}
+	key := objectID{pool: id.pool, name: name}.String()
+	path, err := pool.Activate(ctx, name)
 	if err != nil {
 		return nil, fmt.Errorf("activating snapshot %s: %w", key, err)
 	}
 	s.open[key]++
-	src := &snapshotSource{s: s, pool: pool, key: key, name: id.name, size: v.SizeBytes}
+	src := &snapshotSource{s: s, pool: pool, key: key, name: name, size: v.SizeBytes}
 	fail := func(err error) (blockcopy.Source, error) {
 		s.closeLocked(src)
 		return nil, err
 	}
-	exts, err := pool.MappedExtents(ctx, id.name)
+	exts, err := pool.MappedExtents(ctx, name)
 	if err != nil {
 		return fail(fmt.Errorf("reading the blocks snapshot %s maps: %w", key, err))
 	}
@@ -80,9 +117,47 @@ func (s *copySource) Open(ctx context.Context, copyID, sourceID string) (blockco
 	return src, nil
 }
 
-// Release has nothing to drop: a snapshot's copy keeps nothing but the
-// open source, which the server closes.
-func (s *copySource) Release(context.Context, string) error { return nil }
+// Release deletes the snapshot a copy of a volume read; a copy of a
+// snapshot keeps nothing but the open source, which the server closes.
+func (s *copySource) Release(ctx context.Context, copyID string) error {
+	name := copySnapshotName(copyID)
+	var errs []error
+	for _, pool := range s.d.pools {
+		if _, err := pool.Get(name); err != nil {
+			continue
+		}
+		if err := pool.Delete(ctx, name); err != nil && !errors.Is(err, thinpool.ErrNotFound) {
+			errs = append(errs, fmt.Errorf("deleting copy %s's snapshot %s: %w", copyID, name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// reap deletes the snapshots made for copies that no copy has open and
+// that were made before cutoff.
+func (s *copySource) reap(ctx context.Context, cutoff time.Time) error {
+	var errs []error
+	for _, pool := range s.d.pools {
+		for _, v := range pool.List() {
+			if !isCopySnapshotName(v.Name) || v.CreatedAt.After(cutoff) {
+				continue
+			}
+			key := objectID{pool: pool.Name(), name: v.Name}.String()
+			s.mu.Lock()
+			open := s.open[key] > 0
+			s.mu.Unlock()
+			if open {
+				continue
+			}
+			if err := pool.Delete(ctx, v.Name); err != nil && !errors.Is(err, thinpool.ErrNotFound) {
+				errs = append(errs, err)
+			} else {
+				klog.FromContext(ctx).Info("Deleted a snapshot made for a copy that was never released", "snapshot", key, "made", v.CreatedAt)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
 
 // closeLocked closes src and deactivates its snapshot after the last
 // copy; s.mu is held.

@@ -113,6 +113,7 @@ type Driver struct {
 	interceptors          []grpc.UnaryServerInterceptor
 	events                EventSink
 	copies                *copier // nil without CopyOptions
+	copySrc               *copySource
 	openDev               func(path string, write bool) (deviceFile, error)
 
 	mu      sync.Mutex
@@ -170,6 +171,7 @@ func New(o Options) (*Driver, error) {
 		fs: o.FS, templates: newTemplates(o.Templates, o.FS), interceptors: o.Interceptors, events: o.Events,
 		openDev: openDeviceFile,
 	}
+	d.copySrc = &copySource{d: d, open: map[string]int{}}
 	if o.Copy != nil {
 		if d.copies, err = newCopier(d, *o.Copy); err != nil {
 			return nil, err

@@ -58,3 +58,18 @@ func (e *PVCEvents) ClaimExists(ctx context.Context, namespace, name string) (bo
 	}
 	return pvc.DeletionTimestamp == nil, nil
 }
+
+var _ csi.CloneSourceFinder = (*PVCEvents)(nil)
+
+// CopySourceNode reads the PVC's AnnCopyFromNode, which the controller
+// sets on a clone it left to be copied: "" when it has none.
+func (e *PVCEvents) CopySourceNode(ctx context.Context, namespace, name string) (string, error) {
+	if e.client == nil {
+		return "", nil
+	}
+	pvc, err := e.client.CoreV1().PersistentVolumeClaims(namespace).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return "", err
+	}
+	return pvc.Annotations[AnnCopyFromNode], nil
+}

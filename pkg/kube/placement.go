@@ -45,6 +45,11 @@ const (
 	ReasonCopyFromSourceNode = "RestoreCopiedFromSourceNode"
 )
 
+// AnnCopyFromNode names, on a clone that placement left to the scheduler
+// to be copied, the node that holds its source volume: a volume ID does not
+// name its node, so the node that makes the clone reads it here.
+const AnnCopyFromNode = "dmthin.csi.dmthin.io/copy-from-node"
+
 // cordonRecheck is how often a restore waiting for its cordoned source node
 // looks again: an uncordon changes a Node, which placement does not watch.
 const cordonRecheck = 15 * time.Second
@@ -213,8 +218,10 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 		} else if !errors.Is(err, thinpool.ErrNoSpace) {
 			return false, err
 		}
-		if reason == ReasonSourceNodeFull && p.copyInstead(ctx, pvc, src, "has no room for it") {
-			return false, nil
+		if reason == ReasonSourceNodeFull {
+			if copied, retry, err := p.copyInstead(ctx, pvc, src, "has no room for it"); copied || err != nil {
+				return retry, err
+			}
 		}
 		// Setting the node anyway would only have the provisioner fail with
 		// ResourceExhausted and clear it again; any other node lacks the
@@ -231,8 +238,8 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 		p.warnOnce(ctx, pvc, ReasonSourceMissing, fmt.Sprintf("%s is on node %s, which is not in the cluster: the new volume can only be made there", src.what, src.node))
 		return true, nil
 	} else if cordoned {
-		if p.copyInstead(ctx, pvc, src, "is cordoned (unschedulable)") {
-			return false, nil
+		if copied, retry, err := p.copyInstead(ctx, pvc, src, "is cordoned (unschedulable)"); copied || err != nil {
+			return retry, err
 		}
 		p.warnOnce(ctx, pvc, ReasonSourceNodeCordoned, fmt.Sprintf("%s is on node %s, which is cordoned (unschedulable): the new volume can only be made there, and waits until the node takes pods again", src.what, src.node))
 		p.queue.AddAfter(key, cordonRecheck)
@@ -241,23 +248,45 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 	return p.selectNode(ctx, pvc, src)
 }
 
-// copyInstead decides for a restore whose source node cannot take it:
-// with copies on, and a snapshot whose ID names its node (which is how the
-// node that makes the volume finds where to copy from), the PVC is left to
-// the scheduler and the reason said once. false: placement goes on as
-// without copies.
-func (p *Placement) copyInstead(ctx context.Context, pvc *corev1.PersistentVolumeClaim, src source, why string) bool {
-	if !p.copy || src.kind != "snapshot" {
-		return false
+// copyInstead decides for a restore or clone whose source node cannot
+// take it: with copies on, it is left to the scheduler, and the node the
+// scheduler picks copies the source. That node finds the source's node in
+// a snapshot's ID, or, for a clone, in the PVC's AnnCopyFromNode, which
+// this sets. copied is false when placement goes on as without copies (a
+// snapshot ID without its node, copies off, or placed there earlier).
+func (p *Placement) copyInstead(ctx context.Context, pvc *corev1.PersistentVolumeClaim, src source, why string) (copied, retry bool, err error) {
+	if !p.copy {
+		return false, false, nil
 	}
-	if node, _, ok := csi.SnapshotNode(src.id); !ok || node != src.node {
-		return false
+	switch src.kind {
+	case "snapshot":
+		if node, _, ok := csi.SnapshotNode(src.id); !ok || node != src.node {
+			return false, false, nil
+		}
+	case "volume":
+	default:
+		return false, false, nil
 	}
 	if pvc.Annotations[AnnSelectedNode] == src.node {
-		return false // placed there earlier: that choice stands
+		return false, false, nil // placed there earlier: that choice stands
 	}
-	p.sayOnce(ctx, pvc, corev1.EventTypeNormal, ReasonCopyFromSourceNode, fmt.Sprintf("%s is on node %s, which %s: the scheduler chooses the node, whose driver copies the snapshot's blocks from node %s", src.what, src.node, why, src.node))
-	return true
+	if src.kind == "volume" && pvc.Annotations[AnnCopyFromNode] != src.node {
+		upd := pvc.DeepCopy()
+		if upd.Annotations == nil {
+			upd.Annotations = map[string]string{}
+		}
+		upd.Annotations[AnnCopyFromNode] = src.node
+		_, err := p.client.CoreV1().PersistentVolumeClaims(pvc.Namespace).Update(ctx, upd, metav1.UpdateOptions{})
+		if apierrors.IsConflict(err) {
+			return true, true, nil // look again at the fresh copy
+		}
+		if err != nil {
+			return true, false, err
+		}
+		p.wrote(pvc)
+	}
+	p.sayOnce(ctx, pvc, corev1.EventTypeNormal, ReasonCopyFromSourceNode, fmt.Sprintf("%s is on node %s, which %s: the scheduler chooses the node, whose driver copies its blocks from node %s", src.what, src.node, why, src.node))
+	return true, false, nil
 }
 
 // nodeState reports whether node is marked unschedulable, or is not in

@@ -588,9 +588,40 @@ func TestCopyInsteadOfWaiting(t *testing.T) {
 			if tc.wantCopy && retry {
 				t.Error("asked to retry a restore left to the scheduler")
 			}
-			if tc.wantCopy && !strings.Contains(ev[0], "copies the snapshot's blocks") {
+			if tc.wantCopy && !strings.Contains(ev[0], "copies its blocks") {
 				t.Errorf("event %q does not say the snapshot is copied", ev[0])
 			}
 		})
+	}
+}
+
+// A clone whose source volume's node is cordoned is left to the scheduler
+// too, and the PVC says which node holds its source: a volume ID does not
+// name its node, and the node that makes the clone reads it there.
+func TestCloneCopiedNamesItsSourceNode(t *testing.T) {
+	c := newCluster(t)
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeB}, Spec: corev1.NodeSpec{Unschedulable: true}}
+	if _, err := c.core.CoreV1().Nodes().Update(context.Background(), node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c.create(t, wffc, volume("pv-src", "alpha/pvc-src", nodeB, "src"), boundClaim("src", "pv-src"), claim("clone", wffc.Name, fromClaim("src")))
+	a := startControllerWith(t, c, false, true)
+	for range 3 {
+		if a.sync(t, c, "clone") {
+			t.Error("asked to retry a clone left to the scheduler")
+		}
+	}
+	pvc := c.pvc(t, "clone")
+	if got, ok := pvc.Annotations[AnnSelectedNode]; ok {
+		t.Errorf("selected-node = %q on a clone to be copied", got)
+	}
+	if got := pvc.Annotations[AnnCopyFromNode]; got != nodeB {
+		t.Errorf("%s = %q, want %q", AnnCopyFromNode, got, nodeB)
+	}
+	if n := c.pvcUpdates(); n != 1 {
+		t.Errorf("%d PVC updates, want 1", n)
+	}
+	if ev := a.events(); len(ev) != 1 || count(ev, "Normal "+ReasonCopyFromSourceNode) != 1 || !strings.Contains(ev[0], nodeB) {
+		t.Errorf("events = %q, want one %s naming %s", ev, ReasonCopyFromSourceNode, nodeB)
 	}
 }
