@@ -227,10 +227,26 @@ func TestMultiNode(t *testing.T) {
 			}
 			k.t.Logf("%s: %d bytes mapped, %d moved by the run that finished, %s in all", tc.name, mapped, moved, time.Since(start).Round(time.Second))
 		}
+		// A clone of the volume itself: the source node snapshots it for
+		// the copy, and the clone has the volume's data as it is now.
+		k.run("exec", "big-src", "--", "sh", "-c", "echo after-the-snapshot >/data/file && sync")
+		start := time.Now()
+		k.apply(pvcYAML("big-clone", "1Gi", "Filesystem", "  dataSource: {kind: PersistentVolumeClaim, name: big-src}\n") +
+			"---\n" + podYAML("big-clone", "big-clone", "sleep 100000", false))
+		k.waitPodReady("big-clone")
+		k.placement("big-clone", "big-clone", b)
+		if got := k.run("exec", "big-clone", "--", "sh", "-c", "cat /data/file; md5sum /data/big | cut -d' ' -f1"); got != "after-the-snapshot\n"+want {
+			k.t.Errorf("big-clone reads %q, want the file after the snapshot and /data/big's md5 %s", got, want)
+		}
+		mapped, moved := k.copied("big-clone", a)
+		if mapped < 100<<20 || mapped > 300<<20 || moved != mapped {
+			k.t.Errorf("big-clone: the copy says %d bytes mapped, %d moved; want about 100 MiB and the filesystem's metadata, all moved once", mapped, moved)
+		}
+		k.t.Logf("big-clone: %d bytes mapped and moved, %s in all", mapped, time.Since(start).Round(time.Second))
 		k.run("uncordon", a)
 		k.copyTokens(a, b, "big-snap")
-		k.run("delete", "pod", "big-restore-1", "big-restore-2", "big-src", "--wait=false")
-		k.run("delete", "pvc", "big-restore-1", "big-restore-2", "big-src", "--wait=false")
+		k.run("delete", "pod", "big-restore-1", "big-restore-2", "big-clone", "big-src", "--wait=false")
+		k.run("delete", "pvc", "big-restore-1", "big-restore-2", "big-clone", "big-src", "--wait=false")
 		k.run("delete", "volumesnapshot", "big-snap", "--wait=false")
 	})
 
@@ -263,7 +279,7 @@ func TestMultiNode(t *testing.T) {
 				return ""
 			})
 		}
-		k.waitNoPVFor("full-restore", "full-src", "big-restore-1", "big-restore-2", "big-src")
+		k.waitNoPVFor("full-restore", "full-src", "big-restore-1", "big-restore-2", "big-clone", "big-src")
 	})
 }
 
