@@ -25,6 +25,17 @@
 // mount API, Linux 5.12 or later). A call that fails after it changed
 // something (activated a device, made a directory) puts it back.
 //
+// Copies between nodes (copy.go, copysource.go): a restore of a snapshot
+// whose ID names another node, or a clone whose PVC the cluster's
+// controller marked with its source's node, is made here as an empty thin
+// volume into which pkg/blockcopy streams the blocks the source maps, from
+// the source node's driver. A copy record, fsync'd before the volume is
+// made and marked done only after the copy is verified, makes an
+// unfinished copy a copy in progress after any crash (hidden from
+// ListVolumes, resumed at the next CreateVolume), never a volume. The
+// other way, CopySource serves this node's snapshots, and its volumes
+// through a snapshot made for each copy, to other nodes' copies.
+//
 // The controller service runs on every node next to its pools (the
 // sidecars' per-node mode): a volume lives on the node that created it, and
 // its accessible topology says so.

@@ -15,7 +15,11 @@
 //     source volume's PV. Room comes from the node's ThinPool (Available,
 //     Health), a cordon from the Node. When the source is gone, its node
 //     unknown, or the node cannot take the new volume, it puts one Warning
-//     Event on the PVC. placement_source.go follows a data source to its
+//     Event on the PVC; with copies across nodes on, a restore or clone
+//     whose source's node is cordoned or full is instead left to the
+//     scheduler, with a Normal Event (and, for a clone, the source's node
+//     in the PVC's AnnCopyFromNode), and the chosen node copies it.
+//     placement_source.go follows a data source to its
 //     CSI ID and node, placement_write.go makes the annotation and Event
 //     writes (once each), placement_watch.go queues PVCs from the
 //     informers' events.
@@ -47,7 +51,10 @@
 //     publishes in its pools' ThinPools, for a restore or clone made here
 //     from a source held there.
 //   - events.go makes the event recorder and turns the driver's no-space
-//     refusals into Events on the PVC (reading that PVC, not watching any).
+//     refusals into Events on the PVC (reading that PVC, not watching any);
+//     copy_events.go does the same for a copy's start, progress and end,
+//     and answers a copy whether its PVC still exists and, for a clone,
+//     which node holds its source.
 //
 // Nothing here changes a pool, and nothing imports pkg/devmapper: a pool's
 // state is a thinpool.Usage, its mode a thinpool.Mode. Registration with
