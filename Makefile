@@ -140,9 +140,11 @@ e2e-full: e2e-build
 # Pod start with a new WaitForFirstConsumer claim against an emptyDir
 # (issue 14) at the issue's 20 pods a side, on a cluster of its own and
 # nothing else (make e2e measures 4 a side); the table goes to the test
-# log and to podstart.md in the run directory.
+# log and to podstart.md in the run directory. Then a copy between the
+# nodes at full speed against dd | nc of the same data (issue 16), to
+# copybench.md.
 bench-e2e: e2e-build
-	CSI_DMTHIN_E2E=1 CSI_DMTHIN_E2E_PODSTART_PODS=20 $(GO) test -count=1 -v -timeout $(E2E_TIMEOUT) -run '^TestPodStart$$' ./test/e2e/
+	CSI_DMTHIN_E2E=1 CSI_DMTHIN_E2E_PODSTART_PODS=20 CSI_DMTHIN_E2E_COPYBENCH=1 CSI_DMTHIN_E2E_COPY_RATE=0 $(GO) test -count=1 -v -timeout $(E2E_TIMEOUT) -run '^(TestPodStart|TestCopyThroughput)$$' ./test/e2e/
 
 e2e-deps:
 	@./hack/install-e2e-deps.sh

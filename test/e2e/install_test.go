@@ -28,6 +28,10 @@ const (
 // TestE2EValues checks its images against the harness's.
 const valuesFile = "../../charts/csi-dmthin/ci/e2e-values.yaml"
 
+// copyRateEnv, when set, overrides valuesFile's copy rate (bytes per
+// second; 0 is unlimited).
+const copyRateEnv = "CSI_DMTHIN_E2E_COPY_RATE"
+
 // installDriver does what an operator does: the snapshot CRDs and a
 // snapshot-controller with distributed snapshotting (on the host side, like
 // the rest of the control plane), then `helm install` of charts/csi-dmthin
@@ -64,11 +68,16 @@ func installDriver(ctx context.Context, c *cluster.Cluster, art *artifacts) erro
 	if err != nil {
 		return err
 	}
-	start := time.Now()
-	_, err = cluster.Output(ctx, c.Bin("helm"), "install", "csi-dmthin", filepath.Join(art.Repo, "charts", "csi-dmthin"),
+	args := []string{"install", "csi-dmthin", filepath.Join(art.Repo, "charts", "csi-dmthin"),
 		"--kubeconfig", c.Kubeconfig, "--namespace", driverNamespace, "--create-namespace",
-		"--set", "image.tag="+driverTag, "-f", values,
-		"--wait", "--timeout", "6m")
+		"--set", "image.tag=" + driverTag, "-f", values,
+		"--wait", "--timeout", "6m"}
+	if rate := os.Getenv(copyRateEnv); rate != "" {
+		// make bench-e2e measures copies at full speed.
+		args = append(args, "--set", "copy.rateBytesPerSec="+rate)
+	}
+	start := time.Now()
+	_, err = cluster.Output(ctx, c.Bin("helm"), args...)
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,127 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// copyBenchEnv runs TestCopyThroughput (make bench-e2e sets it, with the
+// copy rate unlimited): a measurement, not a check, so make e2e skips it.
+const copyBenchEnv = "CSI_DMTHIN_E2E_COPYBENCH"
+
+// copyBenchBytes is the data written to the source volume: the issue's
+// 100 MiB in a 1Gi volume.
+const copyBenchBytes = 100 << 20
+
+var copyDurationRE = regexp.MustCompile(`moved by this run \(which began at byte \d+\), in ([0-9.a-zµ]+)`)
+
+// TestCopyThroughput measures a copy between the two nodes against a plain
+// transfer of the same data between them: 100 MiB of random data in a 1Gi
+// volume on node 1, snapshotted, node 1 cordoned, a restore made on node 2
+// by the driver's copy (TLS, the mapped blocks only, written to a thin
+// device, synced, then both sides read again and hashed); then the same
+// file read with O_DIRECT on node 1 by dd, sent by nc over the pod network
+// to a pod on node 2 that writes it with dd (O_DIRECT) to a new volume and
+// syncs. The table goes to the log and to copybench.md in the run
+// directory.
+func TestCopyThroughput(t *testing.T) {
+	if os.Getenv(copyBenchEnv) == "" {
+		t.Skipf("a measurement for make bench-e2e (set %s=1 and an unlimited copy rate)", copyBenchEnv)
+	}
+	c := requireDriver(t)
+	ctx, cancel := context.WithTimeout(testCtx, 30*time.Minute)
+	defer cancel()
+	nodes := c.NodeNames()
+	if len(nodes) < 2 {
+		t.Fatalf("nodes %v: the copy needs two", nodes)
+	}
+	a, b := nodes[0], nodes[1]
+	k := &k{t: t, c: c, ctx: ctx, ns: "e2e-copybench"}
+	k.run("create", "namespace", k.ns)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(testCtx, 5*time.Minute)
+		defer cancel()
+		_, _ = c.Kubectl(ctx, "uncordon", a)
+		if _, err := c.Kubectl(ctx, "delete", "namespace", k.ns, "--wait=true", "--timeout=5m"); err != nil {
+			t.Errorf("deleting namespace %s: %v", k.ns, err)
+		}
+	})
+	k.apply(pvcYAML("src", "1Gi", "Filesystem", "") + "---\n" +
+		pinned(podYAML("src", "src", fmt.Sprintf("head -c %d /dev/urandom >/data/big && sync && touch /data/written && sleep 100000", copyBenchBytes), false), a))
+	k.waitPodReady("src")
+	k.eventually(5*time.Minute, "src's data written", func() string {
+		if _, err := k.try("exec", "src", "--", "test", "-e", "/data/written"); err != nil {
+			return err.Error()
+		}
+		return ""
+	})
+	k.apply(snapshotYAML("snap", "src"))
+	k.waitSnapshotReady("snap")
+
+	// The plain transfer first, while node 1 still takes pods: a receiver
+	// on node 2 with a new volume, and the sender in the source's pod.
+	k.apply(pvcYAML("recv", "1Gi", "Filesystem", "") + "---\n" + pinned(podYAML("recv", "recv", "sleep 100000", false), b))
+	k.waitPodReady("recv")
+	ip := k.run("get", "pod", "recv", "-o", "jsonpath={.status.podIP}")
+	recvDone := make(chan error, 1)
+	go func() {
+		_, err := k.try("exec", "recv", "--", "sh", "-c",
+			fmt.Sprintf("nc -l -p 5001 | head -c %d | dd of=/data/big bs=1M iflag=fullblock oflag=direct 2>/dev/null && sync /data/big", copyBenchBytes))
+		recvDone <- err
+	}()
+	time.Sleep(2 * time.Second) // the listener up before the sender connects
+	sendCtx, stopSend := context.WithCancel(ctx)
+	start := time.Now()
+	go func() {
+		_, _ = k.c.Kubectl(sendCtx, "-n", k.ns, "exec", "src", "--", "sh", "-c",
+			fmt.Sprintf("dd if=/data/big bs=1M iflag=direct 2>/dev/null | nc %s 5001", ip))
+	}()
+	if err := <-recvDone; err != nil {
+		t.Fatalf("the plain transfer's receiver: %v", err)
+	}
+	plain := time.Since(start)
+	stopSend()
+	if got := k.run("exec", "recv", "--", "sh", "-c", "md5sum /data/big | cut -d' ' -f1"); got != k.run("exec", "src", "--", "sh", "-c", "md5sum /data/big | cut -d' ' -f1") {
+		t.Fatalf("the plain transfer's copy differs from the source (md5 %s)", got)
+	}
+
+	// The driver's copy: the restore must land on node 2.
+	k.run("cordon", a)
+	start = time.Now()
+	k.apply(pvcYAML("restore", "1Gi", "Filesystem", "  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: snap}\n") +
+		"---\n" + podYAML("restore", "restore", "sleep 100000", false))
+	k.waitPodReady("restore")
+	toReady := time.Since(start)
+	k.placement("restore", "restore", b)
+	mapped, moved := k.copied("restore", a)
+	var took time.Duration
+	for _, e := range k.events("restore") {
+		if m := copyDurationRE.FindStringSubmatch(e); m != nil && strings.HasPrefix(e, "Normal CopyCompleted:") {
+			took, _ = time.ParseDuration(m[1])
+		}
+	}
+	if took <= 0 || moved != mapped {
+		t.Fatalf("copy: %d of %d bytes moved in %s: not one whole run", moved, mapped, took)
+	}
+	mib := func(n int64, d time.Duration) string {
+		return fmt.Sprintf("%.1f MiB/s", float64(n)/(1<<20)/d.Seconds())
+	}
+	table := fmt.Sprintf(`| transfer, node 1 to node 2 (qemu TCG, pod network over the nodes' bridge) | bytes | time | rate |
+|---|---:|---:|---:|
+| csi-dmthin copy: the snapshot's mapped blocks over TLS 1.3, written to a thin volume, synced, then read again and hashed on both sides | %d | %s | %s |
+| plain: dd (O_DIRECT) of the file \| nc, over TCP, \| dd (O_DIRECT) to a new volume, then sync | %d | %s | %s |
+| restore claim created to its pod Ready (the copy and everything around it) | | %s | |
+`, moved, took.Round(10*time.Millisecond), mib(moved, took), int64(copyBenchBytes), plain.Round(10*time.Millisecond), mib(copyBenchBytes, plain), toReady.Round(time.Second))
+	t.Log("\n" + table)
+	if testArt != nil {
+		if err := os.WriteFile(filepath.Join(testArt.RunDir, "copybench.md"), []byte(table), 0o644); err != nil {
+			t.Error(err)
+		}
+	}
+}
