@@ -82,7 +82,7 @@ func newCopySide(f *copyFlags, stateDir string, ks *kubeSide, reg prometheus.Reg
 	if err != nil {
 		return nil, nil, fmt.Errorf("copy certificate: %w", err)
 	}
-	m := blockcopy.NewMetrics()
+	m := blockcopy.NewMetrics("csi_dmthin")
 	for _, c := range m.Collectors() {
 		if err := reg.Register(c); err != nil {
 			return nil, nil, err

@@ -53,7 +53,7 @@ func TestAuthRefusals(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			opener := newFakeOpener(map[string]*image{"src": testImage()})
-			m := NewMetrics()
+			m := NewMetrics("test")
 			ts := startServer(t, opener, newFakeAuth(), func(o *ServerOptions) { o.Metrics = m })
 			code, msg := rawPost(t, ts, "/v1/copies/copy-1/open", tt.auth, `{"sourceID":"src"}`)
 			if code != tt.wantCode || !strings.Contains(msg, tt.wantMsg) {

@@ -26,7 +26,7 @@ func newCheckpoints(t *testing.T) *CheckpointDir {
 func TestCopySparseIntoLargerTarget(t *testing.T) {
 	img := testImage()
 	opener := newFakeOpener(map[string]*image{"src": img})
-	m := NewMetrics()
+	m := NewMetrics("test")
 	ts := startServer(t, opener, newFakeAuth(), func(o *ServerOptions) { o.Metrics = m })
 	file := newFileTarget(t, img.size+3*mib)
 	target := &hookTarget{Target: file}
@@ -104,7 +104,7 @@ func TestCopyResumeAfterCancel(t *testing.T) {
 	ts := startServer(t, newFakeOpener(map[string]*image{"src": img}), newFakeAuth(), nil)
 	file := newFileTarget(t, img.size)
 	cps := newCheckpoints(t)
-	m := NewMetrics()
+	m := NewMetrics("test")
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -266,7 +266,7 @@ func TestCopySourceReadError(t *testing.T) {
 	file := newFileTarget(t, img.size)
 	target := &hookTarget{Target: file}
 	cps := newCheckpoints(t)
-	m := NewMetrics()
+	m := NewMetrics("test")
 	req := baseRequest(ts, target, cps)
 	req.Metrics = m
 	_, err := Copy(context.Background(), req)
@@ -308,7 +308,7 @@ func TestCopyVerifyCatchesCorruption(t *testing.T) {
 	img := testImage()
 	ts := startServer(t, newFakeOpener(map[string]*image{"src": img}), newFakeAuth(), nil)
 	cps := newCheckpoints(t)
-	m := NewMetrics()
+	m := NewMetrics("test")
 	req := baseRequest(ts, &corruptTarget{Target: newFileTarget(t, img.size)}, cps)
 	req.Metrics = m
 	_, err := Copy(context.Background(), req)
@@ -389,7 +389,7 @@ func TestIdleReleaseAndRelease(t *testing.T) {
 func TestReleaseClosesSource(t *testing.T) {
 	img := testImage()
 	opener := newFakeOpener(map[string]*image{"src": img})
-	m := NewMetrics()
+	m := NewMetrics("test")
 	ts := startServer(t, opener, newFakeAuth(), func(o *ServerOptions) { o.Metrics = m })
 	if _, err := Copy(context.Background(), baseRequest(ts, newFileTarget(t, img.size), nil)); err != nil {
 		t.Fatal(err)

@@ -24,27 +24,28 @@ type Metrics struct {
 	authRefusals  *prometheus.CounterVec
 }
 
-// NewMetrics returns unregistered collectors named blockcopy_*.
-func NewMetrics() *Metrics {
+// NewMetrics returns unregistered collectors named <namespace>_copy_*
+// (csi-dmthin's: csi_dmthin_copy_*).
+func NewMetrics(namespace string) *Metrics {
 	m := &Metrics{
 		sentBytes: prometheus.NewCounter(prometheus.CounterOpts{
-			Namespace: "blockcopy", Name: "sent_bytes_total",
+			Namespace: namespace, Subsystem: "copy", Name: "sent_bytes_total",
 			Help: "Bytes of mapped extents the source node sent in data frames.",
 		}),
 		receivedBytes: prometheus.NewCounter(prometheus.CounterOpts{
-			Namespace: "blockcopy", Name: "received_bytes_total",
+			Namespace: namespace, Subsystem: "copy", Name: "received_bytes_total",
 			Help: "Bytes of mapped extents the target node received and wrote.",
 		}),
 		inProgress: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Namespace: "blockcopy", Name: "copies_in_progress",
+			Namespace: namespace, Subsystem: "copy", Name: "copies_in_progress",
 			Help: "Copies open on this node: role source counts open sources, role target running Copy calls.",
 		}, []string{"role"}),
 		finished: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: "blockcopy", Name: "copies_finished_total",
+			Namespace: namespace, Subsystem: "copy", Name: "copies_finished_total",
 			Help: "Copy calls that ended on the target node, by result (done, failed, cancelled, verify_failed).",
 		}, []string{"result"}),
 		authRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: "blockcopy", Name: "auth_refusals_total",
+			Namespace: namespace, Subsystem: "copy", Name: "auth_refusals_total",
 			Help: "Requests the source node refused, by reason (missing_token, token_refused, user_not_allowed).",
 		}, []string{"reason"}),
 	}
