@@ -21,6 +21,15 @@ import (
 const (
 	ParamPool   = "pool"   // the pool on the node; default: the node's default pool
 	ParamFSType = "fsType" // ext4 (default) or xfs, when the capability names none
+	// ParamRestorePlacement is where a restore or clone of the class
+	// goes: RestoreOnSourceNode (the default) steers it to its source's
+	// node, which copies only when that node is cordoned or full;
+	// RestoreOnAnyNode leaves it to the scheduler, and the node chosen
+	// copies the source when it is another's (the cluster's controller
+	// reads it; CreateVolume only checks it).
+	ParamRestorePlacement = "restorePlacement"
+	RestoreOnSourceNode   = "sourceNode"
+	RestoreOnAnyNode      = "anyNode"
 	// Keys the external-provisioner adds (--extra-create-metadata) start
 	// with this prefix; they are accepted and ignored.
 	csiParamPrefix = "csi.storage.k8s.io/"
@@ -83,9 +92,13 @@ func parseParams(params map[string]string) (createParams, error) {
 				return p, invalid("parameters.%s %q: want ext4 or xfs", k, v)
 			}
 			p.fsType = v
+		case k == ParamRestorePlacement:
+			if v != RestoreOnSourceNode && v != RestoreOnAnyNode {
+				return p, invalid("parameters.%s %q: want %s or %s", k, v, RestoreOnSourceNode, RestoreOnAnyNode)
+			}
 		case strings.HasPrefix(k, csiParamPrefix):
 		default:
-			return p, invalid("parameters.%s is not a csi-dmthin parameter (known: %s, %s)", k, ParamPool, ParamFSType)
+			return p, invalid("parameters.%s is not a csi-dmthin parameter (known: %s, %s, %s)", k, ParamPool, ParamFSType, ParamRestorePlacement)
 		}
 	}
 	return p, nil

@@ -592,6 +592,9 @@ func TestParameters(t *testing.T) {
 		{"CreateVolume/pool", func(ctx context.Context, d *Driver) error {
 			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{ParamPool: "gamma"}}))
 		}, codes.InvalidArgument, []string{"parameters.pool", "gamma"}},
+		{"CreateVolume/restorePlacement", func(ctx context.Context, d *Driver) error {
+			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: caps, Parameters: map[string]string{ParamRestorePlacement: "elsewhere"}}))
+		}, codes.InvalidArgument, []string{"parameters.restorePlacement", "elsewhere", RestoreOnAnyNode}},
 		{"CreateVolume/capability fs_type", func(ctx context.Context, d *Driver) error {
 			return ignore(d.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: "new", VolumeCapabilities: []*csipb.VolumeCapability{mountCap("ntfs", rwo)}}))
 		}, codes.InvalidArgument, []string{"volume_capabilities[0].mount.fs_type", "ntfs"}},
@@ -610,7 +613,7 @@ func TestParameters(t *testing.T) {
 	// pool and fsType parameters are honoured.
 	resp, err := e.d.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{
 		Name: "in-beta", VolumeCapabilities: caps, CapacityRange: &csipb.CapacityRange{RequiredBytes: testVolBytes},
-		Parameters: map[string]string{ParamPool: otherPool, ParamFSType: "xfs", "csi.storage.k8s.io/pvc/name": "data"},
+		Parameters: map[string]string{ParamPool: otherPool, ParamFSType: "xfs", ParamRestorePlacement: RestoreOnAnyNode, "csi.storage.k8s.io/pvc/name": "data"},
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -210,6 +210,11 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 		p.queue.AddAfter(key, wait)
 		return false, nil
 	}
+	if p.anyNode(pvc) {
+		if copied, retry, err := p.copyInstead(ctx, pvc, src, "need not take it (the StorageClass's "+csi.ParamRestorePlacement+" is "+csi.RestoreOnAnyNode+")"); copied || err != nil {
+			return retry, err
+		}
+	}
 	size := csi.VolumeBytes(pvc.Spec.Resources.Requests.Storage().Value(), src.size, p.fsType(pvc))
 	if err := p.view.room(src.node, src.pool, size); err != nil {
 		reason := ReasonSourceNodeFull
@@ -300,6 +305,13 @@ func (p *Placement) nodeState(ctx context.Context, node string) (cordoned, gone 
 		return false, false, err
 	}
 	return n.Spec.Unschedulable, false, nil
+}
+
+// anyNode reports whether the PVC's class leaves restores and clones to
+// the scheduler (csi.ParamRestorePlacement).
+func (p *Placement) anyNode(pvc *corev1.PersistentVolumeClaim) bool {
+	sc, err := p.view.classes.Get(*pvc.Spec.StorageClassName)
+	return err == nil && sc.Parameters[csi.ParamRestorePlacement] == csi.RestoreOnAnyNode
 }
 
 // fsType is the filesystem the new volume gets: none for a raw block

@@ -14,6 +14,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	k8stesting "k8s.io/client-go/testing"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
 )
 
 // count returns how many events start with prefix ("Warning RestoreSourceMissing").
@@ -623,5 +625,30 @@ func TestCloneCopiedNamesItsSourceNode(t *testing.T) {
 	}
 	if ev := a.events(); len(ev) != 1 || count(ev, "Normal "+ReasonCopyFromSourceNode) != 1 || !strings.Contains(ev[0], nodeB) {
 		t.Errorf("events = %q, want one %s naming %s", ev, ReasonCopyFromSourceNode, nodeB)
+	}
+}
+
+// A class whose restorePlacement is anyNode leaves every restore to the
+// scheduler when copies are on, the source's node healthy and free or
+// not; with copies off, the restore goes to the source's node as ever.
+func TestClassAsksForAnyNode(t *testing.T) {
+	anyNode := class("dmthin-any", driverName, storagev1.VolumeBindingWaitForFirstConsumer)
+	anyNode.Parameters = map[string]string{csi.ParamRestorePlacement: csi.RestoreOnAnyNode}
+	for _, copies := range []bool{true, false} {
+		t.Run(fmt.Sprintf("copies %v", copies), func(t *testing.T) {
+			c := newCluster(t)
+			c.create(t, anyNode, snapshot("snap-1", "content-1", true), content("content-1", "snap-1", nodeA+"/alpha/snap-1", nodeA),
+				claim("restore", anyNode.Name, fromSnapshot("snap-1")))
+			a := startControllerWith(t, c, false, copies)
+			a.sync(t, c, "restore")
+			got, placed := c.pvc(t, "restore").Annotations[AnnSelectedNode]
+			ev := a.events()
+			switch {
+			case copies && (placed || len(ev) != 1 || count(ev, "Normal "+ReasonCopyFromSourceNode) != 1 || !strings.Contains(ev[0], csi.RestoreOnAnyNode)):
+				t.Errorf("selected-node %q (%v), events %q; want none, and one %s saying the class asks for it", got, placed, ev, ReasonCopyFromSourceNode)
+			case !copies && got != nodeA:
+				t.Errorf("selected-node %q without copies, want %q", got, nodeA)
+			}
+		})
 	}
 }
