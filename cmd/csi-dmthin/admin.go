@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -19,6 +20,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 )
 
@@ -66,6 +68,8 @@ type adminServer struct {
 	srv   *http.Server
 	l     net.Listener
 	calls gate
+	// copies, when set before serve, lists the node's copies (GET /copies).
+	copies func() ([]csi.CopyStatus, error)
 }
 
 // listenAdmin makes the admin socket; serve serves it. changed, when set,
@@ -101,6 +105,18 @@ func listenAdmin(path string, pools map[string]adminPool, changed func(pool stri
 				rep.Error = err.Error()
 			}
 			out = append(out, rep)
+		}
+		_ = json.NewEncoder(w).Encode(out)
+	})
+	a := &adminServer{}
+	mux.HandleFunc("GET /copies", func(w http.ResponseWriter, r *http.Request) {
+		var out []csi.CopyStatus
+		if a.copies != nil {
+			var err error
+			if out, err = a.copies(); err != nil {
+				http.Error(w, err.Error(), http.StatusInternalServerError)
+				return
+			}
 		}
 		_ = json.NewEncoder(w).Encode(out)
 	})
@@ -169,7 +185,7 @@ func listenAdmin(path string, pools map[string]adminPool, changed func(pool stri
 		klog.InfoS("Pool taken offline: its calls fail until the driver restarts", "pool", name)
 		fmt.Fprintf(w, "pool %s is offline: its dm devices are removed and its records closed; restart the driver (delete its pod) to bring it back\n", name)
 	})
-	a := &adminServer{l: l}
+	a.l = l
 	a.srv = &http.Server{Handler: a.calls.wrap(mux), ReadHeaderTimeout: 5 * time.Second}
 	return a, nil
 }
@@ -302,6 +318,35 @@ func volumeList(args []string) error {
 			src = "-"
 		}
 		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%d\t%v\t%s\n", v.Pool, v.Name, v.Kind, gib(v.SizeBytes), src, v.DeviceID, v.Active, v.CreatedAt.Format(time.RFC3339))
+	}
+	return tw.Flush()
+}
+
+// copyList is `csi-dmthin copy list`: the copies this node made or is
+// making from other nodes, with how far each got.
+func copyList(args []string) error {
+	sock, rest, err := adminFlags("copy list", args)
+	if err != nil {
+		return err
+	}
+	if len(rest) != 0 {
+		return usageError{fmt.Errorf("copy list takes flags only, not %q", rest)}
+	}
+	var copies []csi.CopyStatus
+	if err := adminGet(sock, "/copies", &copies); err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "VOLUME\tCLAIM\tSOURCE\tFROM NODE\tSTATE\tCOPIED\tSIZE\tSTARTED")
+	for _, c := range copies {
+		state := "waiting"
+		switch {
+		case c.Done:
+			state = "done"
+		case c.Running:
+			state = "copying"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", c.Volume, cmp.Or(c.Claim, "-"), c.Source, c.SourceNode, state, c.Next, c.SizeBytes, c.CreatedAt.Format(time.RFC3339))
 	}
 	return tw.Flush()
 }

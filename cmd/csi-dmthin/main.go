@@ -10,6 +10,7 @@
 //	csi-dmthin pool grow POOL [--data-file-size=40Gi]
 //	csi-dmthin pool offline POOL
 //	csi-dmthin volume list
+//	csi-dmthin copy list
 //	csi-dmthin copy probe --address=IP:9811 --cert-sha256=HEX --token-file=FILE --source=NODE/POOL/SNAPSHOT
 //	csi-dmthin version
 package main
@@ -37,6 +38,7 @@ commands:
   pool grow      grow a pool online onto larger devices or files (asks the running driver)
   pool offline   take a pool away from the running driver, for thin_check or thin_repair
   volume list    list the volumes and snapshots (asks the running driver)
+  copy list      list the copies this node made or is making from other nodes (asks the running driver)
   copy probe     ask another node's copy server whether this node may copy a snapshot, moving nothing
   version        print the version
 
@@ -89,6 +91,8 @@ func mainStatus(args []string, stdout, stderr io.Writer) int {
 		err = poolOffline(args[2:])
 	case cmd == "volume" && sub == "list":
 		err = volumeList(args[2:])
+	case cmd == "copy" && sub == "list":
+		err = copyList(args[2:])
 	case cmd == "copy" && sub == "probe":
 		err = copyProbe(args[2:], os.Stdin, stdout)
 	case cmd == "selftest":

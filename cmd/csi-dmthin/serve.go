@@ -260,6 +260,7 @@ func run(ctx context.Context, f *serveFlags, env serveEnv) (err error) {
 		return err
 	}
 	defer admin.shutdown() // likewise
+	admin.copies = d.Copies
 	var metricsSrv *http.Server
 	var metricsL net.Listener
 	var metricsCalls gate

@@ -664,3 +664,56 @@ type copyTarget struct {
 }
 
 func (t *copyTarget) Size() int64 { return t.size }
+
+// CopyStatus is one copy made on this node, for operators (`csi-dmthin
+// copy list`): what it copies, for which PVC, and how far it got.
+type CopyStatus struct {
+	CopyID     string    `json:"copyID"`
+	Volume     string    `json:"volume"` // the target's volume ID
+	Source     string    `json:"source"`
+	SourceNode string    `json:"sourceNode"`
+	Claim      string    `json:"claim,omitempty"` // namespace/name
+	SizeBytes  int64     `json:"sizeBytes"`
+	Done       bool      `json:"done"`
+	Running    bool      `json:"running"`
+	Next       int64     `json:"next"` // the byte offset durable on the target
+	CreatedAt  time.Time `json:"createdAt"`
+}
+
+// Copies lists the copies this node made or is making (their records).
+func (d *Driver) Copies() ([]CopyStatus, error) {
+	c := d.copies
+	if c == nil {
+		return nil, nil
+	}
+	ents, err := os.ReadDir(c.recDir)
+	if err != nil {
+		return nil, err
+	}
+	var out []CopyStatus
+	for _, e := range ents {
+		copyID, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok {
+			continue
+		}
+		r, ok, err := c.loadRecord(copyID)
+		if err != nil || !ok {
+			continue // being replaced or removed
+		}
+		st := CopyStatus{
+			CopyID: r.CopyID, Volume: objectID{pool: r.Pool, name: r.Name}.String(), Source: r.SourceID,
+			SourceNode: r.SourceNode, SizeBytes: r.SizeBytes, Done: r.Done, CreatedAt: r.CreatedAt,
+		}
+		if r.Claim != "" {
+			st.Claim = r.Namespace + "/" + r.Claim
+		}
+		if cp, ok, err := c.checkpoints.Load(copyID); err == nil && ok {
+			st.Next = cp.Next
+		}
+		c.mu.Lock()
+		st.Running = c.jobs[copyID] != nil
+		c.mu.Unlock()
+		out = append(out, st)
+	}
+	return out, nil
+}

@@ -446,8 +446,17 @@ func TestCopyResumesAfterTargetRestart(t *testing.T) {
 	}
 	cp.dst.start()
 	cp.dst.d.events = cp.events
+	// What an operator sees (csi-dmthin copy list): the copy, not done,
+	// not running, part of it durable.
+	if st, err := cp.dst.d.Copies(); err != nil || len(st) != 1 || st[0].Done || st[0].Running || st[0].Next <= 0 ||
+		st[0].Volume != testPool+"/pvc-restored" || st[0].Source != cp.snapID || st[0].SourceNode != "node-a" || st[0].Claim != "db/restored" {
+		t.Errorf("Copies after the restart = %+v, %v", st, err)
+	}
 	if _, err := cp.dst.d.CreateVolume(t.Context(), cp.restoreReq("pvc-restored", copySrcBytes)); err != nil {
 		t.Fatal(err)
+	}
+	if st, err := cp.dst.d.Copies(); err != nil || len(st) != 1 || !st[0].Done {
+		t.Errorf("Copies after the copy = %+v, %v", st, err)
 	}
 	mapped, moved := cp.events.counts(t)
 	if moved >= mapped || moved == 0 {

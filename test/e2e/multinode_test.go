@@ -210,6 +210,22 @@ func TestMultiNode(t *testing.T) {
 			k.apply(pvcYAML(tc.name, "1Gi", "Filesystem", "  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: big-snap}\n") +
 				"---\n" + podYAML(tc.name, tc.name, "sleep 100000", false))
 			k.waitEvent(tc.name, "Normal", "CopyStarted", a, start)
+			// Killed once part of the copy is durable on the target, as
+			// `csi-dmthin copy list` there says: a resume has something to
+			// resume from.
+			k.eventually(3*time.Minute, tc.name+"'s copy part-way on "+b, func() string {
+				out, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "exec", driverPodOn(k, b), "-c", "csi-dmthin", "--", "csi-dmthin", "copy", "list")
+				if err != nil {
+					return err.Error()
+				}
+				for _, l := range strings.Split(string(out), "\n") {
+					if f := strings.Fields(l); len(f) >= 6 && f[1] == k.ns+"/"+tc.name && f[4] == "copying" && f[5] != "0" {
+						k.t.Logf("%s: %s", tc.name, l)
+						return ""
+					}
+				}
+				return string(out)
+			})
 			pod := driverPodOn(k, tc.kill)
 			k.t.Logf("%s: copy started after %s; killing the driver on %s (%s)", tc.name, time.Since(start).Round(time.Second), tc.kill, pod)
 			k.run("-n", driverNamespace, "delete", "pod", pod, "--grace-period=0", "--force", "--wait=false")
