@@ -51,6 +51,13 @@ type CopyRequest struct {
 	// StallTimeout is how long a data stream may bring nothing before
 	// the client drops it and reconnects; 0 is 2 minutes.
 	StallTimeout time.Duration
+	// Opened, when set, is called once the source is open and before
+	// anything is written: with the extents' hash and mapped bytes, and
+	// whether the copy resumes from a checkpoint. An error ends the copy
+	// before it writes. A caller whose target may hold an earlier
+	// attempt's writes of other extents (which the digest, over the
+	// extents only, would not see) makes a fresh target there.
+	Opened func(OpenInfo) error
 	// MaxRetries bounds the reconnects in a row that move no data; 0 is
 	// 6. Each waits twice the one before, from 100ms up to 5s.
 	MaxRetries int
@@ -59,6 +66,16 @@ type CopyRequest struct {
 	Logger klog.Logger
 
 	limiter *limiter // a test hook; else from RateBytesPerSec
+}
+
+// OpenInfo is what a copy knows once its source is open.
+type OpenInfo struct {
+	ExtentsSHA256 string
+	SizeBytes     int64
+	MappedBytes   int64
+	// Resuming: a checkpoint of these extents is used; the target holds
+	// this copy's own writes.
+	Resuming bool
 }
 
 // Progress is a copy's state after a data frame.
@@ -187,6 +204,11 @@ func (r *copyRun) run(ctx context.Context) (Result, error) {
 	}
 	resumed := r.pos
 	r.doneBytes = r.total - mappedBytes(r.info.Extents, r.pos)
+	if r.req.Opened != nil {
+		if err := r.req.Opened(OpenInfo{ExtentsSHA256: r.info.ExtentsSHA256, SizeBytes: r.info.SizeBytes, MappedBytes: r.total, Resuming: resumed > 0}); err != nil {
+			return Result{}, err
+		}
+	}
 
 	if err := r.stream(ctx); err != nil {
 		if r.pos > r.durable {
@@ -261,7 +283,7 @@ func (r *copyRun) checkpointValue() Checkpoint {
 // claims data the target could still lose.
 func (r *copyRun) checkpoint() error {
 	if err := r.req.Target.Sync(); err != nil {
-		return fmt.Errorf("sync the target: %w", err)
+		return fmt.Errorf("%w: sync: %w", ErrTarget, err)
 	}
 	r.sinceSync = 0
 	if r.req.Checkpoints == nil {
@@ -269,7 +291,7 @@ func (r *copyRun) checkpoint() error {
 		return nil
 	}
 	if err := r.req.Checkpoints.Save(r.checkpointValue()); err != nil {
-		return fmt.Errorf("save checkpoint: %w", err)
+		return fmt.Errorf("%w: save checkpoint: %w", ErrTarget, err)
 	}
 	r.durable = r.pos
 	return nil
@@ -321,6 +343,9 @@ func (r *copyRun) retry(ctx context.Context, what string, op func() (progressed 
 // connection or a server error, but not a refusal, a conflict, a source
 // read error, a target write error or a protocol violation.
 func retryable(err error) bool {
+	if errors.Is(err, ErrTarget) {
+		return false // an errno of the target is a net.Error too
+	}
 	var se *statusError
 	if errors.As(err, &se) {
 		return se.retryable()
@@ -401,7 +426,7 @@ func (r *copyRun) streamOnce(ctx context.Context, buf []byte) (err error) {
 				return err
 			}
 			if _, err := r.req.Target.WriteAt(buf[:n], off); err != nil {
-				return fmt.Errorf("write %d bytes at offset %d of the target: %w", n, off, err)
+				return fmt.Errorf("%w: write %d bytes at offset %d: %w", ErrTarget, n, off, err)
 			}
 			r.pos = off + n
 			r.moved += n

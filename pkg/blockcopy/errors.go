@@ -29,6 +29,9 @@ var (
 	// ErrProtocol is a server answer this client cannot accept (a frame
 	// outside the extents, a stream whose count does not add up, ...).
 	ErrProtocol = errors.New("copy protocol violation")
+	// ErrTarget is the target failing: a write, a sync or a checkpoint.
+	// It is never retried (another attempt writes to the same device).
+	ErrTarget = errors.New("copy target failed")
 	// ErrVerify is a target whose extents do not hash to the source's
 	// digest; the copy is not marked done and its checkpoint is dropped.
 	ErrVerify = errors.New("copy verification failed")
