@@ -127,3 +127,36 @@ func (p *Pool) admit(sizeBytes int64, kind Kind) error {
 	}
 	return nil
 }
+
+// AdmitData answers, changing nothing, whether the pool's free data above
+// its floor now holds n bytes more, the pool taking new devices at all: a
+// copy from another node writes its source's mapped bytes into a new
+// volume at once, which admission by size (Admit) does not promise, with
+// overprovisioning. nil, or an error that names the pool and wraps
+// ErrNoSpace, ErrPoolUnhealthy or ErrClosed.
+func (p *Pool) AdmitData(n int64) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return fmt.Errorf("pool %s: %w", p.cfg.Name, ErrClosed)
+	}
+	u, err := p.usage()
+	if err != nil {
+		return fmt.Errorf("pool %s: %w", p.cfg.Name, err)
+	}
+	if err := u.admitData(n); err != nil {
+		return fmt.Errorf("pool %s: %w", p.cfg.Name, err)
+	}
+	return nil
+}
+
+// admitData is AdmitData's rule.
+func (u Usage) admitData(n int64) error {
+	if err := u.refusal(); err != nil {
+		return err
+	}
+	if free, _ := u.freeAboveFloors(); n > free {
+		return fmt.Errorf("%w: %d bytes to write, %d data bytes free above the %g%% floor", ErrNoSpace, n, free, u.MinFreeDataPercent)
+	}
+	return nil
+}

@@ -105,3 +105,36 @@ func TestAdmissionBoundaries(t *testing.T) {
 		})
 	}
 }
+
+// AdmitData's rule: the bytes to write fit in the free data above the
+// floor, exactly or not, and a pool that takes nothing takes no write.
+func TestAdmitDataBoundaries(t *testing.T) {
+	// 1000 data bytes, 500 used, a 10% floor: 400 bytes above it.
+	base := Usage{
+		DataBytes: 1000, DataUsedBytes: 500, MetadataBytes: 100, MetadataUsedBytes: 50,
+		MinFreeDataPercent: 10, MinFreeMetadataPercent: 10, OverprovisionRatio: 8, Mode: ModeReadWrite,
+	}
+	for _, c := range []struct {
+		name    string
+		mod     func(*Usage)
+		n       int64
+		wantErr error
+	}{
+		{"exactly the free data", nil, 400, nil},
+		{"one byte more", nil, 401, ErrNoSpace},
+		{"nothing to write", nil, 0, nil},
+		{"the overprovisioning limit does not matter", func(u *Usage) { u.ProvisionedBytes = 1 << 40 }, 400, nil},
+		{"out of data space", func(u *Usage) { u.Mode = ModeOutOfDataSpace }, 1, ErrNoSpace},
+		{"read-only", func(u *Usage) { u.Mode = ModeReadOnly }, 1, ErrPoolUnhealthy},
+		{"metadata at its floor", func(u *Usage) { u.MetadataUsedBytes = 90 }, 1, ErrNoSpace},
+	} {
+		u := base
+		if c.mod != nil {
+			c.mod(&u)
+		}
+		err := u.admitData(c.n)
+		if (c.wantErr == nil) != (err == nil) || (c.wantErr != nil && !errors.Is(err, c.wantErr)) {
+			t.Errorf("%s: admitData(%d) = %v, want %v", c.name, c.n, err, c.wantErr)
+		}
+	}
+}
