@@ -260,18 +260,21 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReques
 		if err != nil {
 			return nil, err
 		}
+		if src.GetVolume() != nil && d.copies != nil {
+			if _, lerr := pool.Get(id.name); id.pool != pool.Name() || errors.Is(lerr, thinpool.ErrNotFound) {
+				// Not here: a clone of another node's volume, left by
+				// the controller to be copied here, names that node on
+				// its PVC.
+				if node := d.copies.cloneSourceNode(ctx, req); node != "" && node != d.nodeID {
+					id.node = node
+					return d.createFromRemote(ctx, req, pool, name, params, id, src)
+				}
+			}
+		}
 		if id.pool != pool.Name() {
 			return nil, notFound("%s %s is in pool %s, not %s: a clone or restore stays in its source's pool", field, sourceID, id.pool, pool.Name())
 		}
 		source, err = pool.Get(id.name)
-		if errors.Is(err, thinpool.ErrNotFound) && src.GetVolume() != nil && d.copies != nil {
-			// A clone of another node's volume, left by the controller
-			// to be copied here: its PVC names the node.
-			if node := d.copies.cloneSourceNode(ctx, req); node != "" && node != d.nodeID {
-				id.node = node
-				return d.createFromRemote(ctx, req, pool, name, params, id, src)
-			}
-		}
 		if err != nil {
 			return nil, toStatus(err, "%s %s", field, sourceID)
 		}
@@ -393,6 +396,12 @@ func (d *Driver) deleteObject(ctx context.Context, field, s string, kind thinpoo
 	defer unlock()
 	v, err := pool.Get(id.name)
 	if errors.Is(err, thinpool.ErrNotFound) {
+		if kind == thinpool.KindVolume {
+			// A copy's record may outlive a volume never made.
+			if err := d.copies.forget(id.pool, id.name); err != nil {
+				return status.Errorf(codes.Internal, "delete %s %s: its copy record: %v", kind, id, err)
+			}
+		}
 		return nil
 	}
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
@@ -45,10 +46,21 @@ type CopyPeers interface {
 	Endpoint(ctx context.Context, node, pool string) (blockcopy.Endpoint, error)
 }
 
-// ClaimChecker answers whether a PVC still exists: a copy for one that is
-// gone is cancelled and its target deleted.
+// ClaimRef names the PVC a copy is for, as the provisioner gave it: its
+// namespace and name (--extra-create-metadata), its UID (the volume's
+// name, "pvc-<uid>"), this node, and the volume's CSI name (the PV's).
+type ClaimRef struct {
+	Namespace, Name, UID, Node, Volume string
+}
+
+// ClaimChecker answers whether a copy is still wanted: a copy for a PVC
+// that is gone, was made again (another UID), is bound to another volume
+// or now waits for another node is abandoned, cancelled and its target
+// deleted; and whether a PV of a name exists, for a finished copy whose
+// PVC went before the PV was made.
 type ClaimChecker interface {
-	ClaimExists(ctx context.Context, namespace, name string) (bool, error)
+	ClaimWants(ctx context.Context, c ClaimRef) (bool, error)
+	PVExists(ctx context.Context, name string) (bool, error)
 }
 
 // CloneSourceFinder, when CopyOptions.Claims has it, says which node holds
@@ -92,21 +104,49 @@ type CopyOptions struct {
 	// ClaimCheckEvery is how often a running copy asks whether its PVC
 	// still exists (default 10 s).
 	ClaimCheckEvery time.Duration
+	// DoneGrace is how long a finished copy's volume waits for its PV
+	// before the reap may remove it as nobody's (default 10 min): between
+	// CreateVolume's OK and the PV, the provisioner needs a moment.
+	DoneGrace time.Duration
 }
 
 // copyRecord is the durable state of one copy on its target node.
 type copyRecord struct {
-	CopyID     string    `json:"copyID"`
-	Pool       string    `json:"pool"`
-	Name       string    `json:"name"` // the target's device name
-	SourceID   string    `json:"sourceID"`
-	SourceNode string    `json:"sourceNode"`
-	SourcePool string    `json:"sourcePool"`
-	SizeBytes  int64     `json:"sizeBytes"`
-	Namespace  string    `json:"namespace,omitempty"` // the PVC, when the provisioner named it
-	Claim      string    `json:"claim,omitempty"`
-	Done       bool      `json:"done,omitempty"`
-	CreatedAt  time.Time `json:"createdAt"`
+	CopyID     string `json:"copyID"`
+	Pool       string `json:"pool"`
+	Name       string `json:"name"` // the target's device name
+	SourceID   string `json:"sourceID"`
+	SourceNode string `json:"sourceNode"`
+	SourcePool string `json:"sourcePool"`
+	SizeBytes  int64  `json:"sizeBytes"`
+	Namespace  string `json:"namespace,omitempty"` // the PVC, when the provisioner named it
+	Claim      string `json:"claim,omitempty"`
+	CSIName    string `json:"csiName"` // CreateVolume's name: the PV's
+	// ExtentsSHA256 is the hash of the source's extents the target's
+	// writes are of, set (durably) before the first write: a copy of other
+	// extents needs a fresh target.
+	ExtentsSHA256 string    `json:"extentsSHA256,omitempty"`
+	Done          bool      `json:"done,omitempty"`
+	DoneAt        time.Time `json:"doneAt,omitempty"`
+	CreatedAt     time.Time `json:"createdAt"`
+}
+
+// claim is the PVC the record's copy is for; "" Name for none.
+func (r copyRecord) claim(node string) ClaimRef {
+	uid, _ := strings.CutPrefix(r.CSIName, "pvc-")
+	if uid == r.CSIName {
+		uid = ""
+	}
+	return ClaimRef{Namespace: r.Namespace, Name: r.Claim, UID: uid, Node: node, Volume: r.CSIName}
+}
+
+// wanted asks whether the record's copy is still wanted; true when there
+// is no PVC to ask about, or nobody to ask.
+func (c *copier) wanted(ctx context.Context, rec copyRecord) (bool, error) {
+	if c.o.Claims == nil || rec.Claim == "" || rec.Namespace == "" {
+		return true, nil
+	}
+	return c.o.Claims.ClaimWants(ctx, rec.claim(c.d.nodeID))
 }
 
 // copier runs a node's copies.
@@ -134,8 +174,14 @@ type copyJob struct {
 	err    error // set before done closes
 }
 
-// errClaimGone cancels a copy whose PVC was deleted.
-var errClaimGone = errors.New("the PVC was deleted")
+// Causes of a copy's cancellation.
+var (
+	errClaimGone     = errors.New("its PVC was deleted, made again, bound elsewhere or moved to another node")
+	errVolumeDeleted = errors.New("the volume is being deleted")
+	// errFreshTarget: the target holds an earlier attempt's writes of
+	// other extents; it is made again before this copy writes.
+	errFreshTarget = errors.New("the target holds writes of other extents")
+)
 
 func newCopier(d *Driver, o CopyOptions) (*copier, error) {
 	if o.Peers == nil || o.Token == nil || o.Dir == "" {
@@ -146,6 +192,9 @@ func newCopier(d *Driver, o CopyOptions) (*copier, error) {
 	}
 	if o.ClaimCheckEvery <= 0 {
 		o.ClaimCheckEvery = 10 * time.Second
+	}
+	if o.DoneGrace <= 0 {
+		o.DoneGrace = 10 * time.Minute
 	}
 	c := &copier{o: o, d: d, recDir: filepath.Join(o.Dir, "records"), jobs: map[string]*copyJob{}, unfinished: map[string]bool{}}
 	if err := os.MkdirAll(c.recDir, 0o700); err != nil {
@@ -373,6 +422,20 @@ func (c *copier) startOrJoin(ctx context.Context, req *csipb.CreateVolumeRequest
 	case err != nil && !errors.Is(err, thinpool.ErrNotFound):
 		return nil, nil, toStatus(err, "create volume %q", req.GetName())
 	}
+	if !haveRec || !rec.Done {
+		// A new copy, or a copy started again: only for a PVC that still
+		// wants it here. The provisioner retries a claim deleted during
+		// provisioning: copying again for it would loop.
+		probe := copyRecord{Namespace: req.GetParameters()[ParamPVCNamespace], Claim: req.GetParameters()[ParamPVCName], CSIName: req.GetName()}
+		if ok, err := c.wanted(ctx, probe); err == nil && !ok {
+			if haveRec {
+				if derr := c.discard(ctx, pool, rec); derr != nil {
+					klog.FromContext(ctx).Error(derr, "Removing an abandoned copy")
+				}
+			}
+			return nil, nil, status.Errorf(codes.FailedPrecondition, "volume %q: %v: nothing is copied for it", req.GetName(), errClaimGone)
+		}
+	}
 	if err != nil { // not made yet
 		if haveRec && rec.SourceID != sourceID {
 			// A record of an earlier copy under this name whose volume is
@@ -384,7 +447,7 @@ func (c *copier) startOrJoin(ctx context.Context, req *csipb.CreateVolumeRequest
 				CopyID: copyID, Pool: pool.Name(), Name: name, SourceID: sourceID,
 				SourceNode: src.node, SourcePool: src.pool, SizeBytes: size,
 				Namespace: req.GetParameters()[ParamPVCNamespace], Claim: req.GetParameters()[ParamPVCName],
-				CreatedAt: time.Now().UTC(),
+				CSIName: req.GetName(), CreatedAt: time.Now().UTC(),
 			}
 			// The record first: a crash after the volume is made must find
 			// it a copy in progress, never a volume.
@@ -397,6 +460,11 @@ func (c *copier) startOrJoin(ctx context.Context, req *csipb.CreateVolumeRequest
 			}
 		}
 		if _, err := pool.CreateVolume(ctx, name, rec.SizeBytes); err != nil {
+			// Nothing was made: the record goes too. A crash before this
+			// leaves one for the reap.
+			if derr := errors.Join(c.checkpoints.Delete(copyID), c.deleteRecord(rec)); derr != nil {
+				klog.FromContext(ctx).Error(derr, "Removing the record of a copy whose volume was not made")
+			}
 			return nil, nil, d.reportNoSpace(req, pool.Name(), toStatus(err, "create volume %q", req.GetName()))
 		}
 	}
@@ -431,16 +499,39 @@ func (c *copier) run(ctx context.Context, pool Pool, job *copyJob) error {
 	if err == nil {
 		return nil
 	}
-	if errors.Is(context.Cause(ctx), errClaimGone) {
-		logger.Info("PVC deleted during the copy; removing the partial volume")
+	switch cause := context.Cause(ctx); {
+	case errors.Is(cause, errClaimGone):
+		logger.Info("The copy is not wanted any more; removing the partial volume", "why", cause)
 		if cerr := c.discard(context.WithoutCancel(ctx), pool, rec); cerr != nil {
 			logger.Error(cerr, "Removing a cancelled copy")
 		}
-		c.event(rec, false, ReasonCopyCancelled, fmt.Sprintf("the copy of %s from node %s was cancelled: the PVC was deleted", rec.SourceID, rec.SourceNode))
-		return status.Errorf(codes.Aborted, "volume %q: the copy was cancelled: %v", rec.Name, errClaimGone)
+		c.event(rec, false, ReasonCopyCancelled, fmt.Sprintf("the copy of %s from node %s was cancelled: %v", rec.SourceID, rec.SourceNode, errClaimGone))
+		// Final: the provisioner stops retrying; there is nothing to make.
+		return status.Errorf(codes.FailedPrecondition, "volume %q: the copy was cancelled: %v", rec.CSIName, errClaimGone)
+	case errors.Is(cause, errVolumeDeleted):
+		logger.Info("The volume was deleted during its copy")
+		c.releaseSource(context.WithoutCancel(ctx), rec)
+		return status.Errorf(codes.Aborted, "volume %q: %v during its copy", rec.CSIName, errVolumeDeleted)
+	case c.ctx.Err() != nil:
+		return status.Errorf(codes.Unavailable, "volume %q: the driver is stopping; the copy resumes at the next call", rec.CSIName)
 	}
-	if c.ctx.Err() != nil {
-		return status.Errorf(codes.Unavailable, "volume %q: the driver is stopping; the copy resumes at the next call", rec.Name)
+	// What no retry mends: nothing is kept, and the answer is final.
+	var final codes.Code
+	switch {
+	case errors.Is(err, blockcopy.ErrSourceNotFound):
+		final = codes.NotFound
+	case errors.Is(err, blockcopy.ErrTargetTooSmall):
+		final = codes.OutOfRange
+	case errors.Is(err, thinpool.ErrNoSpace) || errors.Is(err, syscall.ENOSPC):
+		// The provisioner clears the node and the scheduler picks again.
+		final = codes.ResourceExhausted
+	}
+	if final != codes.OK {
+		if cerr := c.discard(context.WithoutCancel(ctx), pool, rec); cerr != nil {
+			logger.Error(cerr, "Removing a copy that cannot be made")
+		}
+		c.event(rec, true, ReasonCopyFailed, fmt.Sprintf("copying %s from node %s to node %s: %v (nothing kept)", rec.SourceID, rec.SourceNode, c.d.nodeID, err))
+		return status.Errorf(final, "volume %q: copy of %s from node %s: %v", rec.CSIName, rec.SourceID, rec.SourceNode, err)
 	}
 	logger.Error(err, "Copy failed; it resumes at the next call")
 	c.event(rec, true, ReasonCopyFailed, fmt.Sprintf("copying %s from node %s: %v (it resumes when the provisioner retries)", rec.SourceID, rec.SourceNode, err))
@@ -448,7 +539,7 @@ func (c *copier) run(ctx context.Context, pool Pool, job *copyJob) error {
 	if errors.Is(err, blockcopy.ErrVerify) {
 		code = codes.Internal
 	}
-	return status.Errorf(code, "volume %q: copy of %s from node %s: %v", rec.Name, rec.SourceID, rec.SourceNode, err)
+	return status.Errorf(code, "volume %q: copy of %s from node %s: %v", rec.CSIName, rec.SourceID, rec.SourceNode, err)
 }
 
 func (c *copier) copyOnce(ctx context.Context, pool Pool, rec copyRecord, logger klog.Logger) error {
@@ -456,6 +547,28 @@ func (c *copier) copyOnce(ctx context.Context, pool Pool, rec copyRecord, logger
 	if err != nil {
 		return fmt.Errorf("finding node %s's copy endpoint: %w", rec.SourceNode, err)
 	}
+	err = c.copyInto(ctx, pool, ep, &rec, logger)
+	if errors.Is(err, errFreshTarget) {
+		// The source's extents changed (a volume's snapshot made again):
+		// the target is made again, empty, before this copy writes.
+		logger.Info("The source's extents changed since the last attempt; making the target again")
+		if err := pool.Delete(ctx, rec.Name); err != nil && !errors.Is(err, thinpool.ErrNotFound) {
+			return fmt.Errorf("making the target again: %w", err)
+		}
+		if _, err := pool.CreateVolume(ctx, rec.Name, rec.SizeBytes); err != nil {
+			return fmt.Errorf("making the target again: %w", err)
+		}
+		rec.ExtentsSHA256 = ""
+		if err := c.saveRecord(rec); err != nil {
+			return err
+		}
+		err = c.copyInto(ctx, pool, ep, &rec, logger)
+	}
+	return err
+}
+
+// copyInto runs one blockcopy.Copy into the target.
+func (c *copier) copyInto(ctx context.Context, pool Pool, ep blockcopy.Endpoint, rec *copyRecord, logger klog.Logger) error {
 	path, err := pool.Activate(ctx, rec.Name)
 	if err != nil {
 		return fmt.Errorf("activating the target: %w", err)
@@ -470,12 +583,29 @@ func (c *copier) copyOnce(ctx context.Context, pool Pool, rec copyRecord, logger
 		Endpoint: ep, Token: c.o.Token, CopyID: rec.CopyID, SourceID: rec.SourceID,
 		Target: t, Checkpoints: c.checkpoints, RateBytesPerSec: c.o.RateBytesPerSec,
 		CheckpointEvery: c.o.CheckpointBytes, Metrics: c.o.Metrics,
+		Opened: func(i blockcopy.OpenInfo) error {
+			if !i.Resuming && rec.ExtentsSHA256 != "" && rec.ExtentsSHA256 != i.ExtentsSHA256 {
+				return errFreshTarget
+			}
+			if !i.Resuming {
+				// The pool admitted the volume's size, not these bytes
+				// written at once: with overprovisioning they may not fit.
+				if err := pool.AdmitData(i.MappedBytes); err != nil {
+					return err
+				}
+			}
+			if rec.ExtentsSHA256 != i.ExtentsSHA256 {
+				rec.ExtentsSHA256 = i.ExtentsSHA256
+				return c.saveRecord(*rec) // before the first write
+			}
+			return nil
+		},
 		Progress: func(p blockcopy.Progress) {
 			if time.Since(lastEvent) < 30*time.Second {
 				return
 			}
 			lastEvent = time.Now()
-			c.event(rec, false, ReasonCopyProgress, fmt.Sprintf("copied %s of the %s that %s maps", fmtBytes(p.DoneBytes), fmtBytes(p.TotalBytes), rec.SourceID))
+			c.event(*rec, false, ReasonCopyProgress, fmt.Sprintf("copied %s of the %s that %s maps", fmtBytes(p.DoneBytes), fmtBytes(p.TotalBytes), rec.SourceID))
 		},
 	})
 	cerr := t.Close()
@@ -487,19 +617,34 @@ func (c *copier) copyOnce(ctx context.Context, pool Pool, rec copyRecord, logger
 	if err := errors.Join(cerr, derr); err != nil {
 		return fmt.Errorf("closing the target: %w", err)
 	}
-	rec.Done = true
-	if err := c.saveRecord(rec); err != nil {
+	rec.Done, rec.DoneAt = true, time.Now().UTC()
+	if err := c.saveRecord(*rec); err != nil {
 		return fmt.Errorf("marking the copy done: %w", err)
 	}
 	logger.Info("Copied volume", "bytes", res.Bytes, "mapped", res.Total, "resumedAt", res.Resumed, "took", res.Duration)
-	c.event(rec, false, ReasonCopyCompleted, fmt.Sprintf("copied %s from node %s, verified: %d bytes mapped, %d moved by this run (which began at byte %d), in %s", rec.SourceID, rec.SourceNode, res.Total, res.Bytes, res.Resumed, res.Duration.Round(time.Millisecond)))
+	c.event(*rec, false, ReasonCopyCompleted, fmt.Sprintf("copied %s from node %s, verified: %d bytes mapped, %d moved by this run (which began at byte %d), in %s", rec.SourceID, rec.SourceNode, res.Total, res.Bytes, res.Resumed, res.Duration.Round(time.Millisecond)))
 	// The source no longer needs to keep anything for this copy.
-	if tok, err := c.o.Token(); err == nil {
-		if err := blockcopy.Release(ctx, ep, tok, rec.CopyID); err != nil {
-			logger.V(2).Info("Releasing the copy on its source failed; the source releases it when idle", "err", err)
-		}
-	}
+	c.releaseAt(ctx, ep, rec.CopyID)
 	return nil
+}
+
+// releaseAt tells the source at ep that the copy is over; a failure is
+// left to the source's idle release.
+func (c *copier) releaseAt(ctx context.Context, ep blockcopy.Endpoint, copyID string) {
+	tok, err := c.o.Token()
+	if err == nil {
+		err = blockcopy.Release(ctx, ep, tok, copyID)
+	}
+	if err != nil {
+		klog.FromContext(ctx).V(2).Info("Releasing the copy on its source failed; the source releases it when idle", "copy", copyID, "err", err)
+	}
+}
+
+// releaseSource is releaseAt for the record's source.
+func (c *copier) releaseSource(ctx context.Context, rec copyRecord) {
+	if ep, err := c.o.Peers.Endpoint(ctx, rec.SourceNode, rec.SourcePool); err == nil {
+		c.releaseAt(ctx, ep, rec.CopyID)
+	}
 }
 
 // discard removes a copy that will never finish: its volume, checkpoint
@@ -509,11 +654,7 @@ func (c *copier) discard(ctx context.Context, pool Pool, rec copyRecord) error {
 	if err := pool.Delete(ctx, rec.Name); err != nil && !errors.Is(err, thinpool.ErrNotFound) {
 		return err
 	}
-	if ep, err := c.o.Peers.Endpoint(ctx, rec.SourceNode, rec.SourcePool); err == nil {
-		if tok, err := c.o.Token(); err == nil {
-			_ = blockcopy.Release(ctx, ep, tok, rec.CopyID) // the source releases idle copies anyway
-		}
-	}
+	c.releaseSource(ctx, rec)
 	return errors.Join(c.checkpoints.Delete(rec.CopyID), c.deleteRecord(rec))
 }
 
@@ -526,7 +667,7 @@ func (c *copier) watchClaim(ctx context.Context, job *copyJob) {
 			return
 		case <-t.C:
 		}
-		ok, err := c.o.Claims.ClaimExists(ctx, job.rec.Namespace, job.rec.Claim)
+		ok, err := c.wanted(ctx, job.rec)
 		if err == nil && !ok {
 			job.cancel(errClaimGone)
 			return
@@ -553,7 +694,7 @@ func (c *copier) cancelJob(pool, name string) {
 	job := c.jobs[c.d.copyID(pool, name)]
 	c.mu.Unlock()
 	if job != nil {
-		job.cancel(errors.New("the volume is being deleted"))
+		job.cancel(errVolumeDeleted)
 		<-job.done
 	}
 }
@@ -582,7 +723,10 @@ func (d *Driver) ReapCopies(ctx context.Context) error {
 	return errors.Join(err, c.reapTargets(ctx))
 }
 
-// reapTargets removes this node's unfinished copies whose PVC is gone.
+// reapTargets removes the copies on this node that nobody will use: an
+// unfinished one whose PVC no longer wants it (gone, made again, bound
+// elsewhere, moved to another node), and a finished one of such a PVC
+// whose PV was never made (the provisioner gave up on it before our OK).
 func (c *copier) reapTargets(ctx context.Context) error {
 	d := c.d
 	ents, err := os.ReadDir(c.recDir)
@@ -596,7 +740,7 @@ func (c *copier) reapTargets(ctx context.Context) error {
 			continue
 		}
 		rec, ok, err := c.loadRecord(copyID)
-		if err != nil || !ok || rec.Done || rec.Claim == "" {
+		if err != nil || !ok || rec.Claim == "" || (rec.Done && time.Since(rec.DoneAt) < c.o.DoneGrace) {
 			errs = append(errs, err)
 			continue
 		}
@@ -606,10 +750,17 @@ func (c *copier) reapTargets(ctx context.Context) error {
 		if running {
 			continue
 		}
-		exists, err := c.o.Claims.ClaimExists(ctx, rec.Namespace, rec.Claim)
-		if err != nil || exists {
+		wanted, err := c.wanted(ctx, rec)
+		if err != nil || wanted {
 			errs = append(errs, err)
 			continue
+		}
+		if rec.Done && rec.CSIName != "" {
+			pv, err := c.o.Claims.PVExists(ctx, rec.CSIName)
+			if err != nil || pv {
+				errs = append(errs, err) // the CO has it: DeleteVolume forgets the record
+				continue
+			}
 		}
 		pool, err := d.pool(rec.Pool)
 		if err != nil {
@@ -622,7 +773,7 @@ func (c *copier) reapTargets(ctx context.Context) error {
 		err = c.discard(ctx, pool, rec)
 		unlock()
 		if err == nil {
-			klog.FromContext(ctx).Info("Removed an unfinished copy whose PVC is gone", "volume", objectID{pool: rec.Pool, name: rec.Name}, "claim", rec.Namespace+"/"+rec.Claim)
+			klog.FromContext(ctx).Info("Removed a copy nobody will use", "volume", objectID{pool: rec.Pool, name: rec.Name}, "claim", rec.Namespace+"/"+rec.Claim, "done", rec.Done)
 		}
 		errs = append(errs, err)
 	}

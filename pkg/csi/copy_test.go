@@ -127,12 +127,18 @@ func (tokenAuth) Authenticate(_ context.Context, token string) (string, error) {
 // serveCopies serves node's snapshots on loopback.
 func serveCopies(t *testing.T, n *copyNode) blockcopy.Endpoint {
 	t.Helper()
+	return serveCopiesFrom(t, n.d)
+}
+
+// serveCopiesFrom serves d's snapshots and volumes on loopback.
+func serveCopiesFrom(t *testing.T, d *Driver) blockcopy.Endpoint {
+	t.Helper()
 	cert, sum, err := blockcopy.LoadOrCreateCert(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	srv, err := blockcopy.NewServer(blockcopy.ServerOptions{
-		Opener: n.d.CopySource(), Auth: tokenAuth{}, Cert: cert,
+		Opener: d.CopySource(), Auth: tokenAuth{}, Cert: cert,
 		Allowed: func(user string) bool { return user == "system:serviceaccount:csi:driver" },
 	})
 	if err != nil {
@@ -148,12 +154,12 @@ func serveCopies(t *testing.T, n *copyNode) blockcopy.Endpoint {
 }
 
 type onePeer struct {
-	node string
-	ep   blockcopy.Endpoint
+	node, pool string
+	ep         blockcopy.Endpoint
 }
 
 func (p onePeer) Endpoint(_ context.Context, node, pool string) (blockcopy.Endpoint, error) {
-	if node != p.node || pool != testPool {
+	if node != p.node || pool != p.pool {
 		return blockcopy.Endpoint{}, fmt.Errorf("no copy endpoint for node %s, pool %s", node, pool)
 	}
 	return p.ep, nil
@@ -164,20 +170,34 @@ func (p onePeer) Endpoint(_ context.Context, node, pool string) (blockcopy.Endpo
 type copyEvents struct {
 	recordingSink
 	mu     sync.Mutex
-	events []string // "<reason>: <message>"
-	gone   bool
+	events []string   // "<reason>: <message>"
+	gone   bool       // the claim does not want its copy
+	pv     bool       // PVExists' answer
+	asked  []ClaimRef // what ClaimWants was asked
+	// onStart runs, under mu, when a copy starts.
+	onStart func()
 }
 
 func (e *copyEvents) CopyEvent(ns, name string, warning bool, reason, msg string) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.events = append(e.events, reason+": "+msg)
+	if reason == ReasonCopyStarted && e.onStart != nil {
+		e.onStart()
+	}
 }
 
-func (e *copyEvents) ClaimExists(context.Context, string, string) (bool, error) {
+func (e *copyEvents) ClaimWants(_ context.Context, c ClaimRef) (bool, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	e.asked = append(e.asked, c)
 	return !e.gone, nil
+}
+
+func (e *copyEvents) PVExists(context.Context, string) (bool, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.pv, nil
 }
 
 // CopySourceNode: the controller named node-a as the clones' source.
@@ -265,7 +285,7 @@ func newCopyPair(t *testing.T, tweak func(*CopyOptions)) *copyPair {
 		t.Fatal(err)
 	}
 	opts := &CopyOptions{
-		Peers: onePeer{node: "node-a", ep: serveCopies(t, src)},
+		Peers: onePeer{node: "node-a", pool: testPool, ep: serveCopies(t, src)},
 		Token: func() (string, error) {
 			cp.tokenMu.Lock()
 			defer cp.tokenMu.Unlock()
@@ -389,30 +409,6 @@ func TestCopyRefusedThenRetried(t *testing.T) {
 		t.Fatal(err)
 	}
 	cp.checkData(t, "pvc-restored", copySrcBytes)
-}
-
-// A copy whose PVC is deleted stops, and nothing of it stays: not the
-// volume, its record or its checkpoint, nor the source's open snapshot.
-func TestCopyCancelledWhenTheClaimIsGone(t *testing.T) {
-	cp := newCopyPair(t, func(o *CopyOptions) {
-		o.RateBytesPerSec = 1 << 20 // 3 MiB and more: seconds, against the claim checked every 10 ms
-		o.ClaimCheckEvery = 10 * time.Millisecond
-	})
-	cp.events.gone = true
-	_, err := cp.dst.d.CreateVolume(t.Context(), cp.restoreReq("pvc-restored", copySrcBytes))
-	wantCode(t, err, codes.Aborted)
-	if _, err := cp.dst.pool.Get("pvc-restored"); !errors.Is(err, thinpool.ErrNotFound) {
-		t.Errorf("the cancelled copy's volume: %v, want it deleted", err)
-	}
-	if left, _ := filepath.Glob(filepath.Join(cp.copyDir, "*", "*")); len(left) != 0 {
-		t.Errorf("left after a cancelled copy: %v", left)
-	}
-	if w := cp.events.with(ReasonCopyCancelled); len(w) != 1 {
-		t.Errorf("%s events: %q, want one", ReasonCopyCancelled, w)
-	}
-	if snap, err := cp.src.pool.Get("snap-1"); err != nil || snap.Active {
-		t.Errorf("the source's snapshot: %+v, %v; want it released", snap, err)
-	}
 }
 
 // A target driver stopped in the middle of a copy resumes it from its

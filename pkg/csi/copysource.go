@@ -81,6 +81,16 @@ func (s *copySource) Open(ctx context.Context, copyID, sourceID string) (blockco
 		// A live volume: the copy reads a snapshot of it made now, or
 		// the one made when this copy first opened it.
 		name = copySnapshotName(copyID)
+		if old, err := pool.Get(name); err == nil && old.Source != id.name {
+			// The copy ID was used before for another volume (a target
+			// that gave up on that copy): that snapshot is no use now.
+			if s.open[objectID{pool: id.pool, name: name}.String()] > 0 {
+				return nil, fmt.Errorf("copy %s is reading volume %s, not %s", copyID, old.Source, id.name)
+			}
+			if err := pool.Delete(ctx, name); err != nil {
+				return nil, fmt.Errorf("deleting copy %s's snapshot of another volume: %w", copyID, err)
+			}
+		}
 		if _, err := pool.Get(name); errors.Is(err, thinpool.ErrNotFound) {
 			if _, err := pool.Snapshot(ctx, name, id.name); err != nil {
 				return nil, fmt.Errorf("snapshotting volume %s for copy %s: %w", sourceID, copyID, err)

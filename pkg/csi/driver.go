@@ -57,6 +57,9 @@ type Pool interface {
 	// device maps, from the pool's metadata: what a copy to another node
 	// sends.
 	MappedExtents(ctx context.Context, name string) ([]thinpool.Extent, error)
+	// AdmitData answers whether the pool's free data now holds n more
+	// bytes: those a copy from another node writes at once.
+	AdmitData(n int64) error
 }
 
 var _ Pool = (*thinpool.Pool)(nil)
