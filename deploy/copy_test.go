@@ -163,6 +163,7 @@ func TestCopyRBAC(t *testing.T) {
 	}
 	want := map[string][]string{
 		"/persistentvolumeclaims":            {"get"},
+		"/persistentvolumes":                 {"get"},
 		"/nodes":                             {"get"},
 		"storage.k8s.io/storageclasses":      {"get"},
 		"/events":                            {"create", "patch"},

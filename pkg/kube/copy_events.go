@@ -43,20 +43,40 @@ func (e *PVCEvents) event(namespace, name, typ, reason, message string) {
 	e.recorder.Event(obj, typ, reason, message)
 }
 
-// ClaimExists reads the PVC: false only when the API server says it is
-// not there, or it is being deleted.
-func (e *PVCEvents) ClaimExists(ctx context.Context, namespace, name string) (bool, error) {
+// ClaimWants reads the PVC: false when it is gone or being deleted, is
+// another PVC of the same name (another UID), is bound to another volume,
+// or waits for another node than c.Node.
+func (e *PVCEvents) ClaimWants(ctx context.Context, c csi.ClaimRef) (bool, error) {
 	if e.client == nil {
 		return true, nil
 	}
-	pvc, err := e.client.CoreV1().PersistentVolumeClaims(namespace).Get(ctx, name, metav1.GetOptions{})
+	pvc, err := e.client.CoreV1().PersistentVolumeClaims(c.Namespace).Get(ctx, c.Name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		return false, nil
 	}
 	if err != nil {
 		return false, err
 	}
-	return pvc.DeletionTimestamp == nil, nil
+	switch {
+	case pvc.DeletionTimestamp != nil,
+		c.UID != "" && string(pvc.UID) != c.UID,
+		pvc.Spec.VolumeName != "" && c.Volume != "" && pvc.Spec.VolumeName != c.Volume,
+		pvc.Annotations[AnnSelectedNode] != "" && c.Node != "" && pvc.Annotations[AnnSelectedNode] != c.Node:
+		return false, nil
+	}
+	return true, nil
+}
+
+// PVExists reads the PV of that name.
+func (e *PVCEvents) PVExists(ctx context.Context, name string) (bool, error) {
+	if e.client == nil {
+		return true, nil
+	}
+	_, err := e.client.CoreV1().PersistentVolumes().Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return false, nil
+	}
+	return err == nil, err
 }
 
 var _ csi.CloneSourceFinder = (*PVCEvents)(nil)

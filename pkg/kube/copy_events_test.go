@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/csi-dmthin/csi-dmthin/pkg/csi"
 )
 
 // A copy's Events go on its PVC, Normal or Warning; whether the PVC still
@@ -18,7 +20,10 @@ func TestCopyEventsAndQuestions(t *testing.T) {
 	gone := claim("going", wffc.Name, nil)
 	now := metav1.Now()
 	gone.DeletionTimestamp, gone.Finalizers = &now, []string{"kubernetes.io/pvc-protection"}
-	c.create(t, wffc, clone, gone)
+	bound := boundClaim("bound", "pv-mine")
+	placed := claim("placed", wffc.Name, nil)
+	placed.Annotations = map[string]string{AnnSelectedNode: nodeA}
+	c.create(t, wffc, clone, gone, bound, placed, volume("pv-src", "alpha/pvc-src", nodeB, "src"))
 	rec := &eventLog{}
 	sink := NewPVCEvents(rec, c.core)
 	sink.CopyEvent(ns, "clone", false, "CopyStarted", "copying")
@@ -33,9 +38,27 @@ func TestCopyEventsAndQuestions(t *testing.T) {
 		t.Errorf("events = %q", ev)
 	}
 	ctx := context.Background()
-	for name, want := range map[string]bool{"clone": true, "going": false, "missing": false} {
-		if got, err := sink.ClaimExists(ctx, ns, name); err != nil || got != want {
-			t.Errorf("ClaimExists(%s) = %v, %v; want %v", name, got, err, want)
+	for _, tc := range []struct {
+		ref  csi.ClaimRef
+		want bool
+	}{
+		{csi.ClaimRef{Namespace: ns, Name: "clone"}, true},
+		{csi.ClaimRef{Namespace: ns, Name: "clone", UID: "uid-clone", Node: nodeA, Volume: "pvc-uid-clone"}, true},
+		{csi.ClaimRef{Namespace: ns, Name: "clone", UID: "uid-other"}, false},
+		{csi.ClaimRef{Namespace: ns, Name: "bound", Volume: "pv-mine"}, true},
+		{csi.ClaimRef{Namespace: ns, Name: "bound", Volume: "pvc-mine"}, false},
+		{csi.ClaimRef{Namespace: ns, Name: "placed", Node: nodeA}, true},
+		{csi.ClaimRef{Namespace: ns, Name: "placed", Node: nodeB}, false},
+		{csi.ClaimRef{Namespace: ns, Name: "going"}, false},
+		{csi.ClaimRef{Namespace: ns, Name: "missing"}, false},
+	} {
+		if got, err := sink.ClaimWants(ctx, tc.ref); err != nil || got != tc.want {
+			t.Errorf("ClaimWants(%+v) = %v, %v; want %v", tc.ref, got, err, tc.want)
+		}
+	}
+	for name, want := range map[string]bool{"pv-src": true, "pv-none": false} {
+		if got, err := sink.PVExists(ctx, name); err != nil || got != want {
+			t.Errorf("PVExists(%s) = %v, %v; want %v", name, got, err, want)
 		}
 	}
 	if node, err := sink.CopySourceNode(ctx, ns, "clone"); err != nil || node != nodeB {

@@ -45,9 +45,10 @@ const (
 	ReasonCopyFromSourceNode = "RestoreCopiedFromSourceNode"
 )
 
-// AnnCopyFromNode names, on a clone that placement left to the scheduler
-// to be copied, the node that holds its source volume: a volume ID does not
-// name its node, so the node that makes the clone reads it here.
+// AnnCopyFromNode names, on a restore or clone that placement left to the
+// scheduler to be copied, the node that holds its source: a volume ID does
+// not name its node, so the node that makes a clone reads it here; and
+// placement does not steer a PVC that has it again.
 const AnnCopyFromNode = "dmthin.csi.dmthin.io/copy-from-node"
 
 // cordonRecheck is how often a restore waiting for its cordoned source node
@@ -202,6 +203,12 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 	if pvc.Annotations[AnnSelectedNode] == src.node {
 		return false, nil
 	}
+	if pvc.Annotations[AnnCopyFromNode] != "" {
+		// Left to the scheduler to be copied, earlier: the node it chose
+		// may be copying already, so that choice stands even once the
+		// source's node could take the volume again.
+		return false, nil
+	}
 	if wait := p.reselectWait(pvc.UID); wait > 0 {
 		// Placed before and cleared since: the provisioner clears the
 		// node when CreateVolume fails there (a pool fuller than its
@@ -257,7 +264,8 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 // take it: with copies on, it is left to the scheduler, and the node the
 // scheduler picks copies the source. That node finds the source's node in
 // a snapshot's ID, or, for a clone, in the PVC's AnnCopyFromNode, which
-// this sets. copied is false when placement goes on as without copies (a
+// this sets on both: it also keeps the decision (sync leaves such a PVC
+// alone). copied is false when placement goes on as without copies (a
 // snapshot ID without its node, copies off, or placed there earlier).
 func (p *Placement) copyInstead(ctx context.Context, pvc *corev1.PersistentVolumeClaim, src source, why string) (copied, retry bool, err error) {
 	if !p.copy {
@@ -275,7 +283,7 @@ func (p *Placement) copyInstead(ctx context.Context, pvc *corev1.PersistentVolum
 	if pvc.Annotations[AnnSelectedNode] == src.node {
 		return false, false, nil // placed there earlier: that choice stands
 	}
-	if src.kind == "volume" && pvc.Annotations[AnnCopyFromNode] != src.node {
+	if pvc.Annotations[AnnCopyFromNode] != src.node {
 		upd := pvc.DeepCopy()
 		if upd.Annotations == nil {
 			upd.Annotations = map[string]string{}
