@@ -368,9 +368,8 @@ func metricsMux(reg *prometheus.Registry, d *csi.Driver, ks *kubeSide) *http.Ser
 	return mux
 }
 
-// reapPeriodically finishes, every interval until ctx is done, the deletes
-// that waited for a device's last close.
-func reapPeriodically(ctx context.Context, interval time.Duration, pools map[string]servedPool) {
+// every runs f every interval until ctx is done.
+func every(ctx context.Context, interval time.Duration, f func()) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -378,33 +377,34 @@ func reapPeriodically(ctx context.Context, interval time.Duration, pools map[str
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			for n, p := range pools {
-				if ctx.Err() != nil {
-					return
-				}
-				if err := p.Reap(ctx); err != nil && ctx.Err() == nil {
-					klog.ErrorS(err, "Finishing pending deletes failed", "pool", n)
-				}
-			}
+			f()
 		}
 	}
 }
 
-// reapCopiesPeriodically removes, every interval until ctx is done, the
-// unfinished copies whose PVC is gone.
-func reapCopiesPeriodically(ctx context.Context, interval time.Duration, d *csi.Driver) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			if err := d.ReapCopies(ctx); err != nil && ctx.Err() == nil {
-				klog.ErrorS(err, "Removing copies whose PVC is gone failed")
+// reapPeriodically finishes, every interval until ctx is done, the deletes
+// that waited for a device's last close.
+func reapPeriodically(ctx context.Context, interval time.Duration, pools map[string]servedPool) {
+	every(ctx, interval, func() {
+		for n, p := range pools {
+			if ctx.Err() != nil {
+				return
+			}
+			if err := p.Reap(ctx); err != nil && ctx.Err() == nil {
+				klog.ErrorS(err, "Finishing pending deletes failed", "pool", n)
 			}
 		}
-	}
+	})
+}
+
+// reapCopiesPeriodically removes, every interval until ctx is done, the
+// copies nobody will use.
+func reapCopiesPeriodically(ctx context.Context, interval time.Duration, d *csi.Driver) {
+	every(ctx, interval, func() {
+		if err := d.ReapCopies(ctx); err != nil && ctx.Err() == nil {
+			klog.ErrorS(err, "Removing copies nobody will use failed")
+		}
+	})
 }
 
 // closePools closes the pools' records.

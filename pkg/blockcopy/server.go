@@ -275,17 +275,11 @@ func (s *Server) handleData(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, fmt.Sprintf("bad offset %q", r.URL.Query().Get("offset")), http.StatusBadRequest)
 		return
 	}
-	if !s.trackStream(r) {
-		httpError(w, errStopping)
+	oc, release, ok := s.streamSource(w, r, copyID, sourceID, extentsHash)
+	if !ok {
 		return
 	}
-	defer s.untrackStream(r)
-	oc, err := s.acquire(r.Context(), copyID, sourceID, extentsHash)
-	if err != nil {
-		httpError(w, err)
-		return
-	}
-	defer s.done(oc)
+	defer release()
 
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.WriteHeader(http.StatusOK)
@@ -334,20 +328,34 @@ func (s *Server) frameBytes() int64 {
 	return min(max(s.opts.RateBytesPerSec/4/(4<<10)*(4<<10), 4<<10), maxFramePayload)
 }
 
+// streamSource tracks r as a long request (Shutdown cuts it) and gets
+// its copy's open source; ok is false when it answered with an error.
+// release undoes both.
+func (s *Server) streamSource(w http.ResponseWriter, r *http.Request, copyID, sourceID, extentsHash string) (oc *openCopy, release func(), ok bool) {
+	if !s.trackStream(r) {
+		httpError(w, errStopping)
+		return nil, nil, false
+	}
+	oc, err := s.acquire(r.Context(), copyID, sourceID, extentsHash)
+	if err != nil {
+		s.untrackStream(r)
+		httpError(w, err)
+		return nil, nil, false
+	}
+	return oc, func() {
+		s.done(oc)
+		s.untrackStream(r)
+	}, true
+}
+
 func (s *Server) handleDigest(w http.ResponseWriter, r *http.Request) {
 	copyID := r.PathValue("copyID")
 	sourceID, extentsHash := queryIDs(r)
-	if !s.trackStream(r) {
-		httpError(w, errStopping)
+	oc, release, ok := s.streamSource(w, r, copyID, sourceID, extentsHash)
+	if !ok {
 		return
 	}
-	defer s.untrackStream(r)
-	oc, err := s.acquire(r.Context(), copyID, sourceID, extentsHash)
-	if err != nil {
-		httpError(w, err)
-		return
-	}
-	defer s.done(oc)
+	defer release()
 	sum, err := DigestSHA256(oc.src, oc.info.Extents)
 	if err != nil {
 		s.log.Error(err, "Source read failed while hashing", "copyID", copyID, "sourceID", sourceID)

@@ -8,9 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -132,16 +130,7 @@ func TestCopyDeleteVolumeDuringCopy(t *testing.T) {
 		_, err := cp.dst.d.CreateVolume(t.Context(), cp.restoreReq("pvc-restored", copySrcBytes))
 		errc <- err
 	}()
-	ckpts := filepath.Join(cp.copyDir, "checkpoints")
-	for {
-		if ents, _ := os.ReadDir(ckpts); len(ents) > 0 {
-			b, _ := os.ReadFile(filepath.Join(ckpts, ents[0].Name()))
-			if strings.Contains(string(b), `"next":`) && !strings.Contains(string(b), `"next":0`) {
-				break
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	cp.waitCheckpoint(t, errc)
 	if _, err := cp.dst.d.DeleteVolume(t.Context(), &csipb.DeleteVolumeRequest{VolumeId: testPool + "/pvc-restored"}); err != nil {
 		t.Fatal(err)
 	}

@@ -310,6 +310,26 @@ func (cp *copyPair) restoreReq(name string, size int64) *csipb.CreateVolumeReque
 	}
 }
 
+// waitCheckpoint waits for the first copy's checkpoint past its start;
+// errc is its CreateVolume's answer, which must not come first.
+func (cp *copyPair) waitCheckpoint(t *testing.T, errc <-chan error) {
+	t.Helper()
+	ckpts := filepath.Join(cp.copyDir, "checkpoints")
+	for {
+		if ents, _ := os.ReadDir(ckpts); len(ents) > 0 {
+			b, _ := os.ReadFile(filepath.Join(ckpts, ents[0].Name()))
+			if strings.Contains(string(b), `"next":`) && !strings.Contains(string(b), `"next":0`) {
+				return
+			}
+		}
+		select {
+		case err := <-errc:
+			t.Fatalf("CreateVolume returned before a checkpoint: %v", err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
 // checkData reads the restored volume on the target: the snapshot's bytes,
 // then zeros up to its size.
 func (cp *copyPair) checkData(t *testing.T, name string, size int64) {
@@ -421,20 +441,7 @@ func TestCopyResumesAfterTargetRestart(t *testing.T) {
 		errc <- err
 	}()
 	// Wait for a checkpoint past the start, then stop the driver.
-	ckpts := filepath.Join(cp.copyDir, "checkpoints")
-	for {
-		if ents, _ := os.ReadDir(ckpts); len(ents) > 0 {
-			b, _ := os.ReadFile(filepath.Join(ckpts, ents[0].Name()))
-			if strings.Contains(string(b), `"next":`) && !strings.Contains(string(b), `"next":0`) {
-				break
-			}
-		}
-		select {
-		case err := <-errc:
-			t.Fatalf("CreateVolume returned before a checkpoint: %v", err)
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+	cp.waitCheckpoint(t, errc)
 	cp.dst.d.Shutdown(context.Background())
 	wantCode(t, <-errc, codes.Unavailable)
 	if lv, _ := cp.dst.d.ListVolumes(t.Context(), &csipb.ListVolumesRequest{}); len(lv.GetEntries()) != 0 {
