@@ -337,7 +337,7 @@ func copyList(args []string) error {
 		return err
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "VOLUME\tCLAIM\tSOURCE\tFROM NODE\tSTATE\tCOPIED\tSIZE\tSTARTED")
+	fmt.Fprintln(tw, "VOLUME\tCLAIM\tSOURCE\tFROM NODE\tSTATE\tDURABLE TO\tSIZE\tSTARTED")
 	for _, c := range copies {
 		state := "waiting"
 		switch {
