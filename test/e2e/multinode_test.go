@@ -703,11 +703,12 @@ func (k *k) copyTokens(src, dst, snap string) {
 		{"another service account's token", k.run("create", "token", "intruder", "--audience", copyAudience), "not allowed"},
 		{"the driver's token for the API server", k.run("-n", driverNamespace, "create", "token", sa), "refused"},
 	} {
+		// The refusal is on the probe's stderr, which the error carries.
 		out, err := probe(tc.token, "-")
-		if err == nil || !strings.Contains(out, tc.want) {
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			k.t.Errorf("%s: probe answered %q (err %v), want a refusal saying %q", tc.what, out, err, tc.want)
 		} else {
-			k.t.Logf("%s refused: %s", tc.what, out)
+			k.t.Logf("%s refused: %v", tc.what, err)
 		}
 	}
 }
