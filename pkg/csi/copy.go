@@ -104,6 +104,10 @@ type CopyOptions struct {
 	// ClaimCheckEvery is how often a running copy asks whether its PVC
 	// still exists (default 10 s).
 	ClaimCheckEvery time.Duration
+	// Tries is how often a copy interrupted for want of its source is
+	// tried, RetryWait apart, before the call fails (default 6, 10 s).
+	Tries     int
+	RetryWait time.Duration
 	// DoneGrace is how long a finished copy's volume waits for its PV
 	// before the reap may remove it as nobody's (default 10 min): between
 	// CreateVolume's OK and the PV, the provisioner needs a moment.
@@ -192,6 +196,12 @@ func newCopier(d *Driver, o CopyOptions) (*copier, error) {
 	}
 	if o.ClaimCheckEvery <= 0 {
 		o.ClaimCheckEvery = 10 * time.Second
+	}
+	if o.Tries <= 0 {
+		o.Tries = 6
+	}
+	if o.RetryWait <= 0 {
+		o.RetryWait = 10 * time.Second
 	}
 	if o.DoneGrace <= 0 {
 		o.DoneGrace = 10 * time.Minute
@@ -496,6 +506,20 @@ func (c *copier) run(ctx context.Context, pool Pool, job *copyJob) error {
 	}
 	c.event(rec, false, ReasonCopyStarted, fmt.Sprintf("copying %s from node %s to node %s (only the blocks it maps)", rec.SourceID, rec.SourceNode, c.d.nodeID))
 	err := c.copyOnce(ctx, pool, rec, logger)
+	for try := 1; err != nil && try < c.o.Tries && interrupted(err); try++ {
+		// The source went away (its driver restarting, with a new address
+		// once it is back): look its endpoint up again and resume, rather
+		// than fail the call and wait for the provisioner's next one.
+		logger.Info("Copy interrupted; resuming", "try", try, "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(c.o.RetryWait):
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		err = c.copyOnce(ctx, pool, rec, logger)
+	}
 	if err == nil {
 		return nil
 	}
@@ -542,7 +566,28 @@ func (c *copier) run(ctx context.Context, pool Pool, job *copyJob) error {
 	return status.Errorf(code, "volume %q: copy of %s from node %s: %v", rec.CSIName, rec.SourceID, rec.SourceNode, err)
 }
 
+// interrupted reports whether a copy failed for want of its source (the
+// connection, the server), which a later try may find again; not the
+// target, the data, a refusal or what no try mends.
+func interrupted(err error) bool {
+	for _, final := range []error{
+		blockcopy.ErrTarget, blockcopy.ErrVerify, blockcopy.ErrSourceNotFound, blockcopy.ErrTargetTooSmall,
+		blockcopy.ErrRefused, blockcopy.ErrConflict, blockcopy.ErrProtocol, blockcopy.ErrInvalidID,
+		thinpool.ErrNoSpace, syscall.ENOSPC, errFreshTarget, context.Canceled, context.DeadlineExceeded,
+	} {
+		if errors.Is(err, final) {
+			return false
+		}
+	}
+	return true
+}
+
 func (c *copier) copyOnce(ctx context.Context, pool Pool, rec copyRecord, logger klog.Logger) error {
+	// The record on disk is the truth: an earlier try may have set what
+	// the target holds.
+	if r, ok, err := c.loadRecord(rec.CopyID); err == nil && ok {
+		rec = r
+	}
 	ep, err := c.o.Peers.Endpoint(ctx, rec.SourceNode, rec.SourcePool)
 	if err != nil {
 		return fmt.Errorf("finding node %s's copy endpoint: %w", rec.SourceNode, err)

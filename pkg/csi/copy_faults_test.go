@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/csi-dmthin/csi-dmthin/pkg/blockcopy"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool"
 	"github.com/csi-dmthin/csi-dmthin/pkg/thinpool/thinpooltest"
 )
@@ -288,4 +290,73 @@ func TestCopyCreateDuringShutdown(t *testing.T) {
 	if n != 0 {
 		t.Errorf("%d copy jobs still running after Shutdown returned", n)
 	}
+}
+
+// movablePeer is a source whose endpoint changes (its driver restarted on
+// another address).
+type movablePeer struct {
+	mu sync.Mutex
+	ep blockcopy.Endpoint
+}
+
+func (p *movablePeer) Endpoint(context.Context, string, string) (blockcopy.Endpoint, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.ep, nil
+}
+
+// A source driver that stops in the middle of a copy and comes back on
+// another address: the copy finds it again and resumes, and the call that
+// waits for it succeeds, with no failure reported.
+func TestCopyRidesOutASourceRestart(t *testing.T) {
+	peer := &movablePeer{}
+	cp := newCopyPair(t, func(o *CopyOptions) {
+		o.RateBytesPerSec = 1 << 20
+		o.Peers = peer
+		o.RetryWait = 50 * time.Millisecond
+	})
+	start := func() *blockcopy.Server {
+		cert, sum, err := blockcopy.LoadOrCreateCert(filepath.Join(cp.copyDir, "..", "src-cert"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv, err := blockcopy.NewServer(blockcopy.ServerOptions{
+			Opener: cp.src.d.CopySource(), Auth: tokenAuth{}, Cert: cert,
+			Allowed: func(user string) bool { return user == "system:serviceaccount:csi:driver" },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() { _ = srv.Serve(l) }()
+		peer.mu.Lock()
+		peer.ep = blockcopy.Endpoint{Address: l.Addr().String(), CertSHA256: sum}
+		peer.mu.Unlock()
+		return srv
+	}
+	first := start()
+	errc := make(chan error, 1)
+	go func() {
+		_, err := cp.dst.d.CreateVolume(t.Context(), cp.restoreReq("pvc-restored", copySrcBytes))
+		errc <- err
+	}()
+	cp.waitCheckpoint(t, errc)
+	if err := first.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	second := start()
+	t.Cleanup(func() { _ = second.Shutdown(context.Background()) })
+	if err := <-errc; err != nil {
+		t.Fatalf("CreateVolume across the source's restart: %v", err)
+	}
+	if w := cp.events.with(ReasonCopyFailed); len(w) != 0 {
+		t.Errorf("%s reported for a source that came back: %q", ReasonCopyFailed, w)
+	}
+	if mapped, moved := cp.events.counts(t); moved >= mapped {
+		t.Errorf("the copy moved %d of %d bytes after the restart; want it to resume", moved, mapped)
+	}
+	cp.checkData(t, "pvc-restored", copySrcBytes)
 }
