@@ -163,7 +163,6 @@ func TestCopyRBAC(t *testing.T) {
 	}
 	want := map[string][]string{
 		"/persistentvolumeclaims":            {"get"},
-		"/persistentvolumes":                 {"get"},
 		"/nodes":                             {"get"},
 		"storage.k8s.io/storageclasses":      {"get"},
 		"/events":                            {"create", "patch"},

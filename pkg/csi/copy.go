@@ -56,11 +56,9 @@ type ClaimRef struct {
 // ClaimChecker answers whether a copy is still wanted: a copy for a PVC
 // that is gone, was made again (another UID), is bound to another volume
 // or now waits for another node is abandoned, cancelled and its target
-// deleted; and whether a PV of a name exists, for a finished copy whose
-// PVC went before the PV was made.
+// deleted.
 type ClaimChecker interface {
 	ClaimWants(ctx context.Context, c ClaimRef) (bool, error)
-	PVExists(ctx context.Context, name string) (bool, error)
 }
 
 // CloneSourceFinder, when CopyOptions.Claims has it, says which node holds
@@ -132,13 +130,20 @@ type copyRecord struct {
 	ExtentsSHA256 string    `json:"extentsSHA256,omitempty"`
 	Done          bool      `json:"done,omitempty"`
 	DoneAt        time.Time `json:"doneAt,omitempty"`
-	CreatedAt     time.Time `json:"createdAt"`
+	// Delivered: CreateVolume answered OK with the volume, which is the
+	// CO's from then on (DeleteVolume forgets the record); the reap never
+	// touches it.
+	Delivered bool      `json:"delivered,omitempty"`
+	CreatedAt time.Time `json:"createdAt"`
 }
 
 // claim is the PVC the record's copy is for; "" Name for none.
 func (r copyRecord) claim(node string) ClaimRef {
+	// The provisioner names a volume pvc-<the PVC's UID>, unless told to
+	// cut the UID short (--volume-name-uuid-length): only a whole one is
+	// compared.
 	uid, _ := strings.CutPrefix(r.CSIName, "pvc-")
-	if uid == r.CSIName {
+	if uid == r.CSIName || len(uid) != 36 {
 		uid = ""
 	}
 	return ClaimRef{Namespace: r.Namespace, Name: r.Claim, UID: uid, Node: node, Volume: r.CSIName}
@@ -168,6 +173,7 @@ type copier struct {
 	// unfinished holds pool/name of every volume whose copy record is not
 	// done: they exist in the pool but not for the CO (ListVolumes).
 	unfinished map[string]bool
+	stopping   bool
 	wg         sync.WaitGroup
 }
 
@@ -218,7 +224,9 @@ func newCopier(d *Driver, o CopyOptions) (*copier, error) {
 		if copyID, ok := strings.CutSuffix(e.Name(), ".json"); ok {
 			r, ok, err := c.loadRecord(copyID)
 			if err != nil {
-				return nil, fmt.Errorf("csi: %w", err)
+				// Left for an operator; the driver serves all else.
+				klog.ErrorS(err, "Unreadable copy record; its copy is not resumed, and its volume, if any, is listed")
+				continue
 			}
 			if ok && !r.Done {
 				c.unfinished[objectID{pool: r.Pool, name: r.Name}.String()] = true
@@ -369,8 +377,11 @@ func (d *Driver) createFromRemote(ctx context.Context, req *csipb.CreateVolumeRe
 	}
 	job, resp, err := c.startOrJoin(ctx, req, pool, name, params, src, sourceID, size, contentSource)
 	unlock()
-	if err != nil || resp != nil {
-		return resp, err
+	if err != nil {
+		return nil, err
+	}
+	if resp != nil {
+		return resp, nil
 	}
 	select {
 	case <-job.done:
@@ -384,7 +395,21 @@ func (d *Driver) createFromRemote(ctx context.Context, req *csipb.CreateVolumeRe
 	if err != nil {
 		return nil, toStatus(err, "create volume %q", req.GetName())
 	}
+	if err := c.deliver(job.rec.CopyID); err != nil {
+		return nil, status.Errorf(codes.Internal, "volume %q: %v", req.GetName(), err)
+	}
 	return &csipb.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, contentSource)}, nil
+}
+
+// deliver marks a finished copy's record delivered, durably, before
+// CreateVolume answers OK with its volume.
+func (c *copier) deliver(copyID string) error {
+	rec, ok, err := c.loadRecord(copyID)
+	if err != nil || !ok || rec.Delivered {
+		return err
+	}
+	rec.Delivered = true
+	return c.saveRecord(rec)
 }
 
 // cloneSourceNode returns the node the controller named on the clone's
@@ -428,11 +453,14 @@ func (c *copier) startOrJoin(ctx context.Context, req *csipb.CreateVolumeRequest
 	case err == nil && (rec.SourceID != sourceID || v.Kind != thinpool.KindVolume || !fits(v.SizeBytes, req.GetCapacityRange())):
 		return nil, nil, status.Errorf(codes.AlreadyExists, "volume %q exists, copied from %s, %s", req.GetName(), rec.SourceID, fmtBytes(v.SizeBytes))
 	case err == nil && rec.Done:
+		if err := c.deliver(copyID); err != nil {
+			return nil, nil, status.Errorf(codes.Internal, "volume %q: %v", req.GetName(), err)
+		}
 		return nil, &csipb.CreateVolumeResponse{Volume: d.volumeFor(pool, v, params.fsType, cs)}, nil
 	case err != nil && !errors.Is(err, thinpool.ErrNotFound):
 		return nil, nil, toStatus(err, "create volume %q", req.GetName())
 	}
-	if !haveRec || !rec.Done {
+	if !haveRec || !rec.Done || err != nil {
 		// A new copy, or a copy started again: only for a PVC that still
 		// wants it here. The provisioner retries a claim deleted during
 		// provisioning: copying again for it would loop.
@@ -459,15 +487,18 @@ func (c *copier) startOrJoin(ctx context.Context, req *csipb.CreateVolumeRequest
 				Namespace: req.GetParameters()[ParamPVCNamespace], Claim: req.GetParameters()[ParamPVCName],
 				CSIName: req.GetName(), CreatedAt: time.Now().UTC(),
 			}
-			// The record first: a crash after the volume is made must find
-			// it a copy in progress, never a volume.
-			if err := c.saveRecord(rec); err != nil {
-				return nil, nil, status.Errorf(codes.Internal, "volume %q: copy record: %v", req.GetName(), err)
-			}
-			// A new copy starts from nothing, whatever an earlier one left.
-			if err := c.checkpoints.Delete(copyID); err != nil {
-				return nil, nil, status.Errorf(codes.Internal, "volume %q: copy checkpoint: %v", req.GetName(), err)
-			}
+		}
+		// The volume is made here and now, empty: whatever an earlier
+		// attempt left (a record done, a checkpoint, the extents its
+		// writes were of, from a discard a crash interrupted) describes
+		// another device. The record first: a crash after the volume is
+		// made must find it a copy in progress, never a volume.
+		rec.Done, rec.DoneAt, rec.Delivered, rec.ExtentsSHA256 = false, time.Time{}, false, ""
+		if err := c.saveRecord(rec); err != nil {
+			return nil, nil, status.Errorf(codes.Internal, "volume %q: copy record: %v", req.GetName(), err)
+		}
+		if err := c.checkpoints.Delete(copyID); err != nil {
+			return nil, nil, status.Errorf(codes.Internal, "volume %q: copy checkpoint: %v", req.GetName(), err)
 		}
 		if _, err := pool.CreateVolume(ctx, name, rec.SizeBytes); err != nil {
 			// Nothing was made: the record goes too. A crash before this
@@ -481,9 +512,14 @@ func (c *copier) startOrJoin(ctx context.Context, req *csipb.CreateVolumeRequest
 	jctx, cancel := context.WithCancelCause(c.ctx)
 	job = &copyJob{rec: rec, cancel: cancel, done: make(chan struct{})}
 	c.mu.Lock()
+	if c.stopping {
+		c.mu.Unlock()
+		cancel(nil)
+		return nil, nil, status.Errorf(codes.Unavailable, "volume %q: the driver is stopping; the copy starts at the next call", req.GetName())
+	}
 	c.jobs[copyID] = job
-	c.mu.Unlock()
 	c.wg.Add(1)
+	c.mu.Unlock()
 	go func() {
 		defer c.wg.Done()
 		job.err = c.run(jctx, pool, job)
@@ -620,7 +656,7 @@ func (c *copier) copyInto(ctx context.Context, pool Pool, ep blockcopy.Endpoint,
 	}
 	f, err := c.d.openDev(path, true)
 	if err != nil {
-		return fmt.Errorf("opening the target: %w", err)
+		return errors.Join(fmt.Errorf("opening the target: %w", err), pool.Deactivate(context.WithoutCancel(ctx), rec.Name))
 	}
 	t := &copyTarget{deviceFile: f, size: rec.SizeBytes}
 	lastEvent := time.Now()
@@ -632,9 +668,11 @@ func (c *copier) copyInto(ctx context.Context, pool Pool, ep blockcopy.Endpoint,
 			if !i.Resuming && rec.ExtentsSHA256 != "" && rec.ExtentsSHA256 != i.ExtentsSHA256 {
 				return errFreshTarget
 			}
-			if !i.Resuming {
-				// The pool admitted the volume's size, not these bytes
-				// written at once: with overprovisioning they may not fit.
+			if !i.Resuming && rec.ExtentsSHA256 == "" {
+				// A first write onto an empty target: the pool admitted
+				// the volume's size, not these bytes written at once; with
+				// overprovisioning they may not fit. (A target holding
+				// part of these extents needs less; it is not asked.)
 				if err := pool.AdmitData(i.MappedBytes); err != nil {
 					return err
 				}
@@ -687,20 +725,29 @@ func (c *copier) releaseAt(ctx context.Context, ep blockcopy.Endpoint, copyID st
 
 // releaseSource is releaseAt for the record's source.
 func (c *copier) releaseSource(ctx context.Context, rec copyRecord) {
+	// Bounded: a source that is down releases idle copies itself, and the
+	// callers (a cancelled copy, DeleteVolume) must not wait on it.
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
 	if ep, err := c.o.Peers.Endpoint(ctx, rec.SourceNode, rec.SourcePool); err == nil {
 		c.releaseAt(ctx, ep, rec.CopyID)
 	}
 }
 
-// discard removes a copy that will never finish: its volume, checkpoint
+// discard removes a copy that will never finish: its checkpoint, volume
 // and record, in that order, so that a crash on the way leaves a record
-// that the next reap finds.
+// that the next reap or call finds.
 func (c *copier) discard(ctx context.Context, pool Pool, rec copyRecord) error {
+	// The checkpoint before the volume: one must never outlive the device
+	// it describes.
+	if err := c.checkpoints.Delete(rec.CopyID); err != nil {
+		return err
+	}
 	if err := pool.Delete(ctx, rec.Name); err != nil && !errors.Is(err, thinpool.ErrNotFound) {
 		return err
 	}
 	c.releaseSource(ctx, rec)
-	return errors.Join(c.checkpoints.Delete(rec.CopyID), c.deleteRecord(rec))
+	return c.deleteRecord(rec)
 }
 
 func (c *copier) watchClaim(ctx context.Context, job *copyJob) {
@@ -768,10 +815,11 @@ func (d *Driver) ReapCopies(ctx context.Context) error {
 	return errors.Join(err, c.reapTargets(ctx))
 }
 
-// reapTargets removes the copies on this node that nobody will use: an
-// unfinished one whose PVC no longer wants it (gone, made again, bound
-// elsewhere, moved to another node), and a finished one of such a PVC
-// whose PV was never made (the provisioner gave up on it before our OK).
+// reapTargets removes the copies on this node that nobody will use: one
+// whose PVC no longer wants it (gone, made again, bound elsewhere, moved
+// to another node), unfinished, or finished but never delivered by a
+// CreateVolume OK (the provisioner gave up on it first). A delivered one is
+// the CO's: only DeleteVolume removes it.
 func (c *copier) reapTargets(ctx context.Context) error {
 	d := c.d
 	ents, err := os.ReadDir(c.recDir)
@@ -785,7 +833,7 @@ func (c *copier) reapTargets(ctx context.Context) error {
 			continue
 		}
 		rec, ok, err := c.loadRecord(copyID)
-		if err != nil || !ok || rec.Claim == "" || (rec.Done && time.Since(rec.DoneAt) < c.o.DoneGrace) {
+		if err != nil || !ok || rec.Claim == "" || rec.Delivered || (rec.Done && time.Since(rec.DoneAt) < c.o.DoneGrace) {
 			errs = append(errs, err)
 			continue
 		}
@@ -800,13 +848,6 @@ func (c *copier) reapTargets(ctx context.Context) error {
 			errs = append(errs, err)
 			continue
 		}
-		if rec.Done && rec.CSIName != "" {
-			pv, err := c.o.Claims.PVExists(ctx, rec.CSIName)
-			if err != nil || pv {
-				errs = append(errs, err) // the CO has it: DeleteVolume forgets the record
-				continue
-			}
-		}
 		pool, err := d.pool(rec.Pool)
 		if err != nil {
 			continue // an unconfigured pool: left for when it is back
@@ -814,6 +855,15 @@ func (c *copier) reapTargets(ctx context.Context) error {
 		unlock, err := d.locks.lock(objectID{pool: rec.Pool, name: rec.Name}.String())
 		if err != nil {
 			continue // a call is on it
+		}
+		// Looked at again under the lock: a call may have started a copy,
+		// or delivered it, since.
+		c.mu.Lock()
+		running = c.jobs[copyID] != nil
+		c.mu.Unlock()
+		if cur, ok, _ := c.loadRecord(copyID); running || !ok || cur.Delivered {
+			unlock()
+			continue
 		}
 		err = c.discard(ctx, pool, rec)
 		unlock()
@@ -831,6 +881,9 @@ func (c *copier) stop() {
 	if c == nil {
 		return
 	}
+	c.mu.Lock()
+	c.stopping = true // no job starts after this
+	c.mu.Unlock()
 	c.cancel()
 	c.wg.Wait()
 }

@@ -62,11 +62,27 @@ func TestCopyForAGoneClaimIsNotStartedAgain(t *testing.T) {
 	if _, err := cp.dst.pool.Get("pvc-restored"); !errors.Is(err, thinpool.ErrNotFound) {
 		t.Errorf("the retry made the volume again: %v", err)
 	}
-	// What the copy asked: its PVC by UID (pvc-<uid>), this node, its PV.
+	// What the copy asked: its PVC (no UID in this volume's name), this
+	// node, its PV.
 	cp.events.mu.Lock()
 	defer cp.events.mu.Unlock()
-	if len(cp.events.asked) == 0 || cp.events.asked[0] != (ClaimRef{Namespace: "db", Name: "restored", UID: "restored", Node: "node-b", Volume: "pvc-restored"}) {
+	if len(cp.events.asked) == 0 || cp.events.asked[0] != (ClaimRef{Namespace: "db", Name: "restored", Node: "node-b", Volume: "pvc-restored"}) {
 		t.Errorf("ClaimWants asked %+v", cp.events.asked)
+	}
+}
+
+// The PVC's UID is read from the volume's name only when it is a whole
+// one: the provisioner can be told to cut it short.
+func TestCopyClaimUID(t *testing.T) {
+	for name, want := range map[string]string{
+		"pvc-0f8fad5b-d9cb-469f-a165-70867728950e": "0f8fad5b-d9cb-469f-a165-70867728950e",
+		"pvc-0f8fad5b": "",
+		"restored":     "",
+	} {
+		r := copyRecord{Namespace: "db", Claim: "data", CSIName: name}
+		if got := r.claim("node-b"); got.UID != want || got.Volume != name || got.Node != "node-b" {
+			t.Errorf("claim of %q = %+v, want UID %q", name, got, want)
+		}
 	}
 }
 
@@ -205,9 +221,9 @@ func TestCopyAbandonedFinishedCopyIsReaped(t *testing.T) {
 	defer cancel()
 	_, err := cp.dst.d.CreateVolume(ctx, cp.restoreReq("pvc-restored", copySrcBytes))
 	wantCode(t, err, codes.DeadlineExceeded)
-	// No call comes again. The job goes on.
+	// No call comes again. The job goes on, to its end.
 	deadline := time.Now().Add(20 * time.Second)
-	for cp.dst.d.copies.pending(testPool, "pvc-restored") && time.Now().Before(deadline) {
+	for cp.dst.d.copies.busy() && time.Now().Before(deadline) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	cp.events.mu.Lock()
@@ -357,6 +373,46 @@ func TestCopyRidesOutASourceRestart(t *testing.T) {
 	}
 	if mapped, moved := cp.events.counts(t); moved >= mapped {
 		t.Errorf("the copy moved %d of %d bytes after the restart; want it to resume", moved, mapped)
+	}
+	cp.checkData(t, "pvc-restored", copySrcBytes)
+}
+
+// Found by a second review: a delivered copy (CreateVolume said OK) is the
+// CO's; the reap must never remove it, even when its PVC is gone and no
+// PV names it (a Retain volume being bound again by hand).
+func TestCopyDeliveredIsNeverReaped(t *testing.T) {
+	cp := newCopyPair(t, func(o *CopyOptions) { o.DoneGrace = time.Nanosecond })
+	if _, err := cp.dst.d.CreateVolume(t.Context(), cp.restoreReq("pvc-restored", copySrcBytes)); err != nil {
+		t.Fatal(err)
+	}
+	cp.events.mu.Lock()
+	cp.events.gone = true
+	cp.events.mu.Unlock()
+	if err := cp.dst.d.ReapCopies(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cp.dst.pool.Get("pvc-restored"); err != nil {
+		t.Fatalf("the reap removed a delivered volume: %v", err)
+	}
+}
+
+// Found by a second review: a copy's volume gone while its record and a
+// done checkpoint stayed (a crash inside a discard) must be copied again
+// into the new, empty volume, not answered OK from the old checkpoint.
+func TestCopyIntoANewVolumeIgnoresOldCheckpoints(t *testing.T) {
+	cp := newCopyPair(t, nil)
+	if _, err := cp.dst.d.CreateVolume(t.Context(), cp.restoreReq("pvc-restored", copySrcBytes)); err != nil {
+		t.Fatal(err)
+	}
+	// The volume goes; the record and the done checkpoint stay.
+	if err := cp.dst.pool.Delete(t.Context(), "pvc-restored"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cp.dst.d.CreateVolume(t.Context(), cp.restoreReq("pvc-restored", copySrcBytes)); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(cp.events.with(ReasonCopyStarted)); n != 2 {
+		t.Errorf("%d copies started, want 2: the new volume must be copied into", n)
 	}
 	cp.checkData(t, "pvc-restored", copySrcBytes)
 }

@@ -172,7 +172,6 @@ type copyEvents struct {
 	mu     sync.Mutex
 	events []string   // "<reason>: <message>"
 	gone   bool       // the claim does not want its copy
-	pv     bool       // PVExists' answer
 	asked  []ClaimRef // what ClaimWants was asked
 	// onStart runs, under mu, when a copy starts.
 	onStart func()
@@ -192,12 +191,6 @@ func (e *copyEvents) ClaimWants(_ context.Context, c ClaimRef) (bool, error) {
 	defer e.mu.Unlock()
 	e.asked = append(e.asked, c)
 	return !e.gone, nil
-}
-
-func (e *copyEvents) PVExists(context.Context, string) (bool, error) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.pv, nil
 }
 
 // CopySourceNode: the controller named node-a as the clones' source.
@@ -540,4 +533,11 @@ func TestCloneCopiedFromAnotherNode(t *testing.T) {
 	if err := cp.src.d.copySrc.reap(t.Context(), later); err != nil || held() {
 		t.Errorf("reap after the copy closed: %v, kept %v; want it deleted", err, held())
 	}
+}
+
+// busy reports whether a copy job runs.
+func (c *copier) busy() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.jobs) > 0
 }

@@ -33,8 +33,8 @@ func (d *Driver) CopySource() blockcopy.Opener { return d.copySrc }
 const copySnapshotPrefix = hashedPrefix + "copy."
 
 // copySnapshotTTL is how long a snapshot made for a copy that no copy has
-// open is kept: one whose target never released it (gone, or its copy
-// cancelled while this node was away).
+// open is kept after its last use: one whose target never released it
+// (gone, or its copy cancelled while this node was away).
 const copySnapshotTTL = time.Hour
 
 // copySnapshotName is the snapshot a copy of a volume reads.
@@ -49,6 +49,10 @@ type copySource struct {
 	d    *Driver
 	mu   sync.Mutex
 	open map[string]int // pool/name -> sources open on it
+	// lastUse is when a copy's snapshot was last closed, by pool/name;
+	// one not here was last used before this driver started.
+	lastUse map[string]time.Time
+	started time.Time
 }
 
 // Open opens the snapshot sourceID for copyID. A snapshot never changes,
@@ -92,7 +96,10 @@ func (s *copySource) Open(ctx context.Context, copyID, sourceID string) (blockco
 			}
 		}
 		if _, err := pool.Get(name); errors.Is(err, thinpool.ErrNotFound) {
-			if _, err := pool.Snapshot(ctx, name, id.name); err != nil {
+			if _, err := pool.Snapshot(ctx, name, id.name); errors.Is(err, thinpool.ErrNoSpace) {
+				// Final for the copy: no retry makes room on this node.
+				return nil, fmt.Errorf("%w: volume %s cannot be snapshotted for the copy: %v", errNoSource, sourceID, err)
+			} else if err != nil {
 				return nil, fmt.Errorf("snapshotting volume %s for copy %s: %w", sourceID, copyID, err)
 			}
 			klog.FromContext(ctx).Info("Snapshotted a volume for a copy to another node", "volume", id, "copy", copyID, "snapshot", name)
@@ -103,6 +110,15 @@ func (s *copySource) Open(ctx context.Context, copyID, sourceID string) (blockco
 		return nil, fmt.Errorf("%w: %s is a %s, which is not copied", errNoSource, sourceID, v.Kind)
 	}
 	key := objectID{pool: id.pool, name: name}.String()
+	if name != id.name {
+		// A volume's copy reads its snapshot, whose size is the one that
+		// goes with its extents (the volume may have grown since).
+		snap, err := pool.Get(name)
+		if err != nil {
+			return nil, err
+		}
+		v = snap
+	}
 	path, err := pool.Activate(ctx, name)
 	if err != nil {
 		return nil, fmt.Errorf("activating snapshot %s: %w", key, err)
@@ -131,11 +147,15 @@ func (s *copySource) Open(ctx context.Context, copyID, sourceID string) (blockco
 // snapshot keeps nothing but the open source, which the server closes.
 func (s *copySource) Release(ctx context.Context, copyID string) error {
 	name := copySnapshotName(copyID)
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	var errs []error
 	for _, pool := range s.d.pools {
 		if _, err := pool.Get(name); err != nil {
 			continue
 		}
+		// A source still open keeps the device: the pool defers the
+		// removal of an open device to its last close.
 		if err := pool.Delete(ctx, name); err != nil && !errors.Is(err, thinpool.ErrNotFound) {
 			errs = append(errs, fmt.Errorf("deleting copy %s's snapshot %s: %w", copyID, name, err))
 		}
@@ -144,25 +164,33 @@ func (s *copySource) Release(ctx context.Context, copyID string) error {
 }
 
 // reap deletes the snapshots made for copies that no copy has open and
-// that were made before cutoff.
+// none has used since cutoff (a snapshot this driver has not seen used
+// counts as used at its start).
 func (s *copySource) reap(ctx context.Context, cutoff time.Time) error {
 	var errs []error
 	for _, pool := range s.d.pools {
 		for _, v := range pool.List() {
-			if !isCopySnapshotName(v.Name) || v.CreatedAt.After(cutoff) {
+			if !isCopySnapshotName(v.Name) {
 				continue
 			}
 			key := objectID{pool: pool.Name(), name: v.Name}.String()
 			s.mu.Lock()
-			open := s.open[key] > 0
-			s.mu.Unlock()
-			if open {
+			used, seen := s.lastUse[key]
+			if !seen {
+				used = s.started
+			}
+			if s.open[key] > 0 || used.After(cutoff) {
+				s.mu.Unlock()
 				continue
 			}
-			if err := pool.Delete(ctx, v.Name); err != nil && !errors.Is(err, thinpool.ErrNotFound) {
+			// Under s.mu: no copy opens it while it goes.
+			err := pool.Delete(ctx, v.Name)
+			delete(s.lastUse, key)
+			s.mu.Unlock()
+			if err != nil && !errors.Is(err, thinpool.ErrNotFound) {
 				errs = append(errs, err)
 			} else {
-				klog.FromContext(ctx).Info("Deleted a snapshot made for a copy that was never released", "snapshot", key, "made", v.CreatedAt)
+				klog.FromContext(ctx).Info("Deleted a snapshot made for a copy that was never released", "snapshot", key, "lastUsed", used)
 			}
 		}
 	}
@@ -177,6 +205,7 @@ func (s *copySource) closeLocked(src *snapshotSource) error {
 		err = src.f.Close()
 	}
 	s.open[src.key]--
+	s.lastUse[src.key] = time.Now()
 	if s.open[src.key] > 0 {
 		return err
 	}

@@ -174,7 +174,7 @@ func New(o Options) (*Driver, error) {
 		fs: o.FS, templates: newTemplates(o.Templates, o.FS), interceptors: o.Interceptors, events: o.Events,
 		openDev: openDeviceFile,
 	}
-	d.copySrc = &copySource{d: d, open: map[string]int{}}
+	d.copySrc = &copySource{d: d, open: map[string]int{}, lastUse: map[string]time.Time{}, started: time.Now()}
 	if o.Copy != nil {
 		if d.copies, err = newCopier(d, *o.Copy); err != nil {
 			return nil, err

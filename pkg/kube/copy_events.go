@@ -67,18 +67,6 @@ func (e *PVCEvents) ClaimWants(ctx context.Context, c csi.ClaimRef) (bool, error
 	return true, nil
 }
 
-// PVExists reads the PV of that name.
-func (e *PVCEvents) PVExists(ctx context.Context, name string) (bool, error) {
-	if e.client == nil {
-		return true, nil
-	}
-	_, err := e.client.CoreV1().PersistentVolumes().Get(ctx, name, metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
-		return false, nil
-	}
-	return err == nil, err
-}
-
 var _ csi.CloneSourceFinder = (*PVCEvents)(nil)
 
 // CopySourceNode reads the PVC's AnnCopyFromNode, which the controller

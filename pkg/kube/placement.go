@@ -230,7 +230,10 @@ func (p *Placement) sync(ctx context.Context, key string) (retry bool, err error
 		} else if !errors.Is(err, thinpool.ErrNoSpace) {
 			return false, err
 		}
-		if reason == ReasonSourceNodeFull {
+		// A full pool can still serve a snapshot to a copy, but not a
+		// volume: the copy reads a snapshot made of it, which the pool
+		// would refuse.
+		if reason == ReasonSourceNodeFull && src.kind == "snapshot" {
 			if copied, retry, err := p.copyInstead(ctx, pvc, src, "has no room for it"); copied || err != nil {
 				return retry, err
 			}
