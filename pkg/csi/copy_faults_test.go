@@ -8,7 +8,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -331,25 +330,11 @@ func TestCopyRidesOutASourceRestart(t *testing.T) {
 		o.Peers = peer
 		o.RetryWait = 50 * time.Millisecond
 	})
+	certDir := t.TempDir()
 	start := func() *blockcopy.Server {
-		cert, sum, err := blockcopy.LoadOrCreateCert(filepath.Join(cp.copyDir, "..", "src-cert"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		srv, err := blockcopy.NewServer(blockcopy.ServerOptions{
-			Opener: cp.src.d.CopySource(), Auth: tokenAuth{}, Cert: cert,
-			Allowed: func(user string) bool { return user == "system:serviceaccount:csi:driver" },
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		go func() { _ = srv.Serve(l) }()
+		srv, ep := startCopyServer(t, cp.src.d, certDir)
 		peer.mu.Lock()
-		peer.ep = blockcopy.Endpoint{Address: l.Addr().String(), CertSHA256: sum}
+		peer.ep = ep
 		peer.mu.Unlock()
 		return srv
 	}
@@ -363,8 +348,7 @@ func TestCopyRidesOutASourceRestart(t *testing.T) {
 	if err := first.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	second := start()
-	t.Cleanup(func() { _ = second.Shutdown(context.Background()) })
+	start()
 	if err := <-errc; err != nil {
 		t.Fatalf("CreateVolume across the source's restart: %v", err)
 	}

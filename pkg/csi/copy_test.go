@@ -133,7 +133,15 @@ func serveCopies(t *testing.T, n *copyNode) blockcopy.Endpoint {
 // serveCopiesFrom serves d's snapshots and volumes on loopback.
 func serveCopiesFrom(t *testing.T, d *Driver) blockcopy.Endpoint {
 	t.Helper()
-	cert, sum, err := blockcopy.LoadOrCreateCert(t.TempDir())
+	_, ep := startCopyServer(t, d, t.TempDir())
+	return ep
+}
+
+// startCopyServer serves d's copies on loopback with the certificate kept
+// in certDir (the same on a restart), until the test's end or Shutdown.
+func startCopyServer(t *testing.T, d *Driver, certDir string) (*blockcopy.Server, blockcopy.Endpoint) {
+	t.Helper()
+	cert, sum, err := blockcopy.LoadOrCreateCert(certDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -150,7 +158,7 @@ func serveCopiesFrom(t *testing.T, d *Driver) blockcopy.Endpoint {
 	}
 	go func() { _ = srv.Serve(l) }()
 	t.Cleanup(func() { _ = srv.Shutdown(context.Background()) })
-	return blockcopy.Endpoint{Address: l.Addr().String(), CertSHA256: sum}
+	return srv, blockcopy.Endpoint{Address: l.Addr().String(), CertSHA256: sum}
 }
 
 type onePeer struct {

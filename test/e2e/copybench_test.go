@@ -93,40 +93,29 @@ func TestCopyThroughput(t *testing.T) {
 
 	// The driver's copy: the restore must land on node 2.
 	k.run("cordon", a)
-	start = time.Now()
-	k.apply(pvcYAML("restore", "1Gi", "Filesystem", "  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: snap}\n") +
-		"---\n" + podYAML("restore", "restore", "sleep 100000", false))
-	k.waitPodReady("restore")
-	toReady := time.Since(start)
-	k.placement("restore", "restore", b)
-	mapped, moved := k.copied("restore", a)
-	var took time.Duration
-	for _, e := range k.events("restore") {
-		if m := copyDurationRE.FindStringSubmatch(e); m != nil && strings.HasPrefix(e, "Normal CopyCompleted:") {
-			took, _ = time.ParseDuration(m[1])
+	// copyOnto makes claim name from dataSource with a pod, and returns
+	// what its copy moved, the copy's own time and the pod's wait.
+	copyOnto := func(name, dataSource string) (moved int64, took, ready time.Duration) {
+		start := time.Now()
+		k.apply(pvcYAML(name, "1Gi", "Filesystem", dataSource) + "---\n" + podYAML(name, name, "sleep 100000", false))
+		k.waitPodReady(name)
+		ready = time.Since(start)
+		k.placement(name, name, b)
+		mapped, moved := k.copied(name, a)
+		for _, e := range k.events(name) {
+			if m := copyDurationRE.FindStringSubmatch(e); m != nil && strings.HasPrefix(e, "Normal CopyCompleted:") {
+				took, _ = time.ParseDuration(m[1])
+			}
 		}
+		if took <= 0 || moved != mapped {
+			t.Fatalf("%s: %d of %d bytes moved in %s: not one whole run", name, moved, mapped, took)
+		}
+		return moved, took, ready
 	}
-	if took <= 0 || moved != mapped {
-		t.Fatalf("copy: %d of %d bytes moved in %s: not one whole run", moved, mapped, took)
-	}
+	moved, took, toReady := copyOnto("restore", "  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: snap}\n")
 	// A clone of the volume itself, as the issue asks: the source node
 	// snapshots it for the copy.
-	start = time.Now()
-	k.apply(pvcYAML("clone", "1Gi", "Filesystem", "  dataSource: {kind: PersistentVolumeClaim, name: src}\n") +
-		"---\n" + podYAML("clone", "clone", "sleep 100000", false))
-	k.waitPodReady("clone")
-	cloneReady := time.Since(start)
-	k.placement("clone", "clone", b)
-	cloneMapped, cloneMoved := k.copied("clone", a)
-	var cloneTook time.Duration
-	for _, e := range k.events("clone") {
-		if m := copyDurationRE.FindStringSubmatch(e); m != nil && strings.HasPrefix(e, "Normal CopyCompleted:") {
-			cloneTook, _ = time.ParseDuration(m[1])
-		}
-	}
-	if cloneTook <= 0 || cloneMoved != cloneMapped {
-		t.Fatalf("clone copy: %d of %d bytes moved in %s: not one whole run", cloneMoved, cloneMapped, cloneTook)
-	}
+	cloneMoved, cloneTook, cloneReady := copyOnto("clone", "  dataSource: {kind: PersistentVolumeClaim, name: src}\n")
 	mib := func(n int64, d time.Duration) string {
 		return fmt.Sprintf("%.1f MiB/s", float64(n)/(1<<20)/d.Seconds())
 	}
