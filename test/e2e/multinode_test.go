@@ -165,6 +165,26 @@ func TestMultiNode(t *testing.T) {
 		k.placement("full-src", "full-src", b)
 		k.apply(snapshotYAML("full-snap", "full-src"))
 		k.waitSnapshotReady("full-snap")
+		// The controller decides from B's ThinPool, which B writes at most
+		// once a minute for a change of use alone: until it says B cannot
+		// take 3Gi, the controller would steer the restore to B, B's
+		// provisioner would fail and clear it, and the pod would wait out
+		// the scheduler's backoff (up to 5 min) before its copy.
+		k.eventually(3*time.Minute, "node "+b+"'s small ThinPool reporting less than 3Gi available", func() string {
+			out, err := k.try("get", "thinpools", "-o", `jsonpath={range .items[?(@.spec.nodeName=="`+b+`")]}{.spec.pool} {.status.available}{"\n"}{end}`)
+			if err != nil {
+				return err.Error()
+			}
+			for _, l := range strings.Split(out, "\n") {
+				if pool, avail, ok := strings.Cut(l, " "); ok && pool == "small" {
+					if q, err := resource.ParseQuantity(avail); err == nil && q.Value() < 3<<30 {
+						return ""
+					}
+					return l
+				}
+			}
+			return out
+		})
 		start := time.Now()
 		k.apply(classPVC(pvcYAML("full-restore", "3Gi", "Filesystem", "  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: full-snap}\n"), smallClass) +
 			"---\n" + podYAML("full-restore", "full-restore", "sleep 100000", false))
