@@ -26,9 +26,9 @@ var copyDurationRE = regexp.MustCompile(`moved by this run \(which began at byte
 // volume on node 1, snapshotted, node 1 cordoned, a restore made on node 2
 // by the driver's copy (TLS, the mapped blocks only, written to a thin
 // device, synced, then both sides read again and hashed); then the same
-// file read with O_DIRECT on node 1 by dd, sent by nc over the pod network
-// to a pod on node 2 that writes it with dd (O_DIRECT) to a new volume and
-// syncs; then a clone of the volume, copied the same way. The table goes to the log and to copybench.md in the run
+// file served on node 1 by busybox httpd, fetched over the pod network by
+// wget in a pod on node 2 that writes it with dd (O_DIRECT) to a new
+// volume and syncs; then a clone of the volume, copied the same way. The table goes to the log and to copybench.md in the run
 // directory.
 func TestCopyThroughput(t *testing.T) {
 	if os.Getenv(copyBenchEnv) == "" {
@@ -53,7 +53,7 @@ func TestCopyThroughput(t *testing.T) {
 		}
 	})
 	k.apply(pvcYAML("src", "1Gi", "Filesystem", "") + "---\n" +
-		pinned(podYAML("src", "src", fmt.Sprintf("head -c %d /dev/urandom >/data/big && sync && touch /data/written && sleep 100000", copyBenchBytes), false), a))
+		pinned(podYAML("src", "src", fmt.Sprintf("head -c %d /dev/urandom >/data/big && sync && touch /data/written && exec httpd -f -p 8080 -h /data", copyBenchBytes), false), a))
 	k.waitPodReady("src")
 	k.eventually(5*time.Minute, "src's data written", func() string {
 		if _, err := k.try("exec", "src", "--", "test", "-e", "/data/written"); err != nil {
@@ -68,25 +68,11 @@ func TestCopyThroughput(t *testing.T) {
 	// on node 2 with a new volume, and the sender in the source's pod.
 	k.apply(pvcYAML("recv", "1Gi", "Filesystem", "") + "---\n" + pinned(podYAML("recv", "recv", "sleep 100000", false), b))
 	k.waitPodReady("recv")
-	ip := k.run("get", "pod", "recv", "-o", "jsonpath={.status.podIP}")
-	recvDone := make(chan error, 1)
-	go func() {
-		_, err := k.try("exec", "recv", "--", "sh", "-c",
-			fmt.Sprintf("nc -l -p 5001 | head -c %d | dd of=/data/big bs=1M iflag=fullblock oflag=direct 2>/dev/null && sync /data/big", copyBenchBytes))
-		recvDone <- err
-	}()
-	time.Sleep(2 * time.Second) // the listener up before the sender connects
-	sendCtx, stopSend := context.WithCancel(ctx)
+	ip := k.run("get", "pod", "src", "-o", "jsonpath={.status.podIP}")
 	start := time.Now()
-	go func() {
-		_, _ = k.c.Kubectl(sendCtx, "-n", k.ns, "exec", "src", "--", "sh", "-c",
-			fmt.Sprintf("dd if=/data/big bs=1M iflag=direct 2>/dev/null | nc %s 5001", ip))
-	}()
-	if err := <-recvDone; err != nil {
-		t.Fatalf("the plain transfer's receiver: %v", err)
-	}
+	k.run("exec", "recv", "--", "sh", "-c",
+		fmt.Sprintf("wget -q -O - http://%s:8080/big | dd of=/data/big bs=1M iflag=fullblock oflag=direct 2>/dev/null && sync /data/big", ip))
 	plain := time.Since(start)
-	stopSend()
 	if got := k.run("exec", "recv", "--", "sh", "-c", "md5sum /data/big | cut -d' ' -f1"); got != k.run("exec", "src", "--", "sh", "-c", "md5sum /data/big | cut -d' ' -f1") {
 		t.Fatalf("the plain transfer's copy differs from the source (md5 %s)", got)
 	}
@@ -123,7 +109,7 @@ func TestCopyThroughput(t *testing.T) {
 |---|---:|---:|---:|
 | csi-dmthin copy: the snapshot's mapped blocks over TLS 1.3, written to a thin volume, synced, then read again and hashed on both sides | %d | %s | %s |
 | csi-dmthin copy of a clone of the 1Gi volume (the source node snapshots it for the copy), the same way | %d | %s | %s |
-| plain: dd (O_DIRECT) of the file \| nc, over TCP, \| dd (O_DIRECT) to a new volume, then sync | %d | %s | %s |
+| plain: busybox httpd serving the file, wget over TCP \| dd (O_DIRECT) to a new volume, then sync (time includes kubectl exec) | %d | %s | %s |
 | restore claim created to its pod Ready (the copy and everything around it) | | %s | |
 | clone claim created to its pod Ready | | %s | |
 `, moved, took.Round(10*time.Millisecond), mib(moved, took), cloneMoved, cloneTook.Round(10*time.Millisecond), mib(cloneMoved, cloneTook),
