@@ -371,7 +371,10 @@ func driverPodOn(k *k, node string) string {
 func (k *k) noThinDevice(node string) {
 	k.t.Helper()
 	pod := driverPodOn(k, node)
-	k.eventually(time.Minute, "no thin device in the pool of "+node, func() string {
+	// Three minutes: the PVs of the tests before (TestPodStart's) are
+	// deleted by the provisioner after their claims, which under the
+	// whole run's load took more than the one minute this waited before.
+	k.eventually(3*time.Minute, "no thin device in the pool of "+node, func() string {
 		list, err := k.c.Kubectl(k.ctx, "-n", driverNamespace, "exec", pod, "-c", "csi-dmthin", "--", "csi-dmthin", "volume", "list")
 		if err != nil {
 			return err.Error()
