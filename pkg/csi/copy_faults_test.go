@@ -142,11 +142,7 @@ func TestCopyTwoRestoresOfOneSnapshot(t *testing.T) {
 // DeleteVolume during a copy.
 func TestCopyDeleteVolumeDuringCopy(t *testing.T) {
 	cp := newCopyPair(t, func(o *CopyOptions) { o.RateBytesPerSec = 1 << 20 })
-	errc := make(chan error, 1)
-	go func() {
-		_, err := cp.dst.d.CreateVolume(t.Context(), cp.restoreReq("pvc-restored", copySrcBytes))
-		errc <- err
-	}()
+	errc := cp.createInBackground(t, "pvc-restored")
 	cp.waitCheckpoint(t, errc)
 	if _, err := cp.dst.d.DeleteVolume(t.Context(), &csipb.DeleteVolumeRequest{VolumeId: testPool + "/pvc-restored"}); err != nil {
 		t.Fatal(err)
@@ -339,11 +335,7 @@ func TestCopyRidesOutASourceRestart(t *testing.T) {
 		return srv
 	}
 	first := start()
-	errc := make(chan error, 1)
-	go func() {
-		_, err := cp.dst.d.CreateVolume(t.Context(), cp.restoreReq("pvc-restored", copySrcBytes))
-		errc <- err
-	}()
+	errc := cp.createInBackground(t, "pvc-restored")
 	cp.waitCheckpoint(t, errc)
 	if err := first.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)

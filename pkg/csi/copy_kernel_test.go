@@ -5,7 +5,6 @@ package csi
 import (
 	"crypto/sha256"
 	"math/rand/v2"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -54,19 +53,7 @@ func kernelCopyNode(t *testing.T, node, pool string, copy *CopyOptions) (*Driver
 // hashRange hashes n bytes at off of a device, read past the page cache.
 func hashRange(t *testing.T, path string, off, n int64) [32]byte {
 	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
-		t.Fatal(err)
-	}
-	b := make([]byte, n)
-	if _, err := f.ReadAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-	return sha256.Sum256(b)
+	return sha256.Sum256(readAt(t, path, off, int(n)))
 }
 
 // A restore and a clone copied between two drivers on the real kernel:

@@ -311,6 +311,17 @@ func (cp *copyPair) restoreReq(name string, size int64) *csipb.CreateVolumeReque
 	}
 }
 
+// createInBackground calls CreateVolume for a restore of the pair's
+// snapshot on its own goroutine; the channel gets its answer.
+func (cp *copyPair) createInBackground(t *testing.T, name string) <-chan error {
+	errc := make(chan error, 1)
+	go func() {
+		_, err := cp.dst.d.CreateVolume(t.Context(), cp.restoreReq(name, copySrcBytes))
+		errc <- err
+	}()
+	return errc
+}
+
 // waitCheckpoint waits for the first copy's checkpoint past its start;
 // errc is its CreateVolume's answer, which must not come first.
 func (cp *copyPair) waitCheckpoint(t *testing.T, errc <-chan error) {
@@ -436,11 +447,7 @@ func TestCopyRefusedThenRetried(t *testing.T) {
 // checkpoint once it is back and the provisioner calls again.
 func TestCopyResumesAfterTargetRestart(t *testing.T) {
 	cp := newCopyPair(t, func(o *CopyOptions) { o.RateBytesPerSec = 1 << 20 })
-	errc := make(chan error, 1)
-	go func() {
-		_, err := cp.dst.d.CreateVolume(t.Context(), cp.restoreReq("pvc-restored", copySrcBytes))
-		errc <- err
-	}()
+	errc := cp.createInBackground(t, "pvc-restored")
 	// Wait for a checkpoint past the start, then stop the driver.
 	cp.waitCheckpoint(t, errc)
 	cp.dst.d.Shutdown(context.Background())
